@@ -1,0 +1,258 @@
+//! Wire types of the `/v1` HTTP API, shared by the server, the agent and the CLI so that
+//! all three agree on one shape.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    Capacity, ErrorCode, JobId, JobSpec, JobState, Millis, NodeId, NodeState, PendingReason, Priority,
+    Quota, RunId, RunState, TaskState, TenantId, Topology,
+};
+
+/// The body of every error response.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub code: ErrorCode,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitRequest {
+    #[serde(flatten)]
+    pub spec: JobSpec,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SubmitResponse {
+    pub id: JobId,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobSummary {
+    pub id: JobId,
+    pub tenant: String,
+    pub name: Option<String>,
+    pub state: JobState,
+    pub priority: Priority,
+    pub tasks: u32,
+    pub tasks_running: u32,
+    pub tasks_done: u32,
+    pub gang: bool,
+    pub submitted_ms: Millis,
+    pub started_ms: Option<Millis>,
+    pub finished_ms: Option<Millis>,
+    pub message: String,
+    #[serde(default)]
+    pub pending_reasons: Vec<PendingReason>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskView {
+    pub index: u32,
+    pub state: TaskState,
+    pub attempts: u32,
+    pub retries_used: u32,
+    pub exit_code: Option<i32>,
+    pub run: Option<RunId>,
+    pub node: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunView {
+    pub id: RunId,
+    pub index: u32,
+    pub attempt: u32,
+    pub node: String,
+    pub devices: Vec<u32>,
+    pub state: RunState,
+    pub assigned_ms: Millis,
+    pub started_ms: Option<Millis>,
+    pub ended_ms: Option<Millis>,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobDetail {
+    #[serde(flatten)]
+    pub summary: JobSummary,
+    pub spec: JobSpec,
+    pub task_list: Vec<TaskView>,
+    pub runs: Vec<RunView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeView {
+    pub id: NodeId,
+    pub name: String,
+    pub state: NodeState,
+    pub address: String,
+    pub topology: Topology,
+    pub labels: BTreeMap<String, String>,
+    pub capacity: Capacity,
+    pub allocated_cpu_milli: u64,
+    pub allocated_memory_bytes: u64,
+    pub allocated_devices: Vec<u32>,
+    pub running_tasks: u32,
+    pub last_seen_ms: Millis,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTenantRequest {
+    pub name: String,
+    #[serde(default = "default_weight")]
+    pub weight: f64,
+    #[serde(default)]
+    pub quota: Quota,
+}
+
+fn default_weight() -> f64 {
+    1.0
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TenantView {
+    pub id: TenantId,
+    pub name: String,
+    pub weight: f64,
+    pub quota: Quota,
+    pub created_ms: Millis,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateTenantResponse {
+    #[serde(flatten)]
+    pub tenant: TenantView,
+    /// Shown once; the server keeps only its hash.
+    pub token: String,
+}
+
+/// Usage totals for one tenant or one job. Products are u128: a day of a 64 GiB task is
+/// already past i64 byte-milliseconds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct UsageTotals {
+    pub tenant: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobId>,
+    pub runs: u64,
+    pub wall_ms: u64,
+    pub cpu_milli_ms: u128,
+    pub memory_byte_ms: u128,
+    #[serde(default)]
+    pub gpu_ms: BTreeMap<String, u128>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UsageResponse {
+    pub by_tenant: Vec<UsageTotals>,
+    pub by_job: Vec<UsageTotals>,
+}
+
+// ---- agent protocol ----
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    pub name: String,
+    pub address: String,
+    pub agent_url: String,
+    pub agent_secret: String,
+    pub instance: String,
+    #[serde(default)]
+    pub topology: Topology,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub capacity: Capacity,
+    /// Runs this agent is running right now (non-empty when it re-registers).
+    #[serde(default)]
+    pub running: Vec<RunId>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegisterResponse {
+    pub node_id: NodeId,
+    pub heartbeat_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncRequest {
+    pub node_id: NodeId,
+    pub instance: String,
+    pub running: Vec<RunId>,
+    /// The desired-state version the agent last acted on.
+    pub known_version: u64,
+    /// How long the server may hold the request when nothing changed.
+    pub wait_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SyncResponse {
+    pub version: u64,
+    /// Every run that should be running on this node. Anything else the agent runs is stale
+    /// and must be killed.
+    pub desired: Vec<Assignment>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub run: RunId,
+    pub job: JobId,
+    pub index: u32,
+    pub command: String,
+    pub args: Vec<String>,
+    /// The full environment Caravel adds (user env plus CARAVEL_*, CUDA_VISIBLE_DEVICES and
+    /// the torchrun variables for gangs).
+    pub env: BTreeMap<String, String>,
+    pub cpu_milli: u64,
+    pub memory_bytes: u64,
+    pub devices: Vec<u32>,
+    pub max_runtime_ms: Option<u64>,
+    pub kill_grace_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum RunEvent {
+    Started {
+        run: RunId,
+        pid: u32,
+        at_ms: Millis,
+    },
+    Exited {
+        run: RunId,
+        started_ms: Option<Millis>,
+        at_ms: Millis,
+        exit_code: Option<i32>,
+        signal: Option<i32>,
+        /// `exited`, `max_runtime`, `killed` (asked to stop), `spawn_failed`.
+        reason: String,
+        message: String,
+    },
+}
+
+impl RunEvent {
+    pub fn run(&self) -> RunId {
+        match self {
+            RunEvent::Started { run, .. } | RunEvent::Exited { run, .. } => *run,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsRequest {
+    pub node_id: NodeId,
+    pub events: Vec<RunEvent>,
+}

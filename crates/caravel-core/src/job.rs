@@ -1,0 +1,393 @@
+//! Jobs, tasks and runs.
+//!
+//! A job is N tasks sharing one spec. Each attempt to run a task is a *run* with its own
+//! id: a retried or rescheduled task gets a new run, so "which copy is this?" always has an
+//! answer, and usage is metered per run exactly once.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::resources::TaskResources;
+use crate::{JobId, Millis, NodeId, RunId, TenantId, ValidationError};
+
+pub const MAX_TASKS: u32 = 100_000;
+pub const MAX_RETRIES: u32 = 100;
+pub const MAX_RUNTIME_MS: u64 = 365 * 86_400_000;
+pub const DEFAULT_KILL_GRACE_MS: u64 = 10_000;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    /// Inference services.
+    Online,
+    #[default]
+    Batch,
+    /// Runs only on idle capacity.
+    Spot,
+}
+
+impl Priority {
+    /// Lower sorts first.
+    pub fn rank(self) -> u8 {
+        match self {
+            Priority::Online => 0,
+            Priority::Batch => 1,
+            Priority::Spot => 2,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Online => "online",
+            Priority::Batch => "batch",
+            Priority::Spot => "spot",
+        }
+    }
+}
+
+/// What a user submits. The JSON API takes exactly this shape; unknown fields are rejected.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Number of tasks.
+    #[serde(default = "one")]
+    pub tasks: u32,
+    pub command: String,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub resources: TaskResources,
+    #[serde(default)]
+    pub priority: Priority,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_runtime_ms: Option<u64>,
+    #[serde(default)]
+    pub max_retries: u32,
+    /// All tasks start together or none do.
+    #[serde(default)]
+    pub gang: bool,
+    /// Time between SIGTERM and SIGKILL when a task is cancelled or times out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kill_grace_ms: Option<u64>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl JobSpec {
+    pub fn simple(command: &str, args: &[&str]) -> JobSpec {
+        JobSpec {
+            name: None,
+            tasks: 1,
+            command: command.to_string(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            env: BTreeMap::new(),
+            resources: TaskResources::default(),
+            priority: Priority::Batch,
+            max_runtime_ms: None,
+            max_retries: 0,
+            gang: false,
+            kill_grace_ms: None,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        if let Some(n) = &self.name {
+            crate::tenant::validate_name("name", n)?;
+        }
+        if self.tasks == 0 || self.tasks > MAX_TASKS {
+            return Err(ValidationError::new("tasks", format!("must be 1 to {MAX_TASKS}")));
+        }
+        if self.command.trim().is_empty() {
+            return Err(ValidationError::new("command", "must not be empty"));
+        }
+        if self.command.contains('\0') || self.args.iter().any(|a| a.contains('\0')) {
+            return Err(ValidationError::new("command", "must not contain NUL bytes"));
+        }
+        for (k, v) in &self.env {
+            let ok = !k.is_empty()
+                && !k.starts_with(|c: char| c.is_ascii_digit())
+                && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !ok {
+                return Err(ValidationError::new(
+                    format!("env.{k}"),
+                    "is not a valid variable name (letters, digits and '_', not starting with a digit)",
+                ));
+            }
+            if k.starts_with("CARAVEL_") {
+                return Err(ValidationError::new(format!("env.{k}"), "CARAVEL_ variables are set by Caravel"));
+            }
+            if v.contains('\0') {
+                return Err(ValidationError::new(format!("env.{k}"), "must not contain NUL bytes"));
+            }
+        }
+        self.resources.validate("resources")?;
+        if let Some(ms) = self.max_runtime_ms {
+            if ms == 0 || ms > MAX_RUNTIME_MS {
+                return Err(ValidationError::new("max_runtime_ms", "must be 1 ms to 365 days"));
+            }
+        }
+        if self.max_retries > MAX_RETRIES {
+            return Err(ValidationError::new("max_retries", format!("must be at most {MAX_RETRIES}")));
+        }
+        if let Some(g) = self.kill_grace_ms {
+            if g > 3_600_000 {
+                return Err(ValidationError::new("kill_grace_ms", "must be at most one hour"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn kill_grace(&self) -> u64 {
+        self.kill_grace_ms.unwrap_or(DEFAULT_KILL_GRACE_MS)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Pending => "pending",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    Pending,
+    /// Placed on a node; the agent has not reported the process started yet.
+    Assigned,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl TaskState {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Pending => "pending",
+            TaskState::Assigned => "assigned",
+            TaskState::Running => "running",
+            TaskState::Succeeded => "succeeded",
+            TaskState::Failed => "failed",
+            TaskState::Cancelled => "cancelled",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    Assigned,
+    Running,
+    /// Exited 0.
+    Succeeded,
+    /// Exited non-zero, was killed by a signal it did not ask for, or failed to start.
+    Failed,
+    /// Stopped by Caravel: cancel, or a gang member failed.
+    Killed,
+    /// Ran past max runtime.
+    TimedOut,
+    /// Its node stopped heartbeating.
+    Lost,
+}
+
+impl RunState {
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, RunState::Assigned | RunState::Running)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Assigned => "assigned",
+            RunState::Running => "running",
+            RunState::Succeeded => "succeeded",
+            RunState::Failed => "failed",
+            RunState::Killed => "killed",
+            RunState::TimedOut => "timed_out",
+            RunState::Lost => "lost",
+        }
+    }
+}
+
+/// Why Caravel asked a run to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    Cancel,
+    GangAbort,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: JobId,
+    pub tenant: TenantId,
+    pub spec: JobSpec,
+    pub state: JobState,
+    /// Submission order within the server; FIFO tie-break.
+    pub seq: u64,
+    pub submitted_ms: Millis,
+    pub started_ms: Option<Millis>,
+    pub finished_ms: Option<Millis>,
+    /// Human summary of why the job ended the way it did.
+    pub message: String,
+    /// Set when a gang member failed or was lost: the other members are being stopped.
+    pub gang_abort: Option<String>,
+    pub cancel_requested: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub job: JobId,
+    pub index: u32,
+    pub state: TaskState,
+    /// Runs so far (attempt numbers start at 1).
+    pub attempts: u32,
+    pub retries_used: u32,
+    pub current_run: Option<RunId>,
+    pub exit_code: Option<i32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub id: RunId,
+    pub job: JobId,
+    pub tenant: TenantId,
+    pub index: u32,
+    pub attempt: u32,
+    pub node: NodeId,
+    pub devices: Vec<u32>,
+    pub gpu_model: Option<String>,
+    pub local_rank: u32,
+    pub local_world_size: u32,
+    pub master_addr: Option<String>,
+    pub master_port: Option<u16>,
+    pub state: RunState,
+    pub stop: Option<StopReason>,
+    pub assigned_ms: Millis,
+    pub started_ms: Option<Millis>,
+    pub ended_ms: Option<Millis>,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub message: String,
+}
+
+/// One metering record: a run held these resources from `start_ms` to `end_ms`.
+/// Keyed by run id, so it is written exactly once whatever is retried.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageRecord {
+    pub run: RunId,
+    pub tenant: TenantId,
+    pub job: JobId,
+    pub index: u32,
+    pub node: NodeId,
+    pub start_ms: Millis,
+    pub end_ms: Millis,
+    pub cpu_milli: u64,
+    pub memory_bytes: u64,
+    pub gpu_model: Option<String>,
+    pub gpu_count: u32,
+}
+
+impl UsageRecord {
+    pub fn duration_ms(&self) -> u64 {
+        (self.end_ms - self.start_ms).max(0) as u64
+    }
+    pub fn cpu_milli_ms(&self) -> u128 {
+        self.cpu_milli as u128 * self.duration_ms() as u128
+    }
+    pub fn memory_byte_ms(&self) -> u128 {
+        self.memory_bytes as u128 * self.duration_ms() as u128
+    }
+    pub fn gpu_ms(&self) -> u128 {
+        self.gpu_count as u128 * self.duration_ms() as u128
+    }
+}
+
+/// A machine-readable reason a job is pending.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingReason {
+    /// `quota`, `no_fit`, `gang`, `no_nodes`.
+    pub code: String,
+    pub message: String,
+    /// Per-reason counts, e.g. {"lack gpu/H100": 12, "lack memory": 3}.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub counts: BTreeMap<String, u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_validation_names_fields() {
+        let mut s = JobSpec::simple("echo", &["hi"]);
+        assert!(s.validate().is_ok());
+        s.command = " ".into();
+        assert_eq!(s.validate().unwrap_err().field, "command");
+        let mut s = JobSpec::simple("echo", &[]);
+        s.tasks = 0;
+        assert_eq!(s.validate().unwrap_err().field, "tasks");
+        let mut s = JobSpec::simple("echo", &[]);
+        s.env.insert("1BAD".into(), "x".into());
+        assert_eq!(s.validate().unwrap_err().field, "env.1BAD");
+        let mut s = JobSpec::simple("echo", &[]);
+        s.env.insert("CARAVEL_JOB_ID".into(), "x".into());
+        assert!(s.validate().is_err());
+        let mut s = JobSpec::simple("echo", &[]);
+        s.max_runtime_ms = Some(0);
+        assert_eq!(s.validate().unwrap_err().field, "max_runtime_ms");
+    }
+
+    #[test]
+    fn unknown_fields_rejected() {
+        let e = serde_json::from_str::<JobSpec>(r#"{"command":"x","gpus":3}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown field `gpus`"), "{e}");
+        let e = serde_json::from_str::<JobSpec>(r#"{"command":"x","resources":{"cpu_milli":-1}}"#)
+            .unwrap_err();
+        assert!(e.to_string().contains("invalid value"), "{e}");
+    }
+
+    #[test]
+    fn usage_products_do_not_overflow() {
+        let u = UsageRecord {
+            run: RunId(1),
+            tenant: TenantId(1),
+            job: JobId(1),
+            index: 0,
+            node: NodeId(1),
+            start_ms: 0,
+            end_ms: 365 * 86_400_000,
+            cpu_milli: 1_000_000,
+            memory_bytes: 1 << 50,
+            gpu_model: None,
+            gpu_count: 0,
+        };
+        assert_eq!(u.memory_byte_ms(), (1u128 << 50) * 365 * 86_400_000);
+    }
+}

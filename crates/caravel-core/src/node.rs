@@ -1,0 +1,56 @@
+//! Nodes: a machine running an agent, with its capacity, topology and labels.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Capacity, Millis, NodeId};
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Topology {
+    #[serde(default)]
+    pub region: String,
+    #[serde(default)]
+    pub zone: String,
+    #[serde(default)]
+    pub rack: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeState {
+    /// Heartbeating and accepting work.
+    Ready,
+    /// Missed heartbeats for longer than the lost timeout; its runs were marked lost.
+    Lost,
+}
+
+impl NodeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Ready => "ready",
+            NodeState::Lost => "lost",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    pub id: NodeId,
+    pub name: String,
+    /// Address other tasks use to reach this machine (MASTER_ADDR for gangs).
+    pub address: String,
+    /// Base URL of the agent's own HTTP endpoint (logs).
+    pub agent_url: String,
+    /// Secret the server presents to the agent's endpoint. Never shown by the API.
+    pub agent_secret: String,
+    pub topology: Topology,
+    pub labels: BTreeMap<String, String>,
+    pub capacity: Capacity,
+    pub state: NodeState,
+    pub last_seen_ms: Millis,
+    pub registered_ms: Millis,
+    /// Random id of the agent process; a new one means the agent restarted.
+    pub instance: String,
+}

@@ -1,0 +1,379 @@
+//! The Caravel scheduler: a pure, deterministic function from a snapshot of the pool
+//! (nodes, tenants' quota use, pending jobs) to a plan (placements) plus a machine-readable
+//! reason for every job it could not place.
+//!
+//! It must never depend on tokio, do I/O or read a clock: the server calls it each cycle,
+//! the trace simulator calls the same code under a virtual clock, and property tests call
+//! it millions of times. Same input, same output.
+//!
+//! The pipeline per task follows Nomad and the Kubernetes framework: order the queue
+//! (priority, then FIFO), check the tenant's quota, filter nodes (cheapest checks first,
+//! each rejection counted by reason), score the survivors (best fit), select the best.
+//! Gangs are placed tentatively and rolled back unless every member fits.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use caravel_core::{
+    Capacity, JobId, NodeId, PendingReason, Priority, Quota, ResourceSum, TaskResources, TenantId,
+};
+
+/// A node as the scheduler sees it: capacity and what is already allocated.
+#[derive(Debug, Clone)]
+pub struct NodeSnap {
+    pub id: NodeId,
+    pub ready: bool,
+    pub capacity: Capacity,
+    pub used_cpu_milli: u64,
+    pub used_memory_bytes: u64,
+    pub used_devices: BTreeSet<u32>,
+}
+
+impl NodeSnap {
+    pub fn new(id: NodeId, capacity: Capacity) -> NodeSnap {
+        NodeSnap {
+            id,
+            ready: true,
+            capacity,
+            used_cpu_milli: 0,
+            used_memory_bytes: 0,
+            used_devices: BTreeSet::new(),
+        }
+    }
+
+    fn free_devices<'a>(&'a self, model: &'a str) -> impl Iterator<Item = u32> + 'a {
+        self.capacity
+            .devices
+            .iter()
+            .filter(move |d| d.model == model && !self.used_devices.contains(&d.index))
+            .map(|d| d.index)
+    }
+
+    /// Allocates `r` with the given devices. Panics in debug builds on over-commit: the
+    /// scheduler only calls it after `fit` said yes.
+    pub fn allocate(&mut self, r: &TaskResources, devices: &[u32]) {
+        self.used_cpu_milli += r.cpu_milli;
+        self.used_memory_bytes += r.memory_bytes;
+        for d in devices {
+            let fresh = self.used_devices.insert(*d);
+            debug_assert!(fresh, "device {d} on node {} allocated twice", self.id);
+        }
+        debug_assert!(self.used_cpu_milli <= self.capacity.cpu_milli);
+        debug_assert!(self.used_memory_bytes <= self.capacity.memory_bytes);
+    }
+
+    pub fn release(&mut self, r: &TaskResources, devices: &[u32]) {
+        self.used_cpu_milli = self.used_cpu_milli.saturating_sub(r.cpu_milli);
+        self.used_memory_bytes = self.used_memory_bytes.saturating_sub(r.memory_bytes);
+        for d in devices {
+            self.used_devices.remove(d);
+        }
+    }
+}
+
+/// A tenant's quota and what its running work holds now.
+#[derive(Debug, Clone, Default)]
+pub struct TenantSnap {
+    pub quota: Quota,
+    pub used: ResourceSum,
+}
+
+/// A job with tasks still to place.
+#[derive(Debug, Clone)]
+pub struct JobReq {
+    pub id: JobId,
+    pub tenant: TenantId,
+    pub priority: Priority,
+    /// Submission order: FIFO within a priority class.
+    pub seq: u64,
+    pub resources: TaskResources,
+    pub gang: bool,
+    /// Indices of the tasks to place. For a gang this is every task.
+    pub pending: Vec<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    pub job: JobId,
+    pub index: u32,
+    pub node: NodeId,
+    pub devices: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub placements: Vec<Placement>,
+    /// Every job that still has unplaced tasks, with why.
+    pub pending: BTreeMap<JobId, Vec<PendingReason>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Added to the score of a GPU node for a CPU-only task, so CPU work fills CPU nodes
+    /// first and GPUs stay reachable for GPU work. In parts per million of a "full node".
+    pub gpu_node_penalty_ppm: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            gpu_node_penalty_ppm: 1_000_000,
+        }
+    }
+}
+
+/// Why one node refused one task. Ordered cheapest check first.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Lack {
+    NotReady,
+    GpuModel(String),
+    Gpus(String),
+    Cpu,
+    Memory,
+}
+
+impl Lack {
+    fn label(&self) -> String {
+        match self {
+            Lack::NotReady => "not ready".into(),
+            Lack::GpuModel(m) => format!("lack gpu/{m}"),
+            Lack::Gpus(m) => format!("lack free gpu/{m}"),
+            Lack::Cpu => "lack cpu".into(),
+            Lack::Memory => "lack memory".into(),
+        }
+    }
+}
+
+/// Checks one node for one task; on success returns the devices it would get and a
+/// best-fit score (lower is tighter).
+fn fit(cfg: &Config, n: &NodeSnap, r: &TaskResources) -> Result<(u64, Vec<u32>), Lack> {
+    if !n.ready {
+        return Err(Lack::NotReady);
+    }
+    let mut devices = Vec::new();
+    if let Some(g) = &r.gpu {
+        let total = n.capacity.gpu_count(&g.model);
+        if total < g.count {
+            return Err(Lack::GpuModel(g.model.clone()));
+        }
+        devices.extend(n.free_devices(&g.model).take(g.count as usize));
+        if devices.len() < g.count as usize {
+            return Err(Lack::Gpus(g.model.clone()));
+        }
+    }
+    let cpu_free = n.capacity.cpu_milli.saturating_sub(n.used_cpu_milli);
+    if cpu_free < r.cpu_milli {
+        return Err(Lack::Cpu);
+    }
+    let mem_free = n.capacity.memory_bytes.saturating_sub(n.used_memory_bytes);
+    if mem_free < r.memory_bytes {
+        return Err(Lack::Memory);
+    }
+    // Best fit: the fraction of each resource left free after placing, summed. Integer
+    // parts-per-million keep the result identical on every platform.
+    let ppm = |left: u64, cap: u64| if cap == 0 { 0 } else { (left as u128 * 1_000_000 / cap as u128) as u64 };
+    let mut score = ppm(cpu_free - r.cpu_milli, n.capacity.cpu_milli)
+        + ppm(mem_free - r.memory_bytes, n.capacity.memory_bytes);
+    let gpus_total = n.capacity.devices.len() as u64;
+    if gpus_total > 0 {
+        let gpus_left = gpus_total - n.used_devices.len() as u64 - devices.len() as u64;
+        score += ppm(gpus_left, gpus_total);
+        if r.gpu.is_none() {
+            score += cfg.gpu_node_penalty_ppm;
+        }
+    }
+    Ok((score, devices))
+}
+
+/// Picks the best node for one task, or counts why none fits.
+fn select(
+    cfg: &Config,
+    nodes: &[NodeSnap],
+    r: &TaskResources,
+) -> Result<(usize, Vec<u32>), BTreeMap<Lack, u64>> {
+    let mut best: Option<(u64, usize, Vec<u32>)> = None;
+    let mut lacks: BTreeMap<Lack, u64> = BTreeMap::new();
+    for (i, n) in nodes.iter().enumerate() {
+        match fit(cfg, n, r) {
+            Ok((score, devs)) => {
+                if best.as_ref().is_none_or(|b| score < b.0) {
+                    best = Some((score, i, devs));
+                }
+            }
+            Err(l) => *lacks.entry(l).or_insert(0) += 1,
+        }
+    }
+    match best {
+        Some((_, i, d)) => Ok((i, d)),
+        None => Err(lacks),
+    }
+}
+
+fn no_fit_reason(lacks: &BTreeMap<Lack, u64>, total_nodes: usize) -> PendingReason {
+    if total_nodes == 0 {
+        return PendingReason {
+            code: "no_nodes".into(),
+            message: "no nodes registered".into(),
+            counts: BTreeMap::new(),
+        };
+    }
+    let counts: BTreeMap<String, u64> = lacks.iter().map(|(l, c)| (l.label(), *c)).collect();
+    let parts: Vec<String> = lacks
+        .iter()
+        .map(|(l, c)| {
+            let noun = if *c == 1 { "node" } else { "nodes" };
+            match l {
+                Lack::NotReady => format!("{c} {noun} not ready"),
+                other => format!("{c} {noun} {}", other.label()),
+            }
+        })
+        .collect();
+    PendingReason {
+        code: "no_fit".into(),
+        message: format!("no node fits: {}", parts.join(", ")),
+        counts,
+    }
+}
+
+fn quota_reason(e: &caravel_core::tenant::QuotaExceeded) -> PendingReason {
+    let mut counts = BTreeMap::new();
+    counts.insert("in_use".into(), e.in_use);
+    counts.insert("limit".into(), e.limit);
+    counts.insert("asked".into(), e.asked);
+    PendingReason {
+        code: "quota".into(),
+        message: e.to_string(),
+        counts,
+    }
+}
+
+/// Shape of a request, for remembering within one cycle that it fits nowhere: capacity
+/// only shrinks during a cycle, so a shape that failed once fails again.
+type Shape = (u64, u64, Option<(String, u32)>);
+
+fn shape(r: &TaskResources) -> Shape {
+    (r.cpu_milli, r.memory_bytes, r.gpu.as_ref().map(|g| (g.model.clone(), g.count)))
+}
+
+/// Runs one scheduling cycle. `nodes` and `tenants` are updated in place to reflect the
+/// placements made, so the caller's snapshot stays consistent with the plan.
+pub fn schedule(
+    cfg: &Config,
+    nodes: &mut [NodeSnap],
+    tenants: &mut HashMap<TenantId, TenantSnap>,
+    jobs: &[JobReq],
+) -> Plan {
+    let mut order: Vec<&JobReq> = jobs.iter().filter(|j| !j.pending.is_empty()).collect();
+    order.sort_by_key(|j| (j.priority.rank(), j.seq, j.id));
+    let mut plan = Plan::default();
+    let mut unfit: HashMap<Shape, PendingReason> = HashMap::new();
+    let total_nodes = nodes.len();
+
+    for job in order {
+        let tenant = tenants.entry(job.tenant).or_default();
+        if job.gang {
+            let n = job.pending.len() as u64;
+            if let Err(e) = tenant.quota.check(&tenant.used, &job.resources, n) {
+                plan.pending.insert(job.id, vec![quota_reason(&e)]);
+                continue;
+            }
+            if let Some(r) = unfit.get(&shape(&job.resources)) {
+                plan.pending.insert(job.id, vec![r.clone()]);
+                continue;
+            }
+            let mut tentative: Vec<(usize, Vec<u32>, u32)> = Vec::new();
+            let mut failure = None;
+            for &idx in &job.pending {
+                match select(cfg, nodes, &job.resources) {
+                    Ok((ni, devs)) => {
+                        nodes[ni].allocate(&job.resources, &devs);
+                        tentative.push((ni, devs, idx));
+                    }
+                    Err(lacks) => {
+                        failure = Some(lacks);
+                        break;
+                    }
+                }
+            }
+            if let Some(lacks) = failure {
+                let placed = tentative.len();
+                for (ni, devs, _) in tentative {
+                    nodes[ni].release(&job.resources, &devs);
+                }
+                let mut r = no_fit_reason(&lacks, total_nodes);
+                if placed == 0 {
+                    unfit.insert(shape(&job.resources), r.clone());
+                }
+                r.message = format!(
+                    "gang: only {placed} of {} tasks fit together; {}",
+                    job.pending.len(),
+                    r.message
+                );
+                r.code = "gang".into();
+                r.counts.insert("fit".into(), placed as u64);
+                r.counts.insert("need".into(), job.pending.len() as u64);
+                plan.pending.insert(job.id, vec![r]);
+                continue;
+            }
+            tenant.used.add_task(&job.resources, n);
+            for (ni, devs, idx) in tentative {
+                plan.placements.push(Placement {
+                    job: job.id,
+                    index: idx,
+                    node: nodes[ni].id,
+                    devices: devs,
+                });
+            }
+        } else {
+            for (k, &idx) in job.pending.iter().enumerate() {
+                if let Err(e) = tenant.quota.check(&tenant.used, &job.resources, 1) {
+                    plan.pending.insert(job.id, vec![quota_reason(&e)]);
+                    break;
+                }
+                if let Some(r) = unfit.get(&shape(&job.resources)) {
+                    plan.pending.insert(job.id, vec![r.clone()]);
+                    break;
+                }
+                match select(cfg, nodes, &job.resources) {
+                    Ok((ni, devs)) => {
+                        nodes[ni].allocate(&job.resources, &devs);
+                        tenant.used.add_task(&job.resources, 1);
+                        plan.placements.push(Placement {
+                            job: job.id,
+                            index: idx,
+                            node: nodes[ni].id,
+                            devices: devs,
+                        });
+                    }
+                    Err(lacks) => {
+                        let mut r = no_fit_reason(&lacks, total_nodes);
+                        unfit.insert(shape(&job.resources), r.clone());
+                        if k > 0 {
+                            r.message = format!(
+                                "{} of {} tasks placed; {}",
+                                k,
+                                job.pending.len(),
+                                r.message
+                            );
+                        }
+                        plan.pending.insert(job.id, vec![r]);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    plan
+}
+
+/// Can one task of `r` ever fit on any of these nodes when they are empty? Used at submit
+/// time to reject jobs that could never run, as Slurm does.
+pub fn fits_when_empty(nodes: &[Capacity], r: &TaskResources) -> bool {
+    nodes.iter().any(|c| {
+        c.cpu_milli >= r.cpu_milli
+            && c.memory_bytes >= r.memory_bytes
+            && r.gpu.as_ref().is_none_or(|g| c.gpu_count(&g.model) >= g.count)
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,324 @@
+use super::*;
+use caravel_core::{Device, GpuRequest};
+use proptest::prelude::*;
+
+fn cpu_node(id: u64, cpus: u64, gib: u64) -> NodeSnap {
+    NodeSnap::new(
+        NodeId(id),
+        Capacity {
+            cpu_milli: cpus * 1000,
+            memory_bytes: gib << 30,
+            devices: vec![],
+        },
+    )
+}
+
+fn gpu_node(id: u64, model: &str, n: u32) -> NodeSnap {
+    NodeSnap::new(
+        NodeId(id),
+        Capacity {
+            cpu_milli: 64_000,
+            memory_bytes: 512 << 30,
+            devices: (0..n)
+                .map(|i| Device {
+                    index: i,
+                    model: model.into(),
+                })
+                .collect(),
+        },
+    )
+}
+
+fn job(id: u64, tasks: u32, cpu: u64, gpu: Option<(&str, u32)>, gang: bool) -> JobReq {
+    JobReq {
+        id: JobId(id),
+        tenant: TenantId(1),
+        priority: Priority::Batch,
+        seq: id,
+        resources: TaskResources {
+            cpu_milli: cpu,
+            memory_bytes: 1 << 30,
+            gpu: gpu.map(|(m, c)| GpuRequest {
+                model: m.into(),
+                count: c,
+            }),
+        },
+        gang,
+        pending: (0..tasks).collect(),
+    }
+}
+
+#[test]
+fn best_fit_prefers_the_tighter_node() {
+    let mut nodes = vec![cpu_node(1, 16, 64), cpu_node(2, 4, 16)];
+    let mut t = HashMap::new();
+    let plan = schedule(&Config::default(), &mut nodes, &mut t, &[job(1, 1, 2000, None, false)]);
+    assert_eq!(plan.placements[0].node, NodeId(2));
+}
+
+#[test]
+fn cpu_tasks_avoid_gpu_nodes() {
+    let mut nodes = vec![gpu_node(1, "H100", 8), cpu_node(2, 64, 512)];
+    let mut t = HashMap::new();
+    let plan = schedule(&Config::default(), &mut nodes, &mut t, &[job(1, 1, 1000, None, false)]);
+    assert_eq!(plan.placements[0].node, NodeId(2));
+}
+
+#[test]
+fn devices_are_assigned_by_index_and_model() {
+    let mut nodes = vec![gpu_node(1, "A100", 4), gpu_node(2, "H100", 8)];
+    let mut t = HashMap::new();
+    let plan = schedule(
+        &Config::default(),
+        &mut nodes,
+        &mut t,
+        &[job(1, 2, 1000, Some(("H100", 3)), false)],
+    );
+    assert_eq!(plan.placements.len(), 2);
+    assert_eq!(plan.placements[0].devices, vec![0, 1, 2]);
+    assert_eq!(plan.placements[1].devices, vec![3, 4, 5]);
+    assert!(plan.placements.iter().all(|p| p.node == NodeId(2)));
+}
+
+#[test]
+fn gang_is_all_or_nothing_with_reason() {
+    let mut nodes = vec![gpu_node(1, "H100", 8), gpu_node(2, "H100", 8)];
+    let mut t = HashMap::new();
+    let plan = schedule(
+        &Config::default(),
+        &mut nodes,
+        &mut t,
+        &[job(1, 3, 1000, Some(("H100", 8)), true)],
+    );
+    assert!(plan.placements.is_empty());
+    let r = &plan.pending[&JobId(1)][0];
+    assert_eq!(r.code, "gang");
+    assert!(r.message.contains("only 2 of 3"), "{}", r.message);
+    assert!(nodes.iter().all(|n| n.used_devices.is_empty() && n.used_cpu_milli == 0));
+}
+
+#[test]
+fn two_gangs_that_together_exceed_the_pool_do_not_deadlock() {
+    let mut nodes: Vec<NodeSnap> = (0..100).map(|i| cpu_node(i, 1, 4)).collect();
+    let mut t = HashMap::new();
+    let plan = schedule(
+        &Config::default(),
+        &mut nodes,
+        &mut t,
+        &[job(1, 100, 1000, None, true), job(2, 100, 1000, None, true)],
+    );
+    assert_eq!(plan.placements.len(), 100);
+    assert!(plan.placements.iter().all(|p| p.job == JobId(1)));
+    assert!(plan.pending.contains_key(&JobId(2)));
+}
+
+#[test]
+fn quota_cap_with_reason() {
+    let mut nodes = vec![gpu_node(1, "H100", 8), gpu_node(2, "H100", 8)];
+    let mut t = HashMap::new();
+    t.insert(
+        TenantId(1),
+        TenantSnap {
+            quota: Quota::parse("gpu/H100=8").unwrap(),
+            used: ResourceSum::default(),
+        },
+    );
+    let plan = schedule(
+        &Config::default(),
+        &mut nodes,
+        &mut t,
+        &[job(1, 1, 1000, Some(("H100", 8)), false), job(2, 1, 1000, Some(("H100", 1)), false)],
+    );
+    assert_eq!(plan.placements.len(), 1);
+    assert_eq!(
+        plan.pending[&JobId(2)][0].message,
+        "quota: gpu/H100 8 of 8 in use, 1 more asked"
+    );
+}
+
+#[test]
+fn no_fit_reason_counts_nodes() {
+    let mut nodes = vec![cpu_node(1, 4, 8), cpu_node(2, 4, 8), gpu_node(3, "T4", 1)];
+    nodes[1].ready = false;
+    let mut t = HashMap::new();
+    let plan = schedule(
+        &Config::default(),
+        &mut nodes,
+        &mut t,
+        &[job(1, 1, 1000, Some(("H100", 1)), false)],
+    );
+    let r = &plan.pending[&JobId(1)][0];
+    assert_eq!(r.code, "no_fit");
+    assert_eq!(r.message, "no node fits: 1 node not ready, 2 nodes lack gpu/H100");
+    assert_eq!(r.counts["lack gpu/H100"], 2);
+}
+
+#[test]
+fn priority_then_fifo() {
+    let mut nodes = vec![cpu_node(1, 1, 8)];
+    let mut t = HashMap::new();
+    let mut spot = job(1, 1, 1000, None, false);
+    spot.priority = Priority::Spot;
+    let batch = job(2, 1, 1000, None, false);
+    let mut online = job(3, 1, 1000, None, false);
+    online.priority = Priority::Online;
+    let plan = schedule(&Config::default(), &mut nodes, &mut t, &[spot, batch, online]);
+    assert_eq!(plan.placements.len(), 1);
+    assert_eq!(plan.placements[0].job, JobId(3));
+}
+
+// ---- properties ----
+
+#[derive(Debug, Clone)]
+struct World {
+    nodes: Vec<NodeSnap>,
+    tenants: HashMap<TenantId, TenantSnap>,
+    jobs: Vec<JobReq>,
+}
+
+fn arb_world() -> impl Strategy<Value = World> {
+    let models = ["H100", "A100", "T4"];
+    let node = (1u64..16, 1u64..64, 0usize..4, 0u32..9).prop_map(move |(c, m, mi, g)| {
+        (c, m, if mi == 3 { None } else { Some((models[mi], g)) })
+    });
+    let jobr = (
+        1u32..6,
+        1u64..8000,
+        1u64..16,
+        0usize..5,
+        1u32..5,
+        any::<bool>(),
+        0u64..3,
+        0u8..3,
+    );
+    (
+        prop::collection::vec(node, 0..12),
+        prop::collection::vec(jobr, 0..30),
+        prop::collection::vec(prop::option::of(0u64..40_000), 3),
+    )
+        .prop_map(move |(ns, js, quotas)| {
+            let nodes = ns
+                .into_iter()
+                .enumerate()
+                .map(|(i, (c, m, g))| {
+                    NodeSnap::new(
+                        NodeId(i as u64),
+                        Capacity {
+                            cpu_milli: c * 1000,
+                            memory_bytes: m << 30,
+                            devices: match g {
+                                Some((model, n)) => (0..n)
+                                    .map(|k| Device {
+                                        index: k,
+                                        model: model.to_string(),
+                                    })
+                                    .collect(),
+                                None => vec![],
+                            },
+                        },
+                    )
+                })
+                .collect();
+            let tenants = quotas
+                .into_iter()
+                .enumerate()
+                .map(|(i, q)| {
+                    (
+                        TenantId(i as u64),
+                        TenantSnap {
+                            quota: Quota {
+                                cpu_milli: q,
+                                ..Default::default()
+                            },
+                            used: ResourceSum::default(),
+                        },
+                    )
+                })
+                .collect();
+            let jobs = js
+                .into_iter()
+                .enumerate()
+                .map(|(i, (tasks, cpu, mem, gm, gc, gang, tenant, pr))| JobReq {
+                    id: JobId(i as u64),
+                    tenant: TenantId(tenant),
+                    priority: [Priority::Online, Priority::Batch, Priority::Spot][pr as usize],
+                    seq: i as u64,
+                    resources: TaskResources {
+                        cpu_milli: cpu,
+                        memory_bytes: mem << 30,
+                        gpu: if gm < 3 {
+                            Some(GpuRequest {
+                                model: models[gm].into(),
+                                count: gc,
+                            })
+                        } else {
+                            None
+                        },
+                    },
+                    gang,
+                    pending: (0..tasks).collect(),
+                })
+                .collect();
+            World {
+                nodes,
+                tenants,
+                jobs,
+            }
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    #[test]
+    fn invariants_hold(w in arb_world()) {
+        let mut nodes = w.nodes.clone();
+        let mut tenants = w.tenants.clone();
+        let plan = schedule(&Config::default(), &mut nodes, &mut tenants, &w.jobs);
+
+        // Recompute allocation from the plan alone and check no node is over-committed.
+        let jobs: HashMap<JobId, &JobReq> = w.jobs.iter().map(|j| (j.id, j)).collect();
+        let mut fresh = w.nodes.clone();
+        let mut per_tenant: HashMap<TenantId, ResourceSum> = HashMap::new();
+        let mut per_job: HashMap<JobId, usize> = HashMap::new();
+        for p in &plan.placements {
+            let j = jobs[&p.job];
+            let n = fresh.iter_mut().find(|n| n.id == p.node).unwrap();
+            for d in &p.devices {
+                let dev = n.capacity.devices.iter().find(|x| x.index == *d).unwrap();
+                prop_assert_eq!(Some(dev.model.as_str()), j.resources.gpu_model());
+                prop_assert!(n.used_devices.insert(*d), "device double-booked");
+            }
+            prop_assert_eq!(p.devices.len() as u32, j.resources.gpu_count());
+            n.used_cpu_milli += j.resources.cpu_milli;
+            n.used_memory_bytes += j.resources.memory_bytes;
+            prop_assert!(n.used_cpu_milli <= n.capacity.cpu_milli, "cpu over-committed");
+            prop_assert!(n.used_memory_bytes <= n.capacity.memory_bytes, "memory over-committed");
+            per_tenant.entry(j.tenant).or_default().add_task(&j.resources, 1);
+            *per_job.entry(p.job).or_default() += 1;
+        }
+        // Gangs all-or-nothing; every job either fully placed or explained.
+        for j in &w.jobs {
+            let placed = per_job.get(&j.id).copied().unwrap_or(0);
+            if j.gang {
+                prop_assert!(placed == 0 || placed == j.pending.len(), "partial gang");
+            }
+            if placed < j.pending.len() {
+                prop_assert!(plan.pending.contains_key(&j.id), "pending job without reason");
+            } else {
+                prop_assert!(!plan.pending.contains_key(&j.id));
+            }
+        }
+        // Quota caps honoured.
+        for (t, used) in &per_tenant {
+            if let Some(lim) = w.tenants[t].quota.cpu_milli {
+                prop_assert!(used.cpu_milli <= lim, "quota exceeded");
+            }
+        }
+        // Determinism.
+        let mut nodes2 = w.nodes.clone();
+        let mut tenants2 = w.tenants.clone();
+        let plan2 = schedule(&Config::default(), &mut nodes2, &mut tenants2, &w.jobs);
+        prop_assert_eq!(plan, plan2);
+    }
+}

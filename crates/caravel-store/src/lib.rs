@@ -1,0 +1,73 @@
+//! Durable state for the control plane behind one `Store` trait.
+//!
+//! The server keeps its working state in memory and writes every change through
+//! `Store::apply` as one atomic batch of mutations ("plan optimistically, commit once"):
+//! a batch either lands whole or not at all, so a crash never leaves a job half-created or
+//! a run finished without its usage record. At start the server rebuilds memory from
+//! `Store::load`.
+//!
+//! Backends: SQLite in WAL mode (the embedded default). Every backend must pass the same
+//! `conformance` suite; a PostgreSQL backend slots in behind the same trait.
+//!
+//! This crate must not depend on the server, the scheduler or any async runtime.
+
+pub mod conformance;
+mod sqlite;
+
+use caravel_core::{JobId, JobRecord, Node, RunId, RunRecord, TaskRecord, Tenant, UsageRecord};
+
+pub use sqlite::{SqliteStore, Sync};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Db(String),
+    #[error("constraint violated: {0}")]
+    Constraint(String),
+    #[error("corrupt record in {table}: {reason}")]
+    Corrupt { table: &'static str, reason: String },
+    #[error("schema version {found} is newer than this binary understands ({supported})")]
+    SchemaTooNew { found: i64, supported: i64 },
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// One change. Puts are upserts keyed by id; usage is insert-if-absent keyed by run id, so
+/// re-delivering the same exit report can never meter a run twice.
+#[derive(Debug, Clone)]
+pub enum Mutation {
+    PutTenant { tenant: Tenant, token_hash: String },
+    PutNode(Node),
+    PutJob(JobRecord),
+    PutTask(TaskRecord),
+    PutRun(RunRecord),
+    InsertUsage(UsageRecord),
+}
+
+/// Everything the server needs in memory at start.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub tenants: Vec<(Tenant, String)>,
+    pub nodes: Vec<Node>,
+    pub jobs: Vec<JobRecord>,
+    pub tasks: Vec<TaskRecord>,
+    /// Runs that are not terminal.
+    pub active_runs: Vec<RunRecord>,
+    pub max_run_id: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct UsageFilter {
+    pub tenant: Option<caravel_core::TenantId>,
+    pub job: Option<JobId>,
+}
+
+pub trait Store: Send {
+    fn load(&mut self) -> Result<Snapshot>;
+    /// Applies every mutation in one transaction.
+    fn apply(&mut self, batch: &[Mutation]) -> Result<()>;
+    fn runs_of_job(&mut self, job: JobId) -> Result<Vec<RunRecord>>;
+    fn run(&mut self, id: RunId) -> Result<Option<RunRecord>>;
+    fn usage(&mut self, filter: &UsageFilter) -> Result<Vec<UsageRecord>>;
+    fn has_usage(&mut self, run: RunId) -> Result<bool>;
+}
