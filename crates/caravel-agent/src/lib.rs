@@ -1,1 +1,627 @@
-//! placeholder
+//! The Caravel node agent. It registers the machine, long-polls the server for the runs
+//! that should be on this node, starts each as a real OS process (own process group, own
+//! working directory, stdout/stderr to files, cgroup limits where available), enforces max
+//! runtime, stops what the server no longer wants (SIGTERM, grace, SIGKILL), and reports
+//! every start and exit until the server acknowledges it.
+//!
+//! It talks to the server only through the public `/v1/agent` API and must not depend on
+//! the server crate. When the server is unreachable it keeps its tasks running and queues
+//! their reports; when the server is back it reconciles.
+
+pub mod cgroups;
+pub mod discover;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt as _;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use caravel_core::api::*;
+use caravel_core::{Capacity, Device, Millis, NodeId, RunId, Topology};
+use tokio::sync::{oneshot, Notify};
+
+pub fn now_ms() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as Millis
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub server: String,
+    pub token: String,
+    pub name: String,
+    pub topology: Topology,
+    pub labels: BTreeMap<String, String>,
+    pub cpu_milli: Option<u64>,
+    pub memory_bytes: Option<u64>,
+    /// Declared GPUs (model, count) on top of what NVML finds.
+    pub gpus: Vec<(String, u32)>,
+    pub work_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// Address other machines use to reach this one; found from the route to the server
+    /// when not given.
+    pub advertise: Option<String>,
+    pub use_cgroups: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("work directory {path}: {source}")]
+    WorkDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("bad server URL `{0}`")]
+    ServerUrl(String),
+}
+
+struct Running {
+    stop: Option<oneshot::Sender<()>>,
+}
+
+struct State_ {
+    running: HashMap<RunId, Running>,
+    /// Every run id this agent ever started: a run id is never started twice.
+    started: HashSet<RunId>,
+    outbox: Vec<RunEvent>,
+}
+
+pub struct Agent {
+    cfg: AgentConfig,
+    http: reqwest::Client,
+    cgroups: cgroups::Cgroups,
+    secret: String,
+    instance: String,
+    st: Mutex<State_>,
+    outbox_wake: Notify,
+    capacity: Capacity,
+    agent_url: String,
+    address: String,
+}
+
+fn random_hex(n: usize) -> String {
+    let mut b = vec![0u8; n];
+    getrandom::fill(&mut b).expect("the OS has randomness");
+    hex::encode(b)
+}
+
+/// Finds the local address used to reach `host:port` (no packet is sent).
+fn local_addr_towards(server: &str) -> Option<String> {
+    let rest = server.split("://").nth(1)?;
+    let hostport = rest.split('/').next()?;
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(hostport)
+        .ok()?
+        .next()?;
+    let sock = std::net::UdpSocket::bind(if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    })
+    .ok()?;
+    sock.connect(addr).ok()?;
+    Some(sock.local_addr().ok()?.ip().to_string())
+}
+
+impl Agent {
+    pub fn capacity(&self) -> &Capacity {
+        &self.capacity
+    }
+
+    pub fn cgroups(&self) -> &cgroups::Cgroups {
+        &self.cgroups
+    }
+}
+
+/// Starts the agent: binds its log endpoint, then registers and serves forever.
+pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
+    let agent = start(cfg).await?;
+    agent.main_loop().await;
+    Ok(())
+}
+
+/// Prepares the agent and its log endpoint; `main_loop` does the rest.
+pub async fn start(cfg: AgentConfig) -> Result<Arc<Agent>, AgentError> {
+    if !cfg.server.starts_with("http://") && !cfg.server.starts_with("https://") {
+        return Err(AgentError::ServerUrl(cfg.server.clone()));
+    }
+    let wd = |source| AgentError::WorkDir {
+        path: cfg.work_dir.clone(),
+        source,
+    };
+    std::fs::create_dir_all(cfg.work_dir.join("runs")).map_err(wd)?;
+    let cg = if cfg.use_cgroups {
+        cgroups::Cgroups::detect(&cfg.name)
+    } else {
+        cgroups::Cgroups::None {
+            why: "disabled with --no-cgroups".into(),
+        }
+    };
+    match &cg {
+        cgroups::Cgroups::None { why } => {
+            tracing::warn!("WARNING: tasks on this node run WITHOUT cpu and memory limits: {why}")
+        }
+        other => tracing::info!("resource limits through {}", other.describe()),
+    }
+    let reaped = cg.reap_leftovers();
+    if reaped > 0 {
+        tracing::warn!(
+            killed = reaped,
+            "killed processes left by an earlier agent of this name"
+        );
+    }
+    let mut devices: Vec<Device> = match discover::nvml_devices() {
+        Ok(d) => {
+            tracing::info!(gpus = d.len(), "NVML found GPUs");
+            d
+        }
+        Err(why) => {
+            tracing::info!("no NVIDIA GPUs discovered: {why}");
+            vec![]
+        }
+    };
+    let mut next = devices.iter().map(|d| d.index + 1).max().unwrap_or(0);
+    for (model, count) in &cfg.gpus {
+        for _ in 0..*count {
+            devices.push(Device {
+                index: next,
+                model: model.clone(),
+            });
+            next += 1;
+        }
+    }
+    let capacity = Capacity {
+        cpu_milli: cfg.cpu_milli.unwrap_or_else(discover::cpus_milli),
+        memory_bytes: cfg.memory_bytes.unwrap_or_else(discover::memory_bytes),
+        devices,
+    };
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| AgentError::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
+    let port = listener
+        .local_addr()
+        .map_err(|source| AgentError::Listen {
+            addr: cfg.listen,
+            source,
+        })?
+        .port();
+    let address = cfg
+        .advertise
+        .clone()
+        .or_else(|| local_addr_towards(&cfg.server))
+        .unwrap_or_else(|| "127.0.0.1".into());
+    let agent = Arc::new(Agent {
+        agent_url: format!("http://{address}:{port}"),
+        address,
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(40))
+            .build()
+            .expect("http client"),
+        cgroups: cg,
+        secret: random_hex(32),
+        instance: random_hex(8),
+        st: Mutex::new(State_ {
+            running: HashMap::new(),
+            started: HashSet::new(),
+            outbox: Vec::new(),
+        }),
+        outbox_wake: Notify::new(),
+        capacity,
+        cfg,
+    });
+    let app = axum::Router::new()
+        .route("/runs/{run}/{stream}", axum::routing::get(serve_log))
+        .with_state(agent.clone());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(agent)
+}
+
+#[derive(serde::Deserialize)]
+struct LogQ {
+    offset: Option<u64>,
+}
+
+const LOG_CHUNK: u64 = 1 << 20;
+
+async fn serve_log(
+    State(a): State<Arc<Agent>>,
+    headers: HeaderMap,
+    Path((run, stream)): Path<(u64, String)>,
+    Query(q): Query<LogQ>,
+) -> Response {
+    let ok = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| t == a.secret);
+    if !ok {
+        return (StatusCode::UNAUTHORIZED, "bad token").into_response();
+    }
+    if stream != "stdout" && stream != "stderr" {
+        return (StatusCode::BAD_REQUEST, "stream must be stdout or stderr").into_response();
+    }
+    let path = a
+        .cfg
+        .work_dir
+        .join("runs")
+        .join(run.to_string())
+        .join(format!("{stream}.log"));
+    let offset = q.offset.unwrap_or(0);
+    let data = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        f.seek(SeekFrom::Start(offset))?;
+        let mut buf = Vec::new();
+        f.take(LOG_CHUNK).read_to_end(&mut buf)?;
+        Ok(buf)
+    })
+    .await;
+    match data {
+        Ok(Ok(buf)) => {
+            let next = offset + buf.len() as u64;
+            ([("x-caravel-next-offset", next.to_string())], buf).into_response()
+        }
+        _ => (StatusCode::INTERNAL_SERVER_ERROR, "cannot read log").into_response(),
+    }
+}
+
+impl Agent {
+    fn url(&self, p: &str) -> String {
+        format!("{}{}", self.cfg.server.trim_end_matches('/'), p)
+    }
+
+    async fn post<T: serde::Serialize, R: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &T,
+    ) -> Result<R, (Option<u16>, String)> {
+        let resp = self
+            .http
+            .post(self.url(path))
+            .bearer_auth(&self.cfg.token)
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| (None, e.to_string()))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let text = resp.text().await.unwrap_or_default();
+            return Err((Some(status.as_u16()), text));
+        }
+        if status == StatusCode::NO_CONTENT {
+            return serde_json::from_str("null").map_err(|e| (None, e.to_string()));
+        }
+        resp.json::<R>().await.map_err(|e| (None, e.to_string()))
+    }
+
+    async fn register(&self) -> NodeId {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let running: Vec<RunId> = self
+                .st
+                .lock()
+                .expect("lock")
+                .running
+                .keys()
+                .copied()
+                .collect();
+            let req = RegisterRequest {
+                name: self.cfg.name.clone(),
+                address: self.address.clone(),
+                agent_url: self.agent_url.clone(),
+                agent_secret: self.secret.clone(),
+                instance: self.instance.clone(),
+                topology: self.cfg.topology.clone(),
+                labels: self.cfg.labels.clone(),
+                capacity: self.capacity.clone(),
+                running,
+            };
+            match self
+                .post::<_, RegisterResponse>("/v1/agent/register", &req)
+                .await
+            {
+                Ok(r) => {
+                    tracing::info!(node_id = %r.node_id, "registered with {}", self.cfg.server);
+                    return r.node_id;
+                }
+                Err((Some(code), body))
+                    if (400..500).contains(&code) && code != 404 && code != 409 =>
+                {
+                    tracing::error!("server refused registration ({code}): {body}");
+                }
+                Err((_, e)) => tracing::warn!("cannot register yet: {e}"),
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// Registers, then alternates long-polls for desired state with reconciling.
+    pub async fn main_loop(self: Arc<Self>) {
+        let node = Arc::new(Mutex::new(self.register().await));
+        let me = self.clone();
+        let node2 = node.clone();
+        tokio::spawn(async move { me.report_loop(node2).await });
+        let mut known = 0u64;
+        let mut first = true;
+        loop {
+            let id = *node.lock().expect("lock");
+            let running: Vec<RunId> = self
+                .st
+                .lock()
+                .expect("lock")
+                .running
+                .keys()
+                .copied()
+                .collect();
+            let req = SyncRequest {
+                node_id: id,
+                instance: self.instance.clone(),
+                running,
+                known_version: known,
+                wait_ms: if first { 0 } else { 30_000 },
+            };
+            match self.post::<_, SyncResponse>("/v1/agent/sync", &req).await {
+                Ok(resp) => {
+                    first = false;
+                    known = resp.version;
+                    self.reconcile(resp.desired);
+                }
+                Err((Some(404 | 409), body)) => {
+                    tracing::warn!(
+                        "server does not know this agent instance ({body}); registering again"
+                    );
+                    *node.lock().expect("lock") = self.register().await;
+                    known = 0;
+                    first = true;
+                }
+                Err((code, e)) => {
+                    tracing::warn!(?code, "server unreachable, tasks keep running: {e}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    first = true;
+                }
+            }
+        }
+    }
+
+    fn reconcile(self: &Arc<Self>, desired: Vec<Assignment>) {
+        let want: HashSet<RunId> = desired.iter().map(|a| a.run).collect();
+        let mut st = self.st.lock().expect("lock");
+        for (id, r) in st.running.iter_mut() {
+            if !want.contains(id) {
+                if let Some(tx) = r.stop.take() {
+                    tracing::info!(run = %id, "stopping run the server no longer wants");
+                    let _ = tx.send(());
+                }
+            }
+        }
+        for a in desired {
+            if st.started.contains(&a.run) {
+                continue;
+            }
+            st.started.insert(a.run);
+            let (tx, rx) = oneshot::channel();
+            st.running.insert(a.run, Running { stop: Some(tx) });
+            let me = self.clone();
+            tokio::spawn(async move { me.run_task(a, rx).await });
+        }
+        // Forget ids of finished runs the server has also forgotten; keep the rest so a
+        // run that already exited is never started again while its report is in flight.
+        let running: HashSet<RunId> = st.running.keys().copied().collect();
+        let outbox: HashSet<RunId> = st.outbox.iter().map(|e| e.run()).collect();
+        st.started
+            .retain(|r| want.contains(r) || running.contains(r) || outbox.contains(r));
+    }
+
+    fn emit(&self, ev: RunEvent) {
+        self.st.lock().expect("lock").outbox.push(ev);
+        self.outbox_wake.notify_one();
+    }
+
+    async fn report_loop(self: Arc<Self>, node: Arc<Mutex<NodeId>>) {
+        loop {
+            let batch: Vec<RunEvent> = {
+                let st = self.st.lock().expect("lock");
+                st.outbox.clone()
+            };
+            if batch.is_empty() {
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(1), self.outbox_wake.notified()).await;
+                continue;
+            }
+            let req = EventsRequest {
+                node_id: *node.lock().expect("lock"),
+                events: batch.clone(),
+            };
+            match self
+                .post::<_, serde_json::Value>("/v1/agent/events", &req)
+                .await
+            {
+                Ok(_) => {
+                    let mut st = self.st.lock().expect("lock");
+                    let n = batch.len().min(st.outbox.len());
+                    st.outbox.drain(..n);
+                }
+                Err((code, e)) => {
+                    tracing::warn!(?code, "cannot report {} events yet: {e}", batch.len());
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            }
+        }
+    }
+
+    async fn run_task(self: Arc<Self>, a: Assignment, mut stop: oneshot::Receiver<()>) {
+        let run = a.run;
+        let dir = self.cfg.work_dir.join("runs").join(run.to_string());
+        let started = self.spawn(&a, &dir);
+        let (mut child, cg, pgid, t0) = match started {
+            Ok(x) => x,
+            Err(msg) => {
+                tracing::warn!(run = %run, "cannot start: {msg}");
+                let _ = std::fs::create_dir_all(&dir);
+                let _ = std::fs::write(dir.join("stderr.log"), format!("caravel: {msg}\n"));
+                self.st.lock().expect("lock").running.remove(&run);
+                self.emit(RunEvent::Exited {
+                    run,
+                    started_ms: None,
+                    at_ms: now_ms(),
+                    exit_code: None,
+                    signal: None,
+                    reason: "spawn_failed".into(),
+                    message: msg,
+                });
+                return;
+            }
+        };
+        self.emit(RunEvent::Started {
+            run,
+            pid: pgid as u32,
+            at_ms: t0,
+        });
+        let deadline = a
+            .max_runtime_ms
+            .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
+        let grace = Duration::from_millis(a.kill_grace_ms);
+        let (status, reason) = tokio::select! {
+            s = child.wait() => (s, "exited"),
+            _ = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            } => (terminate(&mut child, pgid, grace).await, "max_runtime"),
+            r = &mut stop => {
+                if r.is_ok() {
+                    (terminate(&mut child, pgid, grace).await, "killed")
+                } else {
+                    (child.wait().await, "exited")
+                }
+            }
+        };
+        let at = now_ms();
+        // Children that left the process group still sit in the cgroup.
+        if !cg.is_empty() {
+            let cg2 = cg.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                cg2.kill_all();
+                cg2.remove();
+            })
+            .await;
+        } else {
+            // SAFETY: signalling our own child's process group.
+            unsafe {
+                libc::kill(-pgid, libc::SIGKILL);
+            }
+        }
+        use std::os::unix::process::ExitStatusExt;
+        let (code, sig) = match &status {
+            Ok(s) => (s.code(), s.signal()),
+            Err(_) => (None, None),
+        };
+        self.st.lock().expect("lock").running.remove(&run);
+        self.emit(RunEvent::Exited {
+            run,
+            started_ms: Some(t0),
+            at_ms: at,
+            exit_code: code,
+            signal: sig,
+            reason: reason.into(),
+            message: match &status {
+                Err(e) => format!("waiting for the process failed: {e}"),
+                Ok(_) => String::new(),
+            },
+        });
+    }
+
+    fn spawn(
+        &self,
+        a: &Assignment,
+        dir: &std::path::Path,
+    ) -> Result<(tokio::process::Child, cgroups::RunCgroup, i32, Millis), String> {
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let out = std::fs::File::create(dir.join("stdout.log"))
+            .map_err(|e| format!("stdout.log: {e}"))?;
+        let err = std::fs::File::create(dir.join("stderr.log"))
+            .map_err(|e| format!("stderr.log: {e}"))?;
+        let cg = self
+            .cgroups
+            .create(a.run.0, a.cpu_milli, a.memory_bytes)
+            .map_err(|e| format!("creating cgroup: {e}"))?;
+        let procs = cg.procs_paths();
+        let mut cmd = std::process::Command::new(&a.command);
+        cmd.args(&a.args)
+            .envs(&a.env)
+            .env("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+            .current_dir(dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        // SAFETY: the closure only makes async-signal-safe syscalls (setpgid, prctl, open,
+        // write, close) on data prepared before fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::setpgid(0, 0);
+                // Die with the agent: a stale copy must not outlive the process that
+                // would report it.
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                for p in &procs {
+                    let fd = libc::open(p.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd >= 0 {
+                        libc::write(fd, b"0".as_ptr() as *const libc::c_void, 1);
+                        libc::close(fd);
+                    }
+                }
+                Ok(())
+            });
+        }
+        let mut cmd = tokio::process::Command::from(cmd);
+        cmd.kill_on_drop(false);
+        let child = cmd.spawn().map_err(|e| {
+            cg.remove();
+            format!("cannot start `{}`: {e}", a.command)
+        })?;
+        let pid = child.id().unwrap_or(0) as i32;
+        Ok((child, cg, pid, now_ms()))
+    }
+}
+
+/// SIGTERM to the process group, then SIGKILL after the grace period.
+async fn terminate(
+    child: &mut tokio::process::Child,
+    pgid: i32,
+    grace: Duration,
+) -> std::io::Result<std::process::ExitStatus> {
+    // SAFETY: signalling our own child's process group.
+    unsafe {
+        libc::kill(-pgid, libc::SIGTERM);
+    }
+    match tokio::time::timeout(grace, child.wait()).await {
+        Ok(s) => s,
+        Err(_) => {
+            unsafe {
+                libc::kill(-pgid, libc::SIGKILL);
+            }
+            child.wait().await
+        }
+    }
+}

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    Capacity, ErrorCode, JobId, JobSpec, JobState, Millis, NodeId, NodeState, PendingReason, Priority,
-    Quota, RunId, RunState, TaskState, TenantId, Topology,
+    Capacity, ErrorCode, JobId, JobSpec, JobState, Millis, NodeId, NodeState, PendingReason,
+    Priority, Quota, RunId, RunState, TaskState, TenantId, Topology,
 };
 
 /// The body of every error response.

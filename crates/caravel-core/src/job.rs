@@ -16,7 +16,9 @@ pub const MAX_RETRIES: u32 = 100;
 pub const MAX_RUNTIME_MS: u64 = 365 * 86_400_000;
 pub const DEFAULT_KILL_GRACE_MS: u64 = 10_000;
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Priority {
     /// Inference services.
@@ -101,13 +103,19 @@ impl JobSpec {
             crate::tenant::validate_name("name", n)?;
         }
         if self.tasks == 0 || self.tasks > MAX_TASKS {
-            return Err(ValidationError::new("tasks", format!("must be 1 to {MAX_TASKS}")));
+            return Err(ValidationError::new(
+                "tasks",
+                format!("must be 1 to {MAX_TASKS}"),
+            ));
         }
         if self.command.trim().is_empty() {
             return Err(ValidationError::new("command", "must not be empty"));
         }
         if self.command.contains('\0') || self.args.iter().any(|a| a.contains('\0')) {
-            return Err(ValidationError::new("command", "must not contain NUL bytes"));
+            return Err(ValidationError::new(
+                "command",
+                "must not contain NUL bytes",
+            ));
         }
         for (k, v) in &self.env {
             let ok = !k.is_empty()
@@ -120,24 +128,39 @@ impl JobSpec {
                 ));
             }
             if k.starts_with("CARAVEL_") {
-                return Err(ValidationError::new(format!("env.{k}"), "CARAVEL_ variables are set by Caravel"));
+                return Err(ValidationError::new(
+                    format!("env.{k}"),
+                    "CARAVEL_ variables are set by Caravel",
+                ));
             }
             if v.contains('\0') {
-                return Err(ValidationError::new(format!("env.{k}"), "must not contain NUL bytes"));
+                return Err(ValidationError::new(
+                    format!("env.{k}"),
+                    "must not contain NUL bytes",
+                ));
             }
         }
         self.resources.validate("resources")?;
         if let Some(ms) = self.max_runtime_ms {
             if ms == 0 || ms > MAX_RUNTIME_MS {
-                return Err(ValidationError::new("max_runtime_ms", "must be 1 ms to 365 days"));
+                return Err(ValidationError::new(
+                    "max_runtime_ms",
+                    "must be 1 ms to 365 days",
+                ));
             }
         }
         if self.max_retries > MAX_RETRIES {
-            return Err(ValidationError::new("max_retries", format!("must be at most {MAX_RETRIES}")));
+            return Err(ValidationError::new(
+                "max_retries",
+                format!("must be at most {MAX_RETRIES}"),
+            ));
         }
         if let Some(g) = self.kill_grace_ms {
             if g > 3_600_000 {
-                return Err(ValidationError::new("kill_grace_ms", "must be at most one hour"));
+                return Err(ValidationError::new(
+                    "kill_grace_ms",
+                    "must be at most one hour",
+                ));
             }
         }
         Ok(())
@@ -160,7 +183,10 @@ pub enum JobState {
 
 impl JobState {
     pub fn is_terminal(self) -> bool {
-        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
     }
     pub fn as_str(self) -> &'static str {
         match self {
@@ -187,7 +213,10 @@ pub enum TaskState {
 
 impl TaskState {
     pub fn is_terminal(self) -> bool {
-        matches!(self, TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled)
+        matches!(
+            self,
+            TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled
+        )
     }
     pub fn as_str(self) -> &'static str {
         match self {

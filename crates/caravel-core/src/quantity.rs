@@ -49,14 +49,18 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
     let mult: u64 = match unit {
         "" => 1,
         "K" | "k" => 1000,
-        "M" => 1000_000,
-        "G" => 1000_000_000,
-        "T" => 1000_000_000_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
         "Ki" => 1 << 10,
         "Mi" => 1 << 20,
         "Gi" => 1 << 30,
         "Ti" => 1 << 40,
-        _ => return Err(format!("`{s}` has unknown unit `{unit}` (use Ki, Mi, Gi, Ti, K, M, G, T)")),
+        _ => {
+            return Err(format!(
+                "`{s}` has unknown unit `{unit}` (use Ki, Mi, Gi, Ti, K, M, G, T)"
+            ))
+        }
     };
     let v: f64 = num
         .parse()
@@ -85,7 +89,11 @@ pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
         "m" => 60_000,
         "h" => 3_600_000,
         "d" => 86_400_000,
-        _ => return Err(format!("`{s}` has unknown unit `{unit}` (use ms, s, m, h, d)")),
+        _ => {
+            return Err(format!(
+                "`{s}` has unknown unit `{unit}` (use ms, s, m, h, d)"
+            ))
+        }
     };
     n.checked_mul(mult)
         .ok_or_else(|| format!("`{s}` is too long a duration"))
@@ -93,7 +101,12 @@ pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
 
 /// Formats bytes the way `kubectl` shows them: the largest binary unit that keeps an integer.
 pub fn format_bytes(b: u64) -> String {
-    const UNITS: [(&str, u64); 4] = [("Ti", 1 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)];
+    const UNITS: [(&str, u64); 4] = [
+        ("Ti", 1 << 40),
+        ("Gi", 1 << 30),
+        ("Mi", 1 << 20),
+        ("Ki", 1 << 10),
+    ];
     for (u, m) in UNITS {
         if b >= m {
             let v = b as f64 / m as f64;
@@ -108,7 +121,7 @@ pub fn format_bytes(b: u64) -> String {
 }
 
 pub fn format_cpu(milli: u64) -> String {
-    if milli % 1000 == 0 {
+    if milli.is_multiple_of(1000) {
         format!("{}", milli / 1000)
     } else {
         format!("{milli}m")

@@ -106,7 +106,8 @@ impl TaskResources {
             ));
         }
         if let Some(g) = &self.gpu {
-            validate_model(&g.model).map_err(|r| ValidationError::new(format!("{prefix}.gpu.model"), r))?;
+            validate_model(&g.model)
+                .map_err(|r| ValidationError::new(format!("{prefix}.gpu.model"), r))?;
             if g.count == 0 {
                 return Err(ValidationError::new(
                     format!("{prefix}.gpu.count"),
@@ -140,7 +141,9 @@ pub fn validate_model(m: &str) -> Result<(), String> {
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
     {
-        return Err(format!("`{m}` may only contain letters, digits, '-', '_' and '.'"));
+        return Err(format!(
+            "`{m}` may only contain letters, digits, '-', '_' and '.'"
+        ));
     }
     Ok(())
 }
@@ -219,7 +222,10 @@ mod tests {
             cpu_milli: 0,
             ..Default::default()
         };
-        assert_eq!(r.validate("resources").unwrap_err().field, "resources.cpu_milli");
+        assert_eq!(
+            r.validate("resources").unwrap_err().field,
+            "resources.cpu_milli"
+        );
         let r = TaskResources {
             gpu: Some(GpuRequest {
                 model: "H100".into(),
@@ -227,7 +233,10 @@ mod tests {
             }),
             ..Default::default()
         };
-        assert_eq!(r.validate("resources").unwrap_err().field, "resources.gpu.count");
+        assert_eq!(
+            r.validate("resources").unwrap_err().field,
+            "resources.gpu.count"
+        );
     }
 
     #[test]

@@ -35,17 +35,17 @@ impl Quota {
     pub fn parse(s: &str) -> Result<Quota, String> {
         let mut q = Quota::default();
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (k, v) = part
-                .split_once('=')
-                .ok_or_else(|| format!("`{part}` is not KEY=VALUE (cpu=8, memory=32Gi, gpu/H100=8)"))?;
+            let (k, v) = part.split_once('=').ok_or_else(|| {
+                format!("`{part}` is not KEY=VALUE (cpu=8, memory=32Gi, gpu/H100=8)")
+            })?;
             let (k, v) = (k.trim(), v.trim());
             match k {
                 "cpu" => q.cpu_milli = Some(parse_cpu_milli(v)?),
                 "memory" | "mem" => q.memory_bytes = Some(parse_bytes(v)?),
                 _ => {
-                    let model = k
-                        .strip_prefix("gpu/")
-                        .ok_or_else(|| format!("unknown quota key `{k}` (use cpu, memory or gpu/MODEL)"))?;
+                    let model = k.strip_prefix("gpu/").ok_or_else(|| {
+                        format!("unknown quota key `{k}` (use cpu, memory or gpu/MODEL)")
+                    })?;
                     validate_model(model)?;
                     let n: u32 = v
                         .parse()
@@ -58,7 +58,12 @@ impl Quota {
     }
 
     /// Checks whether `used` plus `times` tasks of `req` stays within the quota.
-    pub fn check(&self, used: &ResourceSum, req: &TaskResources, times: u64) -> Result<(), QuotaExceeded> {
+    pub fn check(
+        &self,
+        used: &ResourceSum,
+        req: &TaskResources,
+        times: u64,
+    ) -> Result<(), QuotaExceeded> {
         if let Some(lim) = self.cpu_milli {
             let asked = req.cpu_milli * times;
             if used.cpu_milli + asked > lim {
@@ -128,7 +133,10 @@ pub struct Tenant {
 
 pub fn validate_name(field: &str, s: &str) -> Result<(), crate::ValidationError> {
     if s.is_empty() || s.len() > 63 {
-        return Err(crate::ValidationError::new(field, "must be 1 to 63 characters"));
+        return Err(crate::ValidationError::new(
+            field,
+            "must be 1 to 63 characters",
+        ));
     }
     if !s
         .chars()

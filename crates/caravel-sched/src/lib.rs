@@ -170,7 +170,13 @@ fn fit(cfg: &Config, n: &NodeSnap, r: &TaskResources) -> Result<(u64, Vec<u32>),
     }
     // Best fit: the fraction of each resource left free after placing, summed. Integer
     // parts-per-million keep the result identical on every platform.
-    let ppm = |left: u64, cap: u64| if cap == 0 { 0 } else { (left as u128 * 1_000_000 / cap as u128) as u64 };
+    let ppm = |left: u64, cap: u64| {
+        if cap == 0 {
+            0
+        } else {
+            (left as u128 * 1_000_000 / cap as u128) as u64
+        }
+    };
     let mut score = ppm(cpu_free - r.cpu_milli, n.capacity.cpu_milli)
         + ppm(mem_free - r.memory_bytes, n.capacity.memory_bytes);
     let gpus_total = n.capacity.devices.len() as u64;
@@ -251,7 +257,11 @@ fn quota_reason(e: &caravel_core::tenant::QuotaExceeded) -> PendingReason {
 type Shape = (u64, u64, Option<(String, u32)>);
 
 fn shape(r: &TaskResources) -> Shape {
-    (r.cpu_milli, r.memory_bytes, r.gpu.as_ref().map(|g| (g.model.clone(), g.count)))
+    (
+        r.cpu_milli,
+        r.memory_bytes,
+        r.gpu.as_ref().map(|g| (g.model.clone(), g.count)),
+    )
 }
 
 /// Runs one scheduling cycle. `nodes` and `tenants` are updated in place to reflect the
@@ -371,7 +381,9 @@ pub fn fits_when_empty(nodes: &[Capacity], r: &TaskResources) -> bool {
     nodes.iter().any(|c| {
         c.cpu_milli >= r.cpu_milli
             && c.memory_bytes >= r.memory_bytes
-            && r.gpu.as_ref().is_none_or(|g| c.gpu_count(&g.model) >= g.count)
+            && r.gpu
+                .as_ref()
+                .is_none_or(|g| c.gpu_count(&g.model) >= g.count)
     })
 }
 

@@ -52,7 +52,12 @@ fn job(id: u64, tasks: u32, cpu: u64, gpu: Option<(&str, u32)>, gang: bool) -> J
 fn best_fit_prefers_the_tighter_node() {
     let mut nodes = vec![cpu_node(1, 16, 64), cpu_node(2, 4, 16)];
     let mut t = HashMap::new();
-    let plan = schedule(&Config::default(), &mut nodes, &mut t, &[job(1, 1, 2000, None, false)]);
+    let plan = schedule(
+        &Config::default(),
+        &mut nodes,
+        &mut t,
+        &[job(1, 1, 2000, None, false)],
+    );
     assert_eq!(plan.placements[0].node, NodeId(2));
 }
 
@@ -60,7 +65,12 @@ fn best_fit_prefers_the_tighter_node() {
 fn cpu_tasks_avoid_gpu_nodes() {
     let mut nodes = vec![gpu_node(1, "H100", 8), cpu_node(2, 64, 512)];
     let mut t = HashMap::new();
-    let plan = schedule(&Config::default(), &mut nodes, &mut t, &[job(1, 1, 1000, None, false)]);
+    let plan = schedule(
+        &Config::default(),
+        &mut nodes,
+        &mut t,
+        &[job(1, 1, 1000, None, false)],
+    );
     assert_eq!(plan.placements[0].node, NodeId(2));
 }
 
@@ -94,7 +104,9 @@ fn gang_is_all_or_nothing_with_reason() {
     let r = &plan.pending[&JobId(1)][0];
     assert_eq!(r.code, "gang");
     assert!(r.message.contains("only 2 of 3"), "{}", r.message);
-    assert!(nodes.iter().all(|n| n.used_devices.is_empty() && n.used_cpu_milli == 0));
+    assert!(nodes
+        .iter()
+        .all(|n| n.used_devices.is_empty() && n.used_cpu_milli == 0));
 }
 
 #[test]
@@ -127,7 +139,10 @@ fn quota_cap_with_reason() {
         &Config::default(),
         &mut nodes,
         &mut t,
-        &[job(1, 1, 1000, Some(("H100", 8)), false), job(2, 1, 1000, Some(("H100", 1)), false)],
+        &[
+            job(1, 1, 1000, Some(("H100", 8)), false),
+            job(2, 1, 1000, Some(("H100", 1)), false),
+        ],
     );
     assert_eq!(plan.placements.len(), 1);
     assert_eq!(
@@ -149,7 +164,10 @@ fn no_fit_reason_counts_nodes() {
     );
     let r = &plan.pending[&JobId(1)][0];
     assert_eq!(r.code, "no_fit");
-    assert_eq!(r.message, "no node fits: 1 node not ready, 2 nodes lack gpu/H100");
+    assert_eq!(
+        r.message,
+        "no node fits: 1 node not ready, 2 nodes lack gpu/H100"
+    );
     assert_eq!(r.counts["lack gpu/H100"], 2);
 }
 
@@ -162,7 +180,12 @@ fn priority_then_fifo() {
     let batch = job(2, 1, 1000, None, false);
     let mut online = job(3, 1, 1000, None, false);
     online.priority = Priority::Online;
-    let plan = schedule(&Config::default(), &mut nodes, &mut t, &[spot, batch, online]);
+    let plan = schedule(
+        &Config::default(),
+        &mut nodes,
+        &mut t,
+        &[spot, batch, online],
+    );
     assert_eq!(plan.placements.len(), 1);
     assert_eq!(plan.placements[0].job, JobId(3));
 }
@@ -178,9 +201,8 @@ struct World {
 
 fn arb_world() -> impl Strategy<Value = World> {
     let models = ["H100", "A100", "T4"];
-    let node = (1u64..16, 1u64..64, 0usize..4, 0u32..9).prop_map(move |(c, m, mi, g)| {
-        (c, m, if mi == 3 { None } else { Some((models[mi], g)) })
-    });
+    let node = (1u64..16, 1u64..64, 0usize..4, 0u32..9)
+        .prop_map(move |(c, m, mi, g)| (c, m, if mi == 3 { None } else { Some((models[mi], g)) }));
     let jobr = (
         1u32..6,
         1u64..8000,

@@ -1,1 +1,280 @@
-//! placeholder
+//! The Caravel control plane: HTTP API, authentication, the scheduling loop (which calls
+//! the pure `caravel-sched` crate), node liveness and metering, over a durable `Store`.
+//!
+//! Agents talk to it only through the public `/v1/agent` API. It must not depend on the
+//! agent crate.
+
+pub mod api;
+pub mod auth;
+pub mod core;
+pub mod error;
+pub mod metrics;
+pub mod openapi;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+use caravel_core::{Millis, NodeState, RunState};
+use caravel_store::{SqliteStore, Sync};
+use tokio::sync::Notify;
+
+use crate::core::Core;
+
+pub fn now_ms() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as Millis
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// A node that has not been heard from for this long is lost.
+    pub lost_after_ms: u64,
+    /// How long an agent's sync may be held; also its heartbeat period.
+    pub heartbeat_ms: u64,
+    pub sync: Sync,
+}
+
+impl ServerConfig {
+    pub fn new(data_dir: PathBuf, listen: SocketAddr) -> ServerConfig {
+        ServerConfig {
+            data_dir,
+            listen,
+            lost_after_ms: 10_000,
+            heartbeat_ms: 2_000,
+            sync: Sync::Normal,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("opening the store: {0}")]
+    Store(#[from] caravel_store::StoreError),
+    #[error("loading state: {0}")]
+    Load(#[from] error::ApiError),
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+pub struct Shared {
+    pub core: Mutex<Core>,
+    pub metrics: metrics::Metrics,
+    pub admin_token: String,
+    pub agent_token: String,
+    pub sched_wake: Notify,
+    pub cfg: ServerConfig,
+    pub http: reqwest::Client,
+}
+
+/// A running server.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub admin_token: String,
+    pub agent_token: String,
+    pub shared: Arc<Shared>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Server {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops serving. Everything accepted is already durable.
+    pub fn abort(&self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+
+    pub async fn wait(mut self) {
+        if let Some(t) = self.tasks.pop() {
+            let _ = t.await;
+        }
+    }
+}
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/healthz", get(api::healthz))
+        .route("/metrics", get(api::metrics))
+        .route("/v1/openapi.json", get(api::openapi))
+        .route("/v1/whoami", get(api::whoami))
+        .route("/v1/jobs", post(api::submit).get(api::list_jobs))
+        .route("/v1/jobs/{id}", get(api::get_job))
+        .route("/v1/jobs/{id}/cancel", post(api::cancel_job))
+        .route("/v1/jobs/{id}/logs", get(api::job_logs))
+        .route("/v1/nodes", get(api::list_nodes))
+        .route(
+            "/v1/tenants",
+            post(api::create_tenant).get(api::list_tenants),
+        )
+        .route("/v1/usage", get(api::usage))
+        .route("/v1/agent/register", post(api::agent_register))
+        .route("/v1/agent/sync", post(api::agent_sync))
+        .route("/v1/agent/events", post(api::agent_events))
+        .fallback(api::fallback)
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            count_requests,
+        ))
+        .with_state(shared)
+}
+
+async fn count_requests(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    let method = req.method().to_string();
+    let resp = next.run(req).await;
+    s.metrics
+        .api_requests
+        .get_or_create(&vec![
+            ("method".to_string(), method),
+            ("code".to_string(), resp.status().as_u16().to_string()),
+        ])
+        .inc();
+    resp
+}
+
+pub fn refresh_gauges(s: &Shared) {
+    let core = s.core.lock().expect("core lock");
+    s.metrics.queue_depth.set(core.pending_tasks() as i64);
+    s.metrics.running_tasks.set(core.runs.len() as i64);
+    for st in [NodeState::Ready, NodeState::Lost] {
+        let n = core.nodes.values().filter(|e| e.node.state == st).count();
+        s.metrics
+            .nodes
+            .get_or_create(&vec![("state".to_string(), st.as_str().to_string())])
+            .set(n as i64);
+    }
+    let _ = RunState::Running;
+}
+
+/// Opens the data directory and store, binds the listener and starts serving, scheduling
+/// and checking liveness.
+pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
+    let dd = |source| ServerError::DataDir {
+        path: cfg.data_dir.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&cfg.data_dir).map_err(dd)?;
+    let admin_token =
+        auth::load_or_create(&cfg.data_dir.join("admin.token"), "cvadm").map_err(dd)?;
+    let agent_token =
+        auth::load_or_create(&cfg.data_dir.join("agent.token"), "cvagt").map_err(dd)?;
+    let store = SqliteStore::open(&cfg.data_dir.join("caravel.db"), cfg.sync)?;
+    let mut core = Core::load(Box::new(store), now_ms())?;
+    core.ensure_default_tenant(now_ms())?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| ServerError::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| ServerError::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
+    let shared = Arc::new(Shared {
+        core: Mutex::new(core),
+        metrics: metrics::Metrics::new(),
+        admin_token: admin_token.clone(),
+        agent_token: agent_token.clone(),
+        sched_wake: Notify::new(),
+        cfg: cfg.clone(),
+        http: reqwest::Client::new(),
+    });
+    let sched = tokio::spawn(scheduling_loop(shared.clone()));
+    let live = tokio::spawn(liveness_loop(shared.clone()));
+    let app = router(shared.clone());
+    let serve = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "server stopped");
+        }
+    });
+    tracing::info!(%addr, data_dir = %cfg.data_dir.display(), "caravel server listening");
+    Ok(Server {
+        addr,
+        admin_token,
+        agent_token,
+        shared,
+        tasks: vec![sched, live, serve],
+    })
+}
+
+async fn scheduling_loop(s: Arc<Shared>) {
+    loop {
+        tokio::select! {
+            _ = s.sched_wake.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let t0 = Instant::now();
+        let res = {
+            let mut core = s.core.lock().expect("core lock");
+            core.schedule(now_ms())
+        };
+        match res {
+            Ok(st) if st.considered_jobs > 0 => {
+                s.metrics.sched_latency.observe(t0.elapsed().as_secs_f64());
+                s.metrics.placements.inc_by(st.placed as u64);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "scheduling cycle failed; reloading state from the store");
+                reload(&s);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+/// After a failed commit memory may be ahead of the store; rebuild it from the store.
+fn reload(s: &Shared) {
+    let store = match SqliteStore::open(&s.cfg.data_dir.join("caravel.db"), s.cfg.sync) {
+        Ok(st) => st,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot reopen the store");
+            return;
+        }
+    };
+    match Core::load(Box::new(store), now_ms()) {
+        Ok(c) => *s.core.lock().expect("core lock") = c,
+        Err(e) => tracing::error!(error = %e, "cannot reload state"),
+    }
+}
+
+async fn liveness_loop(s: Arc<Shared>) {
+    let period = Duration::from_millis((s.cfg.lost_after_ms / 4).clamp(50, 1000));
+    loop {
+        tokio::time::sleep(period).await;
+        let res = s
+            .core
+            .lock()
+            .expect("core lock")
+            .check_liveness(now_ms(), s.cfg.lost_after_ms as i64);
+        match res {
+            Ok(lost) if !lost.is_empty() => s.sched_wake.notify_one(),
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "liveness check failed"),
+        }
+    }
+}

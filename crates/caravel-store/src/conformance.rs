@@ -154,16 +154,25 @@ pub fn round_trips_every_record(f: &dyn StoreFactory) {
 pub fn puts_are_upserts(f: &dyn StoreFactory) {
     let mut s = f.open();
     let mut j = job(1, 1);
-    s.apply(&[Mutation::PutJob(j.clone()), Mutation::PutRun(run(1, 1, RunState::Running))])
-        .unwrap();
+    s.apply(&[
+        Mutation::PutJob(j.clone()),
+        Mutation::PutRun(run(1, 1, RunState::Running)),
+    ])
+    .unwrap();
     j.state = JobState::Succeeded;
     j.message = "done".into();
-    s.apply(&[Mutation::PutJob(j.clone()), Mutation::PutRun(run(1, 1, RunState::Succeeded))])
-        .unwrap();
+    s.apply(&[
+        Mutation::PutJob(j.clone()),
+        Mutation::PutRun(run(1, 1, RunState::Succeeded)),
+    ])
+    .unwrap();
     let snap = s.load().unwrap();
     assert_eq!(snap.jobs, vec![j]);
     assert!(snap.active_runs.is_empty(), "terminal runs are not active");
-    assert_eq!(s.runs_of_job(JobId(1)).unwrap(), vec![run(1, 1, RunState::Succeeded)]);
+    assert_eq!(
+        s.runs_of_job(JobId(1)).unwrap(),
+        vec![run(1, 1, RunState::Succeeded)]
+    );
     assert_eq!(s.load().unwrap().max_run_id, 1);
 }
 
@@ -183,8 +192,11 @@ pub fn usage_filters(f: &dyn StoreFactory) {
     let mut s = f.open();
     let mut other = usage(2, 2);
     other.tenant = TenantId(2);
-    s.apply(&[Mutation::InsertUsage(usage(1, 1)), Mutation::InsertUsage(other.clone())])
-        .unwrap();
+    s.apply(&[
+        Mutation::InsertUsage(usage(1, 1)),
+        Mutation::InsertUsage(other.clone()),
+    ])
+    .unwrap();
     let by_t = s
         .usage(&UsageFilter {
             tenant: Some(TenantId(2)),
@@ -233,7 +245,10 @@ pub fn many_jobs_round_trip(f: &dyn StoreFactory) {
     let snap = s.load().unwrap();
     assert_eq!(snap.jobs.len(), 500);
     assert_eq!(snap.tasks.len(), 500);
-    assert!(snap.jobs.windows(2).all(|w| w[0].id < w[1].id), "load orders by id");
+    assert!(
+        snap.jobs.windows(2).all(|w| w[0].id < w[1].id),
+        "load orders by id"
+    );
 }
 
 #[macro_export]

@@ -64,7 +64,8 @@ fn from_json<T: DeserializeOwned>(table: &'static str, s: &str) -> Result<T> {
 impl SqliteStore {
     pub fn open(path: &Path, sync: Sync) -> Result<SqliteStore> {
         let conn = Connection::open(path).map_err(db)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(db)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(db)?;
         conn.pragma_update(
             None,
             "synchronous",
@@ -74,7 +75,8 @@ impl SqliteStore {
             },
         )
         .map_err(db)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(db)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(db)?;
         let mut s = SqliteStore { conn };
         s.migrate()?;
         Ok(s)
@@ -94,7 +96,8 @@ impl SqliteStore {
         let tx = self.conn.transaction().map_err(db)?;
         for (i, m) in MIGRATIONS.iter().enumerate().skip(v as usize) {
             tx.execute_batch(m).map_err(db)?;
-            tx.pragma_update(None, "user_version", (i + 1) as i64).map_err(db)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)
+                .map_err(db)?;
         }
         tx.commit().map_err(db)
     }
@@ -153,7 +156,12 @@ impl Store for SqliteStore {
                          ON CONFLICT(id) DO UPDATE SET name = ?2, token_hash = ?3, body = ?4",
                     )
                     .and_then(|mut s| {
-                        s.execute(params![tenant.id.0 as i64, tenant.name, token_hash, to_json(tenant)])
+                        s.execute(params![
+                            tenant.id.0 as i64,
+                            tenant.name,
+                            token_hash,
+                            to_json(tenant)
+                        ])
                     })
                     .map_err(db)?;
                 }
@@ -171,7 +179,12 @@ impl Store for SqliteStore {
                          ON CONFLICT(id) DO UPDATE SET tenant = ?2, state = ?3, body = ?4",
                     )
                     .and_then(|mut s| {
-                        s.execute(params![j.id.0 as i64, j.tenant.0 as i64, j.state.as_str(), to_json(j)])
+                        s.execute(params![
+                            j.id.0 as i64,
+                            j.tenant.0 as i64,
+                            j.state.as_str(),
+                            to_json(j)
+                        ])
                     })
                     .map_err(db)?;
                 }
@@ -204,7 +217,12 @@ impl Store for SqliteStore {
                          ON CONFLICT(run) DO NOTHING",
                     )
                     .and_then(|mut s| {
-                        s.execute(params![u.run.0 as i64, u.tenant.0 as i64, u.job.0 as i64, to_json(u)])
+                        s.execute(params![
+                            u.run.0 as i64,
+                            u.tenant.0 as i64,
+                            u.job.0 as i64,
+                            to_json(u)
+                        ])
                     })
                     .map_err(db)?;
                 }
@@ -227,7 +245,9 @@ impl Store for SqliteStore {
     fn run(&mut self, id: RunId) -> Result<Option<RunRecord>> {
         let b: Option<String> = self
             .conn
-            .query_row("SELECT body FROM runs WHERE id = ?1", [id.0 as i64], |r| r.get(0))
+            .query_row("SELECT body FROM runs WHERE id = ?1", [id.0 as i64], |r| {
+                r.get(0)
+            })
             .optional()
             .map_err(db)?;
         b.map(|b| from_json("runs", &b)).transpose()
@@ -253,7 +273,11 @@ impl Store for SqliteStore {
     fn has_usage(&mut self, run: RunId) -> Result<bool> {
         let n: i64 = self
             .conn
-            .query_row("SELECT COUNT(*) FROM usage WHERE run = ?1", [run.0 as i64], |r| r.get(0))
+            .query_row(
+                "SELECT COUNT(*) FROM usage WHERE run = ?1",
+                [run.0 as i64],
+                |r| r.get(0),
+            )
             .map_err(db)?;
         Ok(n > 0)
     }

@@ -1,1 +1,1039 @@
-fn main() {}
+//! `caravel`: the one binary. Server, agent, a first-try `up`, the kubectl/sbatch-style
+//! client commands, and benchmarks.
+
+mod bench;
+mod client;
+mod jobfile;
+mod table;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use caravel_core::api::*;
+use caravel_core::quantity::{
+    format_bytes, format_cpu, parse_bytes, parse_cpu_milli, parse_duration_ms,
+};
+use caravel_core::{JobSpec, JobState, Priority, Quota, Topology};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::client::{Client, ClientConfig};
+use crate::table::Table;
+
+#[derive(Parser)]
+#[command(
+    name = "caravel",
+    version,
+    about = "Caravel: one elastic, multi-tenant compute pool"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args, Clone)]
+struct Conn {
+    /// Server URL (else CARAVEL_SERVER, else the config `caravel up` wrote).
+    #[arg(long, env = "CARAVEL_SERVER", global = true)]
+    server: Option<String>,
+    /// Bearer token (else CARAVEL_TOKEN, else the config `caravel up` wrote).
+    #[arg(long, env = "CARAVEL_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the control plane.
+    Server(ServerArgs),
+    /// Run a node agent.
+    Agent(AgentArgs),
+    /// A server on the embedded store plus one local agent, for a first try.
+    Up(UpArgs),
+    /// Submit a job: `caravel submit [flags] -- CMD ARGS...` or `caravel submit -f job.toml`.
+    Submit(SubmitArgs),
+    /// List jobs.
+    Jobs {
+        #[command(flatten)]
+        conn: Conn,
+        /// Only these states (comma list; `active` = pending or running).
+        #[arg(long)]
+        state: Option<String>,
+        /// Admin only: one tenant's jobs.
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Show one job.
+    Job {
+        #[command(subcommand)]
+        cmd: JobCmd,
+    },
+    /// Print a task's output.
+    Logs {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+        #[arg(long, default_value_t = 0)]
+        task: u32,
+        /// stderr instead of stdout.
+        #[arg(long)]
+        stderr: bool,
+        /// Keep printing until the task ends.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Cancel a job: SIGTERM, then SIGKILL after its grace period.
+    Cancel {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+    },
+    /// List nodes.
+    Nodes {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Manage tenants.
+    Tenant {
+        #[command(subcommand)]
+        cmd: TenantCmd,
+    },
+    /// List tenants.
+    Tenants {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Metered usage per tenant and per job.
+    Usage {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        job: Option<u64>,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Benchmarks that print figures.
+    Bench {
+        #[command(subcommand)]
+        cmd: bench::BenchCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum JobCmd {
+    Show {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+}
+
+#[derive(Subcommand)]
+enum TenantCmd {
+    /// Create a tenant and print its token (shown once).
+    Create {
+        #[command(flatten)]
+        conn: Conn,
+        name: String,
+        /// e.g. cpu=8,memory=32Gi,gpu/H100=8
+        #[arg(long)]
+        quota: Option<String>,
+        #[arg(long, default_value_t = 1.0)]
+        weight: f64,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+}
+
+#[derive(Args)]
+struct ServerArgs {
+    #[arg(long, default_value = "./caravel-data")]
+    data_dir: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:7080")]
+    listen: SocketAddr,
+    /// Mark a node lost after this long without a heartbeat.
+    #[arg(long, default_value = "10s", value_parser = dur)]
+    lost_after: u64,
+    /// Agent heartbeat / long-poll period.
+    #[arg(long, default_value = "2s", value_parser = dur)]
+    heartbeat: u64,
+    /// fsync every commit (survives power loss, slower).
+    #[arg(long)]
+    sync_full: bool,
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    #[arg(long, env = "CARAVEL_SERVER")]
+    server: String,
+    #[arg(long, env = "CARAVEL_TOKEN", hide_env_values = true)]
+    token: String,
+    /// Node name (default: the host name).
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long, default_value = "")]
+    region: String,
+    #[arg(long, default_value = "")]
+    zone: String,
+    #[arg(long, default_value = "")]
+    rack: String,
+    /// CPUs to offer (default: all). 2, 0.5 or 500m.
+    #[arg(long, value_parser = cpu)]
+    cpus: Option<u64>,
+    /// Memory to offer (default: all). 4Gi, 512Mi.
+    #[arg(long, value_parser = bytes)]
+    memory: Option<u64>,
+    /// Declared GPUs, MODEL:COUNT[,MODEL:COUNT], added to those NVML finds.
+    #[arg(long, value_parser = gpus)]
+    gpus: Option<Vec<(String, u32)>>,
+    /// Labels, KEY=VALUE (repeatable).
+    #[arg(long = "label", value_parser = kv)]
+    labels: Vec<(String, String)>,
+    /// Where task working directories and logs go.
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Address of the agent's log endpoint.
+    #[arg(long, default_value = "0.0.0.0:0")]
+    listen: SocketAddr,
+    /// Address other nodes use to reach this one (default: the route to the server).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Do not use cgroups even where available.
+    #[arg(long)]
+    no_cgroups: bool,
+}
+
+#[derive(Args)]
+struct UpArgs {
+    #[arg(long, default_value = "./caravel-data")]
+    data_dir: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:7080")]
+    listen: SocketAddr,
+    /// Declared GPUs for the local agent, MODEL:COUNT.
+    #[arg(long, value_parser = gpus)]
+    gpus: Option<Vec<(String, u32)>>,
+    /// Start in the background, wait until the pool is ready, and return.
+    #[arg(short, long)]
+    detach: bool,
+}
+
+#[derive(Args)]
+struct SubmitArgs {
+    #[command(flatten)]
+    conn: Conn,
+    /// A job file (TOML). Flags given as well override it.
+    #[arg(short = 'f', long = "file")]
+    file: Option<PathBuf>,
+    #[arg(long, short = 'J')]
+    name: Option<String>,
+    /// Number of tasks.
+    #[arg(short = 'n', long)]
+    tasks: Option<u32>,
+    /// CPUs per task: 2, 0.5, 500m.
+    #[arg(short = 'c', long)]
+    cpus: Option<String>,
+    /// Memory per task: 4Gi, 512Mi.
+    #[arg(long, visible_alias = "mem")]
+    memory: Option<String>,
+    /// GPUs per task: MODEL:COUNT.
+    #[arg(long, visible_alias = "gres")]
+    gpus: Option<String>,
+    #[arg(long, short = 'p', value_enum)]
+    priority: Option<PriorityArg>,
+    /// Max runtime: 90s, 30m, 2h.
+    #[arg(long, short = 't', visible_alias = "time")]
+    max_runtime: Option<String>,
+    #[arg(long)]
+    max_retries: Option<u32>,
+    /// All tasks start together or none do (sets RANK, WORLD_SIZE, MASTER_ADDR...).
+    #[arg(long)]
+    gang: bool,
+    /// KEY=VALUE (repeatable).
+    #[arg(long = "env", short = 'e')]
+    env: Vec<String>,
+    /// SIGTERM-to-SIGKILL grace on cancel and timeout: 10s.
+    #[arg(long)]
+    kill_grace: Option<String>,
+    /// Admin only: submit for this tenant.
+    #[arg(long)]
+    tenant: Option<String>,
+    /// Follow the job to its end and exit with its status.
+    #[arg(short = 'W', long)]
+    wait: bool,
+    #[arg(short, long, value_enum, default_value = "table")]
+    output: Output,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PriorityArg {
+    Online,
+    Batch,
+    Spot,
+}
+
+fn dur(s: &str) -> Result<u64, String> {
+    parse_duration_ms(s)
+}
+fn cpu(s: &str) -> Result<u64, String> {
+    parse_cpu_milli(s)
+}
+fn bytes(s: &str) -> Result<u64, String> {
+    parse_bytes(s)
+}
+fn gpus(s: &str) -> Result<Vec<(String, u32)>, String> {
+    caravel_core::parse_gpu_list(s)
+}
+fn kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("`{s}` is not KEY=VALUE"))
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CARAVEL_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(match &cli.cmd {
+            Cmd::Server(_) | Cmd::Agent(_) | Cmd::Up(_) => "info",
+            _ => "warn",
+        })
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let code = match rt.block_on(dispatch(cli.cmd)) {
+        Ok(code) => code,
+        Err(e) => {
+            let msg = format!("{e:#}");
+            eprintln!("error: {}", msg.lines().next().unwrap_or(&msg));
+            1
+        }
+    };
+    rt.shutdown_timeout(Duration::from_millis(200));
+    std::process::exit(code);
+}
+
+async fn dispatch(cmd: Cmd) -> Result<i32> {
+    match cmd {
+        Cmd::Server(a) => {
+            let mut cfg = caravel_server::ServerConfig::new(a.data_dir, a.listen);
+            cfg.lost_after_ms = a.lost_after;
+            cfg.heartbeat_ms = a.heartbeat;
+            if a.sync_full {
+                cfg.sync = caravel_store::Sync::Full;
+            }
+            let s = caravel_server::start(cfg).await?;
+            eprintln!("caravel server listening on {}", s.url());
+            tokio::select! {
+                _ = s.wait() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            Ok(0)
+        }
+        Cmd::Agent(a) => {
+            let cfg = agent_config(a)?;
+            tokio::select! {
+                r = caravel_agent::run(cfg) => r?,
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            Ok(0)
+        }
+        Cmd::Up(a) => up(a).await,
+        Cmd::Submit(a) => submit(a).await,
+        Cmd::Jobs {
+            conn,
+            state,
+            tenant,
+            output,
+        } => {
+            let c = Client::resolve(conn.server, conn.token)?;
+            let mut q = vec![];
+            if let Some(s) = state {
+                q.push(format!("state={s}"));
+            }
+            if let Some(t) = tenant {
+                q.push(format!("tenant={t}"));
+            }
+            let jobs: Vec<JobSummary> = c.get(&format!("/v1/jobs?{}", q.join("&"))).await?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&jobs)?);
+                return Ok(0);
+            }
+            let mut t = Table::new(&[
+                "ID", "NAME", "TENANT", "STATE", "PRIORITY", "TASKS", "AGE", "REASON",
+            ]);
+            let now = caravel_server::now_ms();
+            for j in jobs {
+                let reason = if j.state == JobState::Pending {
+                    j.pending_reasons
+                        .first()
+                        .map(|r| r.message.clone())
+                        .unwrap_or_default()
+                } else {
+                    j.message.clone()
+                };
+                t.row(vec![
+                    j.id.to_string(),
+                    j.name.unwrap_or_else(|| "-".into()),
+                    j.tenant,
+                    j.state.as_str().into(),
+                    j.priority.as_str().into(),
+                    format!("{}/{}", j.tasks_done, j.tasks),
+                    age(now - j.submitted_ms),
+                    reason,
+                ]);
+            }
+            print!("{t}");
+            Ok(0)
+        }
+        Cmd::Job {
+            cmd: JobCmd::Show { conn, id, output },
+        } => {
+            let c = Client::resolve(conn.server, conn.token)?;
+            let j: serde_json::Value = c.get(&format!("/v1/jobs/{}", job_id(&id)?)).await?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&j)?);
+                return Ok(0);
+            }
+            let j: JobDetail = serde_json::from_value(j)?;
+            show_job(&j);
+            Ok(0)
+        }
+        Cmd::Logs {
+            conn,
+            id,
+            task,
+            stderr,
+            follow,
+        } => logs(conn, &id, task, stderr, follow).await,
+        Cmd::Cancel { conn, id } => {
+            let c = Client::resolve(conn.server, conn.token)?;
+            let j: JobSummary = c
+                .post(
+                    &format!("/v1/jobs/{}/cancel", job_id(&id)?),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            println!(
+                "job {} {}",
+                j.id,
+                if j.state.is_terminal() {
+                    "cancelled"
+                } else {
+                    "cancelling"
+                }
+            );
+            Ok(0)
+        }
+        Cmd::Nodes { conn, output } => {
+            let c = Client::resolve(conn.server, conn.token)?;
+            let nodes: Vec<NodeView> = c.get("/v1/nodes").await?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&nodes)?);
+                return Ok(0);
+            }
+            let mut t = Table::new(&[
+                "NAME", "STATE", "CPU", "MEMORY", "GPUS", "TASKS", "ZONE", "RACK",
+            ]);
+            for n in nodes {
+                let g = n.capacity.gpu_models();
+                let gpus = if g.is_empty() {
+                    "-".into()
+                } else {
+                    let used = n.allocated_devices.len();
+                    let desc: Vec<String> = g.iter().map(|(m, c)| format!("{m}:{c}")).collect();
+                    format!("{used}/{} ({})", n.capacity.devices.len(), desc.join(","))
+                };
+                t.row(vec![
+                    n.name,
+                    n.state.as_str().into(),
+                    format!(
+                        "{}/{}",
+                        format_cpu(n.allocated_cpu_milli),
+                        format_cpu(n.capacity.cpu_milli)
+                    ),
+                    format!(
+                        "{}/{}",
+                        format_bytes(n.allocated_memory_bytes),
+                        format_bytes(n.capacity.memory_bytes)
+                    ),
+                    gpus,
+                    n.running_tasks.to_string(),
+                    dash(&n.topology.zone),
+                    dash(&n.topology.rack),
+                ]);
+            }
+            print!("{t}");
+            Ok(0)
+        }
+        Cmd::Tenant {
+            cmd:
+                TenantCmd::Create {
+                    conn,
+                    name,
+                    quota,
+                    weight,
+                    output,
+                },
+        } => {
+            let c = Client::resolve(conn.server, conn.token)?;
+            let quota = match quota {
+                Some(q) => Quota::parse(&q).map_err(|e| anyhow!("--quota: {e}"))?,
+                None => Quota::default(),
+            };
+            let r: CreateTenantResponse = c
+                .post(
+                    "/v1/tenants",
+                    &CreateTenantRequest {
+                        name,
+                        weight,
+                        quota,
+                    },
+                )
+                .await?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!("tenant {} created (id {})", r.tenant.name, r.tenant.id);
+                println!("token: {}", r.token);
+                println!("(this token is shown once; the server keeps only its hash)");
+            }
+            Ok(0)
+        }
+        Cmd::Tenants { conn, output } => {
+            let c = Client::resolve(conn.server, conn.token)?;
+            let ts: Vec<TenantView> = c.get("/v1/tenants").await?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&ts)?);
+                return Ok(0);
+            }
+            let mut t = Table::new(&["NAME", "WEIGHT", "QUOTA"]);
+            for x in ts {
+                t.row(vec![x.name, x.weight.to_string(), quota_text(&x.quota)]);
+            }
+            print!("{t}");
+            Ok(0)
+        }
+        Cmd::Usage {
+            conn,
+            tenant,
+            job,
+            output,
+        } => {
+            let c = Client::resolve(conn.server, conn.token)?;
+            let mut q = vec![];
+            if let Some(t) = tenant {
+                q.push(format!("tenant={t}"));
+            }
+            if let Some(j) = job {
+                q.push(format!("job={j}"));
+            }
+            let u: UsageResponse = c.get(&format!("/v1/usage?{}", q.join("&"))).await?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&u)?);
+                return Ok(0);
+            }
+            let render = |rows: &[UsageTotals], by_job: bool| {
+                let mut head = vec!["TENANT"];
+                if by_job {
+                    head.insert(0, "JOB");
+                }
+                head.extend(["RUNS", "WALL", "CPU-HOURS", "MEM-GIB-HOURS", "GPU-HOURS"]);
+                let mut t = Table::new(&head);
+                for r in rows {
+                    let gpu: Vec<String> = r
+                        .gpu_ms
+                        .iter()
+                        .map(|(m, ms)| format!("{m}:{:.3}", *ms as f64 / 3.6e6))
+                        .collect();
+                    let mut row = vec![];
+                    if let Some(j) = r.job {
+                        row.push(j.to_string());
+                    }
+                    row.extend([
+                        r.tenant.clone(),
+                        r.runs.to_string(),
+                        format!("{:.1}s", r.wall_ms as f64 / 1000.0),
+                        format!("{:.4}", r.cpu_milli_ms as f64 / 1000.0 / 3.6e6),
+                        format!(
+                            "{:.4}",
+                            r.memory_byte_ms as f64 / (1u64 << 30) as f64 / 3.6e6
+                        ),
+                        if gpu.is_empty() {
+                            "-".into()
+                        } else {
+                            gpu.join(",")
+                        },
+                    ]);
+                    t.row(row);
+                }
+                t
+            };
+            println!("By tenant:");
+            print!("{}", render(&u.by_tenant, false));
+            println!("\nBy job:");
+            print!("{}", render(&u.by_job, true));
+            Ok(0)
+        }
+        Cmd::Bench { cmd } => bench::run(cmd).await,
+    }
+}
+
+fn dash(s: &str) -> String {
+    if s.is_empty() {
+        "-".into()
+    } else {
+        s.into()
+    }
+}
+
+fn quota_text(q: &Quota) -> String {
+    let mut v = vec![];
+    if let Some(c) = q.cpu_milli {
+        v.push(format!("cpu={}", format_cpu(c)));
+    }
+    if let Some(m) = q.memory_bytes {
+        v.push(format!("memory={}", format_bytes(m)));
+    }
+    for (m, c) in &q.gpus {
+        v.push(format!("gpu/{m}={c}"));
+    }
+    if v.is_empty() {
+        "unlimited".into()
+    } else {
+        v.join(",")
+    }
+}
+
+fn age(ms: i64) -> String {
+    let s = ms.max(0) / 1000;
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        7200..=172_799 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
+}
+
+fn job_id(s: &str) -> Result<u64> {
+    s.parse::<u64>()
+        .map_err(|_| anyhow!("`{s}` is not a job id (a number, as `caravel jobs` shows)"))
+}
+
+fn agent_config(a: AgentArgs) -> Result<caravel_agent::AgentConfig> {
+    let name = match a.name {
+        Some(n) => n,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "node".into()),
+    };
+    caravel_core::validate_name("--name", &name).map_err(|e| anyhow!("{e}"))?;
+    let work_dir = a
+        .work_dir
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("caravel-agent-{name}")));
+    Ok(caravel_agent::AgentConfig {
+        server: a.server,
+        token: a.token,
+        name,
+        topology: Topology {
+            region: a.region,
+            zone: a.zone,
+            rack: a.rack,
+        },
+        labels: a.labels.into_iter().collect(),
+        cpu_milli: a.cpus,
+        memory_bytes: a.memory,
+        gpus: a.gpus.unwrap_or_default(),
+        work_dir,
+        listen: a.listen,
+        advertise: a.advertise,
+        use_cgroups: !a.no_cgroups,
+    })
+}
+
+async fn up(a: UpArgs) -> Result<i32> {
+    if a.detach {
+        let exe = std::env::current_exe()?;
+        std::fs::create_dir_all(&a.data_dir)?;
+        let log = std::fs::File::create(a.data_dir.join("up.log"))?;
+        let mut cmd = std::process::Command::new(exe);
+        cmd.arg("up")
+            .arg("--data-dir")
+            .arg(&a.data_dir)
+            .arg("--listen")
+            .arg(a.listen.to_string());
+        if let Some(g) = &a.gpus {
+            let s: Vec<String> = g.iter().map(|(m, c)| format!("{m}:{c}")).collect();
+            cmd.arg("--gpus").arg(s.join(","));
+        }
+        use std::os::unix::process::CommandExt;
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0);
+        let child = cmd.spawn()?;
+        let url = format!("http://{}", a.listen);
+        let admin = a.data_dir.join("admin.token");
+        for _ in 0..200 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if let Ok(tok) = std::fs::read_to_string(&admin) {
+                let c = Client::new(&url, tok.trim());
+                if let Ok(nodes) = c.get::<Vec<NodeView>>("/v1/nodes").await {
+                    if !nodes.is_empty() {
+                        println!(
+                            "caravel is up at {url} (pid {}, log {})",
+                            child.id(),
+                            a.data_dir.join("up.log").display()
+                        );
+                        return Ok(0);
+                    }
+                }
+            }
+        }
+        bail!(
+            "the pool did not come up within 20 s; see {}",
+            a.data_dir.join("up.log").display()
+        );
+    }
+    let data_dir = std::path::absolute(&a.data_dir)?;
+    let s = caravel_server::start(caravel_server::ServerConfig::new(
+        data_dir.clone(),
+        a.listen,
+    ))
+    .await?;
+    let url = s.url();
+    let p = client::write_config(&ClientConfig {
+        server: Some(url.clone()),
+        token: Some(s.admin_token.clone()),
+    })?;
+    let agent = caravel_agent::AgentConfig {
+        server: url.clone(),
+        token: s.agent_token.clone(),
+        name: "local".into(),
+        topology: Topology::default(),
+        labels: BTreeMap::new(),
+        cpu_milli: None,
+        memory_bytes: None,
+        gpus: a.gpus.unwrap_or_default(),
+        work_dir: data_dir.join("agent"),
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        advertise: Some("127.0.0.1".into()),
+        use_cgroups: true,
+    };
+    let agent = caravel_agent::start(agent).await?;
+    tokio::spawn(agent.main_loop());
+    println!("caravel is up at {url}");
+    println!(
+        "client config written to {} (admin token inside)",
+        p.display()
+    );
+    println!("try: caravel submit --wait -- echo hello from caravel");
+    tokio::select! {
+        _ = s.wait() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    Ok(0)
+}
+
+fn build_spec(a: &SubmitArgs) -> Result<JobSpec> {
+    let mut spec = match &a.file {
+        Some(f) => {
+            let text =
+                std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+            let mut jf = jobfile::JobFile::parse(&text, &f.display().to_string())?;
+            if !a.command.is_empty() {
+                jf.command = Some(a.command[0].clone());
+                jf.args = a.command[1..].to_vec();
+            }
+            jf.into_spec()?
+        }
+        None => {
+            if a.command.is_empty() {
+                bail!("command: missing; use `caravel submit [flags] -- CMD ARGS...` or `-f job.toml`");
+            }
+            JobSpec::simple(&a.command[0], &[])
+        }
+    };
+    if a.file.is_none() {
+        spec.args = a.command[1..].to_vec();
+    }
+    if let Some(n) = &a.name {
+        spec.name = Some(n.clone());
+    }
+    if let Some(n) = a.tasks {
+        spec.tasks = n;
+    }
+    if let Some(c) = &a.cpus {
+        spec.resources.cpu_milli = parse_cpu_milli(c).map_err(|e| anyhow!("--cpus: {e}"))?;
+    }
+    if let Some(m) = &a.memory {
+        spec.resources.memory_bytes = parse_bytes(m).map_err(|e| anyhow!("--memory: {e}"))?;
+    }
+    if let Some(g) = &a.gpus {
+        spec.resources.gpu = Some(jobfile::gpu_request(g, "--gpus")?);
+    }
+    if let Some(p) = a.priority {
+        spec.priority = match p {
+            PriorityArg::Online => Priority::Online,
+            PriorityArg::Batch => Priority::Batch,
+            PriorityArg::Spot => Priority::Spot,
+        };
+    }
+    if let Some(t) = &a.max_runtime {
+        spec.max_runtime_ms =
+            Some(parse_duration_ms(t).map_err(|e| anyhow!("--max-runtime: {e}"))?);
+    }
+    if let Some(r) = a.max_retries {
+        spec.max_retries = r;
+    }
+    if a.gang {
+        spec.gang = true;
+    }
+    if let Some(g) = &a.kill_grace {
+        spec.kill_grace_ms = Some(parse_duration_ms(g).map_err(|e| anyhow!("--kill-grace: {e}"))?);
+    }
+    for e in &a.env {
+        let (k, v) = e
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--env: `{e}` is not KEY=VALUE"))?;
+        spec.env.insert(k.into(), v.into());
+    }
+    spec.validate().map_err(|e| anyhow!("{e}"))?;
+    Ok(spec)
+}
+
+async fn submit(a: SubmitArgs) -> Result<i32> {
+    let spec = build_spec(&a)?;
+    let c = Client::resolve(a.conn.server.clone(), a.conn.token.clone())?;
+    let path = match &a.tenant {
+        Some(t) => format!("/v1/jobs?tenant={t}"),
+        None => "/v1/jobs".into(),
+    };
+    let r: SubmitResponse = c.post(&path, &spec).await?;
+    if a.output == Output::Json && !a.wait {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(0);
+    }
+    if !a.wait {
+        println!("{}", r.id);
+        return Ok(0);
+    }
+    eprintln!("job {} submitted", r.id);
+    let mut last_state = None;
+    loop {
+        let j: JobDetail = c.get(&format!("/v1/jobs/{}", r.id)).await?;
+        if last_state != Some(j.summary.state) {
+            eprintln!("job {} {}", r.id, j.summary.state.as_str());
+            last_state = Some(j.summary.state);
+        }
+        if j.summary.state.is_terminal() {
+            // Print the first task's output like sbatch --wait users read slurm-N.out.
+            for t in 0..j.summary.tasks.min(8) {
+                if let Ok(resp) = c.get_raw(&format!("/v1/jobs/{}/logs?task={t}", r.id)).await {
+                    let b = resp.bytes().await.unwrap_or_default();
+                    if !b.is_empty() {
+                        if j.summary.tasks > 1 {
+                            println!("--- task {t} ---");
+                        }
+                        print!("{}", String::from_utf8_lossy(&b));
+                    }
+                }
+            }
+            if a.output == Output::Json {
+                println!("{}", serde_json::to_string(&j.summary)?);
+            }
+            eprintln!(
+                "job {} {}: {}",
+                r.id,
+                j.summary.state.as_str(),
+                j.summary.message
+            );
+            return Ok(match j.summary.state {
+                JobState::Succeeded => 0,
+                JobState::Cancelled => 3,
+                _ => j
+                    .task_list
+                    .iter()
+                    .filter_map(|t| t.exit_code)
+                    .find(|c| *c != 0)
+                    .unwrap_or(1)
+                    .clamp(1, 255),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn logs(conn: Conn, id: &str, task: u32, stderr: bool, follow: bool) -> Result<i32> {
+    use std::io::Write;
+    let c = Client::resolve(conn.server, conn.token)?;
+    let id = job_id(id)?;
+    let stream = if stderr { "stderr" } else { "stdout" };
+    let mut offset = 0u64;
+    let mut run: Option<String> = None;
+    loop {
+        let resp = c
+            .get_raw(&format!(
+                "/v1/jobs/{id}/logs?task={task}&stream={stream}&offset={offset}"
+            ))
+            .await?;
+        let h = |k: &str| {
+            resp.headers()
+                .get(k)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let this_run = h("x-caravel-run");
+        if this_run.is_some() && run.is_some() && this_run != run {
+            // A retry started: follow the new run from its beginning.
+            offset = 0;
+            run = this_run;
+            continue;
+        }
+        run = this_run.or(run);
+        let next: u64 = h("x-caravel-next-offset")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(offset);
+        let done = h("x-caravel-done").as_deref() == Some("1");
+        let body = resp.bytes().await?;
+        std::io::stdout().write_all(&body)?;
+        std::io::stdout().flush()?;
+        offset = next;
+        if !follow || (done && body.is_empty()) {
+            return Ok(0);
+        }
+        if body.is_empty() {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+}
+
+fn show_job(j: &JobDetail) {
+    let s = &j.summary;
+    let now = caravel_server::now_ms();
+    println!(
+        "Job:        {}{}",
+        s.id,
+        s.name
+            .as_ref()
+            .map(|n| format!(" ({n})"))
+            .unwrap_or_default()
+    );
+    println!("Tenant:     {}", s.tenant);
+    println!("State:      {}", s.state.as_str());
+    println!("Priority:   {}", s.priority.as_str());
+    println!(
+        "Command:    {} {}",
+        j.spec.command,
+        j.spec
+            .args
+            .iter()
+            .map(|a| shell_quote(a))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let r = &j.spec.resources;
+    println!(
+        "Resources:  {} x (cpu {}, memory {}{}){}",
+        s.tasks,
+        format_cpu(r.cpu_milli),
+        format_bytes(r.memory_bytes),
+        r.gpu
+            .as_ref()
+            .map(|g| format!(", gpu {}:{}", g.model, g.count))
+            .unwrap_or_default(),
+        if s.gang { ", gang" } else { "" }
+    );
+    println!("Submitted:  {} ago", age(now - s.submitted_ms));
+    if !s.message.is_empty() {
+        println!("Message:    {}", s.message);
+    }
+    if !s.pending_reasons.is_empty() {
+        println!("Pending because:");
+        for r in &s.pending_reasons {
+            println!("  [{}] {}", r.code, r.message);
+        }
+    }
+    let mut t = Table::new(&["TASK", "STATE", "ATTEMPTS", "NODE", "EXIT"]);
+    for x in &j.task_list {
+        t.row(vec![
+            x.index.to_string(),
+            x.state.as_str().into(),
+            x.attempts.to_string(),
+            x.node.clone().unwrap_or_else(|| "-".into()),
+            x.exit_code
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    println!("Tasks:");
+    print!("{t}");
+    if !j.runs.is_empty() {
+        let mut t = Table::new(&[
+            "RUN", "TASK", "ATTEMPT", "NODE", "DEVICES", "STATE", "DURATION", "MESSAGE",
+        ]);
+        for r in &j.runs {
+            let dur = match (r.started_ms, r.ended_ms) {
+                (Some(a), Some(b)) => format!("{:.3}s", (b - a) as f64 / 1000.0),
+                (Some(a), None) => format!("{:.1}s", (now - a) as f64 / 1000.0),
+                _ => "-".into(),
+            };
+            t.row(vec![
+                r.id.to_string(),
+                r.index.to_string(),
+                r.attempt.to_string(),
+                r.node.clone(),
+                if r.devices.is_empty() {
+                    "-".into()
+                } else {
+                    r.devices
+                        .iter()
+                        .map(|d| d.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                },
+                r.state.as_str().into(),
+                dur,
+                r.message.clone(),
+            ]);
+        }
+        println!("Runs:");
+        print!("{t}");
+    }
+}
+
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,".contains(c))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}

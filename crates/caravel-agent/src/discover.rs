@@ -1,0 +1,136 @@
+//! What the machine has: CPUs and memory from the kernel, NVIDIA GPUs through NVML when
+//! the driver library is present. No NVML is not an error: the agent then offers the GPUs
+//! declared with `--gpus`, if any.
+
+use caravel_core::Device;
+
+pub fn cpus_milli() -> u64 {
+    std::thread::available_parallelism()
+        .map(|n| n.get() as u64)
+        .unwrap_or(1)
+        * 1000
+}
+
+pub fn memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(1 << 30)
+}
+
+/// Short model name from NVML's device name: "NVIDIA H100 80GB HBM3" -> "H100",
+/// "NVIDIA A100-SXM4-80GB" -> "A100", "Tesla T4" -> "T4", "NVIDIA GeForce RTX 4090" -> "RTX4090".
+pub fn short_model(name: &str) -> String {
+    let words: Vec<&str> = name
+        .split_whitespace()
+        .filter(|w| !matches!(*w, "NVIDIA" | "Tesla" | "GeForce" | "Quadro"))
+        .collect();
+    let Some(first) = words.first() else {
+        return "GPU".into();
+    };
+    let first = first.split('-').next().unwrap_or(first);
+    let model = if matches!(first, "RTX" | "GTX") && words.len() > 1 {
+        format!("{first}{}", words[1])
+    } else {
+        first.to_string()
+    };
+    let clean: String = model
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_' || *c == '.')
+        .take(32)
+        .collect();
+    if clean.is_empty() {
+        "GPU".into()
+    } else {
+        clean
+    }
+}
+
+/// Lists NVIDIA GPUs through NVML, loaded at run time. `Err` says why there are none.
+pub fn nvml_devices() -> Result<Vec<Device>, String> {
+    type Ret = std::os::raw::c_int;
+    type Handle = *mut std::ffi::c_void;
+    // SAFETY: we load NVML by its documented soname and call its documented C functions
+    // with the signatures from nvml.h; every pointer we pass points to valid local storage.
+    unsafe {
+        let lib = libloading::Library::new("libnvidia-ml.so.1")
+            .or_else(|_| libloading::Library::new("libnvidia-ml.so"))
+            .map_err(|e| format!("NVML not available: {e}"))?;
+        let init: libloading::Symbol<unsafe extern "C" fn() -> Ret> =
+            lib.get(b"nvmlInit_v2\0").map_err(|e| e.to_string())?;
+        let count_fn: libloading::Symbol<unsafe extern "C" fn(*mut u32) -> Ret> = lib
+            .get(b"nvmlDeviceGetCount_v2\0")
+            .map_err(|e| e.to_string())?;
+        let handle_fn: libloading::Symbol<unsafe extern "C" fn(u32, *mut Handle) -> Ret> = lib
+            .get(b"nvmlDeviceGetHandleByIndex_v2\0")
+            .map_err(|e| e.to_string())?;
+        let name_fn: libloading::Symbol<
+            unsafe extern "C" fn(Handle, *mut std::os::raw::c_char, u32) -> Ret,
+        > = lib.get(b"nvmlDeviceGetName\0").map_err(|e| e.to_string())?;
+        let shutdown: libloading::Symbol<unsafe extern "C" fn() -> Ret> =
+            lib.get(b"nvmlShutdown\0").map_err(|e| e.to_string())?;
+        let r = init();
+        if r != 0 {
+            return Err(format!("nvmlInit failed with code {r} (no driver?)"));
+        }
+        let mut n = 0u32;
+        let r = count_fn(&mut n);
+        if r != 0 {
+            shutdown();
+            return Err(format!("nvmlDeviceGetCount failed with code {r}"));
+        }
+        let mut out = Vec::new();
+        for i in 0..n {
+            let mut h: Handle = std::ptr::null_mut();
+            if handle_fn(i, &mut h) != 0 {
+                continue;
+            }
+            let mut buf = [0 as std::os::raw::c_char; 96];
+            if name_fn(h, buf.as_mut_ptr(), buf.len() as u32) != 0 {
+                continue;
+            }
+            let name = std::ffi::CStr::from_ptr(buf.as_ptr())
+                .to_string_lossy()
+                .into_owned();
+            out.push(Device {
+                index: i,
+                model: short_model(&name),
+            });
+        }
+        shutdown();
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_names() {
+        assert_eq!(short_model("NVIDIA H100 80GB HBM3"), "H100");
+        assert_eq!(short_model("NVIDIA A100-SXM4-80GB"), "A100");
+        assert_eq!(short_model("Tesla T4"), "T4");
+        assert_eq!(short_model("NVIDIA GeForce RTX 4090"), "RTX4090");
+        assert_eq!(short_model("NVIDIA H200"), "H200");
+        assert_eq!(short_model(""), "GPU");
+    }
+
+    #[test]
+    fn machine_has_cpus_and_memory() {
+        assert!(cpus_milli() >= 1000);
+        assert!(memory_bytes() > 1 << 20);
+    }
+
+    #[test]
+    fn no_nvml_is_not_a_panic() {
+        // On machines without the driver this is Err; with it, a list. Either is fine.
+        let _ = nvml_devices();
+    }
+}

@@ -1,0 +1,737 @@
+//! HTTP handlers. Each parses and authenticates the request into typed values first, then
+//! calls one `Core` operation under the lock, then shapes the answer.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use caravel_core::api::*;
+use caravel_core::*;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::auth::{ct_eq, hash_token, Principal};
+use crate::core::{Core, JobEntry, DEFAULT_TENANT};
+use crate::error::ApiError;
+use crate::{now_ms, Shared};
+
+type Res<T> = Result<T, ApiError>;
+
+/// Parses a JSON body, naming the offending field on error.
+pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Res<T> {
+    if body.is_empty() {
+        return Err(ApiError::new(
+            ErrorCode::MalformedRequest,
+            "request body is empty; expected JSON",
+        ));
+    }
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let field = if path == "." {
+            None
+        } else {
+            Some(path.clone())
+        };
+        let msg = match &field {
+            Some(f) => format!("{f}: {inner}"),
+            None => inner.to_string(),
+        };
+        ApiError {
+            code: ErrorCode::MalformedRequest,
+            message: msg,
+            field,
+        }
+    })
+}
+
+pub fn authenticate(s: &Shared, headers: &HeaderMap) -> Res<Principal> {
+    let h = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::Unauthenticated,
+                "missing `Authorization: Bearer TOKEN` header",
+            )
+        })?;
+    let token = h.strip_prefix("Bearer ").map(str::trim).ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::Unauthenticated,
+            "authorization must be `Bearer TOKEN`",
+        )
+    })?;
+    if ct_eq(token, &s.admin_token) {
+        return Ok(Principal::Admin);
+    }
+    if ct_eq(token, &s.agent_token) {
+        return Ok(Principal::Agent);
+    }
+    let core = s.core.lock().expect("core lock");
+    core.tenant_by_token_hash(&hash_token(token))
+        .map(Principal::Tenant)
+        .ok_or_else(|| ApiError::new(ErrorCode::Unauthenticated, "unknown or revoked token"))
+}
+
+fn require_admin(p: Principal) -> Res<()> {
+    match p {
+        Principal::Admin => Ok(()),
+        _ => Err(ApiError::new(
+            ErrorCode::PermissionDenied,
+            "this needs the admin token",
+        )),
+    }
+}
+
+fn require_agent(p: Principal) -> Res<()> {
+    match p {
+        Principal::Admin | Principal::Agent => Ok(()),
+        _ => Err(ApiError::new(
+            ErrorCode::PermissionDenied,
+            "this needs an agent or admin token",
+        )),
+    }
+}
+
+fn user_only(p: Principal) -> Res<Principal> {
+    match p {
+        Principal::Agent => Err(ApiError::new(
+            ErrorCode::PermissionDenied,
+            "agent tokens may only call /v1/agent",
+        )),
+        p => Ok(p),
+    }
+}
+
+/// Looks up a job the caller may see. Another tenant's job is reported as not found, so
+/// ids do not leak what exists.
+fn visible(core: &Core, p: Principal, id: JobId) -> Res<&JobEntry> {
+    let j = core
+        .jobs
+        .get(&id)
+        .ok_or_else(|| ApiError::not_found(format!("job {id}")))?;
+    match p {
+        Principal::Tenant(t) if j.rec.tenant != t => Err(ApiError::not_found(format!("job {id}"))),
+        _ => Ok(j),
+    }
+}
+
+fn parse_job_id(s: &str) -> Res<JobId> {
+    s.parse::<u64>().map(JobId).map_err(|_| {
+        ApiError::field(
+            ErrorCode::InvalidArgument,
+            "id",
+            format!("`{s}` is not a job id"),
+        )
+    })
+}
+
+pub fn summary(core: &Core, j: &JobEntry) -> JobSummary {
+    JobSummary {
+        id: j.rec.id,
+        tenant: core.tenant_name(j.rec.tenant),
+        name: j.rec.spec.name.clone(),
+        state: j.rec.state,
+        priority: j.rec.spec.priority,
+        tasks: j.rec.spec.tasks,
+        tasks_running: j
+            .tasks
+            .iter()
+            .filter(|t| t.state == TaskState::Running)
+            .count() as u32,
+        tasks_done: j.tasks.iter().filter(|t| t.state.is_terminal()).count() as u32,
+        gang: j.rec.spec.gang,
+        submitted_ms: j.rec.submitted_ms,
+        started_ms: j.rec.started_ms,
+        finished_ms: j.rec.finished_ms,
+        message: j.rec.message.clone(),
+        pending_reasons: j.reasons.clone(),
+    }
+}
+
+fn node_name(core: &Core, id: NodeId) -> String {
+    core.nodes
+        .get(&id)
+        .map(|n| n.node.name.clone())
+        .unwrap_or_else(|| id.to_string())
+}
+
+// ---- jobs ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitQuery {
+    tenant: Option<String>,
+}
+
+pub async fn submit(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(q): Query<SubmitQuery>,
+    body: Bytes,
+) -> Res<Response> {
+    let p = user_only(authenticate(&s, &headers)?)?;
+    let spec: JobSpec = parse_json(&body)?;
+    let mut core = s.core.lock().expect("core lock");
+    let tenant = match p {
+        Principal::Tenant(t) => {
+            if q.tenant
+                .as_deref()
+                .is_some_and(|n| core.tenant_id(n) != Some(t))
+            {
+                return Err(ApiError::field(
+                    ErrorCode::PermissionDenied,
+                    "tenant",
+                    "a tenant token may only submit as its own tenant",
+                ));
+            }
+            t
+        }
+        _ => {
+            let name = q.tenant.as_deref().unwrap_or(DEFAULT_TENANT);
+            core.tenant_id(name).ok_or_else(|| {
+                ApiError::field(
+                    ErrorCode::NotFound,
+                    "tenant",
+                    format!("tenant `{name}` not found"),
+                )
+            })?
+        }
+    };
+    let id = core.submit(tenant, spec, now_ms())?;
+    drop(core);
+    s.metrics.jobs_submitted.inc();
+    s.sched_wake.notify_one();
+    Ok((StatusCode::CREATED, Json(SubmitResponse { id })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    state: Option<String>,
+    tenant: Option<String>,
+    limit: Option<usize>,
+}
+
+pub async fn list_jobs(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> Res<Json<Vec<JobSummary>>> {
+    let p = user_only(authenticate(&s, &headers)?)?;
+    let states: Option<BTreeSet<String>> = match &q.state {
+        None => None,
+        Some(v) => {
+            let set: BTreeSet<String> = v.split(',').map(|x| x.trim().to_string()).collect();
+            for st in &set {
+                if ![
+                    "pending",
+                    "running",
+                    "succeeded",
+                    "failed",
+                    "cancelled",
+                    "active",
+                ]
+                .contains(&st.as_str())
+                {
+                    return Err(ApiError::field(
+                        ErrorCode::InvalidArgument,
+                        "state",
+                        format!("`{st}` is not a job state (pending, running, succeeded, failed, cancelled, active)"),
+                    ));
+                }
+            }
+            Some(set)
+        }
+    };
+    let limit = q.limit.unwrap_or(1000);
+    if limit == 0 || limit > 100_000 {
+        return Err(ApiError::field(
+            ErrorCode::InvalidArgument,
+            "limit",
+            "must be 1 to 100000",
+        ));
+    }
+    let core = s.core.lock().expect("core lock");
+    let tenant_filter = match (p, &q.tenant) {
+        (Principal::Tenant(t), _) => Some(t),
+        (_, Some(n)) => Some(core.tenant_id(n).ok_or_else(|| {
+            ApiError::field(
+                ErrorCode::NotFound,
+                "tenant",
+                format!("tenant `{n}` not found"),
+            )
+        })?),
+        _ => None,
+    };
+    let mut out: Vec<JobSummary> = core
+        .jobs
+        .values()
+        .rev()
+        .filter(|j| tenant_filter.is_none_or(|t| j.rec.tenant == t))
+        .filter(|j| {
+            states.as_ref().is_none_or(|set| {
+                set.contains(j.rec.state.as_str())
+                    || (set.contains("active") && !j.rec.state.is_terminal())
+            })
+        })
+        .take(limit)
+        .map(|j| summary(&core, j))
+        .collect();
+    out.reverse();
+    Ok(Json(out))
+}
+
+pub async fn get_job(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Res<Json<JobDetail>> {
+    let p = user_only(authenticate(&s, &headers)?)?;
+    let id = parse_job_id(&id)?;
+    let mut core = s.core.lock().expect("core lock");
+    visible(&core, p, id)?;
+    let runs = core.store().runs_of_job(id)?;
+    let j = visible(&core, p, id)?;
+    let runs: Vec<RunView> = runs
+        .into_iter()
+        .map(|r| {
+            // Active runs are fresher in memory than in the store.
+            let r = core.runs.get(&r.id).cloned().unwrap_or(r);
+            RunView {
+                id: r.id,
+                index: r.index,
+                attempt: r.attempt,
+                node: node_name(&core, r.node),
+                devices: r.devices,
+                state: r.state,
+                assigned_ms: r.assigned_ms,
+                started_ms: r.started_ms,
+                ended_ms: r.ended_ms,
+                exit_code: r.exit_code,
+                signal: r.signal,
+                message: r.message,
+            }
+        })
+        .collect();
+    let task_list = j
+        .tasks
+        .iter()
+        .map(|t| TaskView {
+            index: t.index,
+            state: t.state,
+            attempts: t.attempts,
+            retries_used: t.retries_used,
+            exit_code: t.exit_code,
+            run: t.current_run,
+            node: t
+                .current_run
+                .and_then(|r| runs.iter().find(|x| x.id == r))
+                .map(|r| r.node.clone()),
+        })
+        .collect();
+    Ok(Json(JobDetail {
+        summary: summary(&core, j),
+        spec: j.rec.spec.clone(),
+        task_list,
+        runs,
+    }))
+}
+
+pub async fn cancel_job(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Res<Json<JobSummary>> {
+    let p = user_only(authenticate(&s, &headers)?)?;
+    let id = parse_job_id(&id)?;
+    let mut core = s.core.lock().expect("core lock");
+    visible(&core, p, id)?;
+    core.cancel(id, now_ms())?;
+    let j = visible(&core, p, id)?;
+    let out = summary(&core, j);
+    drop(core);
+    s.sched_wake.notify_one();
+    Ok(Json(out))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogQuery {
+    task: Option<u32>,
+    stream: Option<String>,
+    offset: Option<u64>,
+    run: Option<u64>,
+}
+
+pub async fn job_logs(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> Res<Response> {
+    let p = user_only(authenticate(&s, &headers)?)?;
+    let id = parse_job_id(&id)?;
+    let stream = q.stream.unwrap_or_else(|| "stdout".into());
+    if stream != "stdout" && stream != "stderr" {
+        return Err(ApiError::field(
+            ErrorCode::InvalidArgument,
+            "stream",
+            "must be stdout or stderr",
+        ));
+    }
+    let task = q.task.unwrap_or(0);
+    let (url, secret, run, done) = {
+        let mut core = s.core.lock().expect("core lock");
+        let ntasks = visible(&core, p, id)?.rec.spec.tasks;
+        let runs = core.store().runs_of_job(id)?;
+        let j = visible(&core, p, id)?;
+        if task >= ntasks {
+            return Err(ApiError::field(
+                ErrorCode::InvalidArgument,
+                "task",
+                format!("job {id} has tasks 0 to {}", j.rec.spec.tasks - 1),
+            ));
+        }
+        let current = j.tasks[task as usize].current_run;
+        let run = match q.run {
+            Some(r) => runs
+                .iter()
+                .find(|x| x.id.0 == r && x.index == task)
+                .cloned()
+                .ok_or_else(|| {
+                    ApiError::field(
+                        ErrorCode::NotFound,
+                        "run",
+                        format!("run {r} of task {task} not found"),
+                    )
+                })?,
+            None => match current.and_then(|c| runs.iter().find(|x| x.id == c)) {
+                Some(r) => r.clone(),
+                None => match runs.iter().rev().find(|x| x.index == task) {
+                    Some(r) => r.clone(),
+                    None => {
+                        // Not started yet: empty log, not an error, so `--follow` can wait.
+                        let mut resp = Response::new(axum::body::Body::empty());
+                        resp.headers_mut()
+                            .insert("x-caravel-next-offset", HeaderValue::from(0u64));
+                        resp.headers_mut().insert(
+                            "x-caravel-done",
+                            HeaderValue::from_static(if j.rec.state.is_terminal() {
+                                "1"
+                            } else {
+                                "0"
+                            }),
+                        );
+                        return Ok(resp);
+                    }
+                },
+            },
+        };
+        let run = core.runs.get(&run.id).cloned().unwrap_or(run);
+        let node = core
+            .nodes
+            .get(&run.node)
+            .ok_or_else(|| ApiError::new(ErrorCode::Unavailable, "the task's node is gone"))?;
+        let done = run.state.is_terminal() && j.tasks[task as usize].state != TaskState::Pending
+            || j.rec.state.is_terminal();
+        (
+            node.node.agent_url.clone(),
+            node.node.agent_secret.clone(),
+            run.id,
+            done,
+        )
+    };
+    let resp = s
+        .http
+        .get(format!(
+            "{url}/runs/{run}/{stream}?offset={}",
+            q.offset.unwrap_or(0)
+        ))
+        .bearer_auth(secret)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                ErrorCode::Unavailable,
+                format!("cannot reach the node's agent: {e}"),
+            )
+        })?;
+    if !resp.status().is_success() {
+        return Err(ApiError::new(
+            ErrorCode::Unavailable,
+            format!("the node's agent answered {} for run {run}", resp.status()),
+        ));
+    }
+    let next = resp.headers().get("x-caravel-next-offset").cloned();
+    let body = resp
+        .bytes()
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::Unavailable, format!("reading logs: {e}")))?;
+    let mut out = Response::new(axum::body::Body::from(body));
+    out.headers_mut().insert(
+        "content-type",
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    if let Some(n) = next {
+        out.headers_mut().insert("x-caravel-next-offset", n);
+    }
+    out.headers_mut()
+        .insert("x-caravel-run", HeaderValue::from(run.0));
+    out.headers_mut().insert(
+        "x-caravel-done",
+        HeaderValue::from_static(if done { "1" } else { "0" }),
+    );
+    Ok(out)
+}
+
+// ---- nodes, tenants, usage ----
+
+pub async fn list_nodes(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+) -> Res<Json<Vec<NodeView>>> {
+    user_only(authenticate(&s, &headers)?)?;
+    let core = s.core.lock().expect("core lock");
+    Ok(Json(
+        core.nodes
+            .values()
+            .map(|e| NodeView {
+                id: e.node.id,
+                name: e.node.name.clone(),
+                state: e.node.state,
+                address: e.node.address.clone(),
+                topology: e.node.topology.clone(),
+                labels: e.node.labels.clone(),
+                capacity: e.node.capacity.clone(),
+                allocated_cpu_milli: e.alloc.cpu_milli,
+                allocated_memory_bytes: e.alloc.memory_bytes,
+                allocated_devices: e.alloc.devices.iter().copied().collect(),
+                running_tasks: e.alloc.runs.len() as u32,
+                last_seen_ms: e.node.last_seen_ms,
+            })
+            .collect(),
+    ))
+}
+
+fn tenant_view(t: &Tenant) -> TenantView {
+    TenantView {
+        id: t.id,
+        name: t.name.clone(),
+        weight: t.weight,
+        quota: t.quota.clone(),
+        created_ms: t.created_ms,
+    }
+}
+
+pub async fn create_tenant(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Res<Response> {
+    require_admin(authenticate(&s, &headers)?)?;
+    let req: CreateTenantRequest = parse_json(&body)?;
+    let mut core = s.core.lock().expect("core lock");
+    let (t, token) = core.create_tenant(&req.name, req.weight, req.quota, now_ms())?;
+    Ok((
+        StatusCode::CREATED,
+        Json(CreateTenantResponse {
+            tenant: tenant_view(&t),
+            token,
+        }),
+    )
+        .into_response())
+}
+
+pub async fn list_tenants(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+) -> Res<Json<Vec<TenantView>>> {
+    let p = user_only(authenticate(&s, &headers)?)?;
+    let core = s.core.lock().expect("core lock");
+    Ok(Json(
+        core.tenants
+            .values()
+            .filter(|t| match p {
+                Principal::Tenant(me) => t.id == me,
+                _ => true,
+            })
+            .map(tenant_view)
+            .collect(),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageQuery {
+    tenant: Option<String>,
+    job: Option<u64>,
+}
+
+pub async fn usage(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(q): Query<UsageQuery>,
+) -> Res<Json<UsageResponse>> {
+    let p = user_only(authenticate(&s, &headers)?)?;
+    let mut core = s.core.lock().expect("core lock");
+    let tenant = match (p, &q.tenant) {
+        (Principal::Tenant(t), _) => Some(t),
+        (_, Some(n)) => Some(core.tenant_id(n).ok_or_else(|| {
+            ApiError::field(
+                ErrorCode::NotFound,
+                "tenant",
+                format!("tenant `{n}` not found"),
+            )
+        })?),
+        _ => None,
+    };
+    if let Some(j) = q.job {
+        visible(&core, p, JobId(j))?;
+    }
+    let recs = core.store().usage(&caravel_store::UsageFilter {
+        tenant,
+        job: q.job.map(JobId),
+    })?;
+    let mut by_tenant: std::collections::BTreeMap<TenantId, UsageTotals> = Default::default();
+    let mut by_job: std::collections::BTreeMap<JobId, UsageTotals> = Default::default();
+    for u in &recs {
+        for t in [
+            by_tenant.entry(u.tenant).or_insert_with(|| UsageTotals {
+                tenant: core.tenant_name(u.tenant),
+                ..Default::default()
+            }),
+            by_job.entry(u.job).or_insert_with(|| UsageTotals {
+                tenant: core.tenant_name(u.tenant),
+                job: Some(u.job),
+                ..Default::default()
+            }),
+        ] {
+            t.runs += 1;
+            t.wall_ms += u.duration_ms();
+            t.cpu_milli_ms += u.cpu_milli_ms();
+            t.memory_byte_ms += u.memory_byte_ms();
+            if let Some(m) = &u.gpu_model {
+                *t.gpu_ms.entry(m.clone()).or_insert(0) += u.gpu_ms();
+            }
+        }
+    }
+    Ok(Json(UsageResponse {
+        by_tenant: by_tenant.into_values().collect(),
+        by_job: by_job.into_values().collect(),
+    }))
+}
+
+pub async fn whoami(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+) -> Res<Json<serde_json::Value>> {
+    let p = authenticate(&s, &headers)?;
+    let core = s.core.lock().expect("core lock");
+    Ok(Json(match p {
+        Principal::Admin => serde_json::json!({"role": "admin"}),
+        Principal::Agent => serde_json::json!({"role": "agent"}),
+        Principal::Tenant(t) => {
+            serde_json::json!({"role": "tenant", "tenant": core.tenant_name(t)})
+        }
+    }))
+}
+
+// ---- agent protocol ----
+
+pub async fn agent_register(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Res<Json<RegisterResponse>> {
+    require_agent(authenticate(&s, &headers)?)?;
+    let req: RegisterRequest = parse_json(&body)?;
+    let name = req.name.clone();
+    let id = s.core.lock().expect("core lock").register(req, now_ms())?;
+    tracing::info!(node = %name, id = %id, "node registered");
+    s.sched_wake.notify_one();
+    Ok(Json(RegisterResponse {
+        node_id: id,
+        heartbeat_ms: s.cfg.heartbeat_ms,
+    }))
+}
+
+pub async fn agent_sync(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Res<Json<SyncResponse>> {
+    require_agent(authenticate(&s, &headers)?)?;
+    let req: SyncRequest = parse_json(&body)?;
+    let mut rx = {
+        let mut core = s.core.lock().expect("core lock");
+        core.heartbeat(req.node_id, &req.instance, now_ms())?;
+        let (version, desired) = core.desired(req.node_id);
+        if version != req.known_version || req.wait_ms == 0 {
+            return Ok(Json(SyncResponse { version, desired }));
+        }
+        core.nodes[&req.node_id].version.subscribe()
+    };
+    // Hold the request until this node's desired runs change, or the wait runs out (which
+    // also paces heartbeats).
+    let wait = Duration::from_millis(req.wait_ms.min(s.cfg.heartbeat_ms.max(100)));
+    let _ = tokio::time::timeout(wait, rx.changed()).await;
+    let mut core = s.core.lock().expect("core lock");
+    core.heartbeat(req.node_id, &req.instance, now_ms())?;
+    let (version, desired) = core.desired(req.node_id);
+    Ok(Json(SyncResponse { version, desired }))
+}
+
+pub async fn agent_events(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Res<StatusCode> {
+    require_agent(authenticate(&s, &headers)?)?;
+    let req: EventsRequest = parse_json(&body)?;
+    {
+        let mut core = s.core.lock().expect("core lock");
+        if !core.nodes.contains_key(&req.node_id) {
+            return Err(ApiError::not_found(format!("node {}", req.node_id)));
+        }
+        for ev in req.events {
+            core.apply_event(req.node_id, ev, now_ms())?;
+        }
+    }
+    s.sched_wake.notify_one();
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn metrics(State(s): State<Arc<Shared>>) -> Response {
+    crate::refresh_gauges(&s);
+    (
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
+        .into_response()
+}
+
+pub async fn openapi() -> Json<serde_json::Value> {
+    Json(crate::openapi::document())
+}
+
+pub async fn healthz() -> &'static str {
+    "ok"
+}
+
+pub async fn fallback() -> ApiError {
+    ApiError::new(
+        ErrorCode::NotFound,
+        "no such endpoint; see /v1/openapi.json",
+    )
+}

@@ -1,0 +1,1131 @@
+//! The control plane's state machine. Every operation takes the current time as an
+//! argument, computes the mutations it implies, commits them to the store in one batch and
+//! only then updates memory, so memory never runs ahead of what is durable.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use caravel_core::api::{Assignment, RegisterRequest, RunEvent};
+use caravel_core::*;
+use caravel_sched::{JobReq, NodeSnap, TenantSnap};
+use caravel_store::{Mutation, Store};
+
+use crate::error::ApiError;
+
+pub const DEFAULT_TENANT: &str = "default";
+
+#[derive(Debug, Clone, Default)]
+pub struct NodeAlloc {
+    pub cpu_milli: u64,
+    pub memory_bytes: u64,
+    pub devices: BTreeSet<u32>,
+    pub runs: BTreeSet<RunId>,
+}
+
+pub struct NodeEntry {
+    pub node: Node,
+    pub alloc: NodeAlloc,
+    /// Bumped whenever this node's desired runs change; agents long-poll on it.
+    pub version: tokio::sync::watch::Sender<u64>,
+}
+
+pub struct JobEntry {
+    pub rec: JobRecord,
+    pub tasks: Vec<TaskRecord>,
+    pub reasons: Vec<PendingReason>,
+    pub active_runs: BTreeSet<RunId>,
+}
+
+/// Outcome counters of one scheduling cycle.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CycleStats {
+    pub considered_jobs: usize,
+    pub placed: usize,
+}
+
+pub struct Core {
+    store: Box<dyn Store>,
+    pub tenants: BTreeMap<TenantId, Tenant>,
+    tenant_by_name: HashMap<String, TenantId>,
+    tenant_by_token: HashMap<String, TenantId>,
+    tenant_used: HashMap<TenantId, ResourceSum>,
+    pub nodes: BTreeMap<NodeId, NodeEntry>,
+    node_by_name: HashMap<String, NodeId>,
+    pub jobs: BTreeMap<JobId, JobEntry>,
+    /// Runs that are not terminal.
+    pub runs: BTreeMap<RunId, RunRecord>,
+    /// Jobs that have tasks waiting for placement.
+    pending: BTreeSet<JobId>,
+    next_job: u64,
+    next_run: u64,
+    next_seq: u64,
+    next_node: u64,
+    next_tenant: u64,
+    pub sched_cfg: caravel_sched::Config,
+}
+
+fn job_port(job: JobId) -> u16 {
+    // Deterministic per job so every gang member agrees without a round trip.
+    29500 + (job.0 % 20000) as u16
+}
+
+impl Core {
+    /// Rebuilds memory from the store. Nodes get a fresh `last_seen` so that agents that
+    /// kept running while the server was down have one lost-timeout to check back in and
+    /// have their runs re-adopted.
+    pub fn load(mut store: Box<dyn Store>, now: Millis) -> Result<Core, ApiError> {
+        let snap = store.load()?;
+        let mut core = Core {
+            store,
+            tenants: BTreeMap::new(),
+            tenant_by_name: HashMap::new(),
+            tenant_by_token: HashMap::new(),
+            tenant_used: HashMap::new(),
+            nodes: BTreeMap::new(),
+            node_by_name: HashMap::new(),
+            jobs: BTreeMap::new(),
+            runs: BTreeMap::new(),
+            pending: BTreeSet::new(),
+            next_job: 1,
+            next_run: snap.max_run_id + 1,
+            next_seq: 1,
+            next_node: 1,
+            next_tenant: 1,
+            sched_cfg: Default::default(),
+        };
+        for (t, h) in snap.tenants {
+            core.next_tenant = core.next_tenant.max(t.id.0 + 1);
+            core.tenant_by_name.insert(t.name.clone(), t.id);
+            core.tenant_by_token.insert(h, t.id);
+            core.tenants.insert(t.id, t);
+        }
+        for mut n in snap.nodes {
+            core.next_node = core.next_node.max(n.id.0 + 1);
+            if n.state == NodeState::Ready {
+                n.last_seen_ms = n.last_seen_ms.max(now);
+            }
+            core.node_by_name.insert(n.name.clone(), n.id);
+            core.nodes.insert(
+                n.id,
+                NodeEntry {
+                    node: n,
+                    alloc: NodeAlloc::default(),
+                    version: tokio::sync::watch::Sender::new(1),
+                },
+            );
+        }
+        for j in snap.jobs {
+            core.next_job = core.next_job.max(j.id.0 + 1);
+            core.next_seq = core.next_seq.max(j.seq + 1);
+            core.jobs.insert(
+                j.id,
+                JobEntry {
+                    rec: j,
+                    tasks: Vec::new(),
+                    reasons: Vec::new(),
+                    active_runs: BTreeSet::new(),
+                },
+            );
+        }
+        for t in snap.tasks {
+            if let Some(j) = core.jobs.get_mut(&t.job) {
+                j.tasks.push(t);
+            }
+        }
+        for r in snap.active_runs {
+            core.take_alloc(&r);
+            if let Some(j) = core.jobs.get_mut(&r.job) {
+                j.active_runs.insert(r.id);
+            }
+            core.runs.insert(r.id, r);
+        }
+        let ids: Vec<JobId> = core.jobs.keys().copied().collect();
+        for id in ids {
+            core.refresh_pending(id);
+        }
+        Ok(core)
+    }
+
+    fn commit(&mut self, batch: &[Mutation]) -> Result<(), ApiError> {
+        self.store.apply(batch).map_err(ApiError::from)
+    }
+
+    pub fn store(&mut self) -> &mut dyn Store {
+        self.store.as_mut()
+    }
+
+    // ---- tenants ----
+
+    pub fn ensure_default_tenant(&mut self, now: Millis) -> Result<(), ApiError> {
+        if !self.tenant_by_name.contains_key(DEFAULT_TENANT) {
+            // Its token is never shown: the admin acts for it.
+            self.create_tenant(DEFAULT_TENANT, 1.0, Quota::default(), now)?;
+        }
+        Ok(())
+    }
+
+    pub fn create_tenant(
+        &mut self,
+        name: &str,
+        weight: f64,
+        quota: Quota,
+        now: Millis,
+    ) -> Result<(Tenant, String), ApiError> {
+        validate_name("name", name)?;
+        if !(weight.is_finite() && weight > 0.0 && weight <= 1e6) {
+            return Err(ValidationError::new(
+                "weight",
+                "must be a number above 0 and at most 1000000",
+            )
+            .into());
+        }
+        for m in quota.gpus.keys() {
+            validate_model(m).map_err(|r| ValidationError::new(format!("quota.gpus.{m}"), r))?;
+        }
+        if self.tenant_by_name.contains_key(name) {
+            return Err(ApiError::field(
+                ErrorCode::Conflict,
+                "name",
+                format!("tenant `{name}` already exists"),
+            ));
+        }
+        let token = crate::auth::new_token("cvt");
+        let hash = crate::auth::hash_token(&token);
+        let t = Tenant {
+            id: TenantId(self.next_tenant),
+            name: name.to_string(),
+            weight,
+            quota,
+            created_ms: now,
+        };
+        self.commit(&[Mutation::PutTenant {
+            tenant: t.clone(),
+            token_hash: hash.clone(),
+        }])?;
+        self.next_tenant += 1;
+        self.tenant_by_name.insert(t.name.clone(), t.id);
+        self.tenant_by_token.insert(hash, t.id);
+        self.tenants.insert(t.id, t.clone());
+        Ok((t, token))
+    }
+
+    pub fn tenant_by_token_hash(&self, h: &str) -> Option<TenantId> {
+        self.tenant_by_token.get(h).copied()
+    }
+
+    pub fn tenant_id(&self, name: &str) -> Option<TenantId> {
+        self.tenant_by_name.get(name).copied()
+    }
+
+    pub fn tenant_name(&self, id: TenantId) -> String {
+        self.tenants
+            .get(&id)
+            .map(|t| t.name.clone())
+            .unwrap_or_else(|| id.to_string())
+    }
+
+    // ---- jobs ----
+
+    pub fn submit(
+        &mut self,
+        tenant: TenantId,
+        spec: JobSpec,
+        now: Millis,
+    ) -> Result<JobId, ApiError> {
+        spec.validate()?;
+        let t = self
+            .tenants
+            .get(&tenant)
+            .ok_or_else(|| ApiError::not_found("tenant"))?;
+        if !self.nodes.is_empty() {
+            let caps: Vec<Capacity> = self
+                .nodes
+                .values()
+                .map(|n| n.node.capacity.clone())
+                .collect();
+            if let Some(g) = &spec.resources.gpu {
+                if !caps.iter().any(|c| c.gpu_count(&g.model) > 0) {
+                    let mut offered: BTreeSet<String> = BTreeSet::new();
+                    for c in &caps {
+                        offered.extend(c.gpu_models().into_keys());
+                    }
+                    let offered: Vec<String> = offered.into_iter().collect();
+                    return Err(ApiError::field(
+                        ErrorCode::Unschedulable,
+                        "resources.gpu.model",
+                        format!(
+                            "no node offers gpu model `{}` (offered: {})",
+                            g.model,
+                            if offered.is_empty() {
+                                "none".to_string()
+                            } else {
+                                offered.join(", ")
+                            }
+                        ),
+                    ));
+                }
+            }
+            if !caravel_sched::fits_when_empty(&caps, &spec.resources) {
+                return Err(ApiError::field(
+                    ErrorCode::Unschedulable,
+                    "resources",
+                    "no node in the pool is large enough for one task of this job",
+                ));
+            }
+        }
+        let all_at_once = if spec.gang { spec.tasks as u64 } else { 1 };
+        if let Err(e) = t
+            .quota
+            .check(&ResourceSum::default(), &spec.resources, all_at_once)
+        {
+            return Err(ApiError::field(
+                ErrorCode::ExceedsQuota,
+                "resources",
+                format!(
+                    "tenant `{}` may hold at most {} of {}, this job needs {} at once",
+                    t.name, e.limit, e.resource, e.asked
+                ),
+            ));
+        }
+        let id = JobId(self.next_job);
+        let rec = JobRecord {
+            id,
+            tenant,
+            state: JobState::Pending,
+            seq: self.next_seq,
+            submitted_ms: now,
+            started_ms: None,
+            finished_ms: None,
+            message: String::new(),
+            gang_abort: None,
+            cancel_requested: false,
+            spec,
+        };
+        let tasks: Vec<TaskRecord> = (0..rec.spec.tasks)
+            .map(|i| TaskRecord {
+                job: id,
+                index: i,
+                state: TaskState::Pending,
+                attempts: 0,
+                retries_used: 0,
+                current_run: None,
+                exit_code: None,
+            })
+            .collect();
+        let mut batch = vec![Mutation::PutJob(rec.clone())];
+        batch.extend(tasks.iter().cloned().map(Mutation::PutTask));
+        self.commit(&batch)?;
+        self.next_job += 1;
+        self.next_seq += 1;
+        self.jobs.insert(
+            id,
+            JobEntry {
+                rec,
+                tasks,
+                reasons: Vec::new(),
+                active_runs: BTreeSet::new(),
+            },
+        );
+        self.pending.insert(id);
+        Ok(id)
+    }
+
+    pub fn cancel(&mut self, id: JobId, now: Millis) -> Result<(), ApiError> {
+        let j = self
+            .jobs
+            .get(&id)
+            .ok_or_else(|| ApiError::not_found(format!("job {id}")))?;
+        if j.rec.state.is_terminal() {
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!("job {id} already {}", j.rec.state.as_str()),
+            ));
+        }
+        let mut batch = Vec::new();
+        let mut touched_nodes = BTreeSet::new();
+        let mut finish_unstarted = Vec::new();
+        {
+            let j = self.jobs.get_mut(&id).expect("checked");
+            j.rec.cancel_requested = true;
+            for t in j.tasks.iter_mut() {
+                if t.state == TaskState::Pending {
+                    t.state = TaskState::Cancelled;
+                    batch.push(Mutation::PutTask(t.clone()));
+                }
+            }
+            for rid in &j.active_runs {
+                let r = self.runs.get_mut(rid).expect("active run indexed");
+                if r.state == RunState::Assigned {
+                    finish_unstarted.push(*rid);
+                } else if r.stop.is_none() {
+                    r.stop = Some(StopReason::Cancel);
+                    batch.push(Mutation::PutRun(r.clone()));
+                    touched_nodes.insert(r.node);
+                }
+            }
+            batch.push(Mutation::PutJob(j.rec.clone()));
+        }
+        self.commit(&batch)?;
+        self.pending.remove(&id);
+        for n in touched_nodes {
+            self.bump(n);
+        }
+        for rid in finish_unstarted {
+            // Never started as far as we know; a late exit report still meters it.
+            self.finish_run(
+                rid,
+                RunState::Killed,
+                now,
+                None,
+                None,
+                "cancelled before start".into(),
+                None,
+            )?;
+        }
+        self.settle_job(id, now)?;
+        Ok(())
+    }
+
+    /// Recomputes the job's own state from its tasks and persists it when it changed.
+    fn settle_job(&mut self, id: JobId, now: Millis) -> Result<(), ApiError> {
+        let Some(j) = self.jobs.get_mut(&id) else {
+            return Ok(());
+        };
+        if j.rec.state.is_terminal() {
+            return Ok(());
+        }
+        let mut batch = Vec::new();
+        // A gang that lost a member restarts whole once every member has stopped.
+        if j.rec.spec.gang && j.rec.gang_abort.is_some() && j.active_runs.is_empty() {
+            let why = j.rec.gang_abort.take().unwrap_or_default();
+            let used = j.tasks.iter().map(|t| t.retries_used).max().unwrap_or(0);
+            let retryable = !why.contains("max runtime");
+            if !j.rec.cancel_requested && retryable && used < j.rec.spec.max_retries {
+                for t in j.tasks.iter_mut() {
+                    t.state = TaskState::Pending;
+                    t.retries_used = used + 1;
+                    t.current_run = None;
+                    batch.push(Mutation::PutTask(t.clone()));
+                }
+                j.rec.message = format!(
+                    "gang restarted (retry {} of {}): {why}",
+                    used + 1,
+                    j.rec.spec.max_retries
+                );
+            } else {
+                for t in j.tasks.iter_mut() {
+                    if !t.state.is_terminal() {
+                        t.state = if j.rec.cancel_requested {
+                            TaskState::Cancelled
+                        } else {
+                            TaskState::Failed
+                        };
+                        batch.push(Mutation::PutTask(t.clone()));
+                    }
+                }
+                j.rec.message = why;
+            }
+        }
+        let all_done = j.tasks.iter().all(|t| t.state.is_terminal());
+        let new_state = if all_done {
+            if j.rec.cancel_requested {
+                JobState::Cancelled
+            } else if j.tasks.iter().all(|t| t.state == TaskState::Succeeded) {
+                JobState::Succeeded
+            } else {
+                JobState::Failed
+            }
+        } else if !j.active_runs.is_empty() {
+            JobState::Running
+        } else {
+            JobState::Pending
+        };
+        if new_state != j.rec.state || !batch.is_empty() {
+            j.rec.state = new_state;
+            if new_state.is_terminal() {
+                j.rec.finished_ms = Some(now);
+                if j.rec.message.is_empty() {
+                    j.rec.message = match new_state {
+                        JobState::Succeeded => "all tasks succeeded".into(),
+                        JobState::Cancelled => "cancelled".into(),
+                        _ => {
+                            let failed = j
+                                .tasks
+                                .iter()
+                                .filter(|t| t.state == TaskState::Failed)
+                                .count();
+                            format!("{failed} of {} tasks failed", j.tasks.len())
+                        }
+                    };
+                }
+            }
+            batch.push(Mutation::PutJob(j.rec.clone()));
+            self.commit(&batch)?;
+        }
+        self.refresh_pending(id);
+        Ok(())
+    }
+
+    fn refresh_pending(&mut self, id: JobId) {
+        let Some(j) = self.jobs.get(&id) else { return };
+        let waiting = !j.rec.state.is_terminal()
+            && !j.rec.cancel_requested
+            && j.tasks.iter().any(|t| t.state == TaskState::Pending);
+        if waiting {
+            self.pending.insert(id);
+        } else {
+            self.pending.remove(&id);
+            if let Some(j) = self.jobs.get_mut(&id) {
+                j.reasons.clear();
+            }
+        }
+    }
+
+    pub fn pending_tasks(&self) -> usize {
+        self.pending
+            .iter()
+            .filter_map(|id| self.jobs.get(id))
+            .map(|j| {
+                j.tasks
+                    .iter()
+                    .filter(|t| t.state == TaskState::Pending)
+                    .count()
+            })
+            .sum()
+    }
+
+    // ---- scheduling ----
+
+    /// Runs one cycle of the pure scheduler over the current state and commits the plan.
+    pub fn schedule(&mut self, now: Millis) -> Result<CycleStats, ApiError> {
+        if self.pending.is_empty() {
+            return Ok(CycleStats::default());
+        }
+        let mut snaps: Vec<NodeSnap> = self
+            .nodes
+            .values()
+            .map(|e| NodeSnap {
+                id: e.node.id,
+                ready: e.node.state == NodeState::Ready,
+                capacity: e.node.capacity.clone(),
+                used_cpu_milli: e.alloc.cpu_milli,
+                used_memory_bytes: e.alloc.memory_bytes,
+                used_devices: e.alloc.devices.clone(),
+            })
+            .collect();
+        let mut tenants: HashMap<TenantId, TenantSnap> = self
+            .tenants
+            .values()
+            .map(|t| {
+                (
+                    t.id,
+                    TenantSnap {
+                        quota: t.quota.clone(),
+                        used: self.tenant_used.get(&t.id).cloned().unwrap_or_default(),
+                    },
+                )
+            })
+            .collect();
+        let mut reqs = Vec::with_capacity(self.pending.len());
+        for id in &self.pending {
+            let j = &self.jobs[id];
+            // A gang waits until every member of a previous attempt has stopped.
+            if j.rec.spec.gang && !j.active_runs.is_empty() {
+                continue;
+            }
+            reqs.push(JobReq {
+                id: *id,
+                tenant: j.rec.tenant,
+                priority: j.rec.spec.priority,
+                seq: j.rec.seq,
+                resources: j.rec.spec.resources.clone(),
+                gang: j.rec.spec.gang,
+                pending: j
+                    .tasks
+                    .iter()
+                    .filter(|t| t.state == TaskState::Pending)
+                    .map(|t| t.index)
+                    .collect(),
+            });
+        }
+        let plan = caravel_sched::schedule(&self.sched_cfg, &mut snaps, &mut tenants, &reqs);
+        let stats = CycleStats {
+            considered_jobs: reqs.len(),
+            placed: plan.placements.len(),
+        };
+        for (id, reasons) in plan.pending {
+            if let Some(j) = self.jobs.get_mut(&id) {
+                j.reasons = reasons;
+            }
+        }
+        if plan.placements.is_empty() {
+            return Ok(stats);
+        }
+
+        // Build runs; gang members learn their local rank and rank 0's address.
+        let mut per_job_node: HashMap<(JobId, NodeId), u32> = HashMap::new();
+        for p in &plan.placements {
+            *per_job_node.entry((p.job, p.node)).or_insert(0) += 1;
+        }
+        let mut seen_job_node: HashMap<(JobId, NodeId), u32> = HashMap::new();
+        let mut master: HashMap<JobId, String> = HashMap::new();
+        for p in &plan.placements {
+            if p.index == 0 {
+                master.insert(p.job, self.nodes[&p.node].node.address.clone());
+            }
+        }
+        let mut new_runs = Vec::with_capacity(plan.placements.len());
+        let mut batch = Vec::with_capacity(plan.placements.len() * 3);
+        let mut touched_jobs = BTreeSet::new();
+        let mut next_run = self.next_run;
+        for p in &plan.placements {
+            let j = self.jobs.get_mut(&p.job).expect("planned job exists");
+            let lr = seen_job_node.entry((p.job, p.node)).or_insert(0);
+            let local_rank = *lr;
+            *lr += 1;
+            let t = &mut j.tasks[p.index as usize];
+            t.attempts += 1;
+            t.state = TaskState::Assigned;
+            let run = RunRecord {
+                id: RunId(next_run),
+                job: p.job,
+                tenant: j.rec.tenant,
+                index: p.index,
+                attempt: t.attempts,
+                node: p.node,
+                devices: p.devices.clone(),
+                gpu_model: j.rec.spec.resources.gpu.as_ref().map(|g| g.model.clone()),
+                local_rank,
+                local_world_size: per_job_node[&(p.job, p.node)],
+                master_addr: if j.rec.spec.gang {
+                    master.get(&p.job).cloned()
+                } else {
+                    None
+                },
+                master_port: if j.rec.spec.gang {
+                    Some(job_port(p.job))
+                } else {
+                    None
+                },
+                state: RunState::Assigned,
+                stop: None,
+                assigned_ms: now,
+                started_ms: None,
+                ended_ms: None,
+                exit_code: None,
+                signal: None,
+                message: String::new(),
+            };
+            next_run += 1;
+            t.current_run = Some(run.id);
+            batch.push(Mutation::PutTask(t.clone()));
+            batch.push(Mutation::PutRun(run.clone()));
+            if j.rec.state == JobState::Pending {
+                j.rec.state = JobState::Running;
+                touched_jobs.insert(p.job);
+            }
+            new_runs.push(run);
+        }
+        for id in &touched_jobs {
+            batch.push(Mutation::PutJob(self.jobs[id].rec.clone()));
+        }
+        if let Err(e) = self.commit(&batch) {
+            // Memory must not run ahead of the store: reload is the only safe undo.
+            tracing::error!(error = %e, "committing a plan failed; state will be reloaded");
+            return Err(e);
+        }
+        self.next_run = next_run;
+        let mut nodes_touched = BTreeSet::new();
+        for r in new_runs {
+            self.take_alloc(&r);
+            nodes_touched.insert(r.node);
+            let j = self.jobs.get_mut(&r.job).expect("exists");
+            j.active_runs.insert(r.id);
+            self.runs.insert(r.id, r);
+        }
+        for n in nodes_touched {
+            self.bump(n);
+        }
+        let jobs: BTreeSet<JobId> = plan.placements.iter().map(|p| p.job).collect();
+        for id in jobs {
+            self.refresh_pending(id);
+        }
+        Ok(stats)
+    }
+
+    fn spec_of(&self, job: JobId) -> &JobSpec {
+        &self.jobs[&job].rec.spec
+    }
+
+    fn take_alloc(&mut self, r: &RunRecord) {
+        let res = self.spec_of(r.job).resources.clone();
+        if let Some(n) = self.nodes.get_mut(&r.node) {
+            n.alloc.cpu_milli += res.cpu_milli;
+            n.alloc.memory_bytes += res.memory_bytes;
+            n.alloc.devices.extend(r.devices.iter().copied());
+            n.alloc.runs.insert(r.id);
+        }
+        self.tenant_used
+            .entry(r.tenant)
+            .or_default()
+            .add_task(&res, 1);
+    }
+
+    fn give_alloc(&mut self, r: &RunRecord) {
+        let res = self.spec_of(r.job).resources.clone();
+        if let Some(n) = self.nodes.get_mut(&r.node) {
+            n.alloc.cpu_milli = n.alloc.cpu_milli.saturating_sub(res.cpu_milli);
+            n.alloc.memory_bytes = n.alloc.memory_bytes.saturating_sub(res.memory_bytes);
+            for d in &r.devices {
+                n.alloc.devices.remove(d);
+            }
+            n.alloc.runs.remove(&r.id);
+        }
+        if let Some(u) = self.tenant_used.get_mut(&r.tenant) {
+            u.sub_task(&res, 1);
+        }
+    }
+
+    fn bump(&mut self, node: NodeId) {
+        if let Some(n) = self.nodes.get(&node) {
+            n.version.send_modify(|v| *v += 1);
+        }
+    }
+
+    fn usage_of(&self, r: &RunRecord, start: Millis, end: Millis) -> UsageRecord {
+        let res = &self.spec_of(r.job).resources;
+        UsageRecord {
+            run: r.id,
+            tenant: r.tenant,
+            job: r.job,
+            index: r.index,
+            node: r.node,
+            start_ms: start,
+            end_ms: end.max(start),
+            cpu_milli: res.cpu_milli,
+            memory_bytes: res.memory_bytes,
+            gpu_model: r.gpu_model.clone(),
+            gpu_count: r.devices.len() as u32,
+        }
+    }
+
+    /// Ends an active run: records its final state and its usage in one batch, frees its
+    /// resources, and moves its task on (done, retry, or wait for the gang).
+    #[allow(clippy::too_many_arguments)]
+    fn finish_run(
+        &mut self,
+        id: RunId,
+        state: RunState,
+        ended: Millis,
+        exit_code: Option<i32>,
+        signal: Option<i32>,
+        message: String,
+        started: Option<Millis>,
+    ) -> Result<(), ApiError> {
+        let Some(mut r) = self.runs.get(&id).cloned() else {
+            return Ok(());
+        };
+        if r.started_ms.is_none() {
+            r.started_ms = started;
+        }
+        r.state = state;
+        r.ended_ms = Some(ended);
+        r.exit_code = exit_code;
+        r.signal = signal;
+        r.message = message.clone();
+        let mut batch = vec![Mutation::PutRun(r.clone())];
+        if let Some(s) = r.started_ms {
+            batch.push(Mutation::InsertUsage(self.usage_of(&r, s, ended)));
+        }
+        let job_id = r.job;
+        let (gang, max_retries, cancel) = {
+            let j = &self.jobs[&job_id];
+            (
+                j.rec.spec.gang,
+                j.rec.spec.max_retries,
+                j.rec.cancel_requested,
+            )
+        };
+        let mut stop_others = Vec::new();
+        {
+            let j = self.jobs.get_mut(&job_id).expect("run's job exists");
+            let t = &mut j.tasks[r.index as usize];
+            let current = t.current_run == Some(id);
+            if current {
+                t.exit_code = exit_code;
+                match state {
+                    RunState::Succeeded => t.state = TaskState::Succeeded,
+                    _ if cancel => t.state = TaskState::Cancelled,
+                    _ if gang => {
+                        // Stays where it is until the whole gang has stopped; settle_job
+                        // then restarts or fails every member together.
+                        if state != RunState::Killed && j.rec.gang_abort.is_none() {
+                            j.rec.gang_abort = Some(format!(
+                                "task {} {}{}",
+                                r.index,
+                                state.as_str(),
+                                if message.is_empty() {
+                                    String::new()
+                                } else {
+                                    format!(": {message}")
+                                }
+                            ));
+                            batch.push(Mutation::PutJob(j.rec.clone()));
+                        }
+                        t.state = TaskState::Failed;
+                        stop_others = j.active_runs.iter().copied().filter(|x| *x != id).collect();
+                    }
+                    RunState::Failed | RunState::Lost if t.retries_used < max_retries => {
+                        t.retries_used += 1;
+                        t.state = TaskState::Pending;
+                        t.current_run = None;
+                    }
+                    RunState::Killed => t.state = TaskState::Cancelled,
+                    _ => t.state = TaskState::Failed,
+                }
+                batch.push(Mutation::PutTask(t.clone()));
+            }
+        }
+        let mut touched = BTreeSet::new();
+        let mut unstarted = Vec::new();
+        for o in &stop_others {
+            let or = self.runs.get_mut(o).expect("active");
+            if or.stop.is_none() {
+                if or.state == RunState::Assigned {
+                    unstarted.push(*o);
+                }
+                or.stop = Some(StopReason::GangAbort);
+                batch.push(Mutation::PutRun(or.clone()));
+                touched.insert(or.node);
+            }
+        }
+        self.commit(&batch)?;
+        self.runs.remove(&id);
+        self.give_alloc(&r);
+        self.jobs
+            .get_mut(&job_id)
+            .expect("exists")
+            .active_runs
+            .remove(&id);
+        touched.insert(r.node);
+        for n in touched {
+            self.bump(n);
+        }
+        for o in unstarted {
+            self.finish_run(
+                o,
+                RunState::Killed,
+                ended,
+                None,
+                None,
+                "gang member failed".into(),
+                None,
+            )?;
+        }
+        self.settle_job(job_id, ended)?;
+        Ok(())
+    }
+
+    // ---- agents ----
+
+    pub fn register(&mut self, req: RegisterRequest, now: Millis) -> Result<NodeId, ApiError> {
+        validate_name("name", &req.name)?;
+        for d in &req.capacity.devices {
+            validate_model(&d.model)
+                .map_err(|r| ValidationError::new("capacity.devices.model", r))?;
+        }
+        let mut idx = BTreeSet::new();
+        if !req.capacity.devices.iter().all(|d| idx.insert(d.index)) {
+            return Err(
+                ValidationError::new("capacity.devices", "device indices must be unique").into(),
+            );
+        }
+        if req.capacity.cpu_milli == 0 || req.capacity.memory_bytes == 0 {
+            return Err(
+                ValidationError::new("capacity", "a node needs some cpu and memory").into(),
+            );
+        }
+        let running: BTreeSet<RunId> = req.running.iter().copied().collect();
+        let existing = self.node_by_name.get(&req.name).copied();
+        let id = existing.unwrap_or(NodeId(self.next_node));
+        let node = Node {
+            id,
+            name: req.name.clone(),
+            address: req.address,
+            agent_url: req.agent_url,
+            agent_secret: req.agent_secret,
+            topology: req.topology,
+            labels: req.labels,
+            capacity: req.capacity,
+            state: NodeState::Ready,
+            last_seen_ms: now,
+            registered_ms: existing
+                .map(|e| self.nodes[&e].node.registered_ms)
+                .unwrap_or(now),
+            instance: req.instance,
+        };
+        self.commit(&[Mutation::PutNode(node.clone())])?;
+        if existing.is_none() {
+            self.next_node += 1;
+        }
+        self.node_by_name.insert(node.name.clone(), id);
+        match self.nodes.get_mut(&id) {
+            Some(e) => e.node = node,
+            None => {
+                self.nodes.insert(
+                    id,
+                    NodeEntry {
+                        node,
+                        alloc: NodeAlloc::default(),
+                        version: tokio::sync::watch::Sender::new(1),
+                    },
+                );
+            }
+        }
+        // A restarted agent that does not report a run no longer has it.
+        let gone: Vec<RunId> = self.nodes[&id]
+            .alloc
+            .runs
+            .iter()
+            .copied()
+            .filter(|r| !running.contains(r))
+            .collect();
+        for r in gone {
+            let started = self.runs[&r].started_ms;
+            self.finish_run(
+                r,
+                RunState::Lost,
+                now,
+                None,
+                None,
+                "agent restarted without it".into(),
+                started,
+            )?;
+        }
+        self.bump(id);
+        Ok(id)
+    }
+
+    /// Records a heartbeat and returns the node's desired runs and their version.
+    pub fn heartbeat(&mut self, node: NodeId, instance: &str, now: Millis) -> Result<(), ApiError> {
+        let e = self
+            .nodes
+            .get_mut(&node)
+            .ok_or_else(|| ApiError::not_found(format!("node {node}")))?;
+        if e.node.instance != instance {
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                "agent instance changed; register again",
+            ));
+        }
+        e.node.last_seen_ms = now;
+        if e.node.state == NodeState::Lost {
+            e.node.state = NodeState::Ready;
+            tracing::info!(node = %e.node.name, "node is back");
+            let n = e.node.clone();
+            self.commit(&[Mutation::PutNode(n)])?;
+        }
+        Ok(())
+    }
+
+    pub fn desired(&self, node: NodeId) -> (u64, Vec<Assignment>) {
+        let Some(e) = self.nodes.get(&node) else {
+            return (0, vec![]);
+        };
+        let version = *e.version.borrow();
+        let mut out = Vec::new();
+        for rid in &e.alloc.runs {
+            let r = &self.runs[rid];
+            if r.stop.is_some() {
+                continue;
+            }
+            let j = &self.jobs[&r.job];
+            out.push(self.assignment(j, r));
+        }
+        (version, out)
+    }
+
+    fn assignment(&self, j: &JobEntry, r: &RunRecord) -> Assignment {
+        let s = &j.rec.spec;
+        let mut env = s.env.clone();
+        env.insert("CARAVEL_JOB_ID".into(), r.job.to_string());
+        env.insert("CARAVEL_TASK_INDEX".into(), r.index.to_string());
+        env.insert("CARAVEL_TASK_COUNT".into(), s.tasks.to_string());
+        env.insert("CARAVEL_RUN_ID".into(), r.id.to_string());
+        env.insert("CARAVEL_ATTEMPT".into(), r.attempt.to_string());
+        env.insert("CARAVEL_TENANT".into(), self.tenant_name(r.tenant));
+        env.insert(
+            "CUDA_VISIBLE_DEVICES".into(),
+            r.devices
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+        );
+        if s.gang {
+            env.insert("RANK".into(), r.index.to_string());
+            env.insert("WORLD_SIZE".into(), s.tasks.to_string());
+            env.insert("LOCAL_RANK".into(), r.local_rank.to_string());
+            env.insert("LOCAL_WORLD_SIZE".into(), r.local_world_size.to_string());
+            env.insert(
+                "MASTER_ADDR".into(),
+                r.master_addr.clone().unwrap_or_else(|| "127.0.0.1".into()),
+            );
+            env.insert(
+                "MASTER_PORT".into(),
+                r.master_port.unwrap_or(29500).to_string(),
+            );
+            env.insert(
+                "TORCHELASTIC_RESTART_COUNT".into(),
+                (r.attempt - 1).to_string(),
+            );
+        }
+        Assignment {
+            run: r.id,
+            job: r.job,
+            index: r.index,
+            command: s.command.clone(),
+            args: s.args.clone(),
+            env,
+            cpu_milli: s.resources.cpu_milli,
+            memory_bytes: s.resources.memory_bytes,
+            devices: r.devices.clone(),
+            max_runtime_ms: s.max_runtime_ms,
+            kill_grace_ms: s.kill_grace(),
+        }
+    }
+
+    pub fn apply_event(&mut self, node: NodeId, ev: RunEvent, now: Millis) -> Result<(), ApiError> {
+        if let Some(e) = self.nodes.get_mut(&node) {
+            // A report is a sign of life as good as a heartbeat.
+            e.node.last_seen_ms = e.node.last_seen_ms.max(now);
+        }
+        let rid = ev.run();
+        let active = self.runs.get(&rid).map(|r| r.node == node).unwrap_or(false);
+        if !active {
+            // A report about a run we already closed (lost node that came back, cancel
+            // before start). Its usage is recorded only if nothing was recorded yet.
+            if let RunEvent::Exited {
+                started_ms: Some(s),
+                at_ms,
+                ..
+            } = ev
+            {
+                if let Some(r) = self.store.run(rid)? {
+                    if r.node == node
+                        && !self.store.has_usage(rid)?
+                        && self.jobs.contains_key(&r.job)
+                    {
+                        let u = self.usage_of(&r, s, at_ms);
+                        self.commit(&[Mutation::InsertUsage(u)])?;
+                    }
+                }
+            }
+            return Ok(());
+        }
+        match ev {
+            RunEvent::Started { pid: _, at_ms, .. } => {
+                let r = self.runs.get_mut(&rid).expect("active");
+                if r.state != RunState::Assigned {
+                    return Ok(());
+                }
+                r.state = RunState::Running;
+                r.started_ms = Some(at_ms);
+                let r = r.clone();
+                let j = self.jobs.get_mut(&r.job).expect("exists");
+                let t = &mut j.tasks[r.index as usize];
+                let mut batch = vec![Mutation::PutRun(r.clone())];
+                if t.current_run == Some(rid) && t.state == TaskState::Assigned {
+                    t.state = TaskState::Running;
+                    batch.push(Mutation::PutTask(t.clone()));
+                }
+                if j.rec.started_ms.is_none() {
+                    j.rec.started_ms = Some(at_ms);
+                    batch.push(Mutation::PutJob(j.rec.clone()));
+                }
+                self.commit(&batch)?;
+            }
+            RunEvent::Exited {
+                started_ms,
+                at_ms,
+                exit_code,
+                signal,
+                reason,
+                message,
+                ..
+            } => {
+                let stop = self.runs[&rid].stop;
+                let state = match reason.as_str() {
+                    "max_runtime" => RunState::TimedOut,
+                    _ if stop.is_some() => RunState::Killed,
+                    "spawn_failed" => RunState::Failed,
+                    _ if exit_code == Some(0) => RunState::Succeeded,
+                    _ => RunState::Failed,
+                };
+                let msg = if message.is_empty() {
+                    match (exit_code, signal) {
+                        (Some(c), _) => format!("exit code {c}"),
+                        (None, Some(s)) => format!("killed by signal {s}"),
+                        _ => reason.clone(),
+                    }
+                } else {
+                    message
+                };
+                let msg = if state == RunState::TimedOut {
+                    format!("exceeded max runtime; {msg}")
+                } else {
+                    msg
+                };
+                let _ = now;
+                self.finish_run(rid, state, at_ms, exit_code, signal, msg, started_ms)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks nodes that missed heartbeats for `lost_after_ms` as lost and their runs lost,
+    /// metered up to the last moment the node was known alive.
+    pub fn check_liveness(
+        &mut self,
+        now: Millis,
+        lost_after_ms: i64,
+    ) -> Result<Vec<String>, ApiError> {
+        let lost: Vec<NodeId> = self
+            .nodes
+            .values()
+            .filter(|e| {
+                e.node.state == NodeState::Ready && now - e.node.last_seen_ms > lost_after_ms
+            })
+            .map(|e| e.node.id)
+            .collect();
+        let mut names = Vec::new();
+        for id in lost {
+            let e = self.nodes.get_mut(&id).expect("exists");
+            e.node.state = NodeState::Lost;
+            let n = e.node.clone();
+            names.push(n.name.clone());
+            tracing::warn!(node = %n.name, "node lost: no heartbeat for {} ms", now - n.last_seen_ms);
+            self.commit(&[Mutation::PutNode(n.clone())])?;
+            let runs: Vec<RunId> = self.nodes[&id].alloc.runs.iter().copied().collect();
+            for r in runs {
+                let started = self.runs[&r].started_ms;
+                let end = started
+                    .map(|s| s.max(n.last_seen_ms))
+                    .unwrap_or(n.last_seen_ms);
+                self.finish_run(
+                    r,
+                    RunState::Lost,
+                    end,
+                    None,
+                    None,
+                    format!("node {} lost", n.name),
+                    None,
+                )?;
+            }
+            self.bump(id);
+        }
+        Ok(names)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,414 @@
+//! State-machine tests over a real SQLite store, with an explicit clock.
+
+use super::*;
+use caravel_store::{SqliteStore, Sync, UsageFilter};
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    core: Core,
+}
+
+fn open(dir: &std::path::Path, now: Millis) -> Core {
+    let s = SqliteStore::open(&dir.join("c.db"), Sync::Normal).unwrap();
+    let mut c = Core::load(Box::new(s), now).unwrap();
+    c.ensure_default_tenant(now).unwrap();
+    c
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let core = open(dir.path(), 0);
+    Fixture { dir, core }
+}
+
+fn reg(name: &str, cpus: u64, gpus: u32) -> RegisterRequest {
+    RegisterRequest {
+        name: name.into(),
+        address: "127.0.0.1".into(),
+        agent_url: "http://127.0.0.1:1".into(),
+        agent_secret: "s".into(),
+        instance: format!("{name}-1"),
+        topology: Topology::default(),
+        labels: Default::default(),
+        capacity: Capacity {
+            cpu_milli: cpus * 1000,
+            memory_bytes: 64 << 30,
+            devices: (0..gpus)
+                .map(|i| Device {
+                    index: i,
+                    model: "H100".into(),
+                })
+                .collect(),
+        },
+        running: vec![],
+    }
+}
+
+fn default_tenant(c: &Core) -> TenantId {
+    c.tenant_id(DEFAULT_TENANT).unwrap()
+}
+
+fn started(c: &mut Core, node: NodeId, run: RunId, at: Millis) {
+    c.apply_event(
+        node,
+        RunEvent::Started {
+            run,
+            pid: 1,
+            at_ms: at,
+        },
+        at,
+    )
+    .unwrap();
+}
+
+fn exited(c: &mut Core, node: NodeId, run: RunId, start: Millis, at: Millis, code: i32) {
+    c.apply_event(
+        node,
+        RunEvent::Exited {
+            run,
+            started_ms: Some(start),
+            at_ms: at,
+            exit_code: Some(code),
+            signal: None,
+            reason: "exited".into(),
+            message: String::new(),
+        },
+        at,
+    )
+    .unwrap();
+}
+
+fn runs_on(c: &Core, node: NodeId) -> Vec<RunId> {
+    c.desired(node).1.iter().map(|a| a.run).collect()
+}
+
+#[test]
+fn a_job_runs_and_is_metered_once() {
+    let mut f = fixture();
+    let c = &mut f.core;
+    let n = c.register(reg("a", 4, 0), 0).unwrap();
+    let t = default_tenant(c);
+    let j = c.submit(t, JobSpec::simple("echo", &["hi"]), 10).unwrap();
+    assert_eq!(c.schedule(20).unwrap().placed, 1);
+    let (_, desired) = c.desired(n);
+    assert_eq!(desired.len(), 1);
+    let a = &desired[0];
+    assert_eq!(a.env["CARAVEL_JOB_ID"], j.to_string());
+    assert_eq!(a.env["CARAVEL_TASK_INDEX"], "0");
+    assert_eq!(a.env["CARAVEL_TASK_COUNT"], "1");
+    assert_eq!(a.env["CUDA_VISIBLE_DEVICES"], "");
+    let run = a.run;
+    started(c, n, run, 30);
+    assert_eq!(c.jobs[&j].rec.state, JobState::Running);
+    exited(c, n, run, 30, 1030, 0);
+    // The same report again (agent retry) must change nothing.
+    exited(c, n, run, 30, 1030, 0);
+    assert_eq!(c.jobs[&j].rec.state, JobState::Succeeded);
+    let u = c.store().usage(&UsageFilter::default()).unwrap();
+    assert_eq!(u.len(), 1);
+    assert_eq!(u[0].duration_ms(), 1000);
+    assert_eq!(u[0].cpu_milli_ms(), 1000 * 1000);
+    assert!(c.nodes[&n].alloc.runs.is_empty());
+    assert_eq!(c.nodes[&n].alloc.cpu_milli, 0);
+}
+
+#[test]
+fn failures_retry_within_budget_then_fail() {
+    let mut f = fixture();
+    let c = &mut f.core;
+    let n = c.register(reg("a", 4, 0), 0).unwrap();
+    let mut spec = JobSpec::simple("false", &[]);
+    spec.max_retries = 1;
+    let j = c.submit(default_tenant(c), spec, 0).unwrap();
+    for attempt in 1..=2 {
+        c.schedule(attempt * 100).unwrap();
+        let run = runs_on(c, n)[0];
+        started(c, n, run, attempt * 100);
+        exited(c, n, run, attempt * 100, attempt * 100 + 5, 3);
+        assert_eq!(c.jobs[&j].tasks[0].attempts, attempt as u32);
+    }
+    let job = &c.jobs[&j];
+    assert_eq!(job.rec.state, JobState::Failed);
+    assert_eq!(job.tasks[0].exit_code, Some(3));
+    assert_eq!(c.store().usage(&UsageFilter::default()).unwrap().len(), 2);
+}
+
+#[test]
+fn gang_member_failure_restarts_the_whole_gang() {
+    let mut f = fixture();
+    let c = &mut f.core;
+    let n1 = c.register(reg("a", 2, 0), 0).unwrap();
+    let n2 = c.register(reg("b", 2, 0), 0).unwrap();
+    let mut spec = JobSpec::simple("train", &[]);
+    spec.tasks = 4;
+    spec.gang = true;
+    spec.max_retries = 1;
+    let j = c.submit(default_tenant(c), spec, 0).unwrap();
+    assert_eq!(c.schedule(1).unwrap().placed, 4);
+    let mut all: Vec<(NodeId, Assignment)> = vec![];
+    for n in [n1, n2] {
+        all.extend(c.desired(n).1.into_iter().map(|a| (n, a)));
+    }
+    assert_eq!(all.len(), 4);
+    let mut ranks: Vec<String> = all.iter().map(|(_, a)| a.env["RANK"].clone()).collect();
+    ranks.sort();
+    assert_eq!(ranks, vec!["0", "1", "2", "3"]);
+    assert!(all.iter().all(|(_, a)| a.env["WORLD_SIZE"] == "4"));
+    let ports: BTreeSet<String> = all
+        .iter()
+        .map(|(_, a)| a.env["MASTER_PORT"].clone())
+        .collect();
+    assert_eq!(ports.len(), 1);
+    for (n, a) in &all {
+        started(c, *n, a.run, 2);
+    }
+    // Rank 2 fails: everyone else is asked to stop.
+    let (fn_, fa) = all
+        .iter()
+        .find(|(_, a)| a.env["RANK"] == "2")
+        .unwrap()
+        .clone();
+    exited(c, fn_, fa.run, 2, 50, 1);
+    let still: usize = [n1, n2].iter().map(|n| runs_on(c, *n).len()).sum();
+    assert_eq!(still, 0, "surviving members must be told to stop");
+    assert_eq!(
+        c.schedule(60).unwrap().placed,
+        0,
+        "no partial restart while members run"
+    );
+    for (n, a) in all.iter().filter(|(_, a)| a.run != fa.run) {
+        c.apply_event(
+            *n,
+            RunEvent::Exited {
+                run: a.run,
+                started_ms: Some(2),
+                at_ms: 70,
+                exit_code: None,
+                signal: Some(15),
+                reason: "killed".into(),
+                message: String::new(),
+            },
+            70,
+        )
+        .unwrap();
+    }
+    assert_eq!(c.jobs[&j].rec.state, JobState::Pending);
+    assert_eq!(c.schedule(80).unwrap().placed, 4, "whole gang placed again");
+    assert!(c.jobs[&j]
+        .tasks
+        .iter()
+        .all(|t| t.attempts == 2 && t.retries_used == 1));
+}
+
+#[test]
+fn cancel_stops_running_and_pending_tasks() {
+    let mut f = fixture();
+    let c = &mut f.core;
+    let n = c.register(reg("a", 1, 0), 0).unwrap();
+    let mut spec = JobSpec::simple("sleep", &["100"]);
+    spec.tasks = 2;
+    let j = c.submit(default_tenant(c), spec, 0).unwrap();
+    c.schedule(1).unwrap();
+    let run = runs_on(c, n)[0];
+    started(c, n, run, 2);
+    c.cancel(j, 3).unwrap();
+    assert!(
+        runs_on(c, n).is_empty(),
+        "the agent is told to stop the run"
+    );
+    assert_eq!(
+        c.jobs[&j].rec.state,
+        JobState::Running,
+        "until the process is gone"
+    );
+    c.apply_event(
+        n,
+        RunEvent::Exited {
+            run,
+            started_ms: Some(2),
+            at_ms: 9,
+            exit_code: None,
+            signal: Some(15),
+            reason: "killed".into(),
+            message: String::new(),
+        },
+        9,
+    )
+    .unwrap();
+    assert_eq!(c.jobs[&j].rec.state, JobState::Cancelled);
+    assert!(
+        c.cancel(j, 10).is_err(),
+        "cancelling a finished job is a conflict"
+    );
+}
+
+#[test]
+fn lost_node_reschedules_and_stale_copy_is_dropped() {
+    let mut f = fixture();
+    let c = &mut f.core;
+    let a = c.register(reg("a", 1, 0), 0).unwrap();
+    let b = c.register(reg("b", 1, 0), 0).unwrap();
+    let mut spec = JobSpec::simple("sleep", &["100"]);
+    spec.max_retries = 1;
+    let j = c.submit(default_tenant(c), spec, 0).unwrap();
+    c.schedule(1).unwrap();
+    let (first_node, other) = if runs_on(c, a).is_empty() {
+        (b, a)
+    } else {
+        (a, b)
+    };
+    let run1 = runs_on(c, first_node)[0];
+    started(c, first_node, run1, 5);
+    c.heartbeat(
+        other,
+        &format!("{}-1", if other == a { "a" } else { "b" }),
+        9_000,
+    )
+    .unwrap();
+    let lost = c.check_liveness(12_000, 10_000).unwrap();
+    assert_eq!(lost.len(), 1);
+    c.schedule(12_001).unwrap();
+    let run2 = runs_on(c, other)[0];
+    assert_ne!(run1, run2);
+    assert_eq!(c.jobs[&j].tasks[0].attempts, 2);
+    // The lost node comes back: its desired state no longer holds the old run.
+    let inst = if first_node == a { "a-1" } else { "b-1" };
+    c.heartbeat(first_node, inst, 13_000).unwrap();
+    assert_eq!(c.nodes[&first_node].node.state, NodeState::Ready);
+    assert!(runs_on(c, first_node).is_empty());
+    // Its late exit report does not meter the run a second time.
+    exited(c, first_node, run1, 5, 13_500, 137);
+    let u = c
+        .store()
+        .usage(&UsageFilter {
+            tenant: None,
+            job: Some(j),
+        })
+        .unwrap();
+    assert_eq!(u.len(), 1);
+    assert_eq!(u[0].run, run1);
+    assert_eq!(
+        u[0].end_ms, 5,
+        "metered to the node's last sign of life (its start report)"
+    );
+}
+
+#[test]
+fn restart_reloads_everything_and_readopts_runs() {
+    let mut f = fixture();
+    let n = f.core.register(reg("a", 4, 2), 0).unwrap();
+    let t = default_tenant(&f.core);
+    let mut spec = JobSpec::simple("sleep", &["100"]);
+    spec.resources.gpu = Some(GpuRequest {
+        model: "H100".into(),
+        count: 2,
+    });
+    let j = f.core.submit(t, spec, 0).unwrap();
+    let j2 = f.core.submit(t, JobSpec::simple("x", &[]), 0).unwrap();
+    f.core.schedule(1).unwrap();
+    let before = runs_on(&f.core, n);
+    let run = f.core.jobs[&j].tasks[0].current_run.unwrap();
+    started(&mut f.core, n, run, 2);
+    drop(f.core);
+    // "kill -9": reopen from disk only.
+    let mut c = open(f.dir.path(), 50_000);
+    assert_eq!(c.jobs.len(), 2);
+    assert_eq!(c.jobs[&j].rec.state, JobState::Running);
+    assert_eq!(
+        c.nodes[&n].alloc.devices.len(),
+        2,
+        "allocation rebuilt from active runs"
+    );
+    assert_eq!(
+        runs_on(&c, n),
+        before,
+        "runs are still wanted: re-adopted, not restarted"
+    );
+    assert_eq!(
+        c.check_liveness(55_000, 10_000).unwrap().len(),
+        0,
+        "agents get a grace period"
+    );
+    // The other job was placed before the crash too, or is still pending: never lost.
+    assert!(c.jobs.contains_key(&j2));
+    let j3 = c.submit(t, JobSpec::simple("y", &[]), 50_001).unwrap();
+    assert!(j3 > j2, "ids continue after restart");
+    exited(&mut c, n, run, 2, 60_000, 0);
+    assert_eq!(c.jobs[&j].rec.state, JobState::Succeeded);
+    assert_eq!(c.store().usage(&UsageFilter::default()).unwrap().len(), 1);
+}
+
+#[test]
+fn submit_rejects_what_can_never_run() {
+    let mut f = fixture();
+    let c = &mut f.core;
+    c.register(reg("a", 4, 0), 0).unwrap();
+    let t = default_tenant(c);
+    let mut spec = JobSpec::simple("x", &[]);
+    spec.resources.gpu = Some(GpuRequest {
+        model: "Z9".into(),
+        count: 1,
+    });
+    let e = c.submit(t, spec, 0).unwrap_err();
+    assert_eq!(e.code, ErrorCode::Unschedulable);
+    assert_eq!(e.field.as_deref(), Some("resources.gpu.model"));
+    let mut spec = JobSpec::simple("x", &[]);
+    spec.resources.cpu_milli = 64_000;
+    assert_eq!(
+        c.submit(t, spec, 0).unwrap_err().code,
+        ErrorCode::Unschedulable
+    );
+    let (q, _) = c
+        .create_tenant("small", 1.0, Quota::parse("cpu=2").unwrap(), 0)
+        .unwrap();
+    let mut spec = JobSpec::simple("x", &[]);
+    spec.tasks = 3;
+    spec.gang = true;
+    assert_eq!(
+        c.submit(q.id, spec, 0).unwrap_err().code,
+        ErrorCode::ExceedsQuota
+    );
+    assert_eq!(c.jobs.len(), 0, "nothing half-created");
+}
+
+#[test]
+fn quota_holds_jobs_pending_with_reason() {
+    let mut f = fixture();
+    let c = &mut f.core;
+    c.register(reg("a", 8, 0), 0).unwrap();
+    let (t, _) = c
+        .create_tenant("q", 1.0, Quota::parse("cpu=2").unwrap(), 0)
+        .unwrap();
+    let mut spec = JobSpec::simple("sleep", &["9"]);
+    spec.tasks = 3;
+    let j = c.submit(t.id, spec, 0).unwrap();
+    assert_eq!(c.schedule(1).unwrap().placed, 2);
+    let r = &c.jobs[&j].reasons[0];
+    assert_eq!(r.code, "quota");
+    assert!(
+        r.message.starts_with("quota: cpu 2 of 2 in use"),
+        "{}",
+        r.message
+    );
+}
+
+#[test]
+fn agent_restart_loses_runs_it_does_not_report() {
+    let mut f = fixture();
+    let c = &mut f.core;
+    let n = c.register(reg("a", 4, 0), 0).unwrap();
+    let j = c
+        .submit(default_tenant(c), JobSpec::simple("sleep", &["9"]), 0)
+        .unwrap();
+    c.schedule(1).unwrap();
+    let run = runs_on(c, n)[0];
+    started(c, n, run, 2);
+    let mut again = reg("a", 4, 0);
+    again.instance = "a-2".into();
+    c.register(again, 100).unwrap();
+    assert_eq!(c.jobs[&j].rec.state, JobState::Failed, "no retries left");
+    assert!(
+        c.heartbeat(n, "a-1", 101).is_err(),
+        "the old instance must re-register"
+    );
+}

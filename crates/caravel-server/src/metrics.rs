@@ -1,0 +1,84 @@
+//! Prometheus metrics on an explicit registry (no globals, so tests can run many servers
+//! in one process).
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+pub struct Metrics {
+    registry: Registry,
+    pub queue_depth: Gauge,
+    pub running_tasks: Gauge,
+    pub nodes: Family<Vec<(String, String)>, Gauge>,
+    pub sched_latency: Histogram,
+    pub placements: Counter,
+    pub api_requests: Family<Vec<(String, String)>, Counter>,
+    pub jobs_submitted: Counter,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("caravel");
+        let queue_depth = Gauge::default();
+        let running_tasks = Gauge::default();
+        let nodes = Family::<Vec<(String, String)>, Gauge>::default();
+        let sched_latency = Histogram::new([
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+        ]);
+        let placements = Counter::default();
+        let api_requests = Family::<Vec<(String, String)>, Counter>::default();
+        let jobs_submitted = Counter::default();
+        registry.register(
+            "queue_depth",
+            "Tasks waiting to be placed",
+            queue_depth.clone(),
+        );
+        registry.register(
+            "running_tasks",
+            "Task runs assigned or running on nodes",
+            running_tasks.clone(),
+        );
+        registry.register("nodes", "Nodes by state", nodes.clone());
+        registry.register(
+            "scheduling_cycle_seconds",
+            "Wall time of one scheduling cycle, including the commit",
+            sched_latency.clone(),
+        );
+        registry.register(
+            "placements",
+            "Tasks placed by the scheduler",
+            placements.clone(),
+        );
+        registry.register(
+            "api_requests",
+            "API requests by method and status code",
+            api_requests.clone(),
+        );
+        registry.register("jobs_submitted", "Jobs accepted", jobs_submitted.clone());
+        Metrics {
+            registry,
+            queue_depth,
+            running_tasks,
+            nodes,
+            sched_latency,
+            placements,
+            api_requests,
+            jobs_submitted,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        encode(&mut s, &self.registry).expect("encoding to a String cannot fail");
+        s
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

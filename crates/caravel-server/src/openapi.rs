@@ -1,0 +1,118 @@
+//! The OpenAPI 3.1 description of `/v1`, served at `/v1/openapi.json`. A test checks that
+//! every route the router serves is described here.
+
+use serde_json::{json, Value};
+
+fn err_responses() -> Value {
+    json!({
+        "400": {"$ref": "#/components/responses/Error"},
+        "401": {"$ref": "#/components/responses/Error"},
+        "403": {"$ref": "#/components/responses/Error"},
+        "404": {"$ref": "#/components/responses/Error"},
+        "409": {"$ref": "#/components/responses/Error"},
+        "422": {"$ref": "#/components/responses/Error"}
+    })
+}
+
+fn ok(schema: Value, code: &str) -> Value {
+    let mut r = err_responses();
+    r[code] =
+        json!({"description": "success", "content": {"application/json": {"schema": schema}}});
+    r
+}
+
+fn sref(name: &str) -> Value {
+    json!({"$ref": format!("#/components/schemas/{name}")})
+}
+
+fn arr(name: &str) -> Value {
+    json!({"type": "array", "items": sref(name)})
+}
+
+fn body(name: &str) -> Value {
+    json!({"required": true, "content": {"application/json": {"schema": sref(name)}}})
+}
+
+fn id_param() -> Value {
+    json!({"name": "id", "in": "path", "required": true, "schema": {"type": "integer", "minimum": 1}})
+}
+
+fn q(name: &str, ty: &str, desc: &str) -> Value {
+    json!({"name": name, "in": "query", "required": false, "schema": {"type": ty}, "description": desc})
+}
+
+pub fn document() -> Value {
+    let u64s = json!({"type": "integer", "minimum": 0});
+    json!({
+        "openapi": "3.1.0",
+        "info": {"title": "Caravel API", "version": "1", "description":
+            "The Caravel control plane. Every endpoint under /v1 takes `Authorization: Bearer TOKEN`. Errors are JSON `{error: {code, message, field}}` with a stable `code`."},
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "responses": {"Error": {"description": "error", "content": {"application/json": {"schema": sref("Error")}}}},
+            "schemas": {
+                "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "object", "required": ["code", "message"], "properties": {
+                    "code": {"type": "string", "enum": ["invalid_argument", "malformed_request", "unauthenticated", "permission_denied", "not_found", "conflict", "unschedulable", "exceeds_quota", "unavailable", "internal"]},
+                    "message": {"type": "string"}, "field": {"type": "string"}}}}},
+                "GpuRequest": {"type": "object", "additionalProperties": false, "required": ["model", "count"], "properties": {"model": {"type": "string"}, "count": {"type": "integer", "minimum": 1}}},
+                "TaskResources": {"type": "object", "additionalProperties": false, "properties": {
+                    "cpu_milli": {"type": "integer", "minimum": 1, "default": 1000},
+                    "memory_bytes": {"type": "integer", "minimum": 1, "default": 536870912},
+                    "gpu": sref("GpuRequest")}},
+                "JobSpec": {"type": "object", "additionalProperties": false, "required": ["command"], "properties": {
+                    "name": {"type": "string"}, "tasks": {"type": "integer", "minimum": 1, "default": 1},
+                    "command": {"type": "string", "minLength": 1}, "args": {"type": "array", "items": {"type": "string"}},
+                    "env": {"type": "object", "additionalProperties": {"type": "string"}},
+                    "resources": sref("TaskResources"),
+                    "priority": {"type": "string", "enum": ["online", "batch", "spot"], "default": "batch"},
+                    "max_runtime_ms": {"type": "integer", "minimum": 1}, "max_retries": {"type": "integer", "minimum": 0, "default": 0},
+                    "gang": {"type": "boolean", "default": false}, "kill_grace_ms": {"type": "integer", "minimum": 0}}},
+                "SubmitResponse": {"type": "object", "properties": {"id": u64s}},
+                "PendingReason": {"type": "object", "properties": {"code": {"type": "string", "enum": ["quota", "no_fit", "gang", "no_nodes"]}, "message": {"type": "string"}, "counts": {"type": "object", "additionalProperties": {"type": "integer"}}}},
+                "JobSummary": {"type": "object", "properties": {
+                    "id": u64s, "tenant": {"type": "string"}, "name": {"type": ["string", "null"]},
+                    "state": {"type": "string", "enum": ["pending", "running", "succeeded", "failed", "cancelled"]},
+                    "priority": {"type": "string"}, "tasks": u64s, "tasks_running": u64s, "tasks_done": u64s, "gang": {"type": "boolean"},
+                    "submitted_ms": u64s, "started_ms": {"type": ["integer", "null"]}, "finished_ms": {"type": ["integer", "null"]},
+                    "message": {"type": "string"}, "pending_reasons": arr("PendingReason")}},
+                "JobDetail": {"allOf": [sref("JobSummary"), {"type": "object", "properties": {"spec": sref("JobSpec"), "task_list": {"type": "array", "items": {"type": "object"}}, "runs": {"type": "array", "items": {"type": "object"}}}}]},
+                "NodeView": {"type": "object", "properties": {"id": u64s, "name": {"type": "string"}, "state": {"type": "string", "enum": ["ready", "lost"]}, "address": {"type": "string"}, "topology": {"type": "object"}, "labels": {"type": "object"}, "capacity": {"type": "object"}, "allocated_cpu_milli": u64s, "allocated_memory_bytes": u64s, "allocated_devices": {"type": "array", "items": u64s}, "running_tasks": u64s, "last_seen_ms": u64s}},
+                "Quota": {"type": "object", "additionalProperties": false, "properties": {"cpu_milli": u64s, "memory_bytes": u64s, "gpus": {"type": "object", "additionalProperties": {"type": "integer"}}}},
+                "CreateTenantRequest": {"type": "object", "additionalProperties": false, "required": ["name"], "properties": {"name": {"type": "string"}, "weight": {"type": "number", "exclusiveMinimum": 0}, "quota": sref("Quota")}},
+                "TenantView": {"type": "object", "properties": {"id": u64s, "name": {"type": "string"}, "weight": {"type": "number"}, "quota": sref("Quota"), "created_ms": u64s}},
+                "CreateTenantResponse": {"allOf": [sref("TenantView"), {"type": "object", "properties": {"token": {"type": "string", "description": "shown once"}}}]},
+                "UsageTotals": {"type": "object", "properties": {"tenant": {"type": "string"}, "job": u64s, "runs": u64s, "wall_ms": u64s, "cpu_milli_ms": u64s, "memory_byte_ms": u64s, "gpu_ms": {"type": "object", "additionalProperties": {"type": "integer"}}}},
+                "UsageResponse": {"type": "object", "properties": {"by_tenant": arr("UsageTotals"), "by_job": arr("UsageTotals")}},
+                "RegisterRequest": {"type": "object", "required": ["name", "address", "agent_url", "agent_secret", "instance", "capacity"]},
+                "RegisterResponse": {"type": "object", "properties": {"node_id": u64s, "heartbeat_ms": u64s}},
+                "SyncRequest": {"type": "object", "required": ["node_id", "instance", "running", "known_version", "wait_ms"]},
+                "SyncResponse": {"type": "object", "properties": {"version": u64s, "desired": {"type": "array", "items": {"type": "object"}}}},
+                "EventsRequest": {"type": "object", "required": ["node_id", "events"]}
+            }
+        },
+        "security": [{"bearer": []}],
+        "paths": {
+            "/healthz": {"get": {"summary": "liveness of the server", "security": [], "responses": {"200": {"description": "ok"}}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics", "security": [], "responses": {"200": {"description": "OpenMetrics text"}}}},
+            "/v1/openapi.json": {"get": {"summary": "this document", "security": [], "responses": {"200": {"description": "OpenAPI"}}}},
+            "/v1/whoami": {"get": {"summary": "the caller's role", "responses": ok(json!({"type": "object"}), "200")}},
+            "/v1/jobs": {
+                "post": {"summary": "submit a job", "parameters": [q("tenant", "string", "admin only: submit for this tenant (default `default`)")], "requestBody": body("JobSpec"), "responses": ok(sref("SubmitResponse"), "201")},
+                "get": {"summary": "list jobs (a tenant sees its own)", "parameters": [q("state", "string", "comma list of states, or `active`"), q("tenant", "string", "admin only"), q("limit", "integer", "newest N, default 1000")], "responses": ok(arr("JobSummary"), "200")}
+            },
+            "/v1/jobs/{id}": {"get": {"summary": "a job with tasks, runs and pending reasons", "parameters": [id_param()], "responses": ok(sref("JobDetail"), "200")}},
+            "/v1/jobs/{id}/cancel": {"post": {"summary": "cancel: SIGTERM, then SIGKILL after the grace period", "parameters": [id_param()], "responses": ok(sref("JobSummary"), "200")}},
+            "/v1/jobs/{id}/logs": {"get": {"summary": "a task's stdout or stderr from byte `offset`", "parameters": [id_param(), q("task", "integer", "task index, default 0"), q("stream", "string", "stdout (default) or stderr"), q("offset", "integer", "byte offset"), q("run", "integer", "a specific run (attempt)")],
+                "responses": {"200": {"description": "bytes; headers x-caravel-next-offset and x-caravel-done", "content": {"application/octet-stream": {}}}, "404": {"$ref": "#/components/responses/Error"}, "503": {"$ref": "#/components/responses/Error"}}}},
+            "/v1/nodes": {"get": {"summary": "nodes with capacity and allocation", "responses": ok(arr("NodeView"), "200")}},
+            "/v1/tenants": {
+                "post": {"summary": "create a tenant (admin); its token is returned once", "requestBody": body("CreateTenantRequest"), "responses": ok(sref("CreateTenantResponse"), "201")},
+                "get": {"summary": "list tenants", "responses": ok(arr("TenantView"), "200")}
+            },
+            "/v1/usage": {"get": {"summary": "metered usage totals per tenant and per job", "parameters": [q("tenant", "string", "admin only"), q("job", "integer", "one job")], "responses": ok(sref("UsageResponse"), "200")}},
+            "/v1/agent/register": {"post": {"summary": "agent: register a node (agent or admin token)", "requestBody": body("RegisterRequest"), "responses": ok(sref("RegisterResponse"), "200")}},
+            "/v1/agent/sync": {"post": {"summary": "agent: heartbeat and long-poll for the node's desired runs", "requestBody": body("SyncRequest"), "responses": ok(sref("SyncResponse"), "200")}},
+            "/v1/agent/events": {"post": {"summary": "agent: report runs started and exited (idempotent)", "requestBody": body("EventsRequest"), "responses": {"204": {"description": "applied"}}}}
+        }
+    })
+}

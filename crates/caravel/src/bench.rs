@@ -1,0 +1,226 @@
+//! `caravel bench e2e`: pushes trivial jobs end to end through a real server and a real
+//! agent (separate processes, loopback, temporary directory) and prints figures. The last
+//! line is one JSON object so scripts can read it.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use caravel_core::api::{JobSummary, NodeView, SubmitResponse};
+use caravel_core::{JobSpec, JobState};
+use clap::Subcommand;
+
+use crate::client::Client;
+
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// Trivial jobs (`true`) through a server and a local agent.
+    E2e {
+        #[arg(long, default_value_t = 2000)]
+        jobs: usize,
+        /// Concurrent submitters.
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        /// Jobs for the light-load latency phase (one at a time).
+        #[arg(long, default_value_t = 100)]
+        light: usize,
+    },
+}
+
+struct Procs(Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    let i = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
+pub async fn run(cmd: BenchCmd) -> Result<i32> {
+    match cmd {
+        BenchCmd::E2e {
+            jobs,
+            clients,
+            light,
+        } => e2e(jobs, clients.max(1), light).await,
+    }
+}
+
+async fn wait_all(c: &Client, n_expected: usize, timeout: Duration) -> Result<Vec<JobSummary>> {
+    let t0 = Instant::now();
+    loop {
+        let active: Vec<JobSummary> = c.get("/v1/jobs?state=active&limit=100000").await?;
+        if active.is_empty() {
+            let all: Vec<JobSummary> = c.get("/v1/jobs?limit=100000").await?;
+            if all.len() >= n_expected {
+                return Ok(all);
+            }
+        }
+        if t0.elapsed() > timeout {
+            bail!("{} jobs still active after {:?}", active.len(), timeout);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn e2e(jobs: usize, clients: usize, light: usize) -> Result<i32> {
+    let dir = tempfile::tempdir()?;
+    let exe = std::env::current_exe()?;
+    let port = free_port()?;
+    let url = format!("http://127.0.0.1:{port}");
+    let mut procs = Procs(vec![]);
+    procs.0.push(
+        Command::new(&exe)
+            .args([
+                "server",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--data-dir",
+            ])
+            .arg(dir.path().join("server"))
+            .env("CARAVEL_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting the server")?,
+    );
+    let admin_path = dir.path().join("server/admin.token");
+    let agent_path = dir.path().join("server/agent.token");
+    let t0 = Instant::now();
+    while !(admin_path.exists() && agent_path.exists()) {
+        if t0.elapsed() > Duration::from_secs(20) {
+            bail!("server did not start");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let admin = std::fs::read_to_string(&admin_path)?.trim().to_string();
+    let agent_tok = std::fs::read_to_string(&agent_path)?.trim().to_string();
+    procs.0.push(
+        Command::new(&exe)
+            .args([
+                "agent", "--server", &url, "--token", &agent_tok, "--name", "bench",
+            ])
+            .args([
+                "--cpus",
+                "256",
+                "--memory",
+                "256Gi",
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .arg("--work-dir")
+            .arg(dir.path().join("agent"))
+            .env("CARAVEL_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting the agent")?,
+    );
+    let c = Client::new(&url, &admin);
+    let t0 = Instant::now();
+    loop {
+        if let Ok(n) = c.get::<Vec<NodeView>>("/v1/nodes").await {
+            if !n.is_empty() {
+                break;
+            }
+        }
+        if t0.elapsed() > Duration::from_secs(20) {
+            bail!("agent did not register");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut spec = JobSpec::simple("true", &[]);
+    spec.resources.cpu_milli = 100;
+    spec.resources.memory_bytes = 16 << 20;
+
+    // Phase 1: light load, one job at a time, for submit->start latency.
+    let mut light_lat = Vec::new();
+    for _ in 0..light {
+        let r: SubmitResponse = c.post("/v1/jobs", &spec).await?;
+        loop {
+            let j: JobSummary = c
+                .get::<caravel_core::api::JobDetail>(&format!("/v1/jobs/{}", r.id))
+                .await?
+                .summary;
+            if j.state.is_terminal() {
+                if let Some(s) = j.started_ms {
+                    light_lat.push((s - j.submitted_ms) as f64);
+                }
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    // Phase 2: throughput.
+    let start = Instant::now();
+    let c = Arc::new(c);
+    let spec = Arc::new(spec);
+    let mut handles = vec![];
+    for k in 0..clients {
+        let c = c.clone();
+        let spec = spec.clone();
+        let n = jobs / clients + usize::from(k < jobs % clients);
+        handles.push(tokio::spawn(async move {
+            for _ in 0..n {
+                let _: SubmitResponse = c.post("/v1/jobs", &*spec).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for h in handles {
+        h.await??;
+    }
+    let submit_s = start.elapsed().as_secs_f64();
+    let all = wait_all(&c, jobs + light, Duration::from_secs(600)).await?;
+    let elapsed = start.elapsed().as_secs_f64();
+    let heavy: Vec<&JobSummary> = all.iter().skip(light).collect();
+    let ok = heavy
+        .iter()
+        .filter(|j| j.state == JobState::Succeeded)
+        .count();
+    let mut lat: Vec<f64> = heavy
+        .iter()
+        .filter_map(|j| j.started_ms.map(|s| (s - j.submitted_ms) as f64))
+        .collect();
+    let jobs_per_s = jobs as f64 / elapsed;
+    let (lp50, lp99) = (pct(&mut light_lat.clone(), 50.0), pct(&mut light_lat, 99.0));
+    let (hp50, hp99) = (pct(&mut lat.clone(), 50.0), pct(&mut lat, 99.0));
+    eprintln!("jobs: {jobs} ({ok} succeeded) in {elapsed:.2}s: {jobs_per_s:.0} jobs/s end to end (submits took {submit_s:.2}s)");
+    eprintln!("submit->start at light load ({light} jobs, one at a time): p50 {lp50:.1} ms, p99 {lp99:.1} ms");
+    eprintln!("submit->start under the burst: p50 {hp50:.1} ms, p99 {hp99:.1} ms");
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "e2e",
+            "jobs": jobs,
+            "succeeded": ok,
+            "elapsed_s": elapsed,
+            "jobs_per_s": jobs_per_s,
+            "submit_to_start_p50_ms": lp50,
+            "submit_to_start_p99_ms": lp99,
+            "burst_submit_to_start_p50_ms": hp50,
+            "burst_submit_to_start_p99_ms": hp99,
+            "clients": clients,
+        })
+    );
+    Ok(if ok == jobs { 0 } else { 1 })
+}

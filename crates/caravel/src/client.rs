@@ -1,0 +1,154 @@
+//! The HTTP client the CLI and the bench use, and where it finds the server and token:
+//! flags, then CARAVEL_SERVER / CARAVEL_TOKEN, then the config that `caravel up` writes.
+
+use std::path::PathBuf;
+
+use anyhow::{anyhow, Context, Result};
+use caravel_core::api::ErrorBody;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    pub server: Option<String>,
+    pub token: Option<String>,
+}
+
+pub fn config_path() -> PathBuf {
+    if let Ok(p) = std::env::var("CARAVEL_CONFIG") {
+        return PathBuf::from(p);
+    }
+    let base = std::env::var("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|_| std::env::var("HOME").map(|h| PathBuf::from(h).join(".config")))
+        .unwrap_or_else(|_| PathBuf::from("."));
+    base.join("caravel").join("config.toml")
+}
+
+pub fn load_config() -> Result<ClientConfig> {
+    let p = config_path();
+    match std::fs::read_to_string(&p) {
+        Ok(s) => toml::from_str(&s).with_context(|| format!("reading {}", p.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ClientConfig::default()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
+    }
+}
+
+pub fn write_config(c: &ClientConfig) -> Result<PathBuf> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let p = config_path();
+    if let Some(d) = p.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&p)
+        .with_context(|| format!("writing {}", p.display()))?;
+    f.write_all(toml::to_string(c)?.as_bytes())?;
+    Ok(p)
+}
+
+#[derive(Clone)]
+pub struct Client {
+    pub base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+/// An API error as the CLI shows it: one line with the field, reason and code.
+#[derive(Debug)]
+pub struct ApiFailure {
+    pub code: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for ApiFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.message, self.code)
+    }
+}
+
+impl std::error::Error for ApiFailure {}
+
+impl Client {
+    pub fn resolve(server: Option<String>, token: Option<String>) -> Result<Client> {
+        let cfg = load_config()?;
+        let base = server.or(cfg.server).ok_or_else(|| {
+            anyhow!("no server: pass --server, set CARAVEL_SERVER, or run `caravel up` first")
+        })?;
+        let token = token.or(cfg.token).ok_or_else(|| {
+            anyhow!("no token: pass --token, set CARAVEL_TOKEN, or run `caravel up` first")
+        })?;
+        Ok(Client::new(&base, &token))
+    }
+
+    pub fn new(base: &str, token: &str) -> Client {
+        Client {
+            base: base.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+            http: reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(60))
+                .build()
+                .expect("http client"),
+        }
+    }
+
+    async fn check(resp: reqwest::Response) -> Result<reqwest::Response> {
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let text = resp.text().await.unwrap_or_default();
+        match serde_json::from_str::<ErrorBody>(&text) {
+            Ok(b) => Err(ApiFailure {
+                code: b.error.code.as_str().to_string(),
+                message: b.error.message,
+            }
+            .into()),
+            Err(_) => Err(anyhow!("server answered {status}: {text}")),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let r = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the server at {}", self.base))?;
+        Ok(Self::check(r).await?.json().await?)
+    }
+
+    pub async fn get_raw(&self, path: &str) -> Result<reqwest::Response> {
+        let r = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the server at {}", self.base))?;
+        Self::check(r).await
+    }
+
+    pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
+        let r = self
+            .http
+            .post(self.url(path))
+            .bearer_auth(&self.token)
+            .json(body)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the server at {}", self.base))?;
+        Ok(Self::check(r).await?.json().await?)
+    }
+}

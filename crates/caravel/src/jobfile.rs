@@ -1,0 +1,165 @@
+//! The job file that `caravel submit -f job.toml` reads: the JSON API's `JobSpec` with
+//! human quantities ("500m", "4Gi", "2h", "H100:1").
+
+use std::collections::BTreeMap;
+
+use anyhow::{anyhow, Result};
+use caravel_core::quantity::{parse_bytes, parse_cpu_milli, parse_duration_ms};
+use caravel_core::{parse_gpu_list, GpuRequest, JobSpec, Priority, TaskResources};
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum NumOrStr {
+    Num(f64),
+    Str(String),
+}
+
+impl NumOrStr {
+    fn text(&self) -> String {
+        match self {
+            NumOrStr::Num(n) => n.to_string(),
+            NumOrStr::Str(s) => s.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileResources {
+    pub cpu: Option<NumOrStr>,
+    pub memory: Option<NumOrStr>,
+    /// "H100:1"
+    pub gpu: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobFile {
+    pub name: Option<String>,
+    pub tasks: Option<u32>,
+    pub command: Option<String>,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub resources: FileResources,
+    pub priority: Option<Priority>,
+    pub max_runtime: Option<String>,
+    pub max_retries: Option<u32>,
+    #[serde(default)]
+    pub gang: bool,
+    pub kill_grace: Option<String>,
+}
+
+pub fn gpu_request(s: &str, field: &str) -> Result<GpuRequest> {
+    let l = parse_gpu_list(s).map_err(|e| anyhow!("{field}: {e}"))?;
+    match l.as_slice() {
+        [(m, c)] => Ok(GpuRequest {
+            model: m.clone(),
+            count: *c,
+        }),
+        _ => Err(anyhow!(
+            "{field}: give exactly one MODEL:COUNT, e.g. H100:1"
+        )),
+    }
+}
+
+impl JobFile {
+    pub fn parse(text: &str, origin: &str) -> Result<JobFile> {
+        toml::from_str(text).map_err(|e| anyhow!("{origin}: {}", e.to_string().trim()))
+    }
+
+    pub fn into_spec(self) -> Result<JobSpec> {
+        let mut r = TaskResources::default();
+        if let Some(c) = &self.resources.cpu {
+            r.cpu_milli = parse_cpu_milli(&c.text()).map_err(|e| anyhow!("resources.cpu: {e}"))?;
+        }
+        if let Some(m) = &self.resources.memory {
+            r.memory_bytes =
+                parse_bytes(&m.text()).map_err(|e| anyhow!("resources.memory: {e}"))?;
+        }
+        if let Some(g) = &self.resources.gpu {
+            r.gpu = Some(gpu_request(g, "resources.gpu")?);
+        }
+        Ok(JobSpec {
+            name: self.name,
+            tasks: self.tasks.unwrap_or(1),
+            command: self.command.ok_or_else(|| anyhow!("command: missing"))?,
+            args: self.args,
+            env: self.env,
+            resources: r,
+            priority: self.priority.unwrap_or_default(),
+            max_runtime_ms: self
+                .max_runtime
+                .map(|d| parse_duration_ms(&d).map_err(|e| anyhow!("max_runtime: {e}")))
+                .transpose()?,
+            max_retries: self.max_retries.unwrap_or(0),
+            gang: self.gang,
+            kill_grace_ms: self
+                .kill_grace
+                .map(|d| parse_duration_ms(&d).map_err(|e| anyhow!("kill_grace: {e}")))
+                .transpose()?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_full_file() {
+        let f = JobFile::parse(
+            r#"
+name = "train"
+tasks = 4
+command = "python"
+args = ["train.py"]
+gang = true
+priority = "online"
+max_runtime = "2h"
+max_retries = 2
+[env]
+LR = "0.1"
+[resources]
+cpu = "500m"
+memory = "4Gi"
+gpu = "H100:1"
+"#,
+            "job.toml",
+        )
+        .unwrap();
+        let s = f.into_spec().unwrap();
+        assert_eq!(s.tasks, 4);
+        assert_eq!(s.resources.cpu_milli, 500);
+        assert_eq!(s.resources.memory_bytes, 4 << 30);
+        assert_eq!(s.resources.gpu.unwrap().model, "H100");
+        assert_eq!(s.max_runtime_ms, Some(7_200_000));
+        assert_eq!(s.priority, Priority::Online);
+    }
+
+    #[test]
+    fn errors_name_the_field_and_line() {
+        let e = JobFile::parse("command = \"x\"\ngpus = 3\n", "job.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("job.toml") && e.contains("unknown field `gpus`") && e.contains("line 2"),
+            "{e}"
+        );
+        let e = JobFile::parse("command = \"x\"\n[resources]\ncpu = \"lots\"\n", "j")
+            .unwrap()
+            .into_spec()
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("resources.cpu:"), "{e}");
+        let e = JobFile::parse("tasks = 2\n", "j")
+            .unwrap()
+            .into_spec()
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "command: missing");
+    }
+}
