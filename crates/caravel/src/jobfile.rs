@@ -68,7 +68,14 @@ pub fn gpu_request(s: &str, field: &str) -> Result<GpuRequest> {
 
 impl JobFile {
     pub fn parse(text: &str, origin: &str) -> Result<JobFile> {
-        toml::from_str(text).map_err(|e| anyhow!("{origin}: {}", e.to_string().trim()))
+        toml::from_str(text).map_err(|e| {
+            // One line, `file:line: reason`, as compilers print it.
+            let line = e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+            match line {
+                Some(l) => anyhow!("{origin}:{l}: {}", e.message().trim()),
+                None => anyhow!("{origin}: {}", e.message().trim()),
+            }
+        })
     }
 
     pub fn into_spec(self) -> Result<JobSpec> {
@@ -145,10 +152,7 @@ gpu = "H100:1"
         let e = JobFile::parse("command = \"x\"\ngpus = 3\n", "job.toml")
             .unwrap_err()
             .to_string();
-        assert!(
-            e.contains("job.toml") && e.contains("unknown field `gpus`") && e.contains("line 2"),
-            "{e}"
-        );
+        assert!(e.starts_with("job.toml:2: unknown field `gpus`"), "{e}");
         let e = JobFile::parse("command = \"x\"\n[resources]\ncpu = \"lots\"\n", "j")
             .unwrap()
             .into_spec()

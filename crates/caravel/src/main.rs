@@ -202,7 +202,7 @@ struct AgentArgs {
     memory: Option<u64>,
     /// Declared GPUs, MODEL:COUNT[,MODEL:COUNT], added to those NVML finds.
     #[arg(long, value_parser = gpus)]
-    gpus: Option<Vec<(String, u32)>>,
+    gpus: Option<GpuList>,
     /// Labels, KEY=VALUE (repeatable).
     #[arg(long = "label", value_parser = kv)]
     labels: Vec<(String, String)>,
@@ -228,7 +228,7 @@ struct UpArgs {
     listen: SocketAddr,
     /// Declared GPUs for the local agent, MODEL:COUNT.
     #[arg(long, value_parser = gpus)]
-    gpus: Option<Vec<(String, u32)>>,
+    gpus: Option<GpuList>,
     /// Start in the background, wait until the pool is ready, and return.
     #[arg(short, long)]
     detach: bool,
@@ -300,8 +300,13 @@ fn cpu(s: &str) -> Result<u64, String> {
 fn bytes(s: &str) -> Result<u64, String> {
     parse_bytes(s)
 }
-fn gpus(s: &str) -> Result<Vec<(String, u32)>, String> {
-    caravel_core::parse_gpu_list(s)
+/// A parsed `--gpus MODEL:COUNT[,MODEL:COUNT]`. A newtype, so clap takes the list as
+/// one value rather than as repeated occurrences.
+#[derive(Clone, Debug)]
+struct GpuList(Vec<(String, u32)>);
+
+fn gpus(s: &str) -> Result<GpuList, String> {
+    caravel_core::parse_gpu_list(s).map(GpuList)
 }
 fn kv(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
@@ -668,7 +673,7 @@ fn agent_config(a: AgentArgs) -> Result<caravel_agent::AgentConfig> {
         labels: a.labels.into_iter().collect(),
         cpu_milli: a.cpus,
         memory_bytes: a.memory,
-        gpus: a.gpus.unwrap_or_default(),
+        gpus: a.gpus.map(|g| g.0).unwrap_or_default(),
         work_dir,
         listen: a.listen,
         advertise: a.advertise,
@@ -688,7 +693,7 @@ async fn up(a: UpArgs) -> Result<i32> {
             .arg("--listen")
             .arg(a.listen.to_string());
         if let Some(g) = &a.gpus {
-            let s: Vec<String> = g.iter().map(|(m, c)| format!("{m}:{c}")).collect();
+            let s: Vec<String> = g.0.iter().map(|(m, c)| format!("{m}:{c}")).collect();
             cmd.arg("--gpus").arg(s.join(","));
         }
         use std::os::unix::process::CommandExt;
@@ -739,7 +744,7 @@ async fn up(a: UpArgs) -> Result<i32> {
         labels: BTreeMap::new(),
         cpu_milli: None,
         memory_bytes: None,
-        gpus: a.gpus.unwrap_or_default(),
+        gpus: a.gpus.map(|g| g.0).unwrap_or_default(),
         work_dir: data_dir.join("agent"),
         listen: "127.0.0.1:0".parse().expect("addr"),
         advertise: Some("127.0.0.1".into()),

@@ -1,0 +1,269 @@
+//! A real pool for tests: `caravel server` and `caravel agent` as separate processes on
+//! loopback, in a temporary directory, killed on drop.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_caravel");
+
+pub struct Pool {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub url: String,
+    pub admin: String,
+    pub agent_token: String,
+    pub server: Option<Child>,
+    pub agents: Vec<(String, Child)>,
+    pub tag: String,
+    http: reqwest::Client,
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        for (_, a) in &mut self.agents {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+        if let Some(s) = &mut self.server {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(t0.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Pool {
+    /// A server with fast liveness settings (lost after 2 s) and no agents.
+    pub fn server_only(tag: &str) -> Pool {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut p = Pool {
+            url: format!("http://127.0.0.1:{port}"),
+            port,
+            admin: String::new(),
+            agent_token: String::new(),
+            server: None,
+            agents: vec![],
+            tag: format!("{tag}-{}", std::process::id()),
+            http: reqwest::Client::new(),
+            dir,
+        };
+        p.start_server();
+        p
+    }
+
+    pub fn new(tag: &str, agents: &[(&str, &[&str])]) -> Pool {
+        let mut p = Pool::server_only(tag);
+        for (name, args) in agents {
+            p.start_agent(name, args);
+        }
+        p.wait_nodes_ready(agents.len());
+        p
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("server")
+    }
+
+    pub fn start_server(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("server.log"))
+            .unwrap();
+        let child = Command::new(BIN)
+            .args(["server", "--listen", &format!("127.0.0.1:{}", self.port)])
+            .args(["--lost-after", "2s", "--heartbeat", "500ms", "--data-dir"])
+            .arg(self.data_dir())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.server = Some(child);
+        let dd = self.data_dir();
+        let (admin, agent) = wait_for("server tokens", Duration::from_secs(20), || {
+            let a = std::fs::read_to_string(dd.join("admin.token")).ok()?;
+            let b = std::fs::read_to_string(dd.join("agent.token")).ok()?;
+            Some((a.trim().to_string(), b.trim().to_string()))
+        });
+        self.admin = admin;
+        self.agent_token = agent;
+        let url = self.url.clone();
+        wait_for("server to answer", Duration::from_secs(20), || {
+            std::net::TcpStream::connect(url.trim_start_matches("http://")).ok()
+        });
+    }
+
+    pub fn kill9_server(&mut self) {
+        let mut s = self.server.take().expect("server running");
+        // SAFETY: signalling our own child.
+        unsafe {
+            libc::kill(s.id() as i32, libc::SIGKILL);
+        }
+        let _ = s.wait();
+    }
+
+    pub fn node_name(&self, name: &str) -> String {
+        format!("{}-{name}", self.tag)
+    }
+
+    pub fn start_agent(&mut self, name: &str, extra: &[&str]) {
+        let full = self.node_name(name);
+        let log = std::fs::File::create(self.dir.path().join(format!("agent-{name}.log"))).unwrap();
+        let child = Command::new(BIN)
+            .args(["agent", "--server", &self.url, "--token", &self.agent_token, "--name", &full])
+            .args(["--listen", "127.0.0.1:0", "--work-dir"])
+            .arg(self.dir.path().join(format!("agent-{name}")))
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.agents.push((name.to_string(), child));
+    }
+
+    pub fn agent_pid(&self, name: &str) -> i32 {
+        self.agents.iter().find(|(n, _)| n == name).unwrap().1.id() as i32
+    }
+
+    pub fn kill9_agent(&mut self, name: &str) {
+        let i = self.agents.iter().position(|(n, _)| n == name).unwrap();
+        let (_, mut c) = self.agents.remove(i);
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGKILL);
+        }
+        let _ = c.wait();
+    }
+
+    pub fn wait_nodes_ready(&self, n: usize) {
+        wait_for("nodes ready", Duration::from_secs(20), || {
+            let nodes = self.get(&self.admin, "/v1/nodes").ok()?;
+            let ready = nodes.as_array()?.iter().filter(|x| x["state"] == "ready").count();
+            (ready >= n).then_some(())
+        });
+    }
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    }
+
+    /// GET with a token: Ok(json) on 2xx, Err((status, json)) otherwise.
+    pub fn get(&self, token: &str, path: &str) -> Result<Value, (u16, Value)> {
+        self.call(reqwest::Method::GET, token, path, None)
+    }
+
+    pub fn post(&self, token: &str, path: &str, body: &Value) -> Result<Value, (u16, Value)> {
+        self.call(reqwest::Method::POST, token, path, Some(body.to_string()))
+    }
+
+    pub fn post_raw(&self, token: &str, path: &str, body: &str) -> Result<Value, (u16, Value)> {
+        self.call(reqwest::Method::POST, token, path, Some(body.to_string()))
+    }
+
+    pub fn call(&self, m: reqwest::Method, token: &str, path: &str, body: Option<String>) -> Result<Value, (u16, Value)> {
+        Self::rt().block_on(async {
+            let mut r = self.http.request(m, format!("{}{path}", self.url));
+            if !token.is_empty() {
+                r = r.bearer_auth(token);
+            }
+            if let Some(b) = body {
+                r = r.header("content-type", "application/json").body(b);
+            }
+            let resp = r.send().await.map_err(|e| (0, Value::String(e.to_string())))?;
+            let status = resp.status().as_u16();
+            let text = resp.text().await.unwrap_or_default();
+            let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+            if (200..300).contains(&status) {
+                Ok(v)
+            } else {
+                Err((status, v))
+            }
+        })
+    }
+
+    pub fn text(&self, token: &str, path: &str) -> String {
+        Self::rt().block_on(async {
+            self.http
+                .get(format!("{}{path}", self.url))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        })
+    }
+
+    pub fn submit(&self, token: &str, spec: Value) -> u64 {
+        let r = self.post(token, "/v1/jobs", &spec).unwrap_or_else(|e| panic!("submit failed: {e:?}"));
+        r["id"].as_u64().unwrap()
+    }
+
+    pub fn job(&self, token: &str, id: u64) -> Value {
+        self.get(token, &format!("/v1/jobs/{id}")).unwrap()
+    }
+
+    pub fn wait_state(&self, id: u64, states: &[&str], timeout: Duration) -> Value {
+        wait_for(&format!("job {id} in {states:?}"), timeout, || {
+            let j = self.job(&self.admin, id);
+            states.contains(&j["state"].as_str().unwrap()).then_some(j)
+        })
+    }
+
+    /// Waits until task `t` reports its process started.
+    pub fn wait_task_running(&self, id: u64, t: usize) -> Value {
+        wait_for(&format!("job {id} task {t} running"), Duration::from_secs(20), || {
+            let j = self.job(&self.admin, id);
+            (j["task_list"][t]["state"] == "running").then_some(j)
+        })
+    }
+
+    pub fn logs(&self, id: u64, task: u32, stream: &str) -> String {
+        self.text(&self.admin, &format!("/v1/jobs/{id}/logs?task={task}&stream={stream}"))
+    }
+
+    /// Runs the CLI with this pool's server and admin token.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        self.cli_as(&self.admin, args)
+    }
+
+    pub fn cli_as(&self, token: &str, args: &[&str]) -> std::process::Output {
+        Command::new(BIN)
+            .args(args)
+            .env("CARAVEL_SERVER", &self.url)
+            .env("CARAVEL_TOKEN", token)
+            .env("CARAVEL_CONFIG", self.dir.path().join("no-config.toml"))
+            .output()
+            .unwrap()
+    }
+
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+pub fn pid_alive(pid: i32) -> bool {
+    // Zombies count as dead: read the state from /proc.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Err(_) => false,
+    }
+}

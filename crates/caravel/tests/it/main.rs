@@ -1,0 +1,8 @@
+//! End-to-end tests: real `caravel server` and `caravel agent` processes on loopback.
+
+mod harness;
+
+mod bad_input;
+mod failures;
+mod jobs;
+mod surface;
