@@ -61,6 +61,8 @@ pub struct Core {
     next_node: u64,
     next_tenant: u64,
     pub sched_cfg: caravel_sched::Config,
+    /// Set when a commit failed after memory changed; the server reloads from the store.
+    pub needs_reload: bool,
 }
 
 fn job_port(job: JobId) -> u16 {
@@ -91,6 +93,7 @@ impl Core {
             next_node: 1,
             next_tenant: 1,
             sched_cfg: Default::default(),
+            needs_reload: false,
         };
         for (t, h) in snap.tenants {
             core.next_tenant = core.next_tenant.max(t.id.0 + 1);
@@ -138,15 +141,37 @@ impl Core {
             }
             core.runs.insert(r.id, r);
         }
-        let ids: Vec<JobId> = core.jobs.keys().copied().collect();
-        for id in ids {
-            core.refresh_pending(id);
-        }
+        core.repair(now)?;
         Ok(core)
     }
 
+    /// Restores invariants that a crash between two commits of one operation can leave
+    /// broken: runs told to stop before they started are ended, and every job's own state
+    /// is recomputed from its tasks.
+    fn repair(&mut self, now: Millis) -> Result<(), ApiError> {
+        let unstarted: Vec<RunId> = self
+            .runs
+            .values()
+            .filter(|r| r.state == RunState::Assigned && r.stop.is_some())
+            .map(|r| r.id)
+            .collect();
+        for r in unstarted {
+            let msg = "stopped before start".to_string();
+            self.finish_run(r, RunState::Killed, now, None, None, msg, None)?;
+        }
+        let ids: Vec<JobId> = self.jobs.keys().copied().collect();
+        for id in ids {
+            self.settle_job(id, now)?;
+        }
+        Ok(())
+    }
+
     fn commit(&mut self, batch: &[Mutation]) -> Result<(), ApiError> {
-        self.store.apply(batch).map_err(ApiError::from)
+        self.store.apply(batch).map_err(|e| {
+            // Memory may now be ahead of the store: the server rebuilds it from the store.
+            self.needs_reload = true;
+            ApiError::from(e)
+        })
     }
 
     pub fn store(&mut self) -> &mut dyn Store {
@@ -387,13 +412,24 @@ impl Core {
 
     /// Recomputes the job's own state from its tasks and persists it when it changed.
     fn settle_job(&mut self, id: JobId, now: Millis) -> Result<(), ApiError> {
+        let batch = self.settle_mutations(id, now);
+        if !batch.is_empty() {
+            self.commit(&batch)?;
+        }
+        self.refresh_pending(id);
+        Ok(())
+    }
+
+    /// Updates the job's state in memory and returns the mutations that persist it, so a
+    /// caller can commit them in the same transaction as the change that caused them.
+    fn settle_mutations(&mut self, id: JobId, now: Millis) -> Vec<Mutation> {
+        let mut batch = Vec::new();
         let Some(j) = self.jobs.get_mut(&id) else {
-            return Ok(());
+            return batch;
         };
         if j.rec.state.is_terminal() {
-            return Ok(());
+            return batch;
         }
-        let mut batch = Vec::new();
         // A gang that lost a member restarts whole once every member has stopped.
         if j.rec.spec.gang && j.rec.gang_abort.is_some() && j.active_runs.is_empty() {
             let why = j.rec.gang_abort.take().unwrap_or_default();
@@ -459,10 +495,8 @@ impl Core {
                 }
             }
             batch.push(Mutation::PutJob(j.rec.clone()));
-            self.commit(&batch)?;
         }
-        self.refresh_pending(id);
-        Ok(())
+        batch
     }
 
     fn refresh_pending(&mut self, id: JobId) {
@@ -798,7 +832,6 @@ impl Core {
                 touched.insert(or.node);
             }
         }
-        self.commit(&batch)?;
         self.runs.remove(&id);
         self.give_alloc(&r);
         self.jobs
@@ -806,6 +839,11 @@ impl Core {
             .expect("exists")
             .active_runs
             .remove(&id);
+        // The job's new state lands in the same transaction as the run's end: a crash can
+        // never leave a finished run under a job that still says running.
+        batch.extend(self.settle_mutations(job_id, ended));
+        self.commit(&batch)?;
+        self.refresh_pending(job_id);
         touched.insert(r.node);
         for n in touched {
             self.bump(n);
@@ -821,7 +859,6 @@ impl Core {
                 None,
             )?;
         }
-        self.settle_job(job_id, ended)?;
         Ok(())
     }
 

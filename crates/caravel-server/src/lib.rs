@@ -228,10 +228,15 @@ async fn scheduling_loop(s: Arc<Shared>) {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
         let t0 = Instant::now();
-        let res = {
+        let (res, needs_reload) = {
             let mut core = s.core.lock().expect("core lock");
-            core.schedule(now_ms())
+            let r = core.schedule(now_ms());
+            (r, core.needs_reload)
         };
+        if needs_reload && res.is_ok() {
+            tracing::error!("a commit failed earlier; reloading state from the store");
+            reload(&s);
+        }
         match res {
             Ok(st) if st.considered_jobs > 0 => {
                 s.metrics.sched_latency.observe(t0.elapsed().as_secs_f64());

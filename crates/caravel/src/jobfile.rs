@@ -70,7 +70,9 @@ impl JobFile {
     pub fn parse(text: &str, origin: &str) -> Result<JobFile> {
         toml::from_str(text).map_err(|e| {
             // One line, `file:line: reason`, as compilers print it.
-            let line = e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
             match line {
                 Some(l) => anyhow!("{origin}:{l}: {}", e.message().trim()),
                 None => anyhow!("{origin}: {}", e.message().trim()),

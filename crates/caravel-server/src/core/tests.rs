@@ -412,3 +412,43 @@ fn agent_restart_loses_runs_it_does_not_report() {
         "the old instance must re-register"
     );
 }
+
+#[test]
+fn load_repairs_a_job_left_inconsistent_by_a_crash_between_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        // What disk looks like if the server died after ending the last run but before
+        // writing the job's own state: every task done, the job still "running".
+        let mut s = SqliteStore::open(&dir.path().join("c.db"), Sync::Normal).unwrap();
+        let mut j = caravel_store::conformance::job(1, 1);
+        j.state = JobState::Running;
+        let mut t = caravel_store::conformance::task(1, 0);
+        t.state = TaskState::Succeeded;
+        let mut r = caravel_store::conformance::run(1, 1, RunState::Assigned);
+        r.stop = Some(StopReason::Cancel);
+        r.started_ms = None;
+        let mut j2 = caravel_store::conformance::job(2, 1);
+        j2.state = JobState::Running;
+        j2.cancel_requested = true;
+        let mut t2 = caravel_store::conformance::task(2, 0);
+        t2.state = TaskState::Assigned;
+        t2.current_run = Some(RunId(1));
+        r.job = JobId(2);
+        s.apply(&[
+            caravel_store::Mutation::PutJob(j),
+            caravel_store::Mutation::PutTask(t),
+            caravel_store::Mutation::PutJob(j2),
+            caravel_store::Mutation::PutTask(t2),
+            caravel_store::Mutation::PutRun(r),
+        ])
+        .unwrap();
+    }
+    let c = open(dir.path(), 100);
+    assert_eq!(c.jobs[&JobId(1)].rec.state, JobState::Succeeded);
+    assert_eq!(
+        c.jobs[&JobId(2)].rec.state,
+        JobState::Cancelled,
+        "a stop that never reached the agent is finished"
+    );
+    assert!(c.runs.is_empty());
+}

@@ -16,24 +16,101 @@ fn err(r: Result<Value, (u16, Value)>) -> (u16, String, Option<String>, String) 
 #[test]
 fn every_bad_input_gets_a_clear_error_and_creates_nothing() {
     let p = Pool::new("bad", &[("a", &["--cpus", "2", "--gpus", "A100:1"])]);
-    let ta = p.post(&p.admin, "/v1/tenants", &json!({"name": "alpha"})).unwrap();
-    let tb = p.post(&p.admin, "/v1/tenants", &json!({"name": "beta"})).unwrap();
-    let (ta, tb) = (ta["token"].as_str().unwrap().to_string(), tb["token"].as_str().unwrap().to_string());
+    let ta = p
+        .post(&p.admin, "/v1/tenants", &json!({"name": "alpha"}))
+        .unwrap();
+    let tb = p
+        .post(&p.admin, "/v1/tenants", &json!({"name": "beta"}))
+        .unwrap();
+    let (ta, tb) = (
+        ta["token"].as_str().unwrap().to_string(),
+        tb["token"].as_str().unwrap().to_string(),
+    );
     let cases: Vec<(Value, u16, &str, Option<&str>)> = vec![
-        (json!({"command": "x", "gpus": 2}), 400, "malformed_request", None),
-        (json!({"command": "x", "resources": {"cpu_milli": -1}}), 400, "malformed_request", Some("resources.cpu_milli")),
-        (json!({"command": "x", "resources": {"cpu_milli": 0}}), 400, "invalid_argument", Some("resources.cpu_milli")),
-        (json!({"command": "x", "resources": {"cpu_milli": 9_000_000_000_000u64}}), 400, "invalid_argument", Some("resources.cpu_milli")),
-        (json!({"command": "x", "resources": {"memory_bytes": 9_000_000_000_000_000_000u64}}), 400, "invalid_argument", Some("resources.memory_bytes")),
-        (json!({"command": "x", "resources": {"gpu": {"model": "H100", "count": 1}}}), 422, "unschedulable", Some("resources.gpu.model")),
-        (json!({"command": "x", "resources": {"gpu": {"model": "A100", "count": 0}}}), 400, "invalid_argument", Some("resources.gpu.count")),
-        (json!({"command": "x", "resources": {"cpu_milli": 64000}}), 422, "unschedulable", Some("resources")),
-        (json!({"command": ""}), 400, "invalid_argument", Some("command")),
-        (json!({"command": "x", "tasks": 0}), 400, "invalid_argument", Some("tasks")),
-        (json!({"command": "x", "priority": "urgent"}), 400, "malformed_request", Some("priority")),
-        (json!({"command": "x", "env": {"BAD-NAME": "1"}}), 400, "invalid_argument", Some("env.BAD-NAME")),
-        (json!({"command": "x", "max_runtime_ms": 0}), 400, "invalid_argument", Some("max_runtime_ms")),
-        (json!({"args": ["no command"]}), 400, "malformed_request", None),
+        (
+            json!({"command": "x", "gpus": 2}),
+            400,
+            "malformed_request",
+            None,
+        ),
+        (
+            json!({"command": "x", "resources": {"cpu_milli": -1}}),
+            400,
+            "malformed_request",
+            Some("resources.cpu_milli"),
+        ),
+        (
+            json!({"command": "x", "resources": {"cpu_milli": 0}}),
+            400,
+            "invalid_argument",
+            Some("resources.cpu_milli"),
+        ),
+        (
+            json!({"command": "x", "resources": {"cpu_milli": 9_000_000_000_000u64}}),
+            400,
+            "invalid_argument",
+            Some("resources.cpu_milli"),
+        ),
+        (
+            json!({"command": "x", "resources": {"memory_bytes": 9_000_000_000_000_000_000u64}}),
+            400,
+            "invalid_argument",
+            Some("resources.memory_bytes"),
+        ),
+        (
+            json!({"command": "x", "resources": {"gpu": {"model": "H100", "count": 1}}}),
+            422,
+            "unschedulable",
+            Some("resources.gpu.model"),
+        ),
+        (
+            json!({"command": "x", "resources": {"gpu": {"model": "A100", "count": 0}}}),
+            400,
+            "invalid_argument",
+            Some("resources.gpu.count"),
+        ),
+        (
+            json!({"command": "x", "resources": {"cpu_milli": 64000}}),
+            422,
+            "unschedulable",
+            Some("resources"),
+        ),
+        (
+            json!({"command": ""}),
+            400,
+            "invalid_argument",
+            Some("command"),
+        ),
+        (
+            json!({"command": "x", "tasks": 0}),
+            400,
+            "invalid_argument",
+            Some("tasks"),
+        ),
+        (
+            json!({"command": "x", "priority": "urgent"}),
+            400,
+            "malformed_request",
+            Some("priority"),
+        ),
+        (
+            json!({"command": "x", "env": {"BAD-NAME": "1"}}),
+            400,
+            "invalid_argument",
+            Some("env.BAD-NAME"),
+        ),
+        (
+            json!({"command": "x", "max_runtime_ms": 0}),
+            400,
+            "invalid_argument",
+            Some("max_runtime_ms"),
+        ),
+        (
+            json!({"args": ["no command"]}),
+            400,
+            "malformed_request",
+            None,
+        ),
     ];
     for (body, status, code, field) in &cases {
         let (s, c, f, m) = err(p.post(&ta, "/v1/jobs", body));
@@ -46,7 +123,11 @@ fn every_bad_input_gets_a_clear_error_and_creates_nothing() {
     let (s, c, _, m) = err(p.post_raw(&ta, "/v1/jobs", "{not json"));
     assert_eq!((s, c.as_str()), (400, "malformed_request"), "{m}");
     // Tokens.
-    let (s, c, _, _) = err(p.post(&"cvt_bogus".to_string(), "/v1/jobs", &json!({"command": "x"})));
+    let (s, c, _, _) = err(p.post(
+        &"cvt_bogus".to_string(),
+        "/v1/jobs",
+        &json!({"command": "x"}),
+    ));
     assert_eq!((s, c.as_str()), (401, "unauthenticated"));
     let (s, c, _, _) = err(p.post("", "/v1/jobs", &json!({"command": "x"})));
     assert_eq!((s, c.as_str()), (401, "unauthenticated"));
@@ -55,13 +136,19 @@ fn every_bad_input_gets_a_clear_error_and_creates_nothing() {
     let (s, c, _, _) = err(p.post(&ta, "/v1/tenants", &json!({"name": "evil"})));
     assert_eq!((s, c.as_str()), (403, "permission_denied"));
     let (s, c, f, _) = err(p.post(&p.admin, "/v1/tenants", &json!({"name": "alpha"})));
-    assert_eq!((s, c.as_str(), f.as_deref()), (409, "conflict", Some("name")));
+    assert_eq!(
+        (s, c.as_str(), f.as_deref()),
+        (409, "conflict", Some("name"))
+    );
     let (s, _, f, _) = err(p.post(&p.admin, "/v1/tenants", &json!({"name": "x y"})));
     assert_eq!((s, f.as_deref()), (400, Some("name")));
     let (s, _, f, _) = err(p.post(&p.admin, "/v1/tenants", &json!({"name": "w", "weight": -1})));
     assert_eq!((s, f.as_deref()), (400, Some("weight")));
     let (s, c, f, _) = err(p.post(&p.admin, "/v1/jobs?tenant=nobody", &json!({"command": "x"})));
-    assert_eq!((s, c.as_str(), f.as_deref()), (404, "not_found", Some("tenant")));
+    assert_eq!(
+        (s, c.as_str(), f.as_deref()),
+        (404, "not_found", Some("tenant"))
+    );
     let (s, _, f, _) = err(p.get(&ta, "/v1/jobs?state=sleeping"));
     assert_eq!((s, f.as_deref()), (400, Some("state")));
     let (s, _, f, _) = err(p.get(&ta, "/v1/jobs/abc"));
@@ -69,12 +156,34 @@ fn every_bad_input_gets_a_clear_error_and_creates_nothing() {
     let (s, c, _, _) = err(p.get(&ta, "/v1/nothing-here"));
     assert_eq!((s, c.as_str()), (404, "not_found"));
     // Nothing was half-created by any of the above.
-    assert_eq!(p.get(&p.admin, "/v1/jobs").unwrap().as_array().unwrap().len(), 0);
-    assert_eq!(p.get(&p.admin, "/v1/tenants").unwrap().as_array().unwrap().len(), 3);
+    assert_eq!(
+        p.get(&p.admin, "/v1/jobs")
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    assert_eq!(
+        p.get(&p.admin, "/v1/tenants")
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
 
     // Tenant isolation: B can neither see nor cancel A's job.
-    let id = p.submit(&ta, json!({"command": "sleep", "args": ["30"], "resources": {"cpu_milli": 100}}));
-    assert!(p.get(&tb, "/v1/jobs").unwrap().as_array().unwrap().is_empty());
+    let id = p.submit(
+        &ta,
+        json!({"command": "sleep", "args": ["30"], "resources": {"cpu_milli": 100}}),
+    );
+    assert!(p
+        .get(&tb, "/v1/jobs")
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .is_empty());
     let (s, c, _, _) = err(p.get(&tb, &format!("/v1/jobs/{id}")));
     assert_eq!((s, c.as_str()), (404, "not_found"));
     let (s, _, _, _) = err(p.post(&tb, &format!("/v1/jobs/{id}/cancel"), &json!({})));
@@ -89,7 +198,8 @@ fn every_bad_input_gets_a_clear_error_and_creates_nothing() {
     assert_eq!(p.job(&ta, id)["tenant"], "alpha");
     let ts = p.get(&tb, "/v1/tenants").unwrap();
     assert_eq!(ts.as_array().unwrap().len(), 1, "a tenant sees only itself");
-    p.post(&ta, &format!("/v1/jobs/{id}/cancel"), &json!({})).unwrap();
+    p.post(&ta, &format!("/v1/jobs/{id}/cancel"), &json!({}))
+        .unwrap();
 
     // The CLI: one line, non-zero exit.
     for args in [
@@ -109,12 +219,25 @@ fn every_bad_input_gets_a_clear_error_and_creates_nothing() {
     }
     let out = p.cli_as(&ta, &["submit", "--gpus", "Z9:1", "--", "x"]);
     let e = String::from_utf8_lossy(&out.stderr);
-    assert!(e.contains("no node offers gpu model `Z9`") && e.contains("unschedulable"), "{e}");
+    assert!(
+        e.contains("no node offers gpu model `Z9`") && e.contains("unschedulable"),
+        "{e}"
+    );
     let out = p.cli_as("cvt_wrong", &["jobs"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("(unauthenticated)"));
     std::fs::write(p.file("bad.toml"), "command = \"x\"\nnodes = 3\n").unwrap();
     let out = p.cli_as(&ta, &["submit", "-f", p.file("bad.toml").to_str().unwrap()]);
     let e = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && e.contains("unknown field `nodes`"), "{e}");
-    assert_eq!(p.get(&p.admin, "/v1/jobs").unwrap().as_array().unwrap().len(), 1);
+    assert!(
+        !out.status.success() && e.contains("unknown field `nodes`"),
+        "{e}"
+    );
+    assert_eq!(
+        p.get(&p.admin, "/v1/jobs")
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
 }

@@ -20,23 +20,48 @@ fn server_kill9_mid_run_readopts_tasks_and_loses_nothing() {
                "resources": {"cpu_milli": 100}}),
     );
     p.wait_state(long, &["running"], Duration::from_secs(20));
-    let pid: i32 = wait_for("pid", Duration::from_secs(10), || std::fs::read_to_string(&pidfile).ok()?.trim().parse().ok());
+    let pid: i32 = wait_for("pid", Duration::from_secs(10), || {
+        std::fs::read_to_string(&pidfile).ok()?.trim().parse().ok()
+    });
+    // This one exits while the server is down: its report waits in the agent's outbox.
+    let short = p.submit(
+        &p.admin,
+        json!({"command": "sleep", "args": ["0.5"], "resources": {"cpu_milli": 100}}),
+    );
+    p.wait_task_running(short, 0);
     // A burst of accepted jobs right before the crash.
     let mut accepted = BTreeSet::new();
     for i in 0..40 {
         accepted.insert(p.submit(&p.admin, json!({"command": "sh", "args": ["-c", format!("echo {i}")], "resources": {"cpu_milli": 100}})));
     }
     p.kill9_server();
-    assert!(pid_alive(pid), "the task keeps running while the server is down");
+    assert!(
+        pid_alive(pid),
+        "the task keeps running while the server is down"
+    );
     std::thread::sleep(Duration::from_millis(1500));
     p.start_server();
     let j = p.wait_state(long, &["succeeded", "failed"], Duration::from_secs(30));
     assert_eq!(j["state"], "succeeded", "{j}");
-    assert_eq!(j["runs"].as_array().unwrap().len(), 1, "re-adopted, not restarted: {j}");
+    assert_eq!(
+        j["runs"].as_array().unwrap().len(),
+        1,
+        "re-adopted, not restarted: {j}"
+    );
     assert_eq!(p.logs(long, 0, "stdout"), "finished\n");
+    let j = p.wait_state(short, &["succeeded", "failed"], Duration::from_secs(30));
+    assert_eq!(
+        j["state"], "succeeded",
+        "exit reported after the restart: {j}"
+    );
+    assert_eq!(j["runs"].as_array().unwrap().len(), 1);
+    accepted.insert(short);
     for id in &accepted {
         let j = p.wait_state(*id, &["succeeded", "failed"], Duration::from_secs(30));
-        assert_eq!(j["state"], "succeeded", "accepted job {id} lost or failed: {j}");
+        assert_eq!(
+            j["state"], "succeeded",
+            "accepted job {id} lost or failed: {j}"
+        );
     }
     // Exactly one usage record per run, none duplicated, none missing.
     let by_job = usage_runs(&p);
@@ -45,31 +70,48 @@ fn server_kill9_mid_run_readopts_tasks_and_loses_nothing() {
         assert_eq!(row["runs"], 1, "{row}");
     }
     let all = p.get(&p.admin, "/v1/jobs").unwrap();
-    assert_eq!(all.as_array().unwrap().len(), accepted.len() + 1, "no job duplicated");
+    assert_eq!(
+        all.as_array().unwrap().len(),
+        accepted.len() + 1,
+        "no job duplicated"
+    );
 }
 
 #[test]
 fn a_killed_agents_tasks_are_rescheduled_on_healthy_nodes() {
-    let mut p = Pool::new("agentkill", &[("a", &["--cpus", "1"]), ("b", &["--cpus", "1"])]);
-    let id = p.submit(&p.admin, json!({"command": "sleep", "args": ["300"], "max_retries": 2}));
+    let mut p = Pool::new(
+        "agentkill",
+        &[("a", &["--cpus", "1"]), ("b", &["--cpus", "1"])],
+    );
+    let id = p.submit(
+        &p.admin,
+        json!({"command": "sleep", "args": ["300"], "max_retries": 2}),
+    );
     let j = p.wait_task_running(id, 0);
     let first = j["task_list"][0]["node"].as_str().unwrap().to_string();
     let victim = if first == p.node_name("a") { "a" } else { "b" };
     p.kill9_agent(victim);
     let j = wait_for("rescheduled", Duration::from_secs(15), || {
         let j = p.job(&p.admin, id);
-        (j["runs"].as_array().unwrap().len() == 2 && j["task_list"][0]["state"] == "running").then_some(j)
+        (j["runs"].as_array().unwrap().len() == 2 && j["task_list"][0]["state"] == "running")
+            .then_some(j)
     });
     assert_eq!(j["runs"][0]["state"], "lost");
     assert_ne!(j["runs"][1]["node"], first.as_str());
     assert_eq!(j["task_list"][0]["retries_used"], 1);
     let nodes = p.get(&p.admin, "/v1/nodes").unwrap();
-    let lost = nodes.as_array().unwrap().iter().find(|n| n["name"] == first.as_str()).unwrap();
+    let lost = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == first.as_str())
+        .unwrap();
     assert_eq!(lost["state"], "lost");
     // The lost run was metered once, up to the last time its node was heard from.
     let u = p.get(&p.admin, &format!("/v1/usage?job={id}")).unwrap();
     assert_eq!(u["by_job"][0]["runs"], 1, "{u} {j}");
-    p.post(&p.admin, &format!("/v1/jobs/{id}/cancel"), &json!({})).unwrap();
+    p.post(&p.admin, &format!("/v1/jobs/{id}/cancel"), &json!({}))
+        .unwrap();
     p.wait_state(id, &["cancelled"], Duration::from_secs(15));
 }
 
@@ -86,7 +128,13 @@ fn a_partitioned_node_that_returns_has_its_stale_copy_killed() {
     let run1 = j["runs"][0]["id"].as_u64().unwrap();
     let first = j["task_list"][0]["node"].as_str().unwrap().to_string();
     let victim = if first == p.node_name("a") { "a" } else { "b" };
-    let pid1: i32 = wait_for("pid", Duration::from_secs(10), || std::fs::read_to_string(dir.join(run1.to_string())).ok()?.trim().parse().ok());
+    let pid1: i32 = wait_for("pid", Duration::from_secs(10), || {
+        std::fs::read_to_string(dir.join(run1.to_string()))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    });
     // Freeze the agent (a partition as the server sees it); its task keeps running.
     let apid = p.agent_pid(victim);
     unsafe {
@@ -94,21 +142,112 @@ fn a_partitioned_node_that_returns_has_its_stale_copy_killed() {
     }
     let j = wait_for("rescheduled", Duration::from_secs(15), || {
         let j = p.job(&p.admin, id);
-        (j["runs"].as_array().unwrap().len() == 2 && j["task_list"][0]["state"] == "running").then_some(j)
+        (j["runs"].as_array().unwrap().len() == 2 && j["task_list"][0]["state"] == "running")
+            .then_some(j)
     });
     let run2 = j["runs"][1]["id"].as_u64().unwrap();
-    let pid2: i32 = wait_for("pid2", Duration::from_secs(10), || std::fs::read_to_string(dir.join(run2.to_string())).ok()?.trim().parse().ok());
-    assert!(pid_alive(pid1), "the stale copy is still running during the partition");
+    let pid2: i32 = wait_for("pid2", Duration::from_secs(10), || {
+        std::fs::read_to_string(dir.join(run2.to_string()))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    });
+    assert!(
+        pid_alive(pid1),
+        "the stale copy is still running during the partition"
+    );
     unsafe {
         libc::kill(apid, libc::SIGCONT);
     }
-    wait_for("stale copy killed", Duration::from_secs(15), || (!pid_alive(pid1)).then_some(()));
+    wait_for("stale copy killed", Duration::from_secs(15), || {
+        (!pid_alive(pid1)).then_some(())
+    });
     assert!(pid_alive(pid2), "the new copy keeps running");
     let nodes = p.get(&p.admin, "/v1/nodes").unwrap();
-    assert!(nodes.as_array().unwrap().iter().all(|n| n["state"] == "ready"), "{nodes}");
+    assert!(
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["state"] == "ready"),
+        "{nodes}"
+    );
     let j = p.job(&p.admin, id);
     assert_eq!(j["runs"][0]["state"], "lost");
-    assert_eq!(j["runs"].as_array().unwrap().len(), 2, "the returning node did not start a third copy");
+    assert_eq!(
+        j["runs"].as_array().unwrap().len(),
+        2,
+        "the returning node did not start a third copy"
+    );
     let u = p.get(&p.admin, &format!("/v1/usage?job={id}")).unwrap();
-    assert_eq!(u["by_job"][0]["runs"], 1, "the stale copy's late exit is not metered twice");
+    assert_eq!(
+        u["by_job"][0]["runs"], 1,
+        "the stale copy's late exit is not metered twice"
+    );
+}
+
+#[test]
+fn server_killed_repeatedly_during_a_stream_of_jobs_loses_and_duplicates_nothing() {
+    let mut p = Pool::new("kill9loop", &[("a", &["--cpus", "16"])]);
+    let (url, admin) = (p.url.clone(), p.admin.clone());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let submitter = std::thread::spawn(move || {
+        let mut accepted = vec![];
+        let mut i = 0u64;
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) && accepted.len() < 300 {
+            let spec = json!({"command": "sh", "args": ["-c", format!("sleep 0.{}", i % 4)], "resources": {"cpu_milli": 100}});
+            if let Some(id) = Pool::try_submit(&url, &admin, &spec) {
+                accepted.push(id);
+            } else {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            i += 1;
+        }
+        accepted
+    });
+    for round in 0..3u64 {
+        std::thread::sleep(Duration::from_millis(400 + 150 * round));
+        p.kill9_server();
+        std::thread::sleep(Duration::from_millis(300));
+        p.start_server();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let accepted = submitter.join().unwrap();
+    assert!(accepted.len() > 20, "only {} jobs accepted", accepted.len());
+    // Every job the server ever acknowledged finishes, with exactly one run and one usage record.
+    for id in &accepted {
+        let j = p.wait_state(
+            *id,
+            &["succeeded", "failed", "cancelled"],
+            Duration::from_secs(60),
+        );
+        assert_eq!(j["state"], "succeeded", "{j}");
+        assert_eq!(
+            j["runs"].as_array().unwrap().len(),
+            1,
+            "a run was restarted or duplicated: {j}"
+        );
+    }
+    let all = p.get(&p.admin, "/v1/jobs?limit=100000").unwrap();
+    let all = all.as_array().unwrap();
+    let ids: BTreeSet<u64> = all.iter().map(|j| j["id"].as_u64().unwrap()).collect();
+    assert_eq!(ids.len(), all.len(), "duplicate job ids");
+    for id in &accepted {
+        assert!(ids.contains(id), "accepted job {id} lost");
+    }
+    // A job committed just before a kill may never have had its 201 delivered; it must
+    // still run to completion like any other.
+    for j in all {
+        let id = j["id"].as_u64().unwrap();
+        p.wait_state(id, &["succeeded"], Duration::from_secs(60));
+    }
+    let by_job = usage_runs(&p);
+    assert_eq!(by_job.len(), all.len(), "one usage row per job");
+    assert!(
+        by_job.iter().all(|r| r["runs"] == 1),
+        "usage duplicated: {by_job:?}"
+    );
 }

@@ -31,11 +31,29 @@ impl Drop for Pool {
             let _ = s.kill();
             let _ = s.wait();
         }
+        if std::thread::panicking() {
+            // Keep the logs and the database of a failed test for a post-mortem.
+            let keep = self.dir.path().to_path_buf();
+            let _ = std::fs::rename(
+                &keep,
+                std::env::temp_dir().join(format!("caravel-failed-{}", self.tag)),
+            );
+            eprintln!(
+                "kept test data in {}",
+                std::env::temp_dir()
+                    .join(format!("caravel-failed-{}", self.tag))
+                    .display()
+            );
+        }
     }
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
@@ -44,7 +62,10 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
         if let Some(v) = f() {
             return v;
         }
-        assert!(t0.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            t0.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -128,7 +149,15 @@ impl Pool {
         let full = self.node_name(name);
         let log = std::fs::File::create(self.dir.path().join(format!("agent-{name}.log"))).unwrap();
         let child = Command::new(BIN)
-            .args(["agent", "--server", &self.url, "--token", &self.agent_token, "--name", &full])
+            .args([
+                "agent",
+                "--server",
+                &self.url,
+                "--token",
+                &self.agent_token,
+                "--name",
+                &full,
+            ])
             .args(["--listen", "127.0.0.1:0", "--work-dir"])
             .arg(self.dir.path().join(format!("agent-{name}")))
             .args(extra)
@@ -155,13 +184,20 @@ impl Pool {
     pub fn wait_nodes_ready(&self, n: usize) {
         wait_for("nodes ready", Duration::from_secs(20), || {
             let nodes = self.get(&self.admin, "/v1/nodes").ok()?;
-            let ready = nodes.as_array()?.iter().filter(|x| x["state"] == "ready").count();
+            let ready = nodes
+                .as_array()?
+                .iter()
+                .filter(|x| x["state"] == "ready")
+                .count();
             (ready >= n).then_some(())
         });
     }
 
     fn rt() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
     }
 
     /// GET with a token: Ok(json) on 2xx, Err((status, json)) otherwise.
@@ -177,7 +213,13 @@ impl Pool {
         self.call(reqwest::Method::POST, token, path, Some(body.to_string()))
     }
 
-    pub fn call(&self, m: reqwest::Method, token: &str, path: &str, body: Option<String>) -> Result<Value, (u16, Value)> {
+    pub fn call(
+        &self,
+        m: reqwest::Method,
+        token: &str,
+        path: &str,
+        body: Option<String>,
+    ) -> Result<Value, (u16, Value)> {
         Self::rt().block_on(async {
             let mut r = self.http.request(m, format!("{}{path}", self.url));
             if !token.is_empty() {
@@ -186,7 +228,10 @@ impl Pool {
             if let Some(b) = body {
                 r = r.header("content-type", "application/json").body(b);
             }
-            let resp = r.send().await.map_err(|e| (0, Value::String(e.to_string())))?;
+            let resp = r
+                .send()
+                .await
+                .map_err(|e| (0, Value::String(e.to_string())))?;
             let status = resp.status().as_u16();
             let text = resp.text().await.unwrap_or_default();
             let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
@@ -212,8 +257,30 @@ impl Pool {
         })
     }
 
+    /// A submit that does not need the pool (for other threads); None if not accepted.
+    pub fn try_submit(url: &str, token: &str, spec: &Value) -> Option<u64> {
+        let rt = Self::rt();
+        rt.block_on(async {
+            let r = reqwest::Client::new()
+                .post(format!("{url}/v1/jobs"))
+                .bearer_auth(token)
+                .json(spec)
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await
+                .ok()?;
+            if r.status().as_u16() != 201 {
+                return None;
+            }
+            let v: Value = r.json().await.ok()?;
+            v["id"].as_u64()
+        })
+    }
+
     pub fn submit(&self, token: &str, spec: Value) -> u64 {
-        let r = self.post(token, "/v1/jobs", &spec).unwrap_or_else(|e| panic!("submit failed: {e:?}"));
+        let r = self
+            .post(token, "/v1/jobs", &spec)
+            .unwrap_or_else(|e| panic!("submit failed: {e:?}"));
         r["id"].as_u64().unwrap()
     }
 
@@ -230,14 +297,21 @@ impl Pool {
 
     /// Waits until task `t` reports its process started.
     pub fn wait_task_running(&self, id: u64, t: usize) -> Value {
-        wait_for(&format!("job {id} task {t} running"), Duration::from_secs(20), || {
-            let j = self.job(&self.admin, id);
-            (j["task_list"][t]["state"] == "running").then_some(j)
-        })
+        wait_for(
+            &format!("job {id} task {t} running"),
+            Duration::from_secs(20),
+            || {
+                let j = self.job(&self.admin, id);
+                (j["task_list"][t]["state"] == "running").then_some(j)
+            },
+        )
     }
 
     pub fn logs(&self, id: u64, task: u32, stream: &str) -> String {
-        self.text(&self.admin, &format!("/v1/jobs/{id}/logs?task={task}&stream={stream}"))
+        self.text(
+            &self.admin,
+            &format!("/v1/jobs/{id}/logs?task={task}&stream={stream}"),
+        )
     }
 
     /// Runs the CLI with this pool's server and admin token.
@@ -263,7 +337,12 @@ impl Pool {
 pub fn pid_alive(pid: i32) -> bool {
     // Zombies count as dead: read the state from /proc.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Ok(s) => !s
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
         Err(_) => false,
     }
 }

@@ -12,7 +12,10 @@ fn jobs_run_and_their_output_and_exit_codes_come_back() {
     let missing = p.submit(&p.admin, json!({"command": "/no/such/binary"}));
     let j = p.wait_state(ok, &["succeeded", "failed"], Duration::from_secs(20));
     assert_eq!(j["state"], "succeeded", "{j}");
-    assert_eq!(p.logs(ok, 0, "stdout"), format!("hello\njob={ok} idx=0 n=1\n"));
+    assert_eq!(
+        p.logs(ok, 0, "stdout"),
+        format!("hello\njob={ok} idx=0 n=1\n")
+    );
     assert_eq!(p.logs(ok, 0, "stderr"), "oops\n");
     let j = p.wait_state(bad, &["succeeded", "failed"], Duration::from_secs(20));
     assert_eq!(j["state"], "failed");
@@ -20,7 +23,13 @@ fn jobs_run_and_their_output_and_exit_codes_come_back() {
     assert_eq!(j["runs"][0]["message"], "exit code 7");
     let j = p.wait_state(missing, &["succeeded", "failed"], Duration::from_secs(20));
     assert_eq!(j["state"], "failed");
-    assert!(j["runs"][0]["message"].as_str().unwrap().contains("cannot start `/no/such/binary`"), "{j}");
+    assert!(
+        j["runs"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot start `/no/such/binary`"),
+        "{j}"
+    );
 
     // The CLI: --wait prints the output and exits with the job's status.
     let out = p.cli(&["submit", "--wait", "--", "echo", "from", "cli"]);
@@ -47,10 +56,16 @@ fn jobs_run_and_their_output_and_exit_codes_come_back() {
     assert!(v.as_array().unwrap().iter().any(|j| j["name"] == "filejob"));
     let out = p.cli(&["jobs"]);
     let s = String::from_utf8_lossy(&out.stdout);
-    assert!(s.starts_with("ID ") && s.contains("filejob") && s.contains("succeeded"), "{s}");
+    assert!(
+        s.starts_with("ID ") && s.contains("filejob") && s.contains("succeeded"),
+        "{s}"
+    );
     let out = p.cli(&["job", "show", &id.to_string()]);
     let s = String::from_utf8_lossy(&out.stdout);
-    assert!(s.contains("State:      succeeded") && s.contains("Runs:"), "{s}");
+    assert!(
+        s.contains("State:      succeeded") && s.contains("Runs:"),
+        "{s}"
+    );
     let out = p.cli(&["nodes", "-o", "json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v[0]["capacity"]["cpu_milli"], 2000);
@@ -62,14 +77,20 @@ fn logs_follow_streams_until_the_task_ends() {
     let id = p.submit(&p.admin, json!({"command": "sh", "args": ["-c", "for i in 1 2 3; do echo line $i; sleep 0.3; done"]}));
     let out = p.cli(&["logs", &id.to_string(), "--follow"]);
     assert!(out.status.success());
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "line 1\nline 2\nline 3\n");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "line 1\nline 2\nline 3\n"
+    );
 }
 
 #[test]
 fn gang_is_placed_all_or_nothing_with_a_consistent_torchrun_contract() {
     let p = Pool::new(
         "gang",
-        &[("a", &["--cpus", "2", "--gpus", "H100:2"]), ("b", &["--cpus", "2", "--gpus", "H100:2"])],
+        &[
+            ("a", &["--cpus", "2", "--gpus", "H100:2"]),
+            ("b", &["--cpus", "2", "--gpus", "H100:2"]),
+        ],
     );
     let script = "echo RANK=$RANK LOCAL_RANK=$LOCAL_RANK WORLD_SIZE=$WORLD_SIZE MASTER=$MASTER_ADDR:$MASTER_PORT CUDA=$CUDA_VISIBLE_DEVICES";
     let id = p.submit(
@@ -84,21 +105,42 @@ fn gang_is_placed_all_or_nothing_with_a_consistent_torchrun_contract() {
     let mut per_node: std::collections::BTreeMap<String, Vec<String>> = Default::default();
     for t in 0..4u32 {
         let line = p.logs(id, t, "stdout");
-        let kv: std::collections::BTreeMap<&str, &str> =
-            line.split_whitespace().filter_map(|w| w.split_once('=')).collect();
+        let kv: std::collections::BTreeMap<&str, &str> = line
+            .split_whitespace()
+            .filter_map(|w| w.split_once('='))
+            .collect();
         assert_eq!(kv["RANK"], t.to_string());
         assert_eq!(kv["WORLD_SIZE"], "4");
         masters.insert(kv["MASTER"].to_string());
         ranks.push(kv["RANK"].to_string());
-        let node = j["task_list"][t as usize]["node"].as_str().unwrap().to_string();
-        per_node.entry(node).or_default().push(format!("{}:{}", kv["LOCAL_RANK"], kv["CUDA"]));
+        let node = j["task_list"][t as usize]["node"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        per_node
+            .entry(node)
+            .or_default()
+            .push(format!("{}:{}", kv["LOCAL_RANK"], kv["CUDA"]));
     }
-    assert_eq!(masters.len(), 1, "every member agrees on the master: {masters:?}");
+    assert_eq!(
+        masters.len(),
+        1,
+        "every member agrees on the master: {masters:?}"
+    );
     assert!(masters.iter().next().unwrap().starts_with("127.0.0.1:"));
     for (node, v) in &per_node {
         let mut locals: Vec<&str> = v.iter().map(|s| s.split(':').next().unwrap()).collect();
         locals.sort();
-        assert_eq!(locals, (0..v.len()).map(|i| i.to_string()).collect::<Vec<_>>().iter().map(|s| s.as_str()).collect::<Vec<_>>(), "{node}");
+        assert_eq!(
+            locals,
+            (0..v.len())
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>(),
+            "{node}"
+        );
         let mut devs: Vec<&str> = v.iter().map(|s| s.split(':').nth(1).unwrap()).collect();
         devs.sort();
         devs.dedup();
@@ -116,10 +158,20 @@ fn gang_is_placed_all_or_nothing_with_a_consistent_torchrun_contract() {
     });
     assert_eq!(j["state"], "pending");
     assert_eq!(j["pending_reasons"][0]["code"], "gang");
-    assert!(j["pending_reasons"][0]["message"].as_str().unwrap().contains("only 4 of 5"), "{j}");
-    assert!(j["runs"].as_array().unwrap().is_empty(), "no member ever started");
+    assert!(
+        j["pending_reasons"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("only 4 of 5"),
+        "{j}"
+    );
+    assert!(
+        j["runs"].as_array().unwrap().is_empty(),
+        "no member ever started"
+    );
     let out = p.cli(&["job", "show", &big.to_string()]);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("[gang] gang: only 4 of 5 tasks fit together"));
+    assert!(String::from_utf8_lossy(&out.stdout)
+        .contains("[gang] gang: only 4 of 5 tasks fit together"));
 }
 
 #[test]
@@ -130,7 +182,10 @@ fn cancel_terminates_the_process_group() {
         "echo $$ > {}; trap 'echo got TERM; exit 143' TERM; sleep 300 & wait",
         pidfile.display()
     );
-    let id = p.submit(&p.admin, json!({"command": "sh", "args": ["-c", script], "kill_grace_ms": 5000}));
+    let id = p.submit(
+        &p.admin,
+        json!({"command": "sh", "args": ["-c", script], "kill_grace_ms": 5000}),
+    );
     p.wait_state(id, &["running"], Duration::from_secs(20));
     let pid: i32 = wait_for("pid file", Duration::from_secs(10), || {
         std::fs::read_to_string(&pidfile).ok()?.trim().parse().ok()
@@ -139,8 +194,14 @@ fn cancel_terminates_the_process_group() {
     assert!(out.status.success(), "{out:?}");
     let j = p.wait_state(id, &["cancelled"], Duration::from_secs(10));
     assert_eq!(j["runs"][0]["state"], "killed");
-    assert_eq!(p.logs(id, 0, "stdout"), "got TERM\n", "SIGTERM first, so the task can checkpoint");
-    wait_for("process gone", Duration::from_secs(5), || (!pid_alive(pid)).then_some(()));
+    assert_eq!(
+        p.logs(id, 0, "stdout"),
+        "got TERM\n",
+        "SIGTERM first, so the task can checkpoint"
+    );
+    wait_for("process gone", Duration::from_secs(5), || {
+        (!pid_alive(pid)).then_some(())
+    });
     // Cancelling a pending job works too, and a finished job is a conflict.
     let out = p.cli(&["cancel", &id.to_string()]);
     assert!(!out.status.success());
@@ -158,9 +219,14 @@ fn max_runtime_is_enforced() {
     let j = p.wait_state(id, &["failed", "succeeded"], Duration::from_secs(20));
     assert_eq!(j["state"], "failed");
     assert_eq!(j["runs"][0]["state"], "timed_out");
-    assert_eq!(j["runs"].as_array().unwrap().len(), 1, "a timeout is not retried");
+    assert_eq!(
+        j["runs"].as_array().unwrap().len(),
+        1,
+        "a timeout is not retried"
+    );
     assert!(t0.elapsed() < Duration::from_secs(10));
-    let d = j["runs"][0]["ended_ms"].as_i64().unwrap() - j["runs"][0]["started_ms"].as_i64().unwrap();
+    let d =
+        j["runs"][0]["ended_ms"].as_i64().unwrap() - j["runs"][0]["started_ms"].as_i64().unwrap();
     assert!((1000..3000).contains(&d), "ran {d} ms");
 }
 
@@ -168,7 +234,11 @@ fn max_runtime_is_enforced() {
 fn quota_caps_hold_jobs_with_a_reason_and_usage_is_reported() {
     let p = Pool::new("quota", &[("a", &["--cpus", "4", "--gpus", "T4:2"])]);
     let t: serde_json::Value = p
-        .post(&p.admin, "/v1/tenants", &json!({"name": "team", "quota": {"gpus": {"T4": 1}}}))
+        .post(
+            &p.admin,
+            "/v1/tenants",
+            &json!({"name": "team", "quota": {"gpus": {"T4": 1}}}),
+        )
         .unwrap();
     let tok = t["token"].as_str().unwrap().to_string();
     let spec = json!({"command": "sleep", "args": ["2"], "resources": {"cpu_milli": 500, "gpu": {"model": "T4", "count": 1}}});
@@ -179,7 +249,10 @@ fn quota_caps_hold_jobs_with_a_reason_and_usage_is_reported() {
         let j = p.job(&tok, b);
         (j["pending_reasons"][0]["code"] == "quota").then_some(j)
     });
-    assert_eq!(j["pending_reasons"][0]["message"], "quota: gpu/T4 1 of 1 in use, 1 more asked");
+    assert_eq!(
+        j["pending_reasons"][0]["message"],
+        "quota: gpu/T4 1 of 1 in use, 1 more asked"
+    );
     p.wait_state(b, &["succeeded"], Duration::from_secs(20));
     let u = p.get(&tok, "/v1/usage").unwrap();
     let row = &u["by_tenant"][0];
@@ -187,10 +260,16 @@ fn quota_caps_hold_jobs_with_a_reason_and_usage_is_reported() {
     assert_eq!(row["runs"], 2);
     let gpu_ms = row["gpu_ms"]["T4"].as_u64().unwrap();
     let wall = row["wall_ms"].as_u64().unwrap();
-    assert_eq!(gpu_ms, wall, "one T4 held for the whole wall time of each run");
+    assert_eq!(
+        gpu_ms, wall,
+        "one T4 held for the whole wall time of each run"
+    );
     assert!(wall >= 4000, "{wall}");
     assert_eq!(row["cpu_milli_ms"].as_u64().unwrap(), 500 * wall);
     let out = p.cli(&["usage"]);
     let s = String::from_utf8_lossy(&out.stdout);
-    assert!(s.contains("By tenant:") && s.contains("team") && s.contains("T4:"), "{s}");
+    assert!(
+        s.contains("By tenant:") && s.contains("team") && s.contains("T4:"),
+        "{s}"
+    );
 }

@@ -25,8 +25,16 @@ fn metrics_openapi_and_agent_cgroup_limits() {
     let doc = p.get("", "/v1/openapi.json").unwrap();
     assert_eq!(doc["openapi"], "3.1.0");
     for path in [
-        "/v1/jobs", "/v1/jobs/{id}", "/v1/jobs/{id}/cancel", "/v1/jobs/{id}/logs", "/v1/nodes",
-        "/v1/tenants", "/v1/usage", "/v1/agent/register", "/v1/agent/sync", "/v1/agent/events",
+        "/v1/jobs",
+        "/v1/jobs/{id}",
+        "/v1/jobs/{id}/cancel",
+        "/v1/jobs/{id}/logs",
+        "/v1/nodes",
+        "/v1/tenants",
+        "/v1/usage",
+        "/v1/agent/register",
+        "/v1/agent/sync",
+        "/v1/agent/events",
     ] {
         assert!(doc["paths"][path].is_object(), "openapi lacks {path}");
     }
@@ -40,9 +48,20 @@ fn metrics_openapi_and_agent_cgroup_limits() {
     if v1 {
         let run = p.job(&p.admin, id)["runs"][0]["id"].as_u64().unwrap();
         let want = format!("/caravel/{}/run-{run}", p.node_name("a"));
-        assert!(cg.lines().any(|l| l.contains(":cpu:") || l.contains(":cpu,") && l.ends_with(&want)), "{cg}");
-        assert!(cg.lines().any(|l| l.contains(":memory:") && l.ends_with(&want)), "{cg}");
-        assert!(agent_log.contains("resource limits through cgroup v1"), "{agent_log}");
+        assert!(
+            cg.lines()
+                .any(|l| l.contains(":cpu:") || l.contains(":cpu,") && l.ends_with(&want)),
+            "{cg}"
+        );
+        assert!(
+            cg.lines()
+                .any(|l| l.contains(":memory:") && l.ends_with(&want)),
+            "{cg}"
+        );
+        assert!(
+            agent_log.contains("resource limits through cgroup v1"),
+            "{agent_log}"
+        );
         // And they are enforced: a task that allocates past its memory limit dies.
         let hog = p.submit(
             &p.admin,
@@ -53,14 +72,21 @@ fn metrics_openapi_and_agent_cgroup_limits() {
         assert_eq!(j["state"], "failed", "{j}");
         assert_eq!(j["runs"][0]["signal"], 9, "killed by the OOM killer: {j}");
     } else {
-        assert!(agent_log.contains("WITHOUT cpu and memory limits"), "{agent_log}");
+        assert!(
+            agent_log.contains("WITHOUT cpu and memory limits"),
+            "{agent_log}"
+        );
     }
 }
 
 #[test]
 fn up_starts_a_pool_and_writes_a_client_config() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let cfg = dir.path().join("config.toml");
     let mut child = std::process::Command::new(BIN)
         .args(["up", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
@@ -90,9 +116,15 @@ fn up_starts_a_pool_and_writes_a_client_config() {
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from caravel\n");
     let text = std::fs::read_to_string(&cfg).unwrap();
-    assert!(text.contains(&format!("server = \"http://127.0.0.1:{port}\"")) && text.contains("token = \"cvadm_"));
+    assert!(
+        text.contains(&format!("server = \"http://127.0.0.1:{port}\""))
+            && text.contains("token = \"cvadm_")
+    );
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(&cfg).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&cfg).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     let tok = std::fs::metadata(dir.path().join("data/admin.token")).unwrap();
     assert_eq!(tok.permissions().mode() & 0o777, 0o600);
 }
