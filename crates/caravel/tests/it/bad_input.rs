@@ -124,7 +124,7 @@ fn every_bad_input_gets_a_clear_error_and_creates_nothing() {
     assert_eq!((s, c.as_str()), (400, "malformed_request"), "{m}");
     // Tokens.
     let (s, c, _, _) = err(p.post(
-        &"cvt_bogus".to_string(),
+        "cvt_bogus",
         "/v1/jobs",
         &json!({"command": "x"}),
     ));
