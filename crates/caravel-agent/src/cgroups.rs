@@ -135,6 +135,15 @@ impl Cgroups {
         }
     }
 
+    /// Kills everything in this agent's cgroups and removes them, its own folder included:
+    /// for an agent that shuts down, and for tests that clean up after themselves.
+    pub fn destroy(&self) {
+        self.reap_leftovers();
+        for b in self.bases() {
+            let _ = std::fs::remove_dir(&b);
+        }
+    }
+
     /// Kills every process in run cgroups left by an earlier agent of this name, and
     /// removes them. Returns how many processes were killed.
     pub fn reap_leftovers(&self) -> usize {

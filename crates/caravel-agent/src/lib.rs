@@ -385,7 +385,7 @@ impl Agent {
                 Ok(resp) => {
                     first = false;
                     known = resp.version;
-                    self.reconcile(resp.desired);
+                    self.reconcile(resp.desired, resp.assignments);
                 }
                 Err((Some(404 | 409), body)) => {
                     tracing::warn!(
@@ -404,8 +404,8 @@ impl Agent {
         }
     }
 
-    fn reconcile(self: &Arc<Self>, desired: Vec<Assignment>) {
-        let want: HashSet<RunId> = desired.iter().map(|a| a.run).collect();
+    fn reconcile(self: &Arc<Self>, desired: Vec<RunId>, assignments: Vec<Assignment>) {
+        let want: HashSet<RunId> = desired.into_iter().collect();
         let mut st = self.st.lock().expect("lock");
         for (id, r) in st.running.iter_mut() {
             if !want.contains(id) {
@@ -415,8 +415,8 @@ impl Agent {
                 }
             }
         }
-        for a in desired {
-            if st.started.contains(&a.run) {
+        for a in assignments {
+            if !want.contains(&a.run) || st.started.contains(&a.run) {
                 continue;
             }
             st.started.insert(a.run);

@@ -202,7 +202,10 @@ pub struct SyncResponse {
     pub version: u64,
     /// Every run that should be running on this node. Anything else the agent runs is stale
     /// and must be killed.
-    pub desired: Vec<Assignment>,
+    pub desired: Vec<RunId>,
+    /// Full specs of the desired runs the agent did not list as running: the others it
+    /// already has, and re-sending them would make every sync as large as the node's load.
+    pub assignments: Vec<Assignment>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

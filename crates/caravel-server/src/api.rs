@@ -670,12 +670,17 @@ pub async fn agent_sync(
 ) -> Res<Json<SyncResponse>> {
     require_agent(authenticate(&s, &headers)?)?;
     let req: SyncRequest = parse_json(&body)?;
+    let known: BTreeSet<RunId> = req.running.iter().copied().collect();
     let mut rx = {
         let mut core = s.core.lock().expect("core lock");
         core.heartbeat(req.node_id, &req.instance, now_ms())?;
-        let (version, desired) = core.desired(req.node_id);
+        let (version, desired, assignments) = core.desired(req.node_id, &known);
         if version != req.known_version || req.wait_ms == 0 {
-            return Ok(Json(SyncResponse { version, desired }));
+            return Ok(Json(SyncResponse {
+                version,
+                desired,
+                assignments,
+            }));
         }
         core.nodes[&req.node_id].version.subscribe()
     };
@@ -685,8 +690,12 @@ pub async fn agent_sync(
     let _ = tokio::time::timeout(wait, rx.changed()).await;
     let mut core = s.core.lock().expect("core lock");
     core.heartbeat(req.node_id, &req.instance, now_ms())?;
-    let (version, desired) = core.desired(req.node_id);
-    Ok(Json(SyncResponse { version, desired }))
+    let (version, desired, assignments) = core.desired(req.node_id, &known);
+    Ok(Json(SyncResponse {
+        version,
+        desired,
+        assignments,
+    }))
 }
 
 pub async fn agent_events(
@@ -701,9 +710,17 @@ pub async fn agent_events(
         if !core.nodes.contains_key(&req.node_id) {
             return Err(ApiError::not_found(format!("node {}", req.node_id)));
         }
+        core.begin_group();
+        let mut res = Ok(());
         for ev in req.events {
-            core.apply_event(req.node_id, ev, now_ms())?;
+            res = core.apply_event(req.node_id, ev, now_ms());
+            if res.is_err() {
+                break;
+            }
         }
+        let flushed = core.end_group();
+        res?;
+        flushed?;
     }
     s.sched_wake.notify_one();
     Ok(StatusCode::NO_CONTENT)

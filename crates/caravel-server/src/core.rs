@@ -63,6 +63,7 @@ pub struct Core {
     pub sched_cfg: caravel_sched::Config,
     /// Set when a commit failed after memory changed; the server reloads from the store.
     pub needs_reload: bool,
+    group: Option<Vec<Mutation>>,
 }
 
 fn job_port(job: JobId) -> u16 {
@@ -94,6 +95,7 @@ impl Core {
             next_tenant: 1,
             sched_cfg: Default::default(),
             needs_reload: false,
+            group: None,
         };
         for (t, h) in snap.tenants {
             core.next_tenant = core.next_tenant.max(t.id.0 + 1);
@@ -166,7 +168,26 @@ impl Core {
         Ok(())
     }
 
+    /// Starts collecting commits into one transaction (group commit), for operations that
+    /// apply many small changes at once, such as a batch of agent reports.
+    pub fn begin_group(&mut self) {
+        self.group.get_or_insert_with(Vec::new);
+    }
+
+    /// Writes what was collected since `begin_group` in one transaction. The caller
+    /// answers its client only after this returns Ok.
+    pub fn end_group(&mut self) -> Result<(), ApiError> {
+        match self.group.take() {
+            Some(batch) => self.commit(&batch),
+            None => Ok(()),
+        }
+    }
+
     fn commit(&mut self, batch: &[Mutation]) -> Result<(), ApiError> {
+        if let Some(g) = &mut self.group {
+            g.extend_from_slice(batch);
+            return Ok(());
+        }
         self.store.apply(batch).map_err(|e| {
             // Memory may now be ahead of the store: the server rebuilds it from the store.
             self.needs_reload = true;
@@ -821,6 +842,7 @@ impl Core {
         }
         let mut touched = BTreeSet::new();
         let mut unstarted = Vec::new();
+        let stop_others_nonempty = !stop_others.is_empty();
         for o in &stop_others {
             let or = self.runs.get_mut(o).expect("active");
             if or.stop.is_none() {
@@ -844,7 +866,16 @@ impl Core {
         batch.extend(self.settle_mutations(job_id, ended));
         self.commit(&batch)?;
         self.refresh_pending(job_id);
-        touched.insert(r.node);
+        // A run that ended by itself needs nothing from its agent; only a run that ended
+        // without its agent's word (lost, cancelled before start) must leave the desired set
+        // now, so that the agent stops any copy it might still have.
+        if !matches!(
+            state,
+            RunState::Succeeded | RunState::Failed | RunState::TimedOut
+        ) || stop_others_nonempty
+        {
+            touched.insert(r.node);
+        }
         for n in touched {
             self.bump(n);
         }
@@ -964,21 +995,30 @@ impl Core {
         Ok(())
     }
 
-    pub fn desired(&self, node: NodeId) -> (u64, Vec<Assignment>) {
+    /// The node's desired runs, and full specs of those not in `known` (what the agent
+    /// says it already runs).
+    pub fn desired(
+        &self,
+        node: NodeId,
+        known: &BTreeSet<RunId>,
+    ) -> (u64, Vec<RunId>, Vec<Assignment>) {
         let Some(e) = self.nodes.get(&node) else {
-            return (0, vec![]);
+            return (0, vec![], vec![]);
         };
         let version = *e.version.borrow();
+        let mut ids = Vec::new();
         let mut out = Vec::new();
         for rid in &e.alloc.runs {
             let r = &self.runs[rid];
             if r.stop.is_some() {
                 continue;
             }
-            let j = &self.jobs[&r.job];
-            out.push(self.assignment(j, r));
+            ids.push(*rid);
+            if !known.contains(rid) {
+                out.push(self.assignment(&self.jobs[&r.job], r));
+            }
         }
-        (version, out)
+        (version, ids, out)
     }
 
     fn assignment(&self, j: &JobEntry, r: &RunRecord) -> Assignment {

@@ -25,6 +25,13 @@ pub enum BenchCmd {
         /// Jobs for the light-load latency phase (one at a time).
         #[arg(long, default_value_t = 100)]
         light: usize,
+        /// Run the agent without cgroups, to measure what per-task cgroups cost.
+        #[arg(long)]
+        no_cgroups: bool,
+        /// Parent folder for the bench's server data and agent work dirs (default: the
+        /// system temp dir). Each run gets its own directory, three inodes per task.
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
     },
 }
 
@@ -32,7 +39,19 @@ struct Procs(Vec<Child>);
 
 impl Drop for Procs {
     fn drop(&mut self) {
-        for c in &mut self.0 {
+        // Agents first, so they do not log a lost server on the way out.
+        for c in self.0.iter_mut().rev() {
+            // SIGTERM lets the agent remove its cgroups; SIGKILL if it lingers.
+            // SAFETY: signalling our own child.
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGTERM);
+            }
+            for _ in 0..50 {
+                if matches!(c.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -60,14 +79,17 @@ pub async fn run(cmd: BenchCmd) -> Result<i32> {
             jobs,
             clients,
             light,
-        } => e2e(jobs, clients.max(1), light).await,
+            no_cgroups,
+            dir,
+        } => e2e(jobs, clients.max(1), light, no_cgroups, dir).await,
     }
 }
 
 async fn wait_all(c: &Client, n_expected: usize, timeout: Duration) -> Result<Vec<JobSummary>> {
     let t0 = Instant::now();
     loop {
-        let active: Vec<JobSummary> = c.get("/v1/jobs?state=active&limit=100000").await?;
+        // limit=1: the check stays cheap for the server however many jobs there are.
+        let active: Vec<JobSummary> = c.get("/v1/jobs?state=active&limit=1").await?;
         if active.is_empty() {
             let all: Vec<JobSummary> = c.get("/v1/jobs?limit=100000").await?;
             if all.len() >= n_expected {
@@ -77,12 +99,21 @@ async fn wait_all(c: &Client, n_expected: usize, timeout: Duration) -> Result<Ve
         if t0.elapsed() > timeout {
             bail!("{} jobs still active after {:?}", active.len(), timeout);
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
-async fn e2e(jobs: usize, clients: usize, light: usize) -> Result<i32> {
-    let dir = tempfile::tempdir()?;
+async fn e2e(
+    jobs: usize,
+    clients: usize,
+    light: usize,
+    no_cgroups: bool,
+    parent: Option<std::path::PathBuf>,
+) -> Result<i32> {
+    let dir = match parent {
+        Some(p) => tempfile::tempdir_in(p)?,
+        None => tempfile::tempdir()?,
+    };
     let exe = std::env::current_exe()?;
     let port = free_port()?;
     let url = format!("http://127.0.0.1:{port}");
@@ -220,6 +251,7 @@ async fn e2e(jobs: usize, clients: usize, light: usize) -> Result<i32> {
             "burst_submit_to_start_p50_ms": hp50,
             "burst_submit_to_start_p99_ms": hp99,
             "clients": clients,
+            "cgroups": !no_cgroups,
         })
     );
     Ok(if ok == jobs { 0 } else { 1 })

@@ -362,10 +362,16 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
         }
         Cmd::Agent(a) => {
             let cfg = agent_config(a)?;
+            let agent = caravel_agent::start(cfg).await?;
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             tokio::select! {
-                r = caravel_agent::run(cfg) => r?,
+                _ = agent.clone().main_loop() => {}
                 _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
             }
+            // Tasks die with the agent (PR_SET_PDEATHSIG); leave no cgroups behind.
+            agent.cgroups().destroy();
             Ok(0)
         }
         Cmd::Up(a) => up(a).await,

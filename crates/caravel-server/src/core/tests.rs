@@ -79,7 +79,7 @@ fn exited(c: &mut Core, node: NodeId, run: RunId, start: Millis, at: Millis, cod
 }
 
 fn runs_on(c: &Core, node: NodeId) -> Vec<RunId> {
-    c.desired(node).1.iter().map(|a| a.run).collect()
+    c.desired(node, &BTreeSet::new()).1
 }
 
 #[test]
@@ -90,7 +90,7 @@ fn a_job_runs_and_is_metered_once() {
     let t = default_tenant(c);
     let j = c.submit(t, JobSpec::simple("echo", &["hi"]), 10).unwrap();
     assert_eq!(c.schedule(20).unwrap().placed, 1);
-    let (_, desired) = c.desired(n);
+    let (_, _, desired) = c.desired(n, &BTreeSet::new());
     assert_eq!(desired.len(), 1);
     let a = &desired[0];
     assert_eq!(a.env["CARAVEL_JOB_ID"], j.to_string());
@@ -147,7 +147,7 @@ fn gang_member_failure_restarts_the_whole_gang() {
     assert_eq!(c.schedule(1).unwrap().placed, 4);
     let mut all: Vec<(NodeId, Assignment)> = vec![];
     for n in [n1, n2] {
-        all.extend(c.desired(n).1.into_iter().map(|a| (n, a)));
+        all.extend(c.desired(n, &BTreeSet::new()).2.into_iter().map(|a| (n, a)));
     }
     assert_eq!(all.len(), 4);
     let mut ranks: Vec<String> = all.iter().map(|(_, a)| a.env["RANK"].clone()).collect();

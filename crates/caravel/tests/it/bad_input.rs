@@ -123,11 +123,7 @@ fn every_bad_input_gets_a_clear_error_and_creates_nothing() {
     let (s, c, _, m) = err(p.post_raw(&ta, "/v1/jobs", "{not json"));
     assert_eq!((s, c.as_str()), (400, "malformed_request"), "{m}");
     // Tokens.
-    let (s, c, _, _) = err(p.post(
-        "cvt_bogus",
-        "/v1/jobs",
-        &json!({"command": "x"}),
-    ));
+    let (s, c, _, _) = err(p.post("cvt_bogus", "/v1/jobs", &json!({"command": "x"})));
     assert_eq!((s, c.as_str()), (401, "unauthenticated"));
     let (s, c, _, _) = err(p.post("", "/v1/jobs", &json!({"command": "x"})));
     assert_eq!((s, c.as_str()), (401, "unauthenticated"));

@@ -18,6 +18,7 @@ pub struct Pool {
     pub server: Option<Child>,
     pub agents: Vec<(String, Child)>,
     pub tag: String,
+    agent_names: Vec<String>,
     http: reqwest::Client,
 }
 
@@ -26,6 +27,16 @@ impl Drop for Pool {
         for (_, a) in &mut self.agents {
             let _ = a.kill();
             let _ = a.wait();
+        }
+        // Agents killed with SIGKILL leave their cgroups behind; remove every one this
+        // test's agents could have made (names carry the test's tag).
+        for name in self.agent_names.clone() {
+            if let caravel_agent::cgroups::Cgroups::V1 { .. }
+            | caravel_agent::cgroups::Cgroups::V2 { .. } =
+                caravel_agent::cgroups::Cgroups::detect(&name)
+            {
+                caravel_agent::cgroups::Cgroups::detect(&name).destroy();
+            }
         }
         if let Some(s) = &mut self.server {
             let _ = s.kill();
@@ -83,6 +94,7 @@ impl Pool {
             server: None,
             agents: vec![],
             tag: format!("{tag}-{}", std::process::id()),
+            agent_names: vec![],
             http: reqwest::Client::new(),
             dir,
         };
@@ -147,6 +159,7 @@ impl Pool {
 
     pub fn start_agent(&mut self, name: &str, extra: &[&str]) {
         let full = self.node_name(name);
+        self.agent_names.push(full.clone());
         let log = std::fs::File::create(self.dir.path().join(format!("agent-{name}.log"))).unwrap();
         let child = Command::new(BIN)
             .args([
