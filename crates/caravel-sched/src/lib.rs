@@ -11,6 +11,8 @@
 //! each rejection counted by reason), score the survivors (best fit), select the best.
 //! Gangs are placed tentatively and rolled back unless every member fits.
 
+mod index;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use caravel_core::{
@@ -264,114 +266,186 @@ fn shape(r: &TaskResources) -> Shape {
     )
 }
 
-/// Runs one scheduling cycle. `nodes` and `tenants` are updated in place to reflect the
-/// placements made, so the caller's snapshot stays consistent with the plan.
+/// The scheduler over one set of nodes, with its candidate index kept across calls (the
+/// simulator and the benchmarks call it once per decision).
+pub struct Scheduler {
+    pub cfg: Config,
+    nodes: Vec<NodeSnap>,
+    index: index::Index,
+    pos: HashMap<NodeId, usize>,
+}
+
+impl Scheduler {
+    pub fn new(cfg: Config, nodes: Vec<NodeSnap>) -> Scheduler {
+        let index = index::Index::build(&nodes);
+        let pos = nodes.iter().enumerate().map(|(i, n)| (n.id, i)).collect();
+        Scheduler {
+            cfg,
+            nodes,
+            index,
+            pos,
+        }
+    }
+
+    pub fn nodes(&self) -> &[NodeSnap] {
+        &self.nodes
+    }
+
+    pub fn into_nodes(self) -> Vec<NodeSnap> {
+        self.nodes
+    }
+
+    /// Frees what a finished task held.
+    pub fn release(&mut self, node: NodeId, r: &TaskResources, devices: &[u32]) {
+        if let Some(&i) = self.pos.get(&node) {
+            self.nodes[i].release(r, devices);
+            self.index.update(&self.nodes, i);
+        }
+    }
+
+    fn allocate(&mut self, i: usize, r: &TaskResources, devices: &[u32]) {
+        self.nodes[i].allocate(r, devices);
+        self.index.update(&self.nodes, i);
+    }
+
+    /// The tightest node that fits, through the index; `None` means no ready node fits.
+    fn place(&self, r: &TaskResources) -> Option<(usize, Vec<u32>)> {
+        for i in self.index.candidates(r) {
+            if let Ok((_, devs)) = fit(&self.cfg, &self.nodes[i], r) {
+                return Some((i, devs));
+            }
+        }
+        None
+    }
+
+    /// Why nothing fits: a full scan, done once per request shape per cycle.
+    fn explain(&self, r: &TaskResources) -> BTreeMap<Lack, u64> {
+        select(&self.cfg, &self.nodes, r).err().unwrap_or_default()
+    }
+
+    /// Runs one scheduling cycle and updates the nodes and `tenants` to reflect the
+    /// placements it made.
+    pub fn schedule(
+        &mut self,
+        tenants: &mut HashMap<TenantId, TenantSnap>,
+        jobs: &[JobReq],
+    ) -> Plan {
+        let mut order: Vec<&JobReq> = jobs.iter().filter(|j| !j.pending.is_empty()).collect();
+        order.sort_by_key(|j| (j.priority.rank(), j.seq, j.id));
+        let mut plan = Plan::default();
+        let mut unfit: HashMap<Shape, PendingReason> = HashMap::new();
+        let total_nodes = self.nodes.len();
+
+        for job in order {
+            let tenant = tenants.entry(job.tenant).or_default();
+            if job.gang {
+                let n = job.pending.len() as u64;
+                if let Err(e) = tenant.quota.check(&tenant.used, &job.resources, n) {
+                    plan.pending.insert(job.id, vec![quota_reason(&e)]);
+                    continue;
+                }
+                if let Some(r) = unfit.get(&shape(&job.resources)) {
+                    plan.pending.insert(job.id, vec![r.clone()]);
+                    continue;
+                }
+                let mut tentative: Vec<(usize, Vec<u32>, u32)> = Vec::new();
+                let mut failed = false;
+                for &idx in &job.pending {
+                    match self.place(&job.resources) {
+                        Some((ni, devs)) => {
+                            self.allocate(ni, &job.resources, &devs);
+                            tentative.push((ni, devs, idx));
+                        }
+                        None => {
+                            failed = true;
+                            break;
+                        }
+                    }
+                }
+                if failed {
+                    let lacks = self.explain(&job.resources);
+                    let placed = tentative.len();
+                    for (ni, devs, _) in tentative {
+                        self.nodes[ni].release(&job.resources, &devs);
+                        self.index.update(&self.nodes, ni);
+                    }
+                    let mut r = no_fit_reason(&lacks, total_nodes);
+                    if placed == 0 {
+                        unfit.insert(shape(&job.resources), r.clone());
+                    }
+                    r.message = format!(
+                        "gang: only {placed} of {} tasks fit together; {}",
+                        job.pending.len(),
+                        r.message
+                    );
+                    r.code = "gang".into();
+                    r.counts.insert("fit".into(), placed as u64);
+                    r.counts.insert("need".into(), job.pending.len() as u64);
+                    plan.pending.insert(job.id, vec![r]);
+                    continue;
+                }
+                tenant.used.add_task(&job.resources, n);
+                for (ni, devs, idx) in tentative {
+                    plan.placements.push(Placement {
+                        job: job.id,
+                        index: idx,
+                        node: self.nodes[ni].id,
+                        devices: devs,
+                    });
+                }
+            } else {
+                for (k, &idx) in job.pending.iter().enumerate() {
+                    if let Err(e) = tenant.quota.check(&tenant.used, &job.resources, 1) {
+                        plan.pending.insert(job.id, vec![quota_reason(&e)]);
+                        break;
+                    }
+                    if let Some(r) = unfit.get(&shape(&job.resources)) {
+                        plan.pending.insert(job.id, vec![r.clone()]);
+                        break;
+                    }
+                    match self.place(&job.resources) {
+                        Some((ni, devs)) => {
+                            self.allocate(ni, &job.resources, &devs);
+                            tenant.used.add_task(&job.resources, 1);
+                            plan.placements.push(Placement {
+                                job: job.id,
+                                index: idx,
+                                node: self.nodes[ni].id,
+                                devices: devs,
+                            });
+                        }
+                        None => {
+                            let mut r = no_fit_reason(&self.explain(&job.resources), total_nodes);
+                            unfit.insert(shape(&job.resources), r.clone());
+                            if k > 0 {
+                                r.message = format!(
+                                    "{} of {} tasks placed; {}",
+                                    k,
+                                    job.pending.len(),
+                                    r.message
+                                );
+                            }
+                            plan.pending.insert(job.id, vec![r]);
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        plan
+    }
+}
+
+/// Runs one scheduling cycle over `nodes` (updated in place to reflect the placements).
 pub fn schedule(
     cfg: &Config,
     nodes: &mut [NodeSnap],
     tenants: &mut HashMap<TenantId, TenantSnap>,
     jobs: &[JobReq],
 ) -> Plan {
-    let mut order: Vec<&JobReq> = jobs.iter().filter(|j| !j.pending.is_empty()).collect();
-    order.sort_by_key(|j| (j.priority.rank(), j.seq, j.id));
-    let mut plan = Plan::default();
-    let mut unfit: HashMap<Shape, PendingReason> = HashMap::new();
-    let total_nodes = nodes.len();
-
-    for job in order {
-        let tenant = tenants.entry(job.tenant).or_default();
-        if job.gang {
-            let n = job.pending.len() as u64;
-            if let Err(e) = tenant.quota.check(&tenant.used, &job.resources, n) {
-                plan.pending.insert(job.id, vec![quota_reason(&e)]);
-                continue;
-            }
-            if let Some(r) = unfit.get(&shape(&job.resources)) {
-                plan.pending.insert(job.id, vec![r.clone()]);
-                continue;
-            }
-            let mut tentative: Vec<(usize, Vec<u32>, u32)> = Vec::new();
-            let mut failure = None;
-            for &idx in &job.pending {
-                match select(cfg, nodes, &job.resources) {
-                    Ok((ni, devs)) => {
-                        nodes[ni].allocate(&job.resources, &devs);
-                        tentative.push((ni, devs, idx));
-                    }
-                    Err(lacks) => {
-                        failure = Some(lacks);
-                        break;
-                    }
-                }
-            }
-            if let Some(lacks) = failure {
-                let placed = tentative.len();
-                for (ni, devs, _) in tentative {
-                    nodes[ni].release(&job.resources, &devs);
-                }
-                let mut r = no_fit_reason(&lacks, total_nodes);
-                if placed == 0 {
-                    unfit.insert(shape(&job.resources), r.clone());
-                }
-                r.message = format!(
-                    "gang: only {placed} of {} tasks fit together; {}",
-                    job.pending.len(),
-                    r.message
-                );
-                r.code = "gang".into();
-                r.counts.insert("fit".into(), placed as u64);
-                r.counts.insert("need".into(), job.pending.len() as u64);
-                plan.pending.insert(job.id, vec![r]);
-                continue;
-            }
-            tenant.used.add_task(&job.resources, n);
-            for (ni, devs, idx) in tentative {
-                plan.placements.push(Placement {
-                    job: job.id,
-                    index: idx,
-                    node: nodes[ni].id,
-                    devices: devs,
-                });
-            }
-        } else {
-            for (k, &idx) in job.pending.iter().enumerate() {
-                if let Err(e) = tenant.quota.check(&tenant.used, &job.resources, 1) {
-                    plan.pending.insert(job.id, vec![quota_reason(&e)]);
-                    break;
-                }
-                if let Some(r) = unfit.get(&shape(&job.resources)) {
-                    plan.pending.insert(job.id, vec![r.clone()]);
-                    break;
-                }
-                match select(cfg, nodes, &job.resources) {
-                    Ok((ni, devs)) => {
-                        nodes[ni].allocate(&job.resources, &devs);
-                        tenant.used.add_task(&job.resources, 1);
-                        plan.placements.push(Placement {
-                            job: job.id,
-                            index: idx,
-                            node: nodes[ni].id,
-                            devices: devs,
-                        });
-                    }
-                    Err(lacks) => {
-                        let mut r = no_fit_reason(&lacks, total_nodes);
-                        unfit.insert(shape(&job.resources), r.clone());
-                        if k > 0 {
-                            r.message = format!(
-                                "{} of {} tasks placed; {}",
-                                k,
-                                job.pending.len(),
-                                r.message
-                            );
-                        }
-                        plan.pending.insert(job.id, vec![r]);
-                        break;
-                    }
-                }
-            }
-        }
-    }
+    let mut s = Scheduler::new(cfg.clone(), nodes.to_vec());
+    let plan = s.schedule(tenants, jobs);
+    nodes.clone_from_slice(&s.nodes);
     plan
 }
 

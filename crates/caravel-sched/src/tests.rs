@@ -344,3 +344,26 @@ proptest! {
         prop_assert_eq!(plan, plan2);
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// The index never misses: whenever a full scan finds a node for a request, the
+    /// indexed search finds one too (and it really fits).
+    #[test]
+    fn index_finds_a_node_whenever_one_fits(w in arb_world()) {
+        let mut s = Scheduler::new(Config::default(), w.nodes.clone());
+        // Load the nodes a little first so free capacities differ.
+        let mut tenants = HashMap::new();
+        let half: Vec<JobReq> = w.jobs.iter().take(w.jobs.len() / 2).cloned().collect();
+        s.schedule(&mut tenants, &half);
+        for j in &w.jobs {
+            let full = select(&s.cfg, s.nodes(), &j.resources).is_ok();
+            let indexed = s.place(&j.resources);
+            prop_assert_eq!(full, indexed.is_some(), "index and scan disagree for {:?}", j.resources);
+            if let Some((i, _)) = indexed {
+                prop_assert!(fit(&s.cfg, &s.nodes()[i], &j.resources).is_ok());
+            }
+        }
+    }
+}

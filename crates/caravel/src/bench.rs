@@ -15,6 +15,12 @@ use crate::client::Client;
 
 #[derive(Subcommand)]
 pub enum BenchCmd {
+    /// The pure scheduler alone, in memory, single thread.
+    Sched {
+        /// k8s-5k, c1m, gang-1024, gang-small, pool-100k.
+        #[arg(long)]
+        scenario: String,
+    },
     /// Trivial jobs (`true`) through a server and a local agent.
     E2e {
         #[arg(long, default_value_t = 2000)]
@@ -75,6 +81,7 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 
 pub async fn run(cmd: BenchCmd) -> Result<i32> {
     match cmd {
+        BenchCmd::Sched { scenario } => crate::bench_sched::bench(&scenario),
         BenchCmd::E2e {
             jobs,
             clients,

@@ -2,6 +2,7 @@
 //! client commands, and benchmarks.
 
 mod bench;
+mod bench_sched;
 mod client;
 mod jobfile;
 mod table;

@@ -1,0 +1,120 @@
+//! Indexed candidate sets, so that one placement does not scan every node.
+//!
+//! Ready nodes are kept in ordered sets keyed by what is free: CPU-only nodes by (free cpu,
+//! free memory); GPU nodes by the same key for CPU-only work; and, per accelerator model, by
+//! (free devices of that model, free cpu). A range query from the request upward yields the
+//! tightest candidates first, which is best fit, in O(log n) to find the first candidate.
+//! `fit` still has the last word on every candidate, so the index only has to be a
+//! superset-in-order, never exact.
+
+use std::collections::{BTreeSet, HashMap};
+
+use caravel_core::TaskResources;
+
+use crate::NodeSnap;
+
+type CpuKey = (u64, u64, u32);
+type GpuKey = (u32, u64, u32);
+
+#[derive(Debug, Clone, Default)]
+struct Keys {
+    cpu: Option<CpuKey>,
+    gpu: Vec<(String, GpuKey)>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Index {
+    cpu_nodes: BTreeSet<CpuKey>,
+    gpu_nodes_by_cpu: BTreeSet<CpuKey>,
+    by_model: HashMap<String, BTreeSet<GpuKey>>,
+    keys: Vec<Keys>,
+}
+
+fn free_cpu(n: &NodeSnap) -> u64 {
+    n.capacity.cpu_milli.saturating_sub(n.used_cpu_milli)
+}
+
+fn free_mem(n: &NodeSnap) -> u64 {
+    n.capacity.memory_bytes.saturating_sub(n.used_memory_bytes)
+}
+
+impl Index {
+    pub(crate) fn build(nodes: &[NodeSnap]) -> Index {
+        let mut ix = Index {
+            keys: vec![Keys::default(); nodes.len()],
+            ..Default::default()
+        };
+        for i in 0..nodes.len() {
+            ix.insert(nodes, i);
+        }
+        ix
+    }
+
+    fn insert(&mut self, nodes: &[NodeSnap], i: usize) {
+        let n = &nodes[i];
+        let mut k = Keys::default();
+        if n.ready {
+            let ck = (free_cpu(n), free_mem(n), i as u32);
+            if n.capacity.devices.is_empty() {
+                self.cpu_nodes.insert(ck);
+            } else {
+                self.gpu_nodes_by_cpu.insert(ck);
+                let mut free: HashMap<&str, u32> = HashMap::new();
+                for d in &n.capacity.devices {
+                    let e = free.entry(d.model.as_str()).or_insert(0);
+                    if !n.used_devices.contains(&d.index) {
+                        *e += 1;
+                    }
+                }
+                let mut models: Vec<(&str, u32)> = free.into_iter().collect();
+                models.sort_unstable();
+                for (m, f) in models {
+                    let gk = (f, ck.0, i as u32);
+                    self.by_model.entry(m.to_string()).or_default().insert(gk);
+                    k.gpu.push((m.to_string(), gk));
+                }
+            }
+            k.cpu = Some(ck);
+        }
+        self.keys[i] = k;
+    }
+
+    fn remove(&mut self, i: usize) {
+        let k = std::mem::take(&mut self.keys[i]);
+        if let Some(ck) = k.cpu {
+            self.cpu_nodes.remove(&ck);
+            self.gpu_nodes_by_cpu.remove(&ck);
+        }
+        for (m, gk) in k.gpu {
+            if let Some(s) = self.by_model.get_mut(&m) {
+                s.remove(&gk);
+            }
+        }
+    }
+
+    /// Re-keys node `i` after its allocation changed.
+    pub(crate) fn update(&mut self, nodes: &[NodeSnap], i: usize) {
+        self.remove(i);
+        self.insert(nodes, i);
+    }
+
+    /// Candidate node indices for `r`, tightest first. CPU-only work tries CPU-only nodes
+    /// before GPU nodes, so GPUs stay reachable for GPU work.
+    pub(crate) fn candidates<'a>(
+        &'a self,
+        r: &'a TaskResources,
+    ) -> Box<dyn Iterator<Item = usize> + 'a> {
+        match &r.gpu {
+            Some(g) => match self.by_model.get(&g.model) {
+                Some(s) => Box::new(s.range((g.count, 0, 0)..).map(|k| k.2 as usize)),
+                None => Box::new(std::iter::empty()),
+            },
+            None => Box::new(
+                self.cpu_nodes
+                    .range((r.cpu_milli, 0, 0)..)
+                    .chain(self.gpu_nodes_by_cpu.range((r.cpu_milli, 0, 0)..))
+                    .map(|k| k.2 as usize),
+            ),
+        }
+    }
+}
