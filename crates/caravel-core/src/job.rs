@@ -47,6 +47,28 @@ impl Priority {
     }
 }
 
+/// The topology domain a gang must fit inside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TopologyLevel {
+    /// Every member on one node.
+    Node,
+    /// Every member in one rack.
+    Rack,
+    /// Every member in one zone.
+    Zone,
+}
+
+impl TopologyLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TopologyLevel::Node => "node",
+            TopologyLevel::Rack => "rack",
+            TopologyLevel::Zone => "zone",
+        }
+    }
+}
+
 /// What a user submits. The JSON API takes exactly this shape; unknown fields are rejected.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -72,6 +94,9 @@ pub struct JobSpec {
     /// All tasks start together or none do.
     #[serde(default)]
     pub gang: bool,
+    /// For gangs: pack every member into one node, rack or zone (the smallest that fits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology: Option<TopologyLevel>,
     /// Time between SIGTERM and SIGKILL when a task is cancelled or times out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kill_grace_ms: Option<u64>,
@@ -94,6 +119,7 @@ impl JobSpec {
             max_runtime_ms: None,
             max_retries: 0,
             gang: false,
+            topology: None,
             kill_grace_ms: None,
         }
     }
@@ -153,6 +179,12 @@ impl JobSpec {
             return Err(ValidationError::new(
                 "max_retries",
                 format!("must be at most {MAX_RETRIES}"),
+            ));
+        }
+        if self.topology.is_some() && !self.gang {
+            return Err(ValidationError::new(
+                "topology",
+                "only gang jobs may ask for a topology domain",
             ));
         }
         if let Some(g) = self.kill_grace_ms {

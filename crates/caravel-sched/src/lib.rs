@@ -17,6 +17,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use caravel_core::{
     Capacity, JobId, NodeId, PendingReason, Priority, Quota, ResourceSum, TaskResources, TenantId,
+    Topology, TopologyLevel,
 };
 
 /// A node as the scheduler sees it: capacity and what is already allocated.
@@ -28,12 +29,14 @@ pub struct NodeSnap {
     pub used_cpu_milli: u64,
     pub used_memory_bytes: u64,
     pub used_devices: BTreeSet<u32>,
+    pub topology: Topology,
 }
 
 impl NodeSnap {
     pub fn new(id: NodeId, capacity: Capacity) -> NodeSnap {
         NodeSnap {
             id,
+            topology: Topology::default(),
             ready: true,
             capacity,
             used_cpu_milli: 0,
@@ -91,6 +94,8 @@ pub struct JobReq {
     pub gang: bool,
     /// Indices of the tasks to place. For a gang this is every task.
     pub pending: Vec<u32>,
+    /// For gangs: the domain every member must share.
+    pub topology: Option<TopologyLevel>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -323,6 +328,110 @@ impl Scheduler {
         select(&self.cfg, &self.nodes, r).err().unwrap_or_default()
     }
 
+    /// How many tasks of `r` node `i` could take now.
+    fn room(&self, i: usize, r: &TaskResources) -> u64 {
+        let n = &self.nodes[i];
+        if !n.ready {
+            return 0;
+        }
+        let mut k = (n.capacity.cpu_milli.saturating_sub(n.used_cpu_milli)) / r.cpu_milli.max(1);
+        k = k.min(
+            n.capacity.memory_bytes.saturating_sub(n.used_memory_bytes) / r.memory_bytes.max(1),
+        );
+        if let Some(g) = &r.gpu {
+            let free = n
+                .capacity
+                .devices
+                .iter()
+                .filter(|d| d.model == g.model && !n.used_devices.contains(&d.index))
+                .count() as u64;
+            k = k.min(free / g.count.max(1) as u64);
+        }
+        k
+    }
+
+    /// Places a whole gang inside one topology domain: the domains whose room adds up to
+    /// the gang are tried smallest first (best fit at the domain level), so large domains
+    /// stay whole for larger gangs.
+    #[allow(clippy::type_complexity)]
+    fn place_gang_in_domain(
+        &mut self,
+        job: &JobReq,
+        level: TopologyLevel,
+    ) -> Result<Vec<(usize, Vec<u32>, u32)>, PendingReason> {
+        let need = job.pending.len() as u64;
+        let mut domains: BTreeMap<(String, String, String, u64), (u64, Vec<usize>)> =
+            BTreeMap::new();
+        for i in 0..self.nodes.len() {
+            let room = self.room(i, &job.resources);
+            if room == 0 {
+                continue;
+            }
+            let t = &self.nodes[i].topology;
+            let key = match level {
+                TopologyLevel::Node => (
+                    t.region.clone(),
+                    t.zone.clone(),
+                    t.rack.clone(),
+                    self.nodes[i].id.0,
+                ),
+                TopologyLevel::Rack => (t.region.clone(), t.zone.clone(), t.rack.clone(), 0),
+                TopologyLevel::Zone => (t.region.clone(), t.zone.clone(), String::new(), 0),
+            };
+            let e = domains.entry(key).or_default();
+            e.0 += room;
+            e.1.push(i);
+        }
+        let best_room = domains.values().map(|d| d.0).max().unwrap_or(0);
+        let mut fitting: Vec<(u64, Vec<usize>)> =
+            domains.into_values().filter(|d| d.0 >= need).collect();
+        // Stable sort: equal rooms keep the domain key order, so the choice is deterministic.
+        fitting.sort_by_key(|d| d.0);
+        for (_, members) in fitting {
+            let mut placed = Vec::new();
+            let mut ok = true;
+            for &idx in &job.pending {
+                // Tightest node of the domain first.
+                let mut best: Option<(u64, usize, Vec<u32>)> = None;
+                for &i in &members {
+                    if let Ok((score, devs)) = fit(&self.cfg, &self.nodes[i], &job.resources) {
+                        if best.as_ref().is_none_or(|b| score < b.0) {
+                            best = Some((score, i, devs));
+                        }
+                    }
+                }
+                match best {
+                    Some((_, i, devs)) => {
+                        self.allocate(i, &job.resources, &devs);
+                        placed.push((i, devs, idx));
+                    }
+                    None => {
+                        ok = false;
+                        break;
+                    }
+                }
+            }
+            if ok {
+                return Ok(placed);
+            }
+            for (i, devs, _) in placed {
+                self.nodes[i].release(&job.resources, &devs);
+                self.index.update(&self.nodes, i);
+            }
+        }
+        let mut counts = BTreeMap::new();
+        counts.insert("need".to_string(), need);
+        counts.insert(format!("largest {}", level.as_str()), best_room);
+        Err(PendingReason {
+            code: "topology".into(),
+            message: format!(
+                "gang: no {lvl} has room for all {need} tasks together (the roomiest {lvl} fits {best_room})",
+                lvl = level.as_str()
+            ),
+            counts,
+        })
+    }
+
     /// Runs one scheduling cycle and updates the nodes and `tenants` to reflect the
     /// placements it made.
     pub fn schedule(
@@ -346,6 +455,25 @@ impl Scheduler {
                 }
                 if let Some(r) = unfit.get(&shape(&job.resources)) {
                     plan.pending.insert(job.id, vec![r.clone()]);
+                    continue;
+                }
+                if let Some(level) = job.topology {
+                    match self.place_gang_in_domain(job, level) {
+                        Ok(placed) => {
+                            tenant.used.add_task(&job.resources, n);
+                            for (ni, devs, idx) in placed {
+                                plan.placements.push(Placement {
+                                    job: job.id,
+                                    index: idx,
+                                    node: self.nodes[ni].id,
+                                    devices: devs,
+                                });
+                            }
+                        }
+                        Err(r) => {
+                            plan.pending.insert(job.id, vec![r]);
+                        }
+                    }
                     continue;
                 }
                 let mut tentative: Vec<(usize, Vec<u32>, u32)> = Vec::new();

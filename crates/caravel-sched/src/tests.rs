@@ -1,5 +1,5 @@
 use super::*;
-use caravel_core::{Device, GpuRequest};
+use caravel_core::{Device, GpuRequest, Topology, TopologyLevel};
 use proptest::prelude::*;
 
 fn cpu_node(id: u64, cpus: u64, gib: u64) -> NodeSnap {
@@ -45,6 +45,7 @@ fn job(id: u64, tasks: u32, cpu: u64, gpu: Option<(&str, u32)>, gang: bool) -> J
         },
         gang,
         pending: (0..tasks).collect(),
+        topology: None,
     }
 }
 
@@ -279,6 +280,7 @@ fn arb_world() -> impl Strategy<Value = World> {
                     },
                     gang,
                     pending: (0..tasks).collect(),
+                    topology: None,
                 })
                 .collect();
             World {
@@ -363,6 +365,134 @@ proptest! {
             prop_assert_eq!(full, indexed.is_some(), "index and scan disagree for {:?}", j.resources);
             if let Some((i, _)) = indexed {
                 prop_assert!(fit(&s.cfg, &s.nodes()[i], &j.resources).is_ok());
+            }
+        }
+    }
+}
+
+fn racked(id: u64, zone: &str, rack: &str, gpus: u32) -> NodeSnap {
+    let mut n = gpu_node(id, "H100", gpus);
+    n.topology = Topology {
+        region: "r".into(),
+        zone: zone.into(),
+        rack: rack.into(),
+    };
+    n
+}
+
+fn topo_gang(id: u64, tasks: u32, gpus: u32, level: TopologyLevel) -> JobReq {
+    let mut j = job(id, tasks, 1000, Some(("H100", gpus)), true);
+    j.topology = Some(level);
+    j
+}
+
+fn rack_of(nodes: &[NodeSnap], id: NodeId) -> String {
+    nodes
+        .iter()
+        .find(|n| n.id == id)
+        .unwrap()
+        .topology
+        .rack
+        .clone()
+}
+
+#[test]
+fn topology_rack_packs_a_gang_into_the_smallest_rack_that_fits() {
+    // Rack "big": 4 nodes x 8 GPUs; rack "small": 2 nodes x 8 GPUs.
+    let nodes: Vec<NodeSnap> = (0..4)
+        .map(|i| racked(i, "z1", "big", 8))
+        .chain((4..6).map(|i| racked(i, "z1", "small", 8)))
+        .collect();
+    let mut s = Scheduler::new(Config::default(), nodes.clone());
+    let mut t = HashMap::new();
+    let plan = s.schedule(&mut t, &[topo_gang(1, 16, 1, TopologyLevel::Rack)]);
+    assert_eq!(plan.placements.len(), 16);
+    assert!(
+        plan.placements
+            .iter()
+            .all(|p| rack_of(&nodes, p.node) == "small"),
+        "{plan:?}"
+    );
+    let plan = s.schedule(&mut t, &[topo_gang(2, 24, 1, TopologyLevel::Rack)]);
+    assert_eq!(plan.placements.len(), 24);
+    assert!(plan
+        .placements
+        .iter()
+        .all(|p| rack_of(&nodes, p.node) == "big"));
+}
+
+#[test]
+fn topology_gang_waits_with_a_reason_when_no_domain_fits() {
+    let nodes = vec![racked(0, "z1", "a", 8), racked(1, "z1", "b", 8)];
+    let mut s = Scheduler::new(Config::default(), nodes);
+    let mut t = HashMap::new();
+    let plan = s.schedule(&mut t, &[topo_gang(1, 12, 1, TopologyLevel::Rack)]);
+    assert!(plan.placements.is_empty());
+    let r = &plan.pending[&JobId(1)][0];
+    assert_eq!(r.code, "topology");
+    assert_eq!(
+        r.message,
+        "gang: no rack has room for all 12 tasks together (the roomiest rack fits 8)"
+    );
+    assert!(
+        s.nodes().iter().all(|n| n.used_devices.is_empty()),
+        "nothing held"
+    );
+    // Without the topology constraint the same gang spans both racks.
+    let plan = s.schedule(&mut t, &[job(2, 12, 1000, Some(("H100", 1)), true)]);
+    assert_eq!(plan.placements.len(), 12);
+    // Zone level: both racks are in z1, so 4 more fit in the zone.
+    let plan = s.schedule(&mut t, &[topo_gang(3, 4, 1, TopologyLevel::Zone)]);
+    assert_eq!(plan.placements.len(), 4);
+}
+
+#[test]
+fn topology_node_keeps_a_gang_on_one_node() {
+    let nodes = vec![racked(0, "z", "a", 8), racked(1, "z", "a", 8)];
+    let mut s = Scheduler::new(Config::default(), nodes);
+    let mut t = HashMap::new();
+    let plan = s.schedule(&mut t, &[topo_gang(1, 4, 2, TopologyLevel::Node)]);
+    let used: BTreeSet<NodeId> = plan.placements.iter().map(|p| p.node).collect();
+    assert_eq!(plan.placements.len(), 4);
+    assert_eq!(used.len(), 1);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    #[test]
+    fn topology_gangs_land_in_one_domain(
+        racks in prop::collection::vec((0u8..2, 0u8..3, 1u32..9), 1..12),
+        gangs in prop::collection::vec((1u32..12, 1u32..3, 0u8..3), 1..8),
+    ) {
+        let nodes: Vec<NodeSnap> = racks
+            .iter()
+            .enumerate()
+            .map(|(i, (z, r, g))| racked(i as u64, &format!("z{z}"), &format!("z{z}-r{r}"), *g))
+            .collect();
+        let levels = [TopologyLevel::Node, TopologyLevel::Rack, TopologyLevel::Zone];
+        let jobs: Vec<JobReq> = gangs
+            .iter()
+            .enumerate()
+            .map(|(i, (n, g, l))| topo_gang(i as u64, *n, *g, levels[*l as usize]))
+            .collect();
+        let mut s = Scheduler::new(Config::default(), nodes.clone());
+        let plan = s.schedule(&mut HashMap::new(), &jobs);
+        for j in &jobs {
+            let mine: Vec<&Placement> = plan.placements.iter().filter(|p| p.job == j.id).collect();
+            prop_assert!(mine.is_empty() || mine.len() == j.pending.len(), "partial gang");
+            let key = |id: NodeId| {
+                let t = &nodes.iter().find(|n| n.id == id).unwrap().topology;
+                match j.topology.unwrap() {
+                    TopologyLevel::Node => format!("{id}"),
+                    TopologyLevel::Rack => t.rack.clone(),
+                    TopologyLevel::Zone => t.zone.clone(),
+                }
+            };
+            let domains: BTreeSet<String> = mine.iter().map(|p| key(p.node)).collect();
+            prop_assert!(domains.len() <= 1, "gang {} spans {:?}", j.id, domains);
+            if mine.is_empty() {
+                prop_assert!(plan.pending.contains_key(&j.id));
             }
         }
     }

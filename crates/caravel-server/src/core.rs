@@ -565,6 +565,7 @@ impl Core {
                 used_cpu_milli: e.alloc.cpu_milli,
                 used_memory_bytes: e.alloc.memory_bytes,
                 used_devices: e.alloc.devices.clone(),
+                topology: e.node.topology.clone(),
             })
             .collect();
         let mut tenants: HashMap<TenantId, TenantSnap> = self
@@ -600,6 +601,7 @@ impl Core {
                     .filter(|t| t.state == TaskState::Pending)
                     .map(|t| t.index)
                     .collect(),
+                topology: j.rec.spec.topology,
             });
         }
         let plan = caravel_sched::schedule(&self.sched_cfg, &mut snaps, &mut tenants, &reqs);

@@ -66,9 +66,9 @@ pub fn document() -> Value {
                     "resources": sref("TaskResources"),
                     "priority": {"type": "string", "enum": ["online", "batch", "spot"], "default": "batch"},
                     "max_runtime_ms": {"type": "integer", "minimum": 1}, "max_retries": {"type": "integer", "minimum": 0, "default": 0},
-                    "gang": {"type": "boolean", "default": false}, "kill_grace_ms": {"type": "integer", "minimum": 0}}},
+                    "gang": {"type": "boolean", "default": false}, "topology": {"type": "string", "enum": ["node", "rack", "zone"], "description": "gangs only"}, "kill_grace_ms": {"type": "integer", "minimum": 0}}},
                 "SubmitResponse": {"type": "object", "properties": {"id": u64s}},
-                "PendingReason": {"type": "object", "properties": {"code": {"type": "string", "enum": ["quota", "no_fit", "gang", "no_nodes"]}, "message": {"type": "string"}, "counts": {"type": "object", "additionalProperties": {"type": "integer"}}}},
+                "PendingReason": {"type": "object", "properties": {"code": {"type": "string", "enum": ["quota", "no_fit", "gang", "topology", "no_nodes"]}, "message": {"type": "string"}, "counts": {"type": "object", "additionalProperties": {"type": "integer"}}}},
                 "JobSummary": {"type": "object", "properties": {
                     "id": u64s, "tenant": {"type": "string"}, "name": {"type": ["string", "null"]},
                     "state": {"type": "string", "enum": ["pending", "running", "succeeded", "failed", "cancelled"]},

@@ -62,6 +62,7 @@ fn job(id: u64, tenant: u64, tasks: u32, r: TaskResources, gang: bool) -> JobReq
         resources: r,
         gang,
         pending: (0..tasks).collect(),
+        topology: None,
     }
 }
 

@@ -50,6 +50,7 @@ pub struct JobFile {
     pub max_retries: Option<u32>,
     #[serde(default)]
     pub gang: bool,
+    pub topology: Option<caravel_core::TopologyLevel>,
     pub kill_grace: Option<String>,
 }
 
@@ -106,6 +107,7 @@ impl JobFile {
                 .transpose()?,
             max_retries: self.max_retries.unwrap_or(0),
             gang: self.gang,
+            topology: self.topology,
             kill_grace_ms: self
                 .kill_grace
                 .map(|d| parse_duration_ms(&d).map_err(|e| anyhow!("kill_grace: {e}")))

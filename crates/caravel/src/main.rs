@@ -266,6 +266,9 @@ struct SubmitArgs {
     /// All tasks start together or none do (sets RANK, WORLD_SIZE, MASTER_ADDR...).
     #[arg(long)]
     gang: bool,
+    /// Gangs: all members in one node, rack or zone.
+    #[arg(long, value_enum)]
+    topology: Option<TopologyArg>,
     /// KEY=VALUE (repeatable).
     #[arg(long = "env", short = 'e')]
     env: Vec<String>,
@@ -283,6 +286,13 @@ struct SubmitArgs {
     /// The command and its arguments, after `--`.
     #[arg(last = true)]
     command: Vec<String>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TopologyArg {
+    Node,
+    Rack,
+    Zone,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -825,6 +835,13 @@ fn build_spec(a: &SubmitArgs) -> Result<JobSpec> {
     }
     if a.gang {
         spec.gang = true;
+    }
+    if let Some(t) = a.topology {
+        spec.topology = Some(match t {
+            TopologyArg::Node => caravel_core::TopologyLevel::Node,
+            TopologyArg::Rack => caravel_core::TopologyLevel::Rack,
+            TopologyArg::Zone => caravel_core::TopologyLevel::Zone,
+        });
     }
     if let Some(g) = &a.kill_grace {
         spec.kill_grace_ms = Some(parse_duration_ms(g).map_err(|e| anyhow!("--kill-grace: {e}"))?);

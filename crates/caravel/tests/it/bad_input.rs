@@ -106,6 +106,18 @@ fn every_bad_input_gets_a_clear_error_and_creates_nothing() {
             Some("max_runtime_ms"),
         ),
         (
+            json!({"command": "x", "tasks": 2, "topology": "rack"}),
+            400,
+            "invalid_argument",
+            Some("topology"),
+        ),
+        (
+            json!({"command": "x", "gang": true, "topology": "datacenter"}),
+            400,
+            "malformed_request",
+            Some("topology"),
+        ),
+        (
             json!({"args": ["no command"]}),
             400,
             "malformed_request",

@@ -88,8 +88,18 @@ fn gang_is_placed_all_or_nothing_with_a_consistent_torchrun_contract() {
     let p = Pool::new(
         "gang",
         &[
-            ("a", &["--cpus", "2", "--gpus", "H100:2"]),
-            ("b", &["--cpus", "2", "--gpus", "H100:2"]),
+            (
+                "a",
+                &[
+                    "--cpus", "2", "--gpus", "H100:2", "--zone", "z1", "--rack", "r1",
+                ],
+            ),
+            (
+                "b",
+                &[
+                    "--cpus", "2", "--gpus", "H100:2", "--zone", "z1", "--rack", "r2",
+                ],
+            ),
         ],
     );
     let script = "echo RANK=$RANK LOCAL_RANK=$LOCAL_RANK WORLD_SIZE=$WORLD_SIZE MASTER=$MASTER_ADDR:$MASTER_PORT CUDA=$CUDA_VISIBLE_DEVICES";
@@ -146,6 +156,33 @@ fn gang_is_placed_all_or_nothing_with_a_consistent_torchrun_contract() {
         devs.dedup();
         assert_eq!(devs.len(), v.len(), "distinct GPUs per member on {node}");
     }
+    // topology = rack: both members share a rack (here: a node), via the CLI.
+    let out = p.cli(&[
+        "submit",
+        "--gang",
+        "-n",
+        "2",
+        "--gpus",
+        "H100:1",
+        "--cpus",
+        "1",
+        "--topology",
+        "rack",
+        "--",
+        "true",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let tid: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let j = p.wait_state(tid, &["succeeded", "failed"], Duration::from_secs(30));
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(j["task_list"][0]["node"], j["task_list"][1]["node"], "{j}");
+    assert_eq!(j["spec"]["topology"], "rack");
+    let nodes = p.get(&p.admin, "/v1/nodes").unwrap();
+    assert!(nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|n| n["topology"]["rack"] == "r2" && n["topology"]["zone"] == "z1"));
     // A gang bigger than the pool never starts partially.
     let big = p.submit(
         &p.admin,
