@@ -11,6 +11,7 @@
 //! each rejection counted by reason), score the survivors (best fit), select the best.
 //! Gangs are placed tentatively and rolled back unless every member fits.
 
+pub mod fair;
 mod index;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -80,6 +81,10 @@ impl NodeSnap {
 pub struct TenantSnap {
     pub quota: Quota,
     pub used: ResourceSum,
+    /// Fair-share weight; 0 is taken as 1.
+    pub weight: f64,
+    /// Decayed history of what the tenant held.
+    pub history: fair::UsageEma,
 }
 
 /// A job with tasks still to place.
@@ -275,6 +280,7 @@ fn shape(r: &TaskResources) -> Shape {
 /// simulator and the benchmarks call it once per decision).
 pub struct Scheduler {
     pub cfg: Config,
+    totals: fair::PoolTotals,
     nodes: Vec<NodeSnap>,
     index: index::Index,
     pos: HashMap<NodeId, usize>,
@@ -285,6 +291,7 @@ impl Scheduler {
         let index = index::Index::build(&nodes);
         let pos = nodes.iter().enumerate().map(|(i, n)| (n.id, i)).collect();
         Scheduler {
+            totals: pool_totals(&nodes),
             cfg,
             nodes,
             index,
@@ -432,75 +439,34 @@ impl Scheduler {
         })
     }
 
-    /// Runs one scheduling cycle and updates the nodes and `tenants` to reflect the
-    /// placements it made.
-    pub fn schedule(
+    /// Places a whole gang or nothing. On failure returns the reason and whether the
+    /// request shape fits nowhere at all (so later jobs of that shape can skip the search).
+    #[allow(clippy::type_complexity)]
+    fn place_gang(
         &mut self,
-        tenants: &mut HashMap<TenantId, TenantSnap>,
-        jobs: &[JobReq],
-    ) -> Plan {
-        let mut order: Vec<&JobReq> = jobs.iter().filter(|j| !j.pending.is_empty()).collect();
-        order.sort_by_key(|j| (j.priority.rank(), j.seq, j.id));
-        let mut plan = Plan::default();
-        let mut unfit: HashMap<Shape, PendingReason> = HashMap::new();
-        let total_nodes = self.nodes.len();
-
-        for job in order {
-            let tenant = tenants.entry(job.tenant).or_default();
-            if job.gang {
-                let n = job.pending.len() as u64;
-                if let Err(e) = tenant.quota.check(&tenant.used, &job.resources, n) {
-                    plan.pending.insert(job.id, vec![quota_reason(&e)]);
-                    continue;
+        job: &JobReq,
+    ) -> Result<Vec<(usize, Vec<u32>, u32)>, Box<(PendingReason, Option<PendingReason>)>> {
+        if let Some(level) = job.topology {
+            return self
+                .place_gang_in_domain(job, level)
+                .map_err(|r| Box::new((r, None)));
+        }
+        let mut tentative: Vec<(usize, Vec<u32>, u32)> = Vec::new();
+        for &idx in &job.pending {
+            match self.place(&job.resources) {
+                Some((ni, devs)) => {
+                    self.allocate(ni, &job.resources, &devs);
+                    tentative.push((ni, devs, idx));
                 }
-                if let Some(r) = unfit.get(&shape(&job.resources)) {
-                    plan.pending.insert(job.id, vec![r.clone()]);
-                    continue;
-                }
-                if let Some(level) = job.topology {
-                    match self.place_gang_in_domain(job, level) {
-                        Ok(placed) => {
-                            tenant.used.add_task(&job.resources, n);
-                            for (ni, devs, idx) in placed {
-                                plan.placements.push(Placement {
-                                    job: job.id,
-                                    index: idx,
-                                    node: self.nodes[ni].id,
-                                    devices: devs,
-                                });
-                            }
-                        }
-                        Err(r) => {
-                            plan.pending.insert(job.id, vec![r]);
-                        }
-                    }
-                    continue;
-                }
-                let mut tentative: Vec<(usize, Vec<u32>, u32)> = Vec::new();
-                let mut failed = false;
-                for &idx in &job.pending {
-                    match self.place(&job.resources) {
-                        Some((ni, devs)) => {
-                            self.allocate(ni, &job.resources, &devs);
-                            tentative.push((ni, devs, idx));
-                        }
-                        None => {
-                            failed = true;
-                            break;
-                        }
-                    }
-                }
-                if failed {
+                None => {
                     let lacks = self.explain(&job.resources);
                     let placed = tentative.len();
                     for (ni, devs, _) in tentative {
                         self.nodes[ni].release(&job.resources, &devs);
                         self.index.update(&self.nodes, ni);
                     }
-                    let mut r = no_fit_reason(&lacks, total_nodes);
-                    if placed == 0 {
-                        unfit.insert(shape(&job.resources), r.clone());
-                    }
+                    let mut r = no_fit_reason(&lacks, self.nodes.len());
+                    let cache = (placed == 0).then(|| r.clone());
                     r.message = format!(
                         "gang: only {placed} of {} tasks fit together; {}",
                         job.pending.len(),
@@ -509,32 +475,75 @@ impl Scheduler {
                     r.code = "gang".into();
                     r.counts.insert("fit".into(), placed as u64);
                     r.counts.insert("need".into(), job.pending.len() as u64);
-                    plan.pending.insert(job.id, vec![r]);
-                    continue;
+                    return Err(Box::new((r, cache)));
                 }
-                tenant.used.add_task(&job.resources, n);
-                for (ni, devs, idx) in tentative {
-                    plan.placements.push(Placement {
-                        job: job.id,
-                        index: idx,
-                        node: self.nodes[ni].id,
-                        devices: devs,
-                    });
-                }
-            } else {
-                for (k, &idx) in job.pending.iter().enumerate() {
-                    if let Err(e) = tenant.quota.check(&tenant.used, &job.resources, 1) {
-                        plan.pending.insert(job.id, vec![quota_reason(&e)]);
-                        break;
-                    }
-                    if let Some(r) = unfit.get(&shape(&job.resources)) {
-                        plan.pending.insert(job.id, vec![r.clone()]);
-                        break;
-                    }
-                    match self.place(&job.resources) {
-                        Some((ni, devs)) => {
-                            self.allocate(ni, &job.resources, &devs);
-                            tenant.used.add_task(&job.resources, 1);
+            }
+        }
+        Ok(tentative)
+    }
+
+    /// Runs one scheduling cycle and updates the nodes and `tenants` to reflect the
+    /// placements it made.
+    pub fn schedule(
+        &mut self,
+        tenants: &mut HashMap<TenantId, TenantSnap>,
+        jobs: &[JobReq],
+    ) -> Plan {
+        let mut plan = Plan::default();
+        let mut unfit: HashMap<Shape, PendingReason> = HashMap::new();
+        let total_nodes = self.nodes.len();
+
+        // Each tenant's queue in priority then FIFO order; tenants take turns by weighted
+        // dominant share (progressive filling: one task, or one whole gang, per turn).
+        let mut queues: BTreeMap<TenantId, std::collections::VecDeque<(&JobReq, usize)>> =
+            BTreeMap::new();
+        let mut sorted: Vec<&JobReq> = jobs.iter().filter(|j| !j.pending.is_empty()).collect();
+        sorted.sort_by_key(|j| (j.priority.rank(), j.seq, j.id));
+        for j in sorted {
+            queues.entry(j.tenant).or_default().push_back((j, 0));
+        }
+        let key = |s: &Scheduler, t: &TenantSnap, head: &JobReq, tid: TenantId| {
+            let share = fair::dominant_share(&t.used, &t.history, &s.totals, t.weight);
+            (
+                u8::from(head.priority == Priority::Spot),
+                fair::share_key(share),
+                head.priority.rank(),
+                head.seq,
+                head.id,
+                tid,
+            )
+        };
+        let mut turns = BTreeSet::new();
+        for (tid, q) in &queues {
+            let t = tenants.entry(*tid).or_default();
+            turns.insert(key(self, t, q[0].0, *tid));
+        }
+
+        while let Some(turn) = turns.pop_first() {
+            let tid = turn.5;
+            let (job, k) = queues[&tid][0];
+            let tenant = tenants.entry(tid).or_default();
+            // Does this job stay at the head of its tenant's queue for another turn?
+            let mut again = false;
+            if let Err(e) = tenant.quota.check(
+                &tenant.used,
+                &job.resources,
+                if job.gang {
+                    job.pending.len() as u64
+                } else {
+                    1
+                },
+            ) {
+                plan.pending.insert(job.id, vec![quota_reason(&e)]);
+            } else if let Some(r) = unfit.get(&shape(&job.resources)) {
+                plan.pending.insert(job.id, vec![r.clone()]);
+            } else if job.gang {
+                match self.place_gang(job) {
+                    Ok(placed) => {
+                        tenant
+                            .used
+                            .add_task(&job.resources, job.pending.len() as u64);
+                        for (ni, devs, idx) in placed {
                             plan.placements.push(Placement {
                                 job: job.id,
                                 index: idx,
@@ -542,26 +551,69 @@ impl Scheduler {
                                 devices: devs,
                             });
                         }
-                        None => {
-                            let mut r = no_fit_reason(&self.explain(&job.resources), total_nodes);
-                            unfit.insert(shape(&job.resources), r.clone());
-                            if k > 0 {
-                                r.message = format!(
-                                    "{} of {} tasks placed; {}",
-                                    k,
-                                    job.pending.len(),
-                                    r.message
-                                );
-                            }
-                            plan.pending.insert(job.id, vec![r]);
-                            break;
+                    }
+                    Err(e) => {
+                        let (r, cache) = *e;
+                        if let Some(c) = cache {
+                            unfit.insert(shape(&job.resources), c);
                         }
+                        plan.pending.insert(job.id, vec![r]);
                     }
                 }
+            } else {
+                match self.place(&job.resources) {
+                    Some((ni, devs)) => {
+                        self.allocate(ni, &job.resources, &devs);
+                        tenant.used.add_task(&job.resources, 1);
+                        plan.placements.push(Placement {
+                            job: job.id,
+                            index: job.pending[k],
+                            node: self.nodes[ni].id,
+                            devices: devs,
+                        });
+                        again = k + 1 < job.pending.len();
+                    }
+                    None => {
+                        let mut r = no_fit_reason(&self.explain(&job.resources), total_nodes);
+                        unfit.insert(shape(&job.resources), r.clone());
+                        if k > 0 {
+                            r.message = format!(
+                                "{} of {} tasks placed; {}",
+                                k,
+                                job.pending.len(),
+                                r.message
+                            );
+                        }
+                        plan.pending.insert(job.id, vec![r]);
+                    }
+                }
+            }
+            let q = queues.get_mut(&tid).expect("queued tenant");
+            if again {
+                q[0].1 += 1;
+            } else {
+                q.pop_front();
+            }
+            if let Some(&(head, _)) = q.front() {
+                let t = &tenants[&tid];
+                turns.insert(key(self, t, head, tid));
             }
         }
         plan
     }
+}
+
+/// What the ready nodes offer in total: the denominators of dominant shares.
+pub fn pool_totals(nodes: &[NodeSnap]) -> fair::PoolTotals {
+    let mut t = fair::PoolTotals::default();
+    for n in nodes.iter().filter(|n| n.ready) {
+        t.cpu_milli += n.capacity.cpu_milli as f64;
+        t.memory_bytes += n.capacity.memory_bytes as f64;
+        for d in &n.capacity.devices {
+            *t.gpus.entry(d.model.clone()).or_insert(0.0) += 1.0;
+        }
+    }
+    t
 }
 
 /// Runs one scheduling cycle over `nodes` (updated in place to reflect the placements).

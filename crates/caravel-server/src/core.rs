@@ -61,6 +61,10 @@ pub struct Core {
     next_node: u64,
     next_tenant: u64,
     pub sched_cfg: caravel_sched::Config,
+    /// Decayed history of what each tenant held, for fair share; rebuilt from zero at start.
+    tenant_history: HashMap<TenantId, caravel_sched::fair::UsageEma>,
+    history_at: Option<Millis>,
+    pub fair_share_half_life_ms: u64,
     /// Set when a commit failed after memory changed; the server reloads from the store.
     pub needs_reload: bool,
     group: Option<Vec<Mutation>>,
@@ -94,6 +98,9 @@ impl Core {
             next_node: 1,
             next_tenant: 1,
             sched_cfg: Default::default(),
+            tenant_history: HashMap::new(),
+            history_at: None,
+            fair_share_half_life_ms: 3_600_000,
             needs_reload: false,
             group: None,
         };
@@ -568,6 +575,19 @@ impl Core {
                 topology: e.node.topology.clone(),
             })
             .collect();
+        let dt = self
+            .history_at
+            .map(|a| (now - a).max(0) as u64)
+            .unwrap_or(0);
+        self.history_at = Some(now);
+        for t in self.tenants.keys() {
+            let held = self.tenant_used.get(t).cloned().unwrap_or_default();
+            self.tenant_history.entry(*t).or_default().advance(
+                &held,
+                dt,
+                self.fair_share_half_life_ms,
+            );
+        }
         let mut tenants: HashMap<TenantId, TenantSnap> = self
             .tenants
             .values()
@@ -577,6 +597,8 @@ impl Core {
                     TenantSnap {
                         quota: t.quota.clone(),
                         used: self.tenant_used.get(&t.id).cloned().unwrap_or_default(),
+                        weight: t.weight,
+                        history: self.tenant_history.get(&t.id).cloned().unwrap_or_default(),
                     },
                 )
             })

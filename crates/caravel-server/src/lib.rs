@@ -43,6 +43,8 @@ pub struct ServerConfig {
     /// How long an agent's sync may be held; also its heartbeat period.
     pub heartbeat_ms: u64,
     pub sync: Sync,
+    /// Half-life of the usage history that fair share weighs.
+    pub fair_share_half_life_ms: u64,
 }
 
 impl ServerConfig {
@@ -53,6 +55,7 @@ impl ServerConfig {
             lost_after_ms: 10_000,
             heartbeat_ms: 2_000,
             sync: Sync::Normal,
+            fair_share_half_life_ms: 3_600_000,
         }
     }
 }
@@ -182,6 +185,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
     let store = SqliteStore::open(&cfg.data_dir.join("caravel.db"), cfg.sync)?;
     let mut core = Core::load(Box::new(store), now_ms())?;
     core.ensure_default_tenant(now_ms())?;
+    core.fair_share_half_life_ms = cfg.fair_share_half_life_ms;
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| ServerError::Listen {
@@ -262,7 +266,10 @@ fn reload(s: &Shared) {
         }
     };
     match Core::load(Box::new(store), now_ms()) {
-        Ok(c) => *s.core.lock().expect("core lock") = c,
+        Ok(mut c) => {
+            c.fair_share_half_life_ms = s.cfg.fair_share_half_life_ms;
+            *s.core.lock().expect("core lock") = c
+        }
         Err(e) => tracing::error!(error = %e, "cannot reload state"),
     }
 }

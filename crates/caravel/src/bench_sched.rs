@@ -214,12 +214,12 @@ pub fn bench(scenario: &str) -> Result<i32> {
                 }
                 (nodes, tenants, jobs, "one job per decision; quota caps, best fit; no fair share yet")
             }
-            "preempt-500k" | "fairshare-1k" => bail!(
-                "scenario `{scenario}` needs {} from issue #3, which is not implemented yet",
-                if scenario == "preempt-500k" { "preemption" } else { "DRF fair share" }
+            "fairshare-1k" => return fairshare_1k(&mut rng),
+            "preempt-500k" => bail!(
+                "scenario `{scenario}` needs preemption from issue #3, which is not implemented yet"
             ),
             other => bail!(
-                "unknown scenario `{other}` (k8s-5k, c1m, gang-1024, gang-small, pool-100k; preempt-500k and fairshare-1k are not implemented yet)"
+                "unknown scenario `{other}` (k8s-5k, c1m, gang-1024, gang-small, pool-100k, fairshare-1k; preempt-500k is not implemented yet)"
             ),
         };
     let tasks: usize = jobs.iter().map(|j| j.pending.len()).sum();
@@ -262,5 +262,65 @@ pub fn bench(scenario: &str) -> Result<i32> {
         out["gangs_per_s"] = serde_json::json!(o.decisions_ms.len() as f64 / o.elapsed_s);
     }
     println!("{out}");
+    Ok(0)
+}
+
+/// Recomputes every tenant's weighted dominant share (decaying its usage history first)
+/// over 1,000 tenants and a pool with CPU, memory and four GPU models, 1,000 times.
+fn fairshare_1k(rng: &mut Rng) -> Result<i32> {
+    use caravel_core::ResourceSum;
+    use caravel_sched::fair::{dominant_share, PoolTotals, UsageEma};
+    let models = ["H100", "A100", "L40S", "T4"];
+    let pool = PoolTotals {
+        cpu_milli: 6.4e9,
+        memory_bytes: 2.5e16,
+        gpus: models.iter().map(|m| (m.to_string(), 80_000.0)).collect(),
+    };
+    let held: Vec<ResourceSum> = (0..1000)
+        .map(|_| ResourceSum {
+            cpu_milli: rng.below(8_000_000),
+            memory_bytes: rng.below(32 << 40),
+            gpus: models
+                .iter()
+                .map(|m| (m.to_string(), rng.below(400) as u32))
+                .collect(),
+        })
+        .collect();
+    let weights: Vec<f64> = (0..1000).map(|_| 1.0 + rng.below(4) as f64).collect();
+    let mut hist: Vec<UsageEma> = vec![UsageEma::default(); 1000];
+    let mut times = Vec::with_capacity(1000);
+    let mut checksum = 0.0;
+    let t0 = Instant::now();
+    for _ in 0..1000 {
+        let t = Instant::now();
+        let mut shares = Vec::with_capacity(1000);
+        for i in 0..1000 {
+            hist[i].advance(&held[i], 1000, 3_600_000);
+            shares.push(dominant_share(&held[i], &hist[i], &pool, weights[i]));
+        }
+        // The order tenants take turns in.
+        let mut order: Vec<usize> = (0..1000).collect();
+        order.sort_by(|a, b| shares[*a].total_cmp(&shares[*b]));
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+        checksum += shares[order[0]];
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let p50 = pct(&mut times, 50.0);
+    let p99 = pct(&mut times, 99.0);
+    eprintln!("fairshare-1k: 1,000 recomputes over 1,000 tenants: p50 {p50:.3} ms, p99 {p99:.3} ms (checksum {checksum:.3})");
+    println!(
+        "{}",
+        serde_json::json!({
+            "scenario": "fairshare-1k",
+            "placements": 0,
+            "placements_per_s": 0.0,
+            "decision_p99_ms": p99,
+            "recompute_ms": p99,
+            "recompute_p50_ms": p50,
+            "tenants": 1000,
+            "elapsed_s": elapsed,
+            "peak_rss_bytes": peak_rss_bytes(),
+        })
+    );
     Ok(0)
 }

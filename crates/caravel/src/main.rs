@@ -178,6 +178,10 @@ struct ServerArgs {
     /// fsync every commit (survives power loss, slower).
     #[arg(long)]
     sync_full: bool,
+    /// Half-life of the usage history fair share weighs (a tenant that used less recently
+    /// goes first).
+    #[arg(long, default_value = "1h", value_parser = dur)]
+    fair_share_half_life: u64,
 }
 
 #[derive(Args)]
@@ -360,6 +364,7 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
             let mut cfg = caravel_server::ServerConfig::new(a.data_dir, a.listen);
             cfg.lost_after_ms = a.lost_after;
             cfg.heartbeat_ms = a.heartbeat;
+            cfg.fair_share_half_life_ms = a.fair_share_half_life;
             if a.sync_full {
                 cfg.sync = caravel_store::Sync::Full;
             }

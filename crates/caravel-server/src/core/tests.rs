@@ -452,3 +452,29 @@ fn load_repairs_a_job_left_inconsistent_by_a_crash_between_commits() {
     );
     assert!(c.runs.is_empty());
 }
+
+#[test]
+fn fair_share_splits_a_contended_node_between_tenants() {
+    let mut f = fixture();
+    let c = &mut f.core;
+    c.register(reg("a", 4, 0), 0).unwrap();
+    let (t1, _) = c.create_tenant("one", 1.0, Quota::default(), 0).unwrap();
+    let (t2, _) = c.create_tenant("two", 1.0, Quota::default(), 0).unwrap();
+    let mut spec = JobSpec::simple("sleep", &["9"]);
+    spec.tasks = 4;
+    let j1 = c.submit(t1.id, spec.clone(), 0).unwrap();
+    let j2 = c.submit(t2.id, spec, 1).unwrap();
+    assert_eq!(c.schedule(2).unwrap().placed, 4);
+    let running = |c: &Core, j: JobId| {
+        c.jobs[&j]
+            .tasks
+            .iter()
+            .filter(|t| t.state == TaskState::Assigned)
+            .count()
+    };
+    assert_eq!(
+        (running(c, j1), running(c, j2)),
+        (2, 2),
+        "FIFO would have given job 1 all four"
+    );
+}
