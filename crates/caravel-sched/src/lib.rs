@@ -13,6 +13,9 @@
 
 pub mod fair;
 mod index;
+pub mod preempt;
+
+pub use preempt::{Preemption, RunningTask};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -85,6 +88,8 @@ pub struct TenantSnap {
     pub weight: f64,
     /// Decayed history of what the tenant held.
     pub history: fair::UsageEma,
+    /// What the tenant is guaranteed; beyond it, it borrows others' idle capacity.
+    pub guarantee: Quota,
 }
 
 /// A job with tasks still to place.
@@ -116,6 +121,8 @@ pub struct Plan {
     pub placements: Vec<Placement>,
     /// Every job that still has unplaced tasks, with why.
     pub pending: BTreeMap<JobId, Vec<PendingReason>>,
+    /// Running tasks to stop so that pending jobs entitled to the space can run.
+    pub preemptions: Vec<Preemption>,
 }
 
 #[derive(Debug, Clone)]
@@ -482,6 +489,103 @@ impl Scheduler {
         Ok(tentative)
     }
 
+    /// A scheduling cycle that may also preempt: after placing what fits, each job still
+    /// blocked by lack of room is checked for victims among `running` (see `preempt`). The
+    /// victims are only named in the plan; the job stays pending until they have exited.
+    pub fn schedule_with(
+        &mut self,
+        now: caravel_core::Millis,
+        running: &[RunningTask],
+        tenants: &mut HashMap<TenantId, TenantSnap>,
+        jobs: &[JobReq],
+    ) -> Plan {
+        let mut plan = self.schedule(tenants, jobs);
+        if running.is_empty() || plan.pending.is_empty() {
+            return plan;
+        }
+        let placed: HashMap<JobId, usize> =
+            plan.placements.iter().fold(HashMap::new(), |mut m, p| {
+                *m.entry(p.job).or_default() += 1;
+                m
+            });
+        let mut pass = preempt::Pass::new(&self.nodes, running, now);
+        let mut order: Vec<&JobReq> = jobs
+            .iter()
+            .filter(|j| j.priority != Priority::Spot && j.topology.is_none())
+            .filter(|j| {
+                plan.pending.get(&j.id).is_some_and(|r| {
+                    r.iter()
+                        .any(|r| matches!(r.code.as_str(), "no_fit" | "gang"))
+                })
+            })
+            .collect();
+        order.sort_by_key(|j| (j.priority.rank(), j.seq, j.id));
+        let mut promised: HashMap<TenantId, TenantSnap> = HashMap::new();
+        for job in order {
+            let t = promised
+                .entry(job.tenant)
+                .or_insert_with(|| tenants.get(&job.tenant).cloned().unwrap_or_default());
+            let remaining = job.pending.len() - placed.get(&job.id).copied().unwrap_or(0);
+            let mut victims = Vec::new();
+            let mut why = None;
+            if job.gang {
+                match pass.try_job(job, t) {
+                    Ok(v) => {
+                        t.used.add_task(&job.resources, job.pending.len() as u64);
+                        victims = v;
+                    }
+                    Err(e) => why = Some(e),
+                }
+            } else {
+                let one = JobReq {
+                    pending: vec![0],
+                    ..job.clone()
+                };
+                for _ in 0..remaining {
+                    match pass.try_job(&one, t) {
+                        Ok(v) => {
+                            t.used.add_task(&job.resources, 1);
+                            victims.extend(v);
+                        }
+                        Err(e) => {
+                            why = Some(e);
+                            break;
+                        }
+                    }
+                }
+            }
+            let reasons = plan.pending.entry(job.id).or_default();
+            if !victims.is_empty() {
+                let mut counts = BTreeMap::new();
+                counts.insert("victims".to_string(), victims.len() as u64);
+                reasons.insert(
+                    0,
+                    PendingReason {
+                        code: "preempting".into(),
+                        message: format!(
+                            "preempting {} running task{} to make room",
+                            victims.len(),
+                            if victims.len() == 1 { "" } else { "s" }
+                        ),
+                        counts,
+                    },
+                );
+                plan.preemptions
+                    .extend(victims.into_iter().map(|run| Preemption {
+                        run,
+                        for_job: job.id,
+                    }));
+            } else if let Some(w) = why {
+                reasons.push(PendingReason {
+                    code: "no_preemption".into(),
+                    message: format!("cannot preempt: {w}"),
+                    counts: BTreeMap::new(),
+                });
+            }
+        }
+        plan
+    }
+
     /// Runs one scheduling cycle and updates the nodes and `tenants` to reflect the
     /// placements it made.
     pub fn schedule(
@@ -504,8 +608,21 @@ impl Scheduler {
         }
         let key = |s: &Scheduler, t: &TenantSnap, head: &JobReq, tid: TenantId| {
             let share = fair::dominant_share(&t.used, &t.history, &s.totals, t.weight);
+            let n = if head.gang {
+                head.pending.len() as u64
+            } else {
+                1
+            };
+            // Work within the tenant's guarantee goes first, spot last.
+            let bucket = if head.priority == Priority::Spot {
+                2u8
+            } else if preempt::within_guarantee(&t.guarantee, &t.used, &head.resources, n) {
+                0
+            } else {
+                1
+            };
             (
-                u8::from(head.priority == Priority::Spot),
+                bucket,
                 fair::share_key(share),
                 head.priority.rank(),
                 head.seq,

@@ -576,3 +576,183 @@ fn spot_only_gets_what_nobody_else_wants() {
     assert_eq!(plan.placements.len(), 1);
     assert_eq!(plan.placements[0].job, JobId(2));
 }
+
+// ---- preemption ----
+
+fn running(
+    run: u64,
+    tenant: u64,
+    node: u64,
+    prio: Priority,
+    started: i64,
+    borrowed: bool,
+) -> RunningTask {
+    RunningTask {
+        run: caravel_core::RunId(run),
+        job: JobId(1000 + run),
+        tenant: TenantId(tenant),
+        node: NodeId(node),
+        priority: prio,
+        resources: TaskResources {
+            cpu_milli: 1000,
+            memory_bytes: 1 << 30,
+            gpu: None,
+        },
+        devices: vec![],
+        started_ms: started,
+        min_runtime_ms: 0,
+        borrowed,
+    }
+}
+
+/// A 4-CPU node fully held by `tasks`, as the server would hand it to the scheduler.
+fn busy_node(tasks: &[RunningTask]) -> NodeSnap {
+    let mut n = cpu_node(1, 4, 64);
+    n.used_cpu_milli = tasks.iter().map(|t| t.resources.cpu_milli).sum();
+    n.used_memory_bytes = tasks.iter().map(|t| t.resources.memory_bytes).sum();
+    n
+}
+
+fn guaranteed(cpus: u64) -> TenantSnap {
+    TenantSnap {
+        guarantee: Quota::parse(&format!("cpu={cpus}")).unwrap(),
+        ..Default::default()
+    }
+}
+
+fn victims(plan: &Plan) -> Vec<u64> {
+    plan.preemptions.iter().map(|p| p.run.0).collect()
+}
+
+#[test]
+fn tenant_a_idle_guarantee_borrowed_by_b_is_reclaimed() {
+    // B (no guarantee) borrowed all 4 CPUs that A is guaranteed while A was idle.
+    let run: Vec<RunningTask> = (0..4)
+        .map(|i| running(i, 2, 1, Priority::Batch, 100 * i as i64, true))
+        .collect();
+    let mut s = Scheduler::new(Config::default(), vec![busy_node(&run)]);
+    let mut t = HashMap::new();
+    t.insert(TenantId(1), guaranteed(4));
+    let mut a = tjob(1, 1, 2, 1000, 1);
+    a.resources.memory_bytes = 1 << 30;
+    let plan = s.schedule_with(10_000, &run, &mut t, &[a]);
+    assert!(plan.placements.is_empty());
+    assert_eq!(
+        victims(&plan),
+        vec![3, 2],
+        "the most recently started borrowed tasks go first"
+    );
+    assert_eq!(plan.pending[&JobId(1)][0].code, "preempting");
+    assert_eq!(
+        plan.pending[&JobId(1)][0].message,
+        "preempting 2 running tasks to make room"
+    );
+}
+
+#[test]
+fn spot_goes_before_borrowed_work_and_anyone_may_preempt_spot() {
+    let run = vec![
+        running(1, 2, 1, Priority::Batch, 0, true),
+        running(2, 3, 1, Priority::Spot, 0, false),
+        running(3, 2, 1, Priority::Batch, 0, true),
+        running(4, 2, 1, Priority::Batch, 0, true),
+    ];
+    let mut s = Scheduler::new(Config::default(), vec![busy_node(&run)]);
+    let mut t = HashMap::new();
+    t.insert(TenantId(1), guaranteed(4));
+    let plan = s.schedule_with(10_000, &run, &mut t, &[tjob(1, 1, 1, 1000, 1)]);
+    assert_eq!(victims(&plan), vec![2]);
+    // A tenant without a guarantee may still take a spot task's place, but not borrowed work.
+    let mut s = Scheduler::new(Config::default(), vec![busy_node(&run)]);
+    let plan = s.schedule_with(10_000, &run, &mut HashMap::new(), &[tjob(1, 5, 2, 1000, 1)]);
+    assert_eq!(
+        victims(&plan),
+        vec![2],
+        "only the spot task; the second task waits"
+    );
+}
+
+#[test]
+fn min_runtime_is_respected_under_preemption() {
+    let mut run: Vec<RunningTask> = (0..4)
+        .map(|i| running(i, 2, 1, Priority::Batch, 0, true))
+        .collect();
+    for r in &mut run {
+        r.min_runtime_ms = 60_000;
+    }
+    let mut t = HashMap::new();
+    t.insert(TenantId(1), guaranteed(4));
+    let mut s = Scheduler::new(Config::default(), vec![busy_node(&run)]);
+    let plan = s.schedule_with(30_000, &run, &mut t, &[tjob(1, 1, 1, 1000, 1)]);
+    assert!(
+        plan.preemptions.is_empty(),
+        "victims younger than their minimum runtime are safe"
+    );
+    let r = plan.pending[&JobId(1)]
+        .iter()
+        .find(|r| r.code == "no_preemption")
+        .unwrap();
+    assert!(
+        r.message.contains("inside their minimum runtime"),
+        "{}",
+        r.message
+    );
+    let mut s = Scheduler::new(Config::default(), vec![busy_node(&run)]);
+    let plan = s.schedule_with(60_000, &run, &mut t, &[tjob(1, 1, 1, 1000, 1)]);
+    assert_eq!(plan.preemptions.len(), 1);
+}
+
+#[test]
+fn online_work_is_not_preempted_by_batch_and_guaranteed_work_is_never_a_victim() {
+    let run = vec![
+        running(1, 2, 1, Priority::Online, 0, true),
+        running(2, 2, 1, Priority::Batch, 0, false),
+        running(3, 2, 1, Priority::Batch, 0, false),
+        running(4, 2, 1, Priority::Online, 0, true),
+    ];
+    let mut t = HashMap::new();
+    t.insert(TenantId(1), guaranteed(4));
+    let mut s = Scheduler::new(Config::default(), vec![busy_node(&run)]);
+    let plan = s.schedule_with(10_000, &run, &mut t, &[tjob(1, 1, 1, 1000, 1)]);
+    assert!(plan.preemptions.is_empty(), "{plan:?}");
+    let mut online = tjob(2, 1, 1, 1000, 1);
+    online.priority = Priority::Online;
+    let mut s = Scheduler::new(Config::default(), vec![busy_node(&run)]);
+    let plan = s.schedule_with(10_000, &run, &mut t, &[online]);
+    assert_eq!(
+        plan.preemptions.len(),
+        1,
+        "online may reclaim from borrowed online work"
+    );
+}
+
+#[test]
+fn two_reclaiming_jobs_never_share_a_victim_and_gangs_get_all_or_none() {
+    let run: Vec<RunningTask> = (0..4)
+        .map(|i| running(i, 2, 1, Priority::Spot, i as i64, false))
+        .collect();
+    let mut t = HashMap::new();
+    t.insert(TenantId(1), guaranteed(8));
+    let mut s = Scheduler::new(Config::default(), vec![busy_node(&run)]);
+    let mut gang = tjob(2, 1, 3, 1000, 1);
+    gang.gang = true;
+    let plan = s.schedule_with(10, &run, &mut t, &[tjob(1, 1, 2, 1000, 1), gang]);
+    let v = victims(&plan);
+    let distinct: BTreeSet<u64> = v.iter().copied().collect();
+    assert_eq!(distinct.len(), v.len(), "a victim counted twice: {v:?}");
+    // Job 1 takes two victims; the 3-member gang cannot get three of the remaining two.
+    assert_eq!(
+        plan.preemptions
+            .iter()
+            .filter(|p| p.for_job == JobId(1))
+            .count(),
+        2
+    );
+    assert_eq!(
+        plan.preemptions
+            .iter()
+            .filter(|p| p.for_job == JobId(2))
+            .count(),
+        0
+    );
+}
