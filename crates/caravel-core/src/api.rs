@@ -115,6 +115,8 @@ pub struct CreateTenantRequest {
     pub weight: f64,
     #[serde(default)]
     pub quota: Quota,
+    #[serde(default)]
+    pub guarantee: Quota,
 }
 
 fn default_weight() -> f64 {
@@ -127,6 +129,7 @@ pub struct TenantView {
     pub name: String,
     pub weight: f64,
     pub quota: Quota,
+    pub guarantee: Quota,
     pub created_ms: Millis,
 }
 

@@ -14,7 +14,7 @@ use crate::{JobId, Millis, NodeId, RunId, TenantId, ValidationError};
 pub const MAX_TASKS: u32 = 100_000;
 pub const MAX_RETRIES: u32 = 100;
 pub const MAX_RUNTIME_MS: u64 = 365 * 86_400_000;
-pub const DEFAULT_KILL_GRACE_MS: u64 = 10_000;
+pub const DEFAULT_KILL_GRACE_MS: u64 = 30_000;
 
 #[derive(
     Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
@@ -97,9 +97,13 @@ pub struct JobSpec {
     /// For gangs: pack every member into one node, rack or zone (the smallest that fits).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topology: Option<TopologyLevel>,
-    /// Time between SIGTERM and SIGKILL when a task is cancelled or times out.
+    /// Time between SIGTERM and SIGKILL when a task is cancelled, preempted or times out
+    /// (default 30 s): the time a task has to checkpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kill_grace_ms: Option<u64>,
+    /// A running task is not preempted before it has run this long.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_runtime_ms: Option<u64>,
 }
 
 fn one() -> u32 {
@@ -121,6 +125,7 @@ impl JobSpec {
             gang: false,
             topology: None,
             kill_grace_ms: None,
+            min_runtime_ms: None,
         }
     }
 
@@ -185,6 +190,12 @@ impl JobSpec {
             return Err(ValidationError::new(
                 "topology",
                 "only gang jobs may ask for a topology domain",
+            ));
+        }
+        if self.min_runtime_ms.is_some_and(|m| m > MAX_RUNTIME_MS) {
+            return Err(ValidationError::new(
+                "min_runtime_ms",
+                "must be at most 365 days",
             ));
         }
         if let Some(g) = self.kill_grace_ms {
@@ -277,6 +288,8 @@ pub enum RunState {
     TimedOut,
     /// Its node stopped heartbeating.
     Lost,
+    /// Stopped to make room for work entitled to the space; requeued without using a retry.
+    Preempted,
 }
 
 impl RunState {
@@ -292,6 +305,7 @@ impl RunState {
             RunState::Killed => "killed",
             RunState::TimedOut => "timed_out",
             RunState::Lost => "lost",
+            RunState::Preempted => "preempted",
         }
     }
 }
@@ -302,6 +316,7 @@ impl RunState {
 pub enum StopReason {
     Cancel,
     GangAbort,
+    Preempt,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -319,6 +334,9 @@ pub struct JobRecord {
     pub message: String,
     /// Set when a gang member failed or was lost: the other members are being stopped.
     pub gang_abort: Option<String>,
+    /// The gang abort was caused by preemption: the restart uses no retry.
+    #[serde(default)]
+    pub gang_abort_free: bool,
     pub cancel_requested: bool,
 }
 
@@ -348,6 +366,9 @@ pub struct RunRecord {
     pub local_world_size: u32,
     pub master_addr: Option<String>,
     pub master_port: Option<u16>,
+    /// Placed while its tenant was beyond its guarantee: may be preempted to reclaim it.
+    #[serde(default)]
+    pub borrowed: bool,
     pub state: RunState,
     pub stop: Option<StopReason>,
     pub assigned_ms: Millis,

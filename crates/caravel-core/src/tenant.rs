@@ -127,7 +127,12 @@ pub struct Tenant {
     pub id: TenantId,
     pub name: String,
     pub weight: f64,
+    /// The most the tenant may hold at once, borrowing included.
     pub quota: Quota,
+    /// What the tenant is guaranteed: work within it is admitted first and reclaims
+    /// capacity other tenants borrowed.
+    #[serde(default)]
+    pub guarantee: Quota,
     pub created_ms: Millis,
 }
 

@@ -527,6 +527,7 @@ fn tenant_view(t: &Tenant) -> TenantView {
         name: t.name.clone(),
         weight: t.weight,
         quota: t.quota.clone(),
+        guarantee: t.guarantee.clone(),
         created_ms: t.created_ms,
     }
 }
@@ -539,7 +540,8 @@ pub async fn create_tenant(
     require_admin(authenticate(&s, &headers)?)?;
     let req: CreateTenantRequest = parse_json(&body)?;
     let mut core = s.core.lock().expect("core lock");
-    let (t, token) = core.create_tenant(&req.name, req.weight, req.quota, now_ms())?;
+    let (t, token) =
+        core.create_tenant(&req.name, req.weight, req.quota, req.guarantee, now_ms())?;
     Ok((
         StatusCode::CREATED,
         Json(CreateTenantResponse {

@@ -35,6 +35,9 @@ pub struct JobEntry {
     pub active_runs: BTreeSet<RunId>,
 }
 
+/// A task preempted for a job: its run, node, and what it holds.
+type Victim = (RunId, NodeId, TaskResources, Vec<u32>);
+
 /// Outcome counters of one scheduling cycle.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CycleStats {
@@ -63,6 +66,10 @@ pub struct Core {
     pub sched_cfg: caravel_sched::Config,
     /// Decayed history of what each tenant held, for fair share; rebuilt from zero at start.
     tenant_history: HashMap<TenantId, caravel_sched::fair::UsageEma>,
+    /// Jobs waiting for the tasks preempted on their behalf to exit, with what each
+    /// victim holds: room a victim frees stays reserved until the last one is gone, so
+    /// nobody else slips into it.
+    preempting: HashMap<JobId, Vec<Victim>>,
     history_at: Option<Millis>,
     pub fair_share_half_life_ms: u64,
     /// Set when a commit failed after memory changed; the server reloads from the store.
@@ -99,6 +106,7 @@ impl Core {
             next_tenant: 1,
             sched_cfg: Default::default(),
             tenant_history: HashMap::new(),
+            preempting: HashMap::new(),
             history_at: None,
             fair_share_half_life_ms: 3_600_000,
             needs_reload: false,
@@ -211,7 +219,7 @@ impl Core {
     pub fn ensure_default_tenant(&mut self, now: Millis) -> Result<(), ApiError> {
         if !self.tenant_by_name.contains_key(DEFAULT_TENANT) {
             // Its token is never shown: the admin acts for it.
-            self.create_tenant(DEFAULT_TENANT, 1.0, Quota::default(), now)?;
+            self.create_tenant(DEFAULT_TENANT, 1.0, Quota::default(), Quota::default(), now)?;
         }
         Ok(())
     }
@@ -221,9 +229,38 @@ impl Core {
         name: &str,
         weight: f64,
         quota: Quota,
+        guarantee: Quota,
         now: Millis,
     ) -> Result<(Tenant, String), ApiError> {
         validate_name("name", name)?;
+        for m in guarantee.gpus.keys() {
+            validate_model(m)
+                .map_err(|r| ValidationError::new(format!("guarantee.gpus.{m}"), r))?;
+        }
+        let over = |g: Option<u64>, q: Option<u64>| matches!((g, q), (Some(g), Some(q)) if g > q);
+        if over(guarantee.cpu_milli, quota.cpu_milli) {
+            return Err(ValidationError::new(
+                "guarantee.cpu_milli",
+                "is more than the tenant's quota",
+            )
+            .into());
+        }
+        if over(guarantee.memory_bytes, quota.memory_bytes) {
+            return Err(ValidationError::new(
+                "guarantee.memory_bytes",
+                "is more than the tenant's quota",
+            )
+            .into());
+        }
+        for (m, g) in &guarantee.gpus {
+            if over(Some(*g as u64), quota.gpus.get(m).map(|q| *q as u64)) {
+                return Err(ValidationError::new(
+                    format!("guarantee.gpus.{m}"),
+                    "is more than the tenant's quota",
+                )
+                .into());
+            }
+        }
         if !(weight.is_finite() && weight > 0.0 && weight <= 1e6) {
             return Err(ValidationError::new(
                 "weight",
@@ -248,6 +285,7 @@ impl Core {
             name: name.to_string(),
             weight,
             quota,
+            guarantee,
             created_ms: now,
         };
         self.commit(&[Mutation::PutTenant {
@@ -350,6 +388,7 @@ impl Core {
             finished_ms: None,
             message: String::new(),
             gang_abort: None,
+            gang_abort_free: false,
             cancel_requested: false,
             spec,
         };
@@ -461,9 +500,18 @@ impl Core {
         // A gang that lost a member restarts whole once every member has stopped.
         if j.rec.spec.gang && j.rec.gang_abort.is_some() && j.active_runs.is_empty() {
             let why = j.rec.gang_abort.take().unwrap_or_default();
+            let free = std::mem::take(&mut j.rec.gang_abort_free);
             let used = j.tasks.iter().map(|t| t.retries_used).max().unwrap_or(0);
             let retryable = !why.contains("max runtime");
-            if !j.rec.cancel_requested && retryable && used < j.rec.spec.max_retries {
+            if !j.rec.cancel_requested && free {
+                // Preempted: back in the queue whole, no retry used.
+                for t in j.tasks.iter_mut() {
+                    t.state = TaskState::Pending;
+                    t.current_run = None;
+                    batch.push(Mutation::PutTask(t.clone()));
+                }
+                j.rec.message = format!("gang requeued: {why}");
+            } else if !j.rec.cancel_requested && retryable && used < j.rec.spec.max_retries {
                 for t in j.tasks.iter_mut() {
                     t.state = TaskState::Pending;
                     t.retries_used = used + 1;
@@ -599,15 +647,36 @@ impl Core {
                         used: self.tenant_used.get(&t.id).cloned().unwrap_or_default(),
                         weight: t.weight,
                         history: self.tenant_history.get(&t.id).cloned().unwrap_or_default(),
+                        guarantee: t.guarantee.clone(),
                     },
                 )
             })
             .collect();
+        // A job whose victims are still checkpointing waits for them; choosing more now
+        // would preempt twice for the same room.
+        let runs = &self.runs;
+        self.preempting
+            .retain(|_, victims| victims.iter().any(|v| runs.contains_key(&v.0)));
+        for victims in self.preempting.values() {
+            for (run, node, res, devs) in victims {
+                if self.runs.contains_key(run) {
+                    continue;
+                }
+                if let Some(n) = snaps.iter_mut().find(|n| n.id == *node) {
+                    n.used_cpu_milli += res.cpu_milli;
+                    n.used_memory_bytes += res.memory_bytes;
+                    n.used_devices.extend(devs.iter().copied());
+                }
+            }
+        }
         let mut reqs = Vec::with_capacity(self.pending.len());
         for id in &self.pending {
             let j = &self.jobs[id];
             // A gang waits until every member of a previous attempt has stopped.
             if j.rec.spec.gang && !j.active_runs.is_empty() {
+                continue;
+            }
+            if self.preempting.contains_key(id) {
                 continue;
             }
             reqs.push(JobReq {
@@ -626,7 +695,31 @@ impl Core {
                 topology: j.rec.spec.topology,
             });
         }
-        let plan = caravel_sched::schedule(&self.sched_cfg, &mut snaps, &mut tenants, &reqs);
+        // Running tasks that may be preempted: started, and not already stopping.
+        let running: Vec<caravel_sched::RunningTask> = self
+            .runs
+            .values()
+            .filter(|r| r.state == RunState::Running && r.stop.is_none())
+            .map(|r| {
+                let spec = &self.jobs[&r.job].rec.spec;
+                caravel_sched::RunningTask {
+                    run: r.id,
+                    job: r.job,
+                    tenant: r.tenant,
+                    node: r.node,
+                    priority: spec.priority,
+                    resources: spec.resources.clone(),
+                    devices: r.devices.clone(),
+                    started_ms: r.started_ms.unwrap_or(now),
+                    min_runtime_ms: spec.min_runtime_ms.unwrap_or(0),
+                    borrowed: r.borrowed,
+                }
+            })
+            .collect();
+        let mut sched = caravel_sched::Scheduler::new(self.sched_cfg.clone(), snaps);
+        let used_before: HashMap<TenantId, ResourceSum> =
+            tenants.iter().map(|(t, s)| (*t, s.used.clone())).collect();
+        let plan = sched.schedule_with(now, &running, &mut tenants, &reqs);
         let stats = CycleStats {
             considered_jobs: reqs.len(),
             placed: plan.placements.len(),
@@ -636,8 +729,44 @@ impl Core {
                 j.reasons = reasons;
             }
         }
+        if !plan.preemptions.is_empty() {
+            let mut batch = Vec::new();
+            let mut nodes = BTreeSet::new();
+            for p in &plan.preemptions {
+                if let Some(r) = self.runs.get_mut(&p.run) {
+                    r.stop = Some(StopReason::Preempt);
+                    r.message = format!("preempted for job {}", p.for_job);
+                    batch.push(Mutation::PutRun(r.clone()));
+                    nodes.insert(r.node);
+                    let res = self.jobs[&r.job].rec.spec.resources.clone();
+                    self.preempting.entry(p.for_job).or_default().push((
+                        p.run,
+                        r.node,
+                        res,
+                        r.devices.clone(),
+                    ));
+                }
+            }
+            self.commit(&batch)?;
+            for n in nodes {
+                self.bump(n);
+            }
+            tracing::info!(victims = plan.preemptions.len(), "preempting running tasks");
+        }
         if plan.placements.is_empty() {
             return Ok(stats);
+        }
+        // Which placements borrow: beyond the tenant's guarantee at the moment of placing.
+        let mut used_now = used_before;
+        let mut borrowed: HashMap<(JobId, u32), bool> = HashMap::new();
+        for p in &plan.placements {
+            let j = &self.jobs[&p.job];
+            let g = &self.tenants[&j.rec.tenant].guarantee;
+            let used = used_now.entry(j.rec.tenant).or_default();
+            let within =
+                caravel_sched::preempt::within_guarantee(g, used, &j.rec.spec.resources, 1);
+            borrowed.insert((p.job, p.index), !within);
+            used.add_task(&j.rec.spec.resources, 1);
         }
 
         // Build runs; gang members learn their local rank and rank 0's address.
@@ -675,6 +804,7 @@ impl Core {
                 gpu_model: j.rec.spec.resources.gpu.as_ref().map(|g| g.model.clone()),
                 local_rank,
                 local_world_size: per_job_node[&(p.job, p.node)],
+                borrowed: borrowed.get(&(p.job, p.index)).copied().unwrap_or(true),
                 master_addr: if j.rec.spec.gang {
                     master.get(&p.job).cloned()
                 } else {
@@ -838,6 +968,7 @@ impl Core {
                         // Stays where it is until the whole gang has stopped; settle_job
                         // then restarts or fails every member together.
                         if state != RunState::Killed && j.rec.gang_abort.is_none() {
+                            j.rec.gang_abort_free = state == RunState::Preempted;
                             j.rec.gang_abort = Some(format!(
                                 "task {} {}{}",
                                 r.index,
@@ -852,6 +983,11 @@ impl Core {
                         }
                         t.state = TaskState::Failed;
                         stop_others = j.active_runs.iter().copied().filter(|x| *x != id).collect();
+                    }
+                    RunState::Preempted => {
+                        // Requeued without using a retry: being preempted is not a failure.
+                        t.state = TaskState::Pending;
+                        t.current_run = None;
                     }
                     RunState::Failed | RunState::Lost if t.retries_used < max_retries => {
                         t.retries_used += 1;
@@ -1157,6 +1293,7 @@ impl Core {
                 let stop = self.runs[&rid].stop;
                 let state = match reason.as_str() {
                     "max_runtime" => RunState::TimedOut,
+                    _ if stop == Some(StopReason::Preempt) => RunState::Preempted,
                     _ if stop.is_some() => RunState::Killed,
                     "spawn_failed" => RunState::Failed,
                     _ if exit_code == Some(0) => RunState::Succeeded,

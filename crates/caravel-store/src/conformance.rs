@@ -19,6 +19,7 @@ pub fn tenant(id: u64, name: &str) -> Tenant {
         name: name.into(),
         weight: 1.0,
         quota: Quota::parse("cpu=8,gpu/H100=4").unwrap(),
+        guarantee: Quota::parse("gpu/H100=2").unwrap(),
         created_ms: 1,
     }
 }
@@ -59,6 +60,7 @@ pub fn job(id: u64, tenant: u64) -> JobRecord {
         finished_ms: None,
         message: String::new(),
         gang_abort: None,
+        gang_abort_free: false,
         cancel_requested: false,
     }
 }
@@ -89,6 +91,7 @@ pub fn run(id: u64, job: u64, state: RunState) -> RunRecord {
         local_world_size: 1,
         master_addr: None,
         master_port: None,
+        borrowed: true,
         state,
         stop: None,
         assigned_ms: 11,

@@ -52,6 +52,7 @@ pub struct JobFile {
     pub gang: bool,
     pub topology: Option<caravel_core::TopologyLevel>,
     pub kill_grace: Option<String>,
+    pub min_runtime: Option<String>,
 }
 
 pub fn gpu_request(s: &str, field: &str) -> Result<GpuRequest> {
@@ -108,6 +109,10 @@ impl JobFile {
             max_retries: self.max_retries.unwrap_or(0),
             gang: self.gang,
             topology: self.topology,
+            min_runtime_ms: self
+                .min_runtime
+                .map(|d| parse_duration_ms(&d).map_err(|e| anyhow!("min_runtime: {e}")))
+                .transpose()?,
             kill_grace_ms: self
                 .kill_grace
                 .map(|d| parse_duration_ms(&d).map_err(|e| anyhow!("kill_grace: {e}")))

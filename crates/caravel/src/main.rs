@@ -153,9 +153,12 @@ enum TenantCmd {
         #[command(flatten)]
         conn: Conn,
         name: String,
-        /// e.g. cpu=8,memory=32Gi,gpu/H100=8
+        /// The most the tenant may hold, borrowing included: cpu=8,memory=32Gi,gpu/H100=8
         #[arg(long)]
         quota: Option<String>,
+        /// What the tenant is guaranteed (same form); work within it reclaims borrowed capacity.
+        #[arg(long)]
+        guarantee: Option<String>,
         #[arg(long, default_value_t = 1.0)]
         weight: f64,
         #[arg(short, long, value_enum, default_value = "table")]
@@ -276,9 +279,12 @@ struct SubmitArgs {
     /// KEY=VALUE (repeatable).
     #[arg(long = "env", short = 'e')]
     env: Vec<String>,
-    /// SIGTERM-to-SIGKILL grace on cancel and timeout: 10s.
+    /// SIGTERM-to-SIGKILL grace on cancel, preemption and timeout (default 30s).
     #[arg(long)]
     kill_grace: Option<String>,
+    /// Not preempted before it has run this long: 10m.
+    #[arg(long)]
+    min_runtime: Option<String>,
     /// Admin only: submit for this tenant.
     #[arg(long)]
     tenant: Option<String>,
@@ -524,10 +530,15 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
                     conn,
                     name,
                     quota,
+                    guarantee,
                     weight,
                     output,
                 },
         } => {
+            let guarantee = match guarantee {
+                Some(q) => Quota::parse(&q).map_err(|e| anyhow!("--guarantee: {e}"))?,
+                None => Quota::default(),
+            };
             let c = Client::resolve(conn.server, conn.token)?;
             let quota = match quota {
                 Some(q) => Quota::parse(&q).map_err(|e| anyhow!("--quota: {e}"))?,
@@ -537,6 +548,7 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
                 .post(
                     "/v1/tenants",
                     &CreateTenantRequest {
+                        guarantee,
                         name,
                         weight,
                         quota,
@@ -559,9 +571,14 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
                 println!("{}", serde_json::to_string_pretty(&ts)?);
                 return Ok(0);
             }
-            let mut t = Table::new(&["NAME", "WEIGHT", "QUOTA"]);
+            let mut t = Table::new(&["NAME", "WEIGHT", "GUARANTEE", "QUOTA"]);
             for x in ts {
-                t.row(vec![x.name, x.weight.to_string(), quota_text(&x.quota)]);
+                let g = if x.guarantee == Quota::default() {
+                    "none".into()
+                } else {
+                    quota_text(&x.guarantee)
+                };
+                t.row(vec![x.name, x.weight.to_string(), g, quota_text(&x.quota)]);
             }
             print!("{t}");
             Ok(0)
@@ -850,6 +867,10 @@ fn build_spec(a: &SubmitArgs) -> Result<JobSpec> {
     }
     if let Some(g) = &a.kill_grace {
         spec.kill_grace_ms = Some(parse_duration_ms(g).map_err(|e| anyhow!("--kill-grace: {e}"))?);
+    }
+    if let Some(m) = &a.min_runtime {
+        spec.min_runtime_ms =
+            Some(parse_duration_ms(m).map_err(|e| anyhow!("--min-runtime: {e}"))?);
     }
     for e in &a.env {
         let (k, v) = e

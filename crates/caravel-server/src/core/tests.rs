@@ -359,7 +359,13 @@ fn submit_rejects_what_can_never_run() {
         ErrorCode::Unschedulable
     );
     let (q, _) = c
-        .create_tenant("small", 1.0, Quota::parse("cpu=2").unwrap(), 0)
+        .create_tenant(
+            "small",
+            1.0,
+            Quota::parse("cpu=2").unwrap(),
+            Quota::default(),
+            0,
+        )
         .unwrap();
     let mut spec = JobSpec::simple("x", &[]);
     spec.tasks = 3;
@@ -377,7 +383,13 @@ fn quota_holds_jobs_pending_with_reason() {
     let c = &mut f.core;
     c.register(reg("a", 8, 0), 0).unwrap();
     let (t, _) = c
-        .create_tenant("q", 1.0, Quota::parse("cpu=2").unwrap(), 0)
+        .create_tenant(
+            "q",
+            1.0,
+            Quota::parse("cpu=2").unwrap(),
+            Quota::default(),
+            0,
+        )
         .unwrap();
     let mut spec = JobSpec::simple("sleep", &["9"]);
     spec.tasks = 3;
@@ -458,8 +470,12 @@ fn fair_share_splits_a_contended_node_between_tenants() {
     let mut f = fixture();
     let c = &mut f.core;
     c.register(reg("a", 4, 0), 0).unwrap();
-    let (t1, _) = c.create_tenant("one", 1.0, Quota::default(), 0).unwrap();
-    let (t2, _) = c.create_tenant("two", 1.0, Quota::default(), 0).unwrap();
+    let (t1, _) = c
+        .create_tenant("one", 1.0, Quota::default(), Quota::default(), 0)
+        .unwrap();
+    let (t2, _) = c
+        .create_tenant("two", 1.0, Quota::default(), Quota::default(), 0)
+        .unwrap();
     let mut spec = JobSpec::simple("sleep", &["9"]);
     spec.tasks = 4;
     let j1 = c.submit(t1.id, spec.clone(), 0).unwrap();
@@ -476,5 +492,118 @@ fn fair_share_splits_a_contended_node_between_tenants() {
         (running(c, j1), running(c, j2)),
         (2, 2),
         "FIFO would have given job 1 all four"
+    );
+}
+
+#[test]
+fn borrowed_capacity_is_reclaimed_by_preemption_without_using_retries() {
+    let mut f = fixture();
+    let c = &mut f.core;
+    let n = c.register(reg("a", 4, 0), 0).unwrap();
+    let (a, _) = c
+        .create_tenant(
+            "owner",
+            1.0,
+            Quota::default(),
+            Quota::parse("cpu=4").unwrap(),
+            0,
+        )
+        .unwrap();
+    let (b, _) = c
+        .create_tenant("borrower", 1.0, Quota::default(), Quota::default(), 0)
+        .unwrap();
+    // B borrows all four CPUs while A is idle.
+    let mut spec = JobSpec::simple("train", &[]);
+    spec.tasks = 4;
+    let jb = c.submit(b.id, spec, 0).unwrap();
+    c.schedule(1).unwrap();
+    for (i, r) in runs_on(c, n).into_iter().enumerate() {
+        started(c, n, r, 10 + i as i64);
+    }
+    assert!(
+        c.runs.values().all(|r| r.borrowed),
+        "placed beyond B's (empty) guarantee"
+    );
+    // A asks for two CPUs of its guarantee.
+    let mut spec = JobSpec::simple("serve", &[]);
+    spec.tasks = 2;
+    let ja = c.submit(a.id, spec, 100).unwrap();
+    c.schedule(101).unwrap();
+    assert_eq!(c.jobs[&ja].reasons[0].code, "preempting");
+    let victims: Vec<RunId> = c
+        .runs
+        .values()
+        .filter(|r| r.stop == Some(StopReason::Preempt))
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(victims.len(), 2);
+    assert_eq!(
+        runs_on(c, n).len(),
+        2,
+        "the agent is told to stop the victims"
+    );
+    // Nothing more is preempted while the victims checkpoint.
+    c.schedule(102).unwrap();
+    assert_eq!(c.runs.values().filter(|r| r.stop.is_some()).count(), 2);
+    for (k, v) in victims.iter().enumerate() {
+        c.apply_event(
+            n,
+            RunEvent::Exited {
+                run: *v,
+                started_ms: Some(10),
+                at_ms: 200,
+                exit_code: Some(143),
+                signal: None,
+                reason: "killed".into(),
+                message: String::new(),
+            },
+            200,
+        )
+        .unwrap();
+        // Between the two exits the borrower's requeued task must not slip into the room
+        // the first victim freed: it is reserved for the owner, who gets both at the end.
+        let placed = c.schedule(201).unwrap().placed;
+        assert_eq!(placed, if k == 0 { 0 } else { 2 });
+    }
+    let j = &c.jobs[&jb];
+    assert_eq!(
+        j.tasks
+            .iter()
+            .filter(|t| t.state == TaskState::Pending)
+            .count(),
+        2
+    );
+    assert!(
+        j.tasks.iter().all(|t| t.retries_used == 0),
+        "preemption uses no retry"
+    );
+    assert!(
+        c.jobs[&ja]
+            .tasks
+            .iter()
+            .all(|t| t.state == TaskState::Assigned),
+        "placed as soon as the room was free"
+    );
+    assert!(c.jobs[&ja]
+        .tasks
+        .iter()
+        .all(|t| t.state == TaskState::Assigned));
+    let runs = c.store().runs_of_job(jb).unwrap();
+    assert_eq!(
+        runs.iter()
+            .filter(|r| r.state == RunState::Preempted)
+            .count(),
+        2
+    );
+    assert_eq!(
+        c.store()
+            .usage(&UsageFilter {
+                tenant: None,
+                job: Some(jb)
+            })
+            .unwrap()
+            .len(),
+        2,
+        "preempted runs are metered"
     );
 }

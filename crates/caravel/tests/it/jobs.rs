@@ -310,3 +310,70 @@ fn quota_caps_hold_jobs_with_a_reason_and_usage_is_reported() {
         "{s}"
     );
 }
+
+#[test]
+fn an_owner_reclaims_its_guarantee_from_a_borrower_by_preemption() {
+    let p = Pool::new("reclaim", &[("a", &["--cpus", "2"])]);
+    let mk = |args: &[&str]| {
+        let out = p.cli(args);
+        assert!(out.status.success(), "{out:?}");
+        let s = String::from_utf8_lossy(&out.stdout).to_string();
+        s.lines()
+            .find_map(|l| l.strip_prefix("token: "))
+            .unwrap()
+            .to_string()
+    };
+    let owner = mk(&["tenant", "create", "owner", "--guarantee", "cpu=2"]);
+    let borrower = mk(&["tenant", "create", "borrower"]);
+    let out = p.cli(&["tenants"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("cpu=2"),
+        "{out:?}"
+    );
+    // The borrower takes the whole idle node; its tasks checkpoint on SIGTERM.
+    let script = "trap 'echo checkpoint attempt $CARAVEL_ATTEMPT; exit 0' TERM; sleep 300 & wait";
+    let b = p.submit(
+        &borrower,
+        json!({"command": "sh", "args": ["-c", script], "tasks": 2, "kill_grace_ms": 5000}),
+    );
+    p.wait_task_running(b, 0);
+    p.wait_task_running(b, 1);
+    let t0 = std::time::Instant::now();
+    let a = p.submit(
+        &owner,
+        json!({"command": "echo", "args": ["owner runs"], "tasks": 2}),
+    );
+    let j = p.wait_state(a, &["succeeded", "failed"], Duration::from_secs(20));
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "reclaimed within grace + a cycle"
+    );
+    let jb = p.job(&p.admin, b);
+    let runs = jb["runs"].as_array().unwrap();
+    assert!(
+        runs.iter().filter(|r| r["state"] == "preempted").count() == 2,
+        "{jb}"
+    );
+    assert!(jb["task_list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|t| t["retries_used"] == 0));
+    let out = p.text(
+        &p.admin,
+        &format!("/v1/jobs/{b}/logs?task=0&run={}", runs[0]["id"]),
+    );
+    assert_eq!(
+        out, "checkpoint attempt 1\n",
+        "SIGTERM came first, so the task could checkpoint"
+    );
+    // With the owner done, the borrower's tasks run again on the idle capacity.
+    wait_for("borrower back", Duration::from_secs(20), || {
+        let j = p.job(&p.admin, b);
+        (j["task_list"][0]["state"] == "running" && j["task_list"][1]["state"] == "running")
+            .then_some(())
+    });
+    p.post(&p.admin, &format!("/v1/jobs/{b}/cancel"), &json!({}))
+        .unwrap();
+}
