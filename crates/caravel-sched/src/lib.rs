@@ -291,6 +291,14 @@ pub struct Scheduler {
     nodes: Vec<NodeSnap>,
     index: index::Index,
     pos: HashMap<NodeId, usize>,
+    /// Running tasks by node, for preemption; see `set_running`.
+    running: preempt::ByNode,
+    running_at: HashMap<caravel_core::RunId, usize>,
+    /// While set, no-fit reasons are left without their per-node counts (a full scan) until
+    /// the end of the cycle: jobs that get victims never need them.
+    lazy_explain: bool,
+    /// Where the next preemption search starts, so exhausted nodes are not rescanned first.
+    preempt_cursor: usize,
 }
 
 impl Scheduler {
@@ -298,6 +306,10 @@ impl Scheduler {
         let index = index::Index::build(&nodes);
         let pos = nodes.iter().enumerate().map(|(i, n)| (n.id, i)).collect();
         Scheduler {
+            lazy_explain: false,
+            preempt_cursor: 0,
+            running: BTreeMap::new(),
+            running_at: HashMap::new(),
             totals: pool_totals(&nodes),
             cfg,
             nodes,
@@ -339,6 +351,10 @@ impl Scheduler {
 
     /// Why nothing fits: a full scan, done once per request shape per cycle.
     fn explain(&self, r: &TaskResources) -> BTreeMap<Lack, u64> {
+        if self.lazy_explain {
+            // Filled in by `fill_explanations` for the jobs that stay pending.
+            return BTreeMap::new();
+        }
         select(&self.cfg, &self.nodes, r).err().unwrap_or_default()
     }
 
@@ -466,7 +482,11 @@ impl Scheduler {
                     tentative.push((ni, devs, idx));
                 }
                 None => {
-                    let lacks = self.explain(&job.resources);
+                    // Counted now, while the members placed so far are still held: the
+                    // reason must describe the pool the last member saw.
+                    let lacks = select(&self.cfg, &self.nodes, &job.resources)
+                        .err()
+                        .unwrap_or_default();
                     let placed = tentative.len();
                     for (ni, devs, _) in tentative {
                         self.nodes[ni].release(&job.resources, &devs);
@@ -489,9 +509,37 @@ impl Scheduler {
         Ok(tentative)
     }
 
-    /// A scheduling cycle that may also preempt: after placing what fits, each job still
-    /// blocked by lack of room is checked for victims among `running` (see `preempt`). The
-    /// victims are only named in the plan; the job stays pending until they have exited.
+    /// Tells the scheduler which tasks run now (their resources must already be counted as
+    /// used on their nodes), so that `schedule_preempting` can choose victims.
+    pub fn set_running(&mut self, running: Vec<RunningTask>) {
+        self.running.clear();
+        self.running_at.clear();
+        for r in running {
+            if let Some(&i) = self.pos.get(&r.node) {
+                self.running_at.insert(r.run, i);
+                self.running.entry(i).or_default().push(r);
+            }
+        }
+        for v in self.running.values_mut() {
+            preempt::sort_victims(v);
+        }
+    }
+
+    /// A task stopped (say, a victim exited): forget it and free what it held.
+    pub fn remove_running(&mut self, run: caravel_core::RunId) -> Option<RunningTask> {
+        let i = self.running_at.remove(&run)?;
+        let list = self.running.get_mut(&i)?;
+        let k = list.iter().position(|t| t.run == run)?;
+        let t = list.remove(k);
+        if list.is_empty() {
+            self.running.remove(&i);
+        }
+        self.nodes[i].release(&t.resources, &t.devices);
+        self.index.update(&self.nodes, i);
+        Some(t)
+    }
+
+    /// `set_running(running)` then `schedule_preempting`.
     pub fn schedule_with(
         &mut self,
         now: caravel_core::Millis,
@@ -499,8 +547,24 @@ impl Scheduler {
         tenants: &mut HashMap<TenantId, TenantSnap>,
         jobs: &[JobReq],
     ) -> Plan {
+        self.set_running(running.to_vec());
+        self.schedule_preempting(now, tenants, jobs)
+    }
+
+    /// A scheduling cycle that may also preempt: after placing what fits, each job still
+    /// blocked by lack of room is checked for victims among `running` (see `preempt`). The
+    /// victims are only named in the plan; the job stays pending until they have exited.
+    pub fn schedule_preempting(
+        &mut self,
+        now: caravel_core::Millis,
+        tenants: &mut HashMap<TenantId, TenantSnap>,
+        jobs: &[JobReq],
+    ) -> Plan {
+        self.lazy_explain = true;
         let mut plan = self.schedule(tenants, jobs);
-        if running.is_empty() || plan.pending.is_empty() {
+        self.lazy_explain = false;
+        if self.running.is_empty() || plan.pending.is_empty() {
+            self.fill_explanations(&mut plan, jobs);
             return plan;
         }
         let placed: HashMap<JobId, usize> =
@@ -508,7 +572,7 @@ impl Scheduler {
                 *m.entry(p.job).or_default() += 1;
                 m
             });
-        let mut pass = preempt::Pass::new(&self.nodes, running, now);
+        let mut pass = preempt::Pass::new(&self.nodes, &self.running, now, self.preempt_cursor);
         let mut order: Vec<&JobReq> = jobs
             .iter()
             .filter(|j| j.priority != Priority::Spot && j.topology.is_none())
@@ -521,6 +585,7 @@ impl Scheduler {
             .collect();
         order.sort_by_key(|j| (j.priority.rank(), j.seq, j.id));
         let mut promised: HashMap<TenantId, TenantSnap> = HashMap::new();
+        let mut cursor = self.preempt_cursor;
         for job in order {
             let t = promised
                 .entry(job.tenant)
@@ -575,6 +640,9 @@ impl Scheduler {
                         run,
                         for_job: job.id,
                     }));
+                if let Some(c) = pass.last_node() {
+                    cursor = c + 1;
+                }
             } else if let Some(w) = why {
                 reasons.push(PendingReason {
                     code: "no_preemption".into(),
@@ -583,7 +651,34 @@ impl Scheduler {
                 });
             }
         }
+        drop(pass);
+        self.preempt_cursor = cursor;
+        self.fill_explanations(&mut plan, jobs);
         plan
+    }
+
+    /// Adds the per-node counts to no-fit reasons left bare by `lazy_explain`.
+    fn fill_explanations(&self, plan: &mut Plan, jobs: &[JobReq]) {
+        let total = self.nodes.len();
+        for j in jobs {
+            let Some(reasons) = plan.pending.get_mut(&j.id) else {
+                continue;
+            };
+            for r in reasons.iter_mut() {
+                if !r.message.ends_with("no node fits: ") {
+                    continue;
+                }
+                let full = no_fit_reason(&self.explain(&j.resources), total);
+                r.message = format!(
+                    "{}{}",
+                    r.message.trim_end_matches("no node fits: "),
+                    full.message
+                );
+                for (k, v) in full.counts {
+                    r.counts.insert(k, v);
+                }
+            }
+        }
     }
 
     /// Runs one scheduling cycle and updates the nodes and `tenants` to reflect the

@@ -9,7 +9,7 @@
 //! Victims are chosen to lose the least work: spot first, then the most recently started;
 //! among nodes, the one needing the fewest victims, then the least work lost.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use caravel_core::{
     JobId, Millis, NodeId, Priority, Quota, ResourceSum, RunId, TaskResources, TenantId,
@@ -88,6 +88,55 @@ fn ineligible(
     None
 }
 
+/// What a node would have free for `r` as victims are added, kept incrementally.
+struct Room {
+    cpu: u64,
+    mem: u64,
+    gpus: usize,
+}
+
+impl Room {
+    fn of(n: &NodeSnap, r: &TaskResources) -> Room {
+        Room {
+            cpu: n.capacity.cpu_milli.saturating_sub(n.used_cpu_milli),
+            mem: n.capacity.memory_bytes.saturating_sub(n.used_memory_bytes),
+            gpus: match &r.gpu {
+                None => 0,
+                Some(g) => n
+                    .capacity
+                    .devices
+                    .iter()
+                    .filter(|d| d.model == g.model && !n.used_devices.contains(&d.index))
+                    .count(),
+            },
+        }
+    }
+
+    fn add(&mut self, n: &NodeSnap, v: &RunningTask, r: &TaskResources) {
+        self.cpu += v.resources.cpu_milli;
+        self.mem += v.resources.memory_bytes;
+        if let Some(g) = &r.gpu {
+            self.gpus += v
+                .devices
+                .iter()
+                .filter(|i| {
+                    n.capacity
+                        .devices
+                        .iter()
+                        .any(|d| d.index == **i && d.model == g.model)
+                })
+                .count();
+        }
+    }
+
+    fn fits(&self, r: &TaskResources) -> bool {
+        self.cpu >= r.cpu_milli
+            && self.mem >= r.memory_bytes
+            && r.gpu.as_ref().is_none_or(|g| self.gpus >= g.count as usize)
+    }
+}
+
+#[allow(dead_code)]
 fn fits_after(n: &NodeSnap, freed: &[&RunningTask], r: &TaskResources) -> bool {
     let cpu = n.capacity.cpu_milli.saturating_sub(n.used_cpu_milli)
         + freed.iter().map(|v| v.resources.cpu_milli).sum::<u64>();
@@ -117,43 +166,71 @@ fn fits_after(n: &NodeSnap, freed: &[&RunningTask], r: &TaskResources) -> bool {
     }
 }
 
+/// How many nodes that could host the job after preemption are compared per member.
+const CANDIDATES: usize = 64;
+
+/// Running tasks by node position, cheapest victims first on each node: spot, then the
+/// most recently started. Kept by the `Scheduler` across decisions.
+pub(crate) type ByNode = BTreeMap<usize, Vec<RunningTask>>;
+
+pub(crate) fn sort_victims(v: &mut [RunningTask]) {
+    v.sort_by_key(|t| {
+        (
+            t.priority != Priority::Spot,
+            std::cmp::Reverse(t.started_ms),
+            t.run,
+        )
+    });
+}
+
 /// Scratch view of the pool during one preemption pass: victims chosen so far are gone,
-/// and space promised to preemptors is taken.
+/// and space promised to preemptors is taken. Nodes are copied only when touched.
 pub(crate) struct Pass<'a> {
-    nodes: Vec<NodeSnap>,
-    pos: HashMap<NodeId, usize>,
-    by_node: HashMap<NodeId, Vec<&'a RunningTask>>,
+    nodes: &'a [NodeSnap],
+    scratch: HashMap<usize, NodeSnap>,
+    by_node: &'a ByNode,
     taken: BTreeSet<RunId>,
     now: Millis,
+    start: usize,
+    last: Option<usize>,
 }
 
 impl<'a> Pass<'a> {
-    pub(crate) fn new(nodes: &[NodeSnap], running: &'a [RunningTask], now: Millis) -> Pass<'a> {
-        let mut by_node: HashMap<NodeId, Vec<&RunningTask>> = HashMap::new();
-        for r in running {
-            by_node.entry(r.node).or_default().push(r);
-        }
-        for v in by_node.values_mut() {
-            // Cheapest victims first: spot, then the most recently started.
-            v.sort_by_key(|t| {
-                (
-                    t.priority != Priority::Spot,
-                    std::cmp::Reverse(t.started_ms),
-                    t.run,
-                )
-            });
-        }
+    /// `start`: the node position the search begins at (it wraps around).
+    pub(crate) fn new(
+        nodes: &'a [NodeSnap],
+        by_node: &'a ByNode,
+        now: Millis,
+        start: usize,
+    ) -> Pass<'a> {
         Pass {
-            pos: nodes.iter().enumerate().map(|(i, n)| (n.id, i)).collect(),
-            nodes: nodes.to_vec(),
+            nodes,
+            scratch: HashMap::new(),
             by_node,
             taken: BTreeSet::new(),
             now,
+            start,
+            last: None,
         }
     }
 
+    /// The node the last victims were taken from.
+    pub(crate) fn last_node(&self) -> Option<usize> {
+        self.last
+    }
+
+    fn node(&self, i: usize) -> &NodeSnap {
+        self.scratch.get(&i).unwrap_or(&self.nodes[i])
+    }
+
+    fn node_mut(&mut self, i: usize) -> &mut NodeSnap {
+        let nodes = self.nodes;
+        self.scratch.entry(i).or_insert_with(|| nodes[i].clone())
+    }
+
     /// Chooses victims for every pending task of `job`, all or nothing. Returns the
-    /// victims, or why none would do.
+    /// victims, or why none would do. Only nodes with running tasks are looked at: a node
+    /// without any that has no room cannot be helped by preempting.
     pub(crate) fn try_job(
         &mut self,
         job: &JobReq,
@@ -166,24 +243,26 @@ impl<'a> Pass<'a> {
         };
         let reclaiming = within_guarantee(&tenant.guarantee, &tenant.used, &job.resources, n);
         let members = if job.gang { job.pending.len() } else { 1 };
-        let saved = (self.nodes.clone(), self.taken.clone());
+        let saved = (self.scratch.clone(), self.taken.clone());
         let mut chosen = Vec::new();
         let mut blocked_by_min_runtime = 0;
         for _ in 0..members {
             let mut best: Option<(usize, u64, usize, Vec<&RunningTask>)> = None;
-            for (i, node) in self.nodes.iter().enumerate() {
+            let mut feasible = 0usize;
+            for (&i, tasks) in self
+                .by_node
+                .range(self.start..)
+                .chain(self.by_node.range(..self.start))
+            {
+                let node = self.node(i);
                 if !node.ready {
                     continue;
                 }
                 let mut freed: Vec<&RunningTask> = Vec::new();
-                let mut ok = fits_after(node, &freed, &job.resources);
+                let mut room = Room::of(node, &job.resources);
+                let mut ok = room.fits(&job.resources);
                 if !ok {
-                    for v in self
-                        .by_node
-                        .get(&node.id)
-                        .map(|v| v.as_slice())
-                        .unwrap_or(&[])
-                    {
+                    for v in tasks {
                         if self.taken.contains(&v.run) {
                             continue;
                         }
@@ -195,8 +274,9 @@ impl<'a> Pass<'a> {
                             }
                             Some(_) => continue,
                         }
-                        freed.push(*v);
-                        if fits_after(node, &freed, &job.resources) {
+                        freed.push(v);
+                        room.add(node, v, &job.resources);
+                        if room.fits(&job.resources) {
                             ok = true;
                             break;
                         }
@@ -213,10 +293,18 @@ impl<'a> Pass<'a> {
                     if better {
                         best = Some((i, lost, freed.len(), freed));
                     }
+                    feasible += 1;
+                    // One victim (or none) is the fewest possible: stop looking. Otherwise
+                    // the best of the first CANDIDATES feasible nodes wins, as kube-scheduler
+                    // samples candidate nodes for preemption, so a decision stays cheap
+                    // however many tasks run.
+                    if best.as_ref().is_some_and(|b| b.2 <= 1) || feasible >= CANDIDATES {
+                        break;
+                    }
                 }
             }
             let Some((i, _, _, freed)) = best else {
-                (self.nodes, self.taken) = saved;
+                (self.scratch, self.taken) = saved;
                 return Err(if blocked_by_min_runtime > 0 {
                     format!("{blocked_by_min_runtime} possible victims are inside their minimum runtime")
                 } else if reclaiming {
@@ -225,13 +313,15 @@ impl<'a> Pass<'a> {
                     "no spot tasks to preempt would make room, and the tenant is beyond its guarantee".to_string()
                 });
             };
+            self.last = Some(i);
+            let freed: Vec<RunningTask> = freed.into_iter().cloned().collect();
             for v in &freed {
                 self.taken.insert(v.run);
-                self.nodes[i].release(&v.resources, &v.devices);
+                self.node_mut(i).release(&v.resources, &v.devices);
                 chosen.push(v.run);
             }
             // Promise the freed space to this job so no one else counts it.
-            let node = &mut self.nodes[i];
+            let node = self.node_mut(i);
             node.used_cpu_milli += job.resources.cpu_milli;
             node.used_memory_bytes += job.resources.memory_bytes;
             if let Some(g) = &job.resources.gpu {
@@ -246,7 +336,6 @@ impl<'a> Pass<'a> {
                 node.used_devices.extend(devs);
             }
         }
-        let _ = &self.pos;
         Ok(chosen)
     }
 }

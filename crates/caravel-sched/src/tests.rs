@@ -756,3 +756,30 @@ fn two_reclaiming_jobs_never_share_a_victim_and_gangs_get_all_or_none() {
         0
     );
 }
+
+#[test]
+fn reasons_are_complete_when_preemption_finds_nothing() {
+    // A GPU job on a CPU pool with running (unpreemptible) work: the no-fit reason must
+    // still carry its per-node counts after the preemption pass.
+    let run = vec![running(1, 2, 1, Priority::Batch, 0, false)];
+    let mut s = Scheduler::new(Config::default(), vec![busy_node(&run), cpu_node(2, 4, 64)]);
+    let plan = s.schedule_with(
+        10,
+        &run,
+        &mut HashMap::new(),
+        &[job(1, 1, 1000, Some(("H100", 1)), false)],
+    );
+    let r = &plan.pending[&JobId(1)][0];
+    assert_eq!(r.message, "no node fits: 2 nodes lack gpu/H100");
+    assert_eq!(r.counts["lack gpu/H100"], 2);
+    let mut g = job(2, 3, 1000, None, true);
+    g.resources.cpu_milli = 4000;
+    let plan = s.schedule_with(10, &run, &mut HashMap::new(), &[g]);
+    let r = &plan.pending[&JobId(2)][0];
+    assert!(
+        r.message
+            .starts_with("gang: only 1 of 3 tasks fit together; no node fits: 2 nodes lack cpu"),
+        "{}",
+        r.message
+    );
+}

@@ -215,11 +215,9 @@ pub fn bench(scenario: &str) -> Result<i32> {
                 (nodes, tenants, jobs, "one job per decision; quota caps, best fit; no fair share yet")
             }
             "fairshare-1k" => return fairshare_1k(&mut rng),
-            "preempt-500k" => bail!(
-                "scenario `{scenario}` needs preemption from issue #3, which is not implemented yet"
-            ),
+            "preempt-500k" => return preempt_500k(&mut rng),
             other => bail!(
-                "unknown scenario `{other}` (k8s-5k, c1m, gang-1024, gang-small, pool-100k, fairshare-1k; preempt-500k is not implemented yet)"
+                "unknown scenario `{other}` (k8s-5k, c1m, gang-1024, gang-small, pool-100k, fairshare-1k, preempt-500k)"
             ),
         };
     let tasks: usize = jobs.iter().map(|j| j.pending.len()).sum();
@@ -323,4 +321,100 @@ fn fairshare_1k(rng: &mut Rng) -> Result<i32> {
         })
     );
     Ok(0)
+}
+
+/// 10,000 nodes of 32 CPUs run 500,000 tasks (50 per node, 600m each) that tenant B placed
+/// on borrowed capacity. Tenant A, guaranteed the whole pool, then submits 20,000 one-task
+/// jobs of 4 CPUs: each needs victims. One preempting placement = the decision that names
+/// the victims, their exit (freeing what they held), and the decision that places the job.
+fn preempt_500k(rng: &mut Rng) -> Result<i32> {
+    use caravel_core::{Millis, RunId};
+    use caravel_sched::RunningTask;
+    let nodes_n = 10_000u64;
+    let per_node = 50u64;
+    let mut nodes: Vec<NodeSnap> = (0..nodes_n).map(|i| cpu_node(i, 32, 256)).collect();
+    let task = res(600, 2 << 30, None);
+    let mut running = Vec::with_capacity((nodes_n * per_node) as usize);
+    for (i, n) in nodes.iter_mut().enumerate() {
+        for k in 0..per_node {
+            n.used_cpu_milli += task.cpu_milli;
+            n.used_memory_bytes += task.memory_bytes;
+            running.push(RunningTask {
+                run: RunId(i as u64 * per_node + k),
+                job: JobId(1_000_000 + i as u64),
+                tenant: TenantId(2),
+                node: n.id,
+                priority: if rng.below(10) == 0 {
+                    Priority::Spot
+                } else {
+                    Priority::Batch
+                },
+                resources: task.clone(),
+                devices: vec![],
+                started_ms: rng.below(3_600_000) as Millis,
+                min_runtime_ms: if rng.below(4) == 0 { 7_200_000 } else { 0 },
+                borrowed: true,
+            });
+        }
+    }
+    let mut tenants: HashMap<TenantId, TenantSnap> = HashMap::new();
+    tenants.insert(
+        TenantId(1),
+        TenantSnap {
+            guarantee: Quota {
+                cpu_milli: Some(320_000_000),
+                memory_bytes: Some(2560 << 40),
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    );
+    tenants.insert(TenantId(2), TenantSnap::default());
+    let mut s = Scheduler::new(Config::default(), nodes);
+    let t0 = Instant::now();
+    s.set_running(running);
+    let setup_s = t0.elapsed().as_secs_f64();
+    let now: Millis = 3_600_000;
+    let mut times = Vec::new();
+    let mut placed = 0usize;
+    let mut victims_total = 0usize;
+    let t0 = Instant::now();
+    for id in 0..20_000u64 {
+        let j = job(id, 1, 1, res(4000, 8 << 30, None), false);
+        let t = Instant::now();
+        let plan = s.schedule_preempting(now, &mut tenants, std::slice::from_ref(&j));
+        victims_total += plan.preemptions.len();
+        for p in &plan.preemptions {
+            let v = s.remove_running(p.run).expect("victim was running");
+            if let Some(u) = tenants.get_mut(&v.tenant) {
+                u.used.sub_task(&v.resources, 1);
+            }
+        }
+        let plan2 = s.schedule_preempting(now, &mut tenants, std::slice::from_ref(&j));
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+        placed += plan.placements.len() + plan2.placements.len();
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let pps = placed as f64 / elapsed;
+    let p50 = pct(&mut times, 50.0);
+    let p99 = pct(&mut times, 99.0);
+    eprintln!(
+        "preempt-500k: index of 500,000 running tasks built in {setup_s:.2}s; {placed} preempting placements ({victims_total} victims) in {elapsed:.2}s = {pps:.0}/s; p50 {p50:.3} ms, p99 {p99:.3} ms; peak RSS {} MiB",
+        peak_rss_bytes() >> 20
+    );
+    println!(
+        "{}",
+        serde_json::json!({
+            "scenario": "preempt-500k",
+            "placements": placed,
+            "placements_per_s": pps,
+            "decision_p50_ms": p50,
+            "decision_p99_ms": p99,
+            "victims": victims_total,
+            "running_tasks": 500_000,
+            "elapsed_s": elapsed,
+            "peak_rss_bytes": peak_rss_bytes(),
+        })
+    );
+    Ok(if placed == 20_000 { 0 } else { 1 })
 }
