@@ -106,6 +106,9 @@ pub struct JobReq {
     pub pending: Vec<u32>,
     /// For gangs: the domain every member must share.
     pub topology: Option<TopologyLevel>,
+    /// The job's max runtime: a job with one may backfill into space reserved for a larger
+    /// job if it will have ended by the time the reservation starts.
+    pub max_runtime_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,6 +126,8 @@ pub struct Plan {
     pub pending: BTreeMap<JobId, Vec<PendingReason>>,
     /// Running tasks to stop so that pending jobs entitled to the space can run.
     pub preemptions: Vec<Preemption>,
+    /// The head-of-line job's reservation: from this time on, these nodes.
+    pub reservation: Option<(JobId, caravel_core::Millis, Vec<NodeId>)>,
 }
 
 #[derive(Debug, Clone)]
@@ -299,6 +304,18 @@ pub struct Scheduler {
     lazy_explain: bool,
     /// Where the next preemption search starts, so exhausted nodes are not rescanned first.
     preempt_cursor: usize,
+    /// The current time, when the caller gave it (`schedule_preempting`): needed to reserve.
+    now: Option<caravel_core::Millis>,
+    /// The head-of-line job's reservation in this cycle (EASY backfill).
+    reservation: Option<Reservation>,
+}
+
+/// Room held for the first job that could not start: from `at` on, on these nodes.
+#[derive(Debug, Clone)]
+struct Reservation {
+    job: JobId,
+    at: caravel_core::Millis,
+    nodes: BTreeSet<usize>,
 }
 
 impl Scheduler {
@@ -306,6 +323,8 @@ impl Scheduler {
         let index = index::Index::build(&nodes);
         let pos = nodes.iter().enumerate().map(|(i, n)| (n.id, i)).collect();
         Scheduler {
+            now: None,
+            reservation: None,
             lazy_explain: false,
             preempt_cursor: 0,
             running: BTreeMap::new(),
@@ -341,12 +360,164 @@ impl Scheduler {
 
     /// The tightest node that fits, through the index; `None` means no ready node fits.
     fn place(&self, r: &TaskResources) -> Option<(usize, Vec<u32>)> {
+        self.place_for(r, None, true)
+    }
+
+    /// May a job ending at `end` (None: no max runtime) use node `i`? Not a node reserved
+    /// for the head-of-line job, unless it will be gone before the reservation starts.
+    fn allowed(&self, i: usize, end: Option<caravel_core::Millis>) -> bool {
+        match &self.reservation {
+            Some(res) if res.nodes.contains(&i) => end.is_some_and(|e| e <= res.at),
+            _ => true,
+        }
+    }
+
+    fn place_for(
+        &self,
+        r: &TaskResources,
+        end: Option<caravel_core::Millis>,
+        ignore_reservation: bool,
+    ) -> Option<(usize, Vec<u32>)> {
         for i in self.index.candidates(r) {
+            if !ignore_reservation && !self.allowed(i, end) {
+                continue;
+            }
             if let Ok((_, devs)) = fit(&self.cfg, &self.nodes[i], r) {
                 return Some((i, devs));
             }
         }
         None
+    }
+
+    /// When could all of `job`'s pending tasks start, going by the max runtimes of what
+    /// runs now, and on which nodes? Releases running tasks in order of their expected end
+    /// on a scratch copy until the whole job fits.
+    fn reserve(&self, job: &JobReq, now: caravel_core::Millis) -> Option<Reservation> {
+        let mut ends: Vec<(caravel_core::Millis, usize, &RunningTask)> = self
+            .running
+            .iter()
+            .flat_map(|(i, ts)| {
+                ts.iter()
+                    .filter_map(move |t| t.expected_end_ms.map(|e| (e.max(now), *i, t)))
+            })
+            .collect();
+        ends.sort_by_key(|e| (e.0, e.1, e.2.run));
+        let need = job.pending.len() as u64;
+        let r = &job.resources;
+        let mut scratch: HashMap<usize, NodeSnap> = HashMap::new();
+        let mut k = 0;
+        while k < ends.len() {
+            let t = ends[k].0;
+            while k < ends.len() && ends[k].0 == t {
+                let (_, i, task) = ends[k];
+                let nodes = &self.nodes;
+                scratch
+                    .entry(i)
+                    .or_insert_with(|| nodes[i].clone())
+                    .release(&task.resources, &task.devices);
+                k += 1;
+            }
+            // Greedy fit over the nodes that changed plus the rest as they are now.
+            let mut left = need;
+            let mut chosen = BTreeSet::new();
+            let mut trial: HashMap<usize, NodeSnap> = HashMap::new();
+            let order = scratch
+                .keys()
+                .copied()
+                .chain((0..self.nodes.len()).filter(|i| !scratch.contains_key(i)));
+            for i in order {
+                if left == 0 {
+                    break;
+                }
+                let base = scratch.get(&i).unwrap_or(&self.nodes[i]);
+                if !base.ready || (self.room_of(base, r) == 0) {
+                    continue;
+                }
+                let n = trial.entry(i).or_insert_with(|| base.clone());
+                while left > 0 {
+                    match fit(&self.cfg, n, r) {
+                        Ok((_, devs)) => {
+                            n.allocate(r, &devs);
+                            chosen.insert(i);
+                            left -= 1;
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }
+            if left == 0 {
+                return Some(Reservation {
+                    job: job.id,
+                    at: t,
+                    nodes: chosen,
+                });
+            }
+        }
+        None
+    }
+
+    /// The first job that cannot start gets a reservation (if the max runtimes of what
+    /// runs tell when it could); any later job kept out by that reservation says so.
+    fn reserve_or_hold(&mut self, job: &JobReq, reasons: &mut Vec<PendingReason>) {
+        let Some(now) = self.now else { return };
+        match &self.reservation {
+            Some(res) if res.job != job.id => {
+                let mut counts = BTreeMap::new();
+                counts.insert("reserved_for_job".to_string(), res.job.0);
+                counts.insert("starts_in_ms".to_string(), (res.at - now).max(0) as u64);
+                reasons.push(PendingReason {
+                    code: "backfill".into(),
+                    message: format!(
+                        "held for the reservation of job {} (starts in {}s); only jobs whose max runtime ends before then may use that room",
+                        res.job,
+                        (res.at - now).max(0) / 1000
+                    ),
+                    counts,
+                });
+            }
+            Some(_) => {}
+            None => {
+                if job.priority == Priority::Spot || job.topology.is_some() {
+                    return;
+                }
+                if let Some(res) = self.reserve(job, now) {
+                    let mut counts = BTreeMap::new();
+                    counts.insert("starts_in_ms".to_string(), (res.at - now).max(0) as u64);
+                    counts.insert("nodes".to_string(), res.nodes.len() as u64);
+                    reasons.push(PendingReason {
+                        code: "reserved".into(),
+                        message: format!(
+                            "reserved: can start in {}s on {} node{}, when running tasks reach their max runtime; smaller jobs backfill only if they end before then",
+                            (res.at - now).max(0) / 1000,
+                            res.nodes.len(),
+                            if res.nodes.len() == 1 { "" } else { "s" }
+                        ),
+                        counts,
+                    });
+                    self.reservation = Some(res);
+                }
+            }
+        }
+    }
+
+    fn room_of(&self, n: &NodeSnap, r: &TaskResources) -> u64 {
+        if !n.ready {
+            return 0;
+        }
+        let mut k = n.capacity.cpu_milli.saturating_sub(n.used_cpu_milli) / r.cpu_milli.max(1);
+        k = k.min(
+            n.capacity.memory_bytes.saturating_sub(n.used_memory_bytes) / r.memory_bytes.max(1),
+        );
+        if let Some(g) = &r.gpu {
+            let free = n
+                .capacity
+                .devices
+                .iter()
+                .filter(|d| d.model == g.model && !n.used_devices.contains(&d.index))
+                .count() as u64;
+            k = k.min(free / g.count.max(1) as u64);
+        }
+        k
     }
 
     /// Why nothing fits: a full scan, done once per request shape per cycle.
@@ -388,13 +559,14 @@ impl Scheduler {
         &mut self,
         job: &JobReq,
         level: TopologyLevel,
+        end: Option<caravel_core::Millis>,
     ) -> Result<Vec<(usize, Vec<u32>, u32)>, PendingReason> {
         let need = job.pending.len() as u64;
         let mut domains: BTreeMap<(String, String, String, u64), (u64, Vec<usize>)> =
             BTreeMap::new();
         for i in 0..self.nodes.len() {
             let room = self.room(i, &job.resources);
-            if room == 0 {
+            if room == 0 || !self.allowed(i, end) {
                 continue;
             }
             let t = &self.nodes[i].topology;
@@ -468,15 +640,16 @@ impl Scheduler {
     fn place_gang(
         &mut self,
         job: &JobReq,
+        end: Option<caravel_core::Millis>,
     ) -> Result<Vec<(usize, Vec<u32>, u32)>, Box<(PendingReason, Option<PendingReason>)>> {
         if let Some(level) = job.topology {
             return self
-                .place_gang_in_domain(job, level)
+                .place_gang_in_domain(job, level, end)
                 .map_err(|r| Box::new((r, None)));
         }
         let mut tentative: Vec<(usize, Vec<u32>, u32)> = Vec::new();
         for &idx in &job.pending {
-            match self.place(&job.resources) {
+            match self.place_for(&job.resources, end, false) {
                 Some((ni, devs)) => {
                     self.allocate(ni, &job.resources, &devs);
                     tentative.push((ni, devs, idx));
@@ -561,8 +734,18 @@ impl Scheduler {
         jobs: &[JobReq],
     ) -> Plan {
         self.lazy_explain = true;
+        self.now = Some(now);
+        self.reservation = None;
         let mut plan = self.schedule(tenants, jobs);
         self.lazy_explain = false;
+        self.now = None;
+        plan.reservation = self.reservation.as_ref().map(|r| {
+            (
+                r.job,
+                r.at,
+                r.nodes.iter().map(|i| self.nodes[*i].id).collect(),
+            )
+        });
         if self.running.is_empty() || plan.pending.is_empty() {
             self.fill_explanations(&mut plan, jobs);
             return plan;
@@ -735,6 +918,9 @@ impl Scheduler {
             let tid = turn.5;
             let (job, k) = queues[&tid][0];
             let tenant = tenants.entry(tid).or_default();
+            let end = self
+                .now
+                .and_then(|n| job.max_runtime_ms.map(|m| n + m as i64));
             // Does this job stay at the head of its tenant's queue for another turn?
             let mut again = false;
             if let Err(e) = tenant.quota.check(
@@ -750,7 +936,7 @@ impl Scheduler {
             } else if let Some(r) = unfit.get(&shape(&job.resources)) {
                 plan.pending.insert(job.id, vec![r.clone()]);
             } else if job.gang {
-                match self.place_gang(job) {
+                match self.place_gang(job, end) {
                     Ok(placed) => {
                         tenant
                             .used
@@ -769,11 +955,13 @@ impl Scheduler {
                         if let Some(c) = cache {
                             unfit.insert(shape(&job.resources), c);
                         }
-                        plan.pending.insert(job.id, vec![r]);
+                        let mut reasons = vec![r];
+                        self.reserve_or_hold(job, &mut reasons);
+                        plan.pending.insert(job.id, reasons);
                     }
                 }
             } else {
-                match self.place(&job.resources) {
+                match self.place_for(&job.resources, end, false) {
                     Some((ni, devs)) => {
                         self.allocate(ni, &job.resources, &devs);
                         tenant.used.add_task(&job.resources, 1);
@@ -784,6 +972,12 @@ impl Scheduler {
                             devices: devs,
                         });
                         again = k + 1 < job.pending.len();
+                    }
+                    None if self.place(&job.resources).is_some() => {
+                        // It would fit, but only in room held for the head-of-line job.
+                        let mut reasons = Vec::new();
+                        self.reserve_or_hold(job, &mut reasons);
+                        plan.pending.insert(job.id, reasons);
                     }
                     None => {
                         let mut r = no_fit_reason(&self.explain(&job.resources), total_nodes);
@@ -796,7 +990,9 @@ impl Scheduler {
                                 r.message
                             );
                         }
-                        plan.pending.insert(job.id, vec![r]);
+                        let mut reasons = vec![r];
+                        self.reserve_or_hold(job, &mut reasons);
+                        plan.pending.insert(job.id, reasons);
                     }
                 }
             }

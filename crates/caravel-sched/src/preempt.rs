@@ -32,6 +32,8 @@ pub struct RunningTask {
     pub min_runtime_ms: u64,
     /// Placed while its tenant was beyond its guarantee.
     pub borrowed: bool,
+    /// When it will have ended at the latest (start + max runtime), if it has a max runtime.
+    pub expected_end_ms: Option<Millis>,
 }
 
 /// Stop `run` so that `for_job` can be placed.

@@ -46,6 +46,7 @@ fn job(id: u64, tasks: u32, cpu: u64, gpu: Option<(&str, u32)>, gang: bool) -> J
         gang,
         pending: (0..tasks).collect(),
         topology: None,
+        max_runtime_ms: None,
     }
 }
 
@@ -281,6 +282,7 @@ fn arb_world() -> impl Strategy<Value = World> {
                     gang,
                     pending: (0..tasks).collect(),
                     topology: None,
+                    max_runtime_ms: None,
                 })
                 .collect();
             World {
@@ -602,6 +604,7 @@ fn running(
         started_ms: started,
         min_runtime_ms: 0,
         borrowed,
+        expected_end_ms: None,
     }
 }
 
@@ -782,4 +785,151 @@ fn reasons_are_complete_when_preemption_finds_nothing() {
         "{}",
         r.message
     );
+}
+
+// ---- backfill ----
+
+fn ending(run: u64, node: u64, end: i64) -> RunningTask {
+    let mut t = running(run, 9, node, Priority::Batch, 0, false);
+    t.expected_end_ms = Some(end);
+    t
+}
+
+fn with_runtime(mut j: JobReq, ms: Option<u64>) -> JobReq {
+    j.max_runtime_ms = ms;
+    j
+}
+
+#[test]
+fn backfill_that_would_delay_the_head_job_is_refused() {
+    // Node 1 has 8 CPUs, 4 held by tasks that end at t=100 s. The head job needs all 8.
+    let run: Vec<RunningTask> = (0..4).map(|i| ending(i, 1, 100_000)).collect();
+    let mut n1 = cpu_node(1, 8, 64);
+    n1.used_cpu_milli = 4000;
+    n1.used_memory_bytes = 4 << 30;
+    let mut s = Scheduler::new(Config::default(), vec![n1]);
+    let head = tjob(1, 1, 1, 8000, 1);
+    let too_long = with_runtime(tjob(2, 2, 1, 1000, 1), Some(200_000));
+    let unbounded = with_runtime(tjob(3, 3, 1, 1000, 1), None);
+    let short = with_runtime(tjob(4, 4, 1, 1000, 1), Some(50_000));
+    let plan = s.schedule_with(
+        0,
+        &run,
+        &mut HashMap::new(),
+        &[head, too_long, unbounded, short],
+    );
+    let (rj, at, nodes) = plan
+        .reservation
+        .clone()
+        .expect("the head job holds a reservation");
+    assert_eq!((rj, at, nodes), (JobId(1), 100_000, vec![NodeId(1)]));
+    let placed: Vec<JobId> = plan.placements.iter().map(|p| p.job).collect();
+    assert_eq!(
+        placed,
+        vec![JobId(4)],
+        "only the job that ends before t=100 s backfills"
+    );
+    assert_eq!(
+        plan.pending[&JobId(1)]
+            .iter()
+            .find(|r| r.code == "reserved")
+            .unwrap()
+            .counts["starts_in_ms"],
+        100_000
+    );
+    for j in [2, 3] {
+        let r = plan.pending[&JobId(j)]
+            .iter()
+            .find(|r| r.code == "backfill")
+            .unwrap();
+        assert!(
+            r.message.starts_with("held for the reservation of job 1"),
+            "{}",
+            r.message
+        );
+    }
+}
+
+#[test]
+fn jobs_away_from_the_reservation_are_not_held() {
+    let run: Vec<RunningTask> = (0..4).map(|i| ending(i, 1, 100_000)).collect();
+    let mut n1 = cpu_node(1, 8, 64);
+    n1.used_cpu_milli = 4000;
+    n1.used_memory_bytes = 4 << 30;
+    let mut s = Scheduler::new(Config::default(), vec![n1, cpu_node(2, 2, 64)]);
+    let plan = s.schedule_with(
+        0,
+        &run,
+        &mut HashMap::new(),
+        &[
+            tjob(1, 1, 1, 8000, 1),
+            with_runtime(tjob(2, 2, 1, 1000, 1), None),
+        ],
+    );
+    assert_eq!(plan.placements.len(), 1);
+    assert_eq!(
+        plan.placements[0].node,
+        NodeId(2),
+        "the unbounded job runs on the unreserved node"
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// Backfill never delays the reserved job: after the cycle, once every running task and
+    /// every job placed this cycle that ends by the reservation time has ended, the head job
+    /// fits on the nodes reserved for it.
+    #[test]
+    fn backfill_never_delays_the_reservation(
+        nodes_n in 1u64..6,
+        runs in prop::collection::vec((0u64..6, 1u64..200), 0..20),
+        jobs in prop::collection::vec((1u64..9, prop::option::of(1u64..300), 0u64..4), 1..12),
+    ) {
+        let mut nodes: Vec<NodeSnap> = (0..nodes_n).map(|i| cpu_node(i, 8, 64)).collect();
+        let mut running_tasks = Vec::new();
+        for (k, (n, end_s)) in runs.iter().enumerate() {
+            let n = (*n % nodes_n) as usize;
+            if nodes[n].used_cpu_milli + 1000 > nodes[n].capacity.cpu_milli {
+                continue;
+            }
+            nodes[n].used_cpu_milli += 1000;
+            nodes[n].used_memory_bytes += 1 << 30;
+            running_tasks.push(ending(k as u64, n as u64, *end_s as i64 * 1000));
+        }
+        let reqs: Vec<JobReq> = jobs
+            .iter()
+            .enumerate()
+            .map(|(i, (cpus, rt, t))| with_runtime(tjob(i as u64, *t, 1, cpus * 1000, 1), rt.map(|s| s * 1000)))
+            .collect();
+        let mut s = Scheduler::new(Config::default(), nodes);
+        let plan = s.schedule_with(0, &running_tasks, &mut HashMap::new(), &reqs);
+        if let Some((rj, at, rnodes)) = &plan.reservation {
+            prop_assert!(!plan.placements.iter().any(|p| p.job == *rj));
+            let mut after: Vec<NodeSnap> = s.nodes().to_vec();
+            for t in &running_tasks {
+                if t.expected_end_ms.is_some_and(|e| e <= *at) {
+                    let n = after.iter_mut().find(|n| n.id == t.node).unwrap();
+                    n.release(&t.resources, &t.devices);
+                }
+            }
+            for p in &plan.placements {
+                let j = reqs.iter().find(|j| j.id == p.job).unwrap();
+                if j.max_runtime_ms.is_some_and(|m| m as i64 <= *at) {
+                    let n = after.iter_mut().find(|n| n.id == p.node).unwrap();
+                    n.release(&j.resources, &p.devices);
+                }
+            }
+            let head = reqs.iter().find(|j| j.id == *rj).unwrap();
+            let mut left = head.pending.len();
+            for n in after.iter_mut().filter(|n| rnodes.contains(&n.id)) {
+                while left > 0 && fit(&Config::default(), n, &head.resources).is_ok() {
+                    let r = head.resources.clone();
+                    n.allocate(&r, &[]);
+                    left -= 1;
+                }
+            }
+            prop_assert_eq!(left, 0, "the head job no longer fits at its reservation time");
+        }
+    }
 }

@@ -693,6 +693,7 @@ impl Core {
                     .map(|t| t.index)
                     .collect(),
                 topology: j.rec.spec.topology,
+                max_runtime_ms: j.rec.spec.max_runtime_ms,
             });
         }
         // Running tasks that may be preempted: started, and not already stopping.
@@ -713,6 +714,9 @@ impl Core {
                     started_ms: r.started_ms.unwrap_or(now),
                     min_runtime_ms: spec.min_runtime_ms.unwrap_or(0),
                     borrowed: r.borrowed,
+                    expected_end_ms: spec
+                        .max_runtime_ms
+                        .map(|m| r.started_ms.unwrap_or(now) + m as i64),
                 }
             })
             .collect();

@@ -63,6 +63,7 @@ fn job(id: u64, tenant: u64, tasks: u32, r: TaskResources, gang: bool) -> JobReq
         gang,
         pending: (0..tasks).collect(),
         topology: None,
+        max_runtime_ms: None,
     }
 }
 
@@ -354,6 +355,7 @@ fn preempt_500k(rng: &mut Rng) -> Result<i32> {
                 started_ms: rng.below(3_600_000) as Millis,
                 min_runtime_ms: if rng.below(4) == 0 { 7_200_000 } else { 0 },
                 borrowed: true,
+                expected_end_ms: None,
             });
         }
     }

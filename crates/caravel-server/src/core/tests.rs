@@ -607,3 +607,52 @@ fn borrowed_capacity_is_reclaimed_by_preemption_without_using_retries() {
         "preempted runs are metered"
     );
 }
+
+#[test]
+fn the_head_job_holds_a_reservation_and_only_short_jobs_backfill() {
+    let mut f = fixture();
+    let c = &mut f.core;
+    let n = c.register(reg("a", 8, 0), 0).unwrap();
+    let t = default_tenant(c);
+    let mut busy = JobSpec::simple("sleep", &["60"]);
+    busy.tasks = 4;
+    busy.max_runtime_ms = Some(60_000);
+    c.submit(t, busy, 0).unwrap();
+    c.schedule(1).unwrap();
+    for r in runs_on(c, n) {
+        started(c, n, r, 1_000);
+    }
+    let mut big = JobSpec::simple("train", &[]);
+    big.resources.cpu_milli = 8000;
+    let head = c.submit(t, big, 2_000).unwrap();
+    let mut long = JobSpec::simple("sleep", &["600"]);
+    long.max_runtime_ms = Some(600_000);
+    let long = c.submit(t, long, 2_001).unwrap();
+    let mut short = JobSpec::simple("true", &[]);
+    short.max_runtime_ms = Some(10_000);
+    let short = c.submit(t, short, 2_002).unwrap();
+    c.schedule(3_000).unwrap();
+    let r = c.jobs[&head]
+        .reasons
+        .iter()
+        .find(|r| r.code == "reserved")
+        .expect("reservation");
+    assert_eq!(
+        r.counts["starts_in_ms"], 58_000,
+        "when the busy tasks reach their max runtime"
+    );
+    assert_eq!(
+        c.jobs[&long]
+            .reasons
+            .iter()
+            .find(|r| r.code == "backfill")
+            .unwrap()
+            .counts["reserved_for_job"],
+        head.0
+    );
+    assert_eq!(
+        c.jobs[&short].tasks[0].state,
+        TaskState::Assigned,
+        "ends before the reservation: backfilled"
+    );
+}
