@@ -299,6 +299,8 @@ pub struct Scheduler {
     /// Running tasks by node, for preemption; see `set_running`.
     running: preempt::ByNode,
     running_at: HashMap<caravel_core::RunId, usize>,
+    /// Running tasks with a known end, in end order: what a reservation is computed from.
+    ends: BTreeSet<(caravel_core::Millis, usize, caravel_core::RunId)>,
     /// While set, no-fit reasons are left without their per-node counts (a full scan) until
     /// the end of the cycle: jobs that get victims never need them.
     lazy_explain: bool,
@@ -323,6 +325,7 @@ impl Scheduler {
         let index = index::Index::build(&nodes);
         let pos = nodes.iter().enumerate().map(|(i, n)| (n.id, i)).collect();
         Scheduler {
+            ends: BTreeSet::new(),
             now: None,
             reservation: None,
             lazy_explain: false,
@@ -393,15 +396,14 @@ impl Scheduler {
     /// runs now, and on which nodes? Releases running tasks in order of their expected end
     /// on a scratch copy until the whole job fits.
     fn reserve(&self, job: &JobReq, now: caravel_core::Millis) -> Option<Reservation> {
-        let mut ends: Vec<(caravel_core::Millis, usize, &RunningTask)> = self
-            .running
+        let ends: Vec<(caravel_core::Millis, usize, &RunningTask)> = self
+            .ends
             .iter()
-            .flat_map(|(i, ts)| {
-                ts.iter()
-                    .filter_map(move |t| t.expected_end_ms.map(|e| (e.max(now), *i, t)))
+            .filter_map(|&(e, i, run)| {
+                let t = self.running.get(&i)?.iter().find(|t| t.run == run)?;
+                Some((e.max(now), i, t))
             })
             .collect();
-        ends.sort_by_key(|e| (e.0, e.1, e.2.run));
         let need = job.pending.len() as u64;
         let r = &job.resources;
         let mut scratch: HashMap<usize, NodeSnap> = HashMap::new();
@@ -687,9 +689,13 @@ impl Scheduler {
     pub fn set_running(&mut self, running: Vec<RunningTask>) {
         self.running.clear();
         self.running_at.clear();
+        self.ends.clear();
         for r in running {
             if let Some(&i) = self.pos.get(&r.node) {
                 self.running_at.insert(r.run, i);
+                if let Some(e) = r.expected_end_ms {
+                    self.ends.insert((e, i, r.run));
+                }
                 self.running.entry(i).or_default().push(r);
             }
         }
@@ -704,6 +710,9 @@ impl Scheduler {
         let list = self.running.get_mut(&i)?;
         let k = list.iter().position(|t| t.run == run)?;
         let t = list.remove(k);
+        if let Some(e) = t.expected_end_ms {
+            self.ends.remove(&(e, i, t.run));
+        }
         if list.is_empty() {
             self.running.remove(&i);
         }
