@@ -70,6 +70,26 @@ impl NodeSnap {
         debug_assert!(self.used_memory_bytes <= self.capacity.memory_bytes);
     }
 
+    /// How many tasks of `r` this node could take now (0 when not ready).
+    pub fn room_for(&self, r: &TaskResources) -> u64 {
+        if !self.ready {
+            return 0;
+        }
+        let mut k =
+            self.capacity.cpu_milli.saturating_sub(self.used_cpu_milli) / r.cpu_milli.max(1);
+        k = k.min(
+            self.capacity
+                .memory_bytes
+                .saturating_sub(self.used_memory_bytes)
+                / r.memory_bytes.max(1),
+        );
+        if let Some(g) = &r.gpu {
+            let free = self.free_devices(&g.model).count() as u64;
+            k = k.min(free / g.count.max(1) as u64);
+        }
+        k
+    }
+
     pub fn release(&mut self, r: &TaskResources, devices: &[u32]) {
         self.used_cpu_milli = self.used_cpu_milli.saturating_sub(r.cpu_milli);
         self.used_memory_bytes = self.used_memory_bytes.saturating_sub(r.memory_bytes);
@@ -432,7 +452,7 @@ impl Scheduler {
                     break;
                 }
                 let base = scratch.get(&i).unwrap_or(&self.nodes[i]);
-                if !base.ready || (self.room_of(base, r) == 0) {
+                if base.room_for(r) == 0 {
                     continue;
                 }
                 let n = trial.entry(i).or_insert_with(|| base.clone());
@@ -502,26 +522,6 @@ impl Scheduler {
         }
     }
 
-    fn room_of(&self, n: &NodeSnap, r: &TaskResources) -> u64 {
-        if !n.ready {
-            return 0;
-        }
-        let mut k = n.capacity.cpu_milli.saturating_sub(n.used_cpu_milli) / r.cpu_milli.max(1);
-        k = k.min(
-            n.capacity.memory_bytes.saturating_sub(n.used_memory_bytes) / r.memory_bytes.max(1),
-        );
-        if let Some(g) = &r.gpu {
-            let free = n
-                .capacity
-                .devices
-                .iter()
-                .filter(|d| d.model == g.model && !n.used_devices.contains(&d.index))
-                .count() as u64;
-            k = k.min(free / g.count.max(1) as u64);
-        }
-        k
-    }
-
     /// Why nothing fits: a full scan, done once per request shape per cycle.
     fn explain(&self, r: &TaskResources) -> BTreeMap<Lack, u64> {
         if self.lazy_explain {
@@ -533,24 +533,7 @@ impl Scheduler {
 
     /// How many tasks of `r` node `i` could take now.
     fn room(&self, i: usize, r: &TaskResources) -> u64 {
-        let n = &self.nodes[i];
-        if !n.ready {
-            return 0;
-        }
-        let mut k = (n.capacity.cpu_milli.saturating_sub(n.used_cpu_milli)) / r.cpu_milli.max(1);
-        k = k.min(
-            n.capacity.memory_bytes.saturating_sub(n.used_memory_bytes) / r.memory_bytes.max(1),
-        );
-        if let Some(g) = &r.gpu {
-            let free = n
-                .capacity
-                .devices
-                .iter()
-                .filter(|d| d.model == g.model && !n.used_devices.contains(&d.index))
-                .count() as u64;
-            k = k.min(free / g.count.max(1) as u64);
-        }
-        k
+        self.nodes[i].room_for(r)
     }
 
     /// Places a whole gang inside one topology domain: the domains whose room adds up to

@@ -122,6 +122,21 @@ fn visible(core: &Core, p: Principal, id: JobId) -> Res<&JobEntry> {
     }
 }
 
+/// Which tenant a listing covers: a tenant sees only itself; the admin may name one.
+fn tenant_scope(core: &Core, p: Principal, named: Option<&str>) -> Res<Option<TenantId>> {
+    match (p, named) {
+        (Principal::Tenant(t), _) => Ok(Some(t)),
+        (_, Some(n)) => core.tenant_id(n).map(Some).ok_or_else(|| {
+            ApiError::field(
+                ErrorCode::NotFound,
+                "tenant",
+                format!("tenant `{n}` not found"),
+            )
+        }),
+        _ => Ok(None),
+    }
+}
+
 fn parse_job_id(s: &str) -> Res<JobId> {
     s.parse::<u64>().map(JobId).map_err(|_| {
         ApiError::field(
@@ -259,17 +274,7 @@ pub async fn list_jobs(
         ));
     }
     let core = s.core.lock().expect("core lock");
-    let tenant_filter = match (p, &q.tenant) {
-        (Principal::Tenant(t), _) => Some(t),
-        (_, Some(n)) => Some(core.tenant_id(n).ok_or_else(|| {
-            ApiError::field(
-                ErrorCode::NotFound,
-                "tenant",
-                format!("tenant `{n}` not found"),
-            )
-        })?),
-        _ => None,
-    };
+    let tenant_filter = tenant_scope(&core, p, q.tenant.as_deref())?;
     let mut out: Vec<JobSummary> = core
         .jobs
         .values()
@@ -584,17 +589,7 @@ pub async fn usage(
 ) -> Res<Json<UsageResponse>> {
     let p = user_only(authenticate(&s, &headers)?)?;
     let mut core = s.core.lock().expect("core lock");
-    let tenant = match (p, &q.tenant) {
-        (Principal::Tenant(t), _) => Some(t),
-        (_, Some(n)) => Some(core.tenant_id(n).ok_or_else(|| {
-            ApiError::field(
-                ErrorCode::NotFound,
-                "tenant",
-                format!("tenant `{n}` not found"),
-            )
-        })?),
-        _ => None,
-    };
+    let tenant = tenant_scope(&core, p, q.tenant.as_deref())?;
     if let Some(j) = q.job {
         visible(&core, p, JobId(j))?;
     }
