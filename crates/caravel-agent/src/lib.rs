@@ -596,12 +596,15 @@ impl Agent {
         }
         let mut cmd = tokio::process::Command::from(cmd);
         cmd.kill_on_drop(false);
+        // Taken before the fork, so the metered interval always covers the whole process
+        // lifetime (the exit is observed after the process is gone).
+        let t0 = now_ms();
         let child = cmd.spawn().map_err(|e| {
             cg.remove();
             format!("cannot start `{}`: {e}", a.command)
         })?;
         let pid = child.id().unwrap_or(0) as i32;
-        Ok((child, cg, pid, now_ms()))
+        Ok((child, cg, pid, t0))
     }
 }
 
