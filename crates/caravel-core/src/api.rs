@@ -103,6 +103,9 @@ pub struct NodeView {
     pub allocated_cpu_milli: u64,
     pub allocated_memory_bytes: u64,
     pub allocated_devices: Vec<u32>,
+    /// Devices shared by fractional requests: index -> thousandths in use.
+    #[serde(default)]
+    pub shared_devices: BTreeMap<u32, u32>,
     pub running_tasks: u32,
     pub last_seen_ms: Millis,
 }

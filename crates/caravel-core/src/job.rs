@@ -186,6 +186,12 @@ impl JobSpec {
                 format!("must be at most {MAX_RETRIES}"),
             ));
         }
+        if self.gang && self.resources.gpu.as_ref().is_some_and(|g| !g.any_of.is_empty()) {
+            return Err(ValidationError::new(
+                "resources.gpu.any_of",
+                "a gang runs on one GPU model: name exactly one",
+            ));
+        }
         if self.topology.is_some() && !self.gang {
             return Err(ValidationError::new(
                 "topology",
@@ -394,6 +400,9 @@ pub struct UsageRecord {
     pub memory_bytes: u64,
     pub gpu_model: Option<String>,
     pub gpu_count: u32,
+    /// Thousandths of a device held: 250 for a quarter GPU, 2000 for two GPUs.
+    #[serde(default)]
+    pub gpu_milli: u64,
 }
 
 impl UsageRecord {
@@ -406,8 +415,14 @@ impl UsageRecord {
     pub fn memory_byte_ms(&self) -> u128 {
         self.memory_bytes as u128 * self.duration_ms() as u128
     }
+    /// Device-milliseconds: a quarter GPU for 4 s is 1,000 GPU-ms.
     pub fn gpu_ms(&self) -> u128 {
-        self.gpu_count as u128 * self.duration_ms() as u128
+        let milli = if self.gpu_milli > 0 {
+            self.gpu_milli
+        } else {
+            self.gpu_count as u64 * 1000
+        };
+        milli as u128 * self.duration_ms() as u128 / 1000
     }
 }
 
@@ -469,6 +484,7 @@ mod tests {
             memory_bytes: 1 << 50,
             gpu_model: None,
             gpu_count: 0,
+            gpu_milli: 0,
         };
         assert_eq!(u.memory_byte_ms(), (1u128 << 50) * 365 * 86_400_000);
     }

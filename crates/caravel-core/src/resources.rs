@@ -42,12 +42,95 @@ impl Capacity {
     }
 }
 
-/// A request for whole accelerators of one model.
+/// A request for accelerators: `count` whole devices, or a fraction (`milli`, 250 = a
+/// quarter) of one device, of `model` or any of `any_of`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GpuRequest {
     pub model: String,
+    /// Other models the task accepts, in order of preference after `model`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub any_of: Vec<String>,
+    #[serde(default = "one_gpu")]
     pub count: u32,
+    /// A fraction of one device in thousandths (1..=999); `count` must then be 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub milli: Option<u32>,
+}
+
+fn one_gpu() -> u32 {
+    1
+}
+
+impl GpuRequest {
+    pub fn whole(model: &str, count: u32) -> GpuRequest {
+        GpuRequest {
+            model: model.to_string(),
+            any_of: vec![],
+            count,
+            milli: None,
+        }
+    }
+
+    /// Every acceptable model, preferred first, without repeats.
+    pub fn models(&self) -> Vec<&str> {
+        let mut v = vec![self.model.as_str()];
+        for m in &self.any_of {
+            if !v.contains(&m.as_str()) {
+                v.push(m);
+            }
+        }
+        v
+    }
+
+    /// Thousandths of a device one task holds: 250 for a quarter, 2000 for two devices.
+    pub fn milli_total(&self) -> u64 {
+        self.milli
+            .map(u64::from)
+            .unwrap_or(self.count as u64 * 1000)
+    }
+}
+
+/// Parses `H100:2`, `H100:0.25` (or `H100:250m`), `H100|A100:1` into a request.
+pub fn parse_gpu_request(s: &str) -> Result<GpuRequest, String> {
+    let (models, amount) = s
+        .trim()
+        .rsplit_once(':')
+        .ok_or_else(|| format!("`{s}` is not MODEL:COUNT (e.g. H100:2, H100:0.25, H100|A100:1)"))?;
+    let models: Vec<String> = models.split('|').map(|m| m.trim().to_string()).collect();
+    for m in &models {
+        validate_model(m)?;
+    }
+    let amount = amount.trim();
+    let bad = || format!("`{amount}` is not an amount of GPU (2, 0.25, 250m)");
+    let milli: u64 = if let Some(m) = amount.strip_suffix('m') {
+        m.parse().map_err(|_| bad())?
+    } else if amount.contains('.') {
+        let v: f64 = amount.parse().map_err(|_| bad())?;
+        if !(v.is_finite() && v > 0.0 && v <= 4096.0) {
+            return Err(bad());
+        }
+        (v * 1000.0).round() as u64
+    } else {
+        amount.parse::<u64>().map_err(|_| bad())? * 1000
+    };
+    let (count, frac) = match milli {
+        0 => return Err("a GPU request needs at least one device or a fraction of one".into()),
+        m if m % 1000 == 0 => ((m / 1000) as u32, None),
+        m if m < 1000 => (1, Some(m as u32)),
+        _ => {
+            return Err(format!(
+                "`{amount}`: a fraction must be less than one device"
+            ))
+        }
+    };
+    let mut it = models.into_iter();
+    Ok(GpuRequest {
+        model: it.next().unwrap_or_default(),
+        any_of: it.collect(),
+        count,
+        milli: frac,
+    })
 }
 
 /// What one task of a job asks for.
@@ -108,6 +191,30 @@ impl TaskResources {
         if let Some(g) = &self.gpu {
             validate_model(&g.model)
                 .map_err(|r| ValidationError::new(format!("{prefix}.gpu.model"), r))?;
+            for m in &g.any_of {
+                validate_model(m)
+                    .map_err(|r| ValidationError::new(format!("{prefix}.gpu.any_of"), r))?;
+            }
+            if g.any_of.len() > 8 {
+                return Err(ValidationError::new(
+                    format!("{prefix}.gpu.any_of"),
+                    "at most 8 models",
+                ));
+            }
+            if let Some(m) = g.milli {
+                if !(1..=999).contains(&m) {
+                    return Err(ValidationError::new(
+                        format!("{prefix}.gpu.milli"),
+                        "must be 1 to 999 thousandths of one device (use count for whole devices)",
+                    ));
+                }
+                if g.count != 1 {
+                    return Err(ValidationError::new(
+                        format!("{prefix}.gpu.count"),
+                        "must be 1 with milli: a fractional request takes part of one device",
+                    ));
+                }
+            }
             if g.count == 0 {
                 return Err(ValidationError::new(
                     format!("{prefix}.gpu.count"),
@@ -131,6 +238,11 @@ impl TaskResources {
     pub fn gpu_count(&self) -> u32 {
         self.gpu.as_ref().map(|g| g.count).unwrap_or(0)
     }
+
+    /// Thousandths of a device one task holds (0 without a GPU).
+    pub fn gpu_milli(&self) -> u64 {
+        self.gpu.as_ref().map(|g| g.milli_total()).unwrap_or(0)
+    }
 }
 
 pub fn validate_model(m: &str) -> Result<(), String> {
@@ -153,27 +265,40 @@ pub fn validate_model(m: &str) -> Result<(), String> {
 pub struct ResourceSum {
     pub cpu_milli: u64,
     pub memory_bytes: u64,
+    /// Thousandths of a device, per model (a quarter GPU is 250).
     #[serde(default)]
-    pub gpus: BTreeMap<String, u32>,
+    pub gpu_milli: BTreeMap<String, u64>,
 }
 
 impl ResourceSum {
+    /// Adds `times` tasks of `r`, GPUs counted against its preferred model.
     pub fn add_task(&mut self, r: &TaskResources, times: u64) {
+        let m = r.gpu.as_ref().map(|g| g.model.clone());
+        self.add_task_on(r, m.as_deref(), times);
+    }
+
+    /// Adds `times` tasks of `r` whose GPUs are of `model` (the one placement chose).
+    pub fn add_task_on(&mut self, r: &TaskResources, model: Option<&str>, times: u64) {
         self.cpu_milli += r.cpu_milli * times;
         self.memory_bytes += r.memory_bytes * times;
-        if let Some(g) = &r.gpu {
-            *self.gpus.entry(g.model.clone()).or_insert(0) += g.count * times as u32;
+        if let (Some(g), Some(m)) = (&r.gpu, model) {
+            *self.gpu_milli.entry(m.to_string()).or_insert(0) += g.milli_total() * times;
         }
     }
 
     pub fn sub_task(&mut self, r: &TaskResources, times: u64) {
+        let m = r.gpu.as_ref().map(|g| g.model.clone());
+        self.sub_task_on(r, m.as_deref(), times);
+    }
+
+    pub fn sub_task_on(&mut self, r: &TaskResources, model: Option<&str>, times: u64) {
         self.cpu_milli = self.cpu_milli.saturating_sub(r.cpu_milli * times);
         self.memory_bytes = self.memory_bytes.saturating_sub(r.memory_bytes * times);
-        if let Some(g) = &r.gpu {
-            if let Some(v) = self.gpus.get_mut(&g.model) {
-                *v = v.saturating_sub(g.count * times as u32);
+        if let (Some(g), Some(m)) = (&r.gpu, model) {
+            if let Some(v) = self.gpu_milli.get_mut(m) {
+                *v = v.saturating_sub(g.milli_total() * times);
                 if *v == 0 {
-                    self.gpus.remove(&g.model);
+                    self.gpu_milli.remove(m);
                 }
             }
         }
@@ -205,6 +330,41 @@ mod tests {
     use super::*;
 
     #[test]
+    fn gpu_requests_parse_whole_fractional_and_any_of() {
+        assert_eq!(
+            parse_gpu_request("H100:2").unwrap(),
+            GpuRequest::whole("H100", 2)
+        );
+        let q = parse_gpu_request("H100:0.25").unwrap();
+        assert_eq!((q.count, q.milli, q.milli_total()), (1, Some(250), 250));
+        assert_eq!(parse_gpu_request("T4:500m").unwrap().milli, Some(500));
+        let a = parse_gpu_request("H100|A100:1").unwrap();
+        assert_eq!(a.models(), vec!["H100", "A100"]);
+        assert!(parse_gpu_request("H100:1.5").is_err());
+        assert!(parse_gpu_request("H100:0").is_err());
+        assert!(parse_gpu_request("H100").is_err());
+        let mut r = TaskResources {
+            gpu: Some(GpuRequest {
+                milli: Some(1000),
+                ..GpuRequest::whole("H100", 1)
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            r.validate("resources").unwrap_err().field,
+            "resources.gpu.milli"
+        );
+        r.gpu = Some(GpuRequest {
+            milli: Some(500),
+            ..GpuRequest::whole("H100", 2)
+        });
+        assert_eq!(
+            r.validate("resources").unwrap_err().field,
+            "resources.gpu.count"
+        );
+    }
+
+    #[test]
     fn gpu_list() {
         assert_eq!(
             parse_gpu_list("H100:8, A100:2").unwrap(),
@@ -227,10 +387,7 @@ mod tests {
             "resources.cpu_milli"
         );
         let r = TaskResources {
-            gpu: Some(GpuRequest {
-                model: "H100".into(),
-                count: 0,
-            }),
+            gpu: Some(GpuRequest::whole("H100", 0)),
             ..Default::default()
         };
         assert_eq!(
@@ -244,15 +401,12 @@ mod tests {
         let r = TaskResources {
             cpu_milli: 500,
             memory_bytes: 10,
-            gpu: Some(GpuRequest {
-                model: "T4".into(),
-                count: 2,
-            }),
+            gpu: Some(GpuRequest::whole("T4", 2)),
         };
         let mut s = ResourceSum::default();
         s.add_task(&r, 3);
         assert_eq!(s.cpu_milli, 1500);
-        assert_eq!(s.gpus["T4"], 6);
+        assert_eq!(s.gpu_milli["T4"], 6000);
         s.sub_task(&r, 3);
         assert_eq!(s, ResourceSum::default());
     }

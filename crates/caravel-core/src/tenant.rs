@@ -87,20 +87,51 @@ impl Quota {
             }
         }
         if let Some(g) = &req.gpu {
-            if let Some(&lim) = self.gpus.get(&g.model) {
-                let in_use = used.gpus.get(&g.model).copied().unwrap_or(0) as u64;
-                let asked = g.count as u64 * times;
-                if in_use + asked > lim as u64 {
-                    return Err(QuotaExceeded {
-                        resource: format!("gpu/{}", g.model),
-                        in_use,
-                        limit: lim as u64,
-                        asked,
-                    });
-                }
+            return self.check_gpu(used, &g.model, g.milli_total() * times);
+        }
+        Ok(())
+    }
+}
+
+impl Quota {
+    /// Checks `asked` thousandths of `model` devices against the per-model limit.
+    pub fn check_gpu(
+        &self,
+        used: &ResourceSum,
+        model: &str,
+        asked: u64,
+    ) -> Result<(), QuotaExceeded> {
+        if let Some(&lim) = self.gpus.get(model) {
+            let in_use = used.gpu_milli.get(model).copied().unwrap_or(0);
+            if in_use + asked > lim as u64 * 1000 {
+                return Err(QuotaExceeded {
+                    resource: format!("gpu/{model}"),
+                    in_use,
+                    limit: lim as u64 * 1000,
+                    asked,
+                });
             }
         }
         Ok(())
+    }
+
+    /// Like `check`, with the tasks' GPUs on `model` (one of the models they accept).
+    pub fn check_on(
+        &self,
+        used: &ResourceSum,
+        req: &TaskResources,
+        model: Option<&str>,
+        times: u64,
+    ) -> Result<(), QuotaExceeded> {
+        let cpu_mem = TaskResources {
+            gpu: None,
+            ..req.clone()
+        };
+        self.check(used, &cpu_mem, times)?;
+        match (&req.gpu, model) {
+            (Some(g), Some(m)) => self.check_gpu(used, m, g.milli_total() * times),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -109,7 +140,9 @@ impl std::fmt::Display for QuotaExceeded {
         let show = |v: u64| match self.resource.as_str() {
             "cpu" => crate::quantity::format_cpu(v),
             "memory" => crate::quantity::format_bytes(v),
-            _ => v.to_string(),
+            // GPUs are counted in thousandths of a device.
+            _ if v.is_multiple_of(1000) => (v / 1000).to_string(),
+            _ => format!("{}", v as f64 / 1000.0),
         };
         write!(
             f,
@@ -168,10 +201,7 @@ mod tests {
         let req = TaskResources {
             cpu_milli: 1000,
             memory_bytes: 1 << 30,
-            gpu: Some(GpuRequest {
-                model: "H100".into(),
-                count: 8,
-            }),
+            gpu: Some(GpuRequest::whole("H100", 8)),
         };
         let used = ResourceSum::default();
         assert!(q.check(&used, &req, 1).is_ok());

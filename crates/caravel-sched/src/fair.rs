@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use caravel_core::ResourceSum;
 
-/// Pool totals the shares are fractions of.
+/// Pool totals the shares are fractions of (GPUs in thousandths of a device).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PoolTotals {
     pub cpu_milli: f64,
@@ -18,7 +18,7 @@ pub struct PoolTotals {
     pub gpus: BTreeMap<String, f64>,
 }
 
-/// Exponentially decayed average of what a tenant held.
+/// Exponentially decayed average of what a tenant held (GPUs in thousandths).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct UsageEma {
     pub cpu_milli: f64,
@@ -40,9 +40,14 @@ impl UsageEma {
         let mix = |old: f64, now: f64| old * keep + now * (1.0 - keep);
         self.cpu_milli = mix(self.cpu_milli, held.cpu_milli as f64);
         self.memory_bytes = mix(self.memory_bytes, held.memory_bytes as f64);
-        let models: Vec<String> = self.gpus.keys().chain(held.gpus.keys()).cloned().collect();
+        let models: Vec<String> = self
+            .gpus
+            .keys()
+            .chain(held.gpu_milli.keys())
+            .cloned()
+            .collect();
         for m in models {
-            let now = held.gpus.get(&m).copied().unwrap_or(0) as f64;
+            let now = held.gpu_milli.get(&m).copied().unwrap_or(0) as f64;
             let old = self.gpus.get(&m).copied().unwrap_or(0.0);
             let v = mix(old, now);
             if v < 1e-9 {
@@ -74,7 +79,7 @@ pub fn dominant_share(
         pool.memory_bytes,
     ));
     for (m, total) in &pool.gpus {
-        let h = held.gpus.get(m).copied().unwrap_or(0) as f64
+        let h = held.gpu_milli.get(m).copied().unwrap_or(0) as f64
             + history.gpus.get(m).copied().unwrap_or(0.0);
         s = s.max(frac(h, *total));
     }
@@ -121,7 +126,7 @@ mod tests {
         let held = ResourceSum {
             cpu_milli: 3000,
             memory_bytes: 12,
-            gpus: BTreeMap::new(),
+            gpu_milli: BTreeMap::new(),
         };
         let s = dominant_share(&held, &UsageEma::default(), &pool, 1.0);
         assert!((s - 12.0 / 18.0).abs() < 1e-9, "memory dominates");

@@ -62,7 +62,7 @@ impl Index {
                 let mut free: HashMap<&str, u32> = HashMap::new();
                 for d in &n.capacity.devices {
                     let e = free.entry(d.model.as_str()).or_insert(0);
-                    if !n.used_devices.contains(&d.index) {
+                    if !n.used_devices.contains(&d.index) && !n.shared.contains_key(&d.index) {
                         *e += 1;
                     }
                 }
@@ -105,10 +105,19 @@ impl Index {
         r: &'a TaskResources,
     ) -> Box<dyn Iterator<Item = usize> + 'a> {
         match &r.gpu {
-            Some(g) => match self.by_model.get(&g.model) {
-                Some(s) => Box::new(s.range((g.count, 0, 0)..).map(|k| k.2 as usize)),
-                None => Box::new(std::iter::empty()),
-            },
+            // Each accepted model in preference order. Whole devices: nodes with at least
+            // `count` free, fewest first. A fraction: every node of the model, those with
+            // the fewest whole devices free first — that is where GPUs already in pieces
+            // are, so fractions pack there and whole GPUs stay free.
+            Some(g) => {
+                let from = if g.milli.is_some() { 0 } else { g.count };
+                Box::new(g.models().into_iter().flat_map(move |m| {
+                    self.by_model
+                        .get(m)
+                        .into_iter()
+                        .flat_map(move |s| s.range((from, 0, 0)..).map(|k| k.2 as usize))
+                }))
+            }
             None => Box::new(
                 self.cpu_nodes
                     .range((r.cpu_milli, 0, 0)..)

@@ -20,8 +20,8 @@ pub use preempt::{Preemption, RunningTask};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use caravel_core::{
-    Capacity, JobId, NodeId, PendingReason, Priority, Quota, ResourceSum, TaskResources, TenantId,
-    Topology, TopologyLevel,
+    Capacity, GpuRequest, JobId, NodeId, PendingReason, Priority, Quota, ResourceSum,
+    TaskResources, TenantId, Topology, TopologyLevel,
 };
 
 /// A node as the scheduler sees it: capacity and what is already allocated.
@@ -32,7 +32,10 @@ pub struct NodeSnap {
     pub capacity: Capacity,
     pub used_cpu_milli: u64,
     pub used_memory_bytes: u64,
+    /// Devices held whole.
     pub used_devices: BTreeSet<u32>,
+    /// Devices shared by fractional requests: index -> thousandths in use (1..=1000).
+    pub shared: BTreeMap<u32, u32>,
     pub topology: Topology,
 }
 
@@ -41,6 +44,7 @@ impl NodeSnap {
         NodeSnap {
             id,
             topology: Topology::default(),
+            shared: BTreeMap::new(),
             ready: true,
             capacity,
             used_cpu_milli: 0,
@@ -53,8 +57,44 @@ impl NodeSnap {
         self.capacity
             .devices
             .iter()
-            .filter(move |d| d.model == model && !self.used_devices.contains(&d.index))
+            .filter(move |d| {
+                d.model == model
+                    && !self.used_devices.contains(&d.index)
+                    && !self.shared.contains_key(&d.index)
+            })
             .map(|d| d.index)
+    }
+
+    /// The model of device `index` on this node.
+    pub fn model_of(&self, index: u32) -> Option<&str> {
+        self.capacity
+            .devices
+            .iter()
+            .find(|d| d.index == index)
+            .map(|d| d.model.as_str())
+    }
+
+    /// Devices for one task of `g` on `model`, if this node has them: whole devices
+    /// (lowest indices), or for a fraction the shared device it fits most tightly, else a
+    /// fresh one, so fractions pack onto GPUs already in pieces and whole GPUs stay free.
+    fn pick_devices(&self, g: &GpuRequest, model: &str) -> Option<Vec<u32>> {
+        match g.milli {
+            None => {
+                let d: Vec<u32> = self.free_devices(model).take(g.count as usize).collect();
+                (d.len() == g.count as usize).then_some(d)
+            }
+            Some(m) => {
+                let shared = self
+                    .shared
+                    .iter()
+                    .filter(|(i, used)| **used + m <= 1000 && self.model_of(**i) == Some(model))
+                    .max_by_key(|(i, used)| (**used, std::cmp::Reverse(**i)))
+                    .map(|(i, _)| *i);
+                shared
+                    .or_else(|| self.free_devices(model).next())
+                    .map(|d| vec![d])
+            }
+        }
     }
 
     /// Allocates `r` with the given devices. Panics in debug builds on over-commit: the
@@ -62,9 +102,20 @@ impl NodeSnap {
     pub fn allocate(&mut self, r: &TaskResources, devices: &[u32]) {
         self.used_cpu_milli += r.cpu_milli;
         self.used_memory_bytes += r.memory_bytes;
+        let milli = r.gpu.as_ref().and_then(|g| g.milli);
         for d in devices {
-            let fresh = self.used_devices.insert(*d);
-            debug_assert!(fresh, "device {d} on node {} allocated twice", self.id);
+            match milli {
+                Some(m) => {
+                    debug_assert!(!self.used_devices.contains(d), "device {d} is held whole");
+                    let used = self.shared.entry(*d).or_insert(0);
+                    *used += m;
+                    debug_assert!(*used <= 1000, "device {d} on node {} over-shared", self.id);
+                }
+                None => {
+                    let fresh = self.used_devices.insert(*d) && !self.shared.contains_key(d);
+                    debug_assert!(fresh, "device {d} on node {} allocated twice", self.id);
+                }
+            }
         }
         debug_assert!(self.used_cpu_milli <= self.capacity.cpu_milli);
         debug_assert!(self.used_memory_bytes <= self.capacity.memory_bytes);
@@ -84,8 +135,24 @@ impl NodeSnap {
                 / r.memory_bytes.max(1),
         );
         if let Some(g) = &r.gpu {
-            let free = self.free_devices(&g.model).count() as u64;
-            k = k.min(free / g.count.max(1) as u64);
+            let mut fit = 0u64;
+            for model in g.models() {
+                let free = self.free_devices(model).count() as u64;
+                fit += match g.milli {
+                    None => free / g.count.max(1) as u64,
+                    Some(m) => {
+                        let m = m as u64;
+                        free * (1000 / m)
+                            + self
+                                .shared
+                                .iter()
+                                .filter(|(i, _)| self.model_of(**i) == Some(model))
+                                .map(|(_, used)| (1000 - *used as u64) / m)
+                                .sum::<u64>()
+                    }
+                };
+            }
+            k = k.min(fit);
         }
         k
     }
@@ -93,8 +160,21 @@ impl NodeSnap {
     pub fn release(&mut self, r: &TaskResources, devices: &[u32]) {
         self.used_cpu_milli = self.used_cpu_milli.saturating_sub(r.cpu_milli);
         self.used_memory_bytes = self.used_memory_bytes.saturating_sub(r.memory_bytes);
+        let milli = r.gpu.as_ref().and_then(|g| g.milli);
         for d in devices {
-            self.used_devices.remove(d);
+            match milli {
+                Some(m) => {
+                    if let Some(u) = self.shared.get_mut(d) {
+                        *u = u.saturating_sub(m);
+                        if *u == 0 {
+                            self.shared.remove(d);
+                        }
+                    }
+                }
+                None => {
+                    self.used_devices.remove(d);
+                }
+            }
         }
     }
 }
@@ -194,15 +274,22 @@ fn fit(cfg: &Config, n: &NodeSnap, r: &TaskResources) -> Result<(u64, Vec<u32>),
         return Err(Lack::NotReady);
     }
     let mut devices = Vec::new();
+    let mut whole_taken = 0u64;
     if let Some(g) = &r.gpu {
-        let total = n.capacity.gpu_count(&g.model);
-        if total < g.count {
+        let need = if g.milli.is_some() { 1 } else { g.count };
+        let offered: Vec<&str> = g
+            .models()
+            .into_iter()
+            .filter(|m| n.capacity.gpu_count(m) >= need)
+            .collect();
+        if offered.is_empty() {
             return Err(Lack::GpuModel(g.model.clone()));
         }
-        devices.extend(n.free_devices(&g.model).take(g.count as usize));
-        if devices.len() < g.count as usize {
-            return Err(Lack::Gpus(g.model.clone()));
+        match offered.iter().find_map(|m| n.pick_devices(g, m)) {
+            Some(d) => devices = d,
+            None => return Err(Lack::Gpus(g.model.clone())),
         }
+        whole_taken = devices.iter().filter(|d| !n.shared.contains_key(d)).count() as u64;
     }
     let cpu_free = n.capacity.cpu_milli.saturating_sub(n.used_cpu_milli);
     if cpu_free < r.cpu_milli {
@@ -225,7 +312,10 @@ fn fit(cfg: &Config, n: &NodeSnap, r: &TaskResources) -> Result<(u64, Vec<u32>),
         + ppm(mem_free - r.memory_bytes, n.capacity.memory_bytes);
     let gpus_total = n.capacity.devices.len() as u64;
     if gpus_total > 0 {
-        let gpus_left = gpus_total - n.used_devices.len() as u64 - devices.len() as u64;
+        // Whole devices left free after this placement: a fraction placed on a device that
+        // is already shared takes none, which keeps whole GPUs for whole-GPU work.
+        let busy = n.used_devices.len() as u64 + n.shared.len() as u64;
+        let gpus_left = gpus_total.saturating_sub(busy + whole_taken);
         score += ppm(gpus_left, gpus_total);
         if r.gpu.is_none() {
             score += cfg.gpu_node_penalty_ppm;
@@ -296,15 +386,51 @@ fn quota_reason(e: &caravel_core::tenant::QuotaExceeded) -> PendingReason {
     }
 }
 
+/// Checks a job's quota. For a job that accepts several GPU models, returns the request
+/// narrowed to the models the quota still allows (`Some`), or `None` when unchanged.
+fn quota_view(
+    tenant: &TenantSnap,
+    r: &TaskResources,
+    times: u64,
+) -> Result<Option<TaskResources>, caravel_core::tenant::QuotaExceeded> {
+    let Some(g) = r.gpu.as_ref().filter(|g| !g.any_of.is_empty()) else {
+        return tenant.quota.check(&tenant.used, r, times).map(|_| None);
+    };
+    let mut first_err = None;
+    let mut ok: Vec<String> = Vec::new();
+    for m in g.models() {
+        match tenant.quota.check_on(&tenant.used, r, Some(m), times) {
+            Ok(()) => ok.push(m.to_string()),
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    if ok.is_empty() {
+        return Err(first_err.expect("at least one model was checked"));
+    }
+    let mut narrowed = r.clone();
+    let gg = narrowed.gpu.as_mut().expect("has a gpu");
+    gg.model = ok.remove(0);
+    gg.any_of = ok;
+    Ok(Some(narrowed))
+}
+
 /// Shape of a request, for remembering within one cycle that it fits nowhere: capacity
 /// only shrinks during a cycle, so a shape that failed once fails again.
-type Shape = (u64, u64, Option<(String, u32)>);
+type Shape = (u64, u64, Option<(Vec<String>, u32, Option<u32>)>);
 
 fn shape(r: &TaskResources) -> Shape {
     (
         r.cpu_milli,
         r.memory_bytes,
-        r.gpu.as_ref().map(|g| (g.model.clone(), g.count)),
+        r.gpu.as_ref().map(|g| {
+            (
+                g.models().iter().map(|m| m.to_string()).collect(),
+                g.count,
+                g.milli,
+            )
+        }),
     )
 }
 
@@ -915,24 +1041,45 @@ impl Scheduler {
                 .and_then(|n| job.max_runtime_ms.map(|m| n + m as i64));
             // Does this job stay at the head of its tenant's queue for another turn?
             let mut again = false;
-            if let Err(e) = tenant.quota.check(
-                &tenant.used,
-                &job.resources,
-                if job.gang {
-                    job.pending.len() as u64
-                } else {
-                    1
-                },
-            ) {
-                plan.pending.insert(job.id, vec![quota_reason(&e)]);
-            } else if let Some(r) = unfit.get(&shape(&job.resources)) {
+            let times = if job.gang {
+                job.pending.len() as u64
+            } else {
+                1
+            };
+            // A job that accepts several GPU models may use those its quota still allows.
+            let view = match quota_view(tenant, &job.resources, times) {
+                Ok(v) => v,
+                Err(e) => {
+                    plan.pending.insert(job.id, vec![quota_reason(&e)]);
+                    let q = queues.get_mut(&tid).expect("queued tenant");
+                    q.pop_front();
+                    if let Some(&(head, _)) = q.front() {
+                        let t = &tenants[&tid];
+                        turns.insert(key(self, t, head, tid));
+                    }
+                    continue;
+                }
+            };
+            let owned;
+            let job: &JobReq = match view {
+                Some(resources) => {
+                    owned = JobReq {
+                        resources,
+                        ..job.clone()
+                    };
+                    &owned
+                }
+                None => job,
+            };
+            if let Some(r) = unfit.get(&shape(&job.resources)) {
                 plan.pending.insert(job.id, vec![r.clone()]);
             } else if job.gang {
                 match self.place_gang(job, end) {
                     Ok(placed) => {
-                        tenant
-                            .used
-                            .add_task(&job.resources, job.pending.len() as u64);
+                        for (ni, devs, _) in &placed {
+                            let model = devs.first().and_then(|d| self.nodes[*ni].model_of(*d));
+                            tenant.used.add_task_on(&job.resources, model, 1);
+                        }
                         for (ni, devs, idx) in placed {
                             plan.placements.push(Placement {
                                 job: job.id,
@@ -956,7 +1103,8 @@ impl Scheduler {
                 match self.place_for(&job.resources, end, false) {
                     Some((ni, devs)) => {
                         self.allocate(ni, &job.resources, &devs);
-                        tenant.used.add_task(&job.resources, 1);
+                        let model = devs.first().and_then(|d| self.nodes[ni].model_of(*d));
+                        tenant.used.add_task_on(&job.resources, model, 1);
                         plan.placements.push(Placement {
                             job: job.id,
                             index: job.pending[k],
@@ -1010,7 +1158,8 @@ pub fn pool_totals(nodes: &[NodeSnap]) -> fair::PoolTotals {
         t.cpu_milli += n.capacity.cpu_milli as f64;
         t.memory_bytes += n.capacity.memory_bytes as f64;
         for d in &n.capacity.devices {
-            *t.gpus.entry(d.model.clone()).or_insert(0.0) += 1.0;
+            // In thousandths, like what tenants hold.
+            *t.gpus.entry(d.model.clone()).or_insert(0.0) += 1000.0;
         }
     }
     t
@@ -1035,9 +1184,10 @@ pub fn fits_when_empty(nodes: &[Capacity], r: &TaskResources) -> bool {
     nodes.iter().any(|c| {
         c.cpu_milli >= r.cpu_milli
             && c.memory_bytes >= r.memory_bytes
-            && r.gpu
-                .as_ref()
-                .is_none_or(|g| c.gpu_count(&g.model) >= g.count)
+            && r.gpu.as_ref().is_none_or(|g| {
+                let need = if g.milli.is_some() { 1 } else { g.count };
+                g.models().iter().any(|m| c.gpu_count(m) >= need)
+            })
     })
 }
 

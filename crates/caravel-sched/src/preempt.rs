@@ -58,10 +58,11 @@ pub fn within_guarantee(g: &Quota, used: &ResourceSum, r: &TaskResources, times:
         .is_none_or(|m| used.memory_bytes + r.memory_bytes * times <= m);
     let gpu = match &r.gpu {
         None => true,
-        Some(q) => {
-            used.gpus.get(&q.model).copied().unwrap_or(0) as u64 + q.count as u64 * times
-                <= g.gpus.get(&q.model).copied().unwrap_or(0) as u64
-        }
+        // Within the guarantee on any model the task accepts.
+        Some(q) => q.models().iter().any(|m| {
+            used.gpu_milli.get(*m).copied().unwrap_or(0) + q.milli_total() * times
+                <= g.gpus.get(*m).copied().unwrap_or(0) as u64 * 1000
+        }),
     };
     cpu && mem && gpu
 }
@@ -94,77 +95,59 @@ fn ineligible(
 struct Room {
     cpu: u64,
     mem: u64,
-    gpus: usize,
+    /// Thousandths in use per device of an acceptable model (1000: held whole).
+    devs: BTreeMap<u32, u32>,
 }
 
 impl Room {
     fn of(n: &NodeSnap, r: &TaskResources) -> Room {
+        let mut devs = BTreeMap::new();
+        if let Some(g) = &r.gpu {
+            let models = g.models();
+            for d in n
+                .capacity
+                .devices
+                .iter()
+                .filter(|d| models.contains(&d.model.as_str()))
+            {
+                let used = if n.used_devices.contains(&d.index) {
+                    1000
+                } else {
+                    n.shared.get(&d.index).copied().unwrap_or(0)
+                };
+                devs.insert(d.index, used);
+            }
+        }
         Room {
             cpu: n.capacity.cpu_milli.saturating_sub(n.used_cpu_milli),
             mem: n.capacity.memory_bytes.saturating_sub(n.used_memory_bytes),
-            gpus: match &r.gpu {
-                None => 0,
-                Some(g) => n
-                    .capacity
-                    .devices
-                    .iter()
-                    .filter(|d| d.model == g.model && !n.used_devices.contains(&d.index))
-                    .count(),
-            },
+            devs,
         }
     }
 
-    fn add(&mut self, n: &NodeSnap, v: &RunningTask, r: &TaskResources) {
+    fn add(&mut self, _n: &NodeSnap, v: &RunningTask, _r: &TaskResources) {
         self.cpu += v.resources.cpu_milli;
         self.mem += v.resources.memory_bytes;
-        if let Some(g) = &r.gpu {
-            self.gpus += v
-                .devices
-                .iter()
-                .filter(|i| {
-                    n.capacity
-                        .devices
-                        .iter()
-                        .any(|d| d.index == **i && d.model == g.model)
-                })
-                .count();
+        let freed = v
+            .resources
+            .gpu
+            .as_ref()
+            .map(|g| g.milli.unwrap_or(1000))
+            .unwrap_or(0);
+        for d in &v.devices {
+            if let Some(used) = self.devs.get_mut(d) {
+                *used = used.saturating_sub(freed);
+            }
         }
     }
 
     fn fits(&self, r: &TaskResources) -> bool {
         self.cpu >= r.cpu_milli
             && self.mem >= r.memory_bytes
-            && r.gpu.as_ref().is_none_or(|g| self.gpus >= g.count as usize)
-    }
-}
-
-#[allow(dead_code)]
-fn fits_after(n: &NodeSnap, freed: &[&RunningTask], r: &TaskResources) -> bool {
-    let cpu = n.capacity.cpu_milli.saturating_sub(n.used_cpu_milli)
-        + freed.iter().map(|v| v.resources.cpu_milli).sum::<u64>();
-    let mem = n.capacity.memory_bytes.saturating_sub(n.used_memory_bytes)
-        + freed.iter().map(|v| v.resources.memory_bytes).sum::<u64>();
-    if cpu < r.cpu_milli || mem < r.memory_bytes {
-        return false;
-    }
-    match &r.gpu {
-        None => true,
-        Some(g) => {
-            let released: BTreeSet<u32> = freed
-                .iter()
-                .flat_map(|v| v.devices.iter().copied())
-                .collect();
-            let free = n
-                .capacity
-                .devices
-                .iter()
-                .filter(|d| {
-                    d.model == g.model
-                        && (!n.used_devices.contains(&d.index) || released.contains(&d.index))
-                })
-                .count();
-            free >= g.count as usize
-        }
+            && r.gpu.as_ref().is_none_or(|g| match g.milli {
+                None => self.devs.values().filter(|u| **u == 0).count() >= g.count as usize,
+                Some(m) => self.devs.values().any(|u| *u + m <= 1000),
+            })
     }
 }
 

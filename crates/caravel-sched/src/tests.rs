@@ -38,10 +38,7 @@ fn job(id: u64, tasks: u32, cpu: u64, gpu: Option<(&str, u32)>, gang: bool) -> J
         resources: TaskResources {
             cpu_milli: cpu,
             memory_bytes: 1 << 30,
-            gpu: gpu.map(|(m, c)| GpuRequest {
-                model: m.into(),
-                count: c,
-            }),
+            gpu: gpu.map(|(m, c)| GpuRequest::whole(m, c)),
         },
         gang,
         pending: (0..tasks).collect(),
@@ -209,7 +206,7 @@ fn arb_world() -> impl Strategy<Value = World> {
         1u32..6,
         1u64..8000,
         1u64..16,
-        0usize..5,
+        0usize..6,
         1u32..5,
         any::<bool>(),
         0u64..3,
@@ -270,13 +267,18 @@ fn arb_world() -> impl Strategy<Value = World> {
                     resources: TaskResources {
                         cpu_milli: cpu,
                         memory_bytes: mem << 30,
-                        gpu: if gm < 3 {
-                            Some(GpuRequest {
-                                model: models[gm].into(),
-                                count: gc,
-                            })
-                        } else {
-                            None
+                        // Whole devices, a fraction of one, or any of two models.
+                        gpu: match gm {
+                            0..=2 => Some(GpuRequest::whole(models[gm], gc)),
+                            3 => Some(GpuRequest {
+                                milli: Some([250, 300, 500, 750][gc as usize % 4]),
+                                ..GpuRequest::whole(models[(i + gc as usize) % 3], 1)
+                            }),
+                            4 => Some(GpuRequest {
+                                any_of: vec![models[(i + 1) % 3].to_string()],
+                                ..GpuRequest::whole(models[i % 3], gc)
+                            }),
+                            _ => None,
                         },
                     },
                     gang,
@@ -310,17 +312,37 @@ proptest! {
         for p in &plan.placements {
             let j = jobs[&p.job];
             let n = fresh.iter_mut().find(|n| n.id == p.node).unwrap();
+            let g = j.resources.gpu.clone();
             for d in &p.devices {
                 let dev = n.capacity.devices.iter().find(|x| x.index == *d).unwrap();
-                prop_assert_eq!(Some(dev.model.as_str()), j.resources.gpu_model());
-                prop_assert!(n.used_devices.insert(*d), "device double-booked");
+                let g = g.as_ref().unwrap();
+                prop_assert!(g.models().contains(&dev.model.as_str()), "wrong model");
+                match g.milli {
+                    None => {
+                        prop_assert!(!n.shared.contains_key(d), "whole device also shared");
+                        prop_assert!(n.used_devices.insert(*d), "device double-booked");
+                    }
+                    Some(m) => {
+                        prop_assert!(!n.used_devices.contains(d), "shared device also held whole");
+                        let u = n.shared.entry(*d).or_insert(0);
+                        *u += m;
+                        prop_assert!(*u <= 1000, "device over-shared: {}", u);
+                    }
+                }
             }
-            prop_assert_eq!(p.devices.len() as u32, j.resources.gpu_count());
+            if let Some(g) = &g {
+                let models: BTreeSet<&str> = p.devices.iter().map(|d| n.model_of(*d).unwrap()).collect();
+                prop_assert_eq!(models.len(), 1, "one task's devices are of one model");
+                prop_assert_eq!(p.devices.len() as u32, if g.milli.is_some() { 1 } else { g.count });
+            } else {
+                prop_assert!(p.devices.is_empty());
+            }
             n.used_cpu_milli += j.resources.cpu_milli;
             n.used_memory_bytes += j.resources.memory_bytes;
             prop_assert!(n.used_cpu_milli <= n.capacity.cpu_milli, "cpu over-committed");
             prop_assert!(n.used_memory_bytes <= n.capacity.memory_bytes, "memory over-committed");
-            per_tenant.entry(j.tenant).or_default().add_task(&j.resources, 1);
+            let model = p.devices.first().and_then(|d| n.model_of(*d)).map(str::to_string);
+            per_tenant.entry(j.tenant).or_default().add_task_on(&j.resources, model.as_deref(), 1);
             *per_job.entry(p.job).or_default() += 1;
         }
         // Gangs all-or-nothing; every job either fully placed or explained.
@@ -1105,4 +1127,95 @@ proptest! {
         // Victims named in the arrival step, gone in the next (grace), placed in that cycle.
         prop_assert!(s <= at + 1, "owner arrived at step {} but started at step {}", at, s);
     }
+}
+
+// ---- fractional GPUs and several models ----
+
+fn frac(id: u64, model: &str, milli: u32) -> JobReq {
+    let mut j = job(id, 1, 100, None, false);
+    j.resources.gpu = Some(GpuRequest {
+        milli: Some(milli),
+        ..GpuRequest::whole(model, 1)
+    });
+    j
+}
+
+#[test]
+fn fractions_pack_onto_shared_gpus_and_keep_whole_gpus_free() {
+    let mut s = Scheduler::new(
+        Config::default(),
+        vec![gpu_node(1, "T4", 2), gpu_node(2, "T4", 2)],
+    );
+    let mut t = HashMap::new();
+    let quarters: Vec<JobReq> = (0..4).map(|i| frac(i, "T4", 250)).collect();
+    let plan = s.schedule(&mut t, &quarters);
+    assert_eq!(plan.placements.len(), 4);
+    let used: BTreeSet<(NodeId, u32)> = plan
+        .placements
+        .iter()
+        .map(|p| (p.node, p.devices[0]))
+        .collect();
+    assert_eq!(used.len(), 1, "four quarters share one GPU: {used:?}");
+    // Three whole GPUs stay free: a 2-GPU task fits on the untouched node and a 1-GPU
+    // task beside the shared one.
+    let plan = s.schedule(
+        &mut t,
+        &[
+            job(10, 1, 100, Some(("T4", 2)), false),
+            job(11, 1, 100, Some(("T4", 1)), false),
+        ],
+    );
+    assert_eq!(plan.placements.len(), 2, "{plan:?}");
+    // A fifth quarter finds no shared room left and no whole device: it waits.
+    let plan = s.schedule(&mut t, &[frac(12, "T4", 250)]);
+    assert!(plan.placements.is_empty());
+}
+
+#[test]
+fn a_job_that_accepts_several_models_takes_the_next_when_the_first_is_full_or_over_quota() {
+    let mut s = Scheduler::new(
+        Config::default(),
+        vec![gpu_node(1, "H100", 1), gpu_node(2, "A100", 2)],
+    );
+    let mut any = job(1, 2, 100, Some(("H100", 1)), false);
+    any.resources.gpu.as_mut().unwrap().any_of = vec!["A100".into()];
+    let plan = s.schedule(&mut HashMap::new(), &[any.clone()]);
+    let models: Vec<&str> = plan
+        .placements
+        .iter()
+        .map(|p| {
+            s.nodes()
+                .iter()
+                .find(|n| n.id == p.node)
+                .unwrap()
+                .model_of(p.devices[0])
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        models,
+        vec!["H100", "A100"],
+        "preferred model first, then the next"
+    );
+    // With no H100 quota the same request goes to A100 only.
+    let mut s = Scheduler::new(
+        Config::default(),
+        vec![gpu_node(1, "H100", 1), gpu_node(2, "A100", 2)],
+    );
+    let mut t = HashMap::new();
+    t.insert(
+        TenantId(1),
+        TenantSnap {
+            quota: Quota::parse("gpu/H100=0").unwrap(),
+            ..Default::default()
+        },
+    );
+    let plan = s.schedule(&mut t, &[any]);
+    assert_eq!(plan.placements.len(), 2);
+    assert!(plan.placements.iter().all(|p| p.node == NodeId(2)));
+    assert_eq!(
+        t[&TenantId(1)].used.gpu_milli["A100"],
+        2000,
+        "accounted to the model it got"
+    );
 }

@@ -519,6 +519,7 @@ pub async fn list_nodes(
                 allocated_cpu_milli: e.alloc.cpu_milli,
                 allocated_memory_bytes: e.alloc.memory_bytes,
                 allocated_devices: e.alloc.devices.iter().copied().collect(),
+                shared_devices: e.alloc.shared.clone(),
                 running_tasks: e.alloc.runs.len() as u32,
                 last_seen_ms: e.node.last_seen_ms,
             })

@@ -17,7 +17,10 @@ pub const DEFAULT_TENANT: &str = "default";
 pub struct NodeAlloc {
     pub cpu_milli: u64,
     pub memory_bytes: u64,
+    /// Devices held whole.
     pub devices: BTreeSet<u32>,
+    /// Devices shared by fractional requests: index -> thousandths in use.
+    pub shared: BTreeMap<u32, u32>,
     pub runs: BTreeSet<RunId>,
 }
 
@@ -334,7 +337,11 @@ impl Core {
                 .map(|n| n.node.capacity.clone())
                 .collect();
             if let Some(g) = &spec.resources.gpu {
-                if !caps.iter().any(|c| c.gpu_count(&g.model) > 0) {
+                if !g
+                    .models()
+                    .iter()
+                    .any(|m| caps.iter().any(|c| c.gpu_count(m) > 0))
+                {
                     let mut offered: BTreeSet<String> = BTreeSet::new();
                     for c in &caps {
                         offered.extend(c.gpu_models().into_keys());
@@ -345,7 +352,7 @@ impl Core {
                         "resources.gpu.model",
                         format!(
                             "no node offers gpu model `{}` (offered: {})",
-                            g.model,
+                            g.models().join("` or `"),
                             if offered.is_empty() {
                                 "none".to_string()
                             } else {
@@ -364,16 +371,37 @@ impl Core {
             }
         }
         let all_at_once = if spec.gang { spec.tasks as u64 } else { 1 };
-        if let Err(e) = t
-            .quota
-            .check(&ResourceSum::default(), &spec.resources, all_at_once)
+        // With several acceptable models the job is fine if one of them could hold it.
+        let models: Vec<Option<&str>> = match &spec.resources.gpu {
+            Some(g) => g.models().into_iter().map(Some).collect(),
+            None => vec![None],
+        };
+        let mut refusals = models.iter().map(|m| {
+            t.quota
+                .check_on(&ResourceSum::default(), &spec.resources, *m, all_at_once)
+        });
+        if let Some(Err(e)) = refusals
+            .clone()
+            .all(|c| c.is_err())
+            .then(|| refusals.next())
+            .flatten()
         {
+            let unit = |v: u64| {
+                if e.resource.starts_with("gpu/") {
+                    format!("{}", v as f64 / 1000.0)
+                } else {
+                    v.to_string()
+                }
+            };
             return Err(ApiError::field(
                 ErrorCode::ExceedsQuota,
                 "resources",
                 format!(
                     "tenant `{}` may hold at most {} of {}, this job needs {} at once",
-                    t.name, e.limit, e.resource, e.asked
+                    t.name,
+                    unit(e.limit),
+                    e.resource,
+                    unit(e.asked)
                 ),
             ));
         }
@@ -620,6 +648,7 @@ impl Core {
                 used_cpu_milli: e.alloc.cpu_milli,
                 used_memory_bytes: e.alloc.memory_bytes,
                 used_devices: e.alloc.devices.clone(),
+                shared: e.alloc.shared.clone(),
                 topology: e.node.topology.clone(),
             })
             .collect();
@@ -665,7 +694,15 @@ impl Core {
                 if let Some(n) = snaps.iter_mut().find(|n| n.id == *node) {
                     n.used_cpu_milli += res.cpu_milli;
                     n.used_memory_bytes += res.memory_bytes;
-                    n.used_devices.extend(devs.iter().copied());
+                    match res.gpu.as_ref().and_then(|g| g.milli) {
+                        Some(m) => {
+                            for d in devs {
+                                let u = n.shared.entry(*d).or_insert(0);
+                                *u = (*u + m).min(1000);
+                            }
+                        }
+                        None => n.used_devices.extend(devs.iter().copied()),
+                    }
                 }
             }
         }
@@ -805,7 +842,16 @@ impl Core {
                 attempt: t.attempts,
                 node: p.node,
                 devices: p.devices.clone(),
-                gpu_model: j.rec.spec.resources.gpu.as_ref().map(|g| g.model.clone()),
+                // The model placement chose (a job may accept several).
+                gpu_model: p.devices.first().and_then(|d| {
+                    self.nodes[&p.node]
+                        .node
+                        .capacity
+                        .devices
+                        .iter()
+                        .find(|x| x.index == *d)
+                        .map(|x| x.model.clone())
+                }),
                 local_rank,
                 local_world_size: per_job_node[&(p.job, p.node)],
                 borrowed: borrowed.get(&(p.job, p.index)).copied().unwrap_or(true),
@@ -874,13 +920,20 @@ impl Core {
         if let Some(n) = self.nodes.get_mut(&r.node) {
             n.alloc.cpu_milli += res.cpu_milli;
             n.alloc.memory_bytes += res.memory_bytes;
-            n.alloc.devices.extend(r.devices.iter().copied());
+            match res.gpu.as_ref().and_then(|g| g.milli) {
+                Some(m) => {
+                    for d in &r.devices {
+                        *n.alloc.shared.entry(*d).or_insert(0) += m;
+                    }
+                }
+                None => n.alloc.devices.extend(r.devices.iter().copied()),
+            }
             n.alloc.runs.insert(r.id);
         }
         self.tenant_used
             .entry(r.tenant)
             .or_default()
-            .add_task(&res, 1);
+            .add_task_on(&res, r.gpu_model.as_deref(), 1);
     }
 
     fn give_alloc(&mut self, r: &RunRecord) {
@@ -888,13 +941,27 @@ impl Core {
         if let Some(n) = self.nodes.get_mut(&r.node) {
             n.alloc.cpu_milli = n.alloc.cpu_milli.saturating_sub(res.cpu_milli);
             n.alloc.memory_bytes = n.alloc.memory_bytes.saturating_sub(res.memory_bytes);
-            for d in &r.devices {
-                n.alloc.devices.remove(d);
+            match res.gpu.as_ref().and_then(|g| g.milli) {
+                Some(m) => {
+                    for d in &r.devices {
+                        if let Some(u) = n.alloc.shared.get_mut(d) {
+                            *u = u.saturating_sub(m);
+                            if *u == 0 {
+                                n.alloc.shared.remove(d);
+                            }
+                        }
+                    }
+                }
+                None => {
+                    for d in &r.devices {
+                        n.alloc.devices.remove(d);
+                    }
+                }
             }
             n.alloc.runs.remove(&r.id);
         }
         if let Some(u) = self.tenant_used.get_mut(&r.tenant) {
-            u.sub_task(&res, 1);
+            u.sub_task_on(&res, r.gpu_model.as_deref(), 1);
         }
     }
 
@@ -918,6 +985,7 @@ impl Core {
             memory_bytes: res.memory_bytes,
             gpu_model: r.gpu_model.clone(),
             gpu_count: r.devices.len() as u32,
+            gpu_milli: res.gpu_milli(),
         }
     }
 
@@ -1202,6 +1270,10 @@ impl Core {
                 .collect::<Vec<_>>()
                 .join(","),
         );
+        if let Some(m) = s.resources.gpu.as_ref().and_then(|g| g.milli) {
+            // The device is shared: the task gets this many thousandths of it.
+            env.insert("CARAVEL_GPU_MILLI".into(), m.to_string());
+        }
         if s.gang {
             env.insert("RANK".into(), r.index.to_string());
             env.insert("WORLD_SIZE".into(), s.tasks.to_string());

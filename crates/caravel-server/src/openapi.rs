@@ -54,7 +54,7 @@ pub fn document() -> Value {
                 "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "object", "required": ["code", "message"], "properties": {
                     "code": {"type": "string", "enum": ["invalid_argument", "malformed_request", "unauthenticated", "permission_denied", "not_found", "conflict", "unschedulable", "exceeds_quota", "unavailable", "internal"]},
                     "message": {"type": "string"}, "field": {"type": "string"}}}}},
-                "GpuRequest": {"type": "object", "additionalProperties": false, "required": ["model", "count"], "properties": {"model": {"type": "string"}, "count": {"type": "integer", "minimum": 1}}},
+                "GpuRequest": {"type": "object", "additionalProperties": false, "required": ["model"], "properties": {"model": {"type": "string"}, "any_of": {"type": "array", "items": {"type": "string"}, "description": "other acceptable models, in order"}, "count": {"type": "integer", "minimum": 1, "default": 1}, "milli": {"type": "integer", "minimum": 1, "maximum": 999, "description": "a share of one device in thousandths; count must be 1"}}},
                 "TaskResources": {"type": "object", "additionalProperties": false, "properties": {
                     "cpu_milli": {"type": "integer", "minimum": 1, "default": 1000},
                     "memory_bytes": {"type": "integer", "minimum": 1, "default": 536870912},

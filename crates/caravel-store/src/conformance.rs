@@ -116,6 +116,7 @@ pub fn usage(run: u64, job: u64) -> UsageRecord {
         memory_bytes: 1 << 20,
         gpu_model: None,
         gpu_count: 0,
+        gpu_milli: 0,
     }
 }
 

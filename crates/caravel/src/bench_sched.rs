@@ -71,10 +71,7 @@ fn res(cpu_milli: u64, mem: u64, gpu: Option<(&str, u32)>) -> TaskResources {
     TaskResources {
         cpu_milli,
         memory_bytes: mem,
-        gpu: gpu.map(|(m, c)| GpuRequest {
-            model: m.into(),
-            count: c,
-        }),
+        gpu: gpu.map(|(m, c)| GpuRequest::whole(m, c)),
     }
 }
 
@@ -273,15 +270,18 @@ fn fairshare_1k(rng: &mut Rng) -> Result<i32> {
     let pool = PoolTotals {
         cpu_milli: 6.4e9,
         memory_bytes: 2.5e16,
-        gpus: models.iter().map(|m| (m.to_string(), 80_000.0)).collect(),
+        gpus: models
+            .iter()
+            .map(|m| (m.to_string(), 80_000_000.0))
+            .collect(),
     };
     let held: Vec<ResourceSum> = (0..1000)
         .map(|_| ResourceSum {
             cpu_milli: rng.below(8_000_000),
             memory_bytes: rng.below(32 << 40),
-            gpus: models
+            gpu_milli: models
                 .iter()
-                .map(|m| (m.to_string(), rng.below(400) as u32))
+                .map(|m| (m.to_string(), rng.below(400) * 1000))
                 .collect(),
         })
         .collect();

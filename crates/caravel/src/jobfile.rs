@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{anyhow, Result};
 use caravel_core::quantity::{parse_bytes, parse_cpu_milli, parse_duration_ms};
-use caravel_core::{parse_gpu_list, GpuRequest, JobSpec, Priority, TaskResources};
+use caravel_core::{GpuRequest, JobSpec, Priority, TaskResources};
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -55,17 +55,9 @@ pub struct JobFile {
     pub min_runtime: Option<String>,
 }
 
+/// `H100:2`, `H100:0.25`, `H100|A100:1`.
 pub fn gpu_request(s: &str, field: &str) -> Result<GpuRequest> {
-    let l = parse_gpu_list(s).map_err(|e| anyhow!("{field}: {e}"))?;
-    match l.as_slice() {
-        [(m, c)] => Ok(GpuRequest {
-            model: m.clone(),
-            count: *c,
-        }),
-        _ => Err(anyhow!(
-            "{field}: give exactly one MODEL:COUNT, e.g. H100:1"
-        )),
-    }
+    caravel_core::parse_gpu_request(s).map_err(|e| anyhow!("{field}: {e}"))
 }
 
 impl JobFile {

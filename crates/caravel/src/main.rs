@@ -498,7 +498,11 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
                 let gpus = if g.is_empty() {
                     "-".into()
                 } else {
-                    let used = n.allocated_devices.len();
+                    let used = n.allocated_devices.len() as f64
+                        + n.shared_devices
+                            .values()
+                            .map(|m| *m as f64 / 1000.0)
+                            .sum::<f64>();
                     let desc: Vec<String> = g.iter().map(|(m, c)| format!("{m}:{c}")).collect();
                     format!("{used}/{} ({})", n.capacity.devices.len(), desc.join(","))
                 };

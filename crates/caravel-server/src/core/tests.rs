@@ -299,10 +299,7 @@ fn restart_reloads_everything_and_readopts_runs() {
     let n = f.core.register(reg("a", 4, 2), 0).unwrap();
     let t = default_tenant(&f.core);
     let mut spec = JobSpec::simple("sleep", &["100"]);
-    spec.resources.gpu = Some(GpuRequest {
-        model: "H100".into(),
-        count: 2,
-    });
+    spec.resources.gpu = Some(GpuRequest::whole("H100", 2));
     let j = f.core.submit(t, spec, 0).unwrap();
     let j2 = f.core.submit(t, JobSpec::simple("x", &[]), 0).unwrap();
     f.core.schedule(1).unwrap();
@@ -345,10 +342,7 @@ fn submit_rejects_what_can_never_run() {
     c.register(reg("a", 4, 0), 0).unwrap();
     let t = default_tenant(c);
     let mut spec = JobSpec::simple("x", &[]);
-    spec.resources.gpu = Some(GpuRequest {
-        model: "Z9".into(),
-        count: 1,
-    });
+    spec.resources.gpu = Some(GpuRequest::whole("Z9", 1));
     let e = c.submit(t, spec, 0).unwrap_err();
     assert_eq!(e.code, ErrorCode::Unschedulable);
     assert_eq!(e.field.as_deref(), Some("resources.gpu.model"));

@@ -377,3 +377,67 @@ fn an_owner_reclaims_its_guarantee_from_a_borrower_by_preemption() {
     p.post(&p.admin, &format!("/v1/jobs/{b}/cancel"), &json!({}))
         .unwrap();
 }
+
+#[test]
+fn fractional_gpus_share_a_device_and_jobs_may_accept_several_models() {
+    let p = Pool::new("frac", &[("a", &["--cpus", "4", "--gpus", "T4:2"])]);
+    let out = p.cli(&[
+        "submit",
+        "-n",
+        "4",
+        "--cpus",
+        "500m",
+        "--gpus",
+        "T4:0.25",
+        "--",
+        "sh",
+        "-c",
+        "echo dev=$CUDA_VISIBLE_DEVICES milli=$CARAVEL_GPU_MILLI; sleep 1",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let id: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    // All four quarters run at once, packed onto one device.
+    let j = wait_for("four quarters running", Duration::from_secs(20), || {
+        let j = p.job(&p.admin, id);
+        (j["tasks_running"] == 4).then_some(j)
+    });
+    let nodes = p.get(&p.admin, "/v1/nodes").unwrap();
+    let shared = &nodes[0]["shared_devices"];
+    assert_eq!(shared.as_object().unwrap().len(), 1, "{nodes}");
+    assert!(
+        nodes[0]["allocated_devices"].as_array().unwrap().is_empty(),
+        "the other T4 stays whole"
+    );
+    let j2 = p.wait_state(id, &["succeeded", "failed"], Duration::from_secs(20));
+    assert_eq!(j2["state"], "succeeded", "{j} {j2}");
+    let dev = p.logs(id, 0, "stdout");
+    for t in 1..4 {
+        assert_eq!(p.logs(id, t, "stdout"), dev, "same device, same share");
+    }
+    assert!(dev.ends_with("milli=250\n"), "{dev}");
+    // Metering counts a quarter of a device.
+    let u = p.get(&p.admin, &format!("/v1/usage?job={id}")).unwrap();
+    let row = &u["by_job"][0];
+    let wall = row["wall_ms"].as_u64().unwrap();
+    let gpu = row["gpu_ms"]["T4"].as_u64().unwrap();
+    // Each run's share is rounded down to the millisecond on its own.
+    assert!((wall / 4).abs_diff(gpu) <= 4, "{row}");
+    assert!(wall >= 4000, "{row}");
+    // A job that prefers H100 but accepts T4 runs on the T4 this pool has.
+    let out = p.cli(&[
+        "submit",
+        "--wait",
+        "--gpus",
+        "H100|T4:1",
+        "--",
+        "sh",
+        "-c",
+        "echo on $CUDA_VISIBLE_DEVICES",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let out = p.cli(&["submit", "--gpus", "T4:1.5", "--", "true"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("a fraction must be less than one device"),
+        "{out:?}"
+    );
+}
