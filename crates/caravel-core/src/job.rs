@@ -186,7 +186,13 @@ impl JobSpec {
                 format!("must be at most {MAX_RETRIES}"),
             ));
         }
-        if self.gang && self.resources.gpu.as_ref().is_some_and(|g| !g.any_of.is_empty()) {
+        if self.gang
+            && self
+                .resources
+                .gpu
+                .as_ref()
+                .is_some_and(|g| !g.any_of.is_empty())
+        {
             return Err(ValidationError::new(
                 "resources.gpu.any_of",
                 "a gang runs on one GPU model: name exactly one",

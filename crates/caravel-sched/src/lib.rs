@@ -247,7 +247,7 @@ impl Default for Config {
 
 /// Why one node refused one task. Ordered cheapest check first.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-enum Lack {
+pub(crate) enum Lack {
     NotReady,
     GpuModel(String),
     Gpus(String),
@@ -269,7 +269,7 @@ impl Lack {
 
 /// Checks one node for one task; on success returns the devices it would get and a
 /// best-fit score (lower is tighter).
-fn fit(cfg: &Config, n: &NodeSnap, r: &TaskResources) -> Result<(u64, Vec<u32>), Lack> {
+pub(crate) fn fit(cfg: &Config, n: &NodeSnap, r: &TaskResources) -> Result<(u64, Vec<u32>), Lack> {
     if !n.ready {
         return Err(Lack::NotReady);
     }
@@ -880,7 +880,7 @@ impl Scheduler {
             .filter(|j| {
                 plan.pending.get(&j.id).is_some_and(|r| {
                     r.iter()
-                        .any(|r| matches!(r.code.as_str(), "no_fit" | "gang"))
+                        .any(|r| matches!(r.code.as_str(), "no_fit" | "gang" | "quota"))
                 })
             })
             .collect();
@@ -894,7 +894,23 @@ impl Scheduler {
             let remaining = job.pending.len() - placed.get(&job.id).copied().unwrap_or(0);
             let mut victims = Vec::new();
             let mut why = None;
-            if job.gang {
+            let at_cap = plan.pending[&job.id].iter().any(|r| r.code == "quota");
+            if at_cap {
+                // Within a tenant at its cap, higher priority displaces its own lower
+                // priority work.
+                let times = if job.gang {
+                    job.pending.len() as u64
+                } else {
+                    remaining as u64
+                };
+                match pass.try_own(job, t, times) {
+                    Ok(v) => {
+                        t.used.add_task(&job.resources, times);
+                        victims = v;
+                    }
+                    Err(e) => why = Some(e),
+                }
+            } else if job.gang {
                 match pass.try_job(job, t) {
                     Ok(v) => {
                         t.used.add_task(&job.resources, job.pending.len() as u64);

@@ -213,6 +213,75 @@ impl<'a> Pass<'a> {
         self.scratch.entry(i).or_insert_with(|| nodes[i].clone())
     }
 
+    /// For a job its own tenant's cap blocks: victims among the tenant's running tasks of
+    /// lower priority (spot first, then the most recently started), enough to bring `times`
+    /// tasks of the job within the cap, and only if the job then also fits somewhere.
+    pub(crate) fn try_own(
+        &mut self,
+        job: &JobReq,
+        tenant: &TenantSnap,
+        times: u64,
+    ) -> Result<Vec<RunId>, String> {
+        let mut cands: Vec<(usize, &RunningTask)> = self
+            .by_node
+            .iter()
+            .flat_map(|(i, ts)| ts.iter().map(move |t| (*i, t)))
+            .filter(|(_, t)| {
+                t.tenant == job.tenant
+                    && t.priority.rank() > job.priority.rank()
+                    && !self.taken.contains(&t.run)
+                    && self.now - t.started_ms >= t.min_runtime_ms as i64
+            })
+            .collect();
+        cands.sort_by_key(|(_, t)| {
+            (
+                std::cmp::Reverse(t.priority.rank()),
+                std::cmp::Reverse(t.started_ms),
+                t.run,
+            )
+        });
+        let mut used = tenant.used.clone();
+        let mut chosen: Vec<(usize, &RunningTask)> = Vec::new();
+        for c in cands {
+            if tenant.quota.check(&used, &job.resources, times).is_ok() {
+                break;
+            }
+            let model = c.1.resources.gpu.as_ref().map(|g| g.model.clone());
+            used.sub_task_on(&c.1.resources, model.as_deref(), 1);
+            chosen.push(c);
+        }
+        if chosen.is_empty() || tenant.quota.check(&used, &job.resources, times).is_err() {
+            return Err(
+                "the tenant is at its quota and has no lower-priority work to preempt".into(),
+            );
+        }
+        let saved = (self.scratch.clone(), self.taken.clone());
+        for (i, v) in &chosen {
+            self.node_mut(*i).release(&v.resources, &v.devices);
+        }
+        // Every task must now find room.
+        for _ in 0..times {
+            let cfg = crate::Config::default();
+            let spot = (0..self.nodes.len()).find_map(|i| {
+                crate::fit(&cfg, self.node(i), &job.resources)
+                    .ok()
+                    .map(|(_, d)| (i, d))
+            });
+            match spot {
+                Some((i, devs)) => self.node_mut(i).allocate(&job.resources, &devs),
+                None => {
+                    (self.scratch, self.taken) = saved;
+                    return Err(
+                        "preempting the tenant's lower-priority work would not make room".into(),
+                    );
+                }
+            }
+        }
+        let runs: Vec<RunId> = chosen.iter().map(|(_, v)| v.run).collect();
+        self.taken.extend(runs.iter().copied());
+        Ok(runs)
+    }
+
     /// Chooses victims for every pending task of `job`, all or nothing. Returns the
     /// victims, or why none would do. Only nodes with running tasks are looked at: a node
     /// without any that has no room cannot be helped by preempting.

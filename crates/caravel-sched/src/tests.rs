@@ -1219,3 +1219,41 @@ fn a_job_that_accepts_several_models_takes_the_next_when_the_first_is_full_or_ov
         "accounted to the model it got"
     );
 }
+
+#[test]
+fn within_a_tenant_at_its_cap_higher_priority_displaces_lower() {
+    // Tenant 1 holds its whole 4-CPU cap with batch work; its online job needs 2 CPUs.
+    let mut run: Vec<RunningTask> = (0..4)
+        .map(|i| running(i, 1, 1, Priority::Batch, 100 * i as i64, false))
+        .collect();
+    run[0].priority = Priority::Spot;
+    let mut s = Scheduler::new(Config::default(), vec![busy_node(&run), cpu_node(2, 8, 64)]);
+    let mut t = HashMap::new();
+    let mut used = ResourceSum::default();
+    for r in &run {
+        used.add_task(&r.resources, 1);
+    }
+    t.insert(
+        TenantId(1),
+        TenantSnap {
+            quota: Quota::parse("cpu=4").unwrap(),
+            used,
+            ..Default::default()
+        },
+    );
+    let mut online = tjob(9, 1, 2, 1000, 1);
+    online.priority = Priority::Online;
+    let plan = s.schedule_with(10_000, &run, &mut t, std::slice::from_ref(&online));
+    assert_eq!(
+        victims(&plan),
+        vec![0, 3],
+        "its spot task first, then its most recent batch task"
+    );
+    // Batch work of the same priority is never displaced by batch.
+    let batch = tjob(10, 1, 1, 1000, 1);
+    let plan = s.schedule_with(10_000, &run, &mut t, &[batch]);
+    assert!(
+        plan.preemptions.iter().all(|p| p.run.0 == 0),
+        "only the spot task may go: {plan:?}"
+    );
+}
