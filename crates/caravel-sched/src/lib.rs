@@ -1163,8 +1163,81 @@ impl Scheduler {
                 turns.insert(key(self, t, head, tid));
             }
         }
+        self.explain_fair_share(&mut plan, tenants, jobs);
         plan
     }
+
+    /// Where capacity ran out, says how the job's tenant stood in the fair-share order, so a
+    /// user can tell "the pool is full" from "others are entitled to go first".
+    fn explain_fair_share(
+        &self,
+        plan: &mut Plan,
+        tenants: &HashMap<TenantId, TenantSnap>,
+        jobs: &[JobReq],
+    ) {
+        if plan.pending.is_empty() {
+            return;
+        }
+        let tenant_of: HashMap<JobId, TenantId> = jobs.iter().map(|j| (j.id, j.tenant)).collect();
+        let waiting: BTreeSet<TenantId> = plan
+            .pending
+            .keys()
+            .chain(plan.placements.iter().map(|p| &p.job))
+            .filter_map(|id| tenant_of.get(id).copied())
+            .collect();
+        if waiting.len() < 2 {
+            return;
+        }
+        let share = |t: &TenantId| {
+            tenants
+                .get(t)
+                .map(|s| fair::dominant_share(&s.used, &s.history, &self.totals, s.weight))
+                .unwrap_or(0.0)
+        };
+        let mut order: Vec<(u64, TenantId)> = waiting
+            .iter()
+            .map(|t| (fair::share_key(share(t)), *t))
+            .collect();
+        order.sort();
+        for j in jobs {
+            let Some(reasons) = plan.pending.get_mut(&j.id) else {
+                continue;
+            };
+            if !reasons
+                .iter()
+                .any(|r| matches!(r.code.as_str(), "no_fit" | "gang"))
+            {
+                continue;
+            }
+            let rank = order.iter().position(|(_, t)| *t == j.tenant).unwrap_or(0) + 1;
+            let ppm = order[rank - 1].0 / 1000;
+            let mut counts = BTreeMap::new();
+            counts.insert("share_ppm".to_string(), ppm);
+            counts.insert("rank".to_string(), rank as u64);
+            counts.insert("tenants".to_string(), order.len() as u64);
+            reasons.push(PendingReason {
+                code: "fair_share".into(),
+                message: format!(
+                    "fair share: this tenant's weighted dominant share is {:.3}, {} of {} tenants with work here (lowest goes first)",
+                    ppm as f64 / 1e6,
+                    ordinal(rank),
+                    order.len()
+                ),
+                counts,
+            });
+        }
+    }
+}
+
+fn ordinal(n: usize) -> String {
+    let suffix = match (n % 10, n % 100) {
+        (1, 11) | (2, 12) | (3, 13) => "th",
+        (1, _) => "st",
+        (2, _) => "nd",
+        (3, _) => "rd",
+        _ => "th",
+    };
+    format!("{n}{suffix}")
 }
 
 /// What the ready nodes offer in total: the denominators of dominant shares.

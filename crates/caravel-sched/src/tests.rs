@@ -1257,3 +1257,24 @@ fn within_a_tenant_at_its_cap_higher_priority_displaces_lower() {
         "only the spot task may go: {plan:?}"
     );
 }
+
+#[test]
+fn a_job_squeezed_out_by_fair_share_says_where_its_tenant_stands() {
+    let mut s = Scheduler::new(Config::default(), vec![cpu_node(1, 4, 100)]);
+    let jobs = vec![tjob(1, 1, 4, 1000, 1), tjob(2, 2, 4, 1000, 1)];
+    let plan = s.schedule(&mut HashMap::new(), &jobs);
+    let r = plan.pending[&JobId(1)]
+        .iter()
+        .find(|r| r.code == "fair_share")
+        .expect("a fair-share reason");
+    assert_eq!(r.counts["tenants"], 2);
+    assert!(
+        r.message
+            .starts_with("fair share: this tenant's weighted dominant share is 0.500"),
+        "{}",
+        r.message
+    );
+    assert_eq!(ordinal(1), "1st");
+    assert_eq!(ordinal(12), "12th");
+    assert_eq!(ordinal(23), "23rd");
+}
