@@ -157,6 +157,9 @@ pub struct UsageTotals {
     pub memory_byte_ms: u128,
     #[serde(default)]
     pub gpu_ms: BTreeMap<String, u128>,
+    /// Wall milliseconds of runs per priority class (spot is billed cheaper).
+    #[serde(default)]
+    pub wall_ms_by_priority: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

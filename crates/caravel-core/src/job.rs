@@ -409,6 +409,9 @@ pub struct UsageRecord {
     /// Thousandths of a device held: 250 for a quarter GPU, 2000 for two GPUs.
     #[serde(default)]
     pub gpu_milli: u64,
+    /// The job's priority class, so spot can be billed cheaper.
+    #[serde(default)]
+    pub priority: Priority,
 }
 
 impl UsageRecord {
@@ -491,6 +494,7 @@ mod tests {
             gpu_model: None,
             gpu_count: 0,
             gpu_milli: 0,
+            priority: Priority::Spot,
         };
         assert_eq!(u.memory_byte_ms(), (1u128 << 50) * 365 * 86_400_000);
     }

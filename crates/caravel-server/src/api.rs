@@ -614,6 +614,9 @@ pub async fn usage(
         ] {
             t.runs += 1;
             t.wall_ms += u.duration_ms();
+            *t.wall_ms_by_priority
+                .entry(u.priority.as_str().to_string())
+                .or_insert(0) += u.duration_ms();
             t.cpu_milli_ms += u.cpu_milli_ms();
             t.memory_byte_ms += u.memory_byte_ms();
             if let Some(m) = &u.gpu_model {

@@ -986,6 +986,7 @@ impl Core {
             gpu_model: r.gpu_model.clone(),
             gpu_count: r.devices.len() as u32,
             gpu_milli: res.gpu_milli(),
+            priority: self.spec_of(r.job).priority,
         }
     }
 

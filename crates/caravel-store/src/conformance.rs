@@ -117,6 +117,7 @@ pub fn usage(run: u64, job: u64) -> UsageRecord {
         gpu_model: None,
         gpu_count: 0,
         gpu_milli: 0,
+        priority: Priority::Batch,
     }
 }
 

@@ -303,6 +303,11 @@ fn quota_caps_hold_jobs_with_a_reason_and_usage_is_reported() {
     );
     assert!(wall >= 4000, "{wall}");
     assert_eq!(row["cpu_milli_ms"].as_u64().unwrap(), 500 * wall);
+    assert_eq!(
+        row["wall_ms_by_priority"]["batch"].as_u64(),
+        Some(wall),
+        "{row}"
+    );
     let out = p.cli(&["usage"]);
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(
