@@ -924,8 +924,11 @@ proptest! {
             .enumerate()
             .map(|(i, (cpus, rt, t))| with_runtime(tjob(i as u64, *t, 1, cpus * 1000, 1), rt.map(|s| s * 1000)))
             .collect();
-        let mut s = Scheduler::new(Config::default(), nodes);
+        let mut s = Scheduler::new(Config::default(), nodes.clone());
         let plan = s.schedule_with(0, &running_tasks, &mut HashMap::new(), &reqs);
+        // Determinism, with reservations and preemption in play.
+        let mut again = Scheduler::new(Config::default(), nodes);
+        prop_assert_eq!(&again.schedule_with(0, &running_tasks, &mut HashMap::new(), &reqs), &plan);
         if let Some((rj, at, rnodes)) = &plan.reservation {
             prop_assert!(!plan.placements.iter().any(|p| p.job == *rj));
             let mut after: Vec<NodeSnap> = s.nodes().to_vec();
