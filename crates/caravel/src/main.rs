@@ -5,6 +5,7 @@ mod bench;
 mod bench_sched;
 mod client;
 mod jobfile;
+mod sim;
 mod table;
 
 use std::collections::BTreeMap;
@@ -127,6 +128,11 @@ enum Cmd {
         job: Option<u64>,
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
+    },
+    /// Replay public traces through the scheduler.
+    Sim {
+        #[command(subcommand)]
+        cmd: sim::SimCmd,
     },
     /// Benchmarks that print figures.
     Bench {
@@ -649,6 +655,7 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
             Ok(0)
         }
         Cmd::Bench { cmd } => bench::run(cmd).await,
+        Cmd::Sim { cmd } => sim::run(cmd),
     }
 }
 

@@ -1,0 +1,19 @@
+//! Trace-driven simulation of the Caravel scheduler.
+//!
+//! Reads public cluster traces and replays them through the production `caravel-sched`
+//! crate, unchanged, under a virtual clock: no simulator-only scheduling code paths. This
+//! crate must never touch the network, read a wall clock inside an experiment, or depend on
+//! the server.
+
+pub mod fgd;
+pub mod openb;
+pub mod rng;
+
+/// A malformed trace row: where and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}: {reason}")]
+pub struct TraceError {
+    pub file: String,
+    pub line: usize,
+    pub reason: String,
+}
