@@ -99,7 +99,10 @@ impl Index {
     }
 
     /// Candidate node indices for `r`, tightest first. CPU-only work tries CPU-only nodes
-    /// before GPU nodes, so GPUs stay reachable for GPU work.
+    /// before GPU nodes, so GPUs stay reachable for GPU work; on GPU nodes it goes to the
+    /// node with the most CPU free (worst fit), so no GPU node runs out of CPU while its
+    /// GPUs sit idle (on the openb trace this lifted allocation at 100 % arrived load from
+    /// 86.7 % to 91.2 %, see docs/simulator.md).
     pub(crate) fn candidates<'a>(
         &'a self,
         r: &'a TaskResources,
@@ -121,7 +124,7 @@ impl Index {
             None => Box::new(
                 self.cpu_nodes
                     .range((r.cpu_milli, 0, 0)..)
-                    .chain(self.gpu_nodes_by_cpu.range((r.cpu_milli, 0, 0)..))
+                    .chain(self.gpu_nodes_by_cpu.range((r.cpu_milli, 0, 0)..).rev())
                     .map(|k| k.2 as usize),
             ),
         }
