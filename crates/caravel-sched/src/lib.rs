@@ -12,6 +12,7 @@
 //! Gangs are placed tentatively and rolled back unless every member fits.
 
 pub mod fair;
+pub mod fgd;
 mod index;
 pub mod preempt;
 
@@ -235,12 +236,16 @@ pub struct Config {
     /// Added to the score of a GPU node for a CPU-only task, so CPU work fills CPU nodes
     /// first and GPUs stay reachable for GPU work. In parts per million of a "full node".
     pub gpu_node_penalty_ppm: u64,
+    /// Place by fragmentation gradient descent against this expected workload (a full scan
+    /// per placement) instead of the indexed best fit.
+    pub fgd: Option<std::sync::Arc<Vec<fgd::WorkloadType>>>,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Config {
             gpu_node_penalty_ppm: 1_000_000,
+            fgd: None,
         }
     }
 }
@@ -527,6 +532,25 @@ impl Scheduler {
         end: Option<caravel_core::Millis>,
         ignore_reservation: bool,
     ) -> Option<(usize, Vec<u32>)> {
+        if let Some(types) = &self.cfg.fgd {
+            let mut best: Option<(f64, usize, Vec<u32>)> = None;
+            for i in 0..self.nodes.len() {
+                if !ignore_reservation && !self.allowed(i, end) {
+                    continue;
+                }
+                let n = &self.nodes[i];
+                if fit(&self.cfg, n, r).is_err() {
+                    continue;
+                }
+                for devs in fgd::device_choices(n, r) {
+                    let d = fgd::delta(n, r, &devs, types);
+                    if best.as_ref().is_none_or(|b| d < b.0) {
+                        best = Some((d, i, devs));
+                    }
+                }
+            }
+            return best.map(|(_, i, d)| (i, d));
+        }
         for i in self.index.candidates(r) {
             if !ignore_reservation && !self.allowed(i, end) {
                 continue;
@@ -552,7 +576,8 @@ impl Scheduler {
             .collect();
         let need = job.pending.len() as u64;
         let r = &job.resources;
-        let mut scratch: HashMap<usize, NodeSnap> = HashMap::new();
+        // Ordered: the greedy fit below walks it, and must walk it the same way every run.
+        let mut scratch: BTreeMap<usize, NodeSnap> = BTreeMap::new();
         let mut k = 0;
         while k < ends.len() {
             let t = ends[k].0;

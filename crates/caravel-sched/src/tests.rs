@@ -1281,3 +1281,77 @@ fn a_job_squeezed_out_by_fair_share_says_where_its_tenant_stands() {
     assert_eq!(ordinal(12), "12th");
     assert_eq!(ordinal(23), "23rd");
 }
+
+// ---- FGD policy ----
+
+fn fgd_cfg(types: Vec<fgd::WorkloadType>) -> Config {
+    Config {
+        fgd: Some(std::sync::Arc::new(types)),
+        ..Config::default()
+    }
+}
+
+fn wt(num_gpu: u32, gpu_milli: u32, weight: f64) -> fgd::WorkloadType {
+    fgd::WorkloadType {
+        cpu_milli: 100,
+        memory_bytes: 1 << 20,
+        num_gpu,
+        gpu_milli,
+        models: vec![],
+        weight,
+    }
+}
+
+#[test]
+fn fgd_puts_a_share_where_it_leaves_no_unusable_remainder() {
+    // Workload: half 500-milli shares, half whole GPUs. Node 1 has a GPU with 500 used;
+    // node 2 is empty. A 500 share on node 1's half-used GPU completes it (no fragment);
+    // on node 2 it would split a whole GPU.
+    let mut n1 = gpu_node(1, "T4", 2);
+    n1.shared.insert(0, 500);
+    let n2 = gpu_node(2, "T4", 2);
+    let mut s = Scheduler::new(
+        fgd_cfg(vec![wt(1, 500, 0.5), wt(1, 1000, 0.5)]),
+        vec![n1, n2],
+    );
+    let mut j = job(1, 1, 100, Some(("T4", 1)), false);
+    j.resources.gpu.as_mut().unwrap().milli = Some(500);
+    let plan = s.schedule(&mut HashMap::new(), &[j]);
+    assert_eq!(
+        (plan.placements[0].node, plan.placements[0].devices.clone()),
+        (NodeId(1), vec![0])
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(100))]
+
+    #[test]
+    fn fgd_never_over_commits(w in arb_world()) {
+        let types: Vec<fgd::WorkloadType> = w
+            .jobs
+            .iter()
+            .map(|j| fgd::WorkloadType {
+                cpu_milli: j.resources.cpu_milli,
+                memory_bytes: j.resources.memory_bytes,
+                num_gpu: j.resources.gpu.as_ref().map(|g| g.count).unwrap_or(0),
+                gpu_milli: j.resources.gpu.as_ref().map(|g| g.milli.unwrap_or(1000)).unwrap_or(0),
+                models: vec![],
+                weight: 1.0 / w.jobs.len().max(1) as f64,
+            })
+            .collect();
+        let mut s = Scheduler::new(fgd_cfg(types), w.nodes.clone());
+        let mut tenants = w.tenants.clone();
+        let plan = s.schedule(&mut tenants, &w.jobs);
+        for n in s.nodes() {
+            prop_assert!(n.used_cpu_milli <= n.capacity.cpu_milli);
+            prop_assert!(n.used_memory_bytes <= n.capacity.memory_bytes);
+            prop_assert!(n.shared.values().all(|u| *u <= 1000));
+            prop_assert!(n.shared.keys().all(|d| !n.used_devices.contains(d)));
+        }
+        for j in w.jobs.iter().filter(|j| j.gang) {
+            let placed = plan.placements.iter().filter(|p| p.job == j.id).count();
+            prop_assert!(placed == 0 || placed == j.pending.len());
+        }
+    }
+}

@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 
 use caravel_core::{JobId, Priority, TenantId};
+use caravel_sched::fgd::{node_frag, WorkloadType};
 use caravel_sched::{Config, JobReq, NodeSnap, Scheduler};
 
 use crate::openb::{to_nodes, to_request, OpenbNode, OpenbPod};
@@ -25,17 +26,9 @@ pub struct Curve {
     pub frag_pct: Vec<f64>,
 }
 
-/// A task type of the target workload: what it asks for, and how often it occurs.
-struct TaskType {
-    cpu: u64,
-    mem: u64,
-    num_gpu: u32,
-    gpu_milli: u32,
-    spec: Vec<String>,
-    weight: f64,
-}
-
-fn task_types(pods: &[OpenbPod]) -> Vec<TaskType> {
+/// The trace's task types with how often each occurs: FGD's expected workload, and what
+/// fragmentation is measured against.
+pub fn task_types(pods: &[OpenbPod]) -> Vec<WorkloadType> {
     let mut counts: HashMap<(u64, u64, u32, u32, Vec<String>), u64> = HashMap::new();
     for p in pods {
         *counts
@@ -49,85 +42,47 @@ fn task_types(pods: &[OpenbPod]) -> Vec<TaskType> {
             .or_insert(0) += 1;
     }
     let total = pods.len().max(1) as f64;
-    let mut v: Vec<TaskType> = counts
+    let mut v: Vec<WorkloadType> = counts
         .into_iter()
-        .map(|((cpu, mem, num_gpu, gpu_milli, spec), c)| TaskType {
-            cpu,
-            mem,
+        .map(|((cpu, mem, num_gpu, gpu_milli, models), c)| WorkloadType {
+            cpu_milli: cpu,
+            memory_bytes: mem,
             num_gpu,
             gpu_milli,
-            spec,
+            models,
             weight: c as f64 / total,
         })
         .collect();
-    // A fixed order keeps the floating-point sum identical run to run.
+    // A fixed order keeps the floating-point sums identical run to run.
     v.sort_by(|a, b| {
-        (a.cpu, a.mem, a.num_gpu, a.gpu_milli, &a.spec).cmp(&(
-            b.cpu,
-            b.mem,
-            b.num_gpu,
-            b.gpu_milli,
-            &b.spec,
-        ))
+        (
+            a.cpu_milli,
+            a.memory_bytes,
+            a.num_gpu,
+            a.gpu_milli,
+            &a.models,
+        )
+            .cmp(&(
+                b.cpu_milli,
+                b.memory_bytes,
+                b.num_gpu,
+                b.gpu_milli,
+                &b.models,
+            ))
     });
     v
 }
 
-/// Idle GPU capacity (thousandths) on `n` that task type `t` cannot use.
-fn node_frag(n: &NodeSnap, t: &TaskType) -> u64 {
-    let free: Vec<u64> = n
-        .capacity
-        .devices
-        .iter()
-        .map(|d| {
-            if n.used_devices.contains(&d.index) {
-                0
-            } else {
-                1000 - n.shared.get(&d.index).copied().unwrap_or(0) as u64
-            }
-        })
-        .collect();
-    let idle: u64 = free.iter().sum();
-    if idle == 0 {
-        return 0;
-    }
-    let model = n
-        .capacity
-        .devices
-        .first()
-        .map(|d| d.model.as_str())
-        .unwrap_or("");
-    let cpu_ok = n.capacity.cpu_milli.saturating_sub(n.used_cpu_milli) >= t.cpu;
-    let mem_ok = n.capacity.memory_bytes.saturating_sub(n.used_memory_bytes) >= t.mem;
-    let model_ok = t.spec.is_empty() || t.spec.iter().any(|m| m == model);
-    if t.num_gpu == 0 || !cpu_ok || !mem_ok || !model_ok {
-        return idle;
-    }
-    if t.num_gpu == 1 && t.gpu_milli < 1000 {
-        return free.iter().filter(|f| **f < t.gpu_milli as u64).sum();
-    }
-    let whole = free.iter().filter(|f| **f == 1000).count() as u32;
-    if whole >= t.num_gpu {
-        free.iter().filter(|f| **f < 1000).sum()
-    } else {
-        idle
-    }
+fn cluster_frag(nodes: &[NodeSnap], types: &[WorkloadType]) -> f64 {
+    nodes.iter().map(|n| node_frag(n, types)).sum()
 }
 
-fn cluster_frag(nodes: &[NodeSnap], types: &[TaskType]) -> f64 {
-    nodes
-        .iter()
-        .map(|n| {
-            types
-                .iter()
-                .map(|t| t.weight * node_frag(n, t) as f64)
-                .sum::<f64>()
-        })
-        .sum()
-}
+/// The placement policies this experiment can run, all through the production scheduler.
+pub const POLICIES: &[&str] = &["caravel", "fgd"];
 
-/// Runs one seed of the protocol with Caravel's own placement.
-pub fn run(nodes: &[OpenbNode], pods: &[OpenbPod], seed: u64, tune: f64) -> Curve {
+/// Runs one seed of the protocol with the given policy (`caravel`: the indexed best fit the
+/// server uses; `fgd`: fragmentation gradient descent against the trace's task types).
+pub fn run(nodes: &[OpenbNode], pods: &[OpenbPod], seed: u64, tune: f64, policy: &str) -> Curve {
     let total: u64 = nodes.iter().map(|n| n.gpus as u64 * 1000).sum();
     let mut models: Vec<String> = nodes
         .iter()
@@ -139,7 +94,11 @@ pub fn run(nodes: &[OpenbNode], pods: &[OpenbPod], seed: u64, tune: f64) -> Curv
     let types = task_types(pods);
     let max_pct = (tune * 100.0).round() as usize;
     let mut rng = Rng::new(seed);
-    let mut s = Scheduler::new(Config::default(), to_nodes(nodes));
+    let mut cfg = Config::default();
+    if policy == "fgd" {
+        cfg.fgd = Some(std::sync::Arc::new(types.clone()));
+    }
+    let mut s = Scheduler::new(cfg, to_nodes(nodes));
     let mut tenants = HashMap::new();
     let mut curve = Curve {
         alloc_pct: Vec::with_capacity(max_pct + 1),
@@ -234,7 +193,7 @@ mod tests {
     fn a_workload_of_whole_gpus_fills_the_cluster_exactly() {
         let nodes = vec![node("a", 4, "T4"), node("b", 4, "T4")];
         let pods = vec![pod(1, 1000)];
-        let c = run(&nodes, &pods, 42, 1.3);
+        let c = run(&nodes, &pods, 42, 1.3, "caravel");
         assert_eq!(c.alloc_pct.len(), 131);
         assert!((c.alloc_pct[50] - 50.0).abs() < 1e-9);
         assert!((c.alloc_pct[100] - 100.0).abs() < 1e-9);
@@ -252,8 +211,12 @@ mod tests {
     fn fragments_are_what_the_workload_cannot_use_and_runs_are_deterministic() {
         let nodes = vec![node("a", 2, "T4")];
         let pods = vec![pod(1, 600), pod(1, 1000)];
-        let c = run(&nodes, &pods, 7, 1.3);
-        assert_eq!(c, run(&nodes, &pods, 7, 1.3));
+        let c = run(&nodes, &pods, 7, 1.3, "caravel");
+        assert_eq!(c, run(&nodes, &pods, 7, 1.3, "caravel"));
+        assert_eq!(
+            run(&nodes, &pods, 7, 1.3, "fgd"),
+            run(&nodes, &pods, 7, 1.3, "fgd")
+        );
         // One 600-milli task on a fresh GPU leaves 400 idle on it: useless to both task
         // types (each needs at least 600), so 400 of 2000 = 20 % is fragmented then.
         let n = &to_nodes(&nodes)[0];

@@ -16,7 +16,7 @@ pub enum SimCmd {
         /// openb node list (CSV); the FGD experiments use openb_node_list_gpu_node.csv.
         #[arg(long)]
         nodes: PathBuf,
-        /// Placement policy. Only `caravel` (the production scheduler) exists so far.
+        /// Placement policy: `caravel` (the server's indexed best fit) or `fgd`.
         #[arg(long, default_value = "caravel")]
         policy: String,
         /// Seeds, e.g. 42-51 or 42,43.
@@ -63,9 +63,10 @@ pub fn run(cmd: SimCmd) -> Result<i32> {
             tune,
             out,
         } => {
-            if policy != "caravel" {
+            if !fgd::POLICIES.contains(&policy.as_str()) {
                 bail!(
-                    "--policy: `{policy}` is not implemented yet; the baselines (random, dotprod, clustering, packing, bestfit, fgd) are still to come"
+                    "--policy: `{policy}` is not implemented yet (have: {}; random, dotprod, clustering, packing and bestfit are still to come)",
+                    fgd::POLICIES.join(", ")
                 );
             }
             if !(1.0..=3.0).contains(&tune) {
@@ -78,7 +79,7 @@ pub fn run(cmd: SimCmd) -> Result<i32> {
             let mut curves = Vec::new();
             for (k, seed) in seeds.iter().enumerate() {
                 let t0 = std::time::Instant::now();
-                let c = fgd::run(&n, &p, *seed, tune);
+                let c = fgd::run(&n, &p, *seed, tune, &policy);
                 eprintln!(
                     "[{}/{}] seed {seed}: allocated {:.2}% at 100% arrived, {:.2}% at {:.0}% ({:.1}s)",
                     k + 1,

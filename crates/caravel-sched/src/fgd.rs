@@ -1,0 +1,162 @@
+//! Fragmentation gradient descent (Weng et al., "Beware of Fragmentation", USENIX ATC'23)
+//! as a placement policy: among the nodes (and, for a GPU share, the devices) a task fits on,
+//! pick the one whose GPU fragmentation — measured against the expected workload — grows
+//! the least.
+//!
+//! Fragmentation of a node for a task type: the idle GPU capacity the type cannot use — all
+//! of it when the type asks for no GPU, does not fit the node's CPU or memory, or does not
+//! accept its model; otherwise the idle parts of GPUs too small for its share (for whole-GPU
+//! types, every partly used GPU, or all idle GPU if too few are whole). The node's
+//! fragmentation is the expectation over the workload's task types.
+
+use crate::NodeSnap;
+use caravel_core::TaskResources;
+
+/// One kind of task in the expected workload, and how often it occurs (weights sum to 1).
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkloadType {
+    pub cpu_milli: u64,
+    pub memory_bytes: u64,
+    pub num_gpu: u32,
+    /// Per-GPU share in thousandths (1000 for whole GPUs).
+    pub gpu_milli: u32,
+    /// Accepted models; empty means any.
+    pub models: Vec<String>,
+    pub weight: f64,
+}
+
+/// What fragmentation needs of a node: free CPU, memory, per-device idle thousandths.
+#[derive(Debug, Clone)]
+struct Light {
+    cpu: u64,
+    mem: u64,
+    free: Vec<(u32, u64)>,
+    model: String,
+}
+
+fn light(n: &NodeSnap) -> Light {
+    Light {
+        cpu: n.capacity.cpu_milli.saturating_sub(n.used_cpu_milli),
+        mem: n.capacity.memory_bytes.saturating_sub(n.used_memory_bytes),
+        free: n
+            .capacity
+            .devices
+            .iter()
+            .map(|d| {
+                let f = if n.used_devices.contains(&d.index) {
+                    0
+                } else {
+                    1000 - n.shared.get(&d.index).copied().unwrap_or(0) as u64
+                };
+                (d.index, f)
+            })
+            .collect(),
+        model: n
+            .capacity
+            .devices
+            .first()
+            .map(|d| d.model.clone())
+            .unwrap_or_default(),
+    }
+}
+
+fn frag(l: &Light, types: &[WorkloadType]) -> f64 {
+    let idle: u64 = l.free.iter().map(|f| f.1).sum();
+    if idle == 0 {
+        return 0.0;
+    }
+    let mut total = 0.0;
+    for t in types {
+        let usable = t.num_gpu > 0
+            && l.cpu >= t.cpu_milli
+            && l.mem >= t.memory_bytes
+            && (t.models.is_empty() || t.models.contains(&l.model));
+        let f = if !usable {
+            idle
+        } else if t.num_gpu == 1 && t.gpu_milli < 1000 {
+            l.free
+                .iter()
+                .filter(|f| f.1 < t.gpu_milli as u64)
+                .map(|f| f.1)
+                .sum()
+        } else if l.free.iter().filter(|f| f.1 == 1000).count() as u32 >= t.num_gpu {
+            l.free.iter().filter(|f| f.1 < 1000).map(|f| f.1).sum()
+        } else {
+            idle
+        };
+        total += t.weight * f as f64;
+    }
+    total
+}
+
+/// The node's fragmentation for the workload, in thousandths of a GPU.
+pub fn node_frag(n: &NodeSnap, types: &[WorkloadType]) -> f64 {
+    frag(&light(n), types)
+}
+
+/// How much placing `r` on `n` with `devices` grows the node's fragmentation.
+pub(crate) fn delta(
+    n: &NodeSnap,
+    r: &TaskResources,
+    devices: &[u32],
+    types: &[WorkloadType],
+) -> f64 {
+    let before = light(n);
+    let mut after = before.clone();
+    after.cpu = after.cpu.saturating_sub(r.cpu_milli);
+    after.mem = after.mem.saturating_sub(r.memory_bytes);
+    let take = r
+        .gpu
+        .as_ref()
+        .map(|g| g.milli.map(u64::from).unwrap_or(1000))
+        .unwrap_or(0);
+    for d in devices {
+        if let Some(f) = after.free.iter_mut().find(|f| f.0 == *d) {
+            f.1 = f.1.saturating_sub(take);
+        }
+    }
+    frag(&after, types) - frag(&before, types)
+}
+
+/// The device choices worth scoring for one task on `n`: for a share, each shared device
+/// with room and one fresh device per model; for whole devices, the lowest free ones.
+pub(crate) fn device_choices(n: &NodeSnap, r: &TaskResources) -> Vec<Vec<u32>> {
+    let Some(g) = &r.gpu else { return vec![vec![]] };
+    let mut out = Vec::new();
+    for m in g.models() {
+        match g.milli {
+            Some(share) => {
+                for (i, used) in &n.shared {
+                    if used + share <= 1000 && n.model_of(*i) == Some(m) {
+                        out.push(vec![*i]);
+                    }
+                }
+                if let Some(f) = n.capacity.devices.iter().find(|d| {
+                    d.model == m
+                        && !n.used_devices.contains(&d.index)
+                        && !n.shared.contains_key(&d.index)
+                }) {
+                    out.push(vec![f.index]);
+                }
+            }
+            None => {
+                let free: Vec<u32> = n
+                    .capacity
+                    .devices
+                    .iter()
+                    .filter(|d| {
+                        d.model == m
+                            && !n.used_devices.contains(&d.index)
+                            && !n.shared.contains_key(&d.index)
+                    })
+                    .map(|d| d.index)
+                    .take(g.count as usize)
+                    .collect();
+                if free.len() == g.count as usize {
+                    out.push(free);
+                }
+            }
+        }
+    }
+    out
+}
