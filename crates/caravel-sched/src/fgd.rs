@@ -8,6 +8,13 @@
 //! accept its model; otherwise the idle parts of GPUs too small for its share (for whole-GPU
 //! types, every partly used GPU, or all idle GPU if too few are whole). The node's
 //! fragmentation is the expectation over the workload's task types.
+//!
+//! Caravel adds one term FGD lacks: CPU stranding. FGD only sees a node's CPU when it is
+//! already too short for a task type; by then the node's GPUs are lost. Caravel also
+//! counts how many of the node's idle GPU thousandths its remaining CPU could no longer
+//! feed at the workload's average CPU per GPU, so CPU-only work drifts to CPU-rich nodes
+//! (or to nodes whose GPUs are taken) before it starves a GPU-dense node. On the openb
+//! traces this lifts allocation at full load by ~0.6 pp over FGD (docs/simulator.md).
 
 use crate::NodeSnap;
 use caravel_core::TaskResources;
@@ -159,4 +166,50 @@ pub(crate) fn device_choices(n: &NodeSnap, r: &TaskResources) -> Vec<Vec<u32>> {
         }
     }
     out
+}
+
+/// CPU (milli) the expected GPU work asks per thousandth of a GPU, GPU-weighted.
+pub fn cpu_per_gpu(types: &[WorkloadType]) -> f64 {
+    let (mut cpu, mut gpu) = (0.0, 0.0);
+    for t in types.iter().filter(|t| t.num_gpu > 0) {
+        cpu += t.weight * t.cpu_milli as f64;
+        gpu += t.weight * (t.num_gpu as f64 * t.gpu_milli as f64);
+    }
+    if gpu > 0.0 {
+        cpu / gpu
+    } else {
+        0.0
+    }
+}
+
+fn stranded(l: &Light, cpu_per_gpu: f64) -> f64 {
+    let idle: u64 = l.free.iter().map(|f| f.1).sum();
+    if cpu_per_gpu <= 0.0 {
+        return 0.0;
+    }
+    (idle as f64 - l.cpu as f64 / cpu_per_gpu).max(0.0)
+}
+
+/// How much placing `r` grows the GPU capacity that the node's remaining CPU could not
+/// feed at the workload's CPU-per-GPU ratio (thousandths of a GPU).
+pub(crate) fn stranded_delta(
+    n: &NodeSnap,
+    r: &TaskResources,
+    devices: &[u32],
+    cpu_per_gpu: f64,
+) -> f64 {
+    let before = light(n);
+    let mut after = before.clone();
+    after.cpu = after.cpu.saturating_sub(r.cpu_milli);
+    let take = r
+        .gpu
+        .as_ref()
+        .map(|g| g.milli.map(u64::from).unwrap_or(1000))
+        .unwrap_or(0);
+    for d in devices {
+        if let Some(f) = after.free.iter_mut().find(|f| f.0 == *d) {
+            f.1 = f.1.saturating_sub(take);
+        }
+    }
+    stranded(&after, cpu_per_gpu) - stranded(&before, cpu_per_gpu)
 }

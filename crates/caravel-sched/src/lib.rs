@@ -11,11 +11,13 @@
 //! each rejection counted by reason), score the survivors (best fit), select the best.
 //! Gangs are placed tentatively and rolled back unless every member fits.
 
+pub mod baselines;
 pub mod fair;
 pub mod fgd;
 mod index;
 pub mod preempt;
 
+pub use baselines::Policy;
 pub use preempt::{Preemption, RunningTask};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -38,6 +40,9 @@ pub struct NodeSnap {
     /// Devices shared by fractional requests: index -> thousandths in use (1..=1000).
     pub shared: BTreeMap<u32, u32>,
     pub topology: Topology,
+    /// Running GPU tasks by shape (0: a share of one GPU, k: k whole GPUs) -> count. Only
+    /// the GpuClustering baseline reads it; the server leaves it empty.
+    pub gpu_shapes: BTreeMap<u32, u32>,
 }
 
 impl NodeSnap {
@@ -46,6 +51,7 @@ impl NodeSnap {
             id,
             topology: Topology::default(),
             shared: BTreeMap::new(),
+            gpu_shapes: BTreeMap::new(),
             ready: true,
             capacity,
             used_cpu_milli: 0,
@@ -101,6 +107,9 @@ impl NodeSnap {
     /// Allocates `r` with the given devices. Panics in debug builds on over-commit: the
     /// scheduler only calls it after `fit` said yes.
     pub fn allocate(&mut self, r: &TaskResources, devices: &[u32]) {
+        if let Some(k) = baselines::shape_of(r) {
+            *self.gpu_shapes.entry(k).or_insert(0) += 1;
+        }
         self.used_cpu_milli += r.cpu_milli;
         self.used_memory_bytes += r.memory_bytes;
         let milli = r.gpu.as_ref().and_then(|g| g.milli);
@@ -159,6 +168,14 @@ impl NodeSnap {
     }
 
     pub fn release(&mut self, r: &TaskResources, devices: &[u32]) {
+        if let Some(k) = baselines::shape_of(r) {
+            if let Some(c) = self.gpu_shapes.get_mut(&k) {
+                *c -= 1;
+                if *c == 0 {
+                    self.gpu_shapes.remove(&k);
+                }
+            }
+        }
         self.used_cpu_milli = self.used_cpu_milli.saturating_sub(r.cpu_milli);
         self.used_memory_bytes = self.used_memory_bytes.saturating_sub(r.memory_bytes);
         let milli = r.gpu.as_ref().and_then(|g| g.milli);
@@ -239,6 +256,15 @@ pub struct Config {
     /// Place by fragmentation gradient descent against this expected workload (a full scan
     /// per placement) instead of the indexed best fit.
     pub fgd: Option<std::sync::Arc<Vec<fgd::WorkloadType>>>,
+    /// Which placement policy scores nodes: Caravel's own, or one of the published
+    /// baselines (for the simulator; see `baselines`). FGD reads its workload from `fgd`.
+    pub policy: Policy,
+    /// With `fgd`: weight of the CPU-stranding term (GPU thousandths the node's remaining
+    /// CPU could no longer feed at the workload's CPU-per-GPU ratio) next to FGD's delta.
+    /// 0 is plain FGD; 2 measured best on the openb traces (docs/simulator.md).
+    pub fgd_cpu_weight: f64,
+    /// Seeds the generator the Random baseline draws with.
+    pub seed: u64,
 }
 
 impl Default for Config {
@@ -246,6 +272,9 @@ impl Default for Config {
         Config {
             gpu_node_penalty_ppm: 1_000_000,
             fgd: None,
+            policy: Policy::Caravel,
+            fgd_cpu_weight: 2.0,
+            seed: 0,
         }
     }
 }
@@ -461,6 +490,8 @@ pub struct Scheduler {
     now: Option<caravel_core::Millis>,
     /// The head-of-line job's reservation in this cycle (EASY backfill).
     reservation: Option<Reservation>,
+    /// SplitMix64 state for the baselines' random tie-breaks: seeded, so runs repeat.
+    rng: std::cell::Cell<u64>,
 }
 
 /// Room held for the first job that could not start: from `at` on, on these nodes.
@@ -479,6 +510,7 @@ impl Scheduler {
             ends: BTreeSet::new(),
             now: None,
             reservation: None,
+            rng: std::cell::Cell::new(cfg.seed ^ 0x9E37_79B9_7F4A_7C15),
             lazy_explain: false,
             preempt_cursor: 0,
             running: BTreeMap::new(),
@@ -532,7 +564,11 @@ impl Scheduler {
         end: Option<caravel_core::Millis>,
         ignore_reservation: bool,
     ) -> Option<(usize, Vec<u32>)> {
+        if self.cfg.policy != Policy::Caravel {
+            return self.place_baseline(r, end, ignore_reservation);
+        }
         if let Some(types) = &self.cfg.fgd {
+            let cpu_per_gpu = fgd::cpu_per_gpu(types);
             let mut best: Option<(f64, usize, Vec<u32>)> = None;
             for i in 0..self.nodes.len() {
                 if !ignore_reservation && !self.allowed(i, end) {
@@ -543,7 +579,8 @@ impl Scheduler {
                     continue;
                 }
                 for devs in fgd::device_choices(n, r) {
-                    let d = fgd::delta(n, r, &devs, types);
+                    let d = fgd::delta(n, r, &devs, types)
+                        + self.cfg.fgd_cpu_weight * fgd::stranded_delta(n, r, &devs, cpu_per_gpu);
                     if best.as_ref().is_none_or(|b| d < b.0) {
                         best = Some((d, i, devs));
                     }
@@ -560,6 +597,84 @@ impl Scheduler {
             }
         }
         None
+    }
+
+    /// Uniform in 0..n (n > 0) from the scheduler's seeded generator.
+    fn below(&self, n: u64) -> u64 {
+        let mut x = self.rng.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
+        self.rng.set(x);
+        x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        x ^= x >> 31;
+        ((x as u128 * n as u128) >> 64) as u64
+    }
+
+    /// A baseline policy: every feasible node scored, the best kept.
+    fn place_baseline(
+        &self,
+        r: &TaskResources,
+        end: Option<caravel_core::Millis>,
+        ignore_reservation: bool,
+    ) -> Option<(usize, Vec<u32>)> {
+        use baselines::{Req, View};
+        let q = Req::of(r);
+        let empty = Vec::new();
+        let types = self.cfg.fgd.as_deref().unwrap_or(&empty);
+        let mut best: Option<(i64, usize, Vec<u32>)> = None;
+        let mut ties = 0u64;
+        for i in 0..self.nodes.len() {
+            if !ignore_reservation && !self.allowed(i, end) {
+                continue;
+            }
+            let n = &self.nodes[i];
+            let Ok((_, whole)) = fit(&self.cfg, n, r) else {
+                continue;
+            };
+            let v = View::of(n);
+            let (score, devs) = match self.cfg.policy {
+                Policy::Fgd => baselines::fgd(n, &v, &q, types, &whole),
+                p => {
+                    let s = match p {
+                        Policy::BestFit => baselines::best_fit(&v, &q),
+                        Policy::DotProd => baselines::dot_prod(&v, &q),
+                        Policy::Packing => baselines::packing(&v, &q),
+                        Policy::Clustering => baselines::clustering(n, &v, &q),
+                        _ => 0,
+                    };
+                    (s, whole)
+                }
+            };
+            // Random scores every node alike: a uniform pick among the feasible. The others
+            // keep the first best node in node order (the artefact's node names carry a
+            // seeded random prefix, so its order is a seeded permutation; the simulator
+            // shuffles the nodes by seed the same way).
+            ties += 1;
+            let replace = match &best {
+                None => true,
+                Some(_) if self.cfg.policy == Policy::Random => self.below(ties) == 0,
+                Some(b) => score > b.0,
+            };
+            if replace {
+                best = Some((score, i, devs));
+            }
+        }
+        let (_, i, devs) = best?;
+        if q.count == 1 && q.milli < 1000 && self.cfg.policy != Policy::Fgd {
+            let v = View::of(&self.nodes[i]);
+            let dev = if self.cfg.policy == Policy::Random {
+                let fits: Vec<u32> = v
+                    .gpu_left
+                    .iter()
+                    .filter(|g| g.1 >= q.milli)
+                    .map(|g| g.0)
+                    .collect();
+                fits[self.below(fits.len() as u64) as usize]
+            } else {
+                baselines::best_gpu(&v, &q)?
+            };
+            return Some((i, vec![dev]));
+        }
+        Some((i, devs))
     }
 
     /// When could all of `job`'s pending tasks start, going by the max runtimes of what

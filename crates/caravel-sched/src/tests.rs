@@ -1303,6 +1303,32 @@ fn wt(num_gpu: u32, gpu_milli: u32, weight: f64) -> fgd::WorkloadType {
 }
 
 #[test]
+fn cpu_only_work_avoids_starving_a_gpu_dense_node() {
+    // Expected GPU work asks 10 cores per GPU. Node 1: 8 GPUs and 90 cores (GPU-dense);
+    // node 2: 2 GPUs and 90 cores (CPU-rich). A 30-core CPU-only task costs node 1 the
+    // CPU of three GPUs' worth of future work, node 2 nothing: it goes to node 2, although
+    // plain FGD sees no fragment on either yet.
+    let mut w = wt(1, 1000, 1.0);
+    w.cpu_milli = 10_000;
+    let mut n1 = gpu_node(1, "T4", 8);
+    n1.capacity.cpu_milli = 90_000;
+    let mut n2 = gpu_node(2, "T4", 2);
+    n2.capacity.cpu_milli = 90_000;
+    let cpu_job = || job(1, 1, 30_000, None, false);
+    let mut s = Scheduler::new(fgd_cfg(vec![w.clone()]), vec![n1.clone(), n2.clone()]);
+    let plan = s.schedule(&mut HashMap::new(), &[cpu_job()]);
+    assert_eq!(plan.placements[0].node, NodeId(2));
+    // With the stranding term off (plain FGD), both nodes score alike and the first wins.
+    let plain = Config {
+        fgd_cpu_weight: 0.0,
+        ..fgd_cfg(vec![w])
+    };
+    let mut s = Scheduler::new(plain, vec![n1, n2]);
+    let plan = s.schedule(&mut HashMap::new(), &[cpu_job()]);
+    assert_eq!(plan.placements[0].node, NodeId(1));
+}
+
+#[test]
 fn fgd_puts_a_share_where_it_leaves_no_unusable_remainder() {
     // Workload: half 500-milli shares, half whole GPUs. Node 1 has a GPU with 500 used;
     // node 2 is empty. A 500 share on node 1's half-used GPU completes it (no fragment);
@@ -1327,7 +1353,7 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(100))]
 
     #[test]
-    fn fgd_never_over_commits(w in arb_world()) {
+    fn fgd_never_over_commits(w in arb_world(), policy in 0usize..7, seed in 0u64..4) {
         let types: Vec<fgd::WorkloadType> = w
             .jobs
             .iter()
@@ -1340,9 +1366,13 @@ proptest! {
                 weight: 1.0 / w.jobs.len().max(1) as f64,
             })
             .collect();
-        let mut s = Scheduler::new(fgd_cfg(types), w.nodes.clone());
+        // Every placement policy, Caravel's and the baselines, through the same checks.
+        let cfg = Config { policy: Policy::ALL[policy], seed, ..fgd_cfg(types) };
+        let mut s = Scheduler::new(cfg.clone(), w.nodes.clone());
         let mut tenants = w.tenants.clone();
         let plan = s.schedule(&mut tenants, &w.jobs);
+        let mut again = Scheduler::new(cfg, w.nodes.clone());
+        prop_assert_eq!(&plan, &again.schedule(&mut w.tenants.clone(), &w.jobs), "same seed, same plan");
         for n in s.nodes() {
             prop_assert!(n.used_cpu_milli <= n.capacity.cpu_milli);
             prop_assert!(n.used_memory_bytes <= n.capacity.memory_bytes);

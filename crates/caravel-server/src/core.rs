@@ -649,6 +649,7 @@ impl Core {
                 used_memory_bytes: e.alloc.memory_bytes,
                 used_devices: e.alloc.devices.clone(),
                 shared: e.alloc.shared.clone(),
+                gpu_shapes: Default::default(),
                 topology: e.node.topology.clone(),
             })
             .collect();

@@ -1,33 +1,79 @@
-//! The FGD experiment protocol (Weng et al., USENIX ATC'23): tasks never leave; the pod
-//! list is shuffled by seed and extended until the arrived GPU request reaches `tune` (1.3)
-//! times the cluster's GPU capacity; tasks are placed one at a time. At every whole percent of
-//! arrived load it records the milli-GPU allocation ratio and the fragmentation, both as a
-//! percentage of total GPU capacity.
+//! The FGD experiment protocol (Weng et al., USENIX ATC'23), counted the way its artefact
+//! (hkust-adsl/kubernetes-scheduler-simulator) counts it, so our curves can be laid over
+//! the published ones point by point:
 //!
-//! Fragmentation follows the paper's definition: for a task type `m` and a node `n`, the
-//! idle GPU capacity on `n` that `m` cannot use — all of it when `m` asks for no GPU, does
-//! not fit the node's CPU or memory, or does not accept its model; otherwise the idle parts
-//! of GPUs too small for `m`'s share (for whole-GPU tasks, every partly used GPU) — weighted
-//! by how often `m` occurs in the trace. Not yet validated against the artefact's curves.
+//! - the pod list is inflated to `tune` (1.3) times its length with pods drawn uniformly
+//!   (with replacement) from it, and the whole list is shuffled by the seed;
+//! - pods are placed one at a time on the GPU nodes and never leave; a pod that fits
+//!   nowhere is dropped;
+//! - after every pod the arrived and allocated milli-GPU and the cluster's fragmentation
+//!   are logged; the curve's value at arrived load k % is the mean of the logged values
+//!   (allocation rounded to 0.01 %) whose arrived load rounds to k (or k±1 when none do);
+//! - fragmentation is measured against the "typical" pods: the most frequent pod shapes
+//!   (CPU, GPU share, GPU count, GPU model; memory is not part of the artefact's model)
+//!   that together cover 95 % of the pods, their frequencies renormalised.
 
 use std::collections::HashMap;
 
 use caravel_core::{JobId, Priority, TenantId};
-use caravel_sched::fgd::{node_frag, WorkloadType};
-use caravel_sched::{Config, JobReq, NodeSnap, Scheduler};
+use caravel_sched::baselines::node_frag;
+use caravel_sched::fgd::WorkloadType;
+use caravel_sched::{Config, JobReq, Policy, Scheduler};
 
 use crate::openb::{to_nodes, to_request, OpenbNode, OpenbPod};
 use crate::rng::Rng;
 
-/// Allocation and fragmentation (% of cluster GPU capacity) at arrived load 0..=max %.
+/// Allocation and fragmentation (% of cluster GPU capacity) at arrived load 0..=max %;
+/// NaN where the run logged nothing near that load.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Curve {
     pub alloc_pct: Vec<f64>,
     pub frag_pct: Vec<f64>,
 }
 
-/// The trace's task types with how often each occurs: FGD's expected workload, and what
-/// fragmentation is measured against.
+type Shape = (u64, u32, u32, Vec<String>);
+
+/// The artefact's typical pods: shapes by decreasing count (ties: larger shape first) until
+/// they cover 95 % of the pods, frequencies renormalised over those kept.
+pub fn typical_types(pods: &[OpenbPod]) -> Vec<WorkloadType> {
+    let mut counts: HashMap<Shape, u64> = HashMap::new();
+    for p in pods {
+        let milli = if p.num_gpu == 0 { 0 } else { p.gpu_milli };
+        *counts
+            .entry((p.cpu_milli, milli, p.num_gpu, p.gpu_spec.clone()))
+            .or_insert(0) += 1;
+    }
+    let mut v: Vec<(Shape, u64)> = counts.into_iter().collect();
+    v.sort_by(|a, b| {
+        let ka = (a.1, a.0 .0, a.0 .1, a.0 .2, a.0 .3.join("|"));
+        let kb = (b.1, b.0 .0, b.0 .1, b.0 .2, b.0 .3.join("|"));
+        kb.cmp(&ka)
+    });
+    let total = pods.len() as f64;
+    let want = 0.95 * total;
+    let mut cum = 0.0;
+    let mut kept = Vec::new();
+    for (shape, c) in v {
+        if cum >= want {
+            break;
+        }
+        cum += c as f64;
+        kept.push((shape, c));
+    }
+    kept.into_iter()
+        .map(|((cpu, milli, num_gpu, models), c)| WorkloadType {
+            cpu_milli: cpu,
+            memory_bytes: 0,
+            num_gpu,
+            gpu_milli: milli,
+            models,
+            weight: c as f64 / cum,
+        })
+        .collect()
+}
+
+/// Every task shape of the trace (memory included) with its frequency: the expected
+/// workload Caravel's own policy plans against.
 pub fn task_types(pods: &[OpenbPod]) -> Vec<WorkloadType> {
     let mut counts: HashMap<(u64, u64, u32, u32, Vec<String>), u64> = HashMap::new();
     for p in pods {
@@ -73,16 +119,36 @@ pub fn task_types(pods: &[OpenbPod]) -> Vec<WorkloadType> {
     v
 }
 
-fn cluster_frag(nodes: &[NodeSnap], types: &[WorkloadType]) -> f64 {
-    nodes.iter().map(|n| node_frag(n, types)).sum()
+/// The placement policies this experiment runs, all through the production scheduler.
+pub const POLICIES: &[&str] = &[
+    "random",
+    "dotprod",
+    "clustering",
+    "packing",
+    "bestfit",
+    "fgd",
+    "caravel",
+];
+
+/// Python's `round(x)` (half to even), which the artefact bins with.
+fn round_half_even(x: f64) -> f64 {
+    let r = x.round();
+    if (x - x.trunc()).abs() == 0.5 && r % 2.0 != 0.0 {
+        r - x.signum()
+    } else {
+        r
+    }
 }
 
-/// The placement policies this experiment can run, all through the production scheduler.
-pub const POLICIES: &[&str] = &["caravel", "fgd"];
+/// One logged row: after a pod, milli-GPU arrived and allocated, cluster fragmentation.
+struct Row {
+    arrived: u64,
+    allocated: u64,
+    frag: f64,
+}
 
-/// Runs one seed of the protocol with the given policy (`caravel`: the indexed best fit the
-/// server uses; `fgd`: fragmentation gradient descent against the trace's task types).
-pub fn run(nodes: &[OpenbNode], pods: &[OpenbPod], seed: u64, tune: f64, policy: &str) -> Curve {
+/// Runs one seed of the protocol with `policy` and returns its curve.
+pub fn run(nodes: &[OpenbNode], pods: &[OpenbPod], seed: u64, tune: f64, policy: Policy) -> Curve {
     let total: u64 = nodes.iter().map(|n| n.gpus as u64 * 1000).sum();
     let mut models: Vec<String> = nodes
         .iter()
@@ -91,77 +157,124 @@ pub fn run(nodes: &[OpenbNode], pods: &[OpenbPod], seed: u64, tune: f64, policy:
         .collect();
     models.sort();
     models.dedup();
-    let types = task_types(pods);
+    let typical = typical_types(pods);
     let max_pct = (tune * 100.0).round() as usize;
     let mut rng = Rng::new(seed);
-    let mut cfg = Config::default();
-    if policy == "fgd" {
-        cfg.fgd = Some(std::sync::Arc::new(types.clone()));
+    let mut list: Vec<&OpenbPod> = pods.iter().collect();
+    rng.shuffle(&mut list);
+    // Tune up: draw pods until the next one would pass `tune` x capacity (the artefact
+    // compares with the drawn pod's per-GPU share, a quirk kept for comparability).
+    let target = tune * total as f64;
+    let mut requested: u64 = pods.iter().map(|p| p.gpu_total_milli()).sum();
+    if !pods.is_empty() && pods.iter().any(|p| p.gpu_total_milli() > 0) {
+        loop {
+            let p = &pods[rng.below(pods.len() as u64) as usize];
+            let per_gpu = if p.num_gpu == 0 {
+                0
+            } else {
+                p.gpu_milli as u64
+            };
+            if (requested + per_gpu) as f64 > target {
+                break;
+            }
+            requested += p.gpu_total_milli();
+            list.push(p);
+        }
     }
-    let mut s = Scheduler::new(cfg, to_nodes(nodes));
+
+    let mut cfg = Config {
+        policy,
+        seed,
+        ..Config::default()
+    };
+    cfg.fgd = Some(std::sync::Arc::new(match policy {
+        Policy::Caravel => task_types(pods),
+        _ => typical.clone(),
+    }));
+    // The artefact prefixes node names with a seeded permutation, which is the order its
+    // scheduler meets them in (and keeps the first of equally scored nodes): shuffle the
+    // same way. Node ids are then positions in this order.
+    let mut shuffled: Vec<OpenbNode> = nodes.to_vec();
+    rng.shuffle(&mut shuffled);
+    let mut s = Scheduler::new(cfg, to_nodes(&shuffled));
+    let mut node_frags: Vec<f64> = s.nodes().iter().map(|n| node_frag(n, &typical)).collect();
+    let mut frag_sum: f64 = node_frags.iter().sum();
     let mut tenants = HashMap::new();
+    let (mut arrived, mut allocated) = (0u64, 0u64);
+    let mut rows = Vec::with_capacity(list.len());
+    for (id, p) in list.into_iter().enumerate() {
+        let req = JobReq {
+            id: JobId(id as u64),
+            tenant: TenantId(0),
+            priority: Priority::Batch,
+            seq: id as u64,
+            resources: to_request(p, &models),
+            gang: false,
+            pending: vec![0],
+            topology: None,
+            max_runtime_ms: None,
+        };
+        arrived += p.gpu_total_milli();
+        let plan = s.schedule(&mut tenants, std::slice::from_ref(&req));
+        if let Some(pl) = plan.placements.first() {
+            allocated += p.gpu_total_milli();
+            // Node ids are positions (see `to_nodes`): refresh only the node that changed.
+            let i = pl.node.0 as usize;
+            let f = node_frag(&s.nodes()[i], &typical);
+            frag_sum += f - node_frags[i];
+            node_frags[i] = f;
+        }
+        rows.push(Row {
+            arrived,
+            allocated,
+            frag: frag_sum,
+        });
+    }
+    bin(&rows, total, max_pct)
+}
+
+/// The artefact's binning of logged rows into one value per whole percent of arrived load.
+fn bin(rows: &[Row], total: u64, max_pct: usize) -> Curve {
+    let pct = |x: u64| x as f64 * 100.0 / total as f64;
+    let keyed: Vec<(i64, f64, f64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                round_half_even(pct(r.arrived)) as i64,
+                (pct(r.allocated) * 100.0).round() / 100.0,
+                r.frag,
+            )
+        })
+        .collect();
+    let mut by: HashMap<i64, (f64, f64, u64)> = HashMap::new();
+    for (k, a, f) in &keyed {
+        let e = by.entry(*k).or_insert((0.0, 0.0, 0));
+        e.0 += a;
+        e.1 += f;
+        e.2 += 1;
+    }
     let mut curve = Curve {
         alloc_pct: Vec::with_capacity(max_pct + 1),
         frag_pct: Vec::with_capacity(max_pct + 1),
     };
-    let (mut arrived, mut allocated) = (0u64, 0u64);
-    let mut next_point = 0usize;
-    let mut id = 0u64;
-    let record = |curve: &mut Curve, s: &Scheduler, allocated: u64| {
-        curve
-            .alloc_pct
-            .push(allocated as f64 * 100.0 / total as f64);
-        curve
-            .frag_pct
-            .push(cluster_frag(s.nodes(), &types) * 100.0 / total as f64);
-    };
-    'outer: loop {
-        let mut round: Vec<&OpenbPod> = pods.iter().collect();
-        rng.shuffle(&mut round);
-        for p in round {
-            // Record every whole percent of arrived load passed before this task arrives.
-            while next_point <= max_pct && arrived * 100 >= next_point as u64 * total {
-                record(&mut curve, &s, allocated);
-                next_point += 1;
-            }
-            if next_point > max_pct {
-                break 'outer;
-            }
-            let req = JobReq {
-                id: JobId(id),
-                tenant: TenantId(0),
-                priority: Priority::Batch,
-                seq: id,
-                resources: to_request(p, &models),
-                gang: false,
-                pending: vec![0],
-                topology: None,
-                max_runtime_ms: None,
-            };
-            id += 1;
-            arrived += p.gpu_total_milli();
-            let plan = s.schedule(&mut tenants, std::slice::from_ref(&req));
-            if !plan.placements.is_empty() {
-                allocated += p.gpu_total_milli();
-            }
-        }
-        if pods.iter().all(|p| p.gpu_total_milli() == 0) {
-            // Nothing ever arrives: every point is zero.
-            while next_point <= max_pct {
-                record(&mut curve, &s, allocated);
-                next_point += 1;
-            }
-            break;
+    for k in 0..=max_pct as i64 {
+        let (sa, sf, n) = match by.get(&k) {
+            Some(v) => *v,
+            None => (k - 1..=k + 1)
+                .filter_map(|j| by.get(&j))
+                .fold((0.0, 0.0, 0), |acc, v| {
+                    (acc.0 + v.0, acc.1 + v.1, acc.2 + v.2)
+                }),
+        };
+        if n == 0 {
+            curve.alloc_pct.push(f64::NAN);
+            curve.frag_pct.push(f64::NAN);
+        } else {
+            curve.alloc_pct.push(sa / n as f64);
+            curve.frag_pct.push(sf / n as f64 * 100.0 / total as f64);
         }
     }
     curve
-}
-
-pub fn mean_sd(v: &[f64]) -> (f64, f64) {
-    let n = v.len().max(1) as f64;
-    let mean = v.iter().sum::<f64>() / n;
-    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
-    (mean, var.sqrt())
 }
 
 #[cfg(test)]
@@ -192,38 +305,58 @@ mod tests {
     #[test]
     fn a_workload_of_whole_gpus_fills_the_cluster_exactly() {
         let nodes = vec![node("a", 4, "T4"), node("b", 4, "T4")];
-        let pods = vec![pod(1, 1000)];
-        let c = run(&nodes, &pods, 42, 1.3, "caravel");
-        assert_eq!(c.alloc_pct.len(), 131);
-        assert!((c.alloc_pct[50] - 50.0).abs() < 1e-9);
-        assert!((c.alloc_pct[100] - 100.0).abs() < 1e-9);
-        assert!(
-            (c.alloc_pct[130] - 100.0).abs() < 1e-9,
-            "nothing beyond capacity"
-        );
-        assert!(
-            c.frag_pct.iter().all(|f| *f == 0.0),
-            "whole GPUs leave no fragments for whole-GPU tasks"
-        );
+        let pods = vec![pod(1, 1000); 8];
+        for policy in Policy::ALL {
+            let c = run(&nodes, &pods, 42, 1.3, policy);
+            assert_eq!(c.alloc_pct.len(), 131);
+            assert!((c.alloc_pct[50] - 50.0).abs() < 1e-9, "{policy:?}");
+            assert!((c.alloc_pct[100] - 100.0).abs() < 1e-9, "{policy:?}");
+            assert!(
+                c.alloc_pct.iter().all(|a| a.is_nan() || *a <= 100.0),
+                "nothing beyond capacity"
+            );
+            assert!(
+                c.frag_pct.iter().all(|f| f.is_nan() || *f == 0.0),
+                "whole GPUs leave no fragments for whole-GPU tasks"
+            );
+        }
     }
 
     #[test]
-    fn fragments_are_what_the_workload_cannot_use_and_runs_are_deterministic() {
-        let nodes = vec![node("a", 2, "T4")];
-        let pods = vec![pod(1, 600), pod(1, 1000)];
-        let c = run(&nodes, &pods, 7, 1.3, "caravel");
-        assert_eq!(c, run(&nodes, &pods, 7, 1.3, "caravel"));
-        assert_eq!(
-            run(&nodes, &pods, 7, 1.3, "fgd"),
-            run(&nodes, &pods, 7, 1.3, "fgd")
-        );
-        // One 600-milli task on a fresh GPU leaves 400 idle on it: useless to both task
-        // types (each needs at least 600), so 400 of 2000 = 20 % is fragmented then.
-        let n = &to_nodes(&nodes)[0];
-        let mut n = n.clone();
+    fn runs_repeat_by_seed_and_fragments_are_what_typical_pods_cannot_use() {
+        let nodes = vec![node("a", 2, "T4"), node("b", 2, "T4")];
+        let pods = vec![pod(1, 600), pod(1, 1000), pod(1, 600), pod(2, 1000)];
+        for policy in Policy::ALL {
+            let a = format!("{:?}", run(&nodes, &pods, 7, 1.3, policy));
+            assert_eq!(a, format!("{:?}", run(&nodes, &pods, 7, 1.3, policy)));
+        }
+        // One 600-milli task on a fresh GPU leaves 400 idle there: useless to every typical
+        // type (the shares need 600, the others whole GPUs); the 2-GPU type (1/4) cannot
+        // use the other GPU either: 400 + 1000/4 = 650.
+        let types = typical_types(&pods);
+        assert_eq!(types.len(), 3);
+        let mut n = to_nodes(&nodes)[0].clone();
         let r = to_request(&pods[0], &["T4".to_string()]);
         n.allocate(&r, &[0]);
-        let types = task_types(&pods);
-        assert!((cluster_frag(std::slice::from_ref(&n), &types) - 400.0).abs() < 1e-9);
+        assert!((node_frag(&n, &types) - 650.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn binning_follows_the_artefact() {
+        // 1000 milli total; rows at 10 %, 20 %, 20 %, 40 %: point 20 averages two rows,
+        // point 39 falls back to its neighbour 40, point 30 has none within one point.
+        let rows = [(100, 100), (200, 100), (200, 200), (400, 300)].map(|(a, b)| Row {
+            arrived: a,
+            allocated: b,
+            frag: 0.0,
+        });
+        let c = bin(&rows, 1000, 60);
+        assert_eq!(c.alloc_pct[10], 10.0);
+        assert_eq!(c.alloc_pct[20], 15.0);
+        assert_eq!(c.alloc_pct[39], 30.0);
+        assert!(c.alloc_pct[30].is_nan());
+        assert!(c.alloc_pct[60].is_nan());
+        assert_eq!(round_half_even(2.5), 2.0);
+        assert_eq!(round_half_even(3.5), 4.0);
     }
 }

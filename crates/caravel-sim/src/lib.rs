@@ -5,9 +5,12 @@
 //! crate must never touch the network, read a wall clock inside an experiment, or depend on
 //! the server.
 
+pub mod artefact;
 pub mod fgd;
 pub mod openb;
+pub mod report;
 pub mod rng;
+pub mod svg;
 
 /// A malformed trace row: where and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

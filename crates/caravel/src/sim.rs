@@ -3,12 +3,14 @@
 use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context, Result};
-use caravel_sim::{fgd, openb};
+use caravel_sched::Policy;
+use caravel_sim::{artefact, fgd, openb, report};
 use clap::Subcommand;
 
 #[derive(Subcommand)]
 pub enum SimCmd {
-    /// The FGD (USENIX ATC'23) protocol on an openb pod list.
+    /// The FGD (USENIX ATC'23) protocol on an openb pod list: allocation and
+    /// fragmentation against arrived load, per policy, mean ± sd over seeds.
     Fgd {
         /// openb pod list (CSV).
         #[arg(long)]
@@ -16,7 +18,8 @@ pub enum SimCmd {
         /// openb node list (CSV); the FGD experiments use openb_node_list_gpu_node.csv.
         #[arg(long)]
         nodes: PathBuf,
-        /// Placement policy: `caravel` (the server's indexed best fit) or `fgd`.
+        /// Placement policy, several separated by commas, or `all`: random, dotprod,
+        /// clustering, packing, bestfit, fgd, caravel.
         #[arg(long, default_value = "caravel")]
         policy: String,
         /// Seeds, e.g. 42-51 or 42,43.
@@ -25,6 +28,15 @@ pub enum SimCmd {
         /// Arrived load to reach, as a multiple of cluster GPU capacity.
         #[arg(long, default_value_t = 1.3)]
         tune: f64,
+        /// The artefact's expected results folder (fgd-atc23-expected-results): compare
+        /// every baseline with its published curve.
+        #[arg(long)]
+        expected: Option<PathBuf>,
+        /// Worker threads (default: every core).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Results folder: summary.json, summary.txt, curves.csv, allocation.svg,
+        /// fragmentation.svg.
         #[arg(long)]
         out: PathBuf,
     },
@@ -53,6 +65,28 @@ fn parse_seeds(s: &str) -> Result<Vec<u64>> {
     Ok(out)
 }
 
+fn parse_policies(s: &str) -> Result<Vec<Policy>> {
+    if s.trim() == "all" {
+        return Ok(Policy::ALL.to_vec());
+    }
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let p = Policy::parse(part).ok_or_else(|| {
+            anyhow!(
+                "--policy: `{part}` is not a policy (one of: {}, or all)",
+                fgd::POLICIES.join(", ")
+            )
+        })?;
+        if !out.contains(&p) {
+            out.push(p);
+        }
+    }
+    if out.is_empty() {
+        bail!("--policy: give at least one policy");
+    }
+    Ok(out)
+}
+
 pub fn run(cmd: SimCmd) -> Result<i32> {
     match cmd {
         SimCmd::Fgd {
@@ -61,73 +95,68 @@ pub fn run(cmd: SimCmd) -> Result<i32> {
             policy,
             seeds,
             tune,
+            expected,
+            threads,
             out,
         } => {
-            if !fgd::POLICIES.contains(&policy.as_str()) {
-                bail!(
-                    "--policy: `{policy}` is not implemented yet (have: {}; random, dotprod, clustering, packing and bestfit are still to come)",
-                    fgd::POLICIES.join(", ")
-                );
-            }
+            let policies = parse_policies(&policy)?;
             if !(1.0..=3.0).contains(&tune) {
                 bail!("--tune: must be 1.0 to 3.0");
+            }
+            if threads == Some(0) {
+                bail!("--threads: must be at least 1");
             }
             let seeds = parse_seeds(&seeds)?;
             let n = openb::read_nodes(&nodes)?;
             let p = openb::read_pods(&trace)?;
-            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-            let mut curves = Vec::new();
-            for (k, seed) in seeds.iter().enumerate() {
-                let t0 = std::time::Instant::now();
-                let c = fgd::run(&n, &p, *seed, tune, &policy);
-                eprintln!(
-                    "[{}/{}] seed {seed}: allocated {:.2}% at 100% arrived, {:.2}% at {:.0}% ({:.1}s)",
-                    k + 1,
-                    seeds.len(),
-                    c.alloc_pct[100],
-                    c.alloc_pct.last().copied().unwrap_or(0.0),
-                    tune * 100.0,
-                    t0.elapsed().as_secs_f64()
-                );
-                curves.push(c);
+            if n.iter().all(|n| n.gpus == 0) {
+                bail!("--nodes: {} has no GPU node", nodes.display());
             }
-            let at = |i: usize, f: fn(&fgd::Curve) -> &Vec<f64>| -> Vec<f64> {
-                curves
-                    .iter()
-                    .map(|c| f(c).get(i).copied().unwrap_or(f64::NAN))
-                    .collect()
+            let published = match &expected {
+                Some(dir) => Some((
+                    artefact::read(&dir.join("analysis_allo_discrete.csv"))?,
+                    artefact::read(&dir.join("analysis_frag_discrete.csv"))?,
+                )),
+                None => None,
             };
-            let last = (tune * 100.0).round() as usize;
-            let (a100, a100sd) = fgd::mean_sd(&at(100, |c| &c.alloc_pct));
-            let (a130, a130sd) = fgd::mean_sd(&at(last, |c| &c.alloc_pct));
-            let (f80, f80sd) = fgd::mean_sd(&at(80, |c| &c.frag_pct));
             let workload = trace
                 .file_stem()
                 .map(|s| s.to_string_lossy().to_string())
                 .unwrap_or_default();
-            let summary = serde_json::json!({
-                "policy": policy,
-                "workload": workload,
-                "seeds": seeds,
-                "tune": tune,
-                "allocated_pct_at_100_mean": a100, "allocated_pct_at_100_sd": a100sd,
-                "unallocated_pct_at_100_mean": 100.0 - a100, "unallocated_pct_at_100_sd": a100sd,
-                "allocated_pct_at_130_mean": a130, "allocated_pct_at_130_sd": a130sd,
-                "frag_pct_at_80_mean": f80, "frag_pct_at_80_sd": f80sd,
-                "validated_against_artefact": false,
+            let threads = threads.unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
             });
-            std::fs::write(
-                out.join("summary.json"),
-                serde_json::to_string_pretty(&summary)? + "\n",
-            )?;
-            let mut csv = String::from("seed,arrived_pct,allocated_pct,frag_pct\n");
-            for (seed, c) in seeds.iter().zip(&curves) {
-                for (i, (a, f)) in c.alloc_pct.iter().zip(&c.frag_pct).enumerate() {
-                    csv.push_str(&format!("{seed},{i},{a:.4},{f:.4}\n"));
+            let t0 = std::time::Instant::now();
+            let progress = |done: usize, total: usize| {
+                let el = t0.elapsed().as_secs_f64();
+                let eta = el / done as f64 * (total - done) as f64;
+                let width = 30;
+                let filled = done * width / total;
+                eprint!(
+                    "\r[{}{}] {done}/{total} runs, {el:.0}s elapsed, ~{eta:.0}s left ",
+                    "#".repeat(filled),
+                    ".".repeat(width - filled)
+                );
+                if done == total {
+                    eprintln!();
                 }
-            }
-            std::fs::write(out.join("curves.csv"), csv)?;
-            println!("{summary}");
+            };
+            let results = report::run_all(&n, &p, &policies, &seeds, tune, threads, &progress);
+            let table = report::write(
+                &out,
+                &workload,
+                &seeds,
+                tune,
+                &results,
+                published
+                    .as_ref()
+                    .map(|(a, f)| (a.as_slice(), f.as_slice())),
+            )
+            .with_context(|| format!("writing results to {}", out.display()))?;
+            print!("{table}");
+            eprintln!("results in {}", out.display());
             Ok(0)
         }
     }
@@ -141,5 +170,9 @@ mod tests {
         assert_eq!(super::parse_seeds("1,5").unwrap(), vec![1, 5]);
         assert!(super::parse_seeds("5-1").is_err());
         assert!(super::parse_seeds("x").is_err());
+        assert_eq!(super::parse_policies("all").unwrap().len(), 7);
+        assert_eq!(super::parse_policies("fgd, bestfit,fgd").unwrap().len(), 2);
+        let e = super::parse_policies("best").unwrap_err().to_string();
+        assert!(e.contains("--policy") && e.contains("bestfit"), "{e}");
     }
 }

@@ -1,0 +1,271 @@
+//! Results of an FGD-protocol experiment: per-policy summaries (mean ± sd over seeds),
+//! the comparison with the artefact's published curves, and the files of a results folder
+//! (JSON, CSV, SVG plots, a one-screen text table).
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use caravel_sched::Policy;
+use serde_json::{json, Value};
+
+use crate::artefact;
+use crate::fgd::{self, Curve};
+use crate::openb::{OpenbNode, OpenbPod};
+use crate::svg::{line_chart, Series};
+
+/// The curves of one policy, one per seed (in seed order).
+pub struct PolicyResult {
+    pub policy: Policy,
+    pub curves: Vec<Curve>,
+}
+
+/// Runs every (policy, seed) pair on `threads` threads; `progress(done, total)` is called
+/// after each run. Results do not depend on the thread count.
+pub fn run_all(
+    nodes: &[OpenbNode],
+    pods: &[OpenbPod],
+    policies: &[Policy],
+    seeds: &[u64],
+    tune: f64,
+    threads: usize,
+    progress: &(dyn Fn(usize, usize) + Sync),
+) -> Vec<PolicyResult> {
+    let jobs: Vec<(usize, usize)> = (0..policies.len())
+        .flat_map(|p| (0..seeds.len()).map(move |s| (p, s)))
+        .collect();
+    let out: Mutex<Vec<Option<Curve>>> = Mutex::new(vec![None; jobs.len()]);
+    let next = AtomicUsize::new(0);
+    let done = AtomicUsize::new(0);
+    std::thread::scope(|sc| {
+        for _ in 0..threads.max(1).min(jobs.len().max(1)) {
+            sc.spawn(|| loop {
+                let k = next.fetch_add(1, Ordering::SeqCst);
+                let Some(&(p, s)) = jobs.get(k) else { break };
+                let c = fgd::run(nodes, pods, seeds[s], tune, policies[p]);
+                out.lock().expect("no panics while held")[k] = Some(c);
+                progress(done.fetch_add(1, Ordering::SeqCst) + 1, jobs.len());
+            });
+        }
+    });
+    let mut curves = out.into_inner().expect("threads joined").into_iter();
+    policies
+        .iter()
+        .map(|&policy| PolicyResult {
+            policy,
+            curves: (0..seeds.len())
+                .map(|_| curves.next().flatten().expect("every run finished"))
+                .collect(),
+        })
+        .collect()
+}
+
+/// Mean and sample standard deviation, ignoring NaN; NaN when nothing is left.
+pub fn mean_sd(v: &[f64]) -> (f64, f64) {
+    let v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    (mean, var.sqrt())
+}
+
+fn at(curves: &[Curve], k: usize, frag: bool) -> Vec<f64> {
+    curves
+        .iter()
+        .map(|c| {
+            let v = if frag { &c.frag_pct } else { &c.alloc_pct };
+            v.get(k).copied().unwrap_or(f64::NAN)
+        })
+        .collect()
+}
+
+/// The mean curve over seeds.
+pub fn mean_curve(curves: &[Curve], frag: bool) -> Vec<f64> {
+    let len = curves.iter().map(|c| c.alloc_pct.len()).max().unwrap_or(0);
+    (0..len).map(|k| mean_sd(&at(curves, k, frag)).0).collect()
+}
+
+fn num(x: f64) -> Value {
+    if x.is_finite() {
+        json!((x * 10_000.0).round() / 10_000.0)
+    } else {
+        Value::Null
+    }
+}
+
+/// The machine-readable summary of one policy. `published` is the artefact's runs of the
+/// same workload (allocation, fragmentation), when known.
+pub fn summary(
+    r: &PolicyResult,
+    workload: &str,
+    seeds: &[u64],
+    tune: f64,
+    published: Option<(&[artefact::Run], &[artefact::Run])>,
+) -> Value {
+    let last = (tune * 100.0).round() as usize;
+    let (a100, a100sd) = mean_sd(&at(&r.curves, 100, false));
+    let (a130, a130sd) = mean_sd(&at(&r.curves, last, false));
+    let (f80, f80sd) = mean_sd(&at(&r.curves, 80, true));
+    let mut s = json!({
+        "policy": r.policy.name(),
+        "workload": workload,
+        "seeds": seeds,
+        "tune": tune,
+        "allocated_pct_at_100_mean": num(a100), "allocated_pct_at_100_sd": num(a100sd),
+        "unallocated_pct_at_100_mean": num(100.0 - a100), "unallocated_pct_at_100_sd": num(a100sd),
+        "allocated_pct_at_130_mean": num(a130), "allocated_pct_at_130_sd": num(a130sd),
+        "frag_pct_at_80_mean": num(f80), "frag_pct_at_80_sd": num(f80sd),
+    });
+    if let Some((alloc, frag)) = published {
+        let ours = mean_curve(&r.curves, false);
+        if let Some(theirs) = artefact::mean_curve(alloc, workload, r.policy.name()) {
+            let (d, k) = artefact::max_abs_diff(&ours, &theirs).unwrap_or((f64::NAN, 0));
+            s["artefact"] = json!({
+                "allocated_pct_at_100_mean": num(theirs.get(100).copied().unwrap_or(f64::NAN)),
+                "allocated_pct_at_130_mean": num(theirs.get(130).copied().unwrap_or(f64::NAN)),
+                "frag_pct_at_80_mean": num(
+                    artefact::mean_curve(frag, workload, r.policy.name())
+                        .and_then(|f| f.get(80).copied())
+                        .unwrap_or(f64::NAN)
+                ),
+                "allocation_max_abs_diff_pp": num(d),
+                "allocation_max_abs_diff_at": k,
+                "within_half_pp": d <= 0.5,
+            });
+        }
+    }
+    s
+}
+
+/// Writes the results folder: `summary.json` (one policy: its summary; several: all of
+/// them under `policies`), per-policy `curves.csv`, `allocation.svg`, `fragmentation.svg`
+/// and `summary.txt`. Returns the text table.
+pub fn write(
+    dir: &Path,
+    workload: &str,
+    seeds: &[u64],
+    tune: f64,
+    results: &[PolicyResult],
+    published: Option<(&[artefact::Run], &[artefact::Run])>,
+) -> std::io::Result<String> {
+    std::fs::create_dir_all(dir)?;
+    let sums: Vec<Value> = results
+        .iter()
+        .map(|r| summary(r, workload, seeds, tune, published))
+        .collect();
+    let top = if sums.len() == 1 {
+        sums[0].clone()
+    } else {
+        json!({ "workload": workload, "seeds": seeds, "tune": tune, "policies": sums })
+    };
+    std::fs::write(
+        dir.join("summary.json"),
+        serde_json::to_string_pretty(&top)? + "\n",
+    )?;
+    let mut csv = String::from("policy,seed,arrived_pct,allocated_pct,frag_pct\n");
+    for r in results {
+        for (seed, c) in seeds.iter().zip(&r.curves) {
+            for (k, (a, f)) in c.alloc_pct.iter().zip(&c.frag_pct).enumerate() {
+                csv.push_str(&format!("{},{seed},{k},{a:.4},{f:.4}\n", r.policy.name()));
+            }
+        }
+    }
+    std::fs::write(dir.join("curves.csv"), csv)?;
+    let mut alloc = Vec::new();
+    let mut frag = Vec::new();
+    for r in results {
+        let pts = |v: Vec<f64>| {
+            v.into_iter()
+                .enumerate()
+                .map(|(k, y)| (k as f64, y))
+                .collect()
+        };
+        alloc.push(Series {
+            name: r.policy.name().into(),
+            points: pts(mean_curve(&r.curves, false)),
+            dashed: false,
+        });
+        frag.push(Series {
+            name: r.policy.name().into(),
+            points: pts(mean_curve(&r.curves, true)),
+            dashed: false,
+        });
+        if let Some((a, f)) = published {
+            let name = format!("{} (artefact)", r.policy.name());
+            if let Some(t) = artefact::mean_curve(a, workload, r.policy.name()) {
+                alloc.push(Series {
+                    name: name.clone(),
+                    points: pts(t),
+                    dashed: true,
+                });
+            }
+            if let Some(t) = artefact::mean_curve(f, workload, r.policy.name()) {
+                frag.push(Series {
+                    name,
+                    points: pts(t),
+                    dashed: true,
+                });
+            }
+        }
+    }
+    let title = format!("{workload}: mean of {} seeds", seeds.len());
+    std::fs::write(
+        dir.join("allocation.svg"),
+        line_chart(
+            &format!("GPU allocation, {title}"),
+            "arrived GPU request (% of capacity)",
+            "allocated GPU (% of capacity)",
+            &alloc,
+            None,
+        ),
+    )?;
+    std::fs::write(
+        dir.join("fragmentation.svg"),
+        line_chart(
+            &format!("GPU fragmentation, {title}"),
+            "arrived GPU request (% of capacity)",
+            "fragmented GPU (% of capacity)",
+            &frag,
+            Some(0.0),
+        ),
+    )?;
+    let table = text_table(workload, seeds, &sums);
+    std::fs::write(dir.join("summary.txt"), &table)?;
+    Ok(table)
+}
+
+fn text_table(workload: &str, seeds: &[u64], sums: &[Value]) -> String {
+    let f = |v: &Value, k: &str| v[k].as_f64().map_or("-".into(), |x| format!("{x:.2}"));
+    let mut t = format!(
+        "{workload}, seeds {}..{} ({} runs each), mean ± sd\n",
+        seeds.first().unwrap_or(&0),
+        seeds.last().unwrap_or(&0),
+        seeds.len()
+    );
+    t.push_str(
+        "policy       alloc@100%      unalloc@100%  alloc@130%      frag@80%       artefact alloc@100  max|diff| pp\n",
+    );
+    for s in sums {
+        let pm = |k: &str| {
+            format!(
+                "{} ± {}",
+                f(s, &format!("{k}_mean")),
+                f(s, &format!("{k}_sd"))
+            )
+        };
+        t.push_str(&format!(
+            "{:<12} {:<15} {:<13} {:<15} {:<14} {:<19} {}\n",
+            s["policy"].as_str().unwrap_or(""),
+            pm("allocated_pct_at_100"),
+            f(s, "unallocated_pct_at_100_mean"),
+            pm("allocated_pct_at_130"),
+            pm("frag_pct_at_80"),
+            f(&s["artefact"], "allocated_pct_at_100_mean"),
+            f(&s["artefact"], "allocation_max_abs_diff_pp"),
+        ));
+    }
+    t
+}
