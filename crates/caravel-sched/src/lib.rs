@@ -668,7 +668,8 @@ impl Scheduler {
                     .filter(|g| g.1 >= q.milli)
                     .map(|g| g.0)
                     .collect();
-                fits[self.below(fits.len() as u64) as usize]
+                // `fit` found room on this node, so `fits` is not empty.
+                *fits.get(self.below(fits.len() as u64) as usize)?
             } else {
                 baselines::best_gpu(&v, &q)?
             };
