@@ -101,7 +101,9 @@ pub fn node_frag(n: &NodeSnap, types: &[WorkloadType]) -> f64 {
     frag(&light(n), types)
 }
 
-/// How much placing `r` on `n` with `devices` grows the node's fragmentation.
+/// How much placing `r` on `n` with `devices` grows the node's fragmentation (the long
+/// way; `score` is what placement uses, and tests hold the two equal).
+#[cfg(test)]
 pub(crate) fn delta(
     n: &NodeSnap,
     r: &TaskResources,
@@ -130,7 +132,15 @@ pub(crate) fn delta(
 pub(crate) fn device_choices(n: &NodeSnap, r: &TaskResources) -> Vec<Vec<u32>> {
     let Some(g) = &r.gpu else { return vec![vec![]] };
     let mut out = Vec::new();
-    for m in g.models() {
+    // The accepted models without building a list: a repeat is skipped.
+    let models = std::iter::once(g.model.as_str()).chain(g.any_of.iter().map(String::as_str));
+    for (k, m) in models.enumerate() {
+        if k > 0 && (g.model == m || g.any_of[..k - 1].iter().any(|x| x == m)) {
+            continue;
+        }
+        let free = |d: &&caravel_core::Device| {
+            d.model == m && !n.used_devices.contains(&d.index) && !n.shared.contains_key(&d.index)
+        };
         match g.milli {
             Some(share) => {
                 for (i, used) in &n.shared {
@@ -138,29 +148,22 @@ pub(crate) fn device_choices(n: &NodeSnap, r: &TaskResources) -> Vec<Vec<u32>> {
                         out.push(vec![*i]);
                     }
                 }
-                if let Some(f) = n.capacity.devices.iter().find(|d| {
-                    d.model == m
-                        && !n.used_devices.contains(&d.index)
-                        && !n.shared.contains_key(&d.index)
-                }) {
+                if let Some(f) = n.capacity.devices.iter().find(free) {
                     out.push(vec![f.index]);
                 }
             }
             None => {
-                let free: Vec<u32> = n
-                    .capacity
-                    .devices
-                    .iter()
-                    .filter(|d| {
-                        d.model == m
-                            && !n.used_devices.contains(&d.index)
-                            && !n.shared.contains_key(&d.index)
-                    })
-                    .map(|d| d.index)
-                    .take(g.count as usize)
-                    .collect();
-                if free.len() == g.count as usize {
-                    out.push(free);
+                let mut pick = Vec::with_capacity(g.count as usize);
+                pick.extend(
+                    n.capacity
+                        .devices
+                        .iter()
+                        .filter(free)
+                        .map(|d| d.index)
+                        .take(g.count as usize),
+                );
+                if pick.len() == g.count as usize {
+                    out.push(pick);
                 }
             }
         }
@@ -182,6 +185,7 @@ pub fn cpu_per_gpu(types: &[WorkloadType]) -> f64 {
     }
 }
 
+#[cfg(test)]
 fn stranded(l: &Light, cpu_per_gpu: f64) -> f64 {
     let idle: u64 = l.free.iter().map(|f| f.1).sum();
     if cpu_per_gpu <= 0.0 {
@@ -192,6 +196,7 @@ fn stranded(l: &Light, cpu_per_gpu: f64) -> f64 {
 
 /// How much placing `r` grows the GPU capacity that the node's remaining CPU could not
 /// feed at the workload's CPU-per-GPU ratio (thousandths of a GPU).
+#[cfg(test)]
 pub(crate) fn stranded_delta(
     n: &NodeSnap,
     r: &TaskResources,
@@ -212,4 +217,99 @@ pub(crate) fn stranded_delta(
         }
     }
     stranded(&after, cpu_per_gpu) - stranded(&before, cpu_per_gpu)
+}
+
+/// `delta + cpu_weight * stranded_delta` in one pass without allocating for nodes of up to
+/// 32 devices: the hot loop of a placement scores every candidate node this way.
+pub(crate) fn score(
+    n: &NodeSnap,
+    r: &TaskResources,
+    devices: &[u32],
+    types: &[WorkloadType],
+    cpu_per_gpu: f64,
+    cpu_weight: f64,
+) -> f64 {
+    let k = n.capacity.devices.len();
+    let (mut sb, mut sa) = ([0u64; 32], [0u64; 32]);
+    let (mut hb, mut ha);
+    let (before, after): (&mut [u64], &mut [u64]) = if k <= 32 {
+        (&mut sb[..k], &mut sa[..k])
+    } else {
+        hb = vec![0u64; k];
+        ha = vec![0u64; k];
+        (&mut hb[..], &mut ha[..])
+    };
+    let take = r
+        .gpu
+        .as_ref()
+        .map(|g| g.milli.map(u64::from).unwrap_or(1000))
+        .unwrap_or(0);
+    for (i, d) in n.capacity.devices.iter().enumerate() {
+        let f = if n.used_devices.contains(&d.index) {
+            0
+        } else {
+            1000 - n.shared.get(&d.index).copied().unwrap_or(0) as u64
+        };
+        before[i] = f;
+        after[i] = if devices.contains(&d.index) {
+            f.saturating_sub(take)
+        } else {
+            f
+        };
+    }
+    let model = n
+        .capacity
+        .devices
+        .first()
+        .map(|d| d.model.as_str())
+        .unwrap_or("");
+    let cpu_b = n.capacity.cpu_milli.saturating_sub(n.used_cpu_milli);
+    let mem_b = n.capacity.memory_bytes.saturating_sub(n.used_memory_bytes);
+    let cpu_a = cpu_b.saturating_sub(r.cpu_milli);
+    let mem_a = mem_b.saturating_sub(r.memory_bytes);
+    let sums = |free: &[u64], share: u64| -> (u64, u64, u64) {
+        // (idle, idle on GPUs with less than `share` free, idle on partly used GPUs)
+        let (mut idle, mut small, mut partial) = (0, 0, 0);
+        for &f in free {
+            idle += f;
+            if f < share {
+                small += f;
+            }
+            if f < 1000 {
+                partial += f;
+            }
+        }
+        (idle, small, partial)
+    };
+    let whole = |free: &[u64]| free.iter().filter(|f| **f == 1000).count() as u32;
+    let (idle_b, _, partial_b) = sums(before, 0);
+    let (idle_a, _, partial_a) = sums(after, 0);
+    let (whole_b, whole_a) = (whole(before), whole(after));
+    let mut total = 0.0;
+    for t in types {
+        let model_ok = t.models.is_empty() || t.models.iter().any(|m| m == model);
+        let one = |free: &[u64], idle: u64, partial: u64, whole: u32, cpu: u64, mem: u64| {
+            if idle == 0 {
+                return 0;
+            }
+            let usable = t.num_gpu > 0 && cpu >= t.cpu_milli && mem >= t.memory_bytes && model_ok;
+            if !usable {
+                idle
+            } else if t.num_gpu == 1 && t.gpu_milli < 1000 {
+                sums(free, t.gpu_milli as u64).1
+            } else if whole >= t.num_gpu {
+                partial
+            } else {
+                idle
+            }
+        };
+        let fb = one(before, idle_b, partial_b, whole_b, cpu_b, mem_b);
+        let fa = one(after, idle_a, partial_a, whole_a, cpu_a, mem_a);
+        total += t.weight * (fa as f64 - fb as f64);
+    }
+    if cpu_per_gpu > 0.0 && cpu_weight != 0.0 {
+        let st = |idle: u64, cpu: u64| (idle as f64 - cpu as f64 / cpu_per_gpu).max(0.0);
+        total += cpu_weight * (st(idle_a, cpu_a) - st(idle_b, cpu_b));
+    }
+    total
 }

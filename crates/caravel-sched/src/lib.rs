@@ -265,6 +265,15 @@ pub struct Config {
     pub fgd_cpu_weight: f64,
     /// Seeds the generator the Random baseline draws with.
     pub seed: u64,
+    /// With `fgd`: score at most this many feasible nodes per placement, taken from the
+    /// candidate index tightest first (0: every node). Like kube-scheduler's
+    /// percentageOfNodesToScore, this bounds a placement's cost on pools of many thousands
+    /// of nodes; pools up to this size are scored exactly.
+    pub fgd_max_candidates: usize,
+    /// Fill in per-node counts ("3 lack cpu, 5 lack free gpu/A100") for work that stays
+    /// pending: a scan of every node per pending shape. Users read them; the simulator turns
+    /// them off. Placements do not depend on it.
+    pub explain_pending: bool,
 }
 
 impl Default for Config {
@@ -275,6 +284,8 @@ impl Default for Config {
             policy: Policy::Caravel,
             fgd_cpu_weight: 2.0,
             seed: 0,
+            fgd_max_candidates: 2048,
+            explain_pending: true,
         }
     }
 }
@@ -570,17 +581,39 @@ impl Scheduler {
         if let Some(types) = &self.cfg.fgd {
             let cpu_per_gpu = fgd::cpu_per_gpu(types);
             let mut best: Option<(f64, usize, Vec<u32>)> = None;
-            for i in 0..self.nodes.len() {
+            let limit = self.cfg.fgd_max_candidates;
+            let all: Box<dyn Iterator<Item = usize>> = if limit == 0 || self.nodes.len() <= limit {
+                Box::new(0..self.nodes.len())
+            } else {
+                self.index.candidates(r)
+            };
+            let mut scored = 0usize;
+            for i in all {
+                if limit > 0 && scored >= limit {
+                    break;
+                }
                 if !ignore_reservation && !self.allowed(i, end) {
                     continue;
                 }
                 let n = &self.nodes[i];
-                if fit(&self.cfg, n, r).is_err() {
+                // `fit`'s verdict, cheapest checks first and without building devices twice:
+                // ready, CPU, memory, then some device choice exists.
+                if !n.ready
+                    || n.capacity.cpu_milli.saturating_sub(n.used_cpu_milli) < r.cpu_milli
+                    || n.capacity.memory_bytes.saturating_sub(n.used_memory_bytes) < r.memory_bytes
+                {
+                    debug_assert!(fit(&self.cfg, n, r).is_err());
                     continue;
                 }
-                for devs in fgd::device_choices(n, r) {
-                    let d = fgd::delta(n, r, &devs, types)
-                        + self.cfg.fgd_cpu_weight * fgd::stranded_delta(n, r, &devs, cpu_per_gpu);
+                let choices = fgd::device_choices(n, r);
+                if choices.is_empty() {
+                    debug_assert!(fit(&self.cfg, n, r).is_err());
+                    continue;
+                }
+                debug_assert!(fit(&self.cfg, n, r).is_ok());
+                scored += 1;
+                for devs in choices {
+                    let d = fgd::score(n, r, &devs, types, cpu_per_gpu, self.cfg.fgd_cpu_weight);
                     if best.as_ref().is_none_or(|b| d < b.0) {
                         best = Some((d, i, devs));
                     }
@@ -954,6 +987,22 @@ impl Scheduler {
         }
     }
 
+    /// A task the caller started from a plan's placement (its resources are already counted
+    /// on its node): known from now on as a possible victim and, with an expected end, to
+    /// reservations. Incremental `set_running` for callers that keep one scheduler alive.
+    pub fn add_running(&mut self, t: RunningTask) {
+        let Some(&i) = self.pos.get(&t.node) else {
+            return;
+        };
+        self.running_at.insert(t.run, i);
+        if let Some(e) = t.expected_end_ms {
+            self.ends.insert((e, i, t.run));
+        }
+        let list = self.running.entry(i).or_default();
+        list.push(t);
+        preempt::sort_victims(list);
+    }
+
     /// A task stopped (say, a victim exited): forget it and free what it held.
     pub fn remove_running(&mut self, run: caravel_core::RunId) -> Option<RunningTask> {
         let i = self.running_at.remove(&run)?;
@@ -1117,7 +1166,12 @@ impl Scheduler {
 
     /// Adds the per-node counts to no-fit reasons left bare by `lazy_explain`.
     fn fill_explanations(&self, plan: &mut Plan, jobs: &[JobReq]) {
+        if !self.cfg.explain_pending {
+            return;
+        }
         let total = self.nodes.len();
+        // Jobs of one shape get the same counts: one scan per shape, not per job.
+        let mut memo: HashMap<Shape, PendingReason> = HashMap::new();
         for j in jobs {
             let Some(reasons) = plan.pending.get_mut(&j.id) else {
                 continue;
@@ -1126,7 +1180,10 @@ impl Scheduler {
                 if !r.message.ends_with("no node fits: ") {
                     continue;
                 }
-                let full = no_fit_reason(&self.explain(&j.resources), total);
+                let full = memo
+                    .entry(shape(&j.resources))
+                    .or_insert_with(|| no_fit_reason(&self.explain(&j.resources), total))
+                    .clone();
                 r.message = format!(
                     "{}{}",
                     r.message.trim_end_matches("no node fits: "),

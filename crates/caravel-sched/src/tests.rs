@@ -1385,3 +1385,55 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// The one-pass score the placement loop uses equals FGD's delta plus the weighted
+    /// stranding delta computed the long way.
+    #[test]
+    fn fgd_one_pass_score_equals_the_long_way(
+        gpus in 1u32..10,
+        used in proptest::collection::vec(0u32..=1000, 10),
+        cpu_used in 0u64..64_000,
+        req_milli in prop_oneof![Just(None), (1u32..1000).prop_map(Some)],
+        req_count in 1u32..4,
+        req_cpu in 0u64..16_000,
+        shapes in proptest::collection::vec((0u32..4, 1u32..=1000, 0u64..32_000, 0.0f64..1.0), 1..8),
+        weight in 0.0f64..5.0,
+        other_model in any::<bool>(),
+    ) {
+        let mut n = gpu_node(1, "A100", gpus);
+        n.used_cpu_milli = cpu_used;
+        for d in 0..gpus {
+            match used[d as usize] {
+                0 => {}
+                1000 => { n.used_devices.insert(d); }
+                u => { n.shared.insert(d, u); }
+            }
+        }
+        let count = if req_milli.is_some() { 1 } else { req_count };
+        let r = TaskResources {
+            cpu_milli: req_cpu,
+            memory_bytes: 1 << 20,
+            gpu: Some(GpuRequest { milli: req_milli, ..GpuRequest::whole("A100", count) }),
+        };
+        let types: Vec<fgd::WorkloadType> = shapes
+            .iter()
+            .map(|(num, milli, cpu, w)| fgd::WorkloadType {
+                cpu_milli: *cpu,
+                memory_bytes: 1 << 20,
+                num_gpu: *num,
+                gpu_milli: if *num == 1 { *milli } else { 1000 },
+                models: if other_model { vec!["H100".into()] } else { vec![] },
+                weight: *w,
+            })
+            .collect();
+        let cpg = fgd::cpu_per_gpu(&types);
+        for devs in fgd::device_choices(&n, &r) {
+            let long = fgd::delta(&n, &r, &devs, &types) + weight * fgd::stranded_delta(&n, &r, &devs, cpg);
+            let fast = fgd::score(&n, &r, &devs, &types, cpg, weight);
+            prop_assert!((long - fast).abs() < 1e-6, "{long} vs {fast}");
+        }
+    }
+}

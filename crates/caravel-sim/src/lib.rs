@@ -8,9 +8,13 @@
 pub mod artefact;
 pub mod fgd;
 pub mod openb;
+pub mod replay;
+pub mod replay_report;
 pub mod report;
 pub mod rng;
 pub mod svg;
+pub mod synth;
+pub mod traces;
 
 /// A malformed trace row: where and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

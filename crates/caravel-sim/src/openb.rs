@@ -40,7 +40,7 @@ impl OpenbPod {
     }
 }
 
-fn rows(path: &Path) -> Result<(String, Vec<(usize, String)>), TraceError> {
+pub(crate) fn rows(path: &Path) -> Result<(String, Vec<(usize, String)>), TraceError> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| TraceError {
         file: file.clone(),
@@ -55,7 +55,12 @@ fn rows(path: &Path) -> Result<(String, Vec<(usize, String)>), TraceError> {
     Ok((file, lines))
 }
 
-fn num<T: std::str::FromStr>(file: &str, line: usize, col: &str, v: &str) -> Result<T, TraceError> {
+pub(crate) fn num<T: std::str::FromStr>(
+    file: &str,
+    line: usize,
+    col: &str,
+    v: &str,
+) -> Result<T, TraceError> {
     v.trim().parse().map_err(|_| TraceError {
         file: file.to_string(),
         line,

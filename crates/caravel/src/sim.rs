@@ -40,6 +40,411 @@ pub enum SimCmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Time-driven replay: jobs arrive, run and leave, services follow their load through
+    /// the autoscaler; JCT, queueing, utilisation over time, share and SLO attainment.
+    Replay {
+        /// What arrives: philly:PATH (philly.csv), pollux:PATH (a Pollux/Sia workload CSV or
+        /// a folder of workload-*.csv, each replayed on its own), synthetic:SPEC
+        /// (nodes=,tasks=,load=,tenants=,services=,day_s=,seed=; brings its own pool), or
+        /// none (services only).
+        #[arg(long)]
+        jobs: String,
+        /// Inference services driven by request traces: azure:PATH (Azure LLM 2023),
+        /// genai:PATH (Alibaba GenAI 2026). Repeatable.
+        #[arg(long)]
+        service: Vec<String>,
+        /// The pool: pool:SPEC (16x4:T4+2x8:A100), openb:PATH (node list), pai:PATH
+        /// (pai_machine_spec.csv), spot:PATH (node_info_df.csv). Required unless the jobs are
+        /// synthetic.
+        #[arg(long)]
+        cluster: Option<String>,
+        /// Placement policies, comma separated (random, dotprod, clustering, packing,
+        /// bestfit, fgd, caravel). The baselines score every node per placement.
+        #[arg(long, default_value = "caravel")]
+        policy: String,
+        /// Seed for the Random baseline.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Replay only jobs submitted in the first DAYS days of the trace.
+        #[arg(long)]
+        days: Option<f64>,
+        /// Scheduling cycle interval in milliseconds of simulated time.
+        #[arg(long, default_value_t = 1000)]
+        cycle_ms: u64,
+        /// GPUs per node for splitting a trace's multi-GPU jobs into tasks (philly, pollux).
+        #[arg(long, default_value_t = 8)]
+        gpus_per_node: u32,
+        /// GPU model of the trace's jobs (philly, pollux) and services: a model of the pool,
+        /// several as A|B (preferred first), or `any` (every model of the pool).
+        #[arg(long)]
+        model: Option<String>,
+        /// Published results to compare with: a Pollux results-jobload folder; the
+        /// <policy>-<LOAD>/summary.json of every policy there are read.
+        #[arg(long)]
+        published: Option<PathBuf>,
+        /// The job load of `--published` results to read (0.5, 1.0, 1.5, 2.0).
+        #[arg(long, default_value = "1.0")]
+        load: String,
+        /// With fragmentation-aware policies: score at most this many feasible nodes per
+        /// placement, tightest first (0: every node). Pools up to this size are exact.
+        #[arg(long, default_value_t = caravel_sched::Config::default().fgd_max_candidates)]
+        candidates: usize,
+        /// Worker threads (default: every core).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Results folder: summary.json, summary.txt, jobs-POLICY.csv, timeline-POLICY.csv,
+        /// utilisation.svg, queueing_cdf.svg.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn split_source<'a>(flag: &str, s: &'a str, kinds: &[&str]) -> Result<(&'a str, &'a str)> {
+    let (k, v) = s.split_once(':').unwrap_or((s, ""));
+    if !kinds.contains(&k) {
+        bail!(
+            "{flag}: `{s}` must start with one of {}",
+            kinds
+                .iter()
+                .map(|k| format!("{k}:"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok((k, v))
+}
+
+fn existing(flag: &str, p: &str) -> Result<PathBuf> {
+    let p = PathBuf::from(p);
+    if p.as_os_str().is_empty() {
+        bail!("{flag}: give a path after the colon");
+    }
+    if !p.exists() {
+        bail!("{flag}: {} does not exist", p.display());
+    }
+    Ok(p)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn replay(
+    jobs: String,
+    service: Vec<String>,
+    cluster: Option<String>,
+    policy: String,
+    seed: u64,
+    days: Option<f64>,
+    cycle_ms: u64,
+    gpus_per_node: u32,
+    model: Option<String>,
+    published: Option<PathBuf>,
+    load: String,
+    candidates: usize,
+    threads: Option<usize>,
+    out: PathBuf,
+) -> Result<i32> {
+    use caravel_sim::{replay as rp, replay_report, synth, traces};
+    let policies = parse_policies(&policy)?;
+    if cycle_ms == 0 {
+        bail!("--cycle-ms: must be at least 1");
+    }
+    if gpus_per_node == 0 {
+        bail!("--gpus-per-node: must be at least 1");
+    }
+    if threads == Some(0) {
+        bail!("--threads: must be at least 1");
+    }
+    if let Some(d) = days {
+        if !(d.is_finite() && d > 0.0) {
+            bail!("--days: must be a positive number");
+        }
+    }
+    // The pool.
+    let mut pool: Option<(String, Vec<caravel_sched::NodeSnap>)> = match &cluster {
+        None => None,
+        Some(c) => {
+            let (k, v) = split_source("--cluster", c, &["pool", "openb", "pai", "spot"])?;
+            let nodes = match k {
+                "pool" => traces::parse_pool(v).map_err(|e| anyhow!("--cluster: {e}"))?,
+                "openb" => openb::to_nodes(&openb::read_nodes(&existing("--cluster", v)?)?),
+                "pai" => traces::read_pai_machines(&existing("--cluster", v)?)?,
+                _ => traces::read_spot_nodes(&existing("--cluster", v)?)?,
+            };
+            if nodes.is_empty() {
+                bail!("--cluster: `{c}` has no nodes");
+            }
+            Some((c.clone(), nodes))
+        }
+    };
+    let gpu_model = |pool: &Option<(String, Vec<caravel_sched::NodeSnap>)>| -> Result<Vec<String>> {
+        let models: std::collections::BTreeSet<String> = pool
+            .iter()
+            .flat_map(|(_, n)| n.iter())
+            .flat_map(|n| n.capacity.devices.iter().map(|d| d.model.clone()))
+            .collect();
+        let list = || models.iter().cloned().collect::<Vec<_>>().join(", ");
+        match model.as_deref() {
+            _ if models.is_empty() => bail!("--cluster: the pool has no GPUs for GPU jobs"),
+            Some("any") => Ok(models.iter().cloned().collect()),
+            Some(m) => {
+                let want: Vec<String> = m.split('|').map(|x| x.trim().to_string()).collect();
+                if let Some(bad) = want.iter().find(|x| !models.contains(*x)) {
+                    bail!(
+                        "--model: `{bad}` is not a GPU model of the pool ({})",
+                        list()
+                    );
+                }
+                Ok(want)
+            }
+            None if models.len() == 1 => Ok(models.iter().cloned().collect()),
+            None => bail!(
+                "--model: the pool has several GPU models ({}); name one, A|B, or any",
+                list()
+            ),
+        }
+    };
+    let shape = |m: Vec<String>| traces::TaskShape {
+        models: m,
+        gpus_per_node,
+        ..Default::default()
+    };
+    // The workloads: one, or one per Pollux workload file.
+    let (k, v) = split_source("--jobs", &jobs, &["philly", "pollux", "synthetic", "none"])?;
+    let mut workloads: Vec<rp::Workload> = Vec::new();
+    let label;
+    match k {
+        "philly" => {
+            let path = existing("--jobs", v)?;
+            let list = traces::read_philly(&path)?;
+            if pool.is_none() {
+                bail!("--cluster: required for philly jobs");
+            }
+            workloads.push(traces::philly_workload(
+                &list,
+                &shape(gpu_model(&pool)?),
+                "philly",
+            ));
+            label = format!("philly {}", path.display());
+        }
+        "pollux" => {
+            let path = existing("--jobs", v)?;
+            let files: Vec<PathBuf> = if path.is_dir() {
+                let mut f: Vec<PathBuf> = std::fs::read_dir(&path)?
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|x| x == "csv"))
+                    .collect();
+                f.sort();
+                f
+            } else {
+                vec![path.clone()]
+            };
+            if files.is_empty() {
+                bail!("--jobs: {} has no .csv workload", path.display());
+            }
+            if pool.is_none() {
+                bail!(
+                    "--cluster: required for pollux jobs (the Pollux paper's pool is pool:16x4:T4)"
+                );
+            }
+            let m = gpu_model(&pool)?;
+            let root = published
+                .as_ref()
+                .and_then(|p| p.parent())
+                .ok_or_else(|| anyhow!("--published: pollux jobs need the artefact's results-jobload folder (their run times are calibrated from it)"))?;
+            let rt = traces::PolluxRuntimes::calibrate(root)?;
+            for f in files {
+                let name = f
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().to_string())
+                    .unwrap_or_default();
+                let w = traces::pollux_workload(
+                    &traces::read_pollux(&f)?,
+                    &rt,
+                    &shape(m.clone()),
+                    &name,
+                )
+                .map_err(|e| anyhow!("--jobs: {}: {e}", f.display()))?;
+                workloads.push(w);
+            }
+            label = format!("pollux {}", path.display());
+        }
+        "synthetic" => {
+            let spec = synth::Spec::parse(v).map_err(|e| anyhow!("--jobs: {e}"))?;
+            let (nodes, w) = synth::generate(&spec);
+            if pool.is_none() {
+                pool = Some((
+                    format!("synthetic mixed pool of {} nodes", nodes.len()),
+                    nodes,
+                ));
+            }
+            label = w.name.clone();
+            workloads.push(w);
+        }
+        _ => {
+            if service.is_empty() {
+                bail!("--jobs none: give at least one --service");
+            }
+            workloads.push(rp::Workload {
+                name: "services".into(),
+                ..Default::default()
+            });
+            label = "services only".into();
+        }
+    }
+    let (cluster_label, nodes) =
+        pool.ok_or_else(|| anyhow!("--cluster: required for these jobs"))?;
+    // Services: their own tenant, started with the first job (or at 0).
+    for sv in &service {
+        let (k, v) = split_source("--service", sv, &["azure", "genai"])?;
+        let path = existing("--service", v)?;
+        let pool_now = Some((String::new(), nodes.clone()));
+        let m = gpu_model(&pool_now)?;
+        let (arr, cap, name) = match k {
+            // A replica serves ~2,000 tokens/s (prompt and generation together).
+            "azure" => (traces::read_azure_llm(&path)?, 2_000.0, "azure-llm"),
+            // One image pipeline per GPU: a replica does one second of work per second.
+            _ => (traces::read_genai(&path)?, 1.0, "genai"),
+        };
+        for w in &mut workloads {
+            let start = w.jobs.first().map(|j| j.submit_ms).unwrap_or(0);
+            let tenant = w.tenants.len();
+            w.tenants.push(rp::Tenant {
+                name: format!("{name}-owner"),
+                weight: 1.0,
+                ..Default::default()
+            });
+            let svc = traces::service_from(name, tenant, &arr, cap, &m, start, 1.0);
+            w.services.push(svc);
+        }
+    }
+    if let Some(d) = days {
+        for w in &mut workloads {
+            if let Some(first) = w.jobs.first().map(|j| j.submit_ms) {
+                let end = first + (d * 86_400_000.0) as i64;
+                w.jobs.retain(|j| j.submit_ms < end);
+            }
+        }
+    }
+    let publ: Vec<traces::Published> = match &published {
+        None => Vec::new(),
+        Some(dir) => {
+            let mut v = Vec::new();
+            for name in ["pollux", "tiresias", "optimus"] {
+                let f = dir.join(format!("{name}-{load}/summary.json"));
+                if f.exists() {
+                    v.push(traces::read_published(&f, name)?);
+                }
+            }
+            if v.is_empty() {
+                bail!(
+                    "--published: no <policy>-{load}/summary.json under {}",
+                    dir.display()
+                );
+            }
+            v
+        }
+    };
+    let threads = threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    let tasks: Vec<(usize, usize)> = (0..policies.len())
+        .flat_map(|p| (0..workloads.len()).map(move |w| (p, w)))
+        .collect();
+    let results: std::sync::Mutex<Vec<Option<rp::Outcome>>> =
+        std::sync::Mutex::new(vec![None; tasks.len()]);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let t0 = std::time::Instant::now();
+    let total_tasks: usize = workloads
+        .iter()
+        .map(|w| w.jobs.iter().map(|j| j.tasks as usize).sum::<usize>())
+        .sum();
+    eprintln!(
+        "replaying {} on {} ({} nodes): {} workload(s), {} jobs, {} tasks, {} service(s), {} policies",
+        label,
+        cluster_label,
+        nodes.len(),
+        workloads.len(),
+        workloads.iter().map(|w| w.jobs.len()).sum::<usize>(),
+        total_tasks,
+        workloads.first().map(|w| w.services.len()).unwrap_or(0),
+        policies.len()
+    );
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|sc| {
+        for _ in 0..threads.min(tasks.len()).max(1) {
+            sc.spawn(|| loop {
+                let k = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let Some(&(p, wi)) = tasks.get(k) else { break };
+                let w = &workloads[wi];
+                let mut opts = rp::Options {
+                    cycle_ms,
+                    ..rp::Options::for_policy(policies[p], w, seed)
+                };
+                opts.sched.fgd_max_candidates = candidates;
+                let single = tasks.len() == 1;
+                let mut last = std::time::Instant::now();
+                let mut progress = |at: i64, span: i64| {
+                    if single && (last.elapsed().as_millis() > 500 || at >= span) {
+                        last = std::time::Instant::now();
+                        let frac = (at as f64 / span.max(1) as f64).clamp(0.0, 1.0);
+                        let filled = (frac * 30.0) as usize;
+                        eprint!(
+                            "\r[{}{}] {:.0}% of the trace's span, {:.0}s elapsed ",
+                            "#".repeat(filled),
+                            ".".repeat(30 - filled),
+                            frac * 100.0,
+                            t0.elapsed().as_secs_f64()
+                        );
+                    }
+                };
+                let o = rp::run(nodes.clone(), w, &opts, &mut progress);
+                results.lock().expect("no panics while held")[k] = Some(o);
+                let d = done.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                if single {
+                    eprintln!();
+                } else {
+                    eprint!(
+                        "\r{d}/{} runs, {:.0}s elapsed ",
+                        tasks.len(),
+                        t0.elapsed().as_secs_f64()
+                    );
+                    if d == tasks.len() {
+                        eprintln!();
+                    }
+                }
+            });
+        }
+    });
+    let wall = t0.elapsed().as_secs_f64();
+    let mut outs = results.into_inner().expect("joined").into_iter();
+    let runs: Vec<replay_report::PolicyRun> = policies
+        .iter()
+        .map(|p| replay_report::PolicyRun {
+            policy: p.name().to_string(),
+            runs: workloads
+                .iter()
+                .map(|w| {
+                    (
+                        w.name.clone(),
+                        outs.next().flatten().expect("every run finished"),
+                    )
+                })
+                .collect(),
+        })
+        .collect();
+    replay_report::write(
+        &out,
+        &label,
+        &format!("{cluster_label} ({} nodes)", nodes.len()),
+        &runs,
+        &publ,
+        wall,
+    )
+    .with_context(|| format!("writing results to {}", out.display()))?;
+    print!("{}", std::fs::read_to_string(out.join("summary.txt"))?);
+    eprintln!("results in {}", out.display());
+    Ok(0)
 }
 
 fn parse_seeds(s: &str) -> Result<Vec<u64>> {
@@ -89,6 +494,37 @@ fn parse_policies(s: &str) -> Result<Vec<Policy>> {
 
 pub fn run(cmd: SimCmd) -> Result<i32> {
     match cmd {
+        SimCmd::Replay {
+            jobs,
+            service,
+            cluster,
+            policy,
+            seed,
+            days,
+            cycle_ms,
+            gpus_per_node,
+            model,
+            published,
+            load,
+            candidates,
+            threads,
+            out,
+        } => replay(
+            jobs,
+            service,
+            cluster,
+            policy,
+            seed,
+            days,
+            cycle_ms,
+            gpus_per_node,
+            model,
+            published,
+            load,
+            candidates,
+            threads,
+            out,
+        ),
         SimCmd::Fgd {
             trace,
             nodes,

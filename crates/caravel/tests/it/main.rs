@@ -5,4 +5,5 @@ mod harness;
 mod bad_input;
 mod failures;
 mod jobs;
+mod sim;
 mod surface;
