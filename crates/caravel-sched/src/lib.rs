@@ -270,9 +270,10 @@ pub struct Config {
     /// percentageOfNodesToScore, this bounds a placement's cost on pools of many thousands
     /// of nodes; pools up to this size are scored exactly.
     pub fgd_max_candidates: usize,
-    /// Fill in per-node counts ("3 lack cpu, 5 lack free gpu/A100") for work that stays
-    /// pending: a scan of every node per pending shape. Users read them; the simulator turns
-    /// them off. Placements do not depend on it.
+    /// Explain work that stays pending in full: per-node counts ("3 lack cpu, 5 lack free
+    /// gpu/A100", a scan of every node per pending shape), the fair-share standing and why no
+    /// preemption helps. Users read them; the simulator turns them off. Placements do not
+    /// depend on it (a test holds plans equal either way but for the reasons).
     pub explain_pending: bool,
 }
 
@@ -503,6 +504,8 @@ pub struct Scheduler {
     reservation: Option<Reservation>,
     /// SplitMix64 state for the baselines' random tie-breaks: seeded, so runs repeat.
     rng: std::cell::Cell<u64>,
+    /// Running tasks that could ever be preempted, kept with `running`.
+    victims: preempt::Victims,
 }
 
 /// Room held for the first job that could not start: from `at` on, on these nodes.
@@ -522,6 +525,7 @@ impl Scheduler {
             now: None,
             reservation: None,
             rng: std::cell::Cell::new(cfg.seed ^ 0x9E37_79B9_7F4A_7C15),
+            victims: preempt::Victims::default(),
             lazy_explain: false,
             preempt_cursor: 0,
             running: BTreeMap::new(),
@@ -973,8 +977,10 @@ impl Scheduler {
         self.running.clear();
         self.running_at.clear();
         self.ends.clear();
+        self.victims = preempt::Victims::default();
         for r in running {
             if let Some(&i) = self.pos.get(&r.node) {
+                self.victims.add(&r, 1);
                 self.running_at.insert(r.run, i);
                 if let Some(e) = r.expected_end_ms {
                     self.ends.insert((e, i, r.run));
@@ -998,6 +1004,7 @@ impl Scheduler {
         if let Some(e) = t.expected_end_ms {
             self.ends.insert((e, i, t.run));
         }
+        self.victims.add(&t, 1);
         let list = self.running.entry(i).or_default();
         list.push(t);
         preempt::sort_victims(list);
@@ -1009,6 +1016,7 @@ impl Scheduler {
         let list = self.running.get_mut(&i)?;
         let k = list.iter().position(|t| t.run == run)?;
         let t = list.remove(k);
+        self.victims.add(&t, -1);
         if let Some(e) = t.expected_end_ms {
             self.ends.remove(&(e, i, t.run));
         }
@@ -1063,7 +1071,13 @@ impl Scheduler {
                 *m.entry(p.job).or_default() += 1;
                 m
             });
-        let mut pass = preempt::Pass::new(&self.nodes, &self.running, now, self.preempt_cursor);
+        let mut pass = preempt::Pass::new(
+            &self.nodes,
+            &self.running,
+            now,
+            self.preempt_cursor,
+            &self.victims,
+        );
         let mut order: Vec<&JobReq> = jobs
             .iter()
             .filter(|j| j.priority != Priority::Spot && j.topology.is_none())
@@ -1150,7 +1164,7 @@ impl Scheduler {
                 if let Some(c) = pass.last_node() {
                     cursor = c + 1;
                 }
-            } else if let Some(w) = why {
+            } else if let Some(w) = why.filter(|_| self.cfg.explain_pending) {
                 reasons.push(PendingReason {
                     code: "no_preemption".into(),
                     message: format!("cannot preempt: {w}"),
@@ -1361,7 +1375,9 @@ impl Scheduler {
                 turns.insert(key(self, t, head, tid));
             }
         }
-        self.explain_fair_share(&mut plan, tenants, jobs);
+        if self.cfg.explain_pending {
+            self.explain_fair_share(&mut plan, tenants, jobs);
+        }
         plan
     }
 

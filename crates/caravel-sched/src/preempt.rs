@@ -178,6 +178,42 @@ pub(crate) struct Pass<'a> {
     now: Millis,
     start: usize,
     last: Option<usize>,
+    /// How many running tasks could be victims at all: spot, and borrowed per tenant. When
+    /// there are none for a job, the node scan is skipped (long queues with nothing to
+    /// preempt would otherwise rescan every busy node per job per cycle).
+    pub(crate) victims: &'a Victims,
+}
+
+/// Running tasks that may ever be preempted, counted as they start and stop.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Victims {
+    pub(crate) spot: usize,
+    pub(crate) borrowed: usize,
+    pub(crate) borrowed_by: HashMap<TenantId, usize>,
+}
+
+impl Victims {
+    pub(crate) fn add(&mut self, t: &RunningTask, by: isize) {
+        let step = |x: &mut usize| *x = x.saturating_add_signed(by);
+        if t.priority == Priority::Spot {
+            step(&mut self.spot);
+        }
+        if t.borrowed {
+            step(&mut self.borrowed);
+            let e = self.borrowed_by.entry(t.tenant).or_insert(0);
+            step(e);
+            if *e == 0 {
+                self.borrowed_by.remove(&t.tenant);
+            }
+        }
+    }
+
+    /// Might any running task be a victim for a job of `tenant` (reclaiming: within its
+    /// guarantee)?
+    fn any_for(&self, tenant: TenantId, reclaiming: bool) -> bool {
+        let own = self.borrowed_by.get(&tenant).copied().unwrap_or(0);
+        self.spot > 0 || (reclaiming && self.borrowed > own)
+    }
 }
 
 impl<'a> Pass<'a> {
@@ -187,8 +223,10 @@ impl<'a> Pass<'a> {
         by_node: &'a ByNode,
         now: Millis,
         start: usize,
+        victims: &'a Victims,
     ) -> Pass<'a> {
         Pass {
+            victims,
             nodes,
             scratch: HashMap::new(),
             by_node,
@@ -296,6 +334,14 @@ impl<'a> Pass<'a> {
             1
         };
         let reclaiming = within_guarantee(&tenant.guarantee, &tenant.used, &job.resources, n);
+        if job.priority == Priority::Spot || !self.victims.any_for(job.tenant, reclaiming) {
+            return Err(if reclaiming {
+                "no spot or borrowed tasks to preempt would make room".to_string()
+            } else {
+                "no spot tasks to preempt would make room, and the tenant is beyond its guarantee"
+                    .to_string()
+            });
+        }
         let members = if job.gang { job.pending.len() } else { 1 };
         let saved = (self.scratch.clone(), self.taken.clone());
         let mut chosen = Vec::new();

@@ -1437,3 +1437,57 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(100))]
+
+    /// Explanations are for people: with them off the plan places, preempts and leaves
+    /// pending exactly the same work.
+    #[test]
+    fn explanations_never_change_a_plan(w in arb_world()) {
+        let run = |explain: bool| {
+            let cfg = Config { explain_pending: explain, ..Config::default() };
+            let mut s = Scheduler::new(cfg, w.nodes.clone());
+            let mut tenants = w.tenants.clone();
+            let first = s.schedule(&mut tenants, &w.jobs);
+            // What the first plan placed runs now; half of it as spot, so the second wave
+            // (the same jobs again, as batch) has victims to find.
+            let running: Vec<RunningTask> = first
+                .placements
+                .iter()
+                .enumerate()
+                .map(|(k, p)| {
+                    let j = w.jobs.iter().find(|j| j.id == p.job).unwrap();
+                    RunningTask {
+                        run: caravel_core::RunId(k as u64 + 1),
+                        job: p.job,
+                        tenant: j.tenant,
+                        node: p.node,
+                        priority: if p.job.0 % 2 == 0 { Priority::Spot } else { Priority::Batch },
+                        resources: j.resources.clone(),
+                        devices: p.devices.clone(),
+                        started_ms: 0,
+                        min_runtime_ms: 0,
+                        borrowed: true,
+                        expected_end_ms: None,
+                    }
+                })
+                .collect();
+            let again: Vec<JobReq> = w
+                .jobs
+                .iter()
+                .map(|j| JobReq { id: JobId(j.id.0 + 1000), seq: j.seq + 1000, priority: Priority::Batch, ..j.clone() })
+                .collect();
+            let second = s.schedule_with(1_000, &running, &mut tenants, &again);
+            (first, second)
+        };
+        let (a1, a2) = run(true);
+        let (b1, b2) = run(false);
+        prop_assert_eq!(&a1.placements, &b1.placements);
+        prop_assert_eq!(&a2.placements, &b2.placements);
+        prop_assert_eq!(&a2.preemptions, &b2.preemptions);
+        let keys = |p: &Plan| p.pending.keys().copied().collect::<Vec<_>>();
+        prop_assert_eq!(keys(&a1), keys(&b1));
+        prop_assert_eq!(keys(&a2), keys(&b2));
+    }
+}
