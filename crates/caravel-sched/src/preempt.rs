@@ -96,12 +96,13 @@ struct Room {
     cpu: u64,
     mem: u64,
     /// Thousandths in use per device of an acceptable model (1000: held whole).
-    devs: BTreeMap<u32, u32>,
+    /// (device index, thousandths in use): a handful per node, so a list beats a map.
+    devs: Vec<(u32, u32)>,
 }
 
 impl Room {
     fn of(n: &NodeSnap, r: &TaskResources) -> Room {
-        let mut devs = BTreeMap::new();
+        let mut devs = Vec::new();
         if let Some(g) = &r.gpu {
             let models = g.models();
             for d in n
@@ -115,7 +116,7 @@ impl Room {
                 } else {
                     n.shared.get(&d.index).copied().unwrap_or(0)
                 };
-                devs.insert(d.index, used);
+                devs.push((d.index, used));
             }
         }
         Room {
@@ -135,7 +136,7 @@ impl Room {
             .map(|g| g.milli.unwrap_or(1000))
             .unwrap_or(0);
         for d in &v.devices {
-            if let Some(used) = self.devs.get_mut(d) {
+            if let Some((_, used)) = self.devs.iter_mut().find(|(i, _)| i == d) {
                 *used = used.saturating_sub(freed);
             }
         }
@@ -145,8 +146,8 @@ impl Room {
         self.cpu >= r.cpu_milli
             && self.mem >= r.memory_bytes
             && r.gpu.as_ref().is_none_or(|g| match g.milli {
-                None => self.devs.values().filter(|u| **u == 0).count() >= g.count as usize,
-                Some(m) => self.devs.values().any(|u| *u + m <= 1000),
+                None => self.devs.iter().filter(|(_, u)| *u == 0).count() >= g.count as usize,
+                Some(m) => self.devs.iter().any(|(_, u)| *u + m <= 1000),
             })
     }
 }

@@ -300,10 +300,17 @@ fn replay(
         let m = gpu_model(&pool_now)?;
         let (arr, cap, name) = match k {
             // A replica serves ~2,000 tokens/s (prompt and generation together).
-            "azure" => (traces::read_azure_llm(&path)?, 2_000.0, "azure-llm"),
+            "azure" => (traces::read_azure_llm(&path)?, 2_000.0, "azure"),
             // One image pipeline per GPU: a replica does one second of work per second.
             _ => (traces::read_genai(&path)?, 1.0, "genai"),
         };
+        // Named after the file, so two services of one kind stay apart.
+        let stem = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_default();
+        let named = format!("{name}:{stem}");
+        let name = named.as_str();
         for w in &mut workloads {
             let start = w.jobs.first().map(|j| j.submit_ms).unwrap_or(0);
             let tenant = w.tenants.len();

@@ -103,7 +103,7 @@ fn replay_writes_a_results_folder_and_sets_published_results_beside_ours() {
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     let s = &v["policies"]["caravel"]["services"][0];
-    assert_eq!(s["name"], "genai");
+    assert_eq!(s["name"], "genai:lora_request_trace");
     assert!(s["slo_attainment"].as_f64().unwrap() > 0.0, "{s}");
     std::fs::remove_dir_all(&out).unwrap();
 }
