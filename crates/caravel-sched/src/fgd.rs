@@ -32,6 +32,48 @@ pub struct WorkloadType {
     pub weight: f64,
 }
 
+/// The workload fragmentation is measured against: task shapes weighted by how many tasks
+/// have them. `None` when none asks for a GPU (placement is then plain indexed best fit).
+/// The server passes what runs and waits now; the simulator the trace's tasks.
+pub fn workload_of<'a>(
+    tasks: impl IntoIterator<Item = (&'a TaskResources, u64)>,
+) -> Option<Vec<WorkloadType>> {
+    type Key = (u64, u64, u32, u32, Vec<String>);
+    let mut counts: std::collections::BTreeMap<Key, u64> = std::collections::BTreeMap::new();
+    for (r, n) in tasks {
+        let (num, milli, models) = match &r.gpu {
+            Some(g) => (
+                g.count,
+                g.milli.unwrap_or(1000),
+                g.models().iter().map(|m| m.to_string()).collect(),
+            ),
+            None => (0, 0, vec![]),
+        };
+        *counts
+            .entry((r.cpu_milli, r.memory_bytes, num, milli, models))
+            .or_insert(0) += n;
+    }
+    if !counts.keys().any(|k| k.2 > 0) {
+        return None;
+    }
+    let total: u64 = counts.values().sum();
+    Some(
+        counts
+            .into_iter()
+            .map(
+                |((cpu_milli, memory_bytes, num_gpu, gpu_milli, models), c)| WorkloadType {
+                    cpu_milli,
+                    memory_bytes,
+                    num_gpu,
+                    gpu_milli,
+                    models,
+                    weight: c as f64 / total as f64,
+                },
+            )
+            .collect(),
+    )
+}
+
 /// What fragmentation needs of a node: free CPU, memory, per-device idle thousandths.
 #[derive(Debug, Clone)]
 struct Light {
@@ -285,7 +327,7 @@ pub(crate) fn score(
     let (idle_b, _, partial_b) = sums(before, 0);
     let (idle_a, _, partial_a) = sums(after, 0);
     let (whole_b, whole_a) = (whole(before), whole(after));
-    let mut total = 0.0;
+    let (mut total_a, mut total_b) = (0.0f64, 0.0f64);
     for t in types {
         let model_ok = t.models.is_empty() || t.models.iter().any(|m| m == model);
         let one = |free: &[u64], idle: u64, partial: u64, whole: u32, cpu: u64, mem: u64| {
@@ -303,13 +345,21 @@ pub(crate) fn score(
                 idle
             }
         };
-        let fb = one(before, idle_b, partial_b, whole_b, cpu_b, mem_b);
-        let fa = one(after, idle_a, partial_a, whole_a, cpu_a, mem_a);
-        total += t.weight * (fa as f64 - fb as f64);
+        // Summed per side, then subtracted, exactly as `frag(after) - frag(before)` rounds:
+        // equal scores must stay equal, or ties break differently from the long way.
+        total_b += t.weight * one(before, idle_b, partial_b, whole_b, cpu_b, mem_b) as f64;
+        total_a += t.weight * one(after, idle_a, partial_a, whole_a, cpu_a, mem_a) as f64;
     }
-    if cpu_per_gpu > 0.0 && cpu_weight != 0.0 {
+    let (total_a, total_b) = if idle_a == 0 {
+        (0.0, total_b)
+    } else {
+        (total_a, total_b)
+    };
+    let total_b = if idle_b == 0 { 0.0 } else { total_b };
+    let mut d = total_a - total_b;
+    if cpu_per_gpu > 0.0 {
         let st = |idle: u64, cpu: u64| (idle as f64 - cpu as f64 / cpu_per_gpu).max(0.0);
-        total += cpu_weight * (st(idle_a, cpu_a) - st(idle_b, cpu_b));
+        d += cpu_weight * (st(idle_a, cpu_a) - st(idle_b, cpu_b));
     }
-    total
+    d
 }

@@ -920,45 +920,12 @@ impl Core {
         &self,
         reqs: &[JobReq],
     ) -> Option<std::sync::Arc<Vec<caravel_sched::fgd::WorkloadType>>> {
-        let mut counts: BTreeMap<(u64, u64, u32, u32, Vec<String>), u64> = BTreeMap::new();
-        let mut add = |r: &TaskResources, n: u64| {
-            let (num, milli, models) = match &r.gpu {
-                Some(g) => (
-                    g.count,
-                    g.milli.unwrap_or(1000),
-                    g.models().iter().map(|m| m.to_string()).collect(),
-                ),
-                None => (0, 0, vec![]),
-            };
-            *counts
-                .entry((r.cpu_milli, r.memory_bytes, num, milli, models))
-                .or_insert(0) += n;
-        };
-        for r in self.runs.values() {
-            add(&self.jobs[&r.job].rec.spec.resources, 1);
-        }
-        for j in reqs {
-            add(&j.resources, j.pending.len() as u64);
-        }
-        if !counts.keys().any(|k| k.2 > 0) {
-            return None;
-        }
-        let total: u64 = counts.values().sum();
-        Some(std::sync::Arc::new(
-            counts
-                .into_iter()
-                .map(|((cpu, mem, num_gpu, gpu_milli, models), c)| {
-                    caravel_sched::fgd::WorkloadType {
-                        cpu_milli: cpu,
-                        memory_bytes: mem,
-                        num_gpu,
-                        gpu_milli,
-                        models,
-                        weight: c as f64 / total as f64,
-                    }
-                })
-                .collect(),
-        ))
+        let running = self
+            .runs
+            .values()
+            .map(|r| (&self.jobs[&r.job].rec.spec.resources, 1));
+        let waiting = reqs.iter().map(|j| (&j.resources, j.pending.len() as u64));
+        caravel_sched::fgd::workload_of(running.chain(waiting)).map(std::sync::Arc::new)
     }
 
     fn spec_of(&self, job: JobId) -> &JobSpec {

@@ -149,48 +149,12 @@ impl Options {
 
 /// Task shapes of `w` weighted by how many tasks have them; `None` without GPU work.
 pub fn expected_workload(w: &Workload) -> Option<Vec<caravel_sched::fgd::WorkloadType>> {
-    type Key = (u64, u64, u32, u32, Vec<String>);
-    let mut counts: std::collections::BTreeMap<Key, f64> = std::collections::BTreeMap::new();
-    let mut add = |r: &TaskResources, n: f64| {
-        let (num, milli, models) = match &r.gpu {
-            Some(g) => (
-                g.count,
-                g.milli.unwrap_or(1000),
-                g.models().iter().map(|m| m.to_string()).collect(),
-            ),
-            None => (0, 0, vec![]),
-        };
-        *counts
-            .entry((r.cpu_milli, r.memory_bytes, num, milli, models))
-            .or_insert(0.0) += n;
-    };
-    for j in &w.jobs {
-        add(&j.resources, j.tasks as f64);
-    }
-    for s in &w.services {
-        add(&s.resources, s.min_replicas.max(1) as f64);
-    }
-    if !counts.keys().any(|k| k.2 > 0) {
-        return None;
-    }
-    let total: f64 = counts.values().sum();
-    Some(
-        counts
-            .into_iter()
-            .map(
-                |((cpu_milli, memory_bytes, num_gpu, gpu_milli, models), c)| {
-                    caravel_sched::fgd::WorkloadType {
-                        cpu_milli,
-                        memory_bytes,
-                        num_gpu,
-                        gpu_milli,
-                        models,
-                        weight: c / total,
-                    }
-                },
-            )
-            .collect(),
-    )
+    let jobs = w.jobs.iter().map(|j| (&j.resources, j.tasks as u64));
+    let services = w
+        .services
+        .iter()
+        .map(|s| (&s.resources, s.min_replicas.max(1) as u64));
+    caravel_sched::fgd::workload_of(jobs.chain(services))
 }
 
 /// One point of the time series.

@@ -42,61 +42,65 @@ pub enum SimCmd {
     },
     /// Time-driven replay: jobs arrive, run and leave, services follow their load through
     /// the autoscaler; JCT, queueing, utilisation over time, share and SLO attainment.
-    Replay {
-        /// What arrives: philly:PATH (philly.csv), pollux:PATH (a Pollux/Sia workload CSV or
-        /// a folder of workload-*.csv, each replayed on its own), synthetic:SPEC
-        /// (nodes=,tasks=,load=,tenants=,services=,day_s=,seed=; brings its own pool), or
-        /// none (services only).
-        #[arg(long)]
-        jobs: String,
-        /// Inference services driven by request traces: azure:PATH (Azure LLM 2023),
-        /// genai:PATH (Alibaba GenAI 2026). Repeatable.
-        #[arg(long)]
-        service: Vec<String>,
-        /// The pool: pool:SPEC (16x4:T4+2x8:A100), openb:PATH (node list), pai:PATH
-        /// (pai_machine_spec.csv), spot:PATH (node_info_df.csv). Required unless the jobs are
-        /// synthetic.
-        #[arg(long)]
-        cluster: Option<String>,
-        /// Placement policies, comma separated (random, dotprod, clustering, packing,
-        /// bestfit, fgd, caravel). The baselines score every node per placement.
-        #[arg(long, default_value = "caravel")]
-        policy: String,
-        /// Seed for the Random baseline.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Replay only jobs submitted in the first DAYS days of the trace.
-        #[arg(long)]
-        days: Option<f64>,
-        /// Scheduling cycle interval in milliseconds of simulated time.
-        #[arg(long, default_value_t = 1000)]
-        cycle_ms: u64,
-        /// GPUs per node for splitting a trace's multi-GPU jobs into tasks (philly, pollux).
-        #[arg(long, default_value_t = 8)]
-        gpus_per_node: u32,
-        /// GPU model of the trace's jobs (philly, pollux) and services: a model of the pool,
-        /// several as A|B (preferred first), or `any` (every model of the pool).
-        #[arg(long)]
-        model: Option<String>,
-        /// Published results to compare with: a Pollux results-jobload folder; the
-        /// <policy>-<LOAD>/summary.json of every policy there are read.
-        #[arg(long)]
-        published: Option<PathBuf>,
-        /// The job load of `--published` results to read (0.5, 1.0, 1.5, 2.0).
-        #[arg(long, default_value = "1.0")]
-        load: String,
-        /// With fragmentation-aware policies: score at most this many feasible nodes per
-        /// placement, tightest first (0: every node). Pools up to this size are exact.
-        #[arg(long, default_value_t = caravel_sched::Config::default().fgd_max_candidates)]
-        candidates: usize,
-        /// Worker threads (default: every core).
-        #[arg(long)]
-        threads: Option<usize>,
-        /// Results folder: summary.json, summary.txt, jobs-POLICY.csv, timeline-POLICY.csv,
-        /// utilisation.svg, queueing_cdf.svg.
-        #[arg(long)]
-        out: PathBuf,
-    },
+    Replay(ReplayArgs),
+}
+
+/// `caravel sim replay`.
+#[derive(clap::Args)]
+pub struct ReplayArgs {
+    /// What arrives: philly:PATH (philly.csv), pollux:PATH (a Pollux/Sia workload CSV or
+    /// a folder of workload-*.csv, each replayed on its own), synthetic:SPEC
+    /// (nodes=,tasks=,load=,tenants=,services=,day_s=,seed=; brings its own pool), or
+    /// none (services only).
+    #[arg(long)]
+    pub jobs: String,
+    /// Inference services driven by request traces: azure:PATH (Azure LLM 2023),
+    /// genai:PATH (Alibaba GenAI 2026). Repeatable.
+    #[arg(long)]
+    pub service: Vec<String>,
+    /// The pool: pool:SPEC (16x4:T4+2x8:A100), openb:PATH (node list), pai:PATH
+    /// (pai_machine_spec.csv), spot:PATH (node_info_df.csv). Required unless the jobs are
+    /// synthetic.
+    #[arg(long)]
+    pub cluster: Option<String>,
+    /// Placement policies, comma separated (random, dotprod, clustering, packing,
+    /// bestfit, fgd, caravel). The baselines score every node per placement.
+    #[arg(long, default_value = "caravel")]
+    pub policy: String,
+    /// Seed for the Random baseline.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Replay only jobs submitted in the first DAYS days of the trace.
+    #[arg(long)]
+    pub days: Option<f64>,
+    /// Scheduling cycle interval in milliseconds of simulated time.
+    #[arg(long, default_value_t = 1000)]
+    pub cycle_ms: u64,
+    /// GPUs per node for splitting a trace's multi-GPU jobs into tasks (philly, pollux).
+    #[arg(long, default_value_t = 8)]
+    pub gpus_per_node: u32,
+    /// GPU model of the trace's jobs (philly, pollux) and services: a model of the pool,
+    /// several as A|B (preferred first), or `any` (every model of the pool).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Published results to compare with: a Pollux results-jobload folder; the
+    /// <policy>-<LOAD>/summary.json of every policy there are read.
+    #[arg(long)]
+    pub published: Option<PathBuf>,
+    /// The job load of `--published` results to read (0.5, 1.0, 1.5, 2.0).
+    #[arg(long, default_value = "1.0")]
+    pub load: String,
+    /// With fragmentation-aware policies: score at most this many feasible nodes per
+    /// placement, tightest first (0: every node). Pools up to this size are exact.
+    #[arg(long, default_value_t = caravel_sched::Config::default().fgd_max_candidates)]
+    pub candidates: usize,
+    /// Worker threads (default: every core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Results folder: summary.json, summary.txt, jobs-POLICY.csv, timeline-POLICY.csv,
+    /// utilisation.svg, queueing_cdf.svg.
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 fn split_source<'a>(flag: &str, s: &'a str, kinds: &[&str]) -> Result<(&'a str, &'a str)> {
@@ -125,23 +129,23 @@ fn existing(flag: &str, p: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn replay(
-    jobs: String,
-    service: Vec<String>,
-    cluster: Option<String>,
-    policy: String,
-    seed: u64,
-    days: Option<f64>,
-    cycle_ms: u64,
-    gpus_per_node: u32,
-    model: Option<String>,
-    published: Option<PathBuf>,
-    load: String,
-    candidates: usize,
-    threads: Option<usize>,
-    out: PathBuf,
-) -> Result<i32> {
+fn replay(a: ReplayArgs) -> Result<i32> {
+    let ReplayArgs {
+        jobs,
+        service,
+        cluster,
+        policy,
+        seed,
+        days,
+        cycle_ms,
+        gpus_per_node,
+        model,
+        published,
+        load,
+        candidates,
+        threads,
+        out,
+    } = a;
     use caravel_sim::{replay as rp, replay_report, synth, traces};
     let policies = parse_policies(&policy)?;
     if cycle_ms == 0 {
@@ -501,37 +505,7 @@ fn parse_policies(s: &str) -> Result<Vec<Policy>> {
 
 pub fn run(cmd: SimCmd) -> Result<i32> {
     match cmd {
-        SimCmd::Replay {
-            jobs,
-            service,
-            cluster,
-            policy,
-            seed,
-            days,
-            cycle_ms,
-            gpus_per_node,
-            model,
-            published,
-            load,
-            candidates,
-            threads,
-            out,
-        } => replay(
-            jobs,
-            service,
-            cluster,
-            policy,
-            seed,
-            days,
-            cycle_ms,
-            gpus_per_node,
-            model,
-            published,
-            load,
-            candidates,
-            threads,
-            out,
-        ),
+        SimCmd::Replay(a) => replay(a),
         SimCmd::Fgd {
             trace,
             nodes,
