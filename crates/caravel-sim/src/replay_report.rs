@@ -168,23 +168,25 @@ pub fn write(
         std::fs::write(dir.join(format!("timeline-{}.csv", p.policy)), tl)?;
     }
 
-    // Utilisation over time: the first workload of each policy (hours from its start).
-    let util: Vec<Series> = runs
-        .iter()
-        .filter_map(|p| p.runs.first().map(|(_, o)| (p, o)))
-        .map(|(p, o)| {
-            let t0 = o.samples.first().map(|s| s.t_ms).unwrap_or(0);
-            Series {
-                name: p.policy.clone(),
-                points: o
-                    .samples
-                    .iter()
-                    .map(|s| ((s.t_ms - t0) as f64 / 3.6e6, s.gpu_alloc * 100.0))
-                    .collect(),
-                dashed: false,
-            }
-        })
-        .collect();
+    // Utilisation over time: the first workload of each policy (hours from its start); GPUs
+    // held, and dashed, GPUs held by work past its start-up (replicas still starting left out).
+    let mut util: Vec<Series> = Vec::new();
+    for (p, o) in runs.iter().filter_map(|p| p.runs.first().map(|(_, o)| (p, o))) {
+        let t0 = o.samples.first().map(|s| s.t_ms).unwrap_or(0);
+        let hours = |s: &crate::replay::Sample| (s.t_ms - t0) as f64 / 3.6e6;
+        util.push(Series {
+            name: format!("{} allocated", p.policy),
+            points: o.samples.iter().map(|s| (hours(s), s.gpu_alloc * 100.0)).collect(),
+            dashed: false,
+        });
+        if o.samples.iter().any(|s| s.gpu_busy != s.gpu_alloc) {
+            util.push(Series {
+                name: format!("{} busy", p.policy),
+                points: o.samples.iter().map(|s| (hours(s), s.gpu_busy * 100.0)).collect(),
+                dashed: true,
+            });
+        }
+    }
     std::fs::write(
         dir.join("utilisation.svg"),
         line_chart(
