@@ -171,18 +171,29 @@ pub fn write(
     // Utilisation over time: the first workload of each policy (hours from its start); GPUs
     // held, and dashed, GPUs held by work past its start-up (replicas still starting left out).
     let mut util: Vec<Series> = Vec::new();
-    for (p, o) in runs.iter().filter_map(|p| p.runs.first().map(|(_, o)| (p, o))) {
+    for (p, o) in runs
+        .iter()
+        .filter_map(|p| p.runs.first().map(|(_, o)| (p, o)))
+    {
         let t0 = o.samples.first().map(|s| s.t_ms).unwrap_or(0);
         let hours = |s: &crate::replay::Sample| (s.t_ms - t0) as f64 / 3.6e6;
         util.push(Series {
             name: format!("{} allocated", p.policy),
-            points: o.samples.iter().map(|s| (hours(s), s.gpu_alloc * 100.0)).collect(),
+            points: o
+                .samples
+                .iter()
+                .map(|s| (hours(s), s.gpu_alloc * 100.0))
+                .collect(),
             dashed: false,
         });
         if o.samples.iter().any(|s| s.gpu_busy != s.gpu_alloc) {
             util.push(Series {
                 name: format!("{} busy", p.policy),
-                points: o.samples.iter().map(|s| (hours(s), s.gpu_busy * 100.0)).collect(),
+                points: o
+                    .samples
+                    .iter()
+                    .map(|s| (hours(s), s.gpu_busy * 100.0))
+                    .collect(),
                 dashed: true,
             });
         }
