@@ -473,7 +473,24 @@ impl Agent {
     async fn run_task(self: Arc<Self>, a: Assignment, mut stop: oneshot::Receiver<()>) {
         let run = a.run;
         let dir = self.cfg.work_dir.join("runs").join(run.to_string());
-        let started = self.spawn(&a, &dir);
+        // A service replica listens on a port the agent found free (the kernel picks it;
+        // the window until the replica binds it is the same one Nomad and Kubernetes'
+        // hostPort allocation live with).
+        let port = if a.wants_port {
+            match std::net::TcpListener::bind(("0.0.0.0", 0)).and_then(|l| l.local_addr()) {
+                Ok(addr) => Some(addr.port()),
+                Err(e) => {
+                    tracing::warn!(run = %run, "no free port: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let started = match (a.wants_port, port) {
+            (true, None) => Err("no free port for the replica".to_string()),
+            _ => self.spawn(&a, &dir, port),
+        };
         let (mut child, cg, pgid, t0) = match started {
             Ok(x) => x,
             Err(msg) => {
@@ -497,6 +514,7 @@ impl Agent {
             run,
             pid: pgid as u32,
             at_ms: t0,
+            port,
         });
         let deadline = a
             .max_runtime_ms
@@ -557,6 +575,7 @@ impl Agent {
         &self,
         a: &Assignment,
         dir: &std::path::Path,
+        port: Option<u16>,
     ) -> Result<(tokio::process::Child, cgroups::RunCgroup, i32, Millis), String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         let out = std::fs::File::create(dir.join("stdout.log"))
@@ -572,6 +591,7 @@ impl Agent {
         cmd.args(&a.args)
             .envs(&a.env)
             .env("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+            .envs(port.map(|p| ("PORT", p.to_string())))
             .current_dir(dir)
             .stdin(std::process::Stdio::null())
             .stdout(out)

@@ -232,6 +232,9 @@ pub struct Assignment {
     pub devices: Vec<u32>,
     pub max_runtime_ms: Option<u64>,
     pub kill_grace_ms: u64,
+    /// A service replica: the agent picks a free port, passes it as `PORT` and reports it.
+    #[serde(default)]
+    pub wants_port: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -241,6 +244,9 @@ pub enum RunEvent {
         run: RunId,
         pid: u32,
         at_ms: Millis,
+        /// The port the agent chose for a service replica.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        port: Option<u16>,
     },
     Exited {
         run: RunId,
@@ -267,4 +273,40 @@ impl RunEvent {
 pub struct EventsRequest {
     pub node_id: NodeId,
     pub events: Vec<RunEvent>,
+}
+
+/// A service as `caravel services` / `service show` see it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServiceView {
+    pub tenant: String,
+    pub name: String,
+    pub version: u64,
+    /// Path on the gateway: `/s/{tenant}/{name}/`.
+    pub path: String,
+    pub public: bool,
+    /// Replicas the autoscaler wants now.
+    pub wanted: u32,
+    pub ready: u32,
+    /// Requests in flight at the gateway (proxied plus held).
+    pub in_flight: u64,
+    pub replicas: Vec<ReplicaView>,
+    pub spec: crate::ServiceSpec,
+    pub created_ms: Millis,
+    pub updated_ms: Millis,
+    /// On deploy: whether the spec changed (a new version rolls out).
+    #[serde(default)]
+    pub changed: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplicaView {
+    pub job: JobId,
+    pub version: u64,
+    /// `pending` (not placed or not started), `starting` (not yet ready), `ready`,
+    /// `draining`.
+    pub state: String,
+    pub node: Option<String>,
+    pub addr: Option<String>,
+    pub zone: String,
+    pub in_flight: u64,
 }

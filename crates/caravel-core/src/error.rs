@@ -24,6 +24,10 @@ pub enum ErrorCode {
     ExceedsQuota,
     /// A node that holds the requested data could not be reached.
     Unavailable,
+    /// Past the service's request rate limit.
+    RateLimited,
+    /// The replica a request went to failed before answering.
+    UpstreamFailed,
     Internal,
 }
 
@@ -37,6 +41,8 @@ impl ErrorCode {
             ErrorCode::Conflict => 409,
             ErrorCode::Unschedulable | ErrorCode::ExceedsQuota => 422,
             ErrorCode::Unavailable => 503,
+            ErrorCode::RateLimited => 429,
+            ErrorCode::UpstreamFailed => 502,
             ErrorCode::Internal => 500,
         }
     }
@@ -52,6 +58,8 @@ impl ErrorCode {
             ErrorCode::Unschedulable => "unschedulable",
             ErrorCode::ExceedsQuota => "exceeds_quota",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::UpstreamFailed => "upstream_failed",
             ErrorCode::Internal => "internal",
         }
     }

@@ -350,6 +350,9 @@ pub struct JobRecord {
     #[serde(default)]
     pub gang_abort_free: bool,
     pub cancel_requested: bool,
+    /// Set on the jobs that run a service's replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<crate::ReplicaOf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -378,6 +381,9 @@ pub struct RunRecord {
     pub local_world_size: u32,
     pub master_addr: Option<String>,
     pub master_port: Option<u16>,
+    /// The port the agent gave a service replica (its `PORT`), once it started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
     /// Placed while its tenant was beyond its guarantee: may be preempted to reclaim it.
     #[serde(default)]
     pub borrowed: bool,

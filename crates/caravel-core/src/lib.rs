@@ -11,12 +11,14 @@ pub mod job;
 pub mod node;
 pub mod quantity;
 pub mod resources;
+pub mod service;
 pub mod tenant;
 
 pub use error::{ErrorCode, ValidationError};
 pub use job::*;
 pub use node::*;
 pub use resources::*;
+pub use service::*;
 pub use tenant::*;
 
 /// Milliseconds since the Unix epoch. Every timestamp in Caravel is one of these so that

@@ -213,6 +213,46 @@ pub(crate) fn device_choices(n: &NodeSnap, r: &TaskResources) -> Vec<Vec<u32>> {
     out
 }
 
+/// Per GPU model, the expected GPU demand of work that accepts only some models (spread
+/// evenly over the models it accepts) over the model's capacity. Work that accepts any
+/// model placed on a high-pressure model takes GPUs only pinned work could have used.
+pub fn pinned_pressure(
+    types: &[WorkloadType],
+    nodes: &[NodeSnap],
+) -> std::collections::HashMap<String, f64> {
+    let mut cap: std::collections::HashMap<String, f64> = std::collections::HashMap::new();
+    for n in nodes {
+        for d in &n.capacity.devices {
+            *cap.entry(d.model.clone()).or_insert(0.0) += 1000.0;
+        }
+    }
+    let all = cap.len();
+    let mut demand: std::collections::HashMap<String, f64> = std::collections::HashMap::new();
+    let mut total = 0.0;
+    for t in types.iter().filter(|t| t.num_gpu > 0) {
+        let g = t.weight * t.num_gpu as f64 * t.gpu_milli as f64;
+        total += g;
+        if t.models.is_empty() || t.models.len() >= all {
+            continue;
+        }
+        for m in &t.models {
+            *demand.entry(m.clone()).or_insert(0.0) += g / t.models.len() as f64;
+        }
+    }
+    let cap_total: f64 = cap.values().sum();
+    cap.into_iter()
+        .map(|(m, c)| {
+            // Demand as a share of all GPU demand, against the model's share of capacity.
+            let p = if total > 0.0 {
+                demand.get(&m).copied().unwrap_or(0.0) / total / (c / cap_total)
+            } else {
+                0.0
+            };
+            (m, p)
+        })
+        .collect()
+}
+
 /// CPU (milli) the expected GPU work asks per thousandth of a GPU, GPU-weighted.
 pub fn cpu_per_gpu(types: &[WorkloadType]) -> f64 {
     let (mut cpu, mut gpu) = (0.0, 0.0);

@@ -263,6 +263,11 @@ pub struct Config {
     /// CPU could no longer feed at the workload's CPU-per-GPU ratio) next to FGD's delta.
     /// 0 is plain FGD; 2 measured best on the openb traces (docs/simulator.md).
     pub fgd_cpu_weight: f64,
+    /// With `fgd`: weight of the pinned-model pressure term (see `fgd::pinned_pressure`):
+    /// a task that accepts several GPU models pays, per GPU thousandth it takes, this times
+    /// the pressure of pinned work on the model it lands on. 0.2 measured best on the
+    /// openb gpuspec traces (docs/simulator.md); traces without pins are unaffected.
+    pub fgd_pin_weight: f64,
     /// Seeds the generator the Random baseline draws with.
     pub seed: u64,
     /// With `fgd`: score at most this many feasible nodes per placement, taken from the
@@ -284,6 +289,7 @@ impl Default for Config {
             fgd: None,
             policy: Policy::Caravel,
             fgd_cpu_weight: 2.0,
+            fgd_pin_weight: 0.2,
             seed: 0,
             fgd_max_candidates: 2048,
             explain_pending: true,
@@ -506,6 +512,8 @@ pub struct Scheduler {
     rng: std::cell::Cell<u64>,
     /// Running tasks that could ever be preempted, kept with `running`.
     victims: preempt::Victims,
+    /// Per GPU model: expected GPU demand of work pinned to it, over its capacity.
+    pinned_pressure: HashMap<String, f64>,
 }
 
 /// Room held for the first job that could not start: from `at` on, on these nodes.
@@ -520,7 +528,13 @@ impl Scheduler {
     pub fn new(cfg: Config, nodes: Vec<NodeSnap>) -> Scheduler {
         let index = index::Index::build(&nodes);
         let pos = nodes.iter().enumerate().map(|(i, n)| (n.id, i)).collect();
+        let pinned_pressure = cfg
+            .fgd
+            .as_deref()
+            .map(|t| fgd::pinned_pressure(t, &nodes))
+            .unwrap_or_default();
         Scheduler {
+            pinned_pressure,
             ends: BTreeSet::new(),
             now: None,
             reservation: None,
@@ -617,7 +631,17 @@ impl Scheduler {
                 debug_assert!(fit(&self.cfg, n, r).is_ok());
                 scored += 1;
                 for devs in choices {
-                    let d = fgd::score(n, r, &devs, types, cpu_per_gpu, self.cfg.fgd_cpu_weight);
+                    let mut d =
+                        fgd::score(n, r, &devs, types, cpu_per_gpu, self.cfg.fgd_cpu_weight);
+                    if self.cfg.fgd_pin_weight != 0.0 {
+                        if let Some(g) = &r.gpu {
+                            let take = g.milli.unwrap_or(1000) as f64 * devs.len() as f64;
+                            let model = devs.first().and_then(|d| n.model_of(*d)).unwrap_or("");
+                            d += self.cfg.fgd_pin_weight
+                                * take
+                                * self.pinned_pressure.get(model).copied().unwrap_or(0.0);
+                        }
+                    }
                     if best.as_ref().is_none_or(|b| d < b.0) {
                         best = Some((d, i, devs));
                     }

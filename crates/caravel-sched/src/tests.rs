@@ -1491,3 +1491,34 @@ proptest! {
         prop_assert_eq!(keys(&a2), keys(&b2));
     }
 }
+
+#[test]
+fn work_that_accepts_any_model_leaves_a_scarce_model_to_its_pinned_work() {
+    // One P100 node and ten T4 nodes. 20 % of the expected GPU demand accepts only P100
+    // (a lot for one node), 30 % only T4 (little for ten), the rest any model. Plain FGD
+    // sends a task that accepts both to the P100 node (there the T4-pinned 30 % could not
+    // use the GPU it takes anyway); Caravel's pinned-pressure term keeps the scarce P100
+    // for the work that can run nowhere else.
+    let mut p100 = wt(1, 1000, 0.2);
+    p100.models = vec!["P100".into()];
+    let mut t4 = wt(1, 1000, 0.3);
+    t4.models = vec!["T4".into()];
+    let any = wt(1, 1000, 0.5);
+    let types = vec![p100, t4, any];
+    let mut nodes = vec![gpu_node(1, "P100", 4)];
+    nodes.extend((2..12).map(|i| gpu_node(i, "T4", 4)));
+    let p = fgd::pinned_pressure(&types, &nodes);
+    assert!(p["P100"] > 2.0 && p["T4"] < 0.4, "{p:?}");
+    let mut flexible = job(1, 1, 100, Some(("P100", 1)), false);
+    flexible.resources.gpu.as_mut().unwrap().any_of = vec!["T4".into()];
+    let mut s = Scheduler::new(fgd_cfg(types.clone()), nodes.clone());
+    let plan = s.schedule(&mut HashMap::new(), std::slice::from_ref(&flexible));
+    assert_ne!(plan.placements[0].node, NodeId(1));
+    let off = Config {
+        fgd_pin_weight: 0.0,
+        ..fgd_cfg(types)
+    };
+    let mut s = Scheduler::new(off, nodes);
+    let plan = s.schedule(&mut HashMap::new(), &[flexible]);
+    assert_eq!(plan.placements[0].node, NodeId(1));
+}

@@ -226,6 +226,178 @@ pub async fn submit(
     Ok((StatusCode::CREATED, Json(SubmitResponse { id })).into_response())
 }
 
+/// The tenant a write acts as: a tenant token acts as itself (naming another is refused);
+/// the admin names one, or gets the default tenant.
+fn acting_tenant(core: &Core, p: Principal, named: Option<&str>) -> Res<TenantId> {
+    match p {
+        Principal::Tenant(t) => {
+            if named.is_some_and(|n| core.tenant_id(n) != Some(t)) {
+                return Err(ApiError::field(
+                    ErrorCode::PermissionDenied,
+                    "tenant",
+                    "a tenant token may only act as its own tenant",
+                ));
+            }
+            Ok(t)
+        }
+        _ => {
+            let name = named.unwrap_or(DEFAULT_TENANT);
+            core.tenant_id(name).ok_or_else(|| {
+                ApiError::field(
+                    ErrorCode::NotFound,
+                    "tenant",
+                    format!("tenant `{name}` not found"),
+                )
+            })
+        }
+    }
+}
+
+// ---- services ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantQuery {
+    tenant: Option<String>,
+}
+
+fn service_view(
+    s: &Shared,
+    core: &mut Core,
+    key: &(TenantId, String),
+    changed: bool,
+) -> ServiceView {
+    let rec = core.services[key].clone();
+    let reps = core.replicas(key.0, &key.1);
+    let tenant = core.tenant_name(key.0);
+    let gw = s.gateway.services.lock().expect("gateway lock");
+    let svc = gw.get(key);
+    let mut replicas = Vec::with_capacity(reps.len());
+    for r in &reps {
+        let live = svc.and_then(|v| v.replicas.get(&r.job));
+        let state = match live {
+            _ if r.stopping => "draining",
+            Some(l) if l.draining => "draining",
+            Some(l) if l.ready => "ready",
+            _ if r.addr.is_some() => "starting",
+            _ => "pending",
+        };
+        replicas.push(ReplicaView {
+            job: r.job,
+            version: r.version,
+            state: state.to_string(),
+            node: r
+                .run
+                .and_then(|id| core.runs.get(&id))
+                .map(|run| node_name(core, run.node)),
+            addr: r.addr.clone(),
+            zone: r.zone.clone(),
+            in_flight: live.map_or(0, |l| {
+                l.in_flight.load(std::sync::atomic::Ordering::Relaxed)
+            }),
+        });
+    }
+    ServiceView {
+        path: format!("/s/{tenant}/{}/", key.1),
+        tenant,
+        name: key.1.clone(),
+        version: rec.version,
+        public: rec.spec.public,
+        wanted: svc.map_or(0, |v| v.scaler.replicas),
+        ready: replicas.iter().filter(|r| r.state == "ready").count() as u32,
+        in_flight: replicas.iter().map(|r| r.in_flight).sum::<u64>()
+            + svc.map_or(0, |v| v.held.load(std::sync::atomic::Ordering::Relaxed)),
+        replicas,
+        spec: rec.spec,
+        created_ms: rec.created_ms,
+        updated_ms: rec.updated_ms,
+        changed,
+    }
+}
+
+pub async fn deploy_service(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(q): Query<TenantQuery>,
+    body: Bytes,
+) -> Res<Response> {
+    let p = user_only(authenticate(&s, &headers)?)?;
+    let spec: ServiceSpec = parse_json(&body)?;
+    let mut core = s.core.lock().expect("core lock");
+    let tenant = acting_tenant(&core, p, q.tenant.as_deref())?;
+    let existed = core.services.contains_key(&(tenant, spec.name.clone()));
+    let (rec, changed) = core.deploy_service(tenant, spec, now_ms())?;
+    let view = service_view(&s, &mut core, &(tenant, rec.spec.name.clone()), changed);
+    let code = if existed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((code, Json(view)).into_response())
+}
+
+pub async fn list_services(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(q): Query<TenantQuery>,
+) -> Res<Json<Vec<ServiceView>>> {
+    let p = user_only(authenticate(&s, &headers)?)?;
+    let mut core = s.core.lock().expect("core lock");
+    let scope = tenant_scope(&core, p, q.tenant.as_deref())?;
+    let keys: Vec<(TenantId, String)> = core
+        .services
+        .keys()
+        .filter(|k| scope.is_none_or(|t| k.0 == t))
+        .cloned()
+        .collect();
+    Ok(Json(
+        keys.iter()
+            .map(|k| service_view(&s, &mut core, k, false))
+            .collect(),
+    ))
+}
+
+fn service_key(
+    core: &Core,
+    p: Principal,
+    tenant: Option<&str>,
+    name: &str,
+) -> Res<(TenantId, String)> {
+    let t = acting_tenant(core, p, tenant)?;
+    let key = (t, name.to_string());
+    if !core.services.contains_key(&key) {
+        return Err(ApiError::not_found(format!("service {name}")));
+    }
+    Ok(key)
+}
+
+pub async fn get_service(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    Query(q): Query<TenantQuery>,
+) -> Res<Json<ServiceView>> {
+    let p = user_only(authenticate(&s, &headers)?)?;
+    let mut core = s.core.lock().expect("core lock");
+    let key = service_key(&core, p, q.tenant.as_deref(), &name)?;
+    Ok(Json(service_view(&s, &mut core, &key, false)))
+}
+
+pub async fn delete_service(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    Query(q): Query<TenantQuery>,
+) -> Res<StatusCode> {
+    let p = user_only(authenticate(&s, &headers)?)?;
+    let mut core = s.core.lock().expect("core lock");
+    let key = service_key(&core, p, q.tenant.as_deref(), &name)?;
+    core.delete_service(key.0, &key.1, now_ms())?;
+    drop(core);
+    s.sched_wake.notify_one();
+    Ok(StatusCode::NO_CONTENT)
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {

@@ -78,6 +78,24 @@ pub struct Core {
     /// Set when a commit failed after memory changed; the server reloads from the store.
     pub needs_reload: bool,
     group: Option<Vec<Mutation>>,
+    /// Deployed services by (tenant, name).
+    pub services: BTreeMap<(TenantId, String), ServiceRecord>,
+    /// Replica jobs of each service that may not have ended yet (pruned lazily).
+    service_jobs: HashMap<(TenantId, String), BTreeSet<JobId>>,
+}
+
+/// One replica of a service as the gateway and the controller see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplicaInfo {
+    pub job: JobId,
+    pub version: u64,
+    pub run: Option<RunId>,
+    /// `address:port` once the replica's process started.
+    pub addr: Option<String>,
+    pub zone: String,
+    pub region: String,
+    /// Asked to stop (drained, cancelled); it will leave.
+    pub stopping: bool,
 }
 
 fn job_port(job: JobId) -> u16 {
@@ -114,7 +132,12 @@ impl Core {
             fair_share_half_life_ms: 3_600_000,
             needs_reload: false,
             group: None,
+            services: BTreeMap::new(),
+            service_jobs: HashMap::new(),
         };
+        for s in snap.services {
+            core.services.insert((s.tenant, s.spec.name.clone()), s);
+        }
         for (t, h) in snap.tenants {
             core.next_tenant = core.next_tenant.max(t.id.0 + 1);
             core.tenant_by_name.insert(t.name.clone(), t.id);
@@ -138,6 +161,12 @@ impl Core {
         }
         for j in snap.jobs {
             core.next_job = core.next_job.max(j.id.0 + 1);
+            if let (Some(s), false) = (&j.service, j.state.is_terminal()) {
+                core.service_jobs
+                    .entry((j.tenant, s.service.clone()))
+                    .or_default()
+                    .insert(j.id);
+            }
             core.next_seq = core.next_seq.max(j.seq + 1);
             core.jobs.insert(
                 j.id,
@@ -319,13 +348,9 @@ impl Core {
 
     // ---- jobs ----
 
-    pub fn submit(
-        &mut self,
-        tenant: TenantId,
-        spec: JobSpec,
-        now: Millis,
-    ) -> Result<JobId, ApiError> {
-        spec.validate()?;
+    /// Refuses work that no node could ever run or that exceeds its tenant's quota on its
+    /// own.
+    fn check_runnable(&self, tenant: TenantId, spec: &JobSpec) -> Result<(), ApiError> {
         let t = self
             .tenants
             .get(&tenant)
@@ -405,6 +430,27 @@ impl Core {
                 ),
             ));
         }
+        Ok(())
+    }
+
+    pub fn submit(
+        &mut self,
+        tenant: TenantId,
+        spec: JobSpec,
+        now: Millis,
+    ) -> Result<JobId, ApiError> {
+        self.submit_as(tenant, spec, None, now)
+    }
+
+    fn submit_as(
+        &mut self,
+        tenant: TenantId,
+        spec: JobSpec,
+        service: Option<ReplicaOf>,
+        now: Millis,
+    ) -> Result<JobId, ApiError> {
+        spec.validate()?;
+        self.check_runnable(tenant, &spec)?;
         let id = JobId(self.next_job);
         let rec = JobRecord {
             id,
@@ -418,6 +464,7 @@ impl Core {
             gang_abort: None,
             gang_abort_free: false,
             cancel_requested: false,
+            service,
             spec,
         };
         let tasks: Vec<TaskRecord> = (0..rec.spec.tasks)
@@ -436,6 +483,12 @@ impl Core {
         self.commit(&batch)?;
         self.next_job += 1;
         self.next_seq += 1;
+        if let Some(s) = &rec.service {
+            self.service_jobs
+                .entry((tenant, s.service.clone()))
+                .or_default()
+                .insert(id);
+        }
         self.jobs.insert(
             id,
             JobEntry {
@@ -447,6 +500,129 @@ impl Core {
         );
         self.pending.insert(id);
         Ok(id)
+    }
+
+    /// Creates or updates a service. A changed spec gets a new version, which the
+    /// controller rolls out; an identical one changes nothing. Returns the record and
+    /// whether it changed.
+    pub fn deploy_service(
+        &mut self,
+        tenant: TenantId,
+        spec: ServiceSpec,
+        now: Millis,
+    ) -> Result<(ServiceRecord, bool), ApiError> {
+        spec.validate()?;
+        // What a replica asks for must be runnable here and within quota, as for a job.
+        self.check_runnable(tenant, &spec.replica_job())?;
+        let key = (tenant, spec.name.clone());
+        let rec = match self.services.get(&key) {
+            Some(old) if old.spec == spec => return Ok((old.clone(), false)),
+            Some(old) => ServiceRecord {
+                tenant,
+                spec,
+                version: old.version + 1,
+                created_ms: old.created_ms,
+                updated_ms: now,
+            },
+            None => ServiceRecord {
+                tenant,
+                spec,
+                version: 1,
+                created_ms: now,
+                updated_ms: now,
+            },
+        };
+        self.commit(&[Mutation::PutService(rec.clone())])?;
+        self.services.insert(key, rec.clone());
+        Ok((rec, true))
+    }
+
+    /// Removes a service and stops its replicas (each gets its kill grace).
+    pub fn delete_service(
+        &mut self,
+        tenant: TenantId,
+        name: &str,
+        now: Millis,
+    ) -> Result<(), ApiError> {
+        let key = (tenant, name.to_string());
+        if !self.services.contains_key(&key) {
+            return Err(ApiError::not_found(format!("service {name}")));
+        }
+        self.commit(&[Mutation::DeleteService {
+            tenant,
+            name: name.to_string(),
+        }])?;
+        self.services.remove(&key);
+        let jobs: Vec<JobId> = self
+            .service_jobs
+            .remove(&key)
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        for j in jobs {
+            if self
+                .jobs
+                .get(&j)
+                .is_some_and(|e| !e.rec.state.is_terminal())
+            {
+                self.cancel(j, now)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts one more replica of the service's current version.
+    pub fn add_replica(
+        &mut self,
+        tenant: TenantId,
+        name: &str,
+        now: Millis,
+    ) -> Result<JobId, ApiError> {
+        let rec = self
+            .services
+            .get(&(tenant, name.to_string()))
+            .ok_or_else(|| ApiError::not_found(format!("service {name}")))?;
+        let of = ReplicaOf {
+            service: name.to_string(),
+            version: rec.version,
+        };
+        let spec = rec.spec.replica_job();
+        self.submit_as(tenant, spec, Some(of), now)
+    }
+
+    /// The replicas of a service that have not ended, oldest first.
+    pub fn replicas(&mut self, tenant: TenantId, name: &str) -> Vec<ReplicaInfo> {
+        let key = (tenant, name.to_string());
+        let Some(ids) = self.service_jobs.get_mut(&key) else {
+            return Vec::new();
+        };
+        let jobs = &self.jobs;
+        ids.retain(|j| jobs.get(j).is_some_and(|e| !e.rec.state.is_terminal()));
+        let mut out = Vec::with_capacity(ids.len());
+        for j in ids.iter() {
+            let e = &self.jobs[j];
+            let run = e.active_runs.iter().next().and_then(|r| self.runs.get(r));
+            let node = run.and_then(|r| self.nodes.get(&r.node));
+            out.push(ReplicaInfo {
+                job: *j,
+                version: e.rec.service.as_ref().map_or(0, |s| s.version),
+                run: run.map(|r| r.id),
+                addr: match (run, node) {
+                    (Some(r), Some(n)) if r.state == RunState::Running => {
+                        r.port.map(|p| format!("{}:{p}", n.node.address))
+                    }
+                    _ => None,
+                },
+                zone: node
+                    .map(|n| n.node.topology.zone.clone())
+                    .unwrap_or_default(),
+                region: node
+                    .map(|n| n.node.topology.region.clone())
+                    .unwrap_or_default(),
+                stopping: e.rec.cancel_requested || run.is_some_and(|r| r.stop.is_some()),
+            });
+        }
+        out
     }
 
     pub fn cancel(&mut self, id: JobId, now: Millis) -> Result<(), ApiError> {
@@ -868,6 +1044,7 @@ impl Core {
                 } else {
                     None
                 },
+                port: None,
                 state: RunState::Assigned,
                 stop: None,
                 assigned_ms: now,
@@ -1322,6 +1499,7 @@ impl Core {
             devices: r.devices.clone(),
             max_runtime_ms: s.max_runtime_ms,
             kill_grace_ms: s.kill_grace(),
+            wants_port: j.rec.service.is_some(),
         }
     }
 
@@ -1354,13 +1532,19 @@ impl Core {
             return Ok(());
         }
         match ev {
-            RunEvent::Started { pid: _, at_ms, .. } => {
+            RunEvent::Started {
+                pid: _,
+                at_ms,
+                port,
+                ..
+            } => {
                 let r = self.runs.get_mut(&rid).expect("active");
                 if r.state != RunState::Assigned {
                     return Ok(());
                 }
                 r.state = RunState::Running;
                 r.started_ms = Some(at_ms);
+                r.port = port;
                 let r = r.clone();
                 let j = self.jobs.get_mut(&r.job).expect("exists");
                 let t = &mut j.tasks[r.index as usize];

@@ -6,8 +6,10 @@
 
 pub mod api;
 pub mod auth;
+pub mod autoscale;
 pub mod core;
 pub mod error;
+pub mod gateway;
 pub mod metrics;
 pub mod openapi;
 
@@ -19,7 +21,7 @@ use std::time::{Duration, Instant};
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::Router;
 use caravel_core::{Millis, NodeState, RunState};
 use caravel_store::{SqliteStore, Sync};
@@ -86,6 +88,11 @@ pub struct Shared {
     pub sched_wake: Notify,
     pub cfg: ServerConfig,
     pub http: reqwest::Client,
+    /// The gateway's client to replicas: pooled connections, no overall timeout (responses
+    /// may stream for as long as they like), a short connect timeout so a dead replica is
+    /// retried elsewhere quickly.
+    pub proxy: reqwest::Client,
+    pub gateway: gateway::Gateway,
 }
 
 /// A running server.
@@ -135,6 +142,17 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/agent/register", post(api::agent_register))
         .route("/v1/agent/sync", post(api::agent_sync))
         .route("/v1/agent/events", post(api::agent_events))
+        .route(
+            "/v1/services",
+            post(api::deploy_service).get(api::list_services),
+        )
+        .route(
+            "/v1/services/{name}",
+            get(api::get_service).delete(api::delete_service),
+        )
+        .route("/s/{tenant}/{service}", any(gateway::route_root))
+        .route("/s/{tenant}/{service}/", any(gateway::route_root))
+        .route("/s/{tenant}/{service}/{*rest}", any(gateway::route))
         .fallback(api::fallback)
         .layer(axum::middleware::from_fn_with_state(
             shared.clone(),
@@ -206,9 +224,16 @@ pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
         sched_wake: Notify::new(),
         cfg: cfg.clone(),
         http: reqwest::Client::new(),
+        proxy: reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build()
+            .expect("building an HTTP client"),
+        gateway: gateway::Gateway::default(),
     });
     let sched = tokio::spawn(scheduling_loop(shared.clone()));
     let live = tokio::spawn(liveness_loop(shared.clone()));
+    let ctrl = tokio::spawn(gateway::controller_loop(shared.clone()));
     let app = router(shared.clone());
     let serve = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -221,7 +246,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
         admin_token,
         agent_token,
         shared,
-        tasks: vec![sched, live, serve],
+        tasks: vec![sched, live, ctrl, serve],
     })
 }
 

@@ -8,6 +8,11 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+/// Labels of a metric family: (name, value) pairs.
+type Labels = Vec<(String, String)>;
+/// Histograms by label set, each made with the same buckets.
+type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
+
 pub struct Metrics {
     registry: Registry,
     pub queue_depth: Gauge,
@@ -17,6 +22,18 @@ pub struct Metrics {
     pub placements: Counter,
     pub api_requests: Family<Vec<(String, String)>, Counter>,
     pub jobs_submitted: Counter,
+    /// Gateway requests by service (`tenant/name`) and status code.
+    pub service_requests: Family<Vec<(String, String)>, Counter>,
+    /// Gateway request latency by service, to the end of the response body.
+    pub service_latency: HistogramFamily,
+    /// Replicas by service and state (wanted, ready).
+    pub service_replicas: Family<Vec<(String, String)>, Gauge>,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new([
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ])
 }
 
 impl Metrics {
@@ -58,6 +75,25 @@ impl Metrics {
             api_requests.clone(),
         );
         registry.register("jobs_submitted", "Jobs accepted", jobs_submitted.clone());
+        let service_requests = Family::<Vec<(String, String)>, Counter>::default();
+        let service_latency =
+            HistogramFamily::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let service_replicas = Family::<Vec<(String, String)>, Gauge>::default();
+        registry.register(
+            "service_requests",
+            "Gateway requests by service and status code",
+            service_requests.clone(),
+        );
+        registry.register(
+            "service_request_seconds",
+            "Gateway request latency by service, to the last byte of the response",
+            service_latency.clone(),
+        );
+        registry.register(
+            "service_replicas",
+            "Service replicas by state",
+            service_replicas.clone(),
+        );
         Metrics {
             registry,
             queue_depth,
@@ -67,6 +103,9 @@ impl Metrics {
             placements,
             api_requests,
             jobs_submitted,
+            service_requests,
+            service_latency,
+            service_replicas,
         }
     }
 

@@ -62,6 +62,7 @@ pub fn job(id: u64, tenant: u64) -> JobRecord {
         gang_abort: None,
         gang_abort_free: false,
         cancel_requested: false,
+        service: None,
     }
 }
 
@@ -91,6 +92,7 @@ pub fn run(id: u64, job: u64, state: RunState) -> RunRecord {
         local_world_size: 1,
         master_addr: None,
         master_port: None,
+        port: None,
         borrowed: true,
         state,
         stop: None,
@@ -256,12 +258,50 @@ pub fn many_jobs_round_trip(f: &dyn StoreFactory) {
     );
 }
 
+pub fn services_upsert_and_delete(f: &dyn StoreFactory) {
+    let rec = |tenant: u64, name: &str, version: u64| ServiceRecord {
+        tenant: TenantId(tenant),
+        spec: ServiceSpec::simple(name, "python3", &["serve.py"]),
+        version,
+        created_ms: 1,
+        updated_ms: version as i64,
+    };
+    {
+        let mut s = f.open();
+        s.apply(&[
+            Mutation::PutService(rec(1, "chat", 1)),
+            Mutation::PutService(rec(2, "chat", 1)),
+            Mutation::PutService(rec(1, "embed", 1)),
+        ])
+        .unwrap();
+        s.apply(&[Mutation::PutService(rec(1, "chat", 2))]).unwrap();
+        s.apply(&[Mutation::DeleteService {
+            tenant: TenantId(1),
+            name: "embed".into(),
+        }])
+        .unwrap();
+    }
+    // Reopened: what was committed is there, once.
+    let snap = f.open().load().unwrap();
+    let got: Vec<(u64, String, u64)> = snap
+        .services
+        .iter()
+        .map(|r| (r.tenant.0, r.spec.name.clone(), r.version))
+        .collect();
+    assert_eq!(
+        got,
+        vec![(1, "chat".to_string(), 2), (2, "chat".to_string(), 1)]
+    );
+    assert_eq!(snap.services[0], rec(1, "chat", 2));
+}
+
 #[macro_export]
 macro_rules! store_conformance_tests {
     ($factory:expr) => {
         $crate::store_conformance_tests!(@t $factory;
             empty_store_loads_empty, round_trips_every_record, puts_are_upserts,
-            usage_is_written_once, usage_filters, batches_are_atomic, many_jobs_round_trip);
+            usage_is_written_once, usage_filters, batches_are_atomic, many_jobs_round_trip,
+            services_upsert_and_delete);
     };
     (@t $factory:expr; $($name:ident),*) => {
         $(

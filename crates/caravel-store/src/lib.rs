@@ -14,7 +14,10 @@
 pub mod conformance;
 mod sqlite;
 
-use caravel_core::{JobId, JobRecord, Node, RunId, RunRecord, TaskRecord, Tenant, UsageRecord};
+use caravel_core::{
+    JobId, JobRecord, Node, RunId, RunRecord, ServiceRecord, TaskRecord, Tenant, TenantId,
+    UsageRecord,
+};
 
 pub use sqlite::{SqliteStore, Sync};
 
@@ -36,12 +39,21 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 /// re-delivering the same exit report can never meter a run twice.
 #[derive(Debug, Clone)]
 pub enum Mutation {
-    PutTenant { tenant: Tenant, token_hash: String },
+    PutTenant {
+        tenant: Tenant,
+        token_hash: String,
+    },
     PutNode(Node),
     PutJob(JobRecord),
     PutTask(TaskRecord),
     PutRun(RunRecord),
     InsertUsage(UsageRecord),
+    /// Upsert keyed by (tenant, service name).
+    PutService(ServiceRecord),
+    DeleteService {
+        tenant: TenantId,
+        name: String,
+    },
 }
 
 /// Everything the server needs in memory at start.
@@ -54,6 +66,7 @@ pub struct Snapshot {
     /// Runs that are not terminal.
     pub active_runs: Vec<RunRecord>,
     pub max_run_id: u64,
+    pub services: Vec<ServiceRecord>,
 }
 
 #[derive(Debug, Clone, Default)]

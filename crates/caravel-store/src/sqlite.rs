@@ -4,15 +4,16 @@
 
 use std::path::Path;
 
-use caravel_core::{JobId, RunId, RunRecord, Tenant, UsageRecord};
+use caravel_core::{JobId, RunId, RunRecord, ServiceRecord, Tenant, UsageRecord};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::de::DeserializeOwned;
 
 use crate::{Mutation, Result, Snapshot, Store, StoreError, UsageFilter};
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE tenants (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, token_hash TEXT NOT NULL UNIQUE, body TEXT NOT NULL);
 CREATE TABLE nodes (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, body TEXT NOT NULL);
 CREATE TABLE jobs (id INTEGER PRIMARY KEY, tenant INTEGER NOT NULL, state TEXT NOT NULL, body TEXT NOT NULL);
@@ -23,7 +24,11 @@ CREATE INDEX runs_active ON runs(active) WHERE active = 1;
 CREATE TABLE usage (run INTEGER PRIMARY KEY, tenant INTEGER NOT NULL, job INTEGER NOT NULL, body TEXT NOT NULL);
 CREATE INDEX usage_tenant ON usage(tenant);
 CREATE INDEX usage_job ON usage(job);
-"#];
+"#,
+    r#"
+CREATE TABLE services (tenant INTEGER NOT NULL, name TEXT NOT NULL, body TEXT NOT NULL, PRIMARY KEY (tenant, name));
+"#,
+];
 
 /// How hard each commit is pushed to disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,6 +145,10 @@ impl Store for SqliteStore {
             tasks: self.all("tasks", "SELECT body FROM tasks ORDER BY job, idx")?,
             active_runs: self.all("runs", "SELECT body FROM runs WHERE active = 1 ORDER BY id")?,
             max_run_id: max_run_id as u64,
+            services: self.all::<ServiceRecord>(
+                "services",
+                "SELECT body FROM services ORDER BY tenant, name",
+            )?,
         })
     }
 
@@ -210,6 +219,21 @@ impl Store for SqliteStore {
                         ])
                     })
                     .map_err(db)?;
+                }
+                Mutation::PutService(r) => {
+                    tx.prepare_cached(
+                        "INSERT INTO services (tenant, name, body) VALUES (?1, ?2, ?3)
+                         ON CONFLICT(tenant, name) DO UPDATE SET body = ?3",
+                    )
+                    .and_then(|mut s| {
+                        s.execute(params![r.tenant.0 as i64, r.spec.name, to_json(r)])
+                    })
+                    .map_err(db)?;
+                }
+                Mutation::DeleteService { tenant, name } => {
+                    tx.prepare_cached("DELETE FROM services WHERE tenant = ?1 AND name = ?2")
+                        .and_then(|mut s| s.execute(params![tenant.0 as i64, name]))
+                        .map_err(db)?;
                 }
                 Mutation::InsertUsage(u) => {
                     tx.prepare_cached(

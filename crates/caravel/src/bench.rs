@@ -39,6 +39,21 @@ pub enum BenchCmd {
         #[arg(long)]
         dir: Option<std::path::PathBuf>,
     },
+    /// The tinylm example service through the gateway: cold start, reaction to load steps,
+    /// and platform errors over a long run with scale-up, scale-down and rolling updates.
+    Autoscale {
+        /// Load steps (1 client to --step-clients) to time.
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// Requests in the long run.
+        #[arg(long, default_value_t = 200_000)]
+        requests: u64,
+        /// Clients during a load step (the service targets 2 in flight per replica).
+        #[arg(long, default_value_t = 8)]
+        step_clients: usize,
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+    },
 }
 
 struct Procs(Vec<Child>);
@@ -70,7 +85,88 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
-fn pct(v: &mut [f64], p: f64) -> f64 {
+/// A server and one agent (256 CPUs, 256 GiB declared, so placement never binds) as
+/// child processes on loopback, data under `dir`; stopped when dropped.
+pub struct BenchPool {
+    pub url: String,
+    pub admin: String,
+    _procs: Procs,
+}
+
+pub async fn start_pool(dir: &std::path::Path, no_cgroups: bool) -> Result<BenchPool> {
+    let exe = std::env::current_exe()?;
+    let port = free_port()?;
+    let url = format!("http://127.0.0.1:{port}");
+    let mut procs = Procs(vec![]);
+    procs.0.push(
+        Command::new(&exe)
+            .args([
+                "server",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--data-dir",
+            ])
+            .arg(dir.join("server"))
+            .env("CARAVEL_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting the server")?,
+    );
+    let admin_path = dir.join("server/admin.token");
+    let agent_path = dir.join("server/agent.token");
+    let t0 = Instant::now();
+    while !(admin_path.exists() && agent_path.exists()) {
+        if t0.elapsed() > Duration::from_secs(20) {
+            bail!("server did not start");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let admin = std::fs::read_to_string(&admin_path)?.trim().to_string();
+    let agent_tok = std::fs::read_to_string(&agent_path)?.trim().to_string();
+    let mut agent = Command::new(&exe);
+    agent
+        .args([
+            "agent", "--server", &url, "--token", &agent_tok, "--name", "bench",
+        ])
+        .args([
+            "--cpus",
+            "256",
+            "--memory",
+            "256Gi",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--work-dir")
+        .arg(dir.join("agent"))
+        .env("CARAVEL_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    if no_cgroups {
+        agent.arg("--no-cgroups");
+    }
+    procs.0.push(agent.spawn().context("starting the agent")?);
+    let c = Client::new(&url, &admin);
+    let t0 = Instant::now();
+    loop {
+        if let Ok(n) = c.get::<Vec<NodeView>>("/v1/nodes").await {
+            if !n.is_empty() {
+                break;
+            }
+        }
+        if t0.elapsed() > Duration::from_secs(20) {
+            bail!("agent did not register");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(BenchPool {
+        url,
+        admin,
+        _procs: procs,
+    })
+}
+
+pub fn pct(v: &mut [f64], p: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }
@@ -89,6 +185,20 @@ pub async fn run(cmd: BenchCmd) -> Result<i32> {
             no_cgroups,
             dir,
         } => e2e(jobs, clients.max(1), light, no_cgroups, dir).await,
+        BenchCmd::Autoscale {
+            steps,
+            requests,
+            step_clients,
+            dir,
+        } => {
+            crate::bench_autoscale::run(crate::bench_autoscale::Args {
+                steps,
+                requests,
+                step_clients: step_clients.max(2),
+                dir,
+            })
+            .await
+        }
     }
 }
 
@@ -121,70 +231,8 @@ async fn e2e(
         Some(p) => tempfile::tempdir_in(p)?,
         None => tempfile::tempdir()?,
     };
-    let exe = std::env::current_exe()?;
-    let port = free_port()?;
-    let url = format!("http://127.0.0.1:{port}");
-    let mut procs = Procs(vec![]);
-    procs.0.push(
-        Command::new(&exe)
-            .args([
-                "server",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--data-dir",
-            ])
-            .arg(dir.path().join("server"))
-            .env("CARAVEL_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting the server")?,
-    );
-    let admin_path = dir.path().join("server/admin.token");
-    let agent_path = dir.path().join("server/agent.token");
-    let t0 = Instant::now();
-    while !(admin_path.exists() && agent_path.exists()) {
-        if t0.elapsed() > Duration::from_secs(20) {
-            bail!("server did not start");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let admin = std::fs::read_to_string(&admin_path)?.trim().to_string();
-    let agent_tok = std::fs::read_to_string(&agent_path)?.trim().to_string();
-    procs.0.push(
-        Command::new(&exe)
-            .args([
-                "agent", "--server", &url, "--token", &agent_tok, "--name", "bench",
-            ])
-            .args([
-                "--cpus",
-                "256",
-                "--memory",
-                "256Gi",
-                "--listen",
-                "127.0.0.1:0",
-            ])
-            .arg("--work-dir")
-            .arg(dir.path().join("agent"))
-            .env("CARAVEL_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting the agent")?,
-    );
-    let c = Client::new(&url, &admin);
-    let t0 = Instant::now();
-    loop {
-        if let Ok(n) = c.get::<Vec<NodeView>>("/v1/nodes").await {
-            if !n.is_empty() {
-                break;
-            }
-        }
-        if t0.elapsed() > Duration::from_secs(20) {
-            bail!("agent did not register");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let pool = start_pool(dir.path(), no_cgroups).await?;
+    let c = Client::new(&pool.url, &pool.admin);
     let mut spec = JobSpec::simple("true", &[]);
     spec.resources.cpu_milli = 100;
     spec.resources.memory_bytes = 16 << 20;

@@ -151,4 +151,16 @@ impl Client {
             .with_context(|| format!("cannot reach the server at {}", self.base))?;
         Ok(Self::check(r).await?.json().await?)
     }
+
+    pub async fn delete(&self, path: &str) -> Result<()> {
+        let r = self
+            .http
+            .delete(self.url(path))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the server at {}", self.base))?;
+        Self::check(r).await?;
+        Ok(())
+    }
 }

@@ -74,18 +74,23 @@ impl JobFile {
         })
     }
 
-    pub fn into_spec(self) -> Result<JobSpec> {
+    pub fn resources_of(f: &FileResources) -> Result<TaskResources> {
         let mut r = TaskResources::default();
-        if let Some(c) = &self.resources.cpu {
+        if let Some(c) = &f.cpu {
             r.cpu_milli = parse_cpu_milli(&c.text()).map_err(|e| anyhow!("resources.cpu: {e}"))?;
         }
-        if let Some(m) = &self.resources.memory {
+        if let Some(m) = &f.memory {
             r.memory_bytes =
                 parse_bytes(&m.text()).map_err(|e| anyhow!("resources.memory: {e}"))?;
         }
-        if let Some(g) = &self.resources.gpu {
+        if let Some(g) = &f.gpu {
             r.gpu = Some(gpu_request(g, "resources.gpu")?);
         }
+        Ok(r)
+    }
+
+    pub fn into_spec(self) -> Result<JobSpec> {
+        let r = Self::resources_of(&self.resources)?;
         Ok(JobSpec {
             name: self.name,
             tasks: self.tasks.unwrap_or(1),

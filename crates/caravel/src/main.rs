@@ -2,9 +2,11 @@
 //! client commands, and benchmarks.
 
 mod bench;
+mod bench_autoscale;
 mod bench_sched;
 mod client;
 mod jobfile;
+mod servicefile;
 mod sim;
 mod table;
 
@@ -129,6 +131,21 @@ enum Cmd {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// Manage inference services.
+    Service {
+        #[command(subcommand)]
+        cmd: ServiceCmd,
+    },
+    /// List services.
+    Services {
+        #[command(flatten)]
+        conn: Conn,
+        /// Admin only: one tenant's services.
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
     /// Replay public traces through the scheduler.
     Sim {
         #[command(subcommand)]
@@ -147,6 +164,42 @@ enum JobCmd {
         #[command(flatten)]
         conn: Conn,
         id: String,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+}
+
+#[derive(Subcommand)]
+enum ServiceCmd {
+    /// Create or update a service from a service file; a changed spec rolls out.
+    Deploy {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(short, long)]
+        file: PathBuf,
+        /// Admin only: deploy for this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Show one service and its replicas.
+    Show {
+        #[command(flatten)]
+        conn: Conn,
+        name: String,
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Delete a service and stop its replicas.
+    Delete {
+        #[command(flatten)]
+        conn: Conn,
+        name: String,
+        #[arg(long)]
+        tenant: Option<String>,
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
@@ -404,6 +457,42 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
         }
         Cmd::Up(a) => up(a).await,
         Cmd::Submit(a) => submit(a).await,
+        Cmd::Services {
+            conn,
+            tenant,
+            output,
+        } => {
+            let c = Client::resolve(conn.server, conn.token)?;
+            let q = tenant.map(|t| format!("?tenant={t}")).unwrap_or_default();
+            let list: Vec<ServiceView> = c.get(&format!("/v1/services{q}")).await?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+                return Ok(0);
+            }
+            let mut t = Table::new(&[
+                "NAME",
+                "TENANT",
+                "VERSION",
+                "READY",
+                "WANTED",
+                "IN-FLIGHT",
+                "PATH",
+            ]);
+            for s in list {
+                t.row(vec![
+                    s.name,
+                    s.tenant,
+                    s.version.to_string(),
+                    format!("{}/{}", s.ready, s.replicas.len()),
+                    s.wanted.to_string(),
+                    s.in_flight.to_string(),
+                    s.path,
+                ]);
+            }
+            print!("{t}");
+            Ok(0)
+        }
+        Cmd::Service { cmd } => service_cmd(cmd).await,
         Cmd::Jobs {
             conn,
             state,
@@ -1101,5 +1190,119 @@ fn shell_quote(s: &str) -> String {
         s.to_string()
     } else {
         format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+fn tenant_query(t: &Option<String>) -> String {
+    t.as_ref()
+        .map(|t| format!("?tenant={t}"))
+        .unwrap_or_default()
+}
+
+fn show_service(s: &ServiceView) {
+    println!("service   {}/{} (version {})", s.tenant, s.name, s.version);
+    println!(
+        "path      {}{}",
+        s.path,
+        if s.public { " (public)" } else { "" }
+    );
+    println!(
+        "replicas  {} ready, {} wanted (min {}, max {}), {} requests in flight",
+        s.ready, s.wanted, s.spec.min_replicas, s.spec.max_replicas, s.in_flight
+    );
+    println!("command   {} {}", s.spec.command, s.spec.args.join(" "));
+    if !s.replicas.is_empty() {
+        let mut t = Table::new(&[
+            "JOB",
+            "VERSION",
+            "STATE",
+            "NODE",
+            "ADDRESS",
+            "ZONE",
+            "IN-FLIGHT",
+        ]);
+        for r in &s.replicas {
+            t.row(vec![
+                r.job.to_string(),
+                r.version.to_string(),
+                r.state.clone(),
+                r.node.clone().unwrap_or_else(|| "-".into()),
+                r.addr.clone().unwrap_or_else(|| "-".into()),
+                if r.zone.is_empty() {
+                    "-".into()
+                } else {
+                    r.zone.clone()
+                },
+                r.in_flight.to_string(),
+            ]);
+        }
+        print!("{t}");
+    }
+}
+
+async fn service_cmd(cmd: ServiceCmd) -> Result<i32> {
+    match cmd {
+        ServiceCmd::Deploy {
+            conn,
+            file,
+            tenant,
+            output,
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let base = std::fs::canonicalize(&file)
+                .ok()
+                .and_then(|p| p.parent().map(|d| d.to_path_buf()));
+            let spec = servicefile::ServiceFile::parse(&text, &file.display().to_string())?
+                .into_spec_at(base.as_deref())?;
+            let c = Client::resolve(conn.server, conn.token)?;
+            let v: ServiceView = c
+                .post(&format!("/v1/services{}", tenant_query(&tenant)), &spec)
+                .await?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else if v.changed {
+                println!(
+                    "service {} version {} deployed; call it at {}{}",
+                    v.name, v.version, c.base, v.path
+                );
+            } else {
+                println!("service {} unchanged (version {})", v.name, v.version);
+            }
+            Ok(0)
+        }
+        ServiceCmd::Show {
+            conn,
+            name,
+            tenant,
+            output,
+        } => {
+            let c = Client::resolve(conn.server, conn.token)?;
+            let v: ServiceView = c
+                .get(&format!("/v1/services/{name}{}", tenant_query(&tenant)))
+                .await?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                show_service(&v);
+            }
+            Ok(0)
+        }
+        ServiceCmd::Delete {
+            conn,
+            name,
+            tenant,
+            output,
+        } => {
+            let c = Client::resolve(conn.server, conn.token)?;
+            c.delete(&format!("/v1/services/{name}{}", tenant_query(&tenant)))
+                .await?;
+            if output == Output::Json {
+                println!("{}", serde_json::json!({"deleted": name}));
+            } else {
+                println!("service {name} deleted");
+            }
+            Ok(0)
+        }
     }
 }

@@ -55,6 +55,7 @@ fn started(c: &mut Core, node: NodeId, run: RunId, at: Millis) {
             run,
             pid: 1,
             at_ms: at,
+            port: None,
         },
         at,
     )

@@ -5,5 +5,6 @@ mod harness;
 mod bad_input;
 mod failures;
 mod jobs;
+mod services;
 mod sim;
 mod surface;

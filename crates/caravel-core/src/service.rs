@@ -1,0 +1,316 @@
+//! Inference services: a command run as a set of replicas behind the gateway, scaled by
+//! the number of requests in flight.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Millis, TaskResources, TenantId, ValidationError};
+
+pub const MAX_REPLICAS: u32 = 1000;
+
+/// An HTTP probe: GET `path` on the replica's port; any 2xx passes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Probe {
+    #[serde(default = "root")]
+    pub path: String,
+    /// Time between probes of a replica that passes.
+    #[serde(default = "second")]
+    pub period_ms: u64,
+    #[serde(default = "second")]
+    pub timeout_ms: u64,
+    /// Consecutive failures before the replica is out (readiness) or restarted (liveness).
+    #[serde(default = "three")]
+    pub failure_threshold: u32,
+}
+
+fn root() -> String {
+    "/".into()
+}
+fn second() -> u64 {
+    1000
+}
+fn three() -> u32 {
+    3
+}
+
+impl Default for Probe {
+    fn default() -> Self {
+        Probe {
+            path: root(),
+            period_ms: second(),
+            timeout_ms: second(),
+            failure_threshold: three(),
+        }
+    }
+}
+
+impl Probe {
+    fn validate(&self, field: &str) -> Result<(), ValidationError> {
+        if !self.path.starts_with('/') || self.path.chars().any(|c| c.is_whitespace()) {
+            return Err(ValidationError::new(
+                format!("{field}.path"),
+                "must be an absolute URL path such as /healthz",
+            ));
+        }
+        for (name, v) in [
+            ("period_ms", self.period_ms),
+            ("timeout_ms", self.timeout_ms),
+        ] {
+            if !(10..=600_000).contains(&v) {
+                return Err(ValidationError::new(
+                    format!("{field}.{name}"),
+                    "must be 10 ms to 10 minutes",
+                ));
+            }
+        }
+        if !(1..=100).contains(&self.failure_threshold) {
+            return Err(ValidationError::new(
+                format!("{field}.failure_threshold"),
+                "must be 1 to 100",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What a user deploys. Durations are milliseconds in the JSON API; the service file
+/// (`caravel service deploy -f`) takes "30s", "5m".
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub command: String,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub resources: TaskResources,
+    #[serde(default)]
+    pub readiness: Probe,
+    /// Without one, a replica is restarted only when its process exits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub liveness: Option<Probe>,
+    #[serde(default)]
+    pub min_replicas: u32,
+    #[serde(default = "ten")]
+    pub max_replicas: u32,
+    /// Requests in flight one replica is sized for; the autoscaler keeps the average at or
+    /// below it.
+    #[serde(default = "ten")]
+    pub target_concurrency: u32,
+    /// With `min_replicas = 0`, no request for this long scales the service to zero.
+    #[serde(default = "five_minutes")]
+    pub scale_to_zero_after_ms: u64,
+    /// Scale-down looks at the most replicas wanted over this window, and changes the
+    /// count at most once per window.
+    #[serde(default = "ten_minutes")]
+    pub scale_down_delay_ms: u64,
+    /// How long the gateway holds a request while no replica is ready (scale from zero).
+    #[serde(default = "minute")]
+    pub cold_start_timeout_ms: u64,
+    /// Anyone may call it; otherwise only the owning tenant's token (or the admin's).
+    #[serde(default)]
+    pub public: bool,
+    /// Requests per second the gateway admits (HTTP 429 past it); none: unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit_rps: Option<u32>,
+    /// Rolling update: replicas above the wanted count while the new version starts.
+    #[serde(default = "one")]
+    pub max_surge: u32,
+    /// Rolling update: ready replicas the update may take below the wanted count.
+    #[serde(default)]
+    pub max_unavailable: u32,
+    /// SIGTERM to SIGKILL when a drained replica stops.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kill_grace_ms: Option<u64>,
+}
+
+fn ten() -> u32 {
+    10
+}
+fn one() -> u32 {
+    1
+}
+fn five_minutes() -> u64 {
+    300_000
+}
+fn ten_minutes() -> u64 {
+    600_000
+}
+fn minute() -> u64 {
+    60_000
+}
+
+impl ServiceSpec {
+    pub fn simple(name: &str, command: &str, args: &[&str]) -> ServiceSpec {
+        ServiceSpec {
+            name: name.into(),
+            command: command.into(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            env: BTreeMap::new(),
+            resources: TaskResources::default(),
+            readiness: Probe::default(),
+            liveness: None,
+            min_replicas: 0,
+            max_replicas: ten(),
+            target_concurrency: ten(),
+            scale_to_zero_after_ms: five_minutes(),
+            scale_down_delay_ms: ten_minutes(),
+            cold_start_timeout_ms: minute(),
+            public: false,
+            rate_limit_rps: None,
+            max_surge: one(),
+            max_unavailable: 0,
+            kill_grace_ms: None,
+        }
+    }
+
+    /// The job one replica runs (its port comes from the agent).
+    pub fn replica_job(&self) -> crate::JobSpec {
+        crate::JobSpec {
+            name: Some(self.name.clone()),
+            tasks: 1,
+            command: self.command.clone(),
+            args: self.args.clone(),
+            env: self.env.clone(),
+            resources: self.resources.clone(),
+            priority: crate::Priority::Online,
+            max_runtime_ms: None,
+            max_retries: 0,
+            gang: false,
+            topology: None,
+            kill_grace_ms: self.kill_grace_ms,
+            min_runtime_ms: None,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        crate::tenant::validate_name("name", &self.name)?;
+        self.replica_job().validate()?;
+        if self.env.contains_key("PORT") {
+            return Err(ValidationError::new(
+                "env.PORT",
+                "PORT is set by Caravel to the port the replica must listen on",
+            ));
+        }
+        self.readiness.validate("readiness")?;
+        if let Some(l) = &self.liveness {
+            l.validate("liveness")?;
+        }
+        if self.max_replicas == 0 || self.max_replicas > MAX_REPLICAS {
+            return Err(ValidationError::new(
+                "max_replicas",
+                format!("must be 1 to {MAX_REPLICAS}"),
+            ));
+        }
+        if self.min_replicas > self.max_replicas {
+            return Err(ValidationError::new(
+                "min_replicas",
+                format!(
+                    "must not exceed max_replicas ({} > {})",
+                    self.min_replicas, self.max_replicas
+                ),
+            ));
+        }
+        if self.target_concurrency == 0 || self.target_concurrency > 100_000 {
+            return Err(ValidationError::new(
+                "target_concurrency",
+                "must be 1 to 100000",
+            ));
+        }
+        let day = 86_400_000;
+        for (name, v, lo) in [
+            ("scale_to_zero_after_ms", self.scale_to_zero_after_ms, 1_000),
+            ("scale_down_delay_ms", self.scale_down_delay_ms, 0),
+            ("cold_start_timeout_ms", self.cold_start_timeout_ms, 100),
+        ] {
+            if v < lo || v > day {
+                return Err(ValidationError::new(
+                    name,
+                    format!("must be {lo} ms to 1 day"),
+                ));
+            }
+        }
+        if self.rate_limit_rps == Some(0) {
+            return Err(ValidationError::new(
+                "rate_limit_rps",
+                "must be at least 1 (leave it out for no limit)",
+            ));
+        }
+        if self.max_surge == 0 && self.max_unavailable == 0 {
+            return Err(ValidationError::new(
+                "max_surge",
+                "max_surge and max_unavailable cannot both be 0: an update could never make progress",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceRecord {
+    pub tenant: TenantId,
+    pub spec: ServiceSpec,
+    /// Bumped by every deploy that changes the spec; replicas of older versions are
+    /// replaced by a rolling update.
+    pub version: u64,
+    pub created_ms: Millis,
+    pub updated_ms: Millis,
+}
+
+/// A replica job's link to its service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaOf {
+    pub service: String,
+    pub version: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_validation_name_the_field() {
+        let s: ServiceSpec =
+            serde_json::from_str(r#"{"name":"echo","command":"python3"}"#).unwrap();
+        assert_eq!(s.max_replicas, 10);
+        assert_eq!(s.readiness.path, "/");
+        assert_eq!(s.scale_to_zero_after_ms, 300_000);
+        s.validate().unwrap();
+        let bad = |f: &dyn Fn(&mut ServiceSpec)| {
+            let mut x = s.clone();
+            f(&mut x);
+            x.validate().unwrap_err().field
+        };
+        assert_eq!(bad(&|x| x.name = "Bad Name".into()), "name");
+        assert_eq!(bad(&|x| x.command = " ".into()), "command");
+        assert_eq!(bad(&|x| x.min_replicas = 11), "min_replicas");
+        assert_eq!(bad(&|x| x.max_replicas = 0), "max_replicas");
+        assert_eq!(bad(&|x| x.target_concurrency = 0), "target_concurrency");
+        assert_eq!(
+            bad(&|x| x.readiness.path = "healthz".into()),
+            "readiness.path"
+        );
+        assert_eq!(bad(&|x| x.rate_limit_rps = Some(0)), "rate_limit_rps");
+        assert_eq!(
+            bad(&|x| {
+                x.env.insert("PORT".into(), "80".into());
+            }),
+            "env.PORT"
+        );
+        assert_eq!(
+            bad(&|x| {
+                x.max_surge = 0;
+                x.max_unavailable = 0
+            }),
+            "max_surge"
+        );
+        assert!(
+            serde_json::from_str::<ServiceSpec>(r#"{"name":"e","command":"x","replicas":3}"#)
+                .is_err()
+        );
+    }
+}

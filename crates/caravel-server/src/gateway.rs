@@ -1,0 +1,886 @@
+//! The gateway and the service controller.
+//!
+//! The gateway routes `/s/{tenant}/{service}/…` to ready replicas, least outstanding
+//! requests first, preferring the caller's zone. It is the only way into a replica, so it
+//! knows each replica's requests in flight exactly: that is what the autoscaler reads and
+//! what draining waits on.
+//!
+//! The controller runs every `TICK_MS`: it asks the autoscaler how many replicas each
+//! service should run, starts replicas of the current version, and drains the rest (out
+//! of rotation first, stopped only once its last request — streams included — has
+//! finished). A new version rolls out within `max_surge` / `max_unavailable`: old replicas
+//! drain only as new ones become ready. A prober task per replica marks it ready when its
+//! readiness path answers 2xx and restarts it when its liveness path keeps failing.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, HeaderName, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use caravel_core::{ErrorCode, JobId, Millis, Probe, ServiceSpec, TenantId};
+use futures_util::StreamExt;
+use tokio::sync::Notify;
+
+use crate::api::authenticate;
+use crate::auth::Principal;
+use crate::autoscale::{Autoscaler, TICK_MS};
+use crate::core::ReplicaInfo;
+use crate::error::ApiError;
+use crate::{now_ms, Shared};
+
+/// Largest request body the gateway buffers (it must, to retry a refused request).
+pub const MAX_BODY: usize = 64 << 20;
+
+pub type Key = (TenantId, String);
+
+#[derive(Debug)]
+pub struct Replica {
+    pub job: JobId,
+    pub version: u64,
+    pub addr: Option<String>,
+    pub zone: String,
+    pub region: String,
+    pub ready: bool,
+    /// Out of rotation, waiting for its requests to finish before it is stopped.
+    pub draining: bool,
+    /// Stop already asked of the control plane.
+    pub stopped: bool,
+    pub in_flight: Arc<AtomicU64>,
+    /// When it was first seen with an address, and when it first passed readiness.
+    pub started_at: Option<Instant>,
+    pub ready_at: Option<Instant>,
+}
+
+#[derive(Debug)]
+pub struct Svc {
+    pub spec: ServiceSpec,
+    pub version: u64,
+    pub replicas: HashMap<JobId, Replica>,
+    /// Requests waiting for a ready replica.
+    pub held: Arc<AtomicU64>,
+    /// Requests that arrived since the last tick.
+    pub arrived: Arc<AtomicU64>,
+    pub ready_changed: Arc<Notify>,
+    pub scaler: Autoscaler,
+    /// Token bucket for the rate limit: (tokens, last refill).
+    bucket: (f64, Instant),
+    /// Replicas that ended without being asked to, since one last became ready; starts
+    /// back off exponentially with it (a crash loop must not churn the pool).
+    pub failures: u32,
+    start_after: Option<Instant>,
+}
+
+/// Wait before starting a replica after `failures` crashes in a row: 0.5 s doubling to
+/// 60 s, like Kubernetes' CrashLoopBackOff (10 s doubling to 5 min) but quicker to retry,
+/// since a replica that fails once under load is more often unlucky than broken.
+pub fn crash_backoff(failures: u32) -> Duration {
+    if failures == 0 {
+        return Duration::ZERO;
+    }
+    Duration::from_millis(500u64.saturating_mul(1 << (failures - 1).min(7)))
+        .min(Duration::from_secs(60))
+}
+
+impl Svc {
+    fn in_flight(&self) -> u64 {
+        self.replicas
+            .values()
+            .map(|r| r.in_flight.load(Ordering::Relaxed))
+            .sum::<u64>()
+            + self.held.load(Ordering::Relaxed)
+    }
+
+    fn admit(&mut self) -> bool {
+        let Some(rps) = self.spec.rate_limit_rps else {
+            return true;
+        };
+        let now = Instant::now();
+        let rps = rps as f64;
+        let (tokens, at) = self.bucket;
+        let tokens = (tokens + now.duration_since(at).as_secs_f64() * rps).min(rps);
+        if tokens >= 1.0 {
+            self.bucket = (tokens - 1.0, now);
+            true
+        } else {
+            self.bucket = (tokens, now);
+            false
+        }
+    }
+
+    /// The replica a request goes to: ready, in rotation, least requests in flight;
+    /// in the caller's zone (then region) while one there is below its target
+    /// concurrency, else anywhere.
+    fn pick(&self, zone: &str, region: &str, avoid: Option<JobId>) -> Option<&Replica> {
+        let target = self.spec.target_concurrency as u64;
+        let load = |r: &Replica| r.in_flight.load(Ordering::Relaxed);
+        let best = |near: &dyn Fn(&Replica) -> bool| {
+            self.replicas
+                .values()
+                .filter(|r| r.ready && !r.draining && r.addr.is_some() && Some(r.job) != avoid)
+                .filter(|r| near(r))
+                .min_by_key(|r| (load(r), r.job))
+        };
+        let unsaturated = |r: &Replica| load(r) < target;
+        (!zone.is_empty())
+            .then(|| best(&|r| r.zone == zone && unsaturated(r)))
+            .flatten()
+            .or_else(|| {
+                (!region.is_empty())
+                    .then(|| best(&|r| r.region == region && unsaturated(r)))
+                    .flatten()
+            })
+            .or_else(|| best(&|_| true))
+    }
+}
+
+#[derive(Default)]
+pub struct Gateway {
+    pub services: Mutex<HashMap<Key, Svc>>,
+    /// Replica jobs with a prober running.
+    probing: Mutex<HashSet<JobId>>,
+    /// The gateway's own zone and region: the default preference for callers that name
+    /// none.
+    pub zone: String,
+    pub region: String,
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) are not forwarded.
+fn hop_by_hop(h: &HeaderName) -> bool {
+    matches!(
+        h.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "host"
+            | "content-length"
+    )
+}
+
+fn err(code: ErrorCode, msg: impl Into<String>) -> Response {
+    ApiError::new(code, msg).into_response()
+}
+
+/// Decrements a replica's (or the held) count when the response — body included — is done.
+struct InFlight {
+    n: Arc<AtomicU64>,
+    done: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.n.fetch_sub(1, Ordering::Relaxed);
+        if let Some(f) = self.done.take() {
+            f();
+        }
+    }
+}
+
+pub async fn route_root(
+    State(s): State<Arc<Shared>>,
+    Path((tenant, service)): Path<(String, String)>,
+    req: Request,
+) -> Response {
+    proxy(s, tenant, service, String::new(), req).await
+}
+
+pub async fn route(
+    State(s): State<Arc<Shared>>,
+    Path((tenant, service, rest)): Path<(String, String, String)>,
+    req: Request,
+) -> Response {
+    proxy(s, tenant, service, rest, req).await
+}
+
+async fn proxy(
+    s: Arc<Shared>,
+    tenant: String,
+    service: String,
+    rest: String,
+    req: Request,
+) -> Response {
+    let t0 = Instant::now();
+    let label = format!("{tenant}/{service}");
+    let resp = proxy_inner(&s, &tenant, &service, &rest, req, t0, &label).await;
+    if resp.extensions().get::<Proxied>().is_none() {
+        // Refused before a replica was involved: counted here; proxied responses are
+        // counted when their body ends.
+        record(&s, &label, resp.status(), t0);
+    }
+    resp
+}
+
+#[derive(Clone)]
+struct Proxied;
+
+fn record(s: &Shared, label: &str, status: StatusCode, t0: Instant) {
+    s.metrics
+        .service_requests
+        .get_or_create(&vec![
+            ("service".to_string(), label.to_string()),
+            ("code".to_string(), status.as_u16().to_string()),
+        ])
+        .inc();
+    s.metrics
+        .service_latency
+        .get_or_create(&vec![("service".to_string(), label.to_string())])
+        .observe(t0.elapsed().as_secs_f64());
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn proxy_inner(
+    s: &Arc<Shared>,
+    tenant: &str,
+    service: &str,
+    rest: &str,
+    req: Request,
+    t0: Instant,
+    label: &str,
+) -> Response {
+    let (parts, body) = req.into_parts();
+    let (tid, public, cold_ms) = {
+        let core = s.core.lock().expect("core lock");
+        let Some(tid) = core.tenant_id(tenant) else {
+            return err(
+                ErrorCode::NotFound,
+                format!("service {tenant}/{service} not found"),
+            );
+        };
+        match core.services.get(&(tid, service.to_string())) {
+            Some(r) => (tid, r.spec.public, r.spec.cold_start_timeout_ms),
+            None => {
+                return err(
+                    ErrorCode::NotFound,
+                    format!("service {tenant}/{service} not found"),
+                )
+            }
+        }
+    };
+    if !public {
+        match authenticate(s, &parts.headers) {
+            Ok(Principal::Admin) => {}
+            Ok(Principal::Tenant(t)) if t == tid => {}
+            // Another tenant learns nothing about what exists.
+            Ok(_) => {
+                return err(
+                    ErrorCode::NotFound,
+                    format!("service {tenant}/{service} not found"),
+                )
+            }
+            Err(e) => return e.into_response(),
+        }
+    }
+    let key = (tid, service.to_string());
+    let body = match axum::body::to_bytes(body, MAX_BODY).await {
+        Ok(b) => b,
+        Err(_) => {
+            return (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                axum::Json(serde_json::json!({"error": {"code": "invalid_argument",
+                    "message": format!("request body over {} MiB", MAX_BODY >> 20)}})),
+            )
+                .into_response()
+        }
+    };
+    let header = |n: &str| {
+        parts
+            .headers
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let zone = header("x-caravel-zone").unwrap_or_else(|| s.gateway.zone.clone());
+    let region = header("x-caravel-region").unwrap_or_else(|| s.gateway.region.clone());
+    let mut avoid = None;
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        // Pick a replica, holding the request while none is ready (scale from zero).
+        let mut held_guard: Option<InFlight> = None;
+        let (addr, job, n) = loop {
+            let step = pick_step(
+                s,
+                &key,
+                &zone,
+                &region,
+                avoid,
+                tries == 1 && held_guard.is_none(),
+                &mut held_guard,
+            );
+            match step {
+                Step::Go(addr, job, n) => break (addr, job, n),
+                Step::Refuse(code, msg) => return err(code, msg),
+                Step::Wait(notify) => {
+                    let left = (t0 + Duration::from_millis(cold_ms))
+                        .saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return err(
+                            ErrorCode::Unavailable,
+                            format!(
+                                "service {tenant}/{service} has no ready replica after {:.1} s",
+                                cold_ms as f64 / 1000.0
+                            ),
+                        );
+                    }
+                    // Bounded wait, then look again (a notification may race the lock).
+                    let nap = left.min(Duration::from_millis(50));
+                    match notify {
+                        Some(n) => {
+                            let _ = tokio::time::timeout(nap, n.notified()).await;
+                        }
+                        None => tokio::time::sleep(nap.min(Duration::from_millis(20))).await,
+                    }
+                }
+            }
+        };
+        drop(held_guard);
+        let guard = InFlight { n, done: None };
+        let query = parts
+            .uri
+            .query()
+            .map(|q| format!("?{q}"))
+            .unwrap_or_default();
+        let url = format!("http://{addr}/{rest}{query}");
+        let mut rb = s.proxy.request(parts.method.clone(), &url);
+        for (k, v) in parts.headers.iter() {
+            if !hop_by_hop(k) && k != "authorization" {
+                rb = rb.header(k, v);
+            }
+        }
+        rb = rb.header("x-forwarded-prefix", format!("/s/{tenant}/{service}"));
+        let sent = rb.body(body.clone()).send().await;
+        match sent {
+            Ok(up) => {
+                let status = up.status();
+                let mut headers = HeaderMap::new();
+                for (k, v) in up.headers().iter() {
+                    if !hop_by_hop(k) {
+                        headers.append(k.clone(), v.clone());
+                    }
+                }
+                let s2 = s.clone();
+                let label = label.to_string();
+                let mut guard = guard;
+                guard.done = Some(Box::new(move || record(&s2, &label, status, t0)));
+                let stream = up.bytes_stream().map(move |c| {
+                    let _keep = &guard;
+                    c.map_err(std::io::Error::other)
+                });
+                let mut resp = Response::new(Body::from_stream(stream));
+                *resp.status_mut() = status;
+                *resp.headers_mut() = headers;
+                resp.extensions_mut().insert(Proxied);
+                return resp;
+            }
+            Err(e) => {
+                drop(guard);
+                // Refused or unreachable: nothing reached the replica, so a retry on
+                // another one is safe for idempotent methods.
+                let idempotent = matches!(
+                    parts.method,
+                    Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+                );
+                if e.is_connect() {
+                    mark_unready(s, &key, job);
+                }
+                if e.is_connect() && idempotent && tries < 2 {
+                    avoid = Some(job);
+                    continue;
+                }
+                return err(
+                    ErrorCode::UpstreamFailed,
+                    format!("replica of {tenant}/{service} failed: {e}"),
+                );
+            }
+        }
+    }
+}
+
+enum Step {
+    Go(String, JobId, Arc<AtomicU64>),
+    Refuse(ErrorCode, String),
+    /// No ready replica (or no routing state yet, `None`): wait and look again.
+    Wait(Option<Arc<Notify>>),
+}
+
+/// One look for a replica, under the gateway lock (never held across an await).
+fn pick_step(
+    s: &Shared,
+    key: &Key,
+    zone: &str,
+    region: &str,
+    avoid: Option<JobId>,
+    first: bool,
+    held: &mut Option<InFlight>,
+) -> Step {
+    let mut svcs = s.gateway.services.lock().expect("gateway lock");
+    // Deployed a moment ago: the controller's next tick (100 ms) sets up its routing state.
+    let Some(svc) = svcs.get_mut(key) else {
+        return Step::Wait(None);
+    };
+    if first {
+        svc.arrived.fetch_add(1, Ordering::Relaxed);
+        if !svc.admit() {
+            return Step::Refuse(
+                ErrorCode::RateLimited,
+                format!(
+                    "service {}/{} admits {} requests per second",
+                    key.0,
+                    key.1,
+                    svc.spec.rate_limit_rps.unwrap_or(0)
+                ),
+            );
+        }
+    }
+    if let Some(r) = svc.pick(zone, region, avoid) {
+        r.in_flight.fetch_add(1, Ordering::Relaxed);
+        return Step::Go(
+            r.addr.clone().expect("picked replicas have an address"),
+            r.job,
+            r.in_flight.clone(),
+        );
+    }
+    if held.is_none() {
+        svc.held.fetch_add(1, Ordering::Relaxed);
+        *held = Some(InFlight {
+            n: svc.held.clone(),
+            done: None,
+        });
+    }
+    Step::Wait(Some(svc.ready_changed.clone()))
+}
+
+fn mark_unready(s: &Shared, key: &Key, job: JobId) {
+    if let Some(svc) = s
+        .gateway
+        .services
+        .lock()
+        .expect("gateway lock")
+        .get_mut(key)
+    {
+        if let Some(r) = svc.replicas.get_mut(&job) {
+            r.ready = false;
+        }
+    }
+}
+
+/// HTTP GET on the probe path; any 2xx passes.
+async fn probe(http: &reqwest::Client, addr: &str, p: &Probe) -> bool {
+    let url = format!("http://{addr}{}", p.path);
+    matches!(
+        tokio::time::timeout(Duration::from_millis(p.timeout_ms), http.get(&url).send()).await,
+        Ok(Ok(r)) if r.status().is_success()
+    )
+}
+
+/// Probes one replica until it is gone: fast (every 50 ms) until it first passes, then at
+/// the readiness period.
+async fn prober(s: Arc<Shared>, key: Key, job: JobId) {
+    let mut fails = 0u32;
+    let mut live_fails = 0u32;
+    let mut last_live = Instant::now();
+    loop {
+        let (addr, spec, ready) = {
+            let svcs = s.gateway.services.lock().expect("gateway lock");
+            let Some(r) = svcs
+                .get(&key)
+                .and_then(|v| v.replicas.get(&job).map(|r| (r, v)))
+            else {
+                break;
+            };
+            let (r, v) = r;
+            if r.stopped {
+                break;
+            }
+            (r.addr.clone(), v.spec.clone(), r.ready)
+        };
+        let Some(addr) = addr else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let ok = probe(&s.proxy, &addr, &spec.readiness).await;
+        fails = if ok { 0 } else { fails + 1 };
+        let mut restart = false;
+        if let Some(l) = &spec.liveness {
+            if last_live.elapsed() >= Duration::from_millis(l.period_ms) {
+                last_live = Instant::now();
+                let alive = probe(&s.proxy, &addr, l).await;
+                live_fails = if alive { 0 } else { live_fails + 1 };
+                restart = live_fails >= l.failure_threshold;
+            }
+        }
+        {
+            let mut svcs = s.gateway.services.lock().expect("gateway lock");
+            let Some(svc) = svcs.get_mut(&key) else { break };
+            let notify = svc.ready_changed.clone();
+            let Some(r) = svc.replicas.get_mut(&job) else {
+                break;
+            };
+            if ok && !r.ready {
+                r.ready = true;
+                if r.ready_at.is_none() {
+                    r.ready_at = Some(Instant::now());
+                }
+                notify.notify_waiters();
+                svc.failures = 0;
+                svc.start_after = None;
+            } else if !ok && r.ready && fails >= spec.readiness.failure_threshold {
+                r.ready = false;
+            }
+            if restart {
+                // Out of rotation now; the controller stops it and starts another.
+                r.ready = false;
+                r.draining = true;
+                tracing::warn!(job = %job, "replica failed its liveness probe; restarting it");
+            }
+        }
+        let period = if ready || ok {
+            spec.readiness.period_ms
+        } else {
+            50
+        };
+        tokio::time::sleep(Duration::from_millis(period)).await;
+    }
+    s.gateway.probing.lock().expect("gateway lock").remove(&job);
+}
+
+/// One controller pass over every service.
+pub fn reconcile(s: &Arc<Shared>, now: Millis) {
+    let mut to_stop: Vec<JobId> = Vec::new();
+    let mut to_start: Vec<(Key, u32)> = Vec::new();
+    let mut probes: Vec<(Key, JobId)> = Vec::new();
+    let snapshot: Vec<(Key, caravel_core::ServiceRecord, Vec<ReplicaInfo>)> = {
+        let mut core = s.core.lock().expect("core lock");
+        let keys: Vec<Key> = core.services.keys().cloned().collect();
+        keys.into_iter()
+            .map(|k| {
+                let rec = core.services[&k].clone();
+                let reps = core.replicas(k.0, &k.1);
+                (k, rec, reps)
+            })
+            .collect()
+    };
+    {
+        let mut svcs = s.gateway.services.lock().expect("gateway lock");
+        let live: HashSet<&Key> = snapshot.iter().map(|x| &x.0).collect();
+        svcs.retain(|k, _| live.contains(k));
+        for (key, rec, reps) in &snapshot {
+            let svc = svcs.entry(key.clone()).or_insert_with(|| Svc {
+                spec: rec.spec.clone(),
+                version: rec.version,
+                replicas: HashMap::new(),
+                held: Arc::new(AtomicU64::new(0)),
+                arrived: Arc::new(AtomicU64::new(0)),
+                ready_changed: Arc::new(Notify::new()),
+                scaler: Autoscaler::new(reps.iter().filter(|r| !r.stopping).count() as u32, now),
+                bucket: (rec.spec.rate_limit_rps.unwrap_or(0) as f64, Instant::now()),
+                failures: 0,
+                start_after: None,
+            });
+            svc.spec = rec.spec.clone();
+            svc.version = rec.version;
+            // Sync the replica set with the control plane's.
+            let ids: HashSet<JobId> = reps.iter().map(|r| r.job).collect();
+            let crashed = svc
+                .replicas
+                .values()
+                .filter(|r| !ids.contains(&r.job) && !r.stopped)
+                .count() as u32;
+            if crashed > 0 {
+                svc.failures += crashed;
+                svc.start_after = Some(Instant::now() + crash_backoff(svc.failures));
+                tracing::warn!(service = %key.1, failures = svc.failures, "a replica ended on its own");
+            }
+            svc.replicas.retain(|j, _| ids.contains(j));
+            for r in reps {
+                let e = svc.replicas.entry(r.job).or_insert_with(|| Replica {
+                    job: r.job,
+                    version: r.version,
+                    addr: None,
+                    zone: String::new(),
+                    region: String::new(),
+                    ready: false,
+                    draining: false,
+                    stopped: false,
+                    in_flight: Arc::new(AtomicU64::new(0)),
+                    started_at: None,
+                    ready_at: None,
+                });
+                if e.addr != r.addr {
+                    e.addr = r.addr.clone();
+                    e.ready = false;
+                    if e.addr.is_some() {
+                        e.started_at = Some(Instant::now());
+                    }
+                }
+                e.zone = r.zone.clone();
+                e.region = r.region.clone();
+                if r.stopping {
+                    e.draining = true;
+                    e.stopped = true;
+                    e.ready = false;
+                }
+                if e.addr.is_some() && !e.stopped {
+                    probes.push((key.clone(), r.job));
+                }
+            }
+            // Autoscale.
+            let arrived = svc.arrived.swap(0, Ordering::Relaxed) > 0;
+            let load = svc.in_flight();
+            let before = svc.scaler.replicas;
+            let wanted = svc.scaler.tick(&rec.spec, now, load, arrived);
+            if wanted > before {
+                tracing::info!(service = %key.1, from = before, to = wanted, in_flight = load, "scaling up");
+            } else if wanted < before {
+                tracing::info!(service = %key.1, from = before, to = wanted, "scaling down");
+            }
+            let label = format!("{}/{}", key.0, key.1);
+            let gauge = |state: &str, v: i64| {
+                s.metrics
+                    .service_replicas
+                    .get_or_create(&vec![
+                        ("service".to_string(), label.clone()),
+                        ("state".to_string(), state.to_string()),
+                    ])
+                    .set(v)
+            };
+            gauge("wanted", wanted as i64);
+            gauge(
+                "ready",
+                svc.replicas
+                    .values()
+                    .filter(|r| r.ready && !r.draining)
+                    .count() as i64,
+            );
+            let (start, stop) = plan(svc, wanted);
+            for j in stop {
+                if let Some(r) = svc.replicas.get_mut(&j) {
+                    r.draining = true;
+                }
+            }
+            if start > 0 && svc.start_after.is_none_or(|t| Instant::now() >= t) {
+                to_start.push((key.clone(), start));
+            }
+            // Drained replicas with nothing in flight stop now.
+            for r in svc.replicas.values_mut() {
+                if r.draining && !r.stopped && r.in_flight.load(Ordering::Relaxed) == 0 {
+                    r.stopped = true;
+                    to_stop.push(r.job);
+                }
+            }
+        }
+    }
+    if !to_start.is_empty() || !to_stop.is_empty() {
+        let mut core = s.core.lock().expect("core lock");
+        for (key, n) in to_start {
+            for _ in 0..n {
+                if let Err(e) = core.add_replica(key.0, &key.1, now) {
+                    tracing::warn!(service = %key.1, error = %e, "cannot start a replica");
+                    break;
+                }
+            }
+        }
+        for j in to_stop {
+            if let Err(e) = core.cancel(j, now) {
+                tracing::debug!(job = %j, error = %e, "stopping a drained replica");
+            }
+        }
+        drop(core);
+        s.sched_wake.notify_one();
+    }
+    let mut probing = s.gateway.probing.lock().expect("gateway lock");
+    for (key, job) in probes {
+        if probing.insert(job) {
+            tokio::spawn(prober(s.clone(), key, job));
+        }
+    }
+}
+
+/// How many replicas of the current version to start, and which replicas to drain, to
+/// move toward `wanted` of the current version.
+fn plan(svc: &Svc, wanted: u32) -> (u32, Vec<JobId>) {
+    let active: Vec<&Replica> = svc.replicas.values().filter(|r| !r.draining).collect();
+    let (cur, old): (Vec<&Replica>, Vec<&Replica>) =
+        active.iter().partition(|r| r.version == svc.version);
+    let wanted_n = wanted as usize;
+    let mut stop = Vec::new();
+    let mut start = 0usize;
+    if old.is_empty() {
+        if cur.len() < wanted_n {
+            start = wanted_n - cur.len();
+        } else if cur.len() > wanted_n {
+            // Not-ready first, then the least busy.
+            let mut c = cur.clone();
+            c.sort_by_key(|r| {
+                (
+                    r.ready,
+                    r.in_flight.load(Ordering::Relaxed),
+                    std::cmp::Reverse(r.job),
+                )
+            });
+            stop.extend(c.iter().take(cur.len() - wanted_n).map(|r| r.job));
+        }
+        return (start as u32, stop);
+    }
+    // Rolling update: start new replicas up to wanted + surge in total, drain old ones
+    // while enough ready replicas remain.
+    let surge = svc.spec.max_surge as usize;
+    let unavailable = svc.spec.max_unavailable as usize;
+    let total = cur.len() + old.len();
+    if cur.len() < wanted_n {
+        let room = (wanted_n + surge).saturating_sub(total);
+        start = room.min(wanted_n - cur.len());
+    }
+    if cur.len() > wanted_n {
+        let mut c = cur.clone();
+        c.sort_by_key(|r| (r.ready, std::cmp::Reverse(r.job)));
+        stop.extend(c.iter().take(cur.len() - wanted_n).map(|r| r.job));
+    }
+    let ready_cur = cur.iter().filter(|r| r.ready).count();
+    let mut ready_old = old.iter().filter(|r| r.ready).count();
+    let floor = wanted_n.saturating_sub(unavailable);
+    let mut o = old.clone();
+    o.sort_by_key(|r| (r.ready, r.in_flight.load(Ordering::Relaxed)));
+    for r in o {
+        if !r.ready {
+            stop.push(r.job);
+        } else if ready_cur + ready_old > floor {
+            stop.push(r.job);
+            ready_old -= 1;
+        }
+    }
+    (start as u32, stop)
+}
+
+pub async fn controller_loop(s: Arc<Shared>) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(TICK_MS)).await;
+        reconcile(&s, now_ms());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(version: u64, reps: &[(u64, u64, bool)]) -> Svc {
+        let mut spec = ServiceSpec::simple("s", "x", &[]);
+        spec.max_surge = 1;
+        spec.max_unavailable = 0;
+        Svc {
+            spec,
+            version,
+            replicas: reps
+                .iter()
+                .map(|&(job, v, ready)| {
+                    (
+                        JobId(job),
+                        Replica {
+                            job: JobId(job),
+                            version: v,
+                            addr: Some(format!("127.0.0.1:{}", 9000 + job)),
+                            zone: if job % 2 == 0 { "a" } else { "b" }.into(),
+                            region: "r".into(),
+                            ready,
+                            draining: false,
+                            stopped: false,
+                            in_flight: Arc::new(AtomicU64::new(job)),
+                            started_at: None,
+                            ready_at: None,
+                        },
+                    )
+                })
+                .collect(),
+            held: Arc::new(AtomicU64::new(0)),
+            arrived: Arc::new(AtomicU64::new(0)),
+            ready_changed: Arc::new(Notify::new()),
+            scaler: Autoscaler::default(),
+            bucket: (0.0, Instant::now()),
+            failures: 0,
+            start_after: None,
+        }
+    }
+
+    #[test]
+    fn rolling_update_surges_then_drains_old_only_as_new_is_ready() {
+        // Two old replicas, want 2: start one new (surge 1), drain nothing yet.
+        assert_eq!(plan(&svc(2, &[(1, 1, true), (2, 1, true)]), 2), (1, vec![]));
+        // The new one is starting: nothing more (surge used), nothing drained.
+        assert_eq!(
+            plan(&svc(2, &[(1, 1, true), (2, 1, true), (3, 2, false)]), 2),
+            (0, vec![])
+        );
+        // The new one is ready: one old one drains (ready stays at 2), which frees the
+        // surge for the next new one on the next pass.
+        let (start, stop) = plan(&svc(2, &[(1, 1, true), (2, 1, true), (3, 2, true)]), 2);
+        assert_eq!((start, stop.len()), (0, 1));
+        // An old replica that is not ready can always go.
+        assert_eq!(
+            plan(&svc(2, &[(1, 1, false), (2, 2, true), (3, 2, true)]), 2),
+            (0, vec![JobId(1)])
+        );
+    }
+
+    #[test]
+    fn scale_down_drains_unready_then_least_busy() {
+        let s = svc(
+            1,
+            &[(1, 1, true), (2, 1, true), (3, 1, false), (4, 1, true)],
+        );
+        let (start, mut stop) = plan(&s, 2);
+        stop.sort();
+        assert_eq!(start, 0);
+        // Job 3 is not ready; of the ready ones job 1 has the fewest in flight.
+        assert_eq!(stop, vec![JobId(1), JobId(3)]);
+        assert_eq!(plan(&s, 5), (1, vec![]));
+    }
+
+    #[test]
+    fn picks_least_outstanding_in_the_callers_zone_until_saturated() {
+        let mut s = svc(1, &[(1, 1, true), (2, 1, true), (3, 1, true), (4, 1, true)]);
+        s.spec.target_concurrency = 10;
+        // Zone a holds jobs 2 and 4 (2 and 4 in flight): job 2.
+        assert_eq!(s.pick("a", "", None).unwrap().job, JobId(2));
+        // Zone b: job 1, the least busy there.
+        assert_eq!(s.pick("b", "", None).unwrap().job, JobId(1));
+        // No zone named: the least busy anywhere.
+        assert_eq!(s.pick("", "", None).unwrap().job, JobId(1));
+        // Zone a saturated: fall back to the least busy anywhere.
+        s.spec.target_concurrency = 2;
+        assert_eq!(s.pick("a", "", None).unwrap().job, JobId(1));
+        // Avoid the replica a retry must not go back to; draining ones get nothing.
+        assert_eq!(s.pick("", "", Some(JobId(1))).unwrap().job, JobId(2));
+        for r in s.replicas.values_mut() {
+            r.draining = true;
+        }
+        assert!(s.pick("", "", None).is_none());
+    }
+
+    #[test]
+    fn crash_backoff_doubles_to_a_minute() {
+        assert_eq!(crash_backoff(0), Duration::ZERO);
+        assert_eq!(crash_backoff(1), Duration::from_millis(500));
+        assert_eq!(crash_backoff(3), Duration::from_secs(2));
+        assert_eq!(crash_backoff(8), Duration::from_secs(60));
+        assert_eq!(crash_backoff(50), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn rate_limit_admits_the_rate_then_refuses() {
+        let mut s = svc(1, &[]);
+        s.spec.rate_limit_rps = Some(5);
+        s.bucket = (5.0, Instant::now());
+        let admitted = (0..20).filter(|_| s.admit()).count();
+        assert_eq!(admitted, 5);
+        s.spec.rate_limit_rps = None;
+        assert!(s.admit());
+    }
+}

@@ -1,0 +1,63 @@
+"""A service replica for the end-to-end tests: stdlib only, listens on $PORT.
+
+GET /healthz        200 once started
+GET /work?ms=N      sleeps N ms, answers {"job": ..., "version": ...}
+GET /stream?n=K&ms=M  K server-sent events, M ms apart, chunked
+POST /echo          the request body back
+GET /crash          the process exits at once (a replica crash)
+"""
+import json, os, sys, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlparse, parse_qs
+
+JOB = os.environ.get("CARAVEL_JOB_ID", "?")
+VERSION = os.environ.get("VERSION", "1")
+DELAY = float(os.environ.get("START_DELAY_S", "0"))
+time.sleep(DELAY)
+
+
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *a):
+        pass
+
+    def send(self, code, body, ctype="application/json"):
+        self.send_response(code)
+        self.send_header("content-type", ctype)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        u = urlparse(self.path)
+        q = {k: v[0] for k, v in parse_qs(u.query).items()}
+        if u.path == "/healthz":
+            return self.send(200, b"ok", "text/plain")
+        if u.path == "/work":
+            time.sleep(int(q.get("ms", "0")) / 1000)
+            return self.send(200, json.dumps({"job": JOB, "version": VERSION}).encode())
+        if u.path == "/stream":
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.send_header("transfer-encoding", "chunked")
+            self.end_headers()
+            for i in range(int(q.get("n", "5"))):
+                data = f"data: {i} {JOB}\n\n".encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+                time.sleep(int(q.get("ms", "100")) / 1000)
+            self.wfile.write(b"0\r\n\r\n")
+            return
+        if u.path == "/crash":
+            os._exit(3)
+        self.send(404, b'{"error":"no such path"}')
+
+    def do_POST(self):
+        n = int(self.headers.get("content-length", "0"))
+        body = self.rfile.read(n)
+        self.send(200, body, self.headers.get("content-type", "application/octet-stream"))
+
+
+ThreadingHTTPServer.daemon_threads = True
+ThreadingHTTPServer(("0.0.0.0", int(os.environ["PORT"])), H).serve_forever()

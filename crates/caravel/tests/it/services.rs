@@ -1,0 +1,374 @@
+//! Inference services end to end: a real server, a real agent, Python replicas on
+//! loopback, and load from this process through the gateway.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::harness::{wait_for, Pool};
+
+fn replica_py() -> String {
+    format!("{}/tests/it/data/replica.py", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A spec for the test replica: small, quick to scale down (the delay is in the spec).
+fn spec(name: &str, extra: Value) -> Value {
+    let mut s = json!({
+        "name": name,
+        "command": "python3",
+        "args": [replica_py()],
+        "resources": {"cpu_milli": 100, "memory_bytes": 67108864},
+        "readiness": {"path": "/healthz", "period_ms": 200},
+        "max_replicas": 4,
+        "target_concurrency": 2,
+        "scale_down_delay_ms": 3000,
+        "scale_to_zero_after_ms": 600000,
+        "cold_start_timeout_ms": 30000,
+        "kill_grace_ms": 2000
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        s[k] = v.clone();
+    }
+    s
+}
+
+fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+/// GET through the gateway: (status, body).
+fn call(c: &reqwest::blocking::Client, url: &str, token: Option<&str>) -> (u16, String) {
+    let mut r = c.get(url);
+    if let Some(t) = token {
+        r = r.bearer_auth(t);
+    }
+    match r.send() {
+        Ok(resp) => {
+            let st = resp.status().as_u16();
+            (st, resp.text().unwrap_or_default())
+        }
+        Err(e) => (0, e.to_string()),
+    }
+}
+
+fn show(p: &Pool, name: &str) -> Value {
+    p.get(&p.admin, &format!("/v1/services/{name}")).unwrap()
+}
+
+fn ready(v: &Value) -> Vec<&Value> {
+    v["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["state"] == "ready")
+        .collect()
+}
+
+/// Load from `n` threads until stopped; every failure is recorded with its status.
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    errors: Arc<std::sync::Mutex<Vec<(u16, String)>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(url: &str, token: &str, n: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let threads = (0..n)
+            .map(|_| {
+                let (stop, ok, errors) = (stop.clone(), ok.clone(), errors.clone());
+                let (url, token) = (url.to_string(), token.to_string());
+                std::thread::spawn(move || {
+                    let c = client();
+                    while !stop.load(Ordering::Relaxed) {
+                        let (st, body) = call(&c, &url, Some(&token));
+                        if st == 200 {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            errors.lock().unwrap().push((st, body));
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            ok,
+            errors,
+            threads,
+        }
+    }
+
+    fn finish(self) -> (u64, Vec<(u16, String)>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        let e = self.errors.lock().unwrap().clone();
+        (self.ok.load(Ordering::Relaxed), e)
+    }
+}
+
+#[test]
+fn scale_from_zero_up_down_and_roll_without_errors() {
+    let p = Pool::new("svc-scale", &[("a", &[])]);
+    let r = p
+        .post(&p.admin, "/v1/services", &spec("echo", json!({})))
+        .unwrap();
+    assert_eq!(r["version"], 1);
+    assert_eq!(r["path"], "/s/default/echo/");
+    assert_eq!(show(&p, "echo")["replicas"].as_array().unwrap().len(), 0);
+
+    // Scale from zero: the first request is held until a replica is ready.
+    let c = client();
+    let base = format!("{}/s/default/echo", p.url);
+    let t0 = Instant::now();
+    let (st, body) = call(&c, &format!("{base}/work?ms=1"), Some(&p.admin));
+    assert_eq!(st, 200, "{body}");
+    eprintln!("cold start: {:?}", t0.elapsed());
+    assert_eq!(ready(&show(&p, "echo")).len(), 1);
+
+    // Scale up under load: 6 clients of 300 ms requests want 3 replicas at 2 each.
+    let load = Load::start(&format!("{base}/work?ms=300"), &p.admin, 6);
+    wait_for("3 ready replicas", Duration::from_secs(30), || {
+        (ready(&show(&p, "echo")).len() >= 3).then_some(())
+    });
+    // Least outstanding requests: every ready replica serves.
+    std::thread::sleep(Duration::from_secs(2));
+    let (ok, errors) = load.finish();
+    assert!(errors.is_empty(), "errors under scale-up: {errors:?}");
+    assert!(ok > 20, "only {ok} requests served");
+    let v = show(&p, "echo");
+    let busy: Vec<&Value> = v["replicas"].as_array().unwrap().iter().collect();
+    assert!(busy.len() >= 3);
+
+    // Scale down under light load (one client): drained replicas leave without one error.
+    let load = Load::start(&format!("{base}/work?ms=50"), &p.admin, 1);
+    wait_for("scale down to 1", Duration::from_secs(30), || {
+        let v = show(&p, "echo");
+        (v["replicas"].as_array().unwrap().len() == 1 && ready(&v).len() == 1).then_some(())
+    });
+    // Rolling update under the same load: version 2 is ready before version 1 drains.
+    let r = p
+        .post(
+            &p.admin,
+            "/v1/services",
+            &spec("echo", json!({"env": {"VERSION": "2"}})),
+        )
+        .unwrap();
+    assert_eq!(r["version"], 2);
+    assert_eq!(r["changed"], true);
+    wait_for("version 2 only", Duration::from_secs(30), || {
+        let v = show(&p, "echo");
+        let reps = v["replicas"].as_array().unwrap();
+        (!reps.is_empty()
+            && reps
+                .iter()
+                .all(|r| r["version"] == 2 && r["state"] == "ready"))
+        .then_some(())
+    });
+    let (ok, errors) = load.finish();
+    assert!(
+        errors.is_empty(),
+        "errors in scale-down or update: {errors:?}"
+    );
+    assert!(ok > 10);
+    let (st, body) = call(&c, &format!("{base}/work"), Some(&p.admin));
+    assert_eq!(st, 200);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["version"],
+        "2"
+    );
+    // Deploying the same spec again changes nothing.
+    let r = p
+        .post(
+            &p.admin,
+            "/v1/services",
+            &spec("echo", json!({"env": {"VERSION": "2"}})),
+        )
+        .unwrap();
+    assert_eq!(
+        (r["version"].as_u64(), r["changed"].as_bool()),
+        (Some(2), Some(false))
+    );
+
+    // Streaming passes through as it is produced, not buffered to the end.
+    let t0 = Instant::now();
+    let mut resp = c
+        .get(format!("{base}/stream?n=5&ms=300"))
+        .bearer_auth(&p.admin)
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let mut first = [0u8; 8];
+    use std::io::Read;
+    resp.read_exact(&mut first).unwrap();
+    let first_at = t0.elapsed();
+    let mut rest = String::new();
+    resp.read_to_string(&mut rest).unwrap();
+    assert!(rest.contains("data: 4"), "{rest}");
+    assert!(
+        first_at < Duration::from_millis(900) && t0.elapsed() >= Duration::from_millis(1200),
+        "first bytes after {first_at:?}, all after {:?}",
+        t0.elapsed()
+    );
+
+    // Request metrics per service.
+    let m = p.text(&p.admin, "/metrics");
+    assert!(
+        m.contains("caravel_service_requests_total{service=\"default/echo\",code=\"200\"}"),
+        "{m}"
+    );
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("caravel_service_request_seconds_bucket")
+                && l.contains("service=\"default/echo\"")),
+        "{m}"
+    );
+}
+
+#[test]
+fn crashed_replica_is_replaced_and_tenants_are_isolated() {
+    let p = Pool::new("svc-crash", &[("a", &[])]);
+    let t = p
+        .post(&p.admin, "/v1/tenants", &json!({"name": "acme"}))
+        .unwrap();
+    let acme = t["token"].as_str().unwrap().to_string();
+    let t = p
+        .post(&p.admin, "/v1/tenants", &json!({"name": "other"}))
+        .unwrap();
+    let other = t["token"].as_str().unwrap().to_string();
+    p.post(
+        &acme,
+        "/v1/services",
+        &spec("private", json!({"min_replicas": 1})),
+    )
+    .unwrap();
+    p.post(
+        &acme,
+        "/v1/services",
+        &spec("open", json!({"public": true, "rate_limit_rps": 3})),
+    )
+    .unwrap();
+    let c = client();
+    let url = format!("{}/s/acme/private/work", p.url);
+    let (st, body) = call(&c, &url, Some(&acme));
+    assert_eq!(st, 200, "{body}");
+    // Another tenant cannot tell the service exists; no token is unauthenticated.
+    assert_eq!(call(&c, &url, Some(&other)).0, 404);
+    assert_eq!(call(&c, &url, None).0, 401);
+    // A tenant's listing shows only its own services.
+    let mine = p.get(&other, "/v1/services").unwrap();
+    assert_eq!(mine.as_array().unwrap().len(), 0);
+    assert_eq!(
+        p.get(&acme, "/v1/services")
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+
+    // A public service needs no token; past its rate limit the gateway answers 429.
+    let open = format!("{}/s/acme/open/work", p.url);
+    let codes: Vec<u16> = (0..12).map(|_| call(&c, &open, None).0).collect();
+    assert!(codes.contains(&200), "{codes:?}");
+    assert!(codes.contains(&429), "{codes:?}");
+    assert!(codes.iter().all(|c| *c == 200 || *c == 429), "{codes:?}");
+
+    // A replica that crashes leaves the rotation and is replaced.
+    let before = show_as(&p, &acme, "private");
+    let old_job = ready(&before)[0]["job"].clone();
+    let (st, _) = call(&c, &format!("{}/s/acme/private/crash", p.url), Some(&acme));
+    assert_ne!(st, 200, "the crashing request itself fails");
+    let new_job = wait_for("a new ready replica", Duration::from_secs(30), || {
+        let v = show_as(&p, &acme, "private");
+        let r = ready(&v);
+        (r.len() == 1 && r[0]["job"] != old_job).then(|| r[0]["job"].as_u64().unwrap())
+    });
+    assert_eq!(call(&c, &url, Some(&acme)).0, 200);
+
+    // Delete: the service and its replicas go; its path answers 404.
+    p.call(reqwest::Method::DELETE, &acme, "/v1/services/private", None)
+        .unwrap();
+    assert_eq!(call(&c, &url, Some(&acme)).0, 404);
+    p.wait_state(new_job, &["cancelled"], Duration::from_secs(20));
+}
+
+fn show_as(p: &Pool, token: &str, name: &str) -> Value {
+    p.get(token, &format!("/v1/services/{name}")).unwrap()
+}
+
+#[test]
+fn bad_service_specs_are_rejected_with_the_field() {
+    let p = Pool::server_only("svc-bad");
+    let bad = |s: Value| p.post(&p.admin, "/v1/services", &s).unwrap_err();
+    let (st, e) = bad(spec("x", json!({"min_replicas": 9})));
+    assert_eq!(st, 400);
+    assert_eq!(e["error"]["field"], "min_replicas", "{e}");
+    let (st, e) = bad(spec("x", json!({"replicas": 3})));
+    assert_eq!(st, 400);
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("replicas"),
+        "{e}"
+    );
+    let (_, e) = bad(spec("x", json!({"readiness": {"path": "healthz"}})));
+    assert_eq!(e["error"]["field"], "readiness.path", "{e}");
+    let (_, e) = bad(spec("Not A Name", json!({})));
+    assert_eq!(e["error"]["field"], "name", "{e}");
+    let (_, e) = bad(spec("x", json!({"env": {"PORT": "80"}})));
+    assert_eq!(e["error"]["field"], "env.PORT", "{e}");
+    // Nothing was created by any of them.
+    assert_eq!(p.get(&p.admin, "/v1/services").unwrap(), json!([]));
+
+    // The CLI names the file, line and field.
+    let f = p.file("svc.toml");
+    std::fs::write(&f, "name = \"a\"\ncommand = \"x\"\nreplica = 2\n").unwrap();
+    let out = p.cli(&["service", "deploy", "-f", f.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("svc.toml:3: unknown field `replica`"), "{err}");
+    std::fs::write(
+        &f,
+        "name = \"a\"\ncommand = \"x\"\nmin_replicas = 3\nmax_replicas = 1\n",
+    )
+    .unwrap();
+    let out = p.cli(&["service", "deploy", "-f", f.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("min_replicas"), "{err}");
+    // A good file deploys, and every command has a JSON form.
+    std::fs::write(
+        &f,
+        format!(
+            "name = \"good\"\ncommand = \"python3\"\nargs = [\"{}\"]\n[resources]\ncpu = \"100m\"\nmemory = \"64Mi\"\n",
+            replica_py()
+        ),
+    )
+    .unwrap();
+    let out = p.cli(&["service", "deploy", "-f", f.to_str().unwrap(), "-o", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["name"], "good");
+    let out = p.cli(&["services", "-o", "json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 1);
+    let out = p.cli(&["service", "show", "good", "-o", "json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["spec"]["resources"]["cpu_milli"], 100);
+    let out = p.cli(&["service", "delete", "good"]);
+    assert!(out.status.success());
+    let out = p.cli(&["service", "show", "good"]);
+    assert!(!out.status.success());
+}
