@@ -1,7 +1,7 @@
 """Load for tinylm through the Caravel gateway (stdlib only).
 
     python3 examples/tinylm/load.py --concurrency 16 --duration 30
-    python3 examples/tinylm/load.py --url http://127.0.0.1:7070/s/default/tinylm --stream
+    python3 examples/tinylm/load.py --url http://127.0.0.1:7080/s/default/tinylm --stream
 
 The server URL and token come from --url/--token, else CARAVEL_SERVER / CARAVEL_TOKEN,
 else the config `caravel up` wrote. Prints requests, errors by status, throughput and
@@ -34,7 +34,7 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--stream", action="store_true")
     a = ap.parse_args()
-    server = os.environ.get("CARAVEL_SERVER") or cfg.get("server") or "http://127.0.0.1:7070"
+    server = os.environ.get("CARAVEL_SERVER") or cfg.get("server") or "http://127.0.0.1:7080"
     url = (a.url or f"{server}/s/default/tinylm") + "/generate"
     lat, codes, lock = [], collections.Counter(), threading.Lock()
     stop = time.time() + a.duration

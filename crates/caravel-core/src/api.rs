@@ -108,6 +108,8 @@ pub struct NodeView {
     pub shared_devices: BTreeMap<u32, u32>,
     pub running_tasks: u32,
     pub last_seen_ms: Millis,
+    #[serde(default)]
+    pub drained: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

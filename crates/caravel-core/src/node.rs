@@ -53,4 +53,8 @@ pub struct Node {
     pub registered_ms: Millis,
     /// Random id of the agent process; a new one means the agent restarted.
     pub instance: String,
+    /// Drained by an operator: no new work is placed here; running batch tasks finish,
+    /// service replicas move elsewhere (a replacement is ready before each one leaves).
+    #[serde(default)]
+    pub drained: bool,
 }

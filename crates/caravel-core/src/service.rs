@@ -266,6 +266,10 @@ pub struct ServiceRecord {
 pub struct ReplicaOf {
     pub service: String,
     pub version: u64,
+    /// The zone the controller asked for, to spread the service's replicas; placement
+    /// falls back to any zone when none there fits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
 }
 
 #[cfg(test)]

@@ -512,6 +512,11 @@ pub struct Scheduler {
     rng: std::cell::Cell<u64>,
     /// Running tasks that could ever be preempted, kept with `running`.
     victims: preempt::Victims,
+    /// Jobs whose tasks should land in a given zone when one there fits (service replicas
+    /// spread across zones); elsewhere otherwise.
+    zone_pref: HashMap<JobId, String>,
+    /// While set, placement considers only nodes of this zone.
+    zone_only: Option<String>,
     /// Per GPU model: expected GPU demand of work pinned to it, over its capacity.
     pinned_pressure: HashMap<String, f64>,
 }
@@ -534,6 +539,8 @@ impl Scheduler {
             .map(|t| fgd::pinned_pressure(t, &nodes))
             .unwrap_or_default();
         Scheduler {
+            zone_pref: HashMap::new(),
+            zone_only: None,
             pinned_pressure,
             ends: BTreeSet::new(),
             now: None,
@@ -550,6 +557,19 @@ impl Scheduler {
             index,
             pos,
         }
+    }
+
+    /// Soft zone preferences by job: a task of such a job is placed in its zone when some
+    /// node there fits, else wherever it fits.
+    pub fn set_zone_preferences(&mut self, prefs: HashMap<JobId, String>) {
+        self.zone_pref = prefs;
+    }
+
+    /// Outside the zone placement is restricted to, if any.
+    fn off_zone(&self, i: usize) -> bool {
+        self.zone_only
+            .as_ref()
+            .is_some_and(|z| self.nodes[i].topology.zone != *z)
     }
 
     pub fn nodes(&self) -> &[NodeSnap] {
@@ -610,7 +630,7 @@ impl Scheduler {
                 if limit > 0 && scored >= limit {
                     break;
                 }
-                if !ignore_reservation && !self.allowed(i, end) {
+                if (!ignore_reservation && !self.allowed(i, end)) || self.off_zone(i) {
                     continue;
                 }
                 let n = &self.nodes[i];
@@ -650,7 +670,7 @@ impl Scheduler {
             return best.map(|(_, i, d)| (i, d));
         }
         for i in self.index.candidates(r) {
-            if !ignore_reservation && !self.allowed(i, end) {
+            if (!ignore_reservation && !self.allowed(i, end)) || self.off_zone(i) {
                 continue;
             }
             if let Ok((_, devs)) = fit(&self.cfg, &self.nodes[i], r) {
@@ -684,7 +704,7 @@ impl Scheduler {
         let mut best: Option<(i64, usize, Vec<u32>)> = None;
         let mut ties = 0u64;
         for i in 0..self.nodes.len() {
-            if !ignore_reservation && !self.allowed(i, end) {
+            if (!ignore_reservation && !self.allowed(i, end)) || self.off_zone(i) {
                 continue;
             }
             let n = &self.nodes[i];
@@ -1352,7 +1372,13 @@ impl Scheduler {
                     }
                 }
             } else {
-                match self.place_for(&job.resources, end, false) {
+                let preferred = self.zone_pref.get(&job.id).cloned().and_then(|z| {
+                    self.zone_only = Some(z);
+                    let p = self.place_for(&job.resources, end, false);
+                    self.zone_only = None;
+                    p
+                });
+                match preferred.or_else(|| self.place_for(&job.resources, end, false)) {
                     Some((ni, devs)) => {
                         self.allocate(ni, &job.resources, &devs);
                         let model = devs.first().and_then(|d| self.nodes[ni].model_of(*d));

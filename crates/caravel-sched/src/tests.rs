@@ -1522,3 +1522,24 @@ fn work_that_accepts_any_model_leaves_a_scarce_model_to_its_pinned_work() {
     let plan = s.schedule(&mut HashMap::new(), &[flexible]);
     assert_eq!(plan.placements[0].node, NodeId(1));
 }
+
+#[test]
+fn a_zone_preference_is_kept_when_it_fits_and_dropped_when_it_does_not() {
+    let mut a = cpu_node(1, 16, 64);
+    a.topology.zone = "a".into();
+    let mut b = cpu_node(2, 4, 16);
+    b.topology.zone = "b".into();
+    // Best fit alone would take the tighter node in zone b.
+    let mut s = Scheduler::new(Config::default(), vec![a.clone(), b.clone()]);
+    let plan = s.schedule(&mut HashMap::new(), &[job(1, 1, 2000, None, false)]);
+    assert_eq!(plan.placements[0].node, NodeId(2));
+    let mut s = Scheduler::new(Config::default(), vec![a.clone(), b.clone()]);
+    s.set_zone_preferences([(JobId(1), "a".to_string())].into());
+    let plan = s.schedule(&mut HashMap::new(), &[job(1, 1, 2000, None, false)]);
+    assert_eq!(plan.placements[0].node, NodeId(1));
+    // Zone b cannot hold 8 CPUs: the task goes where it fits.
+    let mut s = Scheduler::new(Config::default(), vec![a, b]);
+    s.set_zone_preferences([(JobId(1), "b".to_string())].into());
+    let plan = s.schedule(&mut HashMap::new(), &[job(1, 1, 8000, None, false)]);
+    assert_eq!(plan.placements[0].node, NodeId(1));
+}

@@ -393,7 +393,9 @@ pub async fn delete_service(
     let mut core = s.core.lock().expect("core lock");
     let key = service_key(&core, p, q.tenant.as_deref(), &name)?;
     core.delete_service(key.0, &key.1, now_ms())?;
+    let tenant = core.tenant_name(key.0);
     drop(core);
+    s.gateway.forget(&tenant, &key);
     s.sched_wake.notify_one();
     Ok(StatusCode::NO_CONTENT)
 }
@@ -694,9 +696,37 @@ pub async fn list_nodes(
                 shared_devices: e.alloc.shared.clone(),
                 running_tasks: e.alloc.runs.len() as u32,
                 last_seen_ms: e.node.last_seen_ms,
+                drained: e.node.drained,
             })
             .collect(),
     ))
+}
+
+/// `POST /v1/nodes/{name}/drain` and `/undrain` (admin): stop or resume placing work on a
+/// node. Running batch tasks finish where they are (Slurm's DRAIN); service replicas are
+/// replaced elsewhere, each leaving only once its replacement is ready.
+pub async fn drain_node(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Res<StatusCode> {
+    require_admin(authenticate(&s, &headers)?)?;
+    s.core.lock().expect("core lock").set_drained(&name, true)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn undrain_node(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Res<StatusCode> {
+    require_admin(authenticate(&s, &headers)?)?;
+    s.core
+        .lock()
+        .expect("core lock")
+        .set_drained(&name, false)?;
+    s.sched_wake.notify_one();
+    Ok(StatusCode::NO_CONTENT)
 }
 
 fn tenant_view(t: &Tenant) -> TenantView {

@@ -96,6 +96,8 @@ pub struct ReplicaInfo {
     pub region: String,
     /// Asked to stop (drained, cancelled); it will leave.
     pub stopping: bool,
+    /// Runs on a node an operator drained: to be replaced, then drained.
+    pub evict: bool,
 }
 
 fn job_port(job: JobId) -> u16 {
@@ -571,6 +573,21 @@ impl Core {
         Ok(())
     }
 
+    /// Drains (or undrains) a node: while drained, nothing new is placed on it.
+    pub fn set_drained(&mut self, name: &str, drained: bool) -> Result<Node, ApiError> {
+        let id = *self
+            .node_by_name
+            .get(name)
+            .ok_or_else(|| ApiError::not_found(format!("node {name}")))?;
+        let mut n = self.nodes[&id].node.clone();
+        if n.drained != drained {
+            n.drained = drained;
+            self.commit(&[Mutation::PutNode(n.clone())])?;
+            self.nodes.get_mut(&id).expect("exists").node = n.clone();
+        }
+        Ok(n)
+    }
+
     /// Starts one more replica of the service's current version.
     pub fn add_replica(
         &mut self,
@@ -582,9 +599,43 @@ impl Core {
             .services
             .get(&(tenant, name.to_string()))
             .ok_or_else(|| ApiError::not_found(format!("service {name}")))?;
+        let version = rec.version;
+        // Spread: the zone (among ready, undrained nodes) with the fewest replicas of this
+        // service; placement falls back to other zones when it is full.
+        let mut count: BTreeMap<String, usize> = self
+            .nodes
+            .values()
+            .filter(|e| e.node.state == NodeState::Ready && !e.node.drained)
+            .filter(|e| !e.node.topology.zone.is_empty())
+            .map(|e| (e.node.topology.zone.clone(), 0))
+            .collect();
+        if count.len() > 1 {
+            for r in self.replicas(tenant, name) {
+                let z = if r.zone.is_empty() {
+                    self.jobs[&r.job]
+                        .rec
+                        .service
+                        .as_ref()
+                        .and_then(|s| s.zone.clone())
+                } else {
+                    Some(r.zone.clone())
+                };
+                if let Some(c) = z.and_then(|z| count.get_mut(&z)) {
+                    if !r.stopping {
+                        *c += 1;
+                    }
+                }
+            }
+        }
+        let zone = (count.len() > 1)
+            .then(|| count.iter().min_by_key(|(z, c)| (**c, (*z).clone())))
+            .flatten()
+            .map(|(z, _)| z.clone());
+        let rec = &self.services[&(tenant, name.to_string())];
         let of = ReplicaOf {
             service: name.to_string(),
-            version: rec.version,
+            version,
+            zone,
         };
         let spec = rec.spec.replica_job();
         self.submit_as(tenant, spec, Some(of), now)
@@ -620,6 +671,7 @@ impl Core {
                     .map(|n| n.node.topology.region.clone())
                     .unwrap_or_default(),
                 stopping: e.rec.cancel_requested || run.is_some_and(|r| r.stop.is_some()),
+                evict: node.is_some_and(|n| n.node.drained),
             });
         }
         out
@@ -819,7 +871,7 @@ impl Core {
             .values()
             .map(|e| NodeSnap {
                 id: e.node.id,
-                ready: e.node.state == NodeState::Ready,
+                ready: e.node.state == NodeState::Ready && !e.node.drained,
                 capacity: e.node.capacity.clone(),
                 used_cpu_milli: e.alloc.cpu_milli,
                 used_memory_bytes: e.alloc.memory_bytes,
@@ -937,6 +989,14 @@ impl Core {
         let mut cfg = self.sched_cfg.clone();
         cfg.fgd = self.expected_workload(&reqs);
         let mut sched = caravel_sched::Scheduler::new(cfg, snaps);
+        sched.set_zone_preferences(
+            reqs.iter()
+                .filter_map(|r| {
+                    let z = self.jobs[&r.id].rec.service.as_ref()?.zone.clone()?;
+                    Some((r.id, z))
+                })
+                .collect(),
+        );
         let used_before: HashMap<TenantId, ResourceSum> =
             tenants.iter().map(|(t, s)| (*t, s.used.clone())).collect();
         let plan = sched.schedule_with(now, &running, &mut tenants, &reqs);
@@ -1357,6 +1417,8 @@ impl Core {
                 .map(|e| self.nodes[&e].node.registered_ms)
                 .unwrap_or(now),
             instance: req.instance,
+            // An agent restart does not undo an operator's drain.
+            drained: existing.is_some_and(|e| self.nodes[&e].node.drained),
         };
         self.commit(&[Mutation::PutNode(node.clone())])?;
         if existing.is_none() {

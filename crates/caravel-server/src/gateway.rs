@@ -37,6 +37,10 @@ pub const MAX_BODY: usize = 64 << 20;
 
 pub type Key = (TenantId, String);
 
+/// What the hot path needs to know of a service: its tenant, whether it is public, and
+/// how long to hold a request while no replica is ready.
+pub type Route = (TenantId, bool, u64);
+
 #[derive(Debug)]
 pub struct Replica {
     pub job: JobId,
@@ -49,6 +53,8 @@ pub struct Replica {
     pub draining: bool,
     /// Stop already asked of the control plane.
     pub stopped: bool,
+    /// On a drained node: replaced like an old version, then drained.
+    pub evict: bool,
     pub in_flight: Arc<AtomicU64>,
     /// When it was first seen with an address, and when it first passed readiness.
     pub started_at: Option<Instant>,
@@ -142,10 +148,37 @@ pub struct Gateway {
     pub services: Mutex<HashMap<Key, Svc>>,
     /// Replica jobs with a prober running.
     probing: Mutex<HashSet<JobId>>,
+    /// (tenant name, service name) -> (tenant, public, cold start timeout), refreshed by
+    /// the controller.
+    pub routes: Mutex<HashMap<(String, String), Route>>,
     /// The gateway's own zone and region: the default preference for callers that name
     /// none.
     pub zone: String,
     pub region: String,
+}
+
+impl Gateway {
+    /// Forgets a deleted service at once (the controller would on its next tick).
+    pub fn forget(&self, tenant_name: &str, key: &Key) {
+        self.routes
+            .lock()
+            .expect("gateway lock")
+            .remove(&(tenant_name.to_string(), key.1.clone()));
+        if let Some(svc) = self.services.lock().expect("gateway lock").get_mut(key) {
+            for r in svc.replicas.values_mut() {
+                r.draining = true;
+                r.stopped = true;
+            }
+        }
+    }
+
+    pub fn new(zone: &str, region: &str) -> Gateway {
+        Gateway {
+            zone: zone.to_string(),
+            region: region.to_string(),
+            ..Default::default()
+        }
+    }
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) are not forwarded.
@@ -246,7 +279,19 @@ async fn proxy_inner(
     label: &str,
 ) -> Response {
     let (parts, body) = req.into_parts();
-    let (tid, public, cold_ms) = {
+    // The routing table the controller refreshes every tick, so the hot path never waits
+    // on the control plane's lock; a service deployed since the last tick is looked up
+    // there.
+    let cached = s
+        .gateway
+        .routes
+        .lock()
+        .expect("gateway lock")
+        .get(&(tenant.to_string(), service.to_string()))
+        .cloned();
+    let (tid, public, cold_ms) = if let Some(r) = cached {
+        r
+    } else {
         let core = s.core.lock().expect("core lock");
         let Some(tid) = core.tenant_id(tenant) else {
             return err(
@@ -319,6 +364,19 @@ async fn proxy_inner(
                 Step::Go(addr, job, n) => break (addr, job, n),
                 Step::Refuse(code, msg) => return err(code, msg),
                 Step::Wait(notify) => {
+                    if notify.is_none()
+                        && !s
+                            .core
+                            .lock()
+                            .expect("core lock")
+                            .services
+                            .contains_key(&key)
+                    {
+                        return err(
+                            ErrorCode::NotFound,
+                            format!("service {tenant}/{service} not found"),
+                        );
+                    }
                     let left = (t0 + Duration::from_millis(cold_ms))
                         .saturating_duration_since(Instant::now());
                     if left.is_zero() {
@@ -560,6 +618,17 @@ pub fn reconcile(s: &Arc<Shared>, now: Millis) {
     let snapshot: Vec<(Key, caravel_core::ServiceRecord, Vec<ReplicaInfo>)> = {
         let mut core = s.core.lock().expect("core lock");
         let keys: Vec<Key> = core.services.keys().cloned().collect();
+        let routes = keys
+            .iter()
+            .map(|k| {
+                let spec = &core.services[k].spec;
+                (
+                    (core.tenant_name(k.0), k.1.clone()),
+                    (k.0, spec.public, spec.cold_start_timeout_ms),
+                )
+            })
+            .collect();
+        *s.gateway.routes.lock().expect("gateway lock") = routes;
         keys.into_iter()
             .map(|k| {
                 let rec = core.services[&k].clone();
@@ -610,6 +679,7 @@ pub fn reconcile(s: &Arc<Shared>, now: Millis) {
                     ready: false,
                     draining: false,
                     stopped: false,
+                    evict: false,
                     in_flight: Arc::new(AtomicU64::new(0)),
                     started_at: None,
                     ready_at: None,
@@ -623,6 +693,7 @@ pub fn reconcile(s: &Arc<Shared>, now: Millis) {
                 }
                 e.zone = r.zone.clone();
                 e.region = r.region.clone();
+                e.evict = r.evict;
                 if r.stopping {
                     e.draining = true;
                     e.stopped = true;
@@ -708,8 +779,10 @@ pub fn reconcile(s: &Arc<Shared>, now: Millis) {
 /// move toward `wanted` of the current version.
 fn plan(svc: &Svc, wanted: u32) -> (u32, Vec<JobId>) {
     let active: Vec<&Replica> = svc.replicas.values().filter(|r| !r.draining).collect();
-    let (cur, old): (Vec<&Replica>, Vec<&Replica>) =
-        active.iter().partition(|r| r.version == svc.version);
+    // Replicas on drained nodes count as old: replaced first, drained after.
+    let (cur, old): (Vec<&Replica>, Vec<&Replica>) = active
+        .iter()
+        .partition(|r| r.version == svc.version && !r.evict);
     let wanted_n = wanted as usize;
     let mut stop = Vec::new();
     let mut start = 0usize;
@@ -792,6 +865,7 @@ mod tests {
                             ready,
                             draining: false,
                             stopped: false,
+                            evict: false,
                             in_flight: Arc::new(AtomicU64::new(job)),
                             started_at: None,
                             ready_at: None,

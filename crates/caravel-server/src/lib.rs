@@ -47,6 +47,9 @@ pub struct ServerConfig {
     pub sync: Sync,
     /// Half-life of the usage history that fair share weighs.
     pub fair_share_half_life_ms: u64,
+    /// Where the gateway runs: its default routing preference.
+    pub zone: String,
+    pub region: String,
 }
 
 impl ServerConfig {
@@ -58,6 +61,8 @@ impl ServerConfig {
             heartbeat_ms: 2_000,
             sync: Sync::Normal,
             fair_share_half_life_ms: 3_600_000,
+            zone: String::new(),
+            region: String::new(),
         }
     }
 }
@@ -134,6 +139,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/jobs/{id}/cancel", post(api::cancel_job))
         .route("/v1/jobs/{id}/logs", get(api::job_logs))
         .route("/v1/nodes", get(api::list_nodes))
+        .route("/v1/nodes/{name}/drain", post(api::drain_node))
+        .route("/v1/nodes/{name}/undrain", post(api::undrain_node))
         .route(
             "/v1/tenants",
             post(api::create_tenant).get(api::list_tenants),
@@ -150,14 +157,15 @@ pub fn router(shared: Arc<Shared>) -> Router {
             "/v1/services/{name}",
             get(api::get_service).delete(api::delete_service),
         )
-        .route("/s/{tenant}/{service}", any(gateway::route_root))
-        .route("/s/{tenant}/{service}/", any(gateway::route_root))
-        .route("/s/{tenant}/{service}/{*rest}", any(gateway::route))
         .fallback(api::fallback)
         .layer(axum::middleware::from_fn_with_state(
             shared.clone(),
             count_requests,
         ))
+        // After the layer: gateway traffic is counted per service, not as API requests.
+        .route("/s/{tenant}/{service}", any(gateway::route_root))
+        .route("/s/{tenant}/{service}/", any(gateway::route_root))
+        .route("/s/{tenant}/{service}/{*rest}", any(gateway::route))
         .with_state(shared)
 }
 
@@ -229,7 +237,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
             .pool_idle_timeout(Duration::from_secs(30))
             .build()
             .expect("building an HTTP client"),
-        gateway: gateway::Gateway::default(),
+        gateway: gateway::Gateway::new(&cfg.zone, &cfg.region),
     });
     let sched = tokio::spawn(scheduling_loop(shared.clone()));
     let live = tokio::spawn(liveness_loop(shared.clone()));

@@ -45,6 +45,7 @@ pub fn node(id: u64, name: &str) -> Node {
         last_seen_ms: 5,
         registered_ms: 1,
         instance: "i".into(),
+        drained: false,
     }
 }
 

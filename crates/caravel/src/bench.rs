@@ -54,6 +54,20 @@ pub enum BenchCmd {
         #[arg(long)]
         dir: Option<std::path::PathBuf>,
     },
+    /// Gateway overhead against calling a replica directly, and throughput side by side
+    /// with nginx as a reverse proxy on the same backend.
+    Gateway {
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// Seconds per target under load.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+    },
+    /// The gateway bench's backend (reads PORT); not for direct use.
+    #[command(hide = true)]
+    Backend,
 }
 
 struct Procs(Vec<Child>);
@@ -185,6 +199,12 @@ pub async fn run(cmd: BenchCmd) -> Result<i32> {
             no_cgroups,
             dir,
         } => e2e(jobs, clients.max(1), light, no_cgroups, dir).await,
+        BenchCmd::Gateway {
+            concurrency,
+            seconds,
+            dir,
+        } => crate::bench_gateway::run(concurrency.max(1), seconds, dir).await,
+        BenchCmd::Backend => crate::bench_gateway::backend().await,
         BenchCmd::Autoscale {
             steps,
             requests,

@@ -152,6 +152,19 @@ impl Client {
         Ok(Self::check(r).await?.json().await?)
     }
 
+    /// POST with no body, for actions that answer 204.
+    pub async fn post_empty(&self, path: &str) -> Result<()> {
+        let r = self
+            .http
+            .post(self.url(path))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the server at {}", self.base))?;
+        Self::check(r).await?;
+        Ok(())
+    }
+
     pub async fn delete(&self, path: &str) -> Result<()> {
         let r = self
             .http

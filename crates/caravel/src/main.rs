@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_autoscale;
+mod bench_gateway;
 mod bench_sched;
 mod client;
 mod jobfile;
@@ -131,6 +132,11 @@ enum Cmd {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// Drain a node (no new work; service replicas move elsewhere) or undrain it.
+    Node {
+        #[command(subcommand)]
+        cmd: NodeCmd,
+    },
     /// Manage inference services.
     Service {
         #[command(subcommand)]
@@ -166,6 +172,23 @@ enum JobCmd {
         id: String,
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// Place nothing new on the node; running batch tasks finish, service replicas are
+    /// replaced elsewhere before they leave.
+    Drain {
+        #[command(flatten)]
+        conn: Conn,
+        name: String,
+    },
+    /// Accept work on the node again.
+    Undrain {
+        #[command(flatten)]
+        conn: Conn,
+        name: String,
     },
 }
 
@@ -244,6 +267,13 @@ struct ServerArgs {
     /// goes first).
     #[arg(long, default_value = "1h", value_parser = dur)]
     fair_share_half_life: u64,
+    /// The gateway's own zone: callers that name none (X-Caravel-Zone) are served by
+    /// replicas here first.
+    #[arg(long, default_value = "")]
+    zone: String,
+    /// The gateway's own region (X-Caravel-Region), the next preference after the zone.
+    #[arg(long, default_value = "")]
+    region: String,
 }
 
 #[derive(Args)]
@@ -430,6 +460,8 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
             cfg.lost_after_ms = a.lost_after;
             cfg.heartbeat_ms = a.heartbeat;
             cfg.fair_share_half_life_ms = a.fair_share_half_life;
+            cfg.zone = a.zone;
+            cfg.region = a.region;
             if a.sync_full {
                 cfg.sync = caravel_store::Sync::Full;
             }
@@ -493,6 +525,16 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
             Ok(0)
         }
         Cmd::Service { cmd } => service_cmd(cmd).await,
+        Cmd::Node { cmd } => {
+            let (conn, name, verb) = match cmd {
+                NodeCmd::Drain { conn, name } => (conn, name, "drain"),
+                NodeCmd::Undrain { conn, name } => (conn, name, "undrain"),
+            };
+            let c = Client::resolve(conn.server, conn.token)?;
+            c.post_empty(&format!("/v1/nodes/{name}/{verb}")).await?;
+            println!("node {name} {verb}ed");
+            Ok(0)
+        }
         Cmd::Jobs {
             conn,
             state,
@@ -603,7 +645,11 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
                 };
                 t.row(vec![
                     n.name,
-                    n.state.as_str().into(),
+                    if n.drained {
+                        format!("{},drained", n.state.as_str())
+                    } else {
+                        n.state.as_str().into()
+                    },
                     format!(
                         "{}/{}",
                         format_cpu(n.allocated_cpu_milli),

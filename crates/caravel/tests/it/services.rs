@@ -372,3 +372,123 @@ fn bad_service_specs_are_rejected_with_the_field() {
     let out = p.cli(&["service", "show", "good"]);
     assert!(!out.status.success());
 }
+
+#[test]
+fn draining_a_node_moves_replicas_without_errors() {
+    let p = Pool::new("svc-drain", &[("a", &[]), ("b", &[])]);
+    p.post(
+        &p.admin,
+        "/v1/services",
+        &spec("echo", json!({"min_replicas": 2, "max_replicas": 2})),
+    )
+    .unwrap();
+    let on_nodes = |v: &Value| -> Vec<String> {
+        v["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["node"].as_str().unwrap_or("-").to_string())
+            .collect()
+    };
+    let v = wait_for("2 ready replicas", Duration::from_secs(30), || {
+        let v = show(&p, "echo");
+        (ready(&v).len() == 2).then_some(v)
+    });
+    // Drain a node that holds a replica, under load.
+    let victim = on_nodes(&v)[0].clone();
+    let base = format!("{}/s/default/echo", p.url);
+    let load = Load::start(&format!("{base}/work?ms=50"), &p.admin, 2);
+    std::thread::sleep(Duration::from_millis(500));
+    let out = p.cli(&["node", "drain", &victim]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for(
+        "replicas off the drained node",
+        Duration::from_secs(40),
+        || {
+            let v = show(&p, "echo");
+            let nodes = on_nodes(&v);
+            (nodes.len() == 2 && ready(&v).len() == 2 && nodes.iter().all(|n| *n != victim))
+                .then_some(())
+        },
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, errors) = load.finish();
+    assert!(errors.is_empty(), "errors during the drain: {errors:?}");
+    assert!(ok > 10);
+    // Nothing new lands on a drained node; the node list says it is drained.
+    let nodes = p.get(&p.admin, "/v1/nodes").unwrap();
+    let drained: Vec<&Value> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["drained"] == true)
+        .collect();
+    assert_eq!(drained.len(), 1);
+    assert_eq!(drained[0]["name"], victim.as_str());
+    let id = p.submit(
+        &p.admin,
+        json!({"command": "true", "tasks": 3, "resources": {"cpu_milli": 10, "memory_bytes": 1048576}}),
+    );
+    let j = p.wait_state(id, &["succeeded"], Duration::from_secs(30));
+    let runs = j["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 3);
+    for r in runs {
+        assert_ne!(r["node"].as_str().unwrap(), victim, "{r}");
+    }
+    let out = p.cli(&["node", "undrain", &victim]);
+    assert!(out.status.success());
+    let out = p.cli(&["node", "drain", "no-such-node"]);
+    assert!(!out.status.success());
+}
+
+#[test]
+fn replicas_spread_across_zones_and_callers_get_their_own_zone() {
+    let p = Pool::new(
+        "svc-zones",
+        &[("a", &["--zone", "za"]), ("b", &["--zone", "zb"])],
+    );
+    p.post(
+        &p.admin,
+        "/v1/services",
+        &spec(
+            "echo",
+            json!({"min_replicas": 2, "max_replicas": 2, "target_concurrency": 50}),
+        ),
+    )
+    .unwrap();
+    let v = wait_for("2 ready replicas", Duration::from_secs(30), || {
+        let v = show(&p, "echo");
+        (ready(&v).len() == 2).then_some(v)
+    });
+    let mut zones: Vec<&str> = ready(&v)
+        .iter()
+        .map(|r| r["zone"].as_str().unwrap())
+        .collect();
+    zones.sort();
+    assert_eq!(zones, vec!["za", "zb"], "one replica per zone: {v}");
+    let job_in = |z: &str| {
+        ready(&v).iter().find(|r| r["zone"] == z).unwrap()["job"]
+            .as_u64()
+            .unwrap()
+            .to_string()
+    };
+    // A caller naming its zone is served there while that replica has room.
+    let c = client();
+    for z in ["za", "zb"] {
+        for _ in 0..5 {
+            let r = c
+                .get(format!("{}/s/default/echo/work", p.url))
+                .bearer_auth(&p.admin)
+                .header("x-caravel-zone", z)
+                .send()
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 200);
+            let body: Value = r.json().unwrap();
+            assert_eq!(body["job"], job_in(z).as_str(), "zone {z}");
+        }
+    }
+}

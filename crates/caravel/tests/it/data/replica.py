@@ -18,6 +18,9 @@ time.sleep(DELAY)
 
 class H(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate writes: without this, Nagle plus delayed ACKs
+    # stall every keep-alive response by 40 ms.
+    disable_nagle_algorithm = True
 
     def log_message(self, *a):
         pass

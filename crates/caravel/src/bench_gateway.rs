@@ -1,0 +1,230 @@
+//! `caravel bench gateway`: what the gateway adds over calling a replica directly, side by
+//! side with nginx as a reverse proxy in front of the same backend.
+//!
+//! The backend is `caravel bench backend` (a minimal HTTP server answering 2 bytes),
+//! deployed as a public service replica so the gateway routes to it. The same in-process
+//! load generator (keep-alive connections, `--concurrency` clients) measures each target
+//! in turn for `--seconds`: the replica directly, the gateway, and nginx (started from a
+//! generated config with keep-alive to the upstream) when `nginx` is on the PATH. Latency
+//! is also measured with one client, where queueing does not hide the added hop.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use caravel_core::api::ServiceView;
+use caravel_core::ServiceSpec;
+
+use crate::bench::{pct, start_pool};
+use crate::client::Client;
+
+/// The backend: answers every request with `ok`.
+pub async fn backend() -> Result<i32> {
+    let port: u16 = std::env::var("PORT")
+        .context("PORT is not set")?
+        .parse()
+        .context("PORT is not a port")?;
+    let app = axum::Router::new().fallback(|| async { "ok" });
+    let l = tokio::net::TcpListener::bind(("0.0.0.0", port)).await?;
+    axum::serve(l, app).await?;
+    Ok(0)
+}
+
+struct Figures {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: u64,
+}
+
+async fn measure(url: &str, clients: usize, secs: f64) -> Result<Figures> {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(clients)
+        .build()?;
+    // Warm the connections first.
+    for _ in 0..clients.min(8) {
+        let _ = http.get(url).send().await?.bytes().await;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let errors = Arc::new(AtomicU64::new(0));
+    let lat = Arc::new(Mutex::new(Vec::new()));
+    let t0 = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let (http, url, stop, errors, lat) = (
+                http.clone(),
+                url.to_string(),
+                stop.clone(),
+                errors.clone(),
+                lat.clone(),
+            );
+            tokio::spawn(async move {
+                let mut mine = Vec::with_capacity(100_000);
+                while !stop.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    let ok = match http.get(&url).send().await {
+                        Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
+                        Err(_) => false,
+                    };
+                    if ok {
+                        mine.push(t.elapsed().as_secs_f64() * 1000.0);
+                    } else {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                lat.lock().expect("lock").extend(mine);
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await?;
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let mut l = std::mem::take(&mut *lat.lock().expect("lock"));
+    Ok(Figures {
+        rps: l.len() as f64 / elapsed,
+        p50_ms: pct(&mut l, 50.0),
+        p99_ms: pct(&mut l, 99.0),
+        errors: errors.load(Ordering::Relaxed),
+    })
+}
+
+struct Nginx(std::process::Child);
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_nginx(dir: &std::path::Path, port: u16, upstream: &str) -> Result<Option<Nginx>> {
+    let Some(bin) = ["/usr/sbin/nginx", "/usr/bin/nginx", "/usr/local/sbin/nginx"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+    else {
+        return Ok(None);
+    };
+    let d = dir.join("nginx");
+    std::fs::create_dir_all(d.join("logs"))?;
+    // One worker per core, upstream keep-alive, no access log: nginx as a tuned reverse
+    // proxy, the fair comparison.
+    let conf = format!(
+        r#"worker_processes auto;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/logs/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/body;
+  proxy_temp_path {d}/proxy;
+  fastcgi_temp_path {d}/fastcgi;
+  uwsgi_temp_path {d}/uwsgi;
+  scgi_temp_path {d}/scgi;
+  upstream backend {{ server {upstream}; keepalive 256; }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+    }}
+  }}
+}}
+"#,
+        d = d.display()
+    );
+    std::fs::write(d.join("nginx.conf"), conf)?;
+    let child = std::process::Command::new(bin)
+        .arg("-c")
+        .arg(d.join("nginx.conf"))
+        .arg("-p")
+        .arg(&d)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .context("starting nginx")?;
+    let n = Nginx(child);
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if t0.elapsed() > Duration::from_secs(10) {
+            bail!("nginx did not start listening");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(Some(n))
+}
+
+pub async fn run(clients: usize, secs: f64, dir: Option<std::path::PathBuf>) -> Result<i32> {
+    let dir = match dir {
+        Some(p) => tempfile::tempdir_in(p)?,
+        None => tempfile::tempdir()?,
+    };
+    let pool = start_pool(dir.path(), false).await?;
+    let c = Client::new(&pool.url, &pool.admin);
+    let exe = std::env::current_exe()?;
+    let mut spec = ServiceSpec::simple("backend", &exe.to_string_lossy(), &["bench", "backend"]);
+    spec.public = true;
+    spec.min_replicas = 1;
+    spec.max_replicas = 1;
+    spec.target_concurrency = 100_000;
+    spec.resources.cpu_milli = 1000;
+    spec.resources.memory_bytes = 128 << 20;
+    let _: ServiceView = c.post("/v1/services", &spec).await?;
+    let t0 = Instant::now();
+    let addr = loop {
+        let v: ServiceView = c.get("/v1/services/backend").await?;
+        if let Some(r) = v.replicas.iter().find(|r| r.state == "ready") {
+            break r.addr.clone().context("a ready replica has an address")?;
+        }
+        if t0.elapsed() > Duration::from_secs(30) {
+            bail!("the backend replica did not become ready");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let direct = format!("http://{addr}/x");
+    let gateway = format!("{}/s/default/backend/x", pool.url);
+    let nginx_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let nginx = start_nginx(dir.path(), nginx_port, &addr)?;
+    let via_nginx = format!("http://127.0.0.1:{nginx_port}/x");
+
+    let mut out = serde_json::Map::new();
+    let mut targets = vec![("direct", direct.as_str()), ("gateway", gateway.as_str())];
+    if nginx.is_some() {
+        targets.push(("nginx", via_nginx.as_str()));
+    } else {
+        eprintln!("nginx not found: install it (apt-get install -y nginx) for the comparison");
+    }
+    for (name, url) in &targets {
+        let one = measure(url, 1, secs.min(5.0)).await?;
+        let many = measure(url, clients, secs).await?;
+        eprintln!(
+            "{name:8} 1 client: p50 {:.3} ms p99 {:.3} ms | {clients} clients: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors",
+            one.p50_ms, one.p99_ms, many.rps, many.p50_ms, many.p99_ms, many.errors
+        );
+        out.insert(format!("{name}_p50_ms"), one.p50_ms.into());
+        out.insert(format!("{name}_p99_ms"), one.p99_ms.into());
+        out.insert(format!("{name}_rps"), many.rps.into());
+        out.insert(format!("{name}_loaded_p50_ms"), many.p50_ms.into());
+        out.insert(format!("{name}_loaded_p99_ms"), many.p99_ms.into());
+        out.insert(format!("{name}_errors"), (one.errors + many.errors).into());
+    }
+    let f = |k: &str| out.get(k).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
+    let added50 = f("gateway_p50_ms") - f("direct_p50_ms");
+    let added99 = f("gateway_p99_ms") - f("direct_p99_ms");
+    eprintln!("gateway adds p50 {added50:.3} ms, p99 {added99:.3} ms at one client");
+    out.insert("bench".into(), "gateway".into());
+    out.insert("clients".into(), clients.into());
+    out.insert("added_p50_ms".into(), added50.into());
+    out.insert("added_p99_ms".into(), added99.into());
+    drop(nginx);
+    println!("{}", serde_json::Value::Object(out));
+    Ok(0)
+}
