@@ -398,6 +398,14 @@ fn draining_a_node_moves_replicas_without_errors() {
     let victim = on_nodes(&v)[0].clone();
     let base = format!("{}/s/default/echo", p.url);
     let load = Load::start(&format!("{base}/work?ms=50"), &p.admin, 2);
+    // Long streams in flight on both replicas (least outstanding spreads them) while the
+    // drain happens: every one must reach its end.
+    let streams: Vec<_> = (0..4)
+        .map(|_| {
+            let (url, token) = (format!("{base}/stream?n=20&ms=150"), p.admin.clone());
+            std::thread::spawn(move || call(&client(), &url, Some(&token)))
+        })
+        .collect();
     std::thread::sleep(Duration::from_millis(500));
     let out = p.cli(&["node", "drain", &victim]);
     assert!(
@@ -418,6 +426,11 @@ fn draining_a_node_moves_replicas_without_errors() {
     std::thread::sleep(Duration::from_millis(500));
     let (ok, errors) = load.finish();
     assert!(errors.is_empty(), "errors during the drain: {errors:?}");
+    for s in streams {
+        let (st, body) = s.join().unwrap();
+        assert_eq!(st, 200);
+        assert!(body.contains("data: 19"), "a stream was cut: {body}");
+    }
     assert!(ok > 10);
     // Nothing new lands on a drained node; the node list says it is drained.
     let nodes = p.get(&p.admin, "/v1/nodes").unwrap();
