@@ -22,7 +22,6 @@ use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderName, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use caravel_core::{ErrorCode, JobId, Millis, Probe, ServiceSpec, TenantId};
-use futures_util::StreamExt;
 use tokio::sync::Notify;
 
 use crate::api::authenticate;
@@ -143,8 +142,8 @@ impl Svc {
     }
 }
 
-#[derive(Default)]
 pub struct Gateway {
+    pub upstream: Upstream,
     pub services: Mutex<HashMap<Key, Svc>>,
     /// Replica jobs with a prober running.
     probing: Mutex<HashSet<JobId>>,
@@ -174,14 +173,18 @@ impl Gateway {
 
     pub fn new(zone: &str, region: &str) -> Gateway {
         Gateway {
+            upstream: upstream_client(),
+            services: Default::default(),
+            probing: Default::default(),
+            routes: Default::default(),
             zone: zone.to_string(),
             region: region.to_string(),
-            ..Default::default()
         }
     }
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1) are not forwarded.
+/// Hop-by-hop headers (RFC 9110 §7.6.1) are not forwarded; nor is `host` (the upstream
+/// URI sets it).
 fn hop_by_hop(h: &HeaderName) -> bool {
     matches!(
         h.as_str(),
@@ -194,8 +197,64 @@ fn hop_by_hop(h: &HeaderName) -> bool {
             | "transfer-encoding"
             | "upgrade"
             | "host"
-            | "content-length"
     )
+}
+
+trait RetainEndToEnd {
+    fn retain_hop_by_hop(&mut self);
+}
+
+impl RetainEndToEnd for HeaderMap {
+    /// Drops the hop-by-hop headers of an upstream response.
+    fn retain_hop_by_hop(&mut self) {
+        let drop: Vec<HeaderName> = self.keys().filter(|k| hop_by_hop(k)).cloned().collect();
+        for k in drop {
+            self.remove(&k);
+        }
+    }
+}
+
+/// The gateway's client to replicas: hyper's pooled HTTP/1.1 client, no overall timeout
+/// (responses may stream as long as they like), a short connect timeout so a dead replica
+/// is retried elsewhere quickly.
+pub type Upstream = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Full<bytes::Bytes>,
+>;
+
+fn upstream_client() -> Upstream {
+    let mut c = hyper_util::client::legacy::connect::HttpConnector::new();
+    c.set_connect_timeout(Some(Duration::from_secs(2)));
+    c.set_nodelay(true);
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(c)
+}
+
+/// A replica's response body, holding the replica's in-flight count until it is dropped.
+struct Guarded {
+    inner: hyper::body::Incoming,
+    _guard: InFlight,
+}
+
+impl http_body::Body for Guarded {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 fn err(code: ErrorCode, msg: impl Into<String>) -> Response {
@@ -406,33 +465,40 @@ async fn proxy_inner(
             .query()
             .map(|q| format!("?{q}"))
             .unwrap_or_default();
-        let url = format!("http://{addr}/{rest}{query}");
-        let mut rb = s.proxy.request(parts.method.clone(), &url);
+        let uri = format!("http://{addr}/{rest}{query}");
+        let mut rb = hyper::Request::builder()
+            .method(parts.method.clone())
+            .uri(uri);
         for (k, v) in parts.headers.iter() {
             if !hop_by_hop(k) && k != "authorization" {
                 rb = rb.header(k, v);
             }
         }
         rb = rb.header("x-forwarded-prefix", format!("/s/{tenant}/{service}"));
-        let sent = rb.body(body.clone()).send().await;
+        let up_req = match rb.body(http_body_util::Full::new(body.clone())) {
+            Ok(r) => r,
+            Err(e) => {
+                drop(guard);
+                return err(ErrorCode::InvalidArgument, format!("cannot forward: {e}"));
+            }
+        };
+        let sent = s.gateway.upstream.request(up_req).await;
         match sent {
             Ok(up) => {
-                let status = up.status();
-                let mut headers = HeaderMap::new();
-                for (k, v) in up.headers().iter() {
-                    if !hop_by_hop(k) {
-                        headers.append(k.clone(), v.clone());
-                    }
-                }
+                let (head, incoming) = up.into_parts();
+                let status = head.status;
+                let mut headers = head.headers;
+                headers.retain_hop_by_hop();
                 let s2 = s.clone();
                 let label = label.to_string();
                 let mut guard = guard;
                 guard.done = Some(Box::new(move || record(&s2, &label, status, t0)));
-                let stream = up.bytes_stream().map(move |c| {
-                    let _keep = &guard;
-                    c.map_err(std::io::Error::other)
-                });
-                let mut resp = Response::new(Body::from_stream(stream));
+                // Streams straight through; the replica's request counts until the body
+                // has been sent or the client went away (the guard drops with the body).
+                let mut resp = Response::new(Body::new(Guarded {
+                    inner: incoming,
+                    _guard: guard,
+                }));
                 *resp.status_mut() = status;
                 *resp.headers_mut() = headers;
                 resp.extensions_mut().insert(Proxied);

@@ -93,9 +93,7 @@ pub struct Shared {
     pub sched_wake: Notify,
     pub cfg: ServerConfig,
     pub http: reqwest::Client,
-    /// The gateway's client to replicas: pooled connections, no overall timeout (responses
-    /// may stream for as long as they like), a short connect timeout so a dead replica is
-    /// retried elsewhere quickly.
+    /// The probers' client to replicas (each probe carries its own timeout).
     pub proxy: reqwest::Client,
     pub gateway: gateway::Gateway,
 }
