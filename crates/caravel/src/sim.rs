@@ -94,6 +94,9 @@ pub struct ReplayArgs {
     /// placement, tightest first (0: every node). Pools up to this size are exact.
     #[arg(long, default_value_t = caravel_sched::Config::default().fgd_max_candidates)]
     pub candidates: usize,
+    /// Caravel's policy: weight of the pinned-model pressure term (0 turns it off).
+    #[arg(long, default_value_t = caravel_sched::Config::default().fgd_pin_weight)]
+    pub pin_weight: f64,
     /// Worker threads (default: every core).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -143,6 +146,7 @@ fn replay(a: ReplayArgs) -> Result<i32> {
         published,
         load,
         candidates,
+        pin_weight,
         threads,
         out,
     } = a;
@@ -393,6 +397,7 @@ fn replay(a: ReplayArgs) -> Result<i32> {
                     ..rp::Options::for_policy(policies[p], w, seed)
                 };
                 opts.sched.fgd_max_candidates = candidates;
+                opts.sched.fgd_pin_weight = pin_weight;
                 let single = tasks.len() == 1;
                 let mut last = std::time::Instant::now();
                 let mut progress = |at: i64, span: i64| {
