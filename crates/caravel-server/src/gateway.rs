@@ -610,6 +610,7 @@ async fn probe(http: &reqwest::Client, addr: &str, p: &Probe) -> bool {
 async fn prober(s: Arc<Shared>, key: Key, job: JobId) {
     let mut fails = 0u32;
     let mut live_fails = 0u32;
+    let mut ever_ready = false;
     let mut last_live = Instant::now();
     loop {
         let (addr, spec, ready) = {
@@ -633,7 +634,11 @@ async fn prober(s: Arc<Shared>, key: Key, job: JobId) {
         let ok = probe(&s.proxy, &addr, &spec.readiness).await;
         fails = if ok { 0 } else { fails + 1 };
         let mut restart = false;
-        if let Some(l) = &spec.liveness {
+        // Liveness counts only once the replica has been ready: a process still starting
+        // (not yet listening) is not dead (what a Kubernetes startup probe is for).
+        let was_ready = ready || ok || ever_ready;
+        ever_ready = was_ready;
+        if let (Some(l), true) = (&spec.liveness, was_ready) {
             if last_live.elapsed() >= Duration::from_millis(l.period_ms) {
                 last_live = Instant::now();
                 let alive = probe(&s.proxy, &addr, l).await;
@@ -660,9 +665,12 @@ async fn prober(s: Arc<Shared>, key: Key, job: JobId) {
                 r.ready = false;
             }
             if restart {
-                // Out of rotation now; the controller stops it and starts another.
+                // Out of rotation now; the controller stops it and starts another, backing
+                // off as for a crash if it keeps happening.
                 r.ready = false;
                 r.draining = true;
+                svc.failures += 1;
+                svc.start_after = Some(Instant::now() + crash_backoff(svc.failures));
                 tracing::warn!(job = %job, "replica failed its liveness probe; restarting it");
             }
         }

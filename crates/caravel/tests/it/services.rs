@@ -505,3 +505,94 @@ fn replicas_spread_across_zones_and_callers_get_their_own_zone() {
         }
     }
 }
+
+#[test]
+fn an_idle_service_scales_to_zero_and_back_and_its_replicas_are_metered() {
+    let p = Pool::new("svc-zero", &[("a", &[])]);
+    p.post(
+        &p.admin,
+        "/v1/services",
+        &spec("idle", json!({"scale_to_zero_after_ms": 1500})),
+    )
+    .unwrap();
+    let c = client();
+    let url = format!("{}/s/default/idle/work", p.url);
+    assert_eq!(call(&c, &url, Some(&p.admin)).0, 200);
+    let first = ready(&show(&p, "idle"))[0]["job"].as_u64().unwrap();
+    // Idle: down to zero replicas, the replica's job cancelled.
+    wait_for("scale to zero", Duration::from_secs(20), || {
+        show(&p, "idle")["replicas"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+            .then_some(())
+    });
+    p.wait_state(first, &["cancelled"], Duration::from_secs(20));
+    // The next request starts a new replica and is answered.
+    let (st, body) = call(&c, &url, Some(&p.admin));
+    assert_eq!(st, 200, "{body}");
+    let second: Value = serde_json::from_str(&body).unwrap();
+    assert_ne!(second["job"], first.to_string().as_str());
+    // The first replica's run was metered like any task: a usage record for its job with
+    // its CPU held over its wall time.
+    let u = p.get(&p.admin, &format!("/v1/usage?job={first}")).unwrap();
+    let jobs = u["by_job"].as_array().unwrap();
+    assert_eq!(jobs.len(), 1, "{u}");
+    assert_eq!(jobs[0]["runs"], 1);
+    let wall = jobs[0]["wall_ms"].as_u64().unwrap();
+    assert!(wall > 1000, "{u}");
+    assert_eq!(
+        jobs[0]["cpu_milli_ms"].as_u64().unwrap(),
+        100 * wall,
+        "100 millicores for the whole run: {u}"
+    );
+}
+
+#[test]
+fn a_wedged_replica_is_restarted_and_a_never_ready_one_times_out_clearly() {
+    let p = Pool::new("svc-live", &[("a", &[])]);
+    // Alive for 2 s, then its liveness path fails: restarted (a new replica job).
+    p.post(
+        &p.admin,
+        "/v1/services",
+        &spec(
+            "wedge",
+            json!({"min_replicas": 1, "env": {"LIVE_FOR_S": "2"},
+                   "liveness": {"path": "/livez", "period_ms": 200, "failure_threshold": 2}}),
+        ),
+    )
+    .unwrap();
+    let first = wait_for("a ready replica", Duration::from_secs(30), || {
+        ready(&show(&p, "wedge")).first().map(|r| r["job"].clone())
+    });
+    wait_for("a replacement", Duration::from_secs(30), || {
+        let v = show(&p, "wedge");
+        let r = ready(&v);
+        (r.len() == 1 && r[0]["job"] != first).then_some(())
+    });
+    let j = p.job(&p.admin, first.as_u64().unwrap());
+    assert_eq!(j["state"], "cancelled", "{j}");
+
+    // A replica that never listens: the held request gets a clear 503 at the timeout.
+    let mut s = spec("mute", json!({"cold_start_timeout_ms": 1500}));
+    s["command"] = json!("sleep");
+    s["args"] = json!(["600"]);
+    p.post(&p.admin, "/v1/services", &s).unwrap();
+    let t0 = Instant::now();
+    let (st, body) = call(
+        &client(),
+        &format!("{}/s/default/mute/x", p.url),
+        Some(&p.admin),
+    );
+    assert_eq!(st, 503, "{body}");
+    let e: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(e["error"]["code"], "unavailable");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no ready replica after 1.5 s"),
+        "{e}"
+    );
+    assert!(t0.elapsed() >= Duration::from_millis(1500) && t0.elapsed() < Duration::from_secs(10));
+}

@@ -5,6 +5,7 @@ GET /work?ms=N      sleeps N ms, answers {"job": ..., "version": ...}
 GET /stream?n=K&ms=M  K server-sent events, M ms apart, chunked
 POST /echo          the request body back
 GET /crash          the process exits at once (a replica crash)
+GET /livez          200 for $LIVE_FOR_S seconds after start (default: forever), then 500
 """
 import json, os, sys, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -13,6 +14,8 @@ from urllib.parse import urlparse, parse_qs
 JOB = os.environ.get("CARAVEL_JOB_ID", "?")
 VERSION = os.environ.get("VERSION", "1")
 DELAY = float(os.environ.get("START_DELAY_S", "0"))
+LIVE_FOR = float(os.environ.get("LIVE_FOR_S", "1e12"))
+STARTED = time.time()
 time.sleep(DELAY)
 
 
@@ -52,6 +55,9 @@ class H(BaseHTTPRequestHandler):
                 time.sleep(int(q.get("ms", "100")) / 1000)
             self.wfile.write(b"0\r\n\r\n")
             return
+        if u.path == "/livez":
+            alive = time.time() - STARTED < LIVE_FOR
+            return self.send(200 if alive else 500, b"alive" if alive else b"wedged", "text/plain")
         if u.path == "/crash":
             os._exit(3)
         self.send(404, b'{"error":"no such path"}')
