@@ -516,6 +516,10 @@ async fn proxy_inner(
                     mark_unready(s, &key, job);
                 }
                 if e.is_connect() && idempotent && tries < 2 {
+                    s.metrics
+                        .service_retries
+                        .get_or_create(&vec![("service".to_string(), label.to_string())])
+                        .inc();
                     avoid = Some(job);
                     continue;
                 }

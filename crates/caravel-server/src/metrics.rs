@@ -26,6 +26,8 @@ pub struct Metrics {
     pub service_requests: Family<Vec<(String, String)>, Counter>,
     /// Gateway request latency by service, to the end of the response body.
     pub service_latency: HistogramFamily,
+    /// Requests retried on another replica after a refused connection.
+    pub service_retries: Family<Labels, Counter>,
     /// Replicas by service and state (wanted, ready).
     pub service_replicas: Family<Vec<(String, String)>, Gauge>,
 }
@@ -79,6 +81,12 @@ impl Metrics {
         let service_latency =
             HistogramFamily::new_with_constructor(latency_histogram as fn() -> Histogram);
         let service_replicas = Family::<Vec<(String, String)>, Gauge>::default();
+        let service_retries = Family::<Labels, Counter>::default();
+        registry.register(
+            "service_retries",
+            "Gateway requests retried on another replica after a refused connection",
+            service_retries.clone(),
+        );
         registry.register(
             "service_requests",
             "Gateway requests by service and status code",
@@ -106,6 +114,7 @@ impl Metrics {
             service_requests,
             service_latency,
             service_replicas,
+            service_retries,
         }
     }
 

@@ -596,3 +596,40 @@ fn a_wedged_replica_is_restarted_and_a_never_ready_one_times_out_clearly() {
     );
     assert!(t0.elapsed() >= Duration::from_millis(1500) && t0.elapsed() < Duration::from_secs(10));
 }
+
+#[test]
+fn a_refused_connection_is_retried_on_another_replica() {
+    let p = Pool::new("svc-retry", &[("a", &[])]);
+    // A readiness threshold high enough that the gateway keeps the closed replica in its
+    // table for the whole test: only the retry can save the requests sent to it.
+    p.post(
+        &p.admin,
+        "/v1/services",
+        &spec(
+            "echo",
+            json!({"min_replicas": 2, "max_replicas": 2,
+                   "readiness": {"path": "/healthz", "period_ms": 200, "failure_threshold": 100}}),
+        ),
+    )
+    .unwrap();
+    wait_for("2 ready replicas", Duration::from_secs(30), || {
+        (ready(&show(&p, "echo")).len() == 2).then_some(())
+    });
+    let c = client();
+    let base = format!("{}/s/default/echo", p.url);
+    // One replica stops listening but stays alive.
+    let (st, _) = call(&c, &format!("{base}/close"), Some(&p.admin));
+    assert_eq!(st, 200);
+    for _ in 0..10 {
+        let (st, body) = call(&c, &format!("{base}/work"), Some(&p.admin));
+        assert_eq!(st, 200, "{body}");
+    }
+    let m = p.text(&p.admin, "/metrics");
+    let retries: u64 = m
+        .lines()
+        .find(|l| l.starts_with("caravel_service_retries_total{service=\"default/echo\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(retries >= 1, "no retry counted: {m}");
+}

@@ -5,6 +5,7 @@ GET /work?ms=N      sleeps N ms, answers {"job": ..., "version": ...}
 GET /stream?n=K&ms=M  K server-sent events, M ms apart, chunked
 POST /echo          the request body back
 GET /crash          the process exits at once (a replica crash)
+GET /close          stops listening but stays alive (connections are refused)
 GET /livez          200 for $LIVE_FOR_S seconds after start (default: forever), then 500
 """
 import json, os, sys, time
@@ -58,6 +59,16 @@ class H(BaseHTTPRequestHandler):
         if u.path == "/livez":
             alive = time.time() - STARTED < LIVE_FOR
             return self.send(200 if alive else 500, b"alive" if alive else b"wedged", "text/plain")
+        if u.path == "/close":
+            # This connection closes too, so no pooled connection to us survives.
+            self.close_connection = True
+            self.send_response(200)
+            self.send_header("connection", "close")
+            self.send_header("content-length", "7")
+            self.end_headers()
+            self.wfile.write(b"closing")
+            self.server.socket.close()
+            return
         if u.path == "/crash":
             os._exit(3)
         self.send(404, b'{"error":"no such path"}')
@@ -69,4 +80,8 @@ class H(BaseHTTPRequestHandler):
 
 
 ThreadingHTTPServer.daemon_threads = True
-ThreadingHTTPServer(("0.0.0.0", int(os.environ["PORT"])), H).serve_forever()
+try:
+    ThreadingHTTPServer(("0.0.0.0", int(os.environ["PORT"])), H).serve_forever()
+except (OSError, ValueError):
+    # /close: the listening socket is gone; stay alive so only the port refuses.
+    time.sleep(1e9)
