@@ -34,6 +34,9 @@ pub struct RunningTask {
     pub borrowed: bool,
     /// When it will have ended at the latest (start + max runtime), if it has a max runtime.
     pub expected_end_ms: Option<Millis>,
+    /// Tasks that stop when this one is preempted: its gang's size (a gang stops whole),
+    /// 1 for a task of an ordinary job.
+    pub gang_size: u32,
 }
 
 /// Stop `run` so that `for_job` can be placed.
@@ -160,9 +163,12 @@ const CANDIDATES: usize = 64;
 pub(crate) type ByNode = BTreeMap<usize, Vec<RunningTask>>;
 
 pub(crate) fn sort_victims(v: &mut [RunningTask]) {
+    // Spot first; then tasks that stop alone before gang members (preempting one member
+    // stops the whole gang); then the most recently started (least work lost).
     v.sort_by_key(|t| {
         (
             t.priority != Priority::Spot,
+            t.gang_size,
             std::cmp::Reverse(t.started_ms),
             t.run,
         )
@@ -384,15 +390,25 @@ impl<'a> Pass<'a> {
                     }
                 }
                 if ok {
-                    let lost: u64 = freed
-                        .iter()
-                        .map(|v| (self.now - v.started_ms).max(0) as u64)
-                        .sum();
+                    // What preempting costs: every task that stops (a gang member stops its
+                    // whole gang, counted once per gang) and the work they lose.
+                    let mut gangs: Vec<JobId> = Vec::new();
+                    let (mut stopped, mut lost) = (0usize, 0u64);
+                    for v in &freed {
+                        if v.gang_size > 1 {
+                            if gangs.contains(&v.job) {
+                                continue;
+                            }
+                            gangs.push(v.job);
+                        }
+                        stopped += v.gang_size.max(1) as usize;
+                        lost += (self.now - v.started_ms).max(0) as u64 * v.gang_size.max(1) as u64;
+                    }
                     let better = best
                         .as_ref()
-                        .is_none_or(|b| (freed.len(), lost, i) < (b.2, b.1, b.0));
+                        .is_none_or(|b| (stopped, lost, i) < (b.2, b.1, b.0));
                     if better {
-                        best = Some((i, lost, freed.len(), freed));
+                        best = Some((i, lost, stopped, freed));
                     }
                     feasible += 1;
                     // One victim (or none) is the fewest possible: stop looking. Otherwise

@@ -627,6 +627,7 @@ fn running(
         min_runtime_ms: 0,
         borrowed,
         expected_end_ms: None,
+        gang_size: 1,
     }
 }
 
@@ -1055,6 +1056,7 @@ fn drive(
                         1,
                     ),
                     expected_end_ms: j.max_runtime_ms.map(|m| now + m as i64),
+                    gang_size: if j.gang { j.pending.len() as u32 } else { 1 },
                 },
                 step + dur,
             ));
@@ -1470,6 +1472,7 @@ proptest! {
                         min_runtime_ms: 0,
                         borrowed: true,
                         expected_end_ms: None,
+                        gang_size: 1,
                     }
                 })
                 .collect();
@@ -1542,4 +1545,35 @@ fn a_zone_preference_is_kept_when_it_fits_and_dropped_when_it_does_not() {
     s.set_zone_preferences([(JobId(1), "b".to_string())].into());
     let plan = s.schedule(&mut HashMap::new(), &[job(1, 1, 8000, None, false)]);
     assert_eq!(plan.placements[0].node, NodeId(1));
+}
+
+#[test]
+fn a_victim_that_stops_alone_is_preferred_to_a_gang_member() {
+    // Two full nodes, each running one borrowed 4-CPU task of tenant 2: on node 1 a member
+    // of a 4-task gang (preempting it stops all four), on node 2 a task alone. Tenant 1
+    // reclaims its guarantee from node 2's task, although node 1 comes first.
+    let mut member = running(1, 2, 1, Priority::Batch, 0, true);
+    member.resources.cpu_milli = 4000;
+    member.gang_size = 4;
+    let mut alone = running(2, 2, 2, Priority::Batch, 0, true);
+    alone.resources.cpu_milli = 4000;
+    let mut n1 = busy_node(std::slice::from_ref(&member));
+    n1.id = NodeId(1);
+    let mut n2 = busy_node(std::slice::from_ref(&alone));
+    n2.id = NodeId(2);
+    let mut t = HashMap::new();
+    t.insert(TenantId(1), guaranteed(4));
+    let mut s = Scheduler::new(Config::default(), vec![n1.clone(), n2.clone()]);
+    let plan = s.schedule_with(
+        10_000,
+        &[member.clone(), alone.clone()],
+        &mut t,
+        &[tjob(1, 1, 1, 1000, 1)],
+    );
+    assert_eq!(victims(&plan), vec![2]);
+    // Counted as one task, the gang member would have gone (node 1 is first).
+    member.gang_size = 1;
+    let mut s = Scheduler::new(Config::default(), vec![n1, n2]);
+    let plan = s.schedule_with(10_000, &[member, alone], &mut t, &[tjob(1, 1, 1, 1000, 1)]);
+    assert_eq!(victims(&plan), vec![1]);
 }

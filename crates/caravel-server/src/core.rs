@@ -983,6 +983,7 @@ impl Core {
                     expected_end_ms: spec
                         .max_runtime_ms
                         .map(|m| r.started_ms.unwrap_or(now) + m as i64),
+                    gang_size: if spec.gang { spec.tasks } else { 1 },
                 }
             })
             .collect();

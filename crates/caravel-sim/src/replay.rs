@@ -839,6 +839,11 @@ impl Engine<'_> {
             min_runtime_ms: 0,
             borrowed,
             expected_end_ms: sp.max_runtime_ms.map(|m| now + m as i64),
+            gang_size: if sp.gang {
+                self.jobs[j].tasks.len() as u32
+            } else {
+                1
+            },
         });
         // A task that could be a victim changes what waiting work could preempt.
         if borrowed || sp.priority == Priority::Spot {

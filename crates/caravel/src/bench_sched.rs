@@ -356,6 +356,7 @@ fn preempt_500k(rng: &mut Rng) -> Result<i32> {
                 min_runtime_ms: if rng.below(4) == 0 { 7_200_000 } else { 0 },
                 borrowed: true,
                 expected_end_ms: None,
+                gang_size: 1,
             });
         }
     }
