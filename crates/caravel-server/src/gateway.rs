@@ -506,8 +506,10 @@ async fn proxy_inner(
             }
             Err(e) => {
                 drop(guard);
-                // Refused or unreachable: nothing reached the replica, so a retry on
-                // another one is safe for idempotent methods.
+                // No answer from the replica. An idempotent request is retried once on
+                // another replica whatever the transport failure (a refused connection, or
+                // a pooled connection the replica had closed: hyper's SendRequest); any
+                // other request only when the connection was refused, so nothing was sent.
                 let idempotent = matches!(
                     parts.method,
                     Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
@@ -515,7 +517,7 @@ async fn proxy_inner(
                 if e.is_connect() {
                     mark_unready(s, &key, job);
                 }
-                if e.is_connect() && idempotent && tries < 2 {
+                if (idempotent || e.is_connect()) && tries < 2 {
                     s.metrics
                         .service_retries
                         .get_or_create(&vec![("service".to_string(), label.to_string())])

@@ -152,11 +152,11 @@ impl Client {
         Ok(Self::check(r).await?.json().await?)
     }
 
-    /// POST with no body, for actions that answer 204.
-    pub async fn post_empty(&self, path: &str) -> Result<()> {
+    /// A request with no body, for actions that answer 204.
+    async fn no_body(&self, method: reqwest::Method, path: &str) -> Result<()> {
         let r = self
             .http
-            .post(self.url(path))
+            .request(method, self.url(path))
             .bearer_auth(&self.token)
             .send()
             .await
@@ -165,15 +165,11 @@ impl Client {
         Ok(())
     }
 
+    pub async fn post_empty(&self, path: &str) -> Result<()> {
+        self.no_body(reqwest::Method::POST, path).await
+    }
+
     pub async fn delete(&self, path: &str) -> Result<()> {
-        let r = self
-            .http
-            .delete(self.url(path))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the server at {}", self.base))?;
-        Self::check(r).await?;
-        Ok(())
+        self.no_body(reqwest::Method::DELETE, path).await
     }
 }

@@ -60,18 +60,23 @@ pub fn gpu_request(s: &str, field: &str) -> Result<GpuRequest> {
     caravel_core::parse_gpu_request(s).map_err(|e| anyhow!("{field}: {e}"))
 }
 
+/// Reads a TOML file's text; an error is one line, `file:line: reason`, as compilers
+/// print it.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, origin: &str) -> Result<T> {
+    toml::from_str(text).map_err(|e| {
+        let line = e
+            .span()
+            .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+        match line {
+            Some(l) => anyhow!("{origin}:{l}: {}", e.message().trim()),
+            None => anyhow!("{origin}: {}", e.message().trim()),
+        }
+    })
+}
+
 impl JobFile {
     pub fn parse(text: &str, origin: &str) -> Result<JobFile> {
-        toml::from_str(text).map_err(|e| {
-            // One line, `file:line: reason`, as compilers print it.
-            let line = e
-                .span()
-                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
-            match line {
-                Some(l) => anyhow!("{origin}:{l}: {}", e.message().trim()),
-                None => anyhow!("{origin}: {}", e.message().trim()),
-            }
-        })
+        parse_toml(text, origin)
     }
 
     pub fn resources_of(f: &FileResources) -> Result<TaskResources> {

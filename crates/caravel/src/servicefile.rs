@@ -65,15 +65,7 @@ fn probe(p: Option<FileProbe>, field: &str) -> Result<Option<Probe>> {
 
 impl ServiceFile {
     pub fn parse(text: &str, origin: &str) -> Result<ServiceFile> {
-        toml::from_str(text).map_err(|e| {
-            let line = e
-                .span()
-                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
-            match line {
-                Some(l) => anyhow!("{origin}:{l}: {}", e.message().trim()),
-                None => anyhow!("{origin}: {}", e.message().trim()),
-            }
-        })
+        crate::jobfile::parse_toml(text, origin)
     }
 
     /// The spec, with `command` and `args` that start with `./` or `../` made absolute
