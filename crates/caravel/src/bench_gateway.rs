@@ -96,6 +96,17 @@ struct Nginx(std::process::Child);
 
 impl Drop for Nginx {
     fn drop(&mut self) {
+        // SIGTERM: nginx's master stops its workers; SIGKILL would leave them running.
+        // SAFETY: signalling our own child.
+        unsafe {
+            libc::kill(self.0.id() as i32, libc::SIGTERM);
+        }
+        for _ in 0..100 {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
