@@ -506,10 +506,11 @@ async fn proxy_inner(
             }
             Err(e) => {
                 drop(guard);
-                // No answer from the replica. An idempotent request is retried once on
-                // another replica whatever the transport failure (a refused connection, or
-                // a pooled connection the replica had closed: hyper's SendRequest); any
-                // other request only when the connection was refused, so nothing was sent.
+                // Refused: nothing reached the replica, so an idempotent request is retried
+                // once on another one. A connection that failed after the request was sent
+                // is not retried: the request may be what killed the replica, and a retry
+                // would take the next one down too (a test saw exactly that). A pooled
+                // connection found closed before sending is retried inside hyper's client.
                 let idempotent = matches!(
                     parts.method,
                     Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
@@ -517,7 +518,7 @@ async fn proxy_inner(
                 if e.is_connect() {
                     mark_unready(s, &key, job);
                 }
-                if (idempotent || e.is_connect()) && tries < 2 {
+                if e.is_connect() && idempotent && tries < 2 {
                     s.metrics
                         .service_retries
                         .get_or_create(&vec![("service".to_string(), label.to_string())])
