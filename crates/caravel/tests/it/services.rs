@@ -623,6 +623,11 @@ fn a_refused_connection_is_retried_on_another_replica() {
     let addr = ready(&v)[0]["addr"].as_str().unwrap().to_string();
     let (st, _) = call(&c, &format!("http://{addr}/close"), None);
     assert_eq!(st, 200);
+    wait_for(
+        "the closed replica to refuse connections",
+        Duration::from_secs(10),
+        || std::net::TcpStream::connect(&addr).is_err().then_some(()),
+    );
     for _ in 0..10 {
         let (st, body) = call(&c, &format!("{base}/work"), Some(&p.admin));
         assert_eq!(st, 200, "{body}");

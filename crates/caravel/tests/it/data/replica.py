@@ -67,6 +67,13 @@ class H(BaseHTTPRequestHandler):
             self.send_header("content-length", "7")
             self.end_headers()
             self.wfile.write(b"closing")
+            import socket as _s
+            try:
+                # shutdown first: a plain close can leave the socket listening while the
+                # serving thread still polls it.
+                self.server.socket.shutdown(_s.SHUT_RDWR)
+            except OSError:
+                pass
             self.server.socket.close()
             return
         if u.path == "/crash":
