@@ -227,6 +227,10 @@ pub struct JobReq {
     /// The job's max runtime: a job with one may backfill into space reserved for a larger
     /// job if it will have ended by the time the reservation starts.
     pub max_runtime_ms: Option<u64>,
+    /// Service the job has received so far, in GPU-milliseconds (one GPU for one second is
+    /// 1,000; a quarter GPU counts a quarter), lost work included. Orders batch work under
+    /// `Config::las`; ignored otherwise.
+    pub attained_gpu_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -280,6 +284,34 @@ pub struct Config {
     /// preemption helps. Users read them; the simulator turns them off. Placements do not
     /// depend on it (a test holds plans equal either way but for the reasons).
     pub explain_pending: bool,
+    /// Least-attained-service order for batch work (off: priority, fair share, FIFO).
+    pub las: Option<Las>,
+}
+
+/// Discretised least-attained-service scheduling of batch work (Tiresias, NSDI'19): batch
+/// jobs wait in queues by the GPU service they have received so far; a job in an earlier
+/// queue goes first and may preempt its own tenant's running batch work from a later queue.
+/// Short jobs then never wait behind long ones, without knowing any job's length; a long
+/// job resumes from its checkpoint. Preemption stays within a tenant: across tenants, fair
+/// share and guarantees decide.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Las {
+    /// Queue boundaries in GPU-seconds of attained service, ascending: below the first is
+    /// queue 0. Tiresias' and Pollux's artefacts use one boundary, 16 GPU-hours (57,600).
+    pub thresholds_gpu_s: Vec<u64>,
+    /// A task runs at least this long before a LAS preemption may stop it (0: Tiresias').
+    pub min_slice_ms: u64,
+}
+
+impl Las {
+    /// The queue of a job that has received `attained_gpu_ms`.
+    pub fn level(&self, attained_gpu_ms: u64) -> u8 {
+        self.thresholds_gpu_s
+            .iter()
+            .filter(|t| attained_gpu_ms >= t.saturating_mul(1000))
+            .count()
+            .min(u8::MAX as usize) as u8
+    }
 }
 
 impl Default for Config {
@@ -293,6 +325,7 @@ impl Default for Config {
             seed: 0,
             fgd_max_candidates: 2048,
             explain_pending: true,
+            las: None,
         }
     }
 }
@@ -519,6 +552,9 @@ pub struct Scheduler {
     zone_only: Option<String>,
     /// Per GPU model: expected GPU demand of work pinned to it, over its capacity.
     pinned_pressure: HashMap<String, f64>,
+    /// The runs of every running gang: preempting one member stops them all, so the
+    /// victim search frees them all.
+    gangs: HashMap<JobId, Vec<caravel_core::RunId>>,
 }
 
 /// Room held for the first job that could not start: from `at` on, on these nodes.
@@ -542,6 +578,7 @@ impl Scheduler {
             zone_pref: HashMap::new(),
             zone_only: None,
             pinned_pressure,
+            gangs: HashMap::new(),
             ends: BTreeSet::new(),
             now: None,
             reservation: None,
@@ -1022,10 +1059,14 @@ impl Scheduler {
         self.running_at.clear();
         self.ends.clear();
         self.victims = preempt::Victims::default();
+        self.gangs.clear();
         for r in running {
             if let Some(&i) = self.pos.get(&r.node) {
                 self.victims.add(&r, 1);
                 self.running_at.insert(r.run, i);
+                if r.gang_size > 1 {
+                    self.gangs.entry(r.job).or_default().push(r.run);
+                }
                 if let Some(e) = r.expected_end_ms {
                     self.ends.insert((e, i, r.run));
                 }
@@ -1048,6 +1089,9 @@ impl Scheduler {
         if let Some(e) = t.expected_end_ms {
             self.ends.insert((e, i, t.run));
         }
+        if t.gang_size > 1 {
+            self.gangs.entry(t.job).or_default().push(t.run);
+        }
         self.victims.add(&t, 1);
         let list = self.running.entry(i).or_default();
         list.push(t);
@@ -1061,6 +1105,12 @@ impl Scheduler {
         let k = list.iter().position(|t| t.run == run)?;
         let t = list.remove(k);
         self.victims.add(&t, -1);
+        if let Some(g) = self.gangs.get_mut(&t.job) {
+            g.retain(|r| *r != run);
+            if g.is_empty() {
+                self.gangs.remove(&t.job);
+            }
+        }
         if let Some(e) = t.expected_end_ms {
             self.ends.remove(&(e, i, t.run));
         }
@@ -1121,7 +1171,9 @@ impl Scheduler {
             now,
             self.preempt_cursor,
             &self.victims,
-        );
+        )
+        .with_gangs(&self.gangs, &self.running_at)
+        .with_las(self.cfg.las.as_ref());
         let mut order: Vec<&JobReq> = jobs
             .iter()
             .filter(|j| j.priority != Priority::Spot && j.topology.is_none())
@@ -1132,7 +1184,7 @@ impl Scheduler {
                 })
             })
             .collect();
-        order.sort_by_key(|j| (j.priority.rank(), j.seq, j.id));
+        order.sort_by_key(|j| queue_order(self.cfg.las.as_ref(), j));
         let mut promised: HashMap<TenantId, TenantSnap> = HashMap::new();
         let mut cursor = self.preempt_cursor;
         for job in order {
@@ -1265,14 +1317,22 @@ impl Scheduler {
         let mut unfit: HashMap<Shape, PendingReason> = HashMap::new();
         let total_nodes = self.nodes.len();
 
-        // Each tenant's queue in priority then FIFO order; tenants take turns by weighted
-        // dominant share (progressive filling: one task, or one whole gang, per turn).
-        let mut queues: BTreeMap<TenantId, std::collections::VecDeque<(&JobReq, usize)>> =
-            BTreeMap::new();
+        // Each tenant's queue in priority then FIFO order, the jobs its guarantee covers
+        // first; tenants take turns by weighted dominant share (progressive filling: one
+        // task, or one whole gang, per turn).
+        let mut queues: BTreeMap<TenantId, TenantQueue> = BTreeMap::new();
         let mut sorted: Vec<&JobReq> = jobs.iter().filter(|j| !j.pending.is_empty()).collect();
-        sorted.sort_by_key(|j| (j.priority.rank(), j.seq, j.id));
+        let las = self.cfg.las.clone();
+        sorted.sort_by_key(|j| queue_order(las.as_ref(), j));
         for j in sorted {
-            queues.entry(j.tenant).or_default().push_back((j, 0));
+            let t = tenants.entry(j.tenant).or_default();
+            let q = queues.entry(j.tenant).or_default();
+            let key = queue_order(las.as_ref(), j);
+            if covered(t, j) {
+                q.within.push_back((key, j, 0));
+            } else {
+                q.rest.insert(key, (j, 0));
+            }
         }
         let key = |s: &Scheduler, t: &TenantSnap, head: &JobReq, tid: TenantId| {
             let share = fair::dominant_share(&t.used, &t.history, &s.totals, t.weight);
@@ -1289,24 +1349,21 @@ impl Scheduler {
             } else {
                 1
             };
-            (
-                bucket,
-                fair::share_key(share),
-                head.priority.rank(),
-                head.seq,
-                head.id,
-                tid,
-            )
+            let (rank, level, seq, id) = queue_order(s.cfg.las.as_ref(), head);
+            (bucket, fair::share_key(share), rank, level, seq, id, tid)
         };
         let mut turns = BTreeSet::new();
-        for (tid, q) in &queues {
+        for (tid, q) in queues.iter_mut() {
             let t = tenants.entry(*tid).or_default();
-            turns.insert(key(self, t, q[0].0, *tid));
+            q.settle(t);
+            if let Some((head, _)) = q.front() {
+                turns.insert(key(self, t, head, *tid));
+            }
         }
 
         while let Some(turn) = turns.pop_first() {
-            let tid = turn.5;
-            let (job, k) = queues[&tid][0];
+            let tid = turn.6;
+            let (job, k) = queues[&tid].front().expect("a tenant with a turn has work");
             let tenant = tenants.entry(tid).or_default();
             let end = self
                 .now
@@ -1325,8 +1382,9 @@ impl Scheduler {
                     plan.pending.insert(job.id, vec![quota_reason(&e)]);
                     let q = queues.get_mut(&tid).expect("queued tenant");
                     q.pop_front();
-                    if let Some(&(head, _)) = q.front() {
-                        let t = &tenants[&tid];
+                    let t = &tenants[&tid];
+                    q.settle(t);
+                    if let Some((head, _)) = q.front() {
                         turns.insert(key(self, t, head, tid));
                     }
                     continue;
@@ -1416,12 +1474,13 @@ impl Scheduler {
             }
             let q = queues.get_mut(&tid).expect("queued tenant");
             if again {
-                q[0].1 += 1;
+                q.advance();
             } else {
                 q.pop_front();
             }
-            if let Some(&(head, _)) = q.front() {
-                let t = &tenants[&tid];
+            let t = &tenants[&tid];
+            q.settle(t);
+            if let Some((head, _)) = q.front() {
                 turns.insert(key(self, t, head, tid));
             }
         }
@@ -1489,6 +1548,73 @@ impl Scheduler {
                 ),
                 counts,
             });
+        }
+    }
+}
+
+type QueueKey = (u8, u8, u64, JobId);
+
+/// Priority, then (batch work under LAS) the attained-service queue, then FIFO.
+fn queue_order(las: Option<&Las>, j: &JobReq) -> QueueKey {
+    let level = match las {
+        Some(l) if j.priority == Priority::Batch => l.level(j.attained_gpu_ms),
+        _ => 0,
+    };
+    (j.priority.rank(), level, j.seq, j.id)
+}
+
+/// Would the tenant's guarantee cover this job's next placement (a gang: all of it)?
+fn covered(t: &TenantSnap, j: &JobReq) -> bool {
+    let n = if j.gang { j.pending.len() as u64 } else { 1 };
+    j.priority != Priority::Spot
+        && preempt::within_guarantee(&t.guarantee, &t.used, &j.resources, n)
+}
+
+/// One tenant's waiting jobs in a cycle. Jobs its guarantee covers go before those that
+/// would borrow, even when younger: otherwise an old job that can only borrow (say, of a
+/// GPU model the tenant has no guarantee on) holds a covered job behind it while other
+/// tenants' borrowing work takes the room, and the covered job, entitled to reclaim it,
+/// preempts them every cycle only to lose the freed room again.
+#[derive(Default)]
+struct TenantQueue<'a> {
+    /// Covered when last looked at. What a tenant holds only grows within a cycle, so a
+    /// job leaves this queue for `rest` and never comes back.
+    within: std::collections::VecDeque<(QueueKey, &'a JobReq, usize)>,
+    /// In `queue_order`; `usize` counts tasks of the job already placed this cycle. A map:
+    /// jobs move here from `within` one by one as the tenant's holdings grow.
+    rest: BTreeMap<QueueKey, (&'a JobReq, usize)>,
+}
+
+impl<'a> TenantQueue<'a> {
+    /// Moves heads the guarantee no longer covers to their place among the rest.
+    fn settle(&mut self, t: &TenantSnap) {
+        while let Some(&(key, j, k)) = self.within.front() {
+            if covered(t, j) {
+                break;
+            }
+            self.within.pop_front();
+            self.rest.insert(key, (j, k));
+        }
+    }
+
+    fn front(&self) -> Option<(&'a JobReq, usize)> {
+        match self.within.front() {
+            Some(&(_, j, k)) => Some((j, k)),
+            None => self.rest.first_key_value().map(|(_, &v)| v),
+        }
+    }
+
+    fn advance(&mut self) {
+        if let Some(h) = self.within.front_mut() {
+            h.2 += 1;
+        } else if let Some(mut e) = self.rest.first_entry() {
+            e.get_mut().1 += 1;
+        }
+    }
+
+    fn pop_front(&mut self) {
+        if self.within.pop_front().is_none() {
+            self.rest.pop_first();
         }
     }
 }

@@ -6,6 +6,9 @@
 //! while beyond their own guarantee). `online` tasks are never preempted by `batch` or
 //! `spot` work, and no task is preempted before its job's minimum runtime.
 //!
+//! Under least-attained-service scheduling (`Config::las`), a batch job may also preempt its
+//! own tenant's batch tasks whose jobs have received more service (a later LAS queue).
+//!
 //! Victims are chosen to lose the least work: spot first, then the most recently started;
 //! among nodes, the one needing the fewest victims, then the least work lost.
 
@@ -15,7 +18,7 @@ use caravel_core::{
     JobId, Millis, NodeId, Priority, Quota, ResourceSum, RunId, TaskResources, TenantId,
 };
 
-use crate::{JobReq, NodeSnap, TenantSnap};
+use crate::{JobReq, Las, NodeSnap, TenantSnap};
 
 /// A task running now, as the preemption pass needs to see it.
 #[derive(Debug, Clone)]
@@ -37,6 +40,22 @@ pub struct RunningTask {
     /// Tasks that stop when this one is preempted: its gang's size (a gang stops whole),
     /// 1 for a task of an ordinary job.
     pub gang_size: u32,
+    /// The service its job had received when this task started, in GPU-milliseconds (see
+    /// `JobReq::attained_gpu_ms`); what it has run since is added at `now`.
+    pub attained_gpu_ms: u64,
+}
+
+impl RunningTask {
+    /// The service its job has received by `now`, counting this task's gang (or this task
+    /// alone) as running since it started. For a job of several independent tasks started
+    /// at different times this counts only this task's share since its start: a lower
+    /// bound, so such a job is never demoted early.
+    pub fn attained_at(&self, now: Millis) -> u64 {
+        let gpu = self.resources.gpu.as_ref().map_or(0, |g| g.milli_total());
+        let ran = (now - self.started_ms).max(0) as u64;
+        self.attained_gpu_ms
+            .saturating_add(ran.saturating_mul(gpu) / 1000 * self.gang_size.max(1) as u64)
+    }
 }
 
 /// Stop `run` so that `for_job` can be placed.
@@ -76,14 +95,29 @@ fn ineligible(
     job: &JobReq,
     reclaiming: bool,
     now: Millis,
+    las: Option<(&Las, u8)>,
 ) -> Option<&'static str> {
     if job.priority == Priority::Spot {
         return Some("spot work preempts nothing");
     }
     let spot_victim = v.priority == Priority::Spot;
     let borrowed_victim = reclaiming && v.borrowed && v.tenant != job.tenant;
-    if !spot_victim && !borrowed_victim {
+    let las_victim = las.is_some_and(|(l, level)| {
+        job.priority == Priority::Batch
+            && v.priority == Priority::Batch
+            && v.tenant == job.tenant
+            && v.job != job.id
+            && l.level(v.attained_at(now)) > level
+    });
+    if !spot_victim && !borrowed_victim && !las_victim {
         return Some("not preemptible for this job");
+    }
+    if !spot_victim && !borrowed_victim {
+        if let Some((l, _)) = las {
+            if now - v.started_ms < l.min_slice_ms as i64 {
+                return Some("min runtime");
+            }
+        }
     }
     if v.priority == Priority::Online && job.priority != Priority::Online {
         return Some("online work is preempted only by online work");
@@ -175,6 +209,9 @@ pub(crate) fn sort_victims(v: &mut [RunningTask]) {
     });
 }
 
+/// The runs of each running gang.
+pub(crate) type GangRuns = HashMap<JobId, Vec<RunId>>;
+
 /// Scratch view of the pool during one preemption pass: victims chosen so far are gone,
 /// and space promised to preemptors is taken. Nodes are copied only when touched.
 pub(crate) struct Pass<'a> {
@@ -189,6 +226,9 @@ pub(crate) struct Pass<'a> {
     /// there are none for a job, the node scan is skipped (long queues with nothing to
     /// preempt would otherwise rescan every busy node per job per cycle).
     pub(crate) victims: &'a Victims,
+    /// Every running gang's runs and where each run is: a gang victim frees its whole gang.
+    gangs: Option<(&'a GangRuns, &'a HashMap<RunId, usize>)>,
+    las: Option<&'a Las>,
 }
 
 /// Running tasks that may ever be preempted, counted as they start and stop.
@@ -197,6 +237,8 @@ pub(crate) struct Victims {
     pub(crate) spot: usize,
     pub(crate) borrowed: usize,
     pub(crate) borrowed_by: HashMap<TenantId, usize>,
+    /// Batch tasks per tenant: possible victims of the tenant's own jobs under LAS.
+    pub(crate) batch_by: HashMap<TenantId, usize>,
 }
 
 impl Victims {
@@ -204,6 +246,13 @@ impl Victims {
         let step = |x: &mut usize| *x = x.saturating_add_signed(by);
         if t.priority == Priority::Spot {
             step(&mut self.spot);
+        }
+        if t.priority == Priority::Batch {
+            let e = self.batch_by.entry(t.tenant).or_insert(0);
+            step(e);
+            if *e == 0 {
+                self.batch_by.remove(&t.tenant);
+            }
         }
         if t.borrowed {
             step(&mut self.borrowed);
@@ -217,9 +266,11 @@ impl Victims {
 
     /// Might any running task be a victim for a job of `tenant` (reclaiming: within its
     /// guarantee)?
-    fn any_for(&self, tenant: TenantId, reclaiming: bool) -> bool {
+    fn any_for(&self, tenant: TenantId, reclaiming: bool, las: bool) -> bool {
         let own = self.borrowed_by.get(&tenant).copied().unwrap_or(0);
-        self.spot > 0 || (reclaiming && self.borrowed > own)
+        self.spot > 0
+            || (reclaiming && self.borrowed > own)
+            || (las && self.batch_by.get(&tenant).is_some_and(|n| *n > 0))
     }
 }
 
@@ -241,6 +292,45 @@ impl<'a> Pass<'a> {
             now,
             start,
             last: None,
+            gangs: None,
+            las: None,
+        }
+    }
+
+    /// Lets the pass free every member of a gang it takes a victim from.
+    pub(crate) fn with_gangs(mut self, gangs: &'a GangRuns, at: &'a HashMap<RunId, usize>) -> Self {
+        self.gangs = Some((gangs, at));
+        self
+    }
+
+    pub(crate) fn with_las(mut self, las: Option<&'a Las>) -> Self {
+        self.las = las;
+        self
+    }
+
+    /// The other members of `v`'s gang stop with it: their room is free from now on in
+    /// this pass (the caller stops them; they are not named as victims).
+    fn free_gang_of(&mut self, v: &RunningTask) {
+        let Some((gangs, at)) = self.gangs else {
+            return;
+        };
+        let Some(runs) = gangs.get(&v.job) else {
+            return;
+        };
+        for r in runs {
+            if *r == v.run || self.taken.contains(r) {
+                continue;
+            }
+            let Some(&i) = at.get(r) else { continue };
+            let Some(t) = self
+                .by_node
+                .get(&i)
+                .and_then(|ts| ts.iter().find(|t| t.run == *r))
+            else {
+                continue;
+            };
+            self.taken.insert(*r);
+            self.node_mut(i).release(&t.resources, &t.devices);
         }
     }
 
@@ -341,7 +431,13 @@ impl<'a> Pass<'a> {
             1
         };
         let reclaiming = within_guarantee(&tenant.guarantee, &tenant.used, &job.resources, n);
-        if job.priority == Priority::Spot || !self.victims.any_for(job.tenant, reclaiming) {
+        let las = self
+            .las
+            .filter(|_| job.priority == Priority::Batch)
+            .map(|l| (l, l.level(job.attained_gpu_ms)));
+        if job.priority == Priority::Spot
+            || !self.victims.any_for(job.tenant, reclaiming, las.is_some())
+        {
             return Err(if reclaiming {
                 "no spot or borrowed tasks to preempt would make room".to_string()
             } else {
@@ -373,7 +469,7 @@ impl<'a> Pass<'a> {
                         if self.taken.contains(&v.run) {
                             continue;
                         }
-                        match ineligible(v, job, reclaiming, self.now) {
+                        match ineligible(v, job, reclaiming, self.now, las) {
                             None => {}
                             Some("min runtime") => {
                                 blocked_by_min_runtime += 1;
@@ -436,6 +532,9 @@ impl<'a> Pass<'a> {
                 self.taken.insert(v.run);
                 self.node_mut(i).release(&v.resources, &v.devices);
                 chosen.push(v.run);
+            }
+            for v in freed.iter().filter(|v| v.gang_size > 1) {
+                self.free_gang_of(v);
             }
             // Promise the freed space to this job so no one else counts it.
             let node = self.node_mut(i);

@@ -44,6 +44,7 @@ fn job(id: u64, tasks: u32, cpu: u64, gpu: Option<(&str, u32)>, gang: bool) -> J
         pending: (0..tasks).collect(),
         topology: None,
         max_runtime_ms: None,
+        attained_gpu_ms: 0,
     }
 }
 
@@ -285,6 +286,7 @@ fn arb_world() -> impl Strategy<Value = World> {
                     pending: (0..tasks).collect(),
                     topology: None,
                     max_runtime_ms: None,
+                    attained_gpu_ms: 0,
                 })
                 .collect();
             World {
@@ -628,6 +630,7 @@ fn running(
         borrowed,
         expected_end_ms: None,
         gang_size: 1,
+        attained_gpu_ms: 0,
     }
 }
 
@@ -1057,6 +1060,7 @@ fn drive(
                     ),
                     expected_end_ms: j.max_runtime_ms.map(|m| now + m as i64),
                     gang_size: if j.gang { j.pending.len() as u32 } else { 1 },
+                    attained_gpu_ms: 0,
                 },
                 step + dur,
             ));
@@ -1473,6 +1477,7 @@ proptest! {
                         borrowed: true,
                         expected_end_ms: None,
                         gang_size: 1,
+                        attained_gpu_ms: 0,
                     }
                 })
                 .collect();
@@ -1576,4 +1581,181 @@ fn a_victim_that_stops_alone_is_preferred_to_a_gang_member() {
     let mut s = Scheduler::new(Config::default(), vec![n1, n2]);
     let plan = s.schedule_with(10_000, &[member, alone], &mut t, &[tjob(1, 1, 1, 1000, 1)]);
     assert_eq!(victims(&plan), vec![1]);
+}
+
+#[test]
+fn a_covered_job_goes_before_its_tenants_older_borrowing_work_and_keeps_what_it_reclaimed() {
+    // Tenant 2 (no guarantee) borrowed the node tenant 1 is guaranteed. Tenant 1 waits with
+    // an old job its guarantee does not cover (8 CPUs of a 4-CPU guarantee) and a younger
+    // one it does (4 CPUs).
+    let run: Vec<RunningTask> = (0..4)
+        .map(|i| running(i, 2, 1, Priority::Batch, 0, true))
+        .collect();
+    let old = tjob(1, 1, 1, 8000, 1);
+    let covered = tjob(5, 1, 1, 4000, 1);
+    let mut s = Scheduler::new(Config::default(), vec![busy_node(&run)]);
+    let mut t = HashMap::new();
+    t.insert(TenantId(1), guaranteed(4));
+    let mut b = TenantSnap::default();
+    b.used.cpu_milli = 4000;
+    b.used.memory_bytes = 4 << 30;
+    t.insert(TenantId(2), b);
+    let plan = s.schedule_with(10_000, &run, &mut t, &[old.clone(), covered.clone()]);
+    let mut v = victims(&plan);
+    v.sort();
+    assert_eq!(v, vec![0, 1, 2, 3]);
+    assert!(plan.preemptions.iter().all(|p| p.for_job == JobId(5)));
+
+    // Next cycle: the victims have exited and wait again (as tenant 2's older job, holding
+    // nothing now). The room goes to the job that reclaimed it, not back to the victims,
+    // which would have it preempt them again every cycle.
+    let requeued = tjob(0, 2, 4, 1000, 1);
+    let mut s = Scheduler::new(Config::default(), vec![cpu_node(1, 4, 64)]);
+    let mut t = HashMap::new();
+    t.insert(TenantId(1), guaranteed(4));
+    t.insert(TenantId(2), TenantSnap::default());
+    let plan = s.schedule_with(11_000, &[], &mut t, &[requeued, old, covered]);
+    let placed: Vec<u64> = plan.placements.iter().map(|p| p.job.0).collect();
+    assert_eq!(placed, vec![5]);
+    assert!(plan.preemptions.is_empty());
+}
+
+// ---- least attained service ----
+
+fn las16() -> Config {
+    Config {
+        las: Some(Las {
+            thresholds_gpu_s: vec![16 * 3600],
+            min_slice_ms: 0,
+        }),
+        ..Config::default()
+    }
+}
+
+const HOUR: i64 = 3_600_000;
+
+/// A 4-GPU task of a two-member gang (job 100) on node `node`, started at 0.
+fn gang_member(run: u64, node: u64, tenant: u64) -> RunningTask {
+    RunningTask {
+        run: caravel_core::RunId(run),
+        job: JobId(100),
+        tenant: TenantId(tenant),
+        node: NodeId(node),
+        priority: Priority::Batch,
+        resources: TaskResources {
+            cpu_milli: 1000,
+            memory_bytes: 1 << 30,
+            gpu: Some(GpuRequest::whole("T4", 4)),
+        },
+        devices: vec![0, 1, 2, 3],
+        started_ms: 0,
+        min_runtime_ms: 0,
+        borrowed: false,
+        expected_end_ms: None,
+        gang_size: 2,
+        attained_gpu_ms: 0,
+    }
+}
+
+fn full_pool(run: &[RunningTask]) -> Vec<NodeSnap> {
+    (1..=2)
+        .map(|id| {
+            let mut n = gpu_node(id, "T4", 4);
+            for t in run.iter().filter(|t| t.node == NodeId(id)) {
+                n.allocate(&t.resources, &t.devices);
+            }
+            n
+        })
+        .collect()
+}
+
+#[test]
+fn las_places_the_least_served_batch_job_first() {
+    let mut old = job(1, 1, 1000, Some(("T4", 4)), false);
+    old.attained_gpu_ms = 20 * 3_600_000; // 20 GPU-hours: the second queue
+    let young = job(2, 1, 1000, Some(("T4", 4)), false);
+    for (cfg, first) in [(Config::default(), 1), (las16(), 2)] {
+        let mut s = Scheduler::new(cfg, vec![gpu_node(1, "T4", 4)]);
+        let plan = s.schedule(&mut HashMap::new(), &[old.clone(), young.clone()]);
+        let placed: Vec<u64> = plan.placements.iter().map(|p| p.job.0).collect();
+        assert_eq!(placed, vec![first]);
+    }
+}
+
+#[test]
+fn las_preempts_the_tenants_most_served_gang_once_and_counts_its_members_freed() {
+    // The gang has held 8 GPUs for 3 hours (24 GPU-hours, past the 16 GPU-hour boundary).
+    let run = vec![gang_member(1, 1, 1), gang_member(2, 2, 1)];
+    let newcomer = job(7, 2, 1000, Some(("T4", 4)), true);
+    let mut s = Scheduler::new(las16(), full_pool(&run));
+    let plan = s.schedule_with(
+        3 * HOUR,
+        &run,
+        &mut HashMap::new(),
+        std::slice::from_ref(&newcomer),
+    );
+    // One member is named; the other stops with it, so the second task needs no victim.
+    assert_eq!(plan.preemptions.len(), 1, "{:?}", plan.preemptions);
+    assert_eq!(plan.preemptions[0].for_job, JobId(7));
+    assert_eq!(plan.pending[&JobId(7)][0].code, "preempting");
+
+    // Not before the gang has passed the boundary (1 hour: 8 GPU-hours) ...
+    let mut s = Scheduler::new(las16(), full_pool(&run));
+    let plan = s.schedule_with(
+        HOUR,
+        &run,
+        &mut HashMap::new(),
+        std::slice::from_ref(&newcomer),
+    );
+    assert!(plan.preemptions.is_empty());
+    // ... nor without LAS ...
+    let mut s = Scheduler::new(Config::default(), full_pool(&run));
+    let plan = s.schedule_with(
+        3 * HOUR,
+        &run,
+        &mut HashMap::new(),
+        std::slice::from_ref(&newcomer),
+    );
+    assert!(plan.preemptions.is_empty());
+    // ... nor another tenant's work ...
+    let theirs = vec![gang_member(1, 1, 2), gang_member(2, 2, 2)];
+    let mut s = Scheduler::new(las16(), full_pool(&theirs));
+    let plan = s.schedule_with(
+        3 * HOUR,
+        &theirs,
+        &mut HashMap::new(),
+        std::slice::from_ref(&newcomer),
+    );
+    assert!(plan.preemptions.is_empty());
+    // ... nor inside the minimum slice.
+    let mut cfg = las16();
+    cfg.las.as_mut().unwrap().min_slice_ms = (4 * HOUR) as u64;
+    let mut s = Scheduler::new(cfg, full_pool(&run));
+    let plan = s.schedule_with(3 * HOUR, &run, &mut HashMap::new(), &[newcomer]);
+    assert!(plan.preemptions.is_empty());
+    assert!(plan.pending[&JobId(7)]
+        .iter()
+        .any(|r| r.message.contains("minimum runtime")));
+}
+
+#[test]
+fn las_queue_boundaries_count_attained_gpu_time() {
+    let l = Las {
+        thresholds_gpu_s: vec![3600, 16 * 3600],
+        min_slice_ms: 0,
+    };
+    assert_eq!(l.level(0), 0);
+    assert_eq!(l.level(3_600_000 - 1), 0);
+    assert_eq!(l.level(3_600_000), 1);
+    assert_eq!(l.level(16 * 3_600_000), 2);
+    // A quarter GPU for 4 hours since it started is one GPU-hour.
+    let mut t = gang_member(1, 1, 1);
+    t.gang_size = 1;
+    t.resources.gpu = Some(GpuRequest {
+        milli: Some(250),
+        ..GpuRequest::whole("T4", 1)
+    });
+    assert_eq!(t.attained_at(4 * HOUR), 3_600_000);
+    t.attained_gpu_ms = 5;
+    assert_eq!(t.attained_at(0), 5);
 }

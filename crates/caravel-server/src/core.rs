@@ -960,6 +960,8 @@ impl Core {
                     .collect(),
                 topology: j.rec.spec.topology,
                 max_runtime_ms: j.rec.spec.max_runtime_ms,
+                // The server does not order by attained service yet (`Config::las` is off).
+                attained_gpu_ms: 0,
             });
         }
         // Running tasks that may be preempted: started, and not already stopping.
@@ -984,6 +986,7 @@ impl Core {
                         .max_runtime_ms
                         .map(|m| r.started_ms.unwrap_or(now) + m as i64),
                     gang_size: if spec.gang { spec.tasks } else { 1 },
+                    attained_gpu_ms: 0,
                 }
             })
             .collect();

@@ -213,6 +213,7 @@ pub fn run(nodes: &[OpenbNode], pods: &[OpenbPod], seed: u64, tune: f64, policy:
             pending: vec![0],
             topology: None,
             max_runtime_ms: None,
+            attained_gpu_ms: 0,
         };
         arrived += p.gpu_total_milli();
         let plan = s.schedule(&mut tenants, std::slice::from_ref(&req));

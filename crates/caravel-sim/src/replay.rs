@@ -271,6 +271,8 @@ struct JobSt {
     preemptions: u32,
     /// For services: which service.
     service: Option<usize>,
+    /// GPU-milliseconds of service received by runs that have stopped (lost work too).
+    attained_gpu_ms: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -403,6 +405,7 @@ pub fn run(
             end: None,
             preemptions: 0,
             service: None,
+            attained_gpu_ms: 0,
         })
         .collect();
     for (k, s) in w.services.iter().enumerate() {
@@ -425,6 +428,7 @@ pub fn run(
             end: None,
             preemptions: 0,
             service: Some(k),
+            attained_gpu_ms: 0,
         });
     }
     let mut tenants = HashMap::new();
@@ -647,6 +651,7 @@ impl Engine<'_> {
         self.held_cpu -= sp.resources.cpu_milli;
         let ran = (t - r.start).max(0) as u64;
         self.out.gpu_hours += g as f64 / 1000.0 * ran as f64 / 3.6e6;
+        self.jobs[r.job].attained_gpu_ms += g * ran / 1000;
         if let Some(k) = self.jobs[r.job].service {
             let sv = &mut self.svcs[k];
             sv.out.replica_seconds += ran as f64 / 1000.0;
@@ -784,6 +789,7 @@ impl Engine<'_> {
             match (at, waiting) {
                 (Ok(k), true) => {
                     self.reqs[k].pending = self.jobs[j].pending.iter().copied().collect();
+                    self.reqs[k].attained_gpu_ms = self.jobs[j].attained_gpu_ms;
                 }
                 (Ok(k), false) => {
                     self.reqs.remove(k);
@@ -800,6 +806,7 @@ impl Engine<'_> {
                         pending: self.jobs[j].pending.iter().copied().collect(),
                         topology: None,
                         max_runtime_ms: sp.max_runtime_ms,
+                        attained_gpu_ms: self.jobs[j].attained_gpu_ms,
                     };
                     self.reqs.insert(k, r);
                 }
@@ -844,7 +851,34 @@ impl Engine<'_> {
             } else {
                 1
             },
+            attained_gpu_ms: self.jobs[j].attained_gpu_ms,
         });
+        // Under LAS, queued work may preempt this job once it passes into a later queue
+        // (or its minimum slice is over): a cycle must look then, even if nothing ends.
+        let mut wakes: Vec<Millis> = Vec::new();
+        if let Some(las) = self.opt.sched.las.as_ref() {
+            let g = gpu_milli(&sp.resources)
+                * if sp.gang {
+                    self.jobs[j].tasks.len() as u64
+                } else {
+                    1
+                };
+            if sp.priority == Priority::Batch && g > 0 && (!sp.gang || index == 0) {
+                let a = self.jobs[j].attained_gpu_ms;
+                let next = las
+                    .thresholds_gpu_s
+                    .iter()
+                    .map(|t| t.saturating_mul(1000))
+                    .find(|t| *t > a);
+                if let Some(t) = next {
+                    let after = ((t - a) * 1000).div_ceil(g);
+                    wakes.push(now + after as i64);
+                }
+                if las.min_slice_ms > 0 {
+                    wakes.push(now + las.min_slice_ms as i64);
+                }
+            }
+        }
         // A task that could be a victim changes what waiting work could preempt.
         if borrowed || sp.priority == Priority::Spot {
             self.full_needed = true;
@@ -883,6 +917,9 @@ impl Engine<'_> {
             self.svcs[k].running.insert((now, run));
             let up = self.w.services[k].startup_ms as i64;
             self.push(now + up, Ev::Ready(run));
+        }
+        for t in wakes {
+            self.push(t, Ev::Wake);
         }
     }
 

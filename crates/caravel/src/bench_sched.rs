@@ -64,6 +64,7 @@ fn job(id: u64, tenant: u64, tasks: u32, r: TaskResources, gang: bool) -> JobReq
         pending: (0..tasks).collect(),
         topology: None,
         max_runtime_ms: None,
+        attained_gpu_ms: 0,
     }
 }
 
@@ -357,6 +358,7 @@ fn preempt_500k(rng: &mut Rng) -> Result<i32> {
                 borrowed: true,
                 expected_end_ms: None,
                 gang_size: 1,
+                attained_gpu_ms: 0,
             });
         }
     }

@@ -97,6 +97,15 @@ pub struct ReplayArgs {
     /// Caravel's policy: weight of the pinned-model pressure term (0 turns it off).
     #[arg(long, default_value_t = caravel_sched::Config::default().fgd_pin_weight)]
     pub pin_weight: f64,
+    /// Least-attained-service order for batch work (Tiresias): queue boundaries in
+    /// GPU-hours of service received, ascending, e.g. `16` (Tiresias' and Pollux's) or
+    /// `1,16`. A batch job in an earlier queue goes first and may preempt its tenant's batch
+    /// work in a later one. Off by default.
+    #[arg(long, value_name = "GPU_HOURS[,...]")]
+    pub las: Option<String>,
+    /// With `--las`: a task runs at least this many seconds before LAS may preempt it.
+    #[arg(long, default_value_t = 0)]
+    pub las_slice_s: u64,
     /// Worker threads (default: every core).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -104,6 +113,26 @@ pub struct ReplayArgs {
     /// utilisation.svg, queueing_cdf.svg.
     #[arg(long)]
     pub out: PathBuf,
+}
+
+/// `--las`: ascending GPU-hour boundaries, in GPU-seconds.
+fn parse_las(s: &str) -> Result<Vec<u64>> {
+    let mut out: Vec<u64> = Vec::new();
+    for part in s.split(',') {
+        let h: f64 = part
+            .trim()
+            .parse()
+            .map_err(|_| anyhow!("--las: {part:?} is not a number of GPU-hours"))?;
+        if !(h.is_finite() && h > 0.0) {
+            bail!("--las: {part:?}: a boundary must be a positive number of GPU-hours");
+        }
+        let secs = (h * 3600.0).round() as u64;
+        if out.last().is_some_and(|l| *l >= secs) {
+            bail!("--las: boundaries must be ascending ({s:?})");
+        }
+        out.push(secs);
+    }
+    Ok(out)
 }
 
 fn split_source<'a>(flag: &str, s: &'a str, kinds: &[&str]) -> Result<(&'a str, &'a str)> {
@@ -147,6 +176,8 @@ fn replay(a: ReplayArgs) -> Result<i32> {
         load,
         candidates,
         pin_weight,
+        las,
+        las_slice_s,
         threads,
         out,
     } = a;
@@ -160,6 +191,17 @@ fn replay(a: ReplayArgs) -> Result<i32> {
     }
     if threads == Some(0) {
         bail!("--threads: must be at least 1");
+    }
+    let las = las
+        .as_deref()
+        .map(parse_las)
+        .transpose()?
+        .map(|thresholds_gpu_s| caravel_sched::Las {
+            thresholds_gpu_s,
+            min_slice_ms: las_slice_s.saturating_mul(1000),
+        });
+    if las.is_none() && las_slice_s > 0 {
+        bail!("--las-slice-s: only with --las");
     }
     if let Some(d) = days {
         if !(d.is_finite() && d > 0.0) {
@@ -398,6 +440,7 @@ fn replay(a: ReplayArgs) -> Result<i32> {
                 };
                 opts.sched.fgd_max_candidates = candidates;
                 opts.sched.fgd_pin_weight = pin_weight;
+                opts.sched.las = las.clone();
                 let single = tasks.len() == 1;
                 let mut last = std::time::Instant::now();
                 let mut progress = |at: i64, span: i64| {

@@ -80,6 +80,37 @@ fn replay_writes_a_results_folder_and_sets_published_results_beside_ours() {
     }
     std::fs::remove_dir_all(&out).unwrap();
 
+    // The same workload under least-attained-service order (Tiresias' 16 GPU-hour
+    // boundary): long gangs are preempted for short jobs, which no longer wait behind them.
+    let fifo = v["policies"]["caravel"].clone();
+    assert_eq!(fifo["preemptions"].as_f64(), Some(0.0));
+    let (rc, _, stderr) = sim(&[
+        "--jobs",
+        &jobs,
+        "--cluster",
+        "pool:16x4:T4",
+        "--gpus-per-node",
+        "4",
+        "--published",
+        publ.to_str().unwrap(),
+        "--las",
+        "16",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(rc, 0, "{stderr}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let las = &v["policies"]["caravel"];
+    assert_eq!(las["jobs_finished"].as_f64(), Some(160.0));
+    assert!(las["preemptions"].as_f64().unwrap() > 0.0, "{las}");
+    let (a, b) = (
+        las["avg_jct_s"].as_f64().unwrap(),
+        fifo["avg_jct_s"].as_f64().unwrap(),
+    );
+    assert!(a < b, "LAS avg JCT {a} s, FIFO {b} s");
+    std::fs::remove_dir_all(&out).unwrap();
+
     // Services from a real request trace on a synthetic pool.
     let out = tmp("synthetic");
     let svc = format!(
@@ -144,6 +175,22 @@ fn bad_replay_flags_name_the_flag_and_write_nothing() {
             "--days",
         ),
         (vec!["--jobs", "none"], "--service"),
+        (
+            vec!["--jobs", "synthetic:nodes=20", "--las", "lots"],
+            "--las: \"lots\" is not a number",
+        ),
+        (
+            vec!["--jobs", "synthetic:nodes=20", "--las", "16,4"],
+            "--las: boundaries must be ascending",
+        ),
+        (
+            vec!["--jobs", "synthetic:nodes=20", "--las", "0"],
+            "--las: \"0\": a boundary must be a positive",
+        ),
+        (
+            vec!["--jobs", "synthetic:nodes=20", "--las-slice-s", "60"],
+            "--las-slice-s: only with --las",
+        ),
     ] {
         let mut a = args.clone();
         a.extend(["--out", o]);
