@@ -67,6 +67,10 @@ pub struct Core {
     next_node: u64,
     next_tenant: u64,
     pub sched_cfg: caravel_sched::Config,
+    /// GPU service each job's ended runs received (GPU-milliseconds), for least-attained-
+    /// service order (`sched_cfg.las`): filled from the usage records on first need, then
+    /// kept as runs end.
+    attained: HashMap<JobId, u64>,
     /// Decayed history of what each tenant held, for fair share; rebuilt from zero at start.
     tenant_history: HashMap<TenantId, caravel_sched::fair::UsageEma>,
     /// Jobs waiting for the tasks preempted on their behalf to exit, with what each
@@ -128,6 +132,7 @@ impl Core {
             next_node: 1,
             next_tenant: 1,
             sched_cfg: Default::default(),
+            attained: HashMap::new(),
             tenant_history: HashMap::new(),
             preempting: HashMap::new(),
             history_at: None,
@@ -935,6 +940,26 @@ impl Core {
                 }
             }
         }
+        if self.sched_cfg.las.is_some() {
+            let jobs = &self.jobs;
+            self.attained
+                .retain(|j, _| jobs.get(j).is_some_and(|e| !e.rec.state.is_terminal()));
+            let missing: Vec<JobId> = self
+                .pending
+                .iter()
+                .chain(self.runs.values().map(|r| &r.job))
+                .filter(|j| !self.attained.contains_key(j))
+                .copied()
+                .collect();
+            for id in missing {
+                let used = self.store.usage(&caravel_store::UsageFilter {
+                    tenant: None,
+                    job: Some(id),
+                })?;
+                self.attained.insert(id, used.iter().map(attained_by).sum());
+            }
+        }
+        let attained = |c: &Core, id: &JobId| c.attained.get(id).copied().unwrap_or(0);
         let mut reqs = Vec::with_capacity(self.pending.len());
         for id in &self.pending {
             let j = &self.jobs[id];
@@ -960,8 +985,14 @@ impl Core {
                     .collect(),
                 topology: j.rec.spec.topology,
                 max_runtime_ms: j.rec.spec.max_runtime_ms,
-                // The server does not order by attained service yet (`Config::las` is off).
-                attained_gpu_ms: 0,
+                // Ended runs, plus what the job's running tasks have received so far.
+                attained_gpu_ms: attained(self, id)
+                    + j.active_runs
+                        .iter()
+                        .filter_map(|r| self.runs.get(r))
+                        .filter_map(|r| r.started_ms)
+                        .map(|s| (now - s).max(0) as u64 * j.rec.spec.resources.gpu_milli() / 1000)
+                        .sum::<u64>(),
             });
         }
         // Running tasks that may be preempted: started, and not already stopping.
@@ -986,7 +1017,7 @@ impl Core {
                         .max_runtime_ms
                         .map(|m| r.started_ms.unwrap_or(now) + m as i64),
                     gang_size: if spec.gang { spec.tasks } else { 1 },
-                    attained_gpu_ms: 0,
+                    attained_gpu_ms: attained(self, &r.job),
                 }
             })
             .collect();
@@ -1274,7 +1305,11 @@ impl Core {
         r.message = message.clone();
         let mut batch = vec![Mutation::PutRun(r.clone())];
         if let Some(s) = r.started_ms {
-            batch.push(Mutation::InsertUsage(self.usage_of(&r, s, ended)));
+            let u = self.usage_of(&r, s, ended);
+            if let Some(a) = self.attained.get_mut(&r.job) {
+                *a += attained_by(&u);
+            }
+            batch.push(Mutation::InsertUsage(u));
         }
         let job_id = r.job;
         let (gang, max_retries, cancel) = {
@@ -1711,3 +1746,8 @@ impl Core {
 
 #[cfg(test)]
 mod tests;
+
+/// GPU-milliseconds of service a usage record stands for (a quarter GPU counts a quarter).
+fn attained_by(u: &UsageRecord) -> u64 {
+    (u.end_ms - u.start_ms).max(0) as u64 * u.gpu_milli / 1000
+}

@@ -50,6 +50,9 @@ pub struct ServerConfig {
     /// Where the gateway runs: its default routing preference.
     pub zone: String,
     pub region: String,
+    /// Least-attained-service order for batch work (off: priority, guarantee, fair share,
+    /// FIFO).
+    pub las: Option<caravel_sched::Las>,
 }
 
 impl ServerConfig {
@@ -63,6 +66,7 @@ impl ServerConfig {
             fair_share_half_life_ms: 3_600_000,
             zone: String::new(),
             region: String::new(),
+            las: None,
         }
     }
 }
@@ -210,6 +214,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
     let mut core = Core::load(Box::new(store), now_ms())?;
     core.ensure_default_tenant(now_ms())?;
     core.fair_share_half_life_ms = cfg.fair_share_half_life_ms;
+    core.sched_cfg.las = cfg.las.clone();
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| ServerError::Listen {
@@ -299,6 +304,7 @@ fn reload(s: &Shared) {
     match Core::load(Box::new(store), now_ms()) {
         Ok(mut c) => {
             c.fair_share_half_life_ms = s.cfg.fair_share_half_life_ms;
+            c.sched_cfg.las = s.cfg.las.clone();
             *s.core.lock().expect("core lock") = c
         }
         Err(e) => tracing::error!(error = %e, "cannot reload state"),

@@ -272,6 +272,15 @@ struct ServerArgs {
     /// goes first).
     #[arg(long, default_value = "1h", value_parser = dur)]
     fair_share_half_life: u64,
+    /// Least-attained-service order for batch work (Tiresias): queue boundaries in GPU-hours
+    /// of service a job has received, ascending (`16`, or `1,16`). A batch job in an earlier
+    /// queue goes first and may preempt its own tenant's batch work in a later one. Off by
+    /// default.
+    #[arg(long, value_name = "GPU_HOURS[,...]")]
+    las: Option<String>,
+    /// With `--las`: a task runs at least this long before LAS may preempt it.
+    #[arg(long, default_value = "0s", value_parser = dur)]
+    las_slice: u64,
     /// The gateway's own zone: callers that name none (X-Caravel-Zone) are served by
     /// replicas here first.
     #[arg(long, default_value = "")]
@@ -465,6 +474,14 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
             cfg.lost_after_ms = a.lost_after;
             cfg.heartbeat_ms = a.heartbeat;
             cfg.fair_share_half_life_ms = a.fair_share_half_life;
+            cfg.las = match a.las.as_deref() {
+                Some(l) => Some(caravel_sched::Las {
+                    thresholds_gpu_s: sim::parse_las(l)?,
+                    min_slice_ms: a.las_slice,
+                }),
+                None if a.las_slice > 0 => bail!("--las-slice: only with --las"),
+                None => None,
+            };
             cfg.zone = a.zone;
             cfg.region = a.region;
             if a.sync_full {

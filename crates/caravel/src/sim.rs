@@ -116,7 +116,7 @@ pub struct ReplayArgs {
 }
 
 /// `--las`: ascending GPU-hour boundaries, in GPU-seconds.
-fn parse_las(s: &str) -> Result<Vec<u64>> {
+pub(crate) fn parse_las(s: &str) -> Result<Vec<u64>> {
     let mut out: Vec<u64> = Vec::new();
     for part in s.split(',') {
         let h: f64 = part

@@ -651,3 +651,71 @@ fn the_head_job_holds_a_reservation_and_only_short_jobs_backfill() {
         "ends before the reservation: backfilled"
     );
 }
+
+#[test]
+fn least_attained_service_preempts_a_long_job_for_a_new_one_and_remembers_service() {
+    let mut f = fixture();
+    let c = &mut f.core;
+    // One GPU-minute is the boundary between the two queues.
+    let las = caravel_sched::Las {
+        thresholds_gpu_s: vec![60],
+        min_slice_ms: 0,
+    };
+    c.sched_cfg.las = Some(las.clone());
+    let n = c.register(reg("g", 4, 1), 0).unwrap();
+    let t = default_tenant(c);
+    let gpu_job = || {
+        let mut s = JobSpec::simple("train", &[]);
+        s.resources = TaskResources {
+            cpu_milli: 1000,
+            memory_bytes: 1 << 30,
+            gpu: Some(caravel_core::GpuRequest::whole("H100", 1)),
+        };
+        s
+    };
+    let ja = c.submit(t, gpu_job(), 0).unwrap();
+    c.schedule(1).unwrap();
+    let ra = runs_on(c, n)[0];
+    started(c, n, ra, 10);
+    let jb = c.submit(t, gpu_job(), 30_000).unwrap();
+    // 30 GPU-seconds in: both jobs are in the first queue, so B waits.
+    c.schedule(30_001).unwrap();
+    assert!(c.runs.values().all(|r| r.stop.is_none()));
+    assert_ne!(c.jobs[&jb].reasons[0].code, "preempting");
+    // 100 GPU-seconds in: A has passed into the second queue and B preempts it.
+    c.schedule(100_000).unwrap();
+    assert_eq!(c.jobs[&jb].reasons[0].code, "preempting");
+    assert_eq!(c.runs[&ra].stop, Some(StopReason::Preempt));
+    c.apply_event(
+        n,
+        RunEvent::Exited {
+            run: ra,
+            started_ms: Some(10),
+            at_ms: 100_500,
+            exit_code: Some(143),
+            signal: None,
+            reason: "killed".into(),
+            message: String::new(),
+        },
+        100_500,
+    )
+    .unwrap();
+    assert_eq!(c.schedule(100_501).unwrap().placed, 1);
+    let rb = runs_on(c, n)[0];
+    assert_eq!(c.runs[&rb].job, jb);
+    started(c, n, rb, 101_000);
+    // A, requeued with 100 GPU-seconds, never preempts B: not while B is in the first
+    // queue, nor once both are in the second.
+    for now in [130_000, 500_000] {
+        c.schedule(now).unwrap();
+        assert!(c.runs.values().all(|r| r.stop.is_none()), "at {now}");
+        assert_eq!(c.jobs[&ja].tasks[0].state, TaskState::Pending);
+    }
+    assert_eq!(c.attained[&ja], 100_490);
+
+    // After a restart the service A received is read back from its usage records.
+    let mut c2 = open(f.dir.path(), 600_000);
+    c2.sched_cfg.las = Some(las);
+    c2.schedule(600_001).unwrap();
+    assert_eq!(c2.attained[&ja], 100_490);
+}

@@ -212,4 +212,22 @@ fn bad_replay_flags_name_the_flag_and_write_nothing() {
     assert_ne!(rc, 0);
     assert!(stderr.contains(":2: num_gpus"), "{stderr}");
     std::fs::remove_file(&bad).unwrap();
+
+    // The server takes the same LAS flag and refuses it the same way, before it starts.
+    let data = tmp("server-las");
+    for (args, want) in [
+        (vec!["--las", "16,4"], "--las: boundaries must be ascending"),
+        (vec!["--las-slice", "10s"], "--las-slice: only with --las"),
+    ] {
+        let o = Command::new(BIN)
+            .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data)
+            .args(&args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_ne!(o.status.code(), Some(0), "{args:?}");
+        assert!(stderr.contains(want), "{args:?}: {stderr}");
+        assert!(!data.exists(), "{args:?} created the data directory");
+    }
 }
