@@ -552,6 +552,8 @@ pub struct Scheduler {
     zone_only: Option<String>,
     /// Per GPU model: expected GPU demand of work pinned to it, over its capacity.
     pinned_pressure: HashMap<String, f64>,
+    /// CPU the stranding term keeps per idle GPU thousandth (`fgd::kept_cpu_per_gpu`).
+    cpu_per_gpu: f64,
     /// The runs of every running gang: preempting one member stops them all, so the
     /// victim search frees them all.
     gangs: HashMap<JobId, Vec<caravel_core::RunId>>,
@@ -574,10 +576,16 @@ impl Scheduler {
             .as_deref()
             .map(|t| fgd::pinned_pressure(t, &nodes))
             .unwrap_or_default();
+        let cpu_per_gpu = cfg
+            .fgd
+            .as_deref()
+            .map(|t| fgd::kept_cpu_per_gpu(t, &nodes))
+            .unwrap_or(0.0);
         Scheduler {
             zone_pref: HashMap::new(),
             zone_only: None,
             pinned_pressure,
+            cpu_per_gpu,
             gangs: HashMap::new(),
             ends: BTreeSet::new(),
             now: None,
@@ -654,7 +662,7 @@ impl Scheduler {
             return self.place_baseline(r, end, ignore_reservation);
         }
         if let Some(types) = &self.cfg.fgd {
-            let cpu_per_gpu = fgd::cpu_per_gpu(types);
+            let cpu_per_gpu = self.cpu_per_gpu;
             let mut best: Option<(f64, usize, Vec<u32>)> = None;
             let limit = self.cfg.fgd_max_candidates;
             let all: Box<dyn Iterator<Item = usize>> = if limit == 0 || self.nodes.len() <= limit {

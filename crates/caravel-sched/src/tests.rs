@@ -1435,7 +1435,7 @@ proptest! {
                 weight: *w,
             })
             .collect();
-        let cpg = fgd::cpu_per_gpu(&types);
+        let cpg = fgd::cpu_per_gpu(&types, 1.0);
         for devs in fgd::device_choices(&n, &r) {
             let long = fgd::delta(&n, &r, &devs, &types) + weight * fgd::stranded_delta(&n, &r, &devs, cpg);
             let fast = fgd::score(&n, &r, &devs, &types, cpg, weight);
@@ -1758,4 +1758,40 @@ fn las_queue_boundaries_count_attained_gpu_time() {
     assert_eq!(t.attained_at(4 * HOUR), 3_600_000);
     t.attained_gpu_ms = 5;
     assert_eq!(t.attained_at(0), 5);
+}
+
+#[test]
+fn cpu_kept_per_gpu_counts_cpu_only_work_in_the_share_of_cpu_on_gpu_nodes() {
+    let t = |cpu: u64, num_gpu: u32, weight: f64| fgd::WorkloadType {
+        cpu_milli: cpu,
+        memory_bytes: 1 << 30,
+        num_gpu,
+        gpu_milli: 1000,
+        models: vec![],
+        weight,
+    };
+    // Three 8-CPU one-GPU tasks and one 16-CPU CPU-only task: 24 CPUs for 3 GPUs, plus 16.
+    let types = vec![t(8000, 1, 3.0), t(16_000, 0, 1.0)];
+    assert!((fgd::cpu_per_gpu(&types, 0.0) - 8.0).abs() < 1e-9);
+    assert!((fgd::cpu_per_gpu(&types, 1.0) - 40.0 / 3.0).abs() < 1e-9);
+    assert!((fgd::cpu_per_gpu(&types, 0.5) - 32.0 / 3.0).abs() < 1e-9);
+    // A pool of a 64-CPU GPU node and a 192-CPU CPU node keeps a quarter of its CPU on GPU
+    // nodes; a pool of GPU nodes only, all of it.
+    let gpu = gpu_node(1, "A100", 8);
+    assert_eq!(
+        fgd::gpu_node_cpu_share(&[gpu.clone(), cpu_node(2, 192, 64)]),
+        0.25
+    );
+    assert_eq!(fgd::gpu_node_cpu_share(std::slice::from_ref(&gpu)), 1.0);
+    assert_eq!(fgd::gpu_node_cpu_share(&[]), 0.0);
+
+    // The stranding term counts CPU-only work only where CPU binds. The 64-CPU, 8-GPU node
+    // has 8 CPUs per GPU; the first two workloads ask more per GPU in all (40/3, 28/3), so
+    // their CPU-only work counts; the third asks 16/3 and keeps GPU work's 4 alone.
+    let pool = [gpu];
+    assert!((fgd::kept_cpu_per_gpu(&types, &pool) - 40.0 / 3.0).abs() < 1e-9);
+    let light = vec![t(4000, 1, 3.0), t(16_000, 0, 1.0)]; // 4 + 16/3 = 9.33 > 8: binds
+    assert!((fgd::kept_cpu_per_gpu(&light, &pool) - 28.0 / 3.0).abs() < 1e-9);
+    let lighter = vec![t(4000, 1, 3.0), t(4000, 0, 1.0)]; // 4 + 4/3 = 5.33 < 8
+    assert!((fgd::kept_cpu_per_gpu(&lighter, &pool) - 4.0).abs() < 1e-9);
 }
