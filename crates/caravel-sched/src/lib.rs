@@ -131,6 +131,22 @@ impl NodeSnap {
         debug_assert!(self.used_memory_bytes <= self.capacity.memory_bytes);
     }
 
+    /// Could `r` be allocated with exactly these devices now?
+    fn can_take(&self, r: &TaskResources, devices: &[u32]) -> bool {
+        let milli = r.gpu.as_ref().and_then(|g| g.milli);
+        self.ready
+            && self.used_cpu_milli + r.cpu_milli <= self.capacity.cpu_milli
+            && self.used_memory_bytes + r.memory_bytes <= self.capacity.memory_bytes
+            && devices.iter().all(|d| {
+                self.capacity.devices.iter().any(|c| c.index == *d)
+                    && !self.used_devices.contains(d)
+                    && match milli {
+                        Some(m) => self.shared.get(d).copied().unwrap_or(0) + m <= 1000,
+                        None => !self.shared.contains_key(d),
+                    }
+            })
+    }
+
     /// How many tasks of `r` this node could take now (0 when not ready).
     pub fn room_for(&self, r: &TaskResources) -> u64 {
         if !self.ready {
@@ -238,6 +254,19 @@ pub struct Placement {
     pub job: JobId,
     pub index: u32,
     pub node: NodeId,
+    pub devices: Vec<u32>,
+}
+
+/// Room a preemption freed, held for the job it was freed for until that job's turn in the
+/// next cycle (Kubernetes' nominated node): without it, work that comes earlier in the
+/// cycle's order could take the room, and the job would preempt again for the same space.
+/// Work of a higher priority class than the holder may still take it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hold {
+    pub job: JobId,
+    pub priority: Priority,
+    pub node: NodeId,
+    pub resources: TaskResources,
     pub devices: Vec<u32>,
 }
 
@@ -557,6 +586,9 @@ pub struct Scheduler {
     /// The runs of every running gang: preempting one member stops them all, so the
     /// victim search frees them all.
     gangs: HashMap<JobId, Vec<caravel_core::RunId>>,
+    /// Room held for preemptors (`hold`), counted as used on its node (the index in
+    /// `nodes`) until the holder's turn in the next `schedule`.
+    held: Vec<(Hold, usize)>,
 }
 
 /// Room held for the first job that could not start: from `at` on, on these nodes.
@@ -587,6 +619,7 @@ impl Scheduler {
             pinned_pressure,
             cpu_per_gpu,
             gangs: HashMap::new(),
+            held: Vec::new(),
             ends: BTreeSet::new(),
             now: None,
             reservation: None,
@@ -608,6 +641,48 @@ impl Scheduler {
     /// node there fits, else wherever it fits.
     pub fn set_zone_preferences(&mut self, prefs: HashMap<JobId, String>) {
         self.zone_pref = prefs;
+    }
+
+    /// Holds room for jobs that preempted for it (see `Hold`) through the next `schedule`
+    /// call: counted as used until the holder's turn, or the turn of work of a higher
+    /// priority class. A hold whose room is no longer free (the node is gone or not ready,
+    /// or something else took it) is dropped.
+    pub fn hold(&mut self, holds: impl IntoIterator<Item = Hold>) {
+        for h in holds {
+            let Some(&i) = self.pos.get(&h.node) else {
+                continue;
+            };
+            if self.nodes[i].can_take(&h.resources, &h.devices) {
+                self.allocate(i, &h.resources, &h.devices);
+                self.held.push((h, i));
+            }
+        }
+    }
+
+    /// Frees the holds `job` may use: its own and those of lower priority classes. True if
+    /// any was freed.
+    fn release_holds_for(&mut self, job: &JobReq) -> bool {
+        let mut freed = false;
+        let mut k = 0;
+        while k < self.held.len() {
+            let h = &self.held[k].0;
+            if h.job == job.id || h.priority.rank() > job.priority.rank() {
+                let (h, i) = self.held.swap_remove(k);
+                self.nodes[i].release(&h.resources, &h.devices);
+                self.index.update(&self.nodes, i);
+                freed = true;
+            } else {
+                k += 1;
+            }
+        }
+        freed
+    }
+
+    fn release_all_holds(&mut self) {
+        for (h, i) in std::mem::take(&mut self.held) {
+            self.nodes[i].release(&h.resources, &h.devices);
+            self.index.update(&self.nodes, i);
+        }
     }
 
     /// Outside the zone placement is restricted to, if any.
@@ -1330,6 +1405,16 @@ impl Scheduler {
         // task, or one whole gang, per turn).
         let mut queues: BTreeMap<TenantId, TenantQueue> = BTreeMap::new();
         let mut sorted: Vec<&JobReq> = jobs.iter().filter(|j| !j.pending.is_empty()).collect();
+        if !self.held.is_empty() {
+            // Room held for a job not offered this cycle (done, cancelled) is free now.
+            let offered: BTreeSet<JobId> = sorted.iter().map(|j| j.id).collect();
+            let (keep, drop): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
+                .into_iter()
+                .partition(|(h, _)| offered.contains(&h.job));
+            self.held = drop;
+            self.release_all_holds();
+            self.held = keep;
+        }
         let las = self.cfg.las.clone();
         sorted.sort_by_key(|j| queue_order(las.as_ref(), j));
         for j in sorted {
@@ -1372,6 +1457,10 @@ impl Scheduler {
         while let Some(turn) = turns.pop_first() {
             let tid = turn.6;
             let (job, k) = queues[&tid].front().expect("a tenant with a turn has work");
+            if !self.held.is_empty() && self.release_holds_for(job) {
+                // Shapes found not to fit may fit in the freed room.
+                unfit.clear();
+            }
             let tenant = tenants.entry(tid).or_default();
             let end = self
                 .now
@@ -1492,6 +1581,7 @@ impl Scheduler {
                 turns.insert(key(self, t, head, tid));
             }
         }
+        self.release_all_holds();
         if self.cfg.explain_pending {
             self.explain_fair_share(&mut plan, tenants, jobs);
         }

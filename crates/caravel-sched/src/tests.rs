@@ -1795,3 +1795,103 @@ fn cpu_kept_per_gpu_counts_cpu_only_work_in_the_share_of_cpu_on_gpu_nodes() {
     let lighter = vec![t(4000, 1, 3.0), t(4000, 0, 1.0)]; // 4 + 4/3 = 5.33 < 8
     assert!((fgd::kept_cpu_per_gpu(&lighter, &pool) - 4.0).abs() < 1e-9);
 }
+
+// ---- room held for the preemptor ----
+
+fn hold_for(j: &JobReq, node: u64) -> Hold {
+    Hold {
+        job: j.id,
+        priority: j.priority,
+        node: NodeId(node),
+        resources: j.resources.clone(),
+        devices: vec![],
+    }
+}
+
+#[test]
+fn room_a_preemption_freed_goes_to_the_job_it_was_freed_for() {
+    // Tenant 1's job preempted spot work on node 1 for 4 CPUs; the victim has exited. Tenant
+    // 2 holds less, so its job of the same size takes the first turn.
+    let nominee = tjob(1, 1, 1, 4000, 1);
+    let rival = tjob(2, 2, 1, 4000, 1);
+    let tenants = || {
+        let mut t = HashMap::new();
+        let mut a = TenantSnap::default();
+        a.used.cpu_milli = 2000;
+        t.insert(TenantId(1), a);
+        t.insert(TenantId(2), TenantSnap::default());
+        t
+    };
+    let jobs = [nominee.clone(), rival.clone()];
+    let placed = |s: &mut Scheduler| -> Vec<u64> {
+        let plan = s.schedule_with(10_000, &[], &mut tenants(), &jobs);
+        plan.placements.iter().map(|p| p.job.0).collect()
+    };
+    let mut s = Scheduler::new(Config::default(), vec![cpu_node(1, 4, 64)]);
+    assert_eq!(
+        placed(&mut s),
+        vec![2],
+        "without a hold the rival goes first"
+    );
+
+    let mut s = Scheduler::new(Config::default(), vec![cpu_node(1, 4, 64)]);
+    s.hold([hold_for(&nominee, 1)]);
+    assert_eq!(placed(&mut s), vec![1]);
+    // A hold lasts one cycle: nothing is left counted as used.
+    assert_eq!(s.nodes()[0].used_cpu_milli, 4000);
+
+    // Work of a higher priority class may take held room.
+    let mut online = rival.clone();
+    online.priority = Priority::Online;
+    let mut s = Scheduler::new(Config::default(), vec![cpu_node(1, 4, 64)]);
+    s.hold([hold_for(&nominee, 1)]);
+    let plan = s.schedule_with(10_000, &[], &mut tenants(), &[nominee.clone(), online]);
+    let got: Vec<u64> = plan.placements.iter().map(|p| p.job.0).collect();
+    assert_eq!(got, vec![2]);
+
+    // Room held for a job no longer waiting (cancelled) is free for anyone.
+    let mut s = Scheduler::new(Config::default(), vec![cpu_node(1, 4, 64)]);
+    s.hold([hold_for(&nominee, 1)]);
+    let plan = s.schedule_with(10_000, &[], &mut tenants(), std::slice::from_ref(&rival));
+    assert_eq!(plan.placements.len(), 1);
+
+    // A hold on room that is not free (someone else's task is there now) is dropped.
+    let mut busy = cpu_node(1, 4, 64);
+    busy.used_cpu_milli = 2000;
+    let mut s = Scheduler::new(Config::default(), vec![busy]);
+    s.hold([hold_for(&nominee, 1)]);
+    assert_eq!(s.nodes()[0].used_cpu_milli, 2000);
+}
+
+#[test]
+fn a_held_gpu_share_goes_to_its_job_even_after_its_shape_was_found_not_to_fit() {
+    // One GPU; 600 thousandths were freed for job 1 (tenant 1). Job 2 (tenant 2, the same
+    // shape) comes first and finds no room, which the cycle remembers per shape; job 1 must
+    // not be refused from that stale answer once its hold is released.
+    let share = |id: u64, tenant: u64| {
+        let mut j = tjob(id, tenant, 1, 1000, 1);
+        j.resources.gpu = Some(GpuRequest {
+            milli: Some(600),
+            ..GpuRequest::whole("T4", 1)
+        });
+        j
+    };
+    let (j1, j2) = (share(1, 1), share(2, 2));
+    let mut s = Scheduler::new(Config::default(), vec![gpu_node(1, "T4", 1)]);
+    let mut h = hold_for(&j1, 1);
+    h.devices = vec![0];
+    s.hold([h]);
+    let mut t = HashMap::new();
+    let mut a = TenantSnap::default();
+    a.used.cpu_milli = 32_000;
+    t.insert(TenantId(1), a);
+    let plan = s.schedule_with(10_000, &[], &mut t, &[j1, j2]);
+    let got: Vec<(u64, u32)> = plan
+        .placements
+        .iter()
+        .map(|p| (p.job.0, p.devices[0]))
+        .collect();
+    assert_eq!(got, vec![(1, 0)]);
+    assert!(plan.pending.contains_key(&JobId(2)));
+    assert_eq!(s.nodes()[0].shared.get(&0), Some(&600));
+}

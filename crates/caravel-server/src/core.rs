@@ -917,9 +917,26 @@ impl Core {
             .collect();
         // A job whose victims are still checkpointing waits for them; choosing more now
         // would preempt twice for the same room.
+        // Once they all have, the room they freed is held for it through this cycle.
         let runs = &self.runs;
-        self.preempting
-            .retain(|_, victims| victims.iter().any(|v| runs.contains_key(&v.0)));
+        let mut holds = Vec::new();
+        self.preempting.retain(|job, victims| {
+            if victims.iter().any(|v| runs.contains_key(&v.0)) {
+                return true;
+            }
+            if let Some(j) = self.jobs.get(job) {
+                holds.extend(victims.drain(..).map(|(_, node, resources, devices)| {
+                    caravel_sched::Hold {
+                        job: *job,
+                        priority: j.rec.spec.priority,
+                        node,
+                        resources,
+                        devices,
+                    }
+                }));
+            }
+            false
+        });
         for victims in self.preempting.values() {
             for (run, node, res, devs) in victims {
                 if self.runs.contains_key(run) {
@@ -1034,6 +1051,7 @@ impl Core {
         );
         let used_before: HashMap<TenantId, ResourceSum> =
             tenants.iter().map(|(t, s)| (*t, s.used.clone())).collect();
+        sched.hold(holds);
         let plan = sched.schedule_with(now, &running, &mut tenants, &reqs);
         let stats = CycleStats {
             considered_jobs: reqs.len(),

@@ -334,6 +334,8 @@ struct Engine<'a> {
     specs: Vec<Spec>,
     jobs: Vec<JobSt>,
     runs: HashMap<u64, RunSt>,
+    /// Room freed by the last preemptions, held for the jobs they were made for.
+    holds: Vec<caravel_sched::Hold>,
     next_run: u64,
     events: BinaryHeap<Reverse<(Millis, Ev, u64)>>,
     seq: u64,
@@ -458,6 +460,7 @@ pub fn run(
         specs,
         jobs,
         runs: HashMap::new(),
+        holds: Vec::new(),
         next_run: 1,
         events: BinaryHeap::new(),
         seq: 0,
@@ -637,11 +640,10 @@ impl Engine<'_> {
 
     /// Stops a running task: frees what it held; if `requeue`, its task waits again with
     /// the progress it saved.
-    fn stop(&mut self, run: u64, t: Millis, requeue: bool) {
-        let Some(r) = self.runs.remove(&run) else {
-            return;
-        };
-        self.sched.remove_running(RunId(run));
+    /// Stops `run` at `t` (requeued, or gone for good) and returns what it held.
+    fn stop(&mut self, run: u64, t: Millis, requeue: bool) -> Option<caravel_sched::RunningTask> {
+        let r = self.runs.remove(&run)?;
+        let held = self.sched.remove_running(RunId(run));
         let sp = &self.specs[r.job];
         let g = gpu_milli(&sp.resources);
         if let Some(ts) = self.tenants.get_mut(&TenantId(sp.tenant as u64)) {
@@ -678,6 +680,7 @@ impl Engine<'_> {
         }
         self.dirty = true;
         self.full_needed = true;
+        held
     }
 
     fn cycle(&mut self, now: Millis) {
@@ -729,6 +732,9 @@ impl Engine<'_> {
                 .iter()
                 .map(|r| (r.tenant, self.tenants[&r.tenant].used.clone()))
                 .collect();
+            // The room the last pass's victims freed is held for the jobs they were
+            // stopped for, as the server holds it.
+            self.sched.hold(std::mem::take(&mut self.holds));
             let plan = self.sched.schedule_preempting(now, &mut self.tenants, reqs);
             self.out.cycles += 1;
             self.reserved = plan.reservation.is_some();
@@ -752,25 +758,42 @@ impl Engine<'_> {
             if plan.preemptions.is_empty() {
                 return;
             }
-            let mut victims: Vec<u64> = plan.preemptions.iter().map(|p| p.run.0).collect();
+            let mut victims: Vec<(u64, JobId)> = plan
+                .preemptions
+                .iter()
+                .map(|p| (p.run.0, p.for_job))
+                .collect();
             // A gang stops as a whole: its other members cannot go on without the victim.
             let mut more = Vec::new();
-            for v in &victims {
+            for (v, for_job) in &victims {
                 if let Some(r) = self.runs.get(v) {
                     if self.specs[r.job].gang {
-                        more.extend(self.jobs[r.job].tasks.iter().filter_map(|t| t.run));
+                        more.extend(
+                            self.jobs[r.job]
+                                .tasks
+                                .iter()
+                                .filter_map(|t| Some((t.run?, *for_job))),
+                        );
                     }
                 }
             }
             victims.extend(more);
             victims.sort_unstable();
-            victims.dedup();
-            for v in victims {
+            victims.dedup_by_key(|v| v.0);
+            for (v, for_job) in victims {
                 if let Some(r) = self.runs.get(&v) {
                     let j = r.job;
                     self.jobs[j].preemptions += 1;
                     self.out.preemptions += 1;
-                    self.stop(v, now, true);
+                    if let Some(t) = self.stop(v, now, true) {
+                        self.holds.push(caravel_sched::Hold {
+                            job: for_job,
+                            priority: self.specs[for_job.0 as usize].priority,
+                            node: t.node,
+                            resources: t.resources,
+                            devices: t.devices,
+                        });
+                    }
                 }
             }
         }

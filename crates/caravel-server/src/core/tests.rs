@@ -604,6 +604,64 @@ fn borrowed_capacity_is_reclaimed_by_preemption_without_using_retries() {
 }
 
 #[test]
+fn room_freed_by_preemption_is_held_for_the_preemptor_when_the_victims_exit() {
+    let mut f = fixture();
+    let c = &mut f.core;
+    let na = c.register(reg("a", 4, 0), 0).unwrap();
+    let nb = c.register(reg("b", 4, 0), 0).unwrap();
+    let mk = |c: &mut Core, name: &str| {
+        c.create_tenant(name, 1.0, Quota::default(), Quota::default(), 0)
+            .unwrap()
+            .0
+            .id
+    };
+    let (x, y, s) = (mk(c, "x"), mk(c, "y"), mk(c, "spot"));
+    let mut four = JobSpec::simple("train", &[]);
+    four.resources.cpu_milli = 4000;
+    // X already holds one node; spot work fills the other.
+    c.submit(x, four.clone(), 0).unwrap();
+    c.schedule(1).unwrap();
+    let mut spot = JobSpec::simple("sweep", &[]);
+    spot.tasks = 4;
+    spot.priority = Priority::Spot;
+    c.submit(s, spot, 2).unwrap();
+    c.schedule(3).unwrap();
+    for n in [na, nb] {
+        for r in runs_on(c, n) {
+            started(c, n, r, 5);
+        }
+    }
+    // X's second job preempts the spot tasks; while they checkpoint Y (holding nothing, so
+    // first in fair-share order) asks for the same room and cannot preempt them again.
+    let jx = c.submit(x, four.clone(), 10).unwrap();
+    c.schedule(11).unwrap();
+    assert_eq!(c.jobs[&jx].reasons[0].code, "preempting");
+    let jy = c.submit(y, four, 12).unwrap();
+    c.schedule(13).unwrap();
+    let victims: Vec<(RunId, NodeId)> = c
+        .runs
+        .values()
+        .filter(|r| r.stop == Some(StopReason::Preempt))
+        .map(|r| (r.id, r.node))
+        .collect();
+    assert_eq!(victims.len(), 4);
+    for (v, n) in victims {
+        exited(c, n, v, 5, 20, 143);
+    }
+    c.schedule(21).unwrap();
+    assert_eq!(
+        c.jobs[&jx].tasks[0].state,
+        TaskState::Assigned,
+        "the room went to the job that preempted for it"
+    );
+    assert_eq!(c.jobs[&jy].tasks[0].state, TaskState::Pending);
+    assert!(
+        c.runs.values().all(|r| r.stop.is_none()),
+        "nothing preempted twice"
+    );
+}
+
+#[test]
 fn the_head_job_holds_a_reservation_and_only_short_jobs_backfill() {
     let mut f = fixture();
     let c = &mut f.core;
