@@ -438,6 +438,17 @@ pub(crate) fn fit(cfg: &Config, n: &NodeSnap, r: &TaskResources) -> Result<(u64,
     Ok((score, devices))
 }
 
+/// Which domain at `level` a node belongs to: (region, zone, rack, node id), the finer
+/// parts left blank.
+fn domain_key(n: &NodeSnap, level: TopologyLevel) -> (String, String, String, u64) {
+    let t = &n.topology;
+    match level {
+        TopologyLevel::Node => (t.region.clone(), t.zone.clone(), t.rack.clone(), n.id.0),
+        TopologyLevel::Rack => (t.region.clone(), t.zone.clone(), t.rack.clone(), 0),
+        TopologyLevel::Zone => (t.region.clone(), t.zone.clone(), String::new(), 0),
+    }
+}
+
 /// Picks the best node for one task, or counts why none fits.
 fn select(
     cfg: &Config,
@@ -883,29 +894,44 @@ impl Scheduler {
     /// runs now, and on which nodes? Releases running tasks in order of their expected end
     /// on a scratch copy until the whole job fits.
     fn reserve(&self, job: &JobReq, now: caravel_core::Millis) -> Option<Reservation> {
-        let ends: Vec<(caravel_core::Millis, usize, &RunningTask)> = self
+        let need = job.pending.len() as u64;
+        let r = &job.resources;
+        // How many tasks of `r` fit in total once the tasks ending by each time have ended,
+        // kept as a running sum: nodes no ending task touches count as they are now (only
+        // the index's candidates can hold any), a node is re-counted as tasks end on it. The
+        // greedy walk that picks the nodes runs only once the sum says it can succeed, so
+        // a reservation costs O(candidates + ends walked) rather than a scan of every node
+        // per end time (the replay of 100,000 nodes).
+        let mut roomy: BTreeSet<usize> = BTreeSet::new();
+        let mut total = 0u64;
+        for i in self.index.candidates(r) {
+            if !roomy.contains(&i) {
+                let k = self.nodes[i].room_for(r);
+                if k > 0 {
+                    roomy.insert(i);
+                    total += k;
+                }
+            }
+        }
+        // Ordered: the greedy fit below walks it, and must walk it the same way every run.
+        let mut scratch: BTreeMap<usize, NodeSnap> = BTreeMap::new();
+        let mut ends = self
             .ends
             .iter()
             .filter_map(|&(e, i, run)| {
                 let t = self.running.get(&i)?.iter().find(|t| t.run == run)?;
                 Some((e.max(now), i, t))
             })
-            .collect();
-        let need = job.pending.len() as u64;
-        let r = &job.resources;
-        // Ordered: the greedy fit below walks it, and must walk it the same way every run.
-        let mut scratch: BTreeMap<usize, NodeSnap> = BTreeMap::new();
-        let mut k = 0;
-        while k < ends.len() {
-            let t = ends[k].0;
-            while k < ends.len() && ends[k].0 == t {
-                let (_, i, task) = ends[k];
-                let nodes = &self.nodes;
-                scratch
-                    .entry(i)
-                    .or_insert_with(|| nodes[i].clone())
-                    .release(&task.resources, &task.devices);
-                k += 1;
+            .peekable();
+        while let Some(&(t, _, _)) = ends.peek() {
+            while let Some((_, i, task)) = ends.next_if(|e| e.0 == t) {
+                let n = scratch.entry(i).or_insert_with(|| self.nodes[i].clone());
+                total -= n.room_for(r).min(total);
+                n.release(&task.resources, &task.devices);
+                total += n.room_for(r);
+            }
+            if total < need {
+                continue;
             }
             // Greedy fit over the nodes that changed plus the rest as they are now.
             let mut left = need;
@@ -914,7 +940,7 @@ impl Scheduler {
             let order = scratch
                 .keys()
                 .copied()
-                .chain((0..self.nodes.len()).filter(|i| !scratch.contains_key(i)));
+                .chain(roomy.iter().copied().filter(|i| !scratch.contains_key(i)));
             for i in order {
                 if left == 0 {
                     break;
@@ -1004,6 +1030,15 @@ impl Scheduler {
         self.nodes[i].room_for(r)
     }
 
+    /// The ready nodes grouped by topology domain at `level`, in domain order.
+    fn domains(&self, level: TopologyLevel) -> Vec<Vec<usize>> {
+        let mut by: BTreeMap<(String, String, String, u64), Vec<usize>> = BTreeMap::new();
+        for (i, n) in self.nodes.iter().enumerate().filter(|(_, n)| n.ready) {
+            by.entry(domain_key(n, level)).or_default().push(i);
+        }
+        by.into_values().collect()
+    }
+
     /// Places a whole gang inside one topology domain: the domains whose room adds up to
     /// the gang are tried smallest first (best fit at the domain level), so large domains
     /// stay whole for larger gangs.
@@ -1022,18 +1057,9 @@ impl Scheduler {
             if room == 0 || !self.allowed(i, end) {
                 continue;
             }
-            let t = &self.nodes[i].topology;
-            let key = match level {
-                TopologyLevel::Node => (
-                    t.region.clone(),
-                    t.zone.clone(),
-                    t.rack.clone(),
-                    self.nodes[i].id.0,
-                ),
-                TopologyLevel::Rack => (t.region.clone(), t.zone.clone(), t.rack.clone(), 0),
-                TopologyLevel::Zone => (t.region.clone(), t.zone.clone(), String::new(), 0),
-            };
-            let e = domains.entry(key).or_default();
+            let e = domains
+                .entry(domain_key(&self.nodes[i], level))
+                .or_default();
             e.0 += room;
             e.1.push(i);
         }
@@ -1259,16 +1285,18 @@ impl Scheduler {
         .with_las(self.cfg.las.as_ref());
         let mut order: Vec<&JobReq> = jobs
             .iter()
-            .filter(|j| j.priority != Priority::Spot && j.topology.is_none())
+            .filter(|j| j.priority != Priority::Spot)
             .filter(|j| {
                 plan.pending.get(&j.id).is_some_and(|r| {
-                    r.iter()
-                        .any(|r| matches!(r.code.as_str(), "no_fit" | "gang" | "quota"))
+                    r.iter().any(|r| {
+                        matches!(r.code.as_str(), "no_fit" | "gang" | "quota" | "topology")
+                    })
                 })
             })
             .collect();
         order.sort_by_key(|j| queue_order(self.cfg.las.as_ref(), j));
         let mut promised: HashMap<TenantId, TenantSnap> = HashMap::new();
+        let mut domains: HashMap<TopologyLevel, Vec<Vec<usize>>> = HashMap::new();
         let mut cursor = self.preempt_cursor;
         for job in order {
             let t = promised
@@ -1278,7 +1306,13 @@ impl Scheduler {
             let mut victims = Vec::new();
             let mut why = None;
             let at_cap = plan.pending[&job.id].iter().any(|r| r.code == "quota");
-            if at_cap {
+            let domain = job.topology.filter(|_| job.gang);
+            if at_cap && domain.is_some() {
+                why = Some(
+                    "a gang held to one topology domain does not preempt its own tenant's work to come within its quota"
+                        .to_string(),
+                );
+            } else if at_cap {
                 // Within a tenant at its cap, higher priority displaces its own lower
                 // priority work.
                 let times = if job.gang {
@@ -1289,6 +1323,15 @@ impl Scheduler {
                 match pass.try_own(job, t, times) {
                     Ok(v) => {
                         t.used.add_task(&job.resources, times);
+                        victims = v;
+                    }
+                    Err(e) => why = Some(e),
+                }
+            } else if let Some(level) = domain {
+                let domains = domains.entry(level).or_insert_with(|| self.domains(level));
+                match pass.try_job_in_domain(job, t, domains, level.as_str()) {
+                    Ok(v) => {
+                        t.used.add_task(&job.resources, job.pending.len() as u64);
                         victims = v;
                     }
                     Err(e) => why = Some(e),

@@ -229,6 +229,9 @@ pub(crate) struct Pass<'a> {
     /// Every running gang's runs and where each run is: a gang victim frees its whole gang.
     gangs: Option<(&'a GangRuns, &'a HashMap<RunId, usize>)>,
     las: Option<&'a Las>,
+    /// While set, victims and room are looked for on these nodes only (one topology
+    /// domain), idle ones included.
+    only: Option<Vec<usize>>,
 }
 
 /// Running tasks that may ever be preempted, counted as they start and stop.
@@ -294,6 +297,7 @@ impl<'a> Pass<'a> {
             last: None,
             gangs: None,
             las: None,
+            only: None,
         }
     }
 
@@ -417,6 +421,47 @@ impl<'a> Pass<'a> {
         Ok(runs)
     }
 
+    /// For a gang that must share a topology domain: victims inside the one domain (of
+    /// `domains`, each a list of node positions, in a fixed order) where the fewest tasks
+    /// are named, all or nothing. Idle nodes of the domain take members without victims.
+    pub(crate) fn try_job_in_domain(
+        &mut self,
+        job: &JobReq,
+        tenant: &TenantSnap,
+        domains: &[Vec<usize>],
+        level: &str,
+    ) -> Result<Vec<RunId>, String> {
+        let mut best: Option<(usize, usize)> = None;
+        let mut why = None;
+        for (k, d) in domains.iter().enumerate() {
+            let saved = (self.scratch.clone(), self.taken.clone(), self.last);
+            self.only = Some(d.clone());
+            match self.try_job(job, tenant) {
+                Ok(v) => {
+                    if best.is_none_or(|b| v.len() < b.0) {
+                        best = Some((v.len(), k));
+                    }
+                }
+                Err(e) => why = Some(e),
+            }
+            (self.scratch, self.taken, self.last) = saved;
+            self.only = None;
+            if best.is_some_and(|b| b.0 <= 1) {
+                break;
+            }
+        }
+        let Some((_, k)) = best else {
+            return Err(match why {
+                Some(w) => format!("in no {level}: {w}"),
+                None => format!("no {level} to preempt in"),
+            });
+        };
+        self.only = Some(domains[k].clone());
+        let r = self.try_job(job, tenant);
+        self.only = None;
+        r
+    }
+
     /// Chooses victims for every pending task of `job`, all or nothing. Returns the
     /// victims, or why none would do. Only nodes with running tasks are looked at: a node
     /// without any that has no room cannot be helped by preempting.
@@ -449,14 +494,24 @@ impl<'a> Pass<'a> {
         let saved = (self.scratch.clone(), self.taken.clone());
         let mut chosen = Vec::new();
         let mut blocked_by_min_runtime = 0;
+        let by_node = self.by_node;
         for _ in 0..members {
             let mut best: Option<(usize, u64, usize, Vec<&RunningTask>)> = None;
             let mut feasible = 0usize;
-            for (&i, tasks) in self
-                .by_node
-                .range(self.start..)
-                .chain(self.by_node.range(..self.start))
-            {
+            let scan: Box<dyn Iterator<Item = (usize, &[RunningTask])>> = match &self.only {
+                Some(domain) => Box::new(
+                    domain
+                        .iter()
+                        .map(|i| (*i, by_node.get(i).map_or(&[][..], |v| v.as_slice()))),
+                ),
+                None => Box::new(
+                    by_node
+                        .range(self.start..)
+                        .chain(by_node.range(..self.start))
+                        .map(|(i, v)| (*i, v.as_slice())),
+                ),
+            };
+            for (i, tasks) in scan {
                 let node = self.node(i);
                 if !node.ready {
                     continue;

@@ -963,6 +963,143 @@ proptest! {
     }
 }
 
+/// The reservation search as first written: a greedy fit over every node at every end time.
+/// `Scheduler::reserve` keeps a running count instead; the two must agree.
+fn reserve_reference(
+    s: &Scheduler,
+    job: &JobReq,
+    now: caravel_core::Millis,
+) -> Option<Reservation> {
+    let ends: Vec<(caravel_core::Millis, usize, &RunningTask)> = s
+        .ends
+        .iter()
+        .filter_map(|&(e, i, run)| {
+            let t = s.running.get(&i)?.iter().find(|t| t.run == run)?;
+            Some((e.max(now), i, t))
+        })
+        .collect();
+    let need = job.pending.len() as u64;
+    let r = &job.resources;
+    // Ordered: the greedy fit below walks it, and must walk it the same way every run.
+    let mut scratch: BTreeMap<usize, NodeSnap> = BTreeMap::new();
+    let mut k = 0;
+    while k < ends.len() {
+        let t = ends[k].0;
+        while k < ends.len() && ends[k].0 == t {
+            let (_, i, task) = ends[k];
+            let nodes = &s.nodes;
+            scratch
+                .entry(i)
+                .or_insert_with(|| nodes[i].clone())
+                .release(&task.resources, &task.devices);
+            k += 1;
+        }
+        // Greedy fit over the nodes that changed plus the rest as they are now.
+        let mut left = need;
+        let mut chosen = BTreeSet::new();
+        let mut trial: HashMap<usize, NodeSnap> = HashMap::new();
+        let order = scratch
+            .keys()
+            .copied()
+            .chain((0..s.nodes.len()).filter(|i| !scratch.contains_key(i)));
+        for i in order {
+            if left == 0 {
+                break;
+            }
+            let base = scratch.get(&i).unwrap_or(&s.nodes[i]);
+            if base.room_for(r) == 0 {
+                continue;
+            }
+            let n = trial.entry(i).or_insert_with(|| base.clone());
+            while left > 0 {
+                match fit(&s.cfg, n, r) {
+                    Ok((_, devs)) => {
+                        n.allocate(r, &devs);
+                        chosen.insert(i);
+                        left -= 1;
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+        if left == 0 {
+            return Some(Reservation {
+                job: job.id,
+                at: t,
+                nodes: chosen,
+            });
+        }
+    }
+    None
+}
+
+fn arb_reserve_world() -> impl Strategy<Value = (Vec<NodeSnap>, Vec<RunningTask>, JobReq)> {
+    let models = ["H100", "A100"];
+    (
+        prop::collection::vec((1u64..5, 0u32..5, 0usize..2), 1..10),
+        prop::collection::vec((0usize..10, 0usize..4, 0i64..50, 1u64..4), 0..30),
+        (1u32..6, 0usize..4, 1u32..4, any::<bool>(), 1u64..4),
+    )
+        .prop_map(move |(ns, rs, (tasks, kind, gc, gang, cpus))| {
+            let mut nodes: Vec<NodeSnap> = ns
+                .iter()
+                .enumerate()
+                .map(|(i, (c, g, m))| {
+                    let mut n = gpu_node(i as u64, models[*m], *g);
+                    n.capacity.cpu_milli = c * 4000;
+                    n
+                })
+                .collect();
+            // What each task asks: whole GPUs of a model, a share of one, or CPU only.
+            let shape = |kind: usize, gc: u32, cpus: u64, salt: usize| TaskResources {
+                cpu_milli: cpus * 1000,
+                memory_bytes: 1 << 30,
+                gpu: match kind {
+                    0 => Some(GpuRequest::whole(models[salt % 2], gc)),
+                    1 => Some(GpuRequest {
+                        milli: Some([250, 500, 700][gc as usize % 3]),
+                        ..GpuRequest::whole(models[salt % 2], 1)
+                    }),
+                    2 => Some(GpuRequest {
+                        any_of: vec![models[(salt + 1) % 2].to_string()],
+                        ..GpuRequest::whole(models[salt % 2], gc)
+                    }),
+                    _ => None,
+                },
+            };
+            let cfg = Config::default();
+            let mut running = Vec::new();
+            for (k, (n, kind, end_s, cpus)) in rs.into_iter().enumerate() {
+                let i = n % nodes.len();
+                let res = shape(kind, 1 + k as u32 % 2, cpus, k);
+                if let Ok((_, devs)) = fit(&cfg, &nodes[i], &res) {
+                    nodes[i].allocate(&res, &devs);
+                    let mut t = ending(k as u64, i as u64, end_s * 1000);
+                    t.resources = res;
+                    t.devices = devs;
+                    running.push(t);
+                }
+            }
+            let mut j = tjob(1, 1, tasks, cpus * 1000, 1);
+            j.resources = shape(kind, gc, cpus, tasks as usize);
+            j.gang = gang;
+            (nodes, running, j)
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(500))]
+
+    #[test]
+    fn reservation_search_agrees_with_a_scan_of_every_node((nodes, running, job) in arb_reserve_world(), now in 0i64..30_000) {
+        let mut s = Scheduler::new(Config::default(), nodes);
+        s.set_running(running);
+        let fast = s.reserve(&job, now).map(|r| (r.at, r.nodes));
+        let slow = reserve_reference(&s, &job, now).map(|r| (r.at, r.nodes));
+        prop_assert_eq!(&fast, &slow);
+    }
+}
+
 // ---- over time: a tiny discrete-time driver of the real scheduler ----
 
 /// Jobs run for `dur` steps (at most their max runtime); victims of preemption stop one
@@ -1894,4 +2031,113 @@ fn a_held_gpu_share_goes_to_its_job_even_after_its_shape_was_found_not_to_fit() 
     assert_eq!(got, vec![(1, 0)]);
     assert!(plan.pending.contains_key(&JobId(2)));
     assert_eq!(s.nodes()[0].shared.get(&0), Some(&600));
+}
+
+// ---- preemption for gangs held to a topology domain ----
+
+#[test]
+fn a_gang_held_to_a_rack_preempts_inside_the_rack_that_needs_the_fewest_victims() {
+    // Rack a: two nodes full of spot work (16 victims). Rack b: an idle node and one full
+    // of spot work (8). Rack c: one node of spot work and one of work nobody may preempt.
+    let mut nodes = vec![
+        racked(1, "z1", "a", 8),
+        racked(2, "z1", "a", 8),
+        racked(3, "z1", "b", 8),
+        racked(4, "z1", "b", 8),
+        racked(5, "z1", "c", 8),
+        racked(6, "z1", "c", 8),
+    ];
+    let mut run = Vec::new();
+    for (node, prio) in [
+        (1, Priority::Spot),
+        (2, Priority::Spot),
+        (4, Priority::Spot),
+        (5, Priority::Spot),
+        (6, Priority::Batch),
+    ] {
+        for d in 0..8u32 {
+            let mut t = running(run.len() as u64, 9, node, prio, 0, false);
+            t.resources.gpu = Some(GpuRequest::whole("H100", 1));
+            t.devices = vec![d];
+            let n = nodes.iter_mut().find(|n| n.id == NodeId(node)).unwrap();
+            n.allocate(&t.resources, &t.devices);
+            run.push(t);
+        }
+    }
+    let gang = topo_gang(1, 2, 8, TopologyLevel::Rack);
+    let mut s = Scheduler::new(Config::default(), nodes.clone());
+    let plan = s.schedule_with(
+        10_000,
+        &run,
+        &mut HashMap::new(),
+        std::slice::from_ref(&gang),
+    );
+    assert!(plan.placements.is_empty());
+    let on: BTreeSet<u64> = plan
+        .preemptions
+        .iter()
+        .map(|p| run[p.run.0 as usize].node.0)
+        .collect();
+    assert_eq!(on, BTreeSet::from([4]), "{:?}", plan.pending);
+    assert_eq!(plan.preemptions.len(), 8);
+    assert_eq!(plan.pending[&JobId(1)][0].code, "preempting");
+
+    // Once the victims have gone the gang fits in rack b, with the room held for it.
+    let mut after = nodes.clone();
+    for t in run.iter().filter(|t| t.node == NodeId(4)) {
+        after[3].release(&t.resources, &t.devices);
+    }
+    let rest: Vec<RunningTask> = run
+        .iter()
+        .filter(|t| t.node != NodeId(4))
+        .cloned()
+        .collect();
+    let mut s = Scheduler::new(Config::default(), after.clone());
+    let plan = s.schedule_with(
+        20_000,
+        &rest,
+        &mut HashMap::new(),
+        std::slice::from_ref(&gang),
+    );
+    let racks: BTreeSet<String> = plan
+        .placements
+        .iter()
+        .map(|p| rack_of(&after, p.node))
+        .collect();
+    assert_eq!(
+        (plan.placements.len(), racks),
+        (2, BTreeSet::from(["b".to_string()]))
+    );
+    assert!(plan.preemptions.is_empty());
+
+    // Held to one node, the gang of one 8-GPU task takes a single node's spot work.
+    let one = topo_gang(2, 1, 8, TopologyLevel::Node);
+    let mut s = Scheduler::new(Config::default(), after);
+    let plan = s.schedule_with(20_000, &rest, &mut HashMap::new(), &[one]);
+    assert!(
+        plan.placements.len() == 1 && plan.preemptions.is_empty(),
+        "node 3 is idle"
+    );
+
+    // Nothing preemptible in any rack: the reason says so.
+    let mut s = Scheduler::new(Config::default(), nodes);
+    let all_batch: Vec<RunningTask> = run
+        .iter()
+        .cloned()
+        .map(|mut t| {
+            t.priority = Priority::Batch;
+            t
+        })
+        .collect();
+    let plan = s.schedule_with(10_000, &all_batch, &mut HashMap::new(), &[gang]);
+    assert!(plan.preemptions.is_empty());
+    let why = plan.pending[&JobId(1)]
+        .iter()
+        .find(|r| r.code == "no_preemption")
+        .expect("a reason");
+    assert!(
+        why.message.starts_with("cannot preempt:"),
+        "{}",
+        why.message
+    );
 }

@@ -234,6 +234,8 @@ pub struct Outcome {
     /// GPU-hours held by tasks in total.
     pub gpu_hours: f64,
     pub cycles: u64,
+    /// Passes that ended with the head-of-line job holding a reservation (EASY backfill).
+    pub reserved_cycles: u64,
     /// Jobs offered to the scheduler, summed over cycles (the cost of long queues).
     pub job_offers: u64,
     pub placements: u64,
@@ -738,6 +740,7 @@ impl Engine<'_> {
             let plan = self.sched.schedule_preempting(now, &mut self.tenants, reqs);
             self.out.cycles += 1;
             self.reserved = plan.reservation.is_some();
+            self.out.reserved_cycles += self.reserved as u64;
             self.out.job_offers += reqs.len() as u64;
             for p in &plan.placements {
                 let j = p.job.0 as usize;
@@ -1124,6 +1127,7 @@ pub struct Summary {
     pub slo_attainment_mean: f64,
     pub makespan_s: f64,
     pub cycles: u64,
+    pub reserved_cycles: u64,
     pub placements: u64,
 }
 
@@ -1185,6 +1189,7 @@ impl Outcome {
             slo_attainment_mean: mean(&slo),
             makespan_s: (self.end_ms - start) as f64 / 1000.0,
             cycles: self.cycles,
+            reserved_cycles: self.reserved_cycles,
             placements: self.placements,
         }
     }
@@ -1270,6 +1275,38 @@ mod tests {
         );
         assert_eq!(s.p50_queue_s, 0.0);
         assert_eq!(s.p99_queue_s, 90.0);
+    }
+
+    #[test]
+    fn the_head_job_reserves_room_and_only_work_that_ends_before_it_backfills() {
+        // One 8-GPU node; `a` holds half until 100 s. `head` needs all eight; `short` fits
+        // beside `a` and ends by 100 s; `long` fits too but would run past it.
+        let jobs = vec![
+            job("a", 0, 0, 4, 1, 100),
+            job("head", 0, 1, 8, 1, 10),
+            job("short", 0, 2, 4, 1, 50),
+            job("long", 0, 3, 4, 1, 200),
+        ];
+        let declared: Vec<Job> = jobs
+            .iter()
+            .cloned()
+            .map(|mut j| {
+                j.max_runtime_ms = Some(j.duration_ms);
+                j
+            })
+            .collect();
+        let o = replay(vec![node(0, 8)], &one_tenant(declared));
+        let starts: Vec<Option<Millis>> = o.jobs.iter().map(|j| j.start_ms).collect();
+        assert_eq!(
+            starts,
+            vec![Some(0), Some(100_000), Some(2_000), Some(110_000)]
+        );
+        assert!(o.reserved_cycles > 0);
+        // Without declared limits nothing can be reserved: `long` takes the room after
+        // `short` and the head job waits for it.
+        let o = replay(vec![node(0, 8)], &one_tenant(jobs));
+        assert_eq!(o.jobs[1].start_ms, Some(252_000));
+        assert_eq!(o.reserved_cycles, 0);
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //! GPU load is `load` × the pool's GPUs: training gangs of 2-16 eight-GPU tasks (hours,
 //! checkpointed every 30 min), single-node training, small GPU batch work (whole GPUs and
 //! fractions), CPU batch, and spot work. Inference services follow a diurnal load (a day
-//! compressed to `day_s`). Durations are log-normal.
+//! compressed to `day_s`). Durations are log-normal. With `limits=F` every job declares a
+//! max runtime of F times its true duration, rounded up to a minute (users' time limits, as
+//! Slurm's `--time`), which lets the head-of-line job reserve room and others backfill.
 
 use caravel_core::{Capacity, Device, GpuRequest, Millis, NodeId, Priority, Quota, TaskResources};
 use caravel_sched::NodeSnap;
@@ -29,6 +31,8 @@ pub struct Spec {
     /// Length of the services' load cycle, in seconds.
     pub day_s: u64,
     pub seed: u64,
+    /// Declared max runtime over true duration (at least 1); 0: jobs declare none.
+    pub limits: f64,
 }
 
 impl Default for Spec {
@@ -41,6 +45,7 @@ impl Default for Spec {
             services: 4,
             day_s: 86_400,
             seed: 1,
+            limits: 0.0,
         }
     }
 }
@@ -64,6 +69,17 @@ impl Spec {
                 "services" => spec.services = int(v)? as usize,
                 "day_s" => spec.day_s = int(v)?,
                 "seed" => spec.seed = int(v)?,
+                "limits" => {
+                    spec.limits = v
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|x| *x == 0.0 || (x.is_finite() && *x >= 1.0 && *x <= 100.0))
+                        .ok_or_else(|| {
+                            format!(
+                                "synthetic: limits=`{v}` is not 0 (no max runtimes) or a factor in [1, 100]"
+                            )
+                        })?
+                }
                 "load" => {
                     spec.load = v
                         .parse::<f64>()
@@ -73,7 +89,7 @@ impl Spec {
                 }
                 _ => {
                     return Err(format!(
-                        "synthetic: unknown key `{k}` (nodes, tasks, load, tenants, services, day_s, seed)"
+                        "synthetic: unknown key `{k}` (nodes, tasks, load, tenants, services, day_s, seed, limits)"
                     ))
                 }
             }
@@ -349,6 +365,13 @@ pub fn generate(spec: &Spec) -> (Vec<NodeSnap>, Workload) {
             (a100 / 8, h100 / 8),
         );
         total_tasks += j.tasks as u64;
+        let mut j = j;
+        if spec.limits > 0.0 {
+            // No draw from the generator: the same seed gives the same jobs either way.
+            let minute = 60_000.0;
+            j.max_runtime_ms =
+                Some(((j.duration_ms as f64 * spec.limits / minute).ceil() * minute) as u64);
+        }
         jobs.push(j);
     }
     let span = t.max(1.0) as Millis;
@@ -384,8 +407,18 @@ pub fn generate(spec: &Spec) -> (Vec<NodeSnap>, Workload) {
         .collect();
     let w = Workload {
         name: format!(
-            "synthetic nodes={} tasks={} load={} tenants={} services={} seed={}",
-            spec.nodes, spec.tasks, spec.load, spec.tenants, spec.services, spec.seed
+            "synthetic nodes={} tasks={} load={} tenants={} services={} seed={}{}",
+            spec.nodes,
+            spec.tasks,
+            spec.load,
+            spec.tenants,
+            spec.services,
+            spec.seed,
+            if spec.limits > 0.0 {
+                format!(" limits={}", spec.limits)
+            } else {
+                String::new()
+            }
         ),
         tenants,
         jobs,
@@ -409,6 +442,8 @@ mod tests {
             ("colour=red", "unknown key"),
             ("tasks", "KEY=VALUE"),
             ("tasks=many", "whole number"),
+            ("limits=0.5", "factor in [1, 100]"),
+            ("limits=NaN", "limits"),
         ] {
             let e = Spec::parse(bad).unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");
@@ -442,6 +477,18 @@ mod tests {
             w.jobs.iter().any(|j| j.gang) && w.jobs.iter().any(|j| j.priority == Priority::Spot)
         );
         assert!(w.tenants.iter().all(|t| !t.guarantee.gpus.is_empty()));
+        // Declared limits change nothing else, and every job ends within its limit.
+        let limited = generate(&Spec {
+            limits: 2.0,
+            ..spec.clone()
+        })
+        .1;
+        assert_eq!(limited.jobs.len(), w.jobs.len());
+        for (a, b) in w.jobs.iter().zip(&limited.jobs) {
+            assert_eq!((a.duration_ms, a.max_runtime_ms), (b.duration_ms, None));
+            let m = b.max_runtime_ms.expect("a declared limit");
+            assert!(m >= 2 * b.duration_ms && m < 2 * b.duration_ms + 60_000 && m % 60_000 == 0);
+        }
         let other = generate(&Spec { seed: 4, ..spec }).1;
         assert_ne!(
             format!("{:?}", w.jobs[..50].to_vec()),

@@ -662,6 +662,74 @@ fn room_freed_by_preemption_is_held_for_the_preemptor_when_the_victims_exit() {
 }
 
 #[test]
+fn a_gang_held_to_a_rack_preempts_spot_work_inside_one_rack_and_starts_there() {
+    let mut f = fixture();
+    let c = &mut f.core;
+    let mut rack_of = HashMap::new();
+    for (name, rack) in [("a1", "a"), ("a2", "a"), ("b1", "b"), ("b2", "b")] {
+        let mut r = reg(name, 2, 0);
+        r.topology.rack = rack.into();
+        let n = c.register(r, 0).unwrap();
+        rack_of.insert(n, rack);
+    }
+    let t = default_tenant(c);
+    let mut spot = JobSpec::simple("sweep", &[]);
+    spot.tasks = 4;
+    spot.resources.cpu_milli = 2000;
+    spot.priority = Priority::Spot;
+    c.submit(t, spot, 0).unwrap();
+    c.schedule(1).unwrap();
+    for n in rack_of.keys().copied().collect::<Vec<_>>() {
+        for r in runs_on(c, n) {
+            started(c, n, r, 2);
+        }
+    }
+    let mut gang = JobSpec::simple("train", &[]);
+    gang.tasks = 2;
+    gang.gang = true;
+    gang.resources.cpu_milli = 2000;
+    gang.topology = Some(TopologyLevel::Rack);
+    let g = c.submit(t, gang, 10).unwrap();
+    c.schedule(11).unwrap();
+    assert_eq!(
+        c.jobs[&g].reasons[0].code, "preempting",
+        "{:?}",
+        c.jobs[&g].reasons
+    );
+    let victims: Vec<(RunId, NodeId)> = c
+        .runs
+        .values()
+        .filter(|r| r.stop == Some(StopReason::Preempt))
+        .map(|r| (r.id, r.node))
+        .collect();
+    let racks: BTreeSet<&str> = victims.iter().map(|(_, n)| rack_of[n]).collect();
+    assert_eq!(
+        (victims.len(), racks.len()),
+        (2, 1),
+        "two victims, one rack"
+    );
+    for (v, n) in victims {
+        exited(c, n, v, 2, 20, 143);
+    }
+    c.schedule(21).unwrap();
+    let placed: BTreeSet<&str> = c
+        .runs
+        .values()
+        .filter(|r| r.job == g)
+        .map(|r| rack_of[&r.node])
+        .collect();
+    assert_eq!(placed.len(), 1);
+    assert_eq!(
+        c.jobs[&g]
+            .tasks
+            .iter()
+            .filter(|t| t.state == TaskState::Assigned)
+            .count(),
+        2
+    );
+}
+
+#[test]
 fn the_head_job_holds_a_reservation_and_only_short_jobs_backfill() {
     let mut f = fixture();
     let c = &mut f.core;
