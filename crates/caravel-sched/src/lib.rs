@@ -438,6 +438,40 @@ pub(crate) fn fit(cfg: &Config, n: &NodeSnap, r: &TaskResources) -> Result<(u64,
     Ok((score, devices))
 }
 
+/// Places `need` tasks of `r` on the nodes in `order` (each as `base` gives it), filling one
+/// before the next; the nodes used, or `None` if they do not hold `need`.
+fn fit_greedily<'n>(
+    cfg: &Config,
+    order: impl Iterator<Item = usize>,
+    base: impl Fn(usize) -> &'n NodeSnap,
+    r: &TaskResources,
+    need: u64,
+) -> Option<BTreeSet<usize>> {
+    let mut left = need;
+    let mut chosen = BTreeSet::new();
+    for i in order {
+        if left == 0 {
+            break;
+        }
+        let b = base(i);
+        if b.room_for(r) == 0 {
+            continue;
+        }
+        let mut n = b.clone();
+        while left > 0 {
+            match fit(cfg, &n, r) {
+                Ok((_, devs)) => {
+                    n.allocate(r, &devs);
+                    chosen.insert(i);
+                    left -= 1;
+                }
+                Err(_) => break,
+            }
+        }
+    }
+    (left == 0).then_some(chosen)
+}
+
 /// Which domain at `level` a node belongs to: (region, zone, rack, node id), the finer
 /// parts left blank.
 fn domain_key(n: &NodeSnap, level: TopologyLevel) -> (String, String, String, u64) {
@@ -934,34 +968,12 @@ impl Scheduler {
                 continue;
             }
             // Greedy fit over the nodes that changed plus the rest as they are now.
-            let mut left = need;
-            let mut chosen = BTreeSet::new();
-            let mut trial: HashMap<usize, NodeSnap> = HashMap::new();
             let order = scratch
                 .keys()
                 .copied()
                 .chain(roomy.iter().copied().filter(|i| !scratch.contains_key(i)));
-            for i in order {
-                if left == 0 {
-                    break;
-                }
-                let base = scratch.get(&i).unwrap_or(&self.nodes[i]);
-                if base.room_for(r) == 0 {
-                    continue;
-                }
-                let n = trial.entry(i).or_insert_with(|| base.clone());
-                while left > 0 {
-                    match fit(&self.cfg, n, r) {
-                        Ok((_, devs)) => {
-                            n.allocate(r, &devs);
-                            chosen.insert(i);
-                            left -= 1;
-                        }
-                        Err(_) => break,
-                    }
-                }
-            }
-            if left == 0 {
+            let base = |i: usize| scratch.get(&i).unwrap_or(&self.nodes[i]);
+            if let Some(chosen) = fit_greedily(&self.cfg, order, base, r, need) {
                 return Some(Reservation {
                     job: job.id,
                     at: t,
@@ -1297,6 +1309,19 @@ impl Scheduler {
         order.sort_by_key(|j| queue_order(self.cfg.las.as_ref(), j));
         let mut promised: HashMap<TenantId, TenantSnap> = HashMap::new();
         let mut domains: HashMap<TopologyLevel, Vec<Vec<usize>>> = HashMap::new();
+        #[allow(clippy::type_complexity)]
+        let mut hopeless: HashMap<
+            (
+                Shape,
+                u8,
+                TenantId,
+                usize,
+                Option<u8>,
+                bool,
+                Option<TopologyLevel>,
+            ),
+            String,
+        > = HashMap::new();
         let mut cursor = self.preempt_cursor;
         for job in order {
             let t = promised
@@ -1307,7 +1332,18 @@ impl Scheduler {
             let mut why = None;
             let at_cap = plan.pending[&job.id].iter().any(|r| r.code == "quota");
             let domain = job.topology.filter(|_| job.gang);
-            if at_cap && domain.is_some() {
+            let key = (
+                shape(&job.resources),
+                job.priority.rank(),
+                job.tenant,
+                if job.gang { job.pending.len() } else { 1 },
+                self.cfg.las.as_ref().map(|l| l.level(job.attained_gpu_ms)),
+                at_cap,
+                job.topology,
+            );
+            if let Some(w) = hopeless.get(&key) {
+                why = Some(w.clone());
+            } else if at_cap && domain.is_some() {
                 why = Some(
                     "a gang held to one topology domain does not preempt its own tenant's work to come within its quota"
                         .to_string(),
@@ -1361,6 +1397,14 @@ impl Scheduler {
                         }
                     }
                 }
+            }
+            // A search that found no victims finds none for the same ask later in the
+            // pass, unless a preemption frees room (a gang victim's mates): long queues of
+            // one shape then cost one scan of the busy nodes, not one per job.
+            if !victims.is_empty() {
+                hopeless.clear();
+            } else if let Some(w) = &why {
+                hopeless.insert(key, w.clone());
             }
             let reasons = plan.pending.entry(job.id).or_default();
             if !victims.is_empty() {

@@ -516,6 +516,19 @@ impl<'a> Pass<'a> {
                 if !node.ready {
                     continue;
                 }
+                // Most busy nodes of a large pool hold nothing this job may preempt and have
+                // no room: skip them before building their room.
+                let hopeless = node.room_for(&job.resources) == 0
+                    && tasks.iter().all(|v| {
+                        self.taken.contains(&v.run)
+                            || matches!(
+                                ineligible(v, job, reclaiming, self.now, las),
+                                Some(w) if w != "min runtime"
+                            )
+                    });
+                if hopeless {
+                    continue;
+                }
                 let mut freed: Vec<&RunningTask> = Vec::new();
                 let mut room = Room::of(node, &job.resources);
                 let mut ok = room.fits(&job.resources);

@@ -994,35 +994,13 @@ fn reserve_reference(
                 .release(&task.resources, &task.devices);
             k += 1;
         }
-        // Greedy fit over the nodes that changed plus the rest as they are now.
-        let mut left = need;
-        let mut chosen = BTreeSet::new();
-        let mut trial: HashMap<usize, NodeSnap> = HashMap::new();
+        // Greedy fit over the nodes that changed plus every other node as it is now.
         let order = scratch
             .keys()
             .copied()
             .chain((0..s.nodes.len()).filter(|i| !scratch.contains_key(i)));
-        for i in order {
-            if left == 0 {
-                break;
-            }
-            let base = scratch.get(&i).unwrap_or(&s.nodes[i]);
-            if base.room_for(r) == 0 {
-                continue;
-            }
-            let n = trial.entry(i).or_insert_with(|| base.clone());
-            while left > 0 {
-                match fit(&s.cfg, n, r) {
-                    Ok((_, devs)) => {
-                        n.allocate(r, &devs);
-                        chosen.insert(i);
-                        left -= 1;
-                    }
-                    Err(_) => break,
-                }
-            }
-        }
-        if left == 0 {
+        let base = |i: usize| scratch.get(&i).unwrap_or(&s.nodes[i]);
+        if let Some(chosen) = fit_greedily(&s.cfg, order, base, r, need) {
             return Some(Reservation {
                 job: job.id,
                 at: t,
