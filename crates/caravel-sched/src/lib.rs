@@ -634,6 +634,8 @@ pub struct Scheduler {
     /// Room held for preemptors (`hold`), counted as used on its node (the index in
     /// `nodes`) until the holder's turn in the next `schedule`.
     held: Vec<(Hold, usize)>,
+    /// Jobs the caller says have waited too long, oldest first (`protect`).
+    protected: Vec<JobId>,
 }
 
 /// Room held for the first job that could not start: from `at` on, on these nodes.
@@ -665,6 +667,7 @@ impl Scheduler {
             cpu_per_gpu,
             gangs: HashMap::new(),
             held: Vec::new(),
+            protected: Vec::new(),
             ends: BTreeSet::new(),
             now: None,
             reservation: None,
@@ -702,6 +705,52 @@ impl Scheduler {
                 self.held.push((h, i));
             }
         }
+    }
+
+    /// Jobs that have waited too long (the caller's threshold), oldest first, for the next
+    /// `schedule` call. The first of them still pending that cannot start has nodes drained
+    /// for it: from the start of the cycle no other job may start on them, so they empty as
+    /// their tasks end and the job starts once they have (Slurm's reservation for the top
+    /// job without known end times). Without it a large gang waits as long as smaller work
+    /// keeps taking each freed slot first. One job at a time, so little capacity idles.
+    pub fn protect(&mut self, jobs: Vec<JobId>) {
+        self.protected = jobs;
+    }
+
+    /// Nodes to drain for `job`: those that can hold it when empty, the most room now first,
+    /// then the least in use, until they hold every pending task.
+    fn drain_for(&self, job: &JobReq) -> Option<BTreeSet<usize>> {
+        let r = &job.resources;
+        let need = job.pending.len() as u64;
+        let mut cands: Vec<(std::cmp::Reverse<u64>, u64, usize, u64)> = Vec::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            if !n.ready {
+                continue;
+            }
+            let mut empty = n.clone();
+            empty.used_cpu_milli = 0;
+            empty.used_memory_bytes = 0;
+            empty.used_devices.clear();
+            empty.shared.clear();
+            let cap = empty.room_for(r);
+            if cap == 0 {
+                continue;
+            }
+            let busy = (n.used_devices.len() + n.shared.len()) as u64 * 1_000_000
+                + n.used_cpu_milli * 1000 / n.capacity.cpu_milli.max(1);
+            cands.push((std::cmp::Reverse(n.room_for(r)), busy, i, cap));
+        }
+        cands.sort_unstable();
+        let mut got = 0;
+        let mut nodes = BTreeSet::new();
+        for (_, _, i, cap) in cands {
+            if got >= need {
+                break;
+            }
+            got += cap;
+            nodes.insert(i);
+        }
+        (got >= need).then_some(nodes)
     }
 
     /// Frees the holds `job` may use: its own and those of lower priority classes. True if
@@ -1532,6 +1581,22 @@ impl Scheduler {
             let (rank, level, seq, id) = queue_order(s.cfg.las.as_ref(), head);
             (bucket, fair::share_key(share), rank, level, seq, id, tid)
         };
+        // The longest-waiting protected job drains nodes for itself (see `protect`).
+        let drained = self
+            .protected
+            .iter()
+            .find_map(|id| {
+                jobs.iter()
+                    .find(|j| j.id == *id && !j.pending.is_empty() && j.topology.is_none())
+            })
+            .and_then(|j| Some((j.id, self.drain_for(j)?)));
+        if let Some((job, nodes)) = drained {
+            self.reservation = Some(Reservation {
+                job,
+                at: self.now.unwrap_or(0),
+                nodes,
+            });
+        }
         let mut turns = BTreeSet::new();
         for (tid, q) in queues.iter_mut() {
             let t = tenants.entry(*tid).or_default();
@@ -1584,6 +1649,12 @@ impl Scheduler {
                     &owned
                 }
                 None => job,
+            };
+            // Room reserved for this job is its own to use.
+            let lifted = if self.reservation.as_ref().is_some_and(|r| r.job == job.id) {
+                self.reservation.take()
+            } else {
+                None
             };
             if let Some(r) = unfit.get(&shape(&job.resources)) {
                 plan.pending.insert(job.id, vec![r.clone()]);
@@ -1655,6 +1726,9 @@ impl Scheduler {
                         plan.pending.insert(job.id, reasons);
                     }
                 }
+            }
+            if lifted.is_some() && (again || plan.pending.contains_key(&job.id)) {
+                self.reservation = lifted;
             }
             let q = queues.get_mut(&tid).expect("queued tenant");
             if again {

@@ -2119,3 +2119,58 @@ fn a_gang_held_to_a_rack_preempts_inside_the_rack_that_needs_the_fewest_victims(
         why.message
     );
 }
+
+// ---- draining nodes for a job that has waited too long ----
+
+#[test]
+fn a_protected_gang_has_nodes_drained_for_it_and_then_starts() {
+    // Two 4-GPU nodes, each half held by a task of unknown end. The gang needs both whole.
+    let mut nodes = vec![gpu_node(1, "H100", 4), gpu_node(2, "H100", 4)];
+    let mut run = Vec::new();
+    for (k, n) in nodes.iter_mut().enumerate() {
+        let mut t = running(k as u64, 9, n.id.0, Priority::Batch, 0, false);
+        t.resources.gpu = Some(GpuRequest::whole("H100", 2));
+        t.devices = vec![0, 1];
+        n.allocate(&t.resources, &t.devices);
+        run.push(t);
+    }
+    let gang = job(1, 2, 1000, Some(("H100", 4)), true);
+    let small = job(2, 1, 1000, Some(("H100", 2)), false);
+    let jobs = [gang.clone(), small.clone()];
+    let placed = |plan: &Plan| -> Vec<u64> { plan.placements.iter().map(|p| p.job.0).collect() };
+
+    let mut s = Scheduler::new(Config::default(), nodes.clone());
+    let plan = s.schedule_with(10_000, &run, &mut HashMap::new(), &jobs);
+    assert_eq!(
+        placed(&plan),
+        vec![2],
+        "unprotected, the small job takes a freed half"
+    );
+
+    let mut s = Scheduler::new(Config::default(), nodes.clone());
+    s.protect(vec![gang.id]);
+    let plan = s.schedule_with(10_000, &run, &mut HashMap::new(), &jobs);
+    assert!(plan.placements.is_empty());
+    let (rj, _, rn) = plan
+        .reservation
+        .clone()
+        .expect("nodes drained for the gang");
+    assert_eq!((rj, rn), (JobId(1), vec![NodeId(1), NodeId(2)]));
+    assert!(plan.pending[&JobId(2)].iter().any(|r| r.code == "backfill"));
+
+    // The running tasks end: the gang starts on the drained nodes, and the reservation is
+    // gone, so the small job is refused only for want of room.
+    let empty = vec![gpu_node(1, "H100", 4), gpu_node(2, "H100", 4)];
+    let mut s = Scheduler::new(Config::default(), empty);
+    s.protect(vec![gang.id]);
+    let plan = s.schedule_with(20_000, &[], &mut HashMap::new(), &jobs);
+    assert_eq!(placed(&plan), vec![1, 1]);
+    assert!(plan.reservation.is_none());
+    assert!(plan.pending[&JobId(2)].iter().all(|r| r.code != "backfill"));
+
+    // Protected work that fits starts at once; the rest keep what is left.
+    let mut s = Scheduler::new(Config::default(), nodes);
+    s.protect(vec![small.id]);
+    let plan = s.schedule_with(10_000, &run, &mut HashMap::new(), &[small]);
+    assert_eq!(placed(&plan), vec![2]);
+}

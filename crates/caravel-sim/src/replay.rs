@@ -114,6 +114,9 @@ pub struct Options {
     /// cycle sees the whole queue. Placements are the same either way (a test holds them
     /// equal); long queues replay far faster.
     pub incremental: bool,
+    /// A job that has waited this long without starting has nodes drained for it, oldest
+    /// first, one at a time (`Scheduler::protect`); 0: never.
+    pub starvation_ms: u64,
 }
 
 impl Default for Options {
@@ -130,6 +133,7 @@ impl Default for Options {
             scale_down_window_ms: 300_000,
             fair_share_half_life_ms: 3_600_000,
             incremental: true,
+            starvation_ms: 0,
         }
     }
 }
@@ -702,7 +706,9 @@ impl Engine<'_> {
             if self.queue.is_empty() {
                 return;
             }
-            let full = !self.opt.incremental || self.full_needed || self.reserved;
+            let protect = self.starving(now);
+            let full =
+                !self.opt.incremental || self.full_needed || self.reserved || !protect.is_empty();
             let offer: Vec<usize> = if full {
                 self.queue.iter().copied().collect()
             } else {
@@ -737,6 +743,7 @@ impl Engine<'_> {
             // The room the last pass's victims freed is held for the jobs they were
             // stopped for, as the server holds it.
             self.sched.hold(std::mem::take(&mut self.holds));
+            self.sched.protect(protect);
             let plan = self.sched.schedule_preempting(now, &mut self.tenants, reqs);
             self.out.cycles += 1;
             self.reserved = plan.reservation.is_some();
@@ -804,6 +811,23 @@ impl Engine<'_> {
             self.push(now + self.opt.cycle_ms.max(1) as i64, Ev::Wake);
             self.dirty = false;
         }
+    }
+
+    /// Trace jobs that have waited `starvation_ms` or longer without starting, oldest first.
+    fn starving(&self, now: Millis) -> Vec<JobId> {
+        if self.opt.starvation_ms == 0 {
+            return Vec::new();
+        }
+        let limit = self.opt.starvation_ms as i64;
+        let mut v: Vec<(Millis, usize)> = self
+            .queue
+            .iter()
+            .filter(|&&j| j < self.w.jobs.len() && self.jobs[j].first_start.is_none())
+            .map(|&j| (self.w.jobs[j].submit_ms, j))
+            .filter(|(t, _)| now - t >= limit)
+            .collect();
+        v.sort_unstable();
+        v.into_iter().map(|(_, j)| JobId(j as u64)).collect()
     }
 
     /// Brings `reqs` up to date with the jobs touched since the last cycle.

@@ -106,6 +106,10 @@ pub struct ReplayArgs {
     /// With `--las`: a task runs at least this many seconds before LAS may preempt it.
     #[arg(long, default_value_t = 0)]
     pub las_slice_s: u64,
+    /// A job that has waited this many seconds without starting has nodes drained for it
+    /// (oldest first, one at a time): no other work starts on them until it has. 0: never.
+    #[arg(long, default_value_t = 0)]
+    pub starvation_s: u64,
     /// Worker threads (default: every core).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -178,6 +182,7 @@ fn replay(a: ReplayArgs) -> Result<i32> {
         pin_weight,
         las,
         las_slice_s,
+        starvation_s,
         threads,
         out,
     } = a;
@@ -441,6 +446,7 @@ fn replay(a: ReplayArgs) -> Result<i32> {
                 opts.sched.fgd_max_candidates = candidates;
                 opts.sched.fgd_pin_weight = pin_weight;
                 opts.sched.las = las.clone();
+                opts.starvation_ms = starvation_s.saturating_mul(1000);
                 let single = tasks.len() == 1;
                 let mut last = std::time::Instant::now();
                 let mut progress = |at: i64, span: i64| {
