@@ -27,6 +27,8 @@ pub(crate) struct Index {
     cpu_nodes: BTreeSet<CpuKey>,
     gpu_nodes_by_cpu: BTreeSet<CpuKey>,
     by_model: HashMap<String, BTreeSet<GpuKey>>,
+    /// Ready nodes with a GPU shared by fractions that has thousandths left.
+    shared: BTreeSet<usize>,
     keys: Vec<Keys>,
 }
 
@@ -73,6 +75,9 @@ impl Index {
                     self.by_model.entry(m.to_string()).or_default().insert(gk);
                     k.gpu.push((m.to_string(), gk));
                 }
+                if n.shared.values().any(|u| *u < 1000) {
+                    self.shared.insert(i);
+                }
             }
             k.cpu = Some(ck);
         }
@@ -80,6 +85,7 @@ impl Index {
     }
 
     fn remove(&mut self, i: usize) {
+        self.shared.remove(&i);
         let k = std::mem::take(&mut self.keys[i]);
         if let Some(ck) = k.cpu {
             self.cpu_nodes.remove(&ck);
@@ -128,5 +134,28 @@ impl Index {
                     .map(|k| k.2 as usize),
             ),
         }
+    }
+
+    /// Nodes that may have room for one task of `r`, ascending: every ready node where
+    /// `NodeSnap::room_for(r) > 0` is among them (a superset, so callers still check).
+    pub(crate) fn with_room(&self, r: &TaskResources) -> Vec<usize> {
+        let mut v: Vec<usize> = match &r.gpu {
+            // A fraction fits on a whole free device or in a shared one's leftover.
+            Some(g) if g.milli.is_some() => g
+                .models()
+                .into_iter()
+                .flat_map(|m| {
+                    self.by_model
+                        .get(m)
+                        .into_iter()
+                        .flat_map(|s| s.range((1, 0, 0)..).map(|k| k.2 as usize))
+                })
+                .chain(self.shared.iter().copied())
+                .collect(),
+            _ => self.candidates(r).collect(),
+        };
+        v.sort_unstable();
+        v.dedup();
+        v
     }
 }

@@ -636,6 +636,12 @@ pub struct Scheduler {
     held: Vec<(Hold, usize)>,
     /// Jobs the caller says have waited too long, oldest first (`protect`).
     protected: Vec<JobId>,
+    /// During the turn of the job nodes are drained for: how many.
+    draining: Option<usize>,
+    /// Tests only: the victim search visits every node with running tasks, not just those
+    /// the index names, so the two can be compared.
+    #[cfg(test)]
+    scan_all_for_victims: bool,
 }
 
 /// Room held for the first job that could not start: from `at` on, on these nodes.
@@ -644,6 +650,8 @@ struct Reservation {
     job: JobId,
     at: caravel_core::Millis,
     nodes: BTreeSet<usize>,
+    /// Drained for a starving job (`protect`), not computed from max runtimes.
+    drained: bool,
 }
 
 impl Scheduler {
@@ -668,6 +676,9 @@ impl Scheduler {
             gangs: HashMap::new(),
             held: Vec::new(),
             protected: Vec::new(),
+            draining: None,
+            #[cfg(test)]
+            scan_all_for_victims: false,
             ends: BTreeSet::new(),
             now: None,
             reservation: None,
@@ -1027,6 +1038,7 @@ impl Scheduler {
                     job: job.id,
                     at: t,
                     nodes: chosen,
+                    drained: false,
                 });
             }
         }
@@ -1037,7 +1049,34 @@ impl Scheduler {
     /// runs tell when it could); any later job kept out by that reservation says so.
     fn reserve_or_hold(&mut self, job: &JobReq, reasons: &mut Vec<PendingReason>) {
         let Some(now) = self.now else { return };
+        if let Some(n) = self.draining {
+            // Nodes are being drained for this job (its reservation is lifted for its turn).
+            let mut counts = BTreeMap::new();
+            counts.insert("nodes".to_string(), n as u64);
+            reasons.push(PendingReason {
+                code: "draining".into(),
+                message: format!(
+                    "waited past the starvation limit: {n} node{} drained for this job, which starts once they are free",
+                    if n == 1 { " is" } else { "s are" }
+                ),
+                counts,
+            });
+            return;
+        }
         match &self.reservation {
+            Some(res) if res.drained => {
+                let mut counts = BTreeMap::new();
+                counts.insert("nodes".to_string(), res.nodes.len() as u64);
+                counts.insert("reserved_for_job".to_string(), res.job.0);
+                reasons.push(PendingReason {
+                    code: "backfill".into(),
+                    message: format!(
+                        "room that fits is on nodes drained for job {}, which waited past the starvation limit",
+                        res.job
+                    ),
+                    counts,
+                });
+            }
             Some(res) if res.job != job.id => {
                 let mut counts = BTreeMap::new();
                 counts.insert("reserved_for_job".to_string(), res.job.0);
@@ -1196,10 +1235,15 @@ impl Scheduler {
                 }
                 None => {
                     // Counted now, while the members placed so far are still held: the
-                    // reason must describe the pool the last member saw.
-                    let lacks = select(&self.cfg, &self.nodes, &job.resources)
-                        .err()
-                        .unwrap_or_default();
+                    // reason must describe the pool the last member saw. A full scan, so
+                    // only when reasons are wanted (the simulator does not read them).
+                    let lacks = if self.cfg.explain_pending {
+                        select(&self.cfg, &self.nodes, &job.resources)
+                            .err()
+                            .unwrap_or_default()
+                    } else {
+                        BTreeMap::new()
+                    };
                     let placed = tentative.len();
                     for (ni, devs, _) in tentative {
                         self.nodes[ni].release(&job.resources, &devs);
@@ -1232,7 +1276,7 @@ impl Scheduler {
         self.gangs.clear();
         for r in running {
             if let Some(&i) = self.pos.get(&r.node) {
-                self.victims.add(&r, 1);
+                self.victims.add(&r, i, 1);
                 self.running_at.insert(r.run, i);
                 if r.gang_size > 1 {
                     self.gangs.entry(r.job).or_default().push(r.run);
@@ -1262,7 +1306,7 @@ impl Scheduler {
         if t.gang_size > 1 {
             self.gangs.entry(t.job).or_default().push(t.run);
         }
-        self.victims.add(&t, 1);
+        self.victims.add(&t, i, 1);
         let list = self.running.entry(i).or_default();
         list.push(t);
         preempt::sort_victims(list);
@@ -1274,7 +1318,7 @@ impl Scheduler {
         let list = self.running.get_mut(&i)?;
         let k = list.iter().position(|t| t.run == run)?;
         let t = list.remove(k);
-        self.victims.add(&t, -1);
+        self.victims.add(&t, i, -1);
         if let Some(g) = self.gangs.get_mut(&t.job) {
             g.retain(|r| *r != run);
             if g.is_empty() {
@@ -1344,6 +1388,13 @@ impl Scheduler {
         )
         .with_gangs(&self.gangs, &self.running_at)
         .with_las(self.cfg.las.as_ref());
+        #[cfg(test)]
+        let indexed = !self.scan_all_for_victims;
+        #[cfg(not(test))]
+        let indexed = true;
+        if indexed {
+            pass = pass.with_index(&self.index);
+        }
         let mut order: Vec<&JobReq> = jobs
             .iter()
             .filter(|j| j.priority != Priority::Spot)
@@ -1595,6 +1646,7 @@ impl Scheduler {
                 job,
                 at: self.now.unwrap_or(0),
                 nodes,
+                drained: true,
             });
         }
         let mut turns = BTreeSet::new();
@@ -1656,6 +1708,7 @@ impl Scheduler {
             } else {
                 None
             };
+            self.draining = lifted.as_ref().filter(|r| r.drained).map(|r| r.nodes.len());
             if let Some(r) = unfit.get(&shape(&job.resources)) {
                 plan.pending.insert(job.id, vec![r.clone()]);
             } else if job.gang {
@@ -1727,6 +1780,7 @@ impl Scheduler {
                     }
                 }
             }
+            self.draining = None;
             if lifted.is_some() && (again || plan.pending.contains_key(&job.id)) {
                 self.reservation = lifted;
             }

@@ -232,9 +232,13 @@ pub(crate) struct Pass<'a> {
     /// While set, victims and room are looked for on these nodes only (one topology
     /// domain), idle ones included.
     only: Option<Vec<usize>>,
+    /// Where there is room (before this pass): with it, the search visits only nodes with
+    /// room or with possible victims; without it, every node with running tasks.
+    index: Option<&'a crate::index::Index>,
 }
 
-/// Running tasks that may ever be preempted, counted as they start and stop.
+/// Running tasks that may ever be preempted, counted as they start and stop, in all and
+/// by node position.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Victims {
     pub(crate) spot: usize,
@@ -242,19 +246,41 @@ pub(crate) struct Victims {
     pub(crate) borrowed_by: HashMap<TenantId, usize>,
     /// Batch tasks per tenant: possible victims of the tenant's own jobs under LAS.
     pub(crate) batch_by: HashMap<TenantId, usize>,
+    /// Nodes holding spot tasks, borrowed tasks (any tenant's), and each tenant's batch
+    /// tasks, with how many: the victim search visits only these and the nodes with room.
+    /// In an overloaded pool most nodes are full of work nobody may preempt (10,000 nodes
+    /// at load 1.1: 96 % of the nodes visited were), and a failed search visited them all.
+    spot_nodes: BTreeMap<usize, usize>,
+    borrowed_nodes: BTreeMap<usize, usize>,
+    batch_nodes: HashMap<TenantId, BTreeMap<usize, usize>>,
+}
+
+fn step_node(m: &mut BTreeMap<usize, usize>, node: usize, by: isize) {
+    let e = m.entry(node).or_insert(0);
+    *e = e.saturating_add_signed(by);
+    if *e == 0 {
+        m.remove(&node);
+    }
 }
 
 impl Victims {
-    pub(crate) fn add(&mut self, t: &RunningTask, by: isize) {
+    /// `t`, running on the node at position `node`, started (`by` 1) or stopped (-1).
+    pub(crate) fn add(&mut self, t: &RunningTask, node: usize, by: isize) {
         let step = |x: &mut usize| *x = x.saturating_add_signed(by);
         if t.priority == Priority::Spot {
             step(&mut self.spot);
+            step_node(&mut self.spot_nodes, node, by);
         }
         if t.priority == Priority::Batch {
             let e = self.batch_by.entry(t.tenant).or_insert(0);
             step(e);
             if *e == 0 {
                 self.batch_by.remove(&t.tenant);
+            }
+            let m = self.batch_nodes.entry(t.tenant).or_default();
+            step_node(m, node, by);
+            if m.is_empty() {
+                self.batch_nodes.remove(&t.tenant);
             }
         }
         if t.borrowed {
@@ -264,7 +290,38 @@ impl Victims {
             if *e == 0 {
                 self.borrowed_by.remove(&t.tenant);
             }
+            step_node(&mut self.borrowed_nodes, node, by);
         }
+    }
+
+    /// Node positions in `range` that hold a task of a class a job of `tenant` may preempt
+    /// (reclaiming: within its guarantee; las: a batch job under LAS), merged with `room`
+    /// (ascending), each once and in order.
+    fn nodes_for<'s>(
+        &'s self,
+        tenant: TenantId,
+        reclaiming: bool,
+        las: bool,
+        room: &'s [usize],
+        range: std::ops::Range<usize>,
+    ) -> impl Iterator<Item = usize> + 's {
+        let lo = room.partition_point(|i| *i < range.start);
+        let hi = room.partition_point(|i| *i < range.end);
+        let mut streams: Vec<Box<dyn Iterator<Item = usize> + 's>> = vec![
+            Box::new(self.spot_nodes.range(range.clone()).map(|(i, _)| *i)),
+            Box::new(room[lo..hi].iter().copied()),
+        ];
+        if reclaiming {
+            streams.push(Box::new(
+                self.borrowed_nodes.range(range.clone()).map(|(i, _)| *i),
+            ));
+        }
+        if las {
+            if let Some(m) = self.batch_nodes.get(&tenant) {
+                streams.push(Box::new(m.range(range.clone()).map(|(i, _)| *i)));
+            }
+        }
+        merge_sorted(streams)
     }
 
     /// Might any running task be a victim for a job of `tenant` (reclaiming: within its
@@ -275,6 +332,23 @@ impl Victims {
             || (reclaiming && self.borrowed > own)
             || (las && self.batch_by.get(&tenant).is_some_and(|n| *n > 0))
     }
+}
+
+/// The union of ascending streams, ascending and each value once.
+pub(crate) fn merge_sorted<'s>(
+    streams: Vec<Box<dyn Iterator<Item = usize> + 's>>,
+) -> impl Iterator<Item = usize> + 's {
+    let mut heads: Vec<std::iter::Peekable<Box<dyn Iterator<Item = usize> + 's>>> =
+        streams.into_iter().map(|s| s.peekable()).collect();
+    std::iter::from_fn(move || {
+        let next = heads.iter_mut().filter_map(|h| h.peek().copied()).min()?;
+        for h in heads.iter_mut() {
+            while h.peek() == Some(&next) {
+                h.next();
+            }
+        }
+        Some(next)
+    })
 }
 
 impl<'a> Pass<'a> {
@@ -298,7 +372,13 @@ impl<'a> Pass<'a> {
             gangs: None,
             las: None,
             only: None,
+            index: None,
         }
+    }
+
+    pub(crate) fn with_index(mut self, index: &'a crate::index::Index) -> Self {
+        self.index = Some(index);
+        self
     }
 
     /// Lets the pass free every member of a gang it takes a victim from.
@@ -495,16 +575,42 @@ impl<'a> Pass<'a> {
         let mut chosen = Vec::new();
         let mut blocked_by_min_runtime = 0;
         let by_node = self.by_node;
+        let victims = self.victims;
+        let room = self.index.map(|ix| ix.with_room(&job.resources));
         for _ in 0..members {
             let mut best: Option<(usize, u64, usize, Vec<&RunningTask>)> = None;
             let mut feasible = 0usize;
-            let scan: Box<dyn Iterator<Item = (usize, &[RunningTask])>> = match &self.only {
-                Some(domain) => Box::new(
+            // Nodes this pass touched may have room the index does not know of.
+            let room: Option<Vec<usize>> = room.as_ref().map(|r| {
+                let mut v = r.clone();
+                v.extend(self.scratch.keys().copied());
+                v.sort_unstable();
+                v.dedup();
+                v
+            });
+            let scan: Box<dyn Iterator<Item = (usize, &[RunningTask])>> = match (&self.only, &room)
+            {
+                (Some(domain), _) => Box::new(
                     domain
                         .iter()
                         .map(|i| (*i, by_node.get(i).map_or(&[][..], |v| v.as_slice()))),
                 ),
-                None => Box::new(
+                (None, Some(room)) => {
+                    let l = las.is_some();
+                    Box::new(
+                        victims
+                            .nodes_for(job.tenant, reclaiming, l, room, self.start..usize::MAX)
+                            .chain(victims.nodes_for(
+                                job.tenant,
+                                reclaiming,
+                                l,
+                                room,
+                                0..self.start,
+                            ))
+                            .filter_map(|i| by_node.get(&i).map(|v| (i, v.as_slice()))),
+                    )
+                }
+                (None, None) => Box::new(
                     by_node
                         .range(self.start..)
                         .chain(by_node.range(..self.start))

@@ -1005,6 +1005,7 @@ fn reserve_reference(
                 job: job.id,
                 at: t,
                 nodes: chosen,
+                drained: false,
             });
         }
     }
@@ -2156,7 +2157,25 @@ fn a_protected_gang_has_nodes_drained_for_it_and_then_starts() {
         .clone()
         .expect("nodes drained for the gang");
     assert_eq!((rj, rn), (JobId(1), vec![NodeId(1), NodeId(2)]));
-    assert!(plan.pending[&JobId(2)].iter().any(|r| r.code == "backfill"));
+    let backfill = plan.pending[&JobId(2)]
+        .iter()
+        .find(|r| r.code == "backfill")
+        .expect("the small job says why it waits");
+    assert!(
+        backfill.message.contains("drained for job"),
+        "{}",
+        backfill.message
+    );
+    let draining = plan.pending[&JobId(1)]
+        .iter()
+        .find(|r| r.code == "draining")
+        .expect("the gang says nodes are drained for it");
+    assert_eq!(draining.counts["nodes"], 2);
+    assert!(
+        plan.pending[&JobId(1)].iter().all(|r| r.code != "reserved"),
+        "{:?}",
+        plan.pending[&JobId(1)]
+    );
 
     // The running tasks end: the gang starts on the drained nodes, and the reservation is
     // gone, so the small job is refused only for want of room.
@@ -2173,4 +2192,101 @@ fn a_protected_gang_has_nodes_drained_for_it_and_then_starts() {
     s.protect(vec![small.id]);
     let plan = s.schedule_with(10_000, &run, &mut HashMap::new(), &[small]);
     assert_eq!(placed(&plan), vec![2]);
+}
+
+// ---- the victim search's node index ----
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(400))]
+
+    /// The index `Index::with_room` returns holds every ready node with room for a task.
+    #[test]
+    fn nodes_with_room_are_all_named_by_the_index(w in arb_world()) {
+        let mut s = Scheduler::new(Config::default(), w.nodes.clone());
+        let half: Vec<JobReq> = w.jobs.iter().take(w.jobs.len() / 2).cloned().collect();
+        s.schedule(&mut HashMap::new(), &half);
+        for j in &w.jobs {
+            let named: BTreeSet<usize> = s.index.with_room(&j.resources).into_iter().collect();
+            for (i, n) in s.nodes().iter().enumerate() {
+                if n.room_for(&j.resources) > 0 {
+                    prop_assert!(named.contains(&i), "node {} has room for {:?} but is not named", i, j.resources);
+                }
+            }
+        }
+    }
+
+    /// Visiting only the nodes that hold a possible victim or have room finds exactly what
+    /// a scan of every busy node finds: the same victims, placements and reasons.
+    #[test]
+    fn the_indexed_victim_search_agrees_with_a_scan_of_every_busy_node(
+        w in arb_world(),
+        attrs in prop::collection::vec((0u8..3, any::<bool>(), 0i64..20_000, 0u64..3, 0u64..30), 40),
+        guarantees in prop::collection::vec(prop::option::of(0u64..20_000), 3),
+        las in any::<bool>(),
+        cursor in 0usize..12,
+    ) {
+        // Fill the pool with the world's jobs, then let each placed task be spot, batch or
+        // online, borrowed or not, of any tenant, started at various times.
+        let mut s = Scheduler::new(Config::default(), w.nodes.clone());
+        let plan = s.schedule(&mut HashMap::new(), &w.jobs);
+        let busy = s.into_nodes();
+        let by_id: HashMap<JobId, &JobReq> = w.jobs.iter().map(|j| (j.id, j)).collect();
+        let running: Vec<RunningTask> = plan
+            .placements
+            .iter()
+            .enumerate()
+            .map(|(k, p)| {
+                let (pr, borrowed, started, tenant, min_run) = attrs[k % attrs.len()];
+                let j = by_id[&p.job];
+                RunningTask {
+                    run: caravel_core::RunId(k as u64),
+                    job: if j.gang { j.id } else { JobId(10_000 + k as u64) },
+                    tenant: TenantId(tenant),
+                    node: p.node,
+                    priority: [Priority::Spot, Priority::Batch, Priority::Online][pr as usize],
+                    resources: j.resources.clone(),
+                    devices: p.devices.clone(),
+                    started_ms: started,
+                    min_runtime_ms: min_run * 1000,
+                    borrowed,
+                    expected_end_ms: None,
+                    gang_size: if j.gang { j.pending.len() as u32 } else { 1 },
+                    attained_gpu_ms: started as u64 * 4000,
+                }
+            })
+            .collect();
+        let mut tenants: HashMap<TenantId, TenantSnap> = w.tenants.clone();
+        for (i, g) in guarantees.iter().enumerate() {
+            let t = tenants.entry(TenantId(i as u64)).or_default();
+            t.guarantee = Quota { cpu_milli: *g, ..Default::default() };
+        }
+        let pending: Vec<JobReq> = w
+            .jobs
+            .iter()
+            .map(|j| JobReq { id: JobId(j.id.0 + 1000), seq: j.seq + 1000, ..j.clone() })
+            .collect();
+        let cfg = if las { las16() } else { Config::default() };
+        let run = |all: bool| {
+            let mut s = Scheduler::new(cfg.clone(), busy.clone());
+            s.scan_all_for_victims = all;
+            s.preempt_cursor = cursor.min(busy.len());
+            let mut t = tenants.clone();
+            s.schedule_with(20_000, &running, &mut t, &pending)
+        };
+        let (indexed, scanned) = (run(false), run(true));
+        prop_assert_eq!(indexed, scanned);
+    }
+}
+
+#[test]
+fn merging_sorted_node_lists_keeps_order_and_drops_repeats() {
+    let a: Vec<usize> = vec![1, 4, 9];
+    let b: Vec<usize> = vec![0, 4, 5, 9, 12];
+    let merged: Vec<usize> = preempt::merge_sorted(vec![
+        Box::new(a.into_iter()),
+        Box::new(b.into_iter()),
+        Box::new(std::iter::empty()),
+    ])
+    .collect();
+    assert_eq!(merged, vec![0, 1, 4, 5, 9, 12]);
 }

@@ -79,6 +79,9 @@ pub struct Core {
     preempting: HashMap<JobId, Vec<Victim>>,
     history_at: Option<Millis>,
     pub fair_share_half_life_ms: u64,
+    /// A job that has waited this long without ever starting has nodes drained for it,
+    /// oldest first, one job at a time (`Scheduler::protect`); 0: never.
+    pub starvation_ms: u64,
     /// Set when a commit failed after memory changed; the server reloads from the store.
     pub needs_reload: bool,
     group: Option<Vec<Mutation>>,
@@ -137,6 +140,7 @@ impl Core {
             preempting: HashMap::new(),
             history_at: None,
             fair_share_half_life_ms: 3_600_000,
+            starvation_ms: 0,
             needs_reload: false,
             group: None,
             services: BTreeMap::new(),
@@ -1052,6 +1056,17 @@ impl Core {
         let used_before: HashMap<TenantId, ResourceSum> =
             tenants.iter().map(|(t, s)| (*t, s.used.clone())).collect();
         sched.hold(holds);
+        if self.starvation_ms > 0 {
+            let limit = self.starvation_ms as i64;
+            let mut starving: Vec<(Millis, u64, JobId)> = reqs
+                .iter()
+                .map(|r| &self.jobs[&r.id].rec)
+                .filter(|j| j.started_ms.is_none() && now - j.submitted_ms >= limit)
+                .map(|j| (j.submitted_ms, j.seq, j.id))
+                .collect();
+            starving.sort_unstable();
+            sched.protect(starving.into_iter().map(|(_, _, id)| id).collect());
+        }
         let plan = sched.schedule_with(now, &running, &mut tenants, &reqs);
         let stats = CycleStats {
             considered_jobs: reqs.len(),

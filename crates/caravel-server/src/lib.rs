@@ -53,6 +53,8 @@ pub struct ServerConfig {
     /// Least-attained-service order for batch work (off: priority, guarantee, fair share,
     /// FIFO).
     pub las: Option<caravel_sched::Las>,
+    /// Drain nodes for a job that has waited this long without starting (0: never).
+    pub starvation_ms: u64,
 }
 
 impl ServerConfig {
@@ -67,6 +69,7 @@ impl ServerConfig {
             zone: String::new(),
             region: String::new(),
             las: None,
+            starvation_ms: 0,
         }
     }
 }
@@ -215,6 +218,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
     core.ensure_default_tenant(now_ms())?;
     core.fair_share_half_life_ms = cfg.fair_share_half_life_ms;
     core.sched_cfg.las = cfg.las.clone();
+    core.starvation_ms = cfg.starvation_ms;
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| ServerError::Listen {
@@ -305,6 +309,7 @@ fn reload(s: &Shared) {
         Ok(mut c) => {
             c.fair_share_half_life_ms = s.cfg.fair_share_half_life_ms;
             c.sched_cfg.las = s.cfg.las.clone();
+            c.starvation_ms = s.cfg.starvation_ms;
             *s.core.lock().expect("core lock") = c
         }
         Err(e) => tracing::error!(error = %e, "cannot reload state"),

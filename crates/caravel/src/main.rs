@@ -281,6 +281,11 @@ struct ServerArgs {
     /// With `--las`: a task runs at least this long before LAS may preempt it.
     #[arg(long, default_value = "0s", value_parser = dur)]
     las_slice: u64,
+    /// A job that has waited this long without starting has nodes drained for it, oldest
+    /// first, one job at a time: no other work starts there until it has started (`6h`).
+    /// Bounds the wait of large gangs at the cost of idle room; off (`0s`) by default.
+    #[arg(long, default_value = "0s", value_parser = dur)]
+    starvation: u64,
     /// The gateway's own zone: callers that name none (X-Caravel-Zone) are served by
     /// replicas here first.
     #[arg(long, default_value = "")]
@@ -482,6 +487,7 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
                 None if a.las_slice > 0 => bail!("--las-slice: only with --las"),
                 None => None,
             };
+            cfg.starvation_ms = a.starvation;
             cfg.zone = a.zone;
             cfg.region = a.region;
             if a.sync_full {

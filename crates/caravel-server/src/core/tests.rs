@@ -845,3 +845,86 @@ fn least_attained_service_preempts_a_long_job_for_a_new_one_and_remembers_servic
     c2.schedule(600_001).unwrap();
     assert_eq!(c2.attained[&ja], 100_490);
 }
+
+#[test]
+fn a_gang_that_waited_past_the_starvation_limit_has_nodes_drained_and_starts() {
+    let mut f = fixture();
+    let c = &mut f.core;
+    let na = c.register(reg("a", 4, 0), 0).unwrap();
+    let nb = c.register(reg("b", 4, 0), 0).unwrap();
+    let t = default_tenant(c);
+    let mut small = JobSpec::simple("work", &[]);
+    small.resources.cpu_milli = 2000;
+    for _ in 0..4 {
+        c.submit(t, small.clone(), 0).unwrap();
+    }
+    c.schedule(1).unwrap();
+    for n in [na, nb] {
+        for r in runs_on(c, n) {
+            started(c, n, r, 2);
+        }
+    }
+    // A gang needing both nodes whole, behind which small jobs keep arriving.
+    let mut gang = JobSpec::simple("train", &[]);
+    gang.tasks = 2;
+    gang.gang = true;
+    gang.resources.cpu_milli = 4000;
+    let g = c.submit(t, gang, 10).unwrap();
+    let queued: Vec<JobId> = (0..4)
+        .map(|k| c.submit(t, small.clone(), 11 + k).unwrap())
+        .collect();
+    c.starvation_ms = 1_000;
+    c.schedule(20).unwrap();
+    let assigned = |c: &Core, j: JobId| c.jobs[&j].tasks[0].state == TaskState::Assigned;
+
+    // Before the limit, a freed half goes to the next small job, as it always would.
+    let r = runs_on(c, na)[0];
+    exited(c, na, r, 2, 500, 0);
+    c.schedule(501).unwrap();
+    assert!(assigned(c, queued[0]), "{:?}", c.jobs[&queued[0]].reasons);
+    for r in runs_on(c, na) {
+        if c.runs[&r].started_ms.is_none() {
+            started(c, na, r, 502);
+        }
+    }
+
+    // Past it, freed room stays empty for the gang, and the small jobs say why.
+    let r = runs_on(c, nb)[0];
+    exited(c, nb, r, 2, 1_500, 0);
+    c.schedule(1_501).unwrap();
+    assert!(
+        !assigned(c, queued[1]),
+        "no small job starts on a drained node"
+    );
+    assert_eq!(c.jobs[&g].reasons[0].code, "gang");
+    assert!(
+        c.jobs[&g].reasons.iter().any(|r| r.code == "draining"),
+        "{:?}",
+        c.jobs[&g].reasons
+    );
+    assert!(
+        c.jobs[&queued[1]]
+            .reasons
+            .iter()
+            .any(|r| r.code == "backfill" && r.counts["reserved_for_job"] == g.0),
+        "{:?}",
+        c.jobs[&queued[1]].reasons
+    );
+
+    // Once the nodes are empty the gang starts.
+    for n in [na, nb] {
+        for r in runs_on(c, n) {
+            exited(c, n, r, 2, 2_000, 0);
+        }
+    }
+    c.schedule(2_001).unwrap();
+    assert!(
+        c.jobs[&g]
+            .tasks
+            .iter()
+            .all(|t| t.state == TaskState::Assigned),
+        "{:?}",
+        c.jobs[&g].reasons
+    );
+    assert!(!assigned(c, queued[1]));
+}

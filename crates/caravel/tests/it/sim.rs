@@ -218,6 +218,7 @@ fn bad_replay_flags_name_the_flag_and_write_nothing() {
     for (args, want) in [
         (vec!["--las", "16,4"], "--las: boundaries must be ascending"),
         (vec!["--las-slice", "10s"], "--las-slice: only with --las"),
+        (vec!["--starvation", "soon"], "--starvation"),
     ] {
         let o = Command::new(BIN)
             .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
