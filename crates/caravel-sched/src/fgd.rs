@@ -350,11 +350,22 @@ pub(crate) fn stranded_delta(
 
 /// `delta + cpu_weight * stranded_delta` in one pass without allocating for nodes of up to
 /// 32 devices: the hot loop of a placement scores every candidate node this way.
+/// Which of `types` accept GPUs of `model` (the node's first device's; "" without any).
+/// Placement keeps one list per model so `score` compares no strings.
+pub(crate) fn models_ok(types: &[WorkloadType], model: &str) -> Vec<bool> {
+    types
+        .iter()
+        .map(|t| t.models.is_empty() || t.models.iter().any(|m| m == model))
+        .collect()
+}
+
+/// `model_ok`: `models_ok(types, the node's model)`.
 pub(crate) fn score(
     n: &NodeSnap,
     r: &TaskResources,
     devices: &[u32],
     types: &[WorkloadType],
+    model_ok: &[bool],
     cpu_per_gpu: f64,
     cpu_weight: f64,
 ) -> f64 {
@@ -386,12 +397,6 @@ pub(crate) fn score(
             f
         };
     }
-    let model = n
-        .capacity
-        .devices
-        .first()
-        .map(|d| d.model.as_str())
-        .unwrap_or("");
     let cpu_b = n.capacity.cpu_milli.saturating_sub(n.used_cpu_milli);
     let mem_b = n.capacity.memory_bytes.saturating_sub(n.used_memory_bytes);
     let cpu_a = cpu_b.saturating_sub(r.cpu_milli);
@@ -415,8 +420,7 @@ pub(crate) fn score(
     let (idle_a, _, partial_a) = sums(after, 0);
     let (whole_b, whole_a) = (whole(before), whole(after));
     let (mut total_a, mut total_b) = (0.0f64, 0.0f64);
-    for t in types {
-        let model_ok = t.models.is_empty() || t.models.iter().any(|m| m == model);
+    for (t, &model_ok) in types.iter().zip(model_ok) {
         let one = |free: &[u64], idle: u64, partial: u64, whole: u32, cpu: u64, mem: u64| {
             if idle == 0 {
                 return 0;

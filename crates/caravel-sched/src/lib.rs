@@ -636,6 +636,10 @@ pub struct Scheduler {
     held: Vec<(Hold, usize)>,
     /// Jobs the caller says have waited too long, oldest first (`protect`).
     protected: Vec<JobId>,
+    /// For FGD scoring: per distinct GPU model, which workload types accept it
+    /// (`fgd::models_ok`), and each node's entry (by position).
+    models_ok: Vec<Vec<bool>>,
+    node_models_ok: Vec<u32>,
     /// During the turn of the job nodes are drained for: how many.
     draining: Option<usize>,
     /// Tests only: the victim search visits every node with running tasks, not just those
@@ -668,7 +672,26 @@ impl Scheduler {
             .as_deref()
             .map(|t| fgd::kept_cpu_per_gpu(t, &nodes))
             .unwrap_or(0.0);
+        let (mut models_ok, mut node_models_ok) = (Vec::new(), Vec::with_capacity(nodes.len()));
+        if let Some(types) = cfg.fgd.as_deref() {
+            let mut seen: HashMap<&str, u32> = HashMap::new();
+            for n in &nodes {
+                let model = n
+                    .capacity
+                    .devices
+                    .first()
+                    .map(|d| d.model.as_str())
+                    .unwrap_or("");
+                let k = *seen.entry(model).or_insert_with(|| {
+                    models_ok.push(fgd::models_ok(types, model));
+                    models_ok.len() as u32 - 1
+                });
+                node_models_ok.push(k);
+            }
+        }
         Scheduler {
+            models_ok,
+            node_models_ok,
             zone_pref: HashMap::new(),
             zone_only: None,
             pinned_pressure,
@@ -876,8 +899,15 @@ impl Scheduler {
                 debug_assert!(fit(&self.cfg, n, r).is_ok());
                 scored += 1;
                 for devs in choices {
-                    let mut d =
-                        fgd::score(n, r, &devs, types, cpu_per_gpu, self.cfg.fgd_cpu_weight);
+                    let mut d = fgd::score(
+                        n,
+                        r,
+                        &devs,
+                        types,
+                        self.models_ok(i),
+                        cpu_per_gpu,
+                        self.cfg.fgd_cpu_weight,
+                    );
                     if self.cfg.fgd_pin_weight != 0.0 {
                         if let Some(g) = &r.gpu {
                             let take = g.milli.unwrap_or(1000) as f64 * devs.len() as f64;
@@ -903,6 +933,11 @@ impl Scheduler {
             }
         }
         None
+    }
+
+    /// Which workload types accept node `i`'s GPU model (FGD placement only).
+    fn models_ok(&self, i: usize) -> &[bool] {
+        &self.models_ok[self.node_models_ok[i] as usize]
     }
 
     /// Uniform in 0..n (n > 0) from the scheduler's seeded generator.
