@@ -250,12 +250,7 @@ pub(crate) fn frag(v: &View, model: &str, types: &[WorkloadType]) -> f64 {
 /// The artefact's fragmentation of one node for its typical tasks, in thousandths of a
 /// GPU: what the simulator reports as "fragmentation" for every policy.
 pub fn node_frag(n: &NodeSnap, types: &[WorkloadType]) -> f64 {
-    let model = n
-        .capacity
-        .devices
-        .first()
-        .map(|d| d.model.as_str())
-        .unwrap_or("");
+    let model = n.primary_model();
     frag(&View::of(n), model, types)
 }
 
@@ -273,12 +268,7 @@ pub(crate) fn fgd(
     types: &[WorkloadType],
     whole: &[u32],
 ) -> (i64, Vec<u32>) {
-    let model = n
-        .capacity
-        .devices
-        .first()
-        .map(|d| d.model.as_str())
-        .unwrap_or("");
+    let model = n.primary_model();
     let before = frag(v, model, types);
     let mut after = View {
         cpu_left: v.cpu_left - q.cpu,

@@ -72,6 +72,16 @@ impl NodeSnap {
             .map(|d| d.index)
     }
 
+    /// The model of the node's first device ("" without any): what FGD's fragmentation
+    /// measures a node's GPUs as.
+    pub fn primary_model(&self) -> &str {
+        self.capacity
+            .devices
+            .first()
+            .map(|d| d.model.as_str())
+            .unwrap_or("")
+    }
+
     /// The model of device `index` on this node.
     pub fn model_of(&self, index: u32) -> Option<&str> {
         self.capacity
@@ -676,12 +686,7 @@ impl Scheduler {
         if let Some(types) = cfg.fgd.as_deref() {
             let mut seen: HashMap<&str, u32> = HashMap::new();
             for n in &nodes {
-                let model = n
-                    .capacity
-                    .devices
-                    .first()
-                    .map(|d| d.model.as_str())
-                    .unwrap_or("");
+                let model = n.primary_model();
                 let k = *seen.entry(model).or_insert_with(|| {
                     models_ok.push(fgd::models_ok(types, model));
                     models_ok.len() as u32 - 1

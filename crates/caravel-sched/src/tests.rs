@@ -1554,7 +1554,7 @@ proptest! {
         let cpg = fgd::cpu_per_gpu(&types, 1.0);
         for devs in fgd::device_choices(&n, &r) {
             let long = fgd::delta(&n, &r, &devs, &types) + weight * fgd::stranded_delta(&n, &r, &devs, cpg);
-            let model = n.capacity.devices.first().map(|d| d.model.as_str()).unwrap_or("");
+            let model = n.primary_model();
             let ok = fgd::models_ok(&types, model);
             let fast = fgd::score(&n, &r, &devs, &types, &ok, cpg, weight);
             prop_assert!((long - fast).abs() < 1e-6, "{long} vs {fast}");
