@@ -114,6 +114,19 @@ impl NodeSnap {
         }
     }
 
+    /// Devices for one task of `r` as placement picks them (the first accepted model that
+    /// has them), ignoring CPU and memory; `Some(vec![])` for a CPU-only task.
+    pub(crate) fn pick_for(&self, r: &TaskResources) -> Option<Vec<u32>> {
+        let Some(g) = &r.gpu else {
+            return Some(Vec::new());
+        };
+        let need = if g.milli.is_some() { 1 } else { g.count };
+        g.models()
+            .into_iter()
+            .filter(|m| self.capacity.gpu_count(m) >= need)
+            .find_map(|m| self.pick_devices(g, m))
+    }
+
     /// Allocates `r` with the given devices. Panics in debug builds on over-commit: the
     /// scheduler only calls it after `fit` said yes.
     pub fn allocate(&mut self, r: &TaskResources, devices: &[u32]) {

@@ -132,9 +132,9 @@ fn ineligible(
 struct Room {
     cpu: u64,
     mem: u64,
-    /// Thousandths in use per device of an acceptable model (1000: held whole).
-    /// (device index, thousandths in use): a handful per node, so a list beats a map.
-    devs: Vec<(u32, u32)>,
+    /// (device index, thousandths in use (1000: held whole), which of the ask's models)
+    /// per device of an acceptable model: a handful per node, so a list beats a map.
+    devs: Vec<(u32, u32, u8)>,
 }
 
 impl Room {
@@ -142,18 +142,16 @@ impl Room {
         let mut devs = Vec::new();
         if let Some(g) = &r.gpu {
             let models = g.models();
-            for d in n
-                .capacity
-                .devices
-                .iter()
-                .filter(|d| models.contains(&d.model.as_str()))
-            {
+            for d in &n.capacity.devices {
+                let Some(k) = models.iter().position(|m| *m == d.model) else {
+                    continue;
+                };
                 let used = if n.used_devices.contains(&d.index) {
                     1000
                 } else {
                     n.shared.get(&d.index).copied().unwrap_or(0)
                 };
-                devs.push((d.index, used));
+                devs.push((d.index, used, k as u8));
             }
         }
         Room {
@@ -173,18 +171,34 @@ impl Room {
             .map(|g| g.milli.unwrap_or(1000))
             .unwrap_or(0);
         for d in &v.devices {
-            if let Some((_, used)) = self.devs.iter_mut().find(|(i, _)| i == d) {
+            if let Some((_, used, _)) = self.devs.iter_mut().find(|(i, _, _)| i == d) {
                 *used = used.saturating_sub(freed);
             }
         }
     }
 
+    /// Exactly what placement accepts: whole devices all of one model, or a fraction on
+    /// one device.
     fn fits(&self, r: &TaskResources) -> bool {
         self.cpu >= r.cpu_milli
             && self.mem >= r.memory_bytes
             && r.gpu.as_ref().is_none_or(|g| match g.milli {
-                None => self.devs.iter().filter(|(_, u)| *u == 0).count() >= g.count as usize,
-                Some(m) => self.devs.iter().any(|(_, u)| *u + m <= 1000),
+                None => {
+                    let mut free = [0usize; 8];
+                    let mut other = 0usize;
+                    for (_, u, k) in &self.devs {
+                        if *u == 0 {
+                            match free.get_mut(*k as usize) {
+                                Some(f) => *f += 1,
+                                None => other += 1,
+                            }
+                        }
+                    }
+                    // More than eight accepted models is unheard of; counted together there
+                    // (optimistic), and the promise below then takes what it can.
+                    free.iter().any(|f| *f >= g.count as usize) || other >= g.count as usize
+                }
+                Some(m) => self.devs.iter().any(|(_, u, _)| *u + m <= 1000),
             })
     }
 }
@@ -744,22 +758,148 @@ impl<'a> Pass<'a> {
             for v in freed.iter().filter(|v| v.gang_size > 1) {
                 self.free_gang_of(v);
             }
-            // Promise the freed space to this job so no one else counts it.
+            // Promise the freed space to this job so no one else counts it: the devices
+            // placement would pick, so the node's books stay consistent (a fraction on a
+            // shared device, whole devices that no fraction holds).
             let node = self.node_mut(i);
-            node.used_cpu_milli += job.resources.cpu_milli;
-            node.used_memory_bytes += job.resources.memory_bytes;
-            if let Some(g) = &job.resources.gpu {
-                let devs: Vec<u32> = node
-                    .capacity
-                    .devices
-                    .iter()
-                    .filter(|d| d.model == g.model && !node.used_devices.contains(&d.index))
-                    .map(|d| d.index)
-                    .take(g.count as usize)
-                    .collect();
-                node.used_devices.extend(devs);
+            match node.pick_for(&job.resources) {
+                Some(devs) => node.allocate(&job.resources, &devs),
+                None => {
+                    node.used_cpu_milli += job.resources.cpu_milli;
+                    node.used_memory_bytes += job.resources.memory_bytes;
+                }
             }
         }
         Ok(chosen)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use caravel_core::{Capacity, Device, GpuRequest};
+
+    fn h100s(n: u32, mem_gib: u64) -> NodeSnap {
+        NodeSnap::new(
+            NodeId(1),
+            Capacity {
+                cpu_milli: 8_000,
+                memory_bytes: mem_gib << 30,
+                devices: (0..n)
+                    .map(|index| Device {
+                        index,
+                        model: "H100".into(),
+                    })
+                    .collect(),
+            },
+        )
+    }
+
+    fn ask(gpu: GpuRequest) -> TaskResources {
+        TaskResources {
+            cpu_milli: 1_000,
+            memory_bytes: 2 << 30,
+            gpu: Some(gpu),
+        }
+    }
+
+    fn batch(id: u64, gpu: GpuRequest) -> JobReq {
+        JobReq {
+            id: JobId(id),
+            tenant: TenantId(1),
+            priority: Priority::Batch,
+            seq: id,
+            resources: ask(gpu),
+            gang: false,
+            pending: vec![0],
+            topology: None,
+            max_runtime_ms: None,
+            attained_gpu_ms: 0,
+        }
+    }
+
+    fn half(model: &str) -> GpuRequest {
+        GpuRequest {
+            milli: Some(500),
+            ..GpuRequest::whole(model, 1)
+        }
+    }
+
+    /// A device is either held whole or shared by fractions, never both.
+    fn consistent(n: &NodeSnap) -> bool {
+        n.used_devices.iter().all(|d| !n.shared.contains_key(d))
+    }
+
+    #[test]
+    fn the_room_promised_to_a_job_is_the_devices_placement_would_pick() {
+        // Two spot halves share device 0 and fill the memory; device 1 is free. A whole-GPU
+        // job's victim frees memory: the promise must take device 1, not the half-held 0.
+        let mut node = h100s(2, 4);
+        let spot: Vec<RunningTask> = (1..=2)
+            .map(|r| RunningTask {
+                run: RunId(r),
+                job: JobId(100),
+                tenant: TenantId(3),
+                node: NodeId(1),
+                priority: Priority::Spot,
+                resources: ask(half("H100")),
+                devices: vec![0],
+                started_ms: 0,
+                min_runtime_ms: 0,
+                borrowed: false,
+                expected_end_ms: None,
+                gang_size: 1,
+                attained_gpu_ms: 0,
+            })
+            .collect();
+        for t in &spot {
+            node.allocate(&t.resources, &t.devices);
+        }
+        let nodes = vec![node];
+        let mut victims = Victims::default();
+        for t in &spot {
+            victims.add(t, 0, 1);
+        }
+        let by_node: ByNode = [(0usize, spot.clone())].into_iter().collect();
+        let mut pass = Pass::new(&nodes, &by_node, 1_000, 0, &victims);
+        let tenant = TenantSnap::default();
+        let whole = pass.try_job(&batch(1, GpuRequest::whole("H100", 1)), &tenant);
+        assert_eq!(whole.unwrap().len(), 1);
+        let n = pass.node(0);
+        assert!(consistent(n), "{:?} {:?}", n.used_devices, n.shared);
+        assert_eq!(n.used_devices, BTreeSet::from([1]));
+        assert_eq!(n.shared.get(&0), Some(&500));
+        // A fraction after it: the last spot half goes, and the promise is a fraction of
+        // device 0, not the whole device.
+        let frac = pass.try_job(&batch(2, half("H100")), &tenant);
+        assert_eq!(frac.unwrap().len(), 1);
+        let n = pass.node(0);
+        assert!(consistent(n), "{:?} {:?}", n.used_devices, n.shared);
+        assert_eq!(n.used_devices, BTreeSet::from([1]));
+        assert_eq!(n.shared.get(&0), Some(&500));
+        assert_eq!(n.used_memory_bytes, 4 << 30);
+    }
+
+    #[test]
+    fn whole_devices_for_one_task_must_be_of_one_model() {
+        let mut node = h100s(1, 64);
+        node.capacity.devices.push(Device {
+            index: 1,
+            model: "A100".into(),
+        });
+        let two = TaskResources {
+            gpu: Some(GpuRequest {
+                any_of: vec!["A100".into()],
+                ..GpuRequest::whole("H100", 2)
+            }),
+            ..ask(GpuRequest::whole("H100", 2))
+        };
+        assert!(
+            !Room::of(&node, &two).fits(&two),
+            "one H100 and one A100 are not two of a model"
+        );
+        assert!(node.pick_for(&two).is_none());
+        let one = ask(GpuRequest::whole("A100", 1));
+        assert!(Room::of(&node, &one).fits(&one));
     }
 }
