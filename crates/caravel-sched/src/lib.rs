@@ -1496,20 +1496,17 @@ impl Scheduler {
             );
             if let Some(w) = hopeless.get(&key) {
                 why = Some(w.clone());
-            } else if at_cap && domain.is_some() {
-                why = Some(
-                    "a gang held to one topology domain does not preempt its own tenant's work to come within its quota"
-                        .to_string(),
-                );
             } else if at_cap {
                 // Within a tenant at its cap, higher priority displaces its own lower
-                // priority work.
+                // priority work (a topology gang: as long as it then fits in one domain).
                 let times = if job.gang {
                     job.pending.len() as u64
                 } else {
                     remaining as u64
                 };
-                match pass.try_own(job, t, times) {
+                let within = domain
+                    .map(|level| &**domains.entry(level).or_insert_with(|| self.domains(level)));
+                match pass.try_own(job, t, times, within) {
                     Ok(v) => {
                         t.used.add_task(&job.resources, times);
                         victims = v;

@@ -448,12 +448,15 @@ impl<'a> Pass<'a> {
 
     /// For a job its own tenant's cap blocks: victims among the tenant's running tasks of
     /// lower priority (spot first, then the most recently started), enough to bring `times`
-    /// tasks of the job within the cap, and only if the job then also fits somewhere.
+    /// tasks of the job within the cap, and only if the job then also fits somewhere — with
+    /// `domains` (each a list of node positions), all `times` inside one of them, the first
+    /// in their order that holds them.
     pub(crate) fn try_own(
         &mut self,
         job: &JobReq,
         tenant: &TenantSnap,
         times: u64,
+        domains: Option<&[Vec<usize>]>,
     ) -> Result<Vec<RunId>, String> {
         let mut cands: Vec<(usize, &RunningTask)> = self
             .by_node
@@ -492,27 +495,48 @@ impl<'a> Pass<'a> {
         for (i, v) in &chosen {
             self.node_mut(*i).release(&v.resources, &v.devices);
         }
-        // Every task must now find room.
+        let all: Vec<usize> = (0..self.nodes.len()).collect();
+        let domains: &[Vec<usize>] = domains.unwrap_or(std::slice::from_ref(&all));
+        // Every task must now find room (inside one domain when there are several).
+        let mut placed = false;
+        for d in domains {
+            let before = self.scratch.clone();
+            if self.fit_all(job, times, d) {
+                placed = true;
+                break;
+            }
+            self.scratch = before;
+        }
+        if !placed {
+            (self.scratch, self.taken) = saved;
+            return Err(if domains.len() > 1 {
+                "preempting the tenant's lower-priority work would not make room in any one domain"
+                    .into()
+            } else {
+                "preempting the tenant's lower-priority work would not make room".into()
+            });
+        }
+        let runs: Vec<RunId> = chosen.iter().map(|(_, v)| v.run).collect();
+        self.taken.extend(runs.iter().copied());
+        Ok(runs)
+    }
+
+    /// Allocates `times` tasks of `job` on the scratch copies of `nodes`, each on the first
+    /// that fits; false (with some allocated) when they do not all fit.
+    fn fit_all(&mut self, job: &JobReq, times: u64, nodes: &[usize]) -> bool {
+        let cfg = crate::Config::default();
         for _ in 0..times {
-            let cfg = crate::Config::default();
-            let spot = (0..self.nodes.len()).find_map(|i| {
+            let spot = nodes.iter().find_map(|&i| {
                 crate::fit(&cfg, self.node(i), &job.resources)
                     .ok()
                     .map(|(_, d)| (i, d))
             });
             match spot {
                 Some((i, devs)) => self.node_mut(i).allocate(&job.resources, &devs),
-                None => {
-                    (self.scratch, self.taken) = saved;
-                    return Err(
-                        "preempting the tenant's lower-priority work would not make room".into(),
-                    );
-                }
+                None => return false,
             }
         }
-        let runs: Vec<RunId> = chosen.iter().map(|(_, v)| v.run).collect();
-        self.taken.extend(runs.iter().copied());
-        Ok(runs)
+        true
     }
 
     /// For a gang that must share a topology domain: victims inside the one domain (of

@@ -2292,3 +2292,74 @@ fn merging_sorted_node_lists_keeps_order_and_drops_repeats() {
     .collect();
     assert_eq!(merged, vec![0, 1, 4, 5, 9, 12]);
 }
+
+#[test]
+fn a_topology_gang_at_its_quota_cap_preempts_its_own_spot_work_when_one_rack_then_holds_it() {
+    // Tenant 1 may hold 16 H100s and runs 16 of them as spot work, one full node in each
+    // rack. Its 2 x 8-GPU gang held to a rack must stop all 16 to come within the cap, and
+    // then fits in rack a (the freed node and the idle one); rack b's other node is another
+    // tenant's batch work.
+    let build = |busy_2: bool| {
+        let mut nodes = vec![
+            racked(1, "z1", "a", 8),
+            racked(2, "z1", "a", 8),
+            racked(3, "z1", "b", 8),
+            racked(4, "z1", "b", 8),
+        ];
+        let mut run = Vec::new();
+        let mut used = ResourceSum::default();
+        let mut busy = vec![
+            (1, 1, Priority::Spot),
+            (3, 1, Priority::Spot),
+            (4, 9, Priority::Batch),
+        ];
+        if busy_2 {
+            busy.push((2, 9, Priority::Batch));
+        }
+        for (node, tenant, prio) in busy {
+            for d in 0..8u32 {
+                let mut t = running(run.len() as u64, tenant, node, prio, 0, false);
+                t.resources.gpu = Some(GpuRequest::whole("H100", 1));
+                t.devices = vec![d];
+                let n = nodes.iter_mut().find(|n| n.id == NodeId(node)).unwrap();
+                n.allocate(&t.resources, &t.devices);
+                if tenant == 1 {
+                    used.add_task(&t.resources, 1);
+                }
+                run.push(t);
+            }
+        }
+        let mut tenants = HashMap::new();
+        tenants.insert(
+            TenantId(1),
+            TenantSnap {
+                quota: Quota::parse("gpu/H100=16").unwrap(),
+                used,
+                ..Default::default()
+            },
+        );
+        (nodes, run, tenants)
+    };
+    let gang = topo_gang(1, 2, 8, TopologyLevel::Rack);
+
+    let (nodes, run, mut tenants) = build(false);
+    let mut s = Scheduler::new(Config::default(), nodes);
+    let plan = s.schedule_with(10_000, &run, &mut tenants, std::slice::from_ref(&gang));
+    assert!(plan.placements.is_empty());
+    let mut v = victims(&plan);
+    v.sort_unstable();
+    assert_eq!(v, (0..16).collect::<Vec<_>>(), "{:?}", plan.pending);
+    assert_eq!(plan.pending[&JobId(1)][0].code, "preempting");
+
+    // With rack a's other node busy no rack holds the gang: nothing is stopped, and the
+    // reason says why.
+    let (nodes, run, mut tenants) = build(true);
+    let mut s = Scheduler::new(Config::default(), nodes);
+    let plan = s.schedule_with(10_000, &run, &mut tenants, std::slice::from_ref(&gang));
+    assert!(plan.preemptions.is_empty());
+    let r = plan.pending[&JobId(1)]
+        .iter()
+        .find(|r| r.code == "no_preemption")
+        .expect("a no_preemption reason");
+    assert!(r.message.contains("in any one domain"), "{}", r.message);
+}
