@@ -389,6 +389,10 @@ pub struct RunRecord {
     pub borrowed: bool,
     pub state: RunState,
     pub stop: Option<StopReason>,
+    /// With `stop` = preempt: the job it makes room for, so a restarted server still knows
+    /// the job waits for this run to exit (and does not preempt again for the same room).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preempted_for: Option<JobId>,
     pub assigned_ms: Millis,
     pub started_ms: Option<Millis>,
     pub ended_ms: Option<Millis>,

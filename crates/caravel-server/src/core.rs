@@ -201,6 +201,26 @@ impl Core {
             }
             core.runs.insert(r.id, r);
         }
+        // Jobs that preempted work before the restart go on waiting for their victims.
+        for r in core.runs.values() {
+            let (Some(StopReason::Preempt), Some(j)) = (r.stop, r.preempted_for) else {
+                continue;
+            };
+            let Some(victim) = core.jobs.get(&r.job) else {
+                continue;
+            };
+            if core
+                .jobs
+                .get(&j)
+                .is_some_and(|e| !e.rec.state.is_terminal())
+            {
+                let res = victim.rec.spec.resources.clone();
+                core.preempting
+                    .entry(j)
+                    .or_default()
+                    .push((r.id, r.node, res, r.devices.clone()));
+            }
+        }
         core.repair(now)?;
         Ok(core)
     }
@@ -1083,6 +1103,7 @@ impl Core {
             for p in &plan.preemptions {
                 if let Some(r) = self.runs.get_mut(&p.run) {
                     r.stop = Some(StopReason::Preempt);
+                    r.preempted_for = Some(p.for_job);
                     r.message = format!("preempted for job {}", p.for_job);
                     batch.push(Mutation::PutRun(r.clone()));
                     nodes.insert(r.node);
@@ -1173,6 +1194,7 @@ impl Core {
                     None
                 },
                 port: None,
+                preempted_for: None,
                 state: RunState::Assigned,
                 stop: None,
                 assigned_ms: now,

@@ -97,6 +97,7 @@ pub fn run(id: u64, job: u64, state: RunState) -> RunRecord {
         borrowed: true,
         state,
         stop: None,
+        preempted_for: None,
         assigned_ms: 11,
         started_ms: Some(12),
         ended_ms: None,

@@ -928,3 +928,69 @@ fn a_gang_that_waited_past_the_starvation_limit_has_nodes_drained_and_starts() {
     );
     assert!(!assigned(c, queued[1]));
 }
+
+#[test]
+fn a_preemptor_keeps_waiting_for_its_victims_across_a_server_restart() {
+    let mut f = fixture();
+    let c = &mut f.core;
+    let na = c.register(reg("a", 4, 0), 0).unwrap();
+    let nb = c.register(reg("b", 4, 0), 0).unwrap();
+    let mk = |c: &mut Core, name: &str| {
+        c.create_tenant(name, 1.0, Quota::default(), Quota::default(), 0)
+            .unwrap()
+            .0
+            .id
+    };
+    let (x, y, s) = (mk(c, "x"), mk(c, "y"), mk(c, "spot"));
+    let mut four = JobSpec::simple("train", &[]);
+    four.resources.cpu_milli = 4000;
+    c.submit(x, four.clone(), 0).unwrap();
+    c.schedule(1).unwrap();
+    let mut spot = JobSpec::simple("sweep", &[]);
+    spot.tasks = 4;
+    spot.priority = Priority::Spot;
+    c.submit(s, spot, 2).unwrap();
+    c.schedule(3).unwrap();
+    for n in [na, nb] {
+        for r in runs_on(c, n) {
+            started(c, n, r, 5);
+        }
+    }
+    let jx = c.submit(x, four.clone(), 10).unwrap();
+    c.schedule(11).unwrap();
+    assert_eq!(c.jobs[&jx].reasons[0].code, "preempting");
+    let victims: Vec<(RunId, NodeId)> = c
+        .runs
+        .values()
+        .filter(|r| r.stop == Some(StopReason::Preempt))
+        .map(|r| (r.id, r.node))
+        .collect();
+    assert_eq!(victims.len(), 4);
+    drop(f.core);
+
+    // "kill -9" while the victims checkpoint: the reloaded server knows X's job waits for
+    // them, so Y's job (first in fair-share order) cannot preempt them again, and X's job
+    // asks for nothing more.
+    let mut c = open(f.dir.path(), 12);
+    for (v, _) in &victims {
+        assert_eq!(c.runs[v].preempted_for, Some(jx), "the claim is stored");
+    }
+    let jy = c.submit(y, four, 12).unwrap();
+    c.schedule(13).unwrap();
+    let stopping = c
+        .runs
+        .values()
+        .filter(|r| r.stop == Some(StopReason::Preempt))
+        .count();
+    assert_eq!(stopping, 4, "nothing preempted twice");
+    for (v, n) in victims {
+        exited(&mut c, n, v, 5, 20, 143);
+    }
+    c.schedule(21).unwrap();
+    assert_eq!(
+        c.jobs[&jx].tasks[0].state,
+        TaskState::Assigned,
+        "the room went to the job that preempted for it"
+    );
+    assert_eq!(c.jobs[&jy].tasks[0].state, TaskState::Pending);
+}
