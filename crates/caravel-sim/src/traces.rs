@@ -753,10 +753,26 @@ mod tests {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/traces")
     }
 
-    fn tmp(name: &str, text: &str) -> std::path::PathBuf {
+    /// A scratch file removed when the test is done with it.
+    struct Tmp(std::path::PathBuf);
+
+    impl std::ops::Deref for Tmp {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Tmp {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn tmp(name: &str, text: &str) -> Tmp {
         let p = std::env::temp_dir().join(format!("caravel-traces-{}-{name}", std::process::id()));
         std::fs::write(&p, text).unwrap();
-        p
+        Tmp(p)
     }
 
     #[test]
