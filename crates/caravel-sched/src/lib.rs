@@ -815,7 +815,7 @@ impl Scheduler {
             if h.job == job.id || h.priority.rank() > job.priority.rank() {
                 let (h, i) = self.held.swap_remove(k);
                 self.nodes[i].release(&h.resources, &h.devices);
-                self.index.update(&self.nodes, i);
+                self.touched(i);
                 freed = true;
             } else {
                 k += 1;
@@ -827,7 +827,7 @@ impl Scheduler {
     fn release_all_holds(&mut self) {
         for (h, i) in std::mem::take(&mut self.held) {
             self.nodes[i].release(&h.resources, &h.devices);
-            self.index.update(&self.nodes, i);
+            self.touched(i);
         }
     }
 
@@ -850,13 +850,19 @@ impl Scheduler {
     pub fn release(&mut self, node: NodeId, r: &TaskResources, devices: &[u32]) {
         if let Some(&i) = self.pos.get(&node) {
             self.nodes[i].release(r, devices);
-            self.index.update(&self.nodes, i);
+            self.touched(i);
         }
+    }
+
+    /// Node `i`'s allocation changed: re-key it where the scheduler looks nodes up.
+    fn touched(&mut self, i: usize) {
+        self.index.update(&self.nodes, i);
+        self.victims.set_free(i, free_devices(&self.nodes[i]));
     }
 
     fn allocate(&mut self, i: usize, r: &TaskResources, devices: &[u32]) {
         self.nodes[i].allocate(r, devices);
-        self.index.update(&self.nodes, i);
+        self.touched(i);
     }
 
     /// The tightest node that fits, through the index; `None` means no ready node fits.
@@ -1250,7 +1256,7 @@ impl Scheduler {
             }
             for (i, devs, _) in placed {
                 self.nodes[i].release(&job.resources, &devs);
-                self.index.update(&self.nodes, i);
+                self.touched(i);
             }
         }
         let mut counts = BTreeMap::new();
@@ -1300,7 +1306,7 @@ impl Scheduler {
                     let placed = tentative.len();
                     for (ni, devs, _) in tentative {
                         self.nodes[ni].release(&job.resources, &devs);
-                        self.index.update(&self.nodes, ni);
+                        self.touched(ni);
                     }
                     let mut r = no_fit_reason(&lacks, self.nodes.len());
                     let cache = (placed == 0).then(|| r.clone());
@@ -1343,6 +1349,9 @@ impl Scheduler {
         for v in self.running.values_mut() {
             preempt::sort_victims(v);
         }
+        for (i, n) in self.nodes.iter().enumerate() {
+            self.victims.set_free(i, free_devices(n));
+        }
     }
 
     /// A task the caller started from a plan's placement (its resources are already counted
@@ -1360,6 +1369,7 @@ impl Scheduler {
             self.gangs.entry(t.job).or_default().push(t.run);
         }
         self.victims.add(&t, i, 1);
+        self.victims.set_free(i, free_devices(&self.nodes[i]));
         let list = self.running.entry(i).or_default();
         list.push(t);
         preempt::sort_victims(list);
@@ -1385,7 +1395,7 @@ impl Scheduler {
             self.running.remove(&i);
         }
         self.nodes[i].release(&t.resources, &t.devices);
-        self.index.update(&self.nodes, i);
+        self.touched(i);
         Some(t)
     }
 
@@ -1994,6 +2004,14 @@ fn ordinal(n: usize) -> String {
 }
 
 /// What the ready nodes offer in total: the denominators of dominant shares.
+/// Devices of the node held by no task, whole or in part.
+fn free_devices(n: &NodeSnap) -> u32 {
+    n.capacity
+        .devices
+        .len()
+        .saturating_sub(n.used_devices.len() + n.shared.len()) as u32
+}
+
 pub fn pool_totals(nodes: &[NodeSnap]) -> fair::PoolTotals {
     let mut t = fair::PoolTotals::default();
     for n in nodes.iter().filter(|n| n.ready) {

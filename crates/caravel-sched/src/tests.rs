@@ -2280,6 +2280,75 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1500))]
+
+    /// A scheduler kept alive with `add_running` / `remove_running` (as the simulator keeps
+    /// one) plans exactly as a fresh one told the same running set: the per-node victim
+    /// counts and spot potentials it keeps incrementally are what `set_running` builds.
+    #[test]
+    fn incremental_running_updates_plan_as_a_fresh_set_running(
+        w in arb_world(),
+        // Mostly spot: the potentials kept per node matter for spot-only searches.
+        attrs in prop::collection::vec((0u8..6, any::<bool>(), 0i64..20_000, 0u64..2), 40),
+        split in 0usize..40,
+        gone in prop::collection::vec(any::<bool>(), 40),
+    ) {
+        let mut s = Scheduler::new(Config::default(), w.nodes.clone());
+        let plan = s.schedule(&mut HashMap::new(), &w.jobs);
+        let busy = s.into_nodes();
+        let by_id: HashMap<JobId, &JobReq> = w.jobs.iter().map(|j| (j.id, j)).collect();
+        let running: Vec<RunningTask> = plan
+            .placements
+            .iter()
+            .enumerate()
+            .map(|(k, p)| {
+                let (pr, borrowed, started, min_run) = attrs[k % attrs.len()];
+                let j = by_id[&p.job];
+                RunningTask {
+                    run: caravel_core::RunId(k as u64),
+                    job: JobId(10_000 + k as u64),
+                    tenant: j.tenant,
+                    node: p.node,
+                    priority: match pr { 0 => Priority::Batch, 1 => Priority::Online, _ => Priority::Spot },
+                    resources: j.resources.clone(),
+                    devices: p.devices.clone(),
+                    started_ms: started,
+                    min_runtime_ms: min_run * 30_000,
+                    borrowed,
+                    expected_end_ms: None,
+                    gang_size: 1,
+                    attained_gpu_ms: 0,
+                }
+            })
+            .collect();
+        let h = split.min(running.len());
+        let mut a = Scheduler::new(Config::default(), busy);
+        a.set_running(running[..h].to_vec());
+        for t in &running[h..] {
+            a.add_running(t.clone());
+        }
+        let mut kept = Vec::new();
+        for (k, t) in running.iter().enumerate() {
+            if gone[k % gone.len()] {
+                prop_assert!(a.remove_running(t.run).is_some());
+            } else {
+                kept.push(t.clone());
+            }
+        }
+        let mut b = Scheduler::new(Config::default(), a.nodes().to_vec());
+        b.set_running(kept);
+        let pending: Vec<JobReq> = w
+            .jobs
+            .iter()
+            .map(|j| JobReq { id: JobId(j.id.0 + 1000), seq: j.seq + 1000, ..j.clone() })
+            .collect();
+        let pa = a.schedule_preempting(20_000, &mut w.tenants.clone(), &pending);
+        let pb = b.schedule_preempting(20_000, &mut w.tenants.clone(), &pending);
+        prop_assert_eq!(pa, pb);
+    }
+}
+
 #[test]
 fn merging_sorted_node_lists_keeps_order_and_drops_repeats() {
     let a: Vec<usize> = vec![1, 4, 9];
