@@ -760,11 +760,14 @@ impl Scheduler {
     }
 
     /// Jobs that have waited too long (the caller's threshold), oldest first, for the next
-    /// `schedule` call. The first of them still pending that cannot start has nodes drained
-    /// for it: from the start of the cycle no other job may start on them, so they empty as
-    /// their tasks end and the job starts once they have (Slurm's reservation for the top
-    /// job without known end times). Without it a large gang waits as long as smaller work
-    /// keeps taking each freed slot first. One job at a time, so little capacity idles.
+    /// `schedule` call. The first of them still pending (not spot, not held to a topology
+    /// domain) gets the cycle's reservation ahead of the head-of-line job: when the max
+    /// runtimes of running work tell when it could start, an EASY reservation that work
+    /// ending before then may backfill; otherwise nodes are drained for it: from the start
+    /// of the cycle no other job may start on them, so they empty as their tasks end and
+    /// the job starts once they have (Slurm's reservation for the top job without known
+    /// end times). Without it a large gang waits as long as smaller work keeps taking each
+    /// freed slot first. One job at a time, so little capacity idles.
     pub fn protect(&mut self, jobs: Vec<JobId>) {
         self.protected = jobs;
     }
@@ -1110,16 +1113,7 @@ impl Scheduler {
         let Some(now) = self.now else { return };
         if let Some(n) = self.draining {
             // Nodes are being drained for this job (its reservation is lifted for its turn).
-            let mut counts = BTreeMap::new();
-            counts.insert("nodes".to_string(), n as u64);
-            reasons.push(PendingReason {
-                code: "draining".into(),
-                message: format!(
-                    "waited past the starvation limit: {n} node{} drained for this job, which starts once they are free",
-                    if n == 1 { " is" } else { "s are" }
-                ),
-                counts,
-            });
+            reasons.push(draining_reason(n));
             return;
         }
         match &self.reservation {
@@ -1156,22 +1150,19 @@ impl Scheduler {
                     return;
                 }
                 if let Some(res) = self.reserve(job, now) {
-                    let mut counts = BTreeMap::new();
-                    counts.insert("starts_in_ms".to_string(), (res.at - now).max(0) as u64);
-                    counts.insert("nodes".to_string(), res.nodes.len() as u64);
-                    reasons.push(PendingReason {
-                        code: "reserved".into(),
-                        message: format!(
-                            "reserved: can start in {}s on {} node{}, when running tasks reach their max runtime; smaller jobs backfill only if they end before then",
-                            (res.at - now).max(0) / 1000,
-                            res.nodes.len(),
-                            if res.nodes.len() == 1 { "" } else { "s" }
-                        ),
-                        counts,
-                    });
+                    reasons.push(reserved_reason(&res, now));
                     self.reservation = Some(res);
                 }
             }
+        }
+    }
+
+    /// Why a job that holds the cycle's reservation (lifted for its turn) still waits.
+    fn own_reservation_reason(&self, res: &Reservation) -> PendingReason {
+        if res.drained {
+            draining_reason(res.nodes.len())
+        } else {
+            reserved_reason(res, self.now.unwrap_or(res.at))
         }
     }
 
@@ -1692,22 +1683,30 @@ impl Scheduler {
             let (rank, level, seq, id) = queue_order(s.cfg.las.as_ref(), head);
             (bucket, fair::share_key(share), rank, level, seq, id, tid)
         };
-        // The longest-waiting protected job drains nodes for itself (see `protect`).
-        let drained = self
-            .protected
-            .iter()
-            .find_map(|id| {
-                jobs.iter()
-                    .find(|j| j.id == *id && !j.pending.is_empty() && j.topology.is_none())
+        // The longest-waiting protected job gets this cycle's reservation (see `protect`):
+        // when the max runtimes of what runs tell when it could start, an EASY reservation
+        // (work that ends before then still backfills); otherwise nodes are drained.
+        let protected = self.protected.iter().find_map(|id| {
+            jobs.iter().find(|j| {
+                j.id == *id
+                    && !j.pending.is_empty()
+                    && j.topology.is_none()
+                    && j.priority != Priority::Spot
             })
-            .and_then(|j| Some((j.id, self.drain_for(j)?)));
-        if let Some((job, nodes)) = drained {
-            self.reservation = Some(Reservation {
-                job,
-                at: self.now.unwrap_or(0),
-                nodes,
-                drained: true,
+        });
+        if let Some(j) = protected {
+            let now = self.now.unwrap_or(0);
+            let res = self.now.and_then(|now| self.reserve(j, now)).or_else(|| {
+                self.drain_for(j).map(|nodes| Reservation {
+                    job: j.id,
+                    at: now,
+                    nodes,
+                    drained: true,
+                })
             });
+            if res.is_some() {
+                self.reservation = res;
+            }
         }
         let mut turns = BTreeSet::new();
         for (tid, q) in queues.iter_mut() {
@@ -1770,7 +1769,10 @@ impl Scheduler {
             };
             self.draining = lifted.as_ref().filter(|r| r.drained).map(|r| r.nodes.len());
             if let Some(r) = unfit.get(&shape(&job.resources)) {
-                plan.pending.insert(job.id, vec![r.clone()]);
+                // Known not to fit; if the job holds the reservation, it still says so.
+                let mut reasons = vec![r.clone()];
+                reasons.extend(lifted.as_ref().map(|res| self.own_reservation_reason(res)));
+                plan.pending.insert(job.id, reasons);
             } else if job.gang {
                 match self.place_gang(job, end) {
                     Ok(placed) => {
@@ -2004,6 +2006,35 @@ fn ordinal(n: usize) -> String {
 }
 
 /// What the ready nodes offer in total: the denominators of dominant shares.
+fn draining_reason(n: usize) -> PendingReason {
+    let mut counts = BTreeMap::new();
+    counts.insert("nodes".to_string(), n as u64);
+    PendingReason {
+        code: "draining".into(),
+        message: format!(
+            "waited past the starvation limit: {n} node{} drained for this job, which starts once they are free",
+            if n == 1 { " is" } else { "s are" }
+        ),
+        counts,
+    }
+}
+
+fn reserved_reason(res: &Reservation, now: caravel_core::Millis) -> PendingReason {
+    let mut counts = BTreeMap::new();
+    counts.insert("starts_in_ms".to_string(), (res.at - now).max(0) as u64);
+    counts.insert("nodes".to_string(), res.nodes.len() as u64);
+    PendingReason {
+        code: "reserved".into(),
+        message: format!(
+            "reserved: can start in {}s on {} node{}, when running tasks reach their max runtime; smaller jobs backfill only if they end before then",
+            (res.at - now).max(0) / 1000,
+            res.nodes.len(),
+            if res.nodes.len() == 1 { "" } else { "s" }
+        ),
+        counts,
+    }
+}
+
 /// Devices of the node held by no task, whole or in part.
 fn free_devices(n: &NodeSnap) -> u32 {
     n.capacity

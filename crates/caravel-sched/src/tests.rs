@@ -2196,6 +2196,70 @@ fn a_protected_gang_has_nodes_drained_for_it_and_then_starts() {
     assert_eq!(placed(&plan), vec![2]);
 }
 
+#[test]
+fn a_protected_job_gets_the_reservation_and_short_work_still_backfills_when_ends_are_known() {
+    // Two 4-GPU nodes, each half held by a task that will have ended by t=60 s.
+    let mut nodes = vec![gpu_node(1, "H100", 4), gpu_node(2, "H100", 4)];
+    let mut run = Vec::new();
+    for (k, n) in nodes.iter_mut().enumerate() {
+        let mut t = ending(k as u64, n.id.0, 60_000);
+        t.resources.gpu = Some(GpuRequest::whole("H100", 2));
+        t.devices = vec![0, 1];
+        n.allocate(&t.resources, &t.devices);
+        run.push(t);
+    }
+    // Job 1 (a whole node) is ahead of the gang (both nodes) in FIFO order; job 3 would be
+    // done in 30 s, job 4 in 10 minutes.
+    let whole = job(1, 1, 1000, Some(("H100", 4)), false);
+    let gang = job(2, 2, 1000, Some(("H100", 4)), true);
+    let short = with_runtime(job(3, 1, 1000, Some(("H100", 2)), false), Some(30_000));
+    let long = with_runtime(job(4, 1, 1000, Some(("H100", 2)), false), Some(600_000));
+    let jobs = [whole, gang.clone(), short, long];
+    let code = |plan: &Plan, j: u64, c: &str| plan.pending[&JobId(j)].iter().any(|r| r.code == c);
+
+    // Unprotected, the head-of-line job 1 holds the reservation.
+    let mut s = Scheduler::new(Config::default(), nodes.clone());
+    let plan = s.schedule_with(10_000, &run, &mut HashMap::new(), &jobs);
+    assert_eq!(plan.reservation.as_ref().map(|r| r.0), Some(JobId(1)));
+
+    // Protected, the gang holds it: from t=60 s on both nodes, not drained.
+    let mut s = Scheduler::new(Config::default(), nodes);
+    s.protect(vec![gang.id]);
+    let plan = s.schedule_with(10_000, &run, &mut HashMap::new(), &jobs);
+    assert_eq!(
+        plan.reservation,
+        Some((JobId(2), 60_000, vec![NodeId(1), NodeId(2)]))
+    );
+    assert!(code(&plan, 2, "reserved"), "{:?}", plan.pending[&JobId(2)]);
+    assert!(!code(&plan, 2, "draining"));
+    assert!(code(&plan, 1, "backfill"), "{:?}", plan.pending[&JobId(1)]);
+    // Work that ends before the gang could start backfills; longer work waits.
+    let placed: Vec<u64> = plan.placements.iter().map(|p| p.job.0).collect();
+    assert_eq!(placed, vec![3]);
+    assert!(code(&plan, 4, "backfill"), "{:?}", plan.pending[&JobId(4)]);
+}
+
+#[test]
+fn spot_work_is_never_protected() {
+    let mut nodes = vec![gpu_node(1, "H100", 4)];
+    let mut t = running(0, 9, 1, Priority::Batch, 0, false);
+    t.resources.gpu = Some(GpuRequest::whole("H100", 2));
+    t.devices = vec![0, 1];
+    nodes[0].allocate(&t.resources, &t.devices);
+    let mut spot = job(1, 1, 1000, Some(("H100", 4)), false);
+    spot.priority = Priority::Spot;
+    let small = job(2, 1, 1000, Some(("H100", 2)), false);
+    let mut s = Scheduler::new(Config::default(), nodes);
+    s.protect(vec![spot.id]);
+    let plan = s.schedule_with(10_000, &[t], &mut HashMap::new(), &[spot, small]);
+    assert!(plan.reservation.is_none());
+    assert_eq!(
+        plan.placements.len(),
+        1,
+        "the batch job takes the free half"
+    );
+}
+
 // ---- the victim search's node index ----
 
 proptest! {

@@ -281,9 +281,10 @@ struct ServerArgs {
     /// With `--las`: a task runs at least this long before LAS may preempt it.
     #[arg(long, default_value = "0s", value_parser = dur)]
     las_slice: u64,
-    /// A job that has waited this long without starting has nodes drained for it, oldest
-    /// first, one job at a time: no other work starts there until it has started (`6h`).
-    /// Bounds the wait of large gangs at the cost of idle room; off (`0s`) by default.
+    /// A job that has waited this long without starting gets the reservation, oldest first,
+    /// one job at a time (`6h`): from max runtimes when running work declares them (shorter
+    /// work still backfills), else nodes drained so no other work starts there until it has
+    /// started. Bounds the wait of large gangs at some cost; off (`0s`) by default.
     #[arg(long, default_value = "0s", value_parser = dur)]
     starvation: u64,
     /// The gateway's own zone: callers that name none (X-Caravel-Zone) are served by

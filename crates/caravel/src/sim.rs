@@ -106,8 +106,9 @@ pub struct ReplayArgs {
     /// With `--las`: a task runs at least this many seconds before LAS may preempt it.
     #[arg(long, default_value_t = 0)]
     pub las_slice_s: u64,
-    /// A job that has waited this many seconds without starting has nodes drained for it
-    /// (oldest first, one at a time): no other work starts on them until it has. 0: never.
+    /// A job that has waited this many seconds without starting gets the reservation
+    /// (oldest first, one at a time): from max runtimes when they are declared, else nodes
+    /// drained so no other work starts on them until it has. 0: never.
     #[arg(long, default_value_t = 0)]
     pub starvation_s: u64,
     /// Worker threads (default: every core).
