@@ -20,6 +20,8 @@ type GpuKey = (u32, u64, u32);
 struct Keys {
     cpu: Option<CpuKey>,
     gpu: Vec<(String, GpuKey)>,
+    /// The models this node is in `shared_by_model` under (its key there is its `gpu` key).
+    shared_models: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -29,6 +31,11 @@ pub(crate) struct Index {
     by_model: HashMap<String, BTreeSet<GpuKey>>,
     /// Ready nodes with a GPU shared by fractions that has thousandths left.
     shared: BTreeSet<usize>,
+    /// Per model, the keys (as in `by_model`) of nodes with a device of that model shared
+    /// by fractions with thousandths left: with those, a fraction's candidates skip the
+    /// nodes whose devices of the model are all taken (at 100,000 nodes and load 1.5, a
+    /// fraction that found little room walked every node of its model).
+    shared_by_model: HashMap<String, BTreeSet<GpuKey>>,
     keys: Vec<Keys>,
 }
 
@@ -74,6 +81,17 @@ impl Index {
                     let gk = (f, ck.0, i as u32);
                     self.by_model.entry(m.to_string()).or_default().insert(gk);
                     k.gpu.push((m.to_string(), gk));
+                    let leftover = n
+                        .shared
+                        .iter()
+                        .any(|(d, u)| *u < 1000 && n.model_of(*d) == Some(m));
+                    if leftover {
+                        self.shared_by_model
+                            .entry(m.to_string())
+                            .or_default()
+                            .insert(gk);
+                        k.shared_models.push(m.to_string());
+                    }
                 }
                 if n.shared.values().any(|u| *u < 1000) {
                     self.shared.insert(i);
@@ -91,9 +109,14 @@ impl Index {
             self.cpu_nodes.remove(&ck);
             self.gpu_nodes_by_cpu.remove(&ck);
         }
-        for (m, gk) in k.gpu {
-            if let Some(s) = self.by_model.get_mut(&m) {
-                s.remove(&gk);
+        for (m, gk) in &k.gpu {
+            if let Some(s) = self.by_model.get_mut(m) {
+                s.remove(gk);
+            }
+            if k.shared_models.contains(m) {
+                if let Some(s) = self.shared_by_model.get_mut(m) {
+                    s.remove(gk);
+                }
             }
         }
     }
@@ -115,16 +138,27 @@ impl Index {
     ) -> Box<dyn Iterator<Item = usize> + 'a> {
         match &r.gpu {
             // Each accepted model in preference order. Whole devices: nodes with at least
-            // `count` free, fewest first. A fraction: every node of the model, those with
-            // the fewest whole devices free first — that is where GPUs already in pieces
-            // are, so fractions pack there and whole GPUs stay free.
+            // `count` free, fewest first. A fraction: every node of the model that has a
+            // device of it free or in pieces with room left, those with the fewest whole
+            // devices free first — that is where GPUs already in pieces are, so fractions
+            // pack there and whole GPUs stay free. (Nodes with no device free come first
+            // in key order; only those with leftover pieces are named.)
             Some(g) => {
-                let from = if g.milli.is_some() { 0 } else { g.count };
+                let fraction = g.milli.is_some();
+                let from = if fraction { 1 } else { g.count };
                 Box::new(g.models().into_iter().flat_map(move |m| {
-                    self.by_model
+                    let pieces = self
+                        .shared_by_model
+                        .get(m)
+                        .filter(|_| fraction)
+                        .into_iter()
+                        .flat_map(|s| s.range(..(1, 0, 0)));
+                    let free = self
+                        .by_model
                         .get(m)
                         .into_iter()
-                        .flat_map(move |s| s.range((from, 0, 0)..).map(|k| k.2 as usize))
+                        .flat_map(move |s| s.range((from, 0, 0)..));
+                    pieces.chain(free).map(|k| k.2 as usize)
                 }))
             }
             None => Box::new(
