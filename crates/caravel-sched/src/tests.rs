@@ -2125,18 +2125,26 @@ fn a_gang_held_to_a_rack_preempts_inside_the_rack_that_needs_the_fewest_victims(
 
 // ---- draining nodes for a job that has waited too long ----
 
-#[test]
-fn a_protected_gang_has_nodes_drained_for_it_and_then_starts() {
-    // Two 4-GPU nodes, each half held by a task of unknown end. The gang needs both whole.
+/// Two 4-GPU H100 nodes, each with devices 0 and 1 held by another tenant's batch task
+/// (ending at `end`, if given).
+fn two_half_held_nodes(end: Option<i64>) -> (Vec<NodeSnap>, Vec<RunningTask>) {
     let mut nodes = vec![gpu_node(1, "H100", 4), gpu_node(2, "H100", 4)];
     let mut run = Vec::new();
     for (k, n) in nodes.iter_mut().enumerate() {
         let mut t = running(k as u64, 9, n.id.0, Priority::Batch, 0, false);
+        t.expected_end_ms = end;
         t.resources.gpu = Some(GpuRequest::whole("H100", 2));
         t.devices = vec![0, 1];
         n.allocate(&t.resources, &t.devices);
         run.push(t);
     }
+    (nodes, run)
+}
+
+#[test]
+fn a_protected_gang_has_nodes_drained_for_it_and_then_starts() {
+    // Two 4-GPU nodes, each half held by a task of unknown end. The gang needs both whole.
+    let (nodes, run) = two_half_held_nodes(None);
     let gang = job(1, 2, 1000, Some(("H100", 4)), true);
     let small = job(2, 1, 1000, Some(("H100", 2)), false);
     let jobs = [gang.clone(), small.clone()];
@@ -2199,15 +2207,7 @@ fn a_protected_gang_has_nodes_drained_for_it_and_then_starts() {
 #[test]
 fn a_protected_job_gets_the_reservation_and_short_work_still_backfills_when_ends_are_known() {
     // Two 4-GPU nodes, each half held by a task that will have ended by t=60 s.
-    let mut nodes = vec![gpu_node(1, "H100", 4), gpu_node(2, "H100", 4)];
-    let mut run = Vec::new();
-    for (k, n) in nodes.iter_mut().enumerate() {
-        let mut t = ending(k as u64, n.id.0, 60_000);
-        t.resources.gpu = Some(GpuRequest::whole("H100", 2));
-        t.devices = vec![0, 1];
-        n.allocate(&t.resources, &t.devices);
-        run.push(t);
-    }
+    let (nodes, run) = two_half_held_nodes(Some(60_000));
     // Job 1 (a whole node) is ahead of the gang (both nodes) in FIFO order; job 3 would be
     // done in 30 s, job 4 in 10 minutes.
     let whole = job(1, 1, 1000, Some(("H100", 4)), false);

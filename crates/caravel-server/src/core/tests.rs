@@ -603,10 +603,9 @@ fn borrowed_capacity_is_reclaimed_by_preemption_without_using_retries() {
     );
 }
 
-#[test]
-fn room_freed_by_preemption_is_held_for_the_preemptor_when_the_victims_exit() {
-    let mut f = fixture();
-    let c = &mut f.core;
+/// Two 4-CPU nodes: tenant X's 4-CPU job holds one, four started spot tasks fill the
+/// other. Returns X, a tenant Y holding nothing, and the 4-CPU job spec.
+fn x_holds_a_node_and_spot_work_fills_the_other(c: &mut Core) -> (TenantId, TenantId, JobSpec) {
     let na = c.register(reg("a", 4, 0), 0).unwrap();
     let nb = c.register(reg("b", 4, 0), 0).unwrap();
     let mk = |c: &mut Core, name: &str| {
@@ -618,7 +617,6 @@ fn room_freed_by_preemption_is_held_for_the_preemptor_when_the_victims_exit() {
     let (x, y, s) = (mk(c, "x"), mk(c, "y"), mk(c, "spot"));
     let mut four = JobSpec::simple("train", &[]);
     four.resources.cpu_milli = 4000;
-    // X already holds one node; spot work fills the other.
     c.submit(x, four.clone(), 0).unwrap();
     c.schedule(1).unwrap();
     let mut spot = JobSpec::simple("sweep", &[]);
@@ -631,6 +629,14 @@ fn room_freed_by_preemption_is_held_for_the_preemptor_when_the_victims_exit() {
             started(c, n, r, 5);
         }
     }
+    (x, y, four)
+}
+
+#[test]
+fn room_freed_by_preemption_is_held_for_the_preemptor_when_the_victims_exit() {
+    let mut f = fixture();
+    let c = &mut f.core;
+    let (x, y, four) = x_holds_a_node_and_spot_work_fills_the_other(c);
     // X's second job preempts the spot tasks; while they checkpoint Y (holding nothing, so
     // first in fair-share order) asks for the same room and cannot preempt them again.
     let jx = c.submit(x, four.clone(), 10).unwrap();
@@ -933,29 +939,7 @@ fn a_gang_that_waited_past_the_starvation_limit_has_nodes_drained_and_starts() {
 fn a_preemptor_keeps_waiting_for_its_victims_across_a_server_restart() {
     let mut f = fixture();
     let c = &mut f.core;
-    let na = c.register(reg("a", 4, 0), 0).unwrap();
-    let nb = c.register(reg("b", 4, 0), 0).unwrap();
-    let mk = |c: &mut Core, name: &str| {
-        c.create_tenant(name, 1.0, Quota::default(), Quota::default(), 0)
-            .unwrap()
-            .0
-            .id
-    };
-    let (x, y, s) = (mk(c, "x"), mk(c, "y"), mk(c, "spot"));
-    let mut four = JobSpec::simple("train", &[]);
-    four.resources.cpu_milli = 4000;
-    c.submit(x, four.clone(), 0).unwrap();
-    c.schedule(1).unwrap();
-    let mut spot = JobSpec::simple("sweep", &[]);
-    spot.tasks = 4;
-    spot.priority = Priority::Spot;
-    c.submit(s, spot, 2).unwrap();
-    c.schedule(3).unwrap();
-    for n in [na, nb] {
-        for r in runs_on(c, n) {
-            started(c, n, r, 5);
-        }
-    }
+    let (x, y, four) = x_holds_a_node_and_spot_work_fills_the_other(c);
     let jx = c.submit(x, four.clone(), 10).unwrap();
     c.schedule(11).unwrap();
     assert_eq!(c.jobs[&jx].reasons[0].code, "preempting");
