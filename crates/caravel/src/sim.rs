@@ -451,15 +451,24 @@ fn replay(a: ReplayArgs) -> Result<i32> {
                 let single = tasks.len() == 1;
                 let mut last = std::time::Instant::now();
                 let mut progress = |at: i64, span: i64| {
-                    if single && (last.elapsed().as_millis() > 500 || at >= span) {
+                    // At most twice a second: past the trace's span an overloaded pool
+                    // still has hours of queued work, reported on every step.
+                    if single && last.elapsed().as_millis() > 500 {
                         last = std::time::Instant::now();
                         let frac = (at as f64 / span.max(1) as f64).clamp(0.0, 1.0);
                         let filled = (frac * 30.0) as usize;
+                        let what = if at > span {
+                            format!(
+                                "trace's span over, finishing queued work ({:.1}x the span)",
+                                at as f64 / span.max(1) as f64
+                            )
+                        } else {
+                            format!("{:.0}% of the trace's span", frac * 100.0)
+                        };
                         eprint!(
-                            "\r[{}{}] {:.0}% of the trace's span, {:.0}s elapsed ",
+                            "\r[{}{}] {what}, {:.0}s elapsed ",
                             "#".repeat(filled),
                             ".".repeat(30 - filled),
-                            frac * 100.0,
                             t0.elapsed().as_secs_f64()
                         );
                     }
