@@ -74,13 +74,19 @@ impl GpuRequest {
 
     /// Every acceptable model, preferred first, without repeats.
     pub fn models(&self) -> Vec<&str> {
-        let mut v = vec![self.model.as_str()];
-        for m in &self.any_of {
-            if !v.contains(&m.as_str()) {
-                v.push(m);
-            }
-        }
-        v
+        self.models_iter().collect()
+    }
+
+    /// `models` without collecting them: schedulers ask this for every queued job in
+    /// every cycle, so it must not allocate.
+    pub fn models_iter(&self) -> impl Iterator<Item = &str> + Clone + '_ {
+        std::iter::once(self.model.as_str()).chain(
+            self.any_of
+                .iter()
+                .enumerate()
+                .filter(|(i, m)| **m != self.model && !self.any_of[..*i].contains(m))
+                .map(|(_, m)| m.as_str()),
+        )
     }
 
     /// Thousandths of a device one task holds: 250 for a quarter, 2000 for two devices.
@@ -340,6 +346,11 @@ mod tests {
         assert_eq!(parse_gpu_request("T4:500m").unwrap().milli, Some(500));
         let a = parse_gpu_request("H100|A100:1").unwrap();
         assert_eq!(a.models(), vec!["H100", "A100"]);
+        let repeats = GpuRequest {
+            any_of: vec!["A100".into(), "H100".into(), "A100".into(), "L4".into()],
+            ..GpuRequest::whole("H100", 1)
+        };
+        assert_eq!(repeats.models(), vec!["H100", "A100", "L4"]);
         assert!(parse_gpu_request("H100:1.5").is_err());
         assert!(parse_gpu_request("H100:0").is_err());
         assert!(parse_gpu_request("H100").is_err());

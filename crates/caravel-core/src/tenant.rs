@@ -64,6 +64,19 @@ impl Quota {
         req: &TaskResources,
         times: u64,
     ) -> Result<(), QuotaExceeded> {
+        self.check_cpu_memory(used, req, times)?;
+        if let Some(g) = &req.gpu {
+            return self.check_gpu(used, &g.model, g.milli_total() * times);
+        }
+        Ok(())
+    }
+
+    fn check_cpu_memory(
+        &self,
+        used: &ResourceSum,
+        req: &TaskResources,
+        times: u64,
+    ) -> Result<(), QuotaExceeded> {
         if let Some(lim) = self.cpu_milli {
             let asked = req.cpu_milli * times;
             if used.cpu_milli + asked > lim {
@@ -85,9 +98,6 @@ impl Quota {
                     asked,
                 });
             }
-        }
-        if let Some(g) = &req.gpu {
-            return self.check_gpu(used, &g.model, g.milli_total() * times);
         }
         Ok(())
     }
@@ -123,11 +133,7 @@ impl Quota {
         model: Option<&str>,
         times: u64,
     ) -> Result<(), QuotaExceeded> {
-        let cpu_mem = TaskResources {
-            gpu: None,
-            ..req.clone()
-        };
-        self.check(used, &cpu_mem, times)?;
+        self.check_cpu_memory(used, req, times)?;
         match (&req.gpu, model) {
             (Some(g), Some(m)) => self.check_gpu(used, m, g.milli_total() * times),
             _ => Ok(()),

@@ -16,9 +16,11 @@ pub mod fair;
 pub mod fgd;
 mod index;
 pub mod preempt;
+mod shape;
 
 pub use baselines::Policy;
 pub use preempt::{Preemption, RunningTask};
+use shape::ShapeMemo;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -578,42 +580,34 @@ fn quota_view(
     let Some(g) = r.gpu.as_ref().filter(|g| !g.any_of.is_empty()) else {
         return tenant.quota.check(&tenant.used, r, times).map(|_| None);
     };
+    let allowed = |m: &str| tenant.quota.check_on(&tenant.used, r, Some(m), times);
     let mut first_err = None;
-    let mut ok: Vec<String> = Vec::new();
-    for m in g.models() {
-        match tenant.quota.check_on(&tenant.used, r, Some(m), times) {
-            Ok(()) => ok.push(m.to_string()),
+    let mut any = false;
+    for m in g.models_iter() {
+        match allowed(m) {
+            Ok(()) => any = true,
             Err(e) => {
                 first_err.get_or_insert(e);
             }
         }
     }
-    if ok.is_empty() {
-        return Err(first_err.expect("at least one model was checked"));
+    match (any, first_err) {
+        // Every model allowed, the usual case: the request stands (checked for every queued
+        // job in every cycle, so it must not copy the request).
+        (true, None) => return Ok(None),
+        (false, e) => return Err(e.expect("at least one model was checked")),
+        (true, Some(_)) => {}
     }
+    let mut ok: Vec<String> = g
+        .models_iter()
+        .filter(|m| allowed(m).is_ok())
+        .map(str::to_string)
+        .collect();
     let mut narrowed = r.clone();
     let gg = narrowed.gpu.as_mut().expect("has a gpu");
     gg.model = ok.remove(0);
     gg.any_of = ok;
     Ok(Some(narrowed))
-}
-
-/// Shape of a request, for remembering within one cycle that it fits nowhere: capacity
-/// only shrinks during a cycle, so a shape that failed once fails again.
-type Shape = (u64, u64, Option<(Vec<String>, u32, Option<u32>)>);
-
-fn shape(r: &TaskResources) -> Shape {
-    (
-        r.cpu_milli,
-        r.memory_bytes,
-        r.gpu.as_ref().map(|g| {
-            (
-                g.models().iter().map(|m| m.to_string()).collect(),
-                g.count,
-                g.milli,
-            )
-        }),
-    )
 }
 
 /// The scheduler over one set of nodes, with its candidate index kept across calls (the
@@ -669,6 +663,9 @@ pub struct Scheduler {
     /// the index names, so the two can be compared.
     #[cfg(test)]
     scan_all_for_victims: bool,
+    /// Tests: place every gang member tentatively, never counting room first.
+    #[cfg(test)]
+    place_gangs_tentatively: bool,
 }
 
 /// Room held for the first job that could not start: from `at` on, on these nodes.
@@ -720,6 +717,8 @@ impl Scheduler {
             draining: None,
             #[cfg(test)]
             scan_all_for_victims: false,
+            #[cfg(test)]
+            place_gangs_tentatively: false,
             ends: BTreeSet::new(),
             now: None,
             reservation: None,
@@ -1276,6 +1275,34 @@ impl Scheduler {
                 .place_gang_in_domain(job, level, end)
                 .map_err(|r| Box::new((r, None)));
         }
+        let need = job.pending.len();
+        let failed = |lacks: &BTreeMap<Lack, u64>, placed: usize, total: usize| {
+            let mut r = no_fit_reason(lacks, total);
+            let cache = (placed == 0).then(|| r.clone());
+            r.message = format!(
+                "gang: only {placed} of {need} tasks fit together; {}",
+                r.message
+            );
+            r.code = "gang".into();
+            r.counts.insert("fit".into(), placed as u64);
+            r.counts.insert("need".into(), need as u64);
+            Box::new((r, cache))
+        };
+        // Without reasons to count (the simulator's long queues), a gang the pool cannot
+        // hold is told apart without placing members tentatively, which costs two index
+        // updates a member: identical tasks fit on each node independently of where the
+        // others went, so the nodes' rooms add up to how many the greedy placement below
+        // would place. Not for Random: each tentative member draws from its generator,
+        // and skipping the draws would change every later pick.
+        let count_first = !self.cfg.explain_pending && self.cfg.policy != Policy::Random;
+        #[cfg(test)]
+        let count_first = count_first && !self.place_gangs_tentatively;
+        if count_first {
+            let room = self.gang_room(&job.resources, end, need as u64);
+            if room < need as u64 {
+                return Err(failed(&BTreeMap::new(), room as usize, self.nodes.len()));
+            }
+        }
         let mut tentative: Vec<(usize, Vec<u32>, u32)> = Vec::new();
         for &idx in &job.pending {
             match self.place_for(&job.resources, end, false) {
@@ -1299,21 +1326,27 @@ impl Scheduler {
                         self.nodes[ni].release(&job.resources, &devs);
                         self.touched(ni);
                     }
-                    let mut r = no_fit_reason(&lacks, self.nodes.len());
-                    let cache = (placed == 0).then(|| r.clone());
-                    r.message = format!(
-                        "gang: only {placed} of {} tasks fit together; {}",
-                        job.pending.len(),
-                        r.message
-                    );
-                    r.code = "gang".into();
-                    r.counts.insert("fit".into(), placed as u64);
-                    r.counts.insert("need".into(), job.pending.len() as u64);
-                    return Err(Box::new((r, cache)));
+                    return Err(failed(&lacks, placed, self.nodes.len()));
                 }
             }
         }
         Ok(tentative)
+    }
+
+    /// How many tasks of `r` the nodes a placement may use hold together, counted up to
+    /// `need`.
+    fn gang_room(&self, r: &TaskResources, end: Option<caravel_core::Millis>, need: u64) -> u64 {
+        let mut room = 0;
+        for i in self.index.candidates(r) {
+            if !self.allowed(i, end) || self.off_zone(i) {
+                continue;
+            }
+            room += self.room(i, r);
+            if room >= need {
+                break;
+            }
+        }
+        room
     }
 
     /// Tells the scheduler which tasks run now (their resources must already be counted as
@@ -1464,18 +1497,10 @@ impl Scheduler {
         let mut promised: HashMap<TenantId, TenantSnap> = HashMap::new();
         let mut domains: HashMap<TopologyLevel, Vec<Vec<usize>>> = HashMap::new();
         #[allow(clippy::type_complexity)]
-        let mut hopeless: HashMap<
-            (
-                Shape,
-                u8,
-                TenantId,
-                usize,
-                Option<u8>,
-                bool,
-                Option<TopologyLevel>,
-            ),
+        let mut hopeless: ShapeMemo<
+            (u8, TenantId, usize, Option<u8>, bool, Option<TopologyLevel>),
             String,
-        > = HashMap::new();
+        > = ShapeMemo::default();
         let mut cursor = self.preempt_cursor;
         for job in order {
             let t = promised
@@ -1487,7 +1512,6 @@ impl Scheduler {
             let at_cap = plan.pending[&job.id].iter().any(|r| r.code == "quota");
             let domain = job.topology.filter(|_| job.gang);
             let key = (
-                shape(&job.resources),
                 job.priority.rank(),
                 job.tenant,
                 if job.gang { job.pending.len() } else { 1 },
@@ -1495,7 +1519,7 @@ impl Scheduler {
                 at_cap,
                 job.topology,
             );
-            if let Some(w) = hopeless.get(&key) {
+            if let Some(w) = hopeless.get(&job.resources, key) {
                 why = Some(w.clone());
             } else if at_cap {
                 // Within a tenant at its cap, higher priority displaces its own lower
@@ -1555,7 +1579,7 @@ impl Scheduler {
             if !victims.is_empty() {
                 hopeless.clear();
             } else if let Some(w) = &why {
-                hopeless.insert(key, w.clone());
+                hopeless.insert(&job.resources, key, w.clone());
             }
             let reasons = plan.pending.entry(job.id).or_default();
             if !victims.is_empty() {
@@ -1602,7 +1626,7 @@ impl Scheduler {
         }
         let total = self.nodes.len();
         // Jobs of one shape get the same counts: one scan per shape, not per job.
-        let mut memo: HashMap<Shape, PendingReason> = HashMap::new();
+        let mut memo: ShapeMemo<(), PendingReason> = ShapeMemo::default();
         for j in jobs {
             let Some(reasons) = plan.pending.get_mut(&j.id) else {
                 continue;
@@ -1612,8 +1636,9 @@ impl Scheduler {
                     continue;
                 }
                 let full = memo
-                    .entry(shape(&j.resources))
-                    .or_insert_with(|| no_fit_reason(&self.explain(&j.resources), total))
+                    .get_or_insert_with(&j.resources, (), || {
+                        no_fit_reason(&self.explain(&j.resources), total)
+                    })
                     .clone();
                 r.message = format!(
                     "{}{}",
@@ -1635,7 +1660,7 @@ impl Scheduler {
         jobs: &[JobReq],
     ) -> Plan {
         let mut plan = Plan::default();
-        let mut unfit: HashMap<Shape, PendingReason> = HashMap::new();
+        let mut unfit: ShapeMemo<(), PendingReason> = ShapeMemo::default();
         let total_nodes = self.nodes.len();
 
         // Each tenant's queue in priority then FIFO order, the jobs its guarantee covers
@@ -1768,7 +1793,7 @@ impl Scheduler {
                 None
             };
             self.draining = lifted.as_ref().filter(|r| r.drained).map(|r| r.nodes.len());
-            if let Some(r) = unfit.get(&shape(&job.resources)) {
+            if let Some(r) = unfit.get(&job.resources, ()) {
                 // Known not to fit; if the job holds the reservation, it still says so.
                 let mut reasons = vec![r.clone()];
                 reasons.extend(lifted.as_ref().map(|res| self.own_reservation_reason(res)));
@@ -1792,7 +1817,7 @@ impl Scheduler {
                     Err(e) => {
                         let (r, cache) = *e;
                         if let Some(c) = cache {
-                            unfit.insert(shape(&job.resources), c);
+                            unfit.insert(&job.resources, (), c);
                         }
                         let mut reasons = vec![r];
                         self.reserve_or_hold(job, &mut reasons);
@@ -1827,7 +1852,7 @@ impl Scheduler {
                     }
                     None => {
                         let mut r = no_fit_reason(&self.explain(&job.resources), total_nodes);
-                        unfit.insert(shape(&job.resources), r.clone());
+                        unfit.insert(&job.resources, (), r.clone());
                         if k > 0 {
                             r.message = format!(
                                 "{} of {} tasks placed; {}",

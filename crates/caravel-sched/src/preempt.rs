@@ -81,9 +81,9 @@ pub fn within_guarantee(g: &Quota, used: &ResourceSum, r: &TaskResources, times:
     let gpu = match &r.gpu {
         None => true,
         // Within the guarantee on any model the task accepts.
-        Some(q) => q.models().iter().any(|m| {
-            used.gpu_milli.get(*m).copied().unwrap_or(0) + q.milli_total() * times
-                <= g.gpus.get(*m).copied().unwrap_or(0) as u64 * 1000
+        Some(q) => q.models_iter().any(|m| {
+            used.gpu_milli.get(m).copied().unwrap_or(0) + q.milli_total() * times
+                <= g.gpus.get(m).copied().unwrap_or(0) as u64 * 1000
         }),
     };
     cpu && mem && gpu

@@ -1618,6 +1618,80 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// Counting a gang's room before placing it changes nothing but the work done: the
+    /// same plans, reasons included, as placing every member tentatively.
+    #[test]
+    fn counting_a_gangs_room_first_plans_as_placing_its_members(w in arb_world(), policy in 0usize..7) {
+        let types: Vec<fgd::WorkloadType> = w
+            .jobs
+            .iter()
+            .map(|j| fgd::WorkloadType {
+                cpu_milli: j.resources.cpu_milli,
+                memory_bytes: j.resources.memory_bytes,
+                num_gpu: j.resources.gpu.as_ref().map(|g| g.count).unwrap_or(0),
+                gpu_milli: j.resources.gpu.as_ref().map(|g| g.milli.unwrap_or(1000)).unwrap_or(0),
+                models: vec![],
+                weight: 1.0 / w.jobs.len().max(1) as f64,
+            })
+            .collect();
+        let run = |tentatively: bool| {
+            let cfg = Config {
+                explain_pending: false,
+                policy: Policy::ALL[policy],
+                // Caravel's policy both with FGD scoring and with the index's first fit.
+                ..if policy == 6 && w.jobs.len() % 2 == 0 { Config::default() } else { fgd_cfg(types.clone()) }
+            };
+            let mut s = Scheduler::new(cfg, w.nodes.clone());
+            s.place_gangs_tentatively = tentatively;
+            let mut tenants = w.tenants.clone();
+            let first = s.schedule(&mut tenants, &w.jobs);
+            let running: Vec<RunningTask> = first
+                .placements
+                .iter()
+                .enumerate()
+                .map(|(k, p)| {
+                    let j = w.jobs.iter().find(|j| j.id == p.job).unwrap();
+                    RunningTask {
+                        run: caravel_core::RunId(k as u64 + 1),
+                        job: p.job,
+                        tenant: j.tenant,
+                        node: p.node,
+                        priority: if p.job.0 % 2 == 0 { Priority::Spot } else { Priority::Batch },
+                        resources: j.resources.clone(),
+                        devices: p.devices.clone(),
+                        started_ms: 0,
+                        min_runtime_ms: 0,
+                        borrowed: true,
+                        expected_end_ms: Some(5_000 + 1_000 * (k as i64 % 4)),
+                        gang_size: 1,
+                        attained_gpu_ms: 0,
+                    }
+                })
+                .collect();
+            // The second wave declares max runtimes, so reservations hold nodes back too.
+            let again: Vec<JobReq> = w
+                .jobs
+                .iter()
+                .map(|j| JobReq {
+                    id: JobId(j.id.0 + 1000),
+                    seq: j.seq + 1000,
+                    priority: Priority::Batch,
+                    max_runtime_ms: Some(500 + 3_000 * (j.id.0 % 3)),
+                    ..j.clone()
+                })
+                .collect();
+            let second = s.schedule_with(1_000, &running, &mut tenants, &again);
+            (first, second)
+        };
+        let gangs = w.jobs.iter().filter(|j| j.gang && j.pending.len() > 1).count();
+        prop_assume!(gangs > 0);
+        prop_assert_eq!(run(true), run(false));
+    }
+}
+
 #[test]
 fn work_that_accepts_any_model_leaves_a_scarce_model_to_its_pinned_work() {
     // One P100 node and ten T4 nodes. 20 % of the expected GPU demand accepts only P100

@@ -736,9 +736,11 @@ impl Engine<'_> {
                     .collect();
                 &small
             };
-            let mut used: HashMap<TenantId, ResourceSum> = reqs
+            // What each tenant held before this pass (a few tenants, many queued jobs).
+            let mut used: HashMap<TenantId, ResourceSum> = self
+                .tenants
                 .iter()
-                .map(|r| (r.tenant, self.tenants[&r.tenant].used.clone()))
+                .map(|(id, t)| (*id, t.used.clone()))
                 .collect();
             // The room the last pass's victims freed is held for the jobs they were
             // stopped for, as the server holds it.
@@ -832,36 +834,52 @@ impl Engine<'_> {
 
     /// Brings `reqs` up to date with the jobs touched since the last cycle.
     fn sync_reqs(&mut self) {
-        for j in std::mem::take(&mut self.touched) {
-            let id = JobId(j as u64);
-            let at = self.reqs.binary_search_by_key(&id, |r| r.id);
-            let waiting = self.queue.contains(&j);
-            match (at, waiting) {
+        let touched = std::mem::take(&mut self.touched);
+        // Updates in place; jobs that left the queue go in one pass and jobs that joined
+        // it are appended and merged (a long queue would otherwise be shifted once for
+        // every job that starts).
+        let mut left: Vec<JobId> = Vec::new();
+        let mut joined: Vec<JobReq> = Vec::new();
+        for &j in &touched {
+            let at = self.reqs.binary_search_by_key(&JobId(j as u64), |r| r.id);
+            match (at, self.queue.contains(&j)) {
                 (Ok(k), true) => {
                     self.reqs[k].pending = self.jobs[j].pending.iter().copied().collect();
                     self.reqs[k].attained_gpu_ms = self.jobs[j].attained_gpu_ms;
                 }
-                (Ok(k), false) => {
-                    self.reqs.remove(k);
-                }
-                (Err(k), true) => {
-                    let sp = &self.specs[j];
-                    let r = JobReq {
-                        id,
-                        tenant: TenantId(sp.tenant as u64),
-                        priority: sp.priority,
-                        seq: sp.seq,
-                        resources: sp.resources.clone(),
-                        gang: sp.gang,
-                        pending: self.jobs[j].pending.iter().copied().collect(),
-                        topology: None,
-                        max_runtime_ms: sp.max_runtime_ms,
-                        attained_gpu_ms: self.jobs[j].attained_gpu_ms,
-                    };
-                    self.reqs.insert(k, r);
-                }
+                (Ok(_), false) => left.push(JobId(j as u64)),
+                (Err(_), true) => joined.push(self.req_of(j)),
                 (Err(_), false) => {}
             }
+        }
+        if !left.is_empty() {
+            // Both in id order.
+            let mut gone = left.into_iter().peekable();
+            self.reqs.retain(|r| gone.next_if_eq(&r.id).is_none());
+        }
+        if !joined.is_empty() {
+            let sorted = self.reqs.last().is_none_or(|r| r.id < joined[0].id);
+            self.reqs.extend(joined);
+            if !sorted {
+                // Two sorted runs: the stable sort merges them in one pass.
+                self.reqs.sort_by_key(|r| r.id);
+            }
+        }
+    }
+
+    fn req_of(&self, j: usize) -> JobReq {
+        let sp = &self.specs[j];
+        JobReq {
+            id: JobId(j as u64),
+            tenant: TenantId(sp.tenant as u64),
+            priority: sp.priority,
+            seq: sp.seq,
+            resources: sp.resources.clone(),
+            gang: sp.gang,
+            pending: self.jobs[j].pending.iter().copied().collect(),
+            topology: None,
+            max_runtime_ms: sp.max_runtime_ms,
+            attained_gpu_ms: self.jobs[j].attained_gpu_ms,
         }
     }
 
