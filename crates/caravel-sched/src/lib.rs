@@ -1276,9 +1276,11 @@ impl Scheduler {
                 .map_err(|r| Box::new((r, None)));
         }
         let need = job.pending.len();
-        let failed = |lacks: &BTreeMap<Lack, u64>, placed: usize, total: usize| {
+        // Remembered as not fitting this cycle only if no member fits even in reserved
+        // room: a later gang of this shape may end before the reservation and backfill.
+        let failed = |lacks: &BTreeMap<Lack, u64>, placed: usize, total: usize, nowhere: bool| {
             let mut r = no_fit_reason(lacks, total);
-            let cache = (placed == 0).then(|| r.clone());
+            let cache = (placed == 0 && nowhere).then(|| r.clone());
             r.message = format!(
                 "gang: only {placed} of {need} tasks fit together; {}",
                 r.message
@@ -1300,7 +1302,13 @@ impl Scheduler {
         if count_first {
             let room = self.gang_room(&job.resources, end, need as u64);
             if room < need as u64 {
-                return Err(failed(&BTreeMap::new(), room as usize, self.nodes.len()));
+                let nowhere = room == 0 && !self.fits_in_reserved_room(&job.resources);
+                return Err(failed(
+                    &BTreeMap::new(),
+                    room as usize,
+                    self.nodes.len(),
+                    nowhere,
+                ));
             }
         }
         let mut tentative: Vec<(usize, Vec<u32>, u32)> = Vec::new();
@@ -1326,11 +1334,17 @@ impl Scheduler {
                         self.nodes[ni].release(&job.resources, &devs);
                         self.touched(ni);
                     }
-                    return Err(failed(&lacks, placed, self.nodes.len()));
+                    let nowhere = placed == 0 && !self.fits_in_reserved_room(&job.resources);
+                    return Err(failed(&lacks, placed, self.nodes.len(), nowhere));
                 }
             }
         }
         Ok(tentative)
+    }
+
+    /// Does `r` fit somewhere, given that it did not fit outside the reservation?
+    fn fits_in_reserved_room(&self, r: &TaskResources) -> bool {
+        self.reservation.is_some() && self.place(r).is_some()
     }
 
     /// How many tasks of `r` the nodes a placement may use hold together, counted up to

@@ -877,6 +877,38 @@ fn backfill_that_would_delay_the_head_job_is_refused() {
 }
 
 #[test]
+fn a_gang_kept_out_only_by_the_reservation_does_not_stop_a_shorter_gang_of_its_shape() {
+    // As above: the head job reserves node 1 until t=100 s. Two gangs of the same shape;
+    // the first would run past t=100 s, the second ends before it and backfills.
+    let run: Vec<RunningTask> = (0..4).map(|i| ending(i, 1, 100_000)).collect();
+    let mut n1 = cpu_node(1, 8, 64);
+    n1.used_cpu_milli = 4000;
+    n1.used_memory_bytes = 4 << 30;
+    for explain in [true, false] {
+        let cfg = Config {
+            explain_pending: explain,
+            ..Config::default()
+        };
+        let mut s = Scheduler::new(cfg, vec![n1.clone()]);
+        let gang = |id, ms| {
+            let mut j = with_runtime(tjob(id, id, 2, 1000, 1), Some(ms));
+            j.gang = true;
+            j
+        };
+        let plan = s.schedule_with(
+            0,
+            &run,
+            &mut HashMap::new(),
+            &[tjob(1, 1, 1, 8000, 1), gang(2, 200_000), gang(3, 50_000)],
+        );
+        assert_eq!(plan.reservation.as_ref().map(|r| r.0), Some(JobId(1)));
+        let placed: Vec<JobId> = plan.placements.iter().map(|p| p.job).collect();
+        assert_eq!(placed, vec![JobId(3), JobId(3)], "explain {explain}");
+        assert!(plan.pending[&JobId(2)].iter().any(|r| r.code == "backfill"));
+    }
+}
+
+#[test]
 fn jobs_away_from_the_reservation_are_not_held() {
     let run: Vec<RunningTask> = (0..4).map(|i| ending(i, 1, 100_000)).collect();
     let mut n1 = cpu_node(1, 8, 64);
