@@ -394,6 +394,28 @@ proptest! {
             }
         }
     }
+
+    /// What counting a gang's room rests on: a node's room for a request is how many
+    /// times placement's fit succeeds on it, each task's devices taken before the next.
+    #[test]
+    fn a_nodes_room_is_how_many_tasks_fit_one_after_another(w in arb_world()) {
+        let mut s = Scheduler::new(Config::default(), w.nodes.clone());
+        let half: Vec<JobReq> = w.jobs.iter().take(w.jobs.len() / 2).cloned().collect();
+        s.schedule(&mut HashMap::new(), &half);
+        for n in s.nodes() {
+            for j in &w.jobs {
+                let r = &j.resources;
+                let mut copy = n.clone();
+                let mut fitted = 0u64;
+                while let Ok((_, devs)) = fit(&s.cfg, &copy, r) {
+                    copy.allocate(r, &devs);
+                    fitted += 1;
+                    prop_assert!(fitted <= 1000, "no end to {:?} on {:?}", r, n.id);
+                }
+                prop_assert_eq!(n.room_for(r), fitted, "{:?} on {:?}", r, n.id);
+            }
+        }
+    }
 }
 
 fn racked(id: u64, zone: &str, rack: &str, gpus: u32) -> NodeSnap {
