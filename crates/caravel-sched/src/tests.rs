@@ -848,13 +848,19 @@ fn with_runtime(mut j: JobReq, ms: Option<u64>) -> JobReq {
     j
 }
 
-#[test]
-fn backfill_that_would_delay_the_head_job_is_refused() {
-    // Node 1 has 8 CPUs, 4 held by tasks that end at t=100 s. The head job needs all 8.
+/// Node 1: 8 CPUs, 4 held by four tasks that end at t=100 s.
+fn half_held_until_100s() -> (Vec<RunningTask>, NodeSnap) {
     let run: Vec<RunningTask> = (0..4).map(|i| ending(i, 1, 100_000)).collect();
     let mut n1 = cpu_node(1, 8, 64);
     n1.used_cpu_milli = 4000;
     n1.used_memory_bytes = 4 << 30;
+    (run, n1)
+}
+
+#[test]
+fn backfill_that_would_delay_the_head_job_is_refused() {
+    // Node 1 has 8 CPUs, 4 held by tasks that end at t=100 s. The head job needs all 8.
+    let (run, n1) = half_held_until_100s();
     let mut s = Scheduler::new(Config::default(), vec![n1]);
     let head = tjob(1, 1, 1, 8000, 1);
     let too_long = with_runtime(tjob(2, 2, 1, 1000, 1), Some(200_000));
@@ -902,10 +908,7 @@ fn backfill_that_would_delay_the_head_job_is_refused() {
 fn a_gang_kept_out_only_by_the_reservation_does_not_stop_a_shorter_gang_of_its_shape() {
     // As above: the head job reserves node 1 until t=100 s. Two gangs of the same shape;
     // the first would run past t=100 s, the second ends before it and backfills.
-    let run: Vec<RunningTask> = (0..4).map(|i| ending(i, 1, 100_000)).collect();
-    let mut n1 = cpu_node(1, 8, 64);
-    n1.used_cpu_milli = 4000;
-    n1.used_memory_bytes = 4 << 30;
+    let (run, n1) = half_held_until_100s();
     for explain in [true, false] {
         let cfg = Config {
             explain_pending: explain,
@@ -932,10 +935,7 @@ fn a_gang_kept_out_only_by_the_reservation_does_not_stop_a_shorter_gang_of_its_s
 
 #[test]
 fn jobs_away_from_the_reservation_are_not_held() {
-    let run: Vec<RunningTask> = (0..4).map(|i| ending(i, 1, 100_000)).collect();
-    let mut n1 = cpu_node(1, 8, 64);
-    n1.used_cpu_milli = 4000;
-    n1.used_memory_bytes = 4 << 30;
+    let (run, n1) = half_held_until_100s();
     let mut s = Scheduler::new(Config::default(), vec![n1, cpu_node(2, 2, 64)]);
     let plan = s.schedule_with(
         0,
@@ -1460,6 +1460,61 @@ fn a_job_squeezed_out_by_fair_share_says_where_its_tenant_stands() {
 
 // ---- FGD policy ----
 
+/// One FGD workload type per job of the world, equally weighted.
+fn world_types(w: &World) -> Vec<fgd::WorkloadType> {
+    w.jobs
+        .iter()
+        .map(|j| fgd::WorkloadType {
+            cpu_milli: j.resources.cpu_milli,
+            memory_bytes: j.resources.memory_bytes,
+            num_gpu: j.resources.gpu.as_ref().map(|g| g.count).unwrap_or(0),
+            gpu_milli: j
+                .resources
+                .gpu
+                .as_ref()
+                .map(|g| g.milli.unwrap_or(1000))
+                .unwrap_or(0),
+            models: vec![],
+            weight: 1.0 / w.jobs.len().max(1) as f64,
+        })
+        .collect()
+}
+
+/// What a plan placed, as running tasks: half of it spot (even job ids), so a second wave
+/// has victims to find; `end(k)` is the k-th placement's expected end.
+fn placed_as_running(
+    w: &World,
+    plan: &Plan,
+    end: impl Fn(usize) -> Option<i64>,
+) -> Vec<RunningTask> {
+    plan.placements
+        .iter()
+        .enumerate()
+        .map(|(k, p)| {
+            let j = w.jobs.iter().find(|j| j.id == p.job).unwrap();
+            RunningTask {
+                run: caravel_core::RunId(k as u64 + 1),
+                job: p.job,
+                tenant: j.tenant,
+                node: p.node,
+                priority: if p.job.0 % 2 == 0 {
+                    Priority::Spot
+                } else {
+                    Priority::Batch
+                },
+                resources: j.resources.clone(),
+                devices: p.devices.clone(),
+                started_ms: 0,
+                min_runtime_ms: 0,
+                borrowed: true,
+                expected_end_ms: end(k),
+                gang_size: 1,
+                attained_gpu_ms: 0,
+            }
+        })
+        .collect()
+}
+
 fn fgd_cfg(types: Vec<fgd::WorkloadType>) -> Config {
     Config {
         fgd: Some(std::sync::Arc::new(types)),
@@ -1530,18 +1585,7 @@ proptest! {
 
     #[test]
     fn fgd_never_over_commits(w in arb_world(), policy in 0usize..7, seed in 0u64..4) {
-        let types: Vec<fgd::WorkloadType> = w
-            .jobs
-            .iter()
-            .map(|j| fgd::WorkloadType {
-                cpu_milli: j.resources.cpu_milli,
-                memory_bytes: j.resources.memory_bytes,
-                num_gpu: j.resources.gpu.as_ref().map(|g| g.count).unwrap_or(0),
-                gpu_milli: j.resources.gpu.as_ref().map(|g| g.milli.unwrap_or(1000)).unwrap_or(0),
-                models: vec![],
-                weight: 1.0 / w.jobs.len().max(1) as f64,
-            })
-            .collect();
+        let types = world_types(&w);
         // Every placement policy, Caravel's and the baselines, through the same checks.
         let cfg = Config { policy: Policy::ALL[policy], seed, ..fgd_cfg(types) };
         let mut s = Scheduler::new(cfg.clone(), w.nodes.clone());
@@ -1630,29 +1674,7 @@ proptest! {
             let first = s.schedule(&mut tenants, &w.jobs);
             // What the first plan placed runs now; half of it as spot, so the second wave
             // (the same jobs again, as batch) has victims to find.
-            let running: Vec<RunningTask> = first
-                .placements
-                .iter()
-                .enumerate()
-                .map(|(k, p)| {
-                    let j = w.jobs.iter().find(|j| j.id == p.job).unwrap();
-                    RunningTask {
-                        run: caravel_core::RunId(k as u64 + 1),
-                        job: p.job,
-                        tenant: j.tenant,
-                        node: p.node,
-                        priority: if p.job.0 % 2 == 0 { Priority::Spot } else { Priority::Batch },
-                        resources: j.resources.clone(),
-                        devices: p.devices.clone(),
-                        started_ms: 0,
-                        min_runtime_ms: 0,
-                        borrowed: true,
-                        expected_end_ms: None,
-                        gang_size: 1,
-                        attained_gpu_ms: 0,
-                    }
-                })
-                .collect();
+            let running = placed_as_running(&w, &first, |_| None);
             let again: Vec<JobReq> = w
                 .jobs
                 .iter()
@@ -1679,18 +1701,7 @@ proptest! {
     /// same plans, reasons included, as placing every member tentatively.
     #[test]
     fn counting_a_gangs_room_first_plans_as_placing_its_members(w in arb_world(), policy in 0usize..7) {
-        let types: Vec<fgd::WorkloadType> = w
-            .jobs
-            .iter()
-            .map(|j| fgd::WorkloadType {
-                cpu_milli: j.resources.cpu_milli,
-                memory_bytes: j.resources.memory_bytes,
-                num_gpu: j.resources.gpu.as_ref().map(|g| g.count).unwrap_or(0),
-                gpu_milli: j.resources.gpu.as_ref().map(|g| g.milli.unwrap_or(1000)).unwrap_or(0),
-                models: vec![],
-                weight: 1.0 / w.jobs.len().max(1) as f64,
-            })
-            .collect();
+        let types = world_types(&w);
         let run = |tentatively: bool| {
             let cfg = Config {
                 explain_pending: false,
@@ -1702,29 +1713,7 @@ proptest! {
             s.place_gangs_tentatively = tentatively;
             let mut tenants = w.tenants.clone();
             let first = s.schedule(&mut tenants, &w.jobs);
-            let running: Vec<RunningTask> = first
-                .placements
-                .iter()
-                .enumerate()
-                .map(|(k, p)| {
-                    let j = w.jobs.iter().find(|j| j.id == p.job).unwrap();
-                    RunningTask {
-                        run: caravel_core::RunId(k as u64 + 1),
-                        job: p.job,
-                        tenant: j.tenant,
-                        node: p.node,
-                        priority: if p.job.0 % 2 == 0 { Priority::Spot } else { Priority::Batch },
-                        resources: j.resources.clone(),
-                        devices: p.devices.clone(),
-                        started_ms: 0,
-                        min_runtime_ms: 0,
-                        borrowed: true,
-                        expected_end_ms: Some(5_000 + 1_000 * (k as i64 % 4)),
-                        gang_size: 1,
-                        attained_gpu_ms: 0,
-                    }
-                })
-                .collect();
+            let running = placed_as_running(&w, &first, |k| Some(5_000 + 1_000 * (k as i64 % 4)));
             // The second wave declares max runtimes, so reservations hold nodes back too.
             let again: Vec<JobReq> = w
                 .jobs
