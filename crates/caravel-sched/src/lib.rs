@@ -1290,25 +1290,28 @@ impl Scheduler {
             r.counts.insert("need".into(), need as u64);
             Box::new((r, cache))
         };
-        // Without reasons to count (the simulator's long queues), a gang the pool cannot
-        // hold is told apart without placing members tentatively, which costs two index
-        // updates a member: identical tasks fit on each node independently of where the
-        // others went, so the nodes' rooms add up to how many the greedy placement below
-        // would place. Not for Random: each tentative member draws from its generator,
-        // and skipping the draws would change every later pick.
-        let count_first = !self.cfg.explain_pending && self.cfg.policy != Policy::Random;
+        // A gang the pool cannot hold is told apart without placing members tentatively,
+        // which costs two index updates a member: identical tasks fit on each node
+        // independently of where the others went, so the nodes' rooms add up to how many
+        // the greedy placement below would place. With reasons wanted, only when no member
+        // fits: otherwise the counts must describe the pool with the members held. Not for
+        // Random: each tentative member draws from its generator, and skipping the draws
+        // would change every later pick.
+        let count_first = self.cfg.policy != Policy::Random;
         #[cfg(test)]
         let count_first = count_first && !self.place_gangs_tentatively;
         if count_first {
             let room = self.gang_room(&job.resources, end, need as u64);
-            if room < need as u64 {
+            if room < need as u64 && (room == 0 || !self.cfg.explain_pending) {
+                let lacks = if self.cfg.explain_pending {
+                    select(&self.cfg, &self.nodes, &job.resources)
+                        .err()
+                        .unwrap_or_default()
+                } else {
+                    BTreeMap::new()
+                };
                 let nowhere = room == 0 && !self.fits_in_reserved_room(&job.resources);
-                return Err(failed(
-                    &BTreeMap::new(),
-                    room as usize,
-                    self.nodes.len(),
-                    nowhere,
-                ));
+                return Err(failed(&lacks, room as usize, self.nodes.len(), nowhere));
             }
         }
         let mut tentative: Vec<(usize, Vec<u32>, u32)> = Vec::new();

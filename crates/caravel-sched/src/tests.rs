@@ -1698,13 +1698,13 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(200))]
 
     /// Counting a gang's room before placing it changes nothing but the work done: the
-    /// same plans, reasons included, as placing every member tentatively.
+    /// same plans, reasons and their counts included, as placing every member tentatively.
     #[test]
-    fn counting_a_gangs_room_first_plans_as_placing_its_members(w in arb_world(), policy in 0usize..7) {
+    fn counting_a_gangs_room_first_plans_as_placing_its_members(w in arb_world(), policy in 0usize..7, explain in any::<bool>()) {
         let types = world_types(&w);
         let run = |tentatively: bool| {
             let cfg = Config {
-                explain_pending: false,
+                explain_pending: explain,
                 policy: Policy::ALL[policy],
                 // Caravel's policy both with FGD scoring and with the index's first fit.
                 ..if policy == 6 && w.jobs.len() % 2 == 0 { Config::default() } else { fgd_cfg(types.clone()) }
