@@ -146,7 +146,7 @@ impl Index {
             Some(g) => {
                 let fraction = g.milli.is_some();
                 let from = if fraction { 1 } else { g.count };
-                Box::new(g.models().into_iter().flat_map(move |m| {
+                Box::new(g.models_iter().flat_map(move |m| {
                     let pieces = self
                         .shared_by_model
                         .get(m)
@@ -176,8 +176,7 @@ impl Index {
         let mut v: Vec<usize> = match &r.gpu {
             // A fraction fits on a whole free device or in a shared one's leftover.
             Some(g) if g.milli.is_some() => g
-                .models()
-                .into_iter()
+                .models_iter()
                 .flat_map(|m| {
                     self.by_model
                         .get(m)

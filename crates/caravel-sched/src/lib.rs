@@ -123,8 +123,7 @@ impl NodeSnap {
             return Some(Vec::new());
         };
         let need = if g.milli.is_some() { 1 } else { g.count };
-        g.models()
-            .into_iter()
+        g.models_iter()
             .filter(|m| self.capacity.gpu_count(m) >= need)
             .find_map(|m| self.pick_devices(g, m))
     }
@@ -187,7 +186,7 @@ impl NodeSnap {
         );
         if let Some(g) = &r.gpu {
             let mut fit = 0u64;
-            for model in g.models() {
+            for model in g.models_iter() {
                 let free = self.free_devices(model).count() as u64;
                 fit += match g.milli {
                     None => free / g.count.max(1) as u64,
@@ -417,8 +416,7 @@ pub(crate) fn fit(cfg: &Config, n: &NodeSnap, r: &TaskResources) -> Result<(u64,
     if let Some(g) = &r.gpu {
         let need = if g.milli.is_some() { 1 } else { g.count };
         let offered: Vec<&str> = g
-            .models()
-            .into_iter()
+            .models_iter()
             .filter(|m| n.capacity.gpu_count(m) >= need)
             .collect();
         if offered.is_empty() {
