@@ -1301,13 +1301,7 @@ impl Scheduler {
         if count_first {
             let room = self.gang_room(&job.resources, end, need as u64);
             if room < need as u64 && (room == 0 || !self.cfg.explain_pending) {
-                let lacks = if self.cfg.explain_pending {
-                    select(&self.cfg, &self.nodes, &job.resources)
-                        .err()
-                        .unwrap_or_default()
-                } else {
-                    BTreeMap::new()
-                };
+                let lacks = self.lacks_if_explained(&job.resources);
                 let nowhere = room == 0 && !self.fits_in_reserved_room(&job.resources);
                 return Err(failed(&lacks, room as usize, self.nodes.len(), nowhere));
             }
@@ -1321,15 +1315,8 @@ impl Scheduler {
                 }
                 None => {
                     // Counted now, while the members placed so far are still held: the
-                    // reason must describe the pool the last member saw. A full scan, so
-                    // only when reasons are wanted (the simulator does not read them).
-                    let lacks = if self.cfg.explain_pending {
-                        select(&self.cfg, &self.nodes, &job.resources)
-                            .err()
-                            .unwrap_or_default()
-                    } else {
-                        BTreeMap::new()
-                    };
+                    // reason must describe the pool the last member saw.
+                    let lacks = self.lacks_if_explained(&job.resources);
                     let placed = tentative.len();
                     for (ni, devs, _) in tentative {
                         self.nodes[ni].release(&job.resources, &devs);
@@ -1341,6 +1328,16 @@ impl Scheduler {
             }
         }
         Ok(tentative)
+    }
+
+    /// Why no node fits `r`, counted per node: a full scan, so only when reasons are
+    /// wanted (the simulator does not read them).
+    fn lacks_if_explained(&self, r: &TaskResources) -> BTreeMap<Lack, u64> {
+        if self.cfg.explain_pending {
+            select(&self.cfg, &self.nodes, r).err().unwrap_or_default()
+        } else {
+            BTreeMap::new()
+        }
     }
 
     /// Does `r` fit somewhere, given that it did not fit outside the reservation?
