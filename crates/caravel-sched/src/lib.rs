@@ -301,8 +301,9 @@ pub struct Plan {
     pub pending: BTreeMap<JobId, Vec<PendingReason>>,
     /// Running tasks to stop so that pending jobs entitled to the space can run.
     pub preemptions: Vec<Preemption>,
-    /// The head-of-line job's reservation: from this time on, these nodes.
-    pub reservation: Option<(JobId, caravel_core::Millis, Vec<NodeId>)>,
+    /// The waiting jobs' reservations, head-of-line first (see `Config::reservations`):
+    /// from this time on, these nodes.
+    pub reservations: Vec<(JobId, caravel_core::Millis, Vec<NodeId>)>,
 }
 
 #[derive(Debug, Clone)]
@@ -339,6 +340,13 @@ pub struct Config {
     pub explain_pending: bool,
     /// Least-attained-service order for batch work (off: priority, fair share, FIFO).
     pub las: Option<Las>,
+    /// How many waiting jobs hold a reservation at once, in queue order (at least 1). 1 is
+    /// EASY backfill: only the head-of-line job's start is protected, and a large gang
+    /// behind it waits as long as smaller work keeps filling each freed slot. More is
+    /// closer to conservative backfill (Slurm reserves for every job its backfill pass
+    /// tests): each job that gets one is placed in the node-time map, later reservations
+    /// and backfill work around it.
+    pub reservations: usize,
 }
 
 /// Discretised least-attained-service scheduling of batch work (Tiresias, NSDI'19): batch
@@ -379,6 +387,7 @@ impl Default for Config {
             fgd_max_candidates: 2048,
             explain_pending: true,
             las: None,
+            reservations: 1,
         }
     }
 }
@@ -628,8 +637,11 @@ pub struct Scheduler {
     preempt_cursor: usize,
     /// The current time, when the caller gave it (`schedule_preempting`): needed to reserve.
     now: Option<caravel_core::Millis>,
-    /// The head-of-line job's reservation in this cycle (EASY backfill).
-    reservation: Option<Reservation>,
+    /// This cycle's reservations, in the order they were made (`Config::reservations`).
+    reservations: Vec<Reservation>,
+    /// Per reserved node, the earliest start of a reservation on it: work that would still
+    /// run then may not start there. Rebuilt whenever `reservations` changes.
+    reserved_from: HashMap<usize, caravel_core::Millis>,
     /// SplitMix64 state for the baselines' random tie-breaks: seeded, so runs repeat.
     rng: std::cell::Cell<u64>,
     /// Running tasks that could ever be preempted, kept with `running`.
@@ -719,7 +731,8 @@ impl Scheduler {
             place_gangs_tentatively: false,
             ends: BTreeSet::new(),
             now: None,
-            reservation: None,
+            reservations: Vec::new(),
+            reserved_from: HashMap::new(),
             rng: std::cell::Cell::new(cfg.seed ^ 0x9E37_79B9_7F4A_7C15),
             victims: preempt::Victims::default(),
             lazy_explain: false,
@@ -871,12 +884,41 @@ impl Scheduler {
     }
 
     /// May a job ending at `end` (None: no max runtime) use node `i`? Not a node reserved
-    /// for the head-of-line job, unless it will be gone before the reservation starts.
+    /// for a waiting job, unless it will be gone before the reservation starts.
     fn allowed(&self, i: usize, end: Option<caravel_core::Millis>) -> bool {
-        match &self.reservation {
-            Some(res) if res.nodes.contains(&i) => end.is_some_and(|e| e <= res.at),
-            _ => true,
+        match self.reserved_from.get(&i) {
+            Some(&at) => end.is_some_and(|e| e <= at),
+            None => true,
         }
+    }
+
+    fn set_reservations(&mut self, reservations: Vec<Reservation>) {
+        self.reservations = reservations;
+        self.reserved_from.clear();
+        for res in &self.reservations {
+            for &i in &res.nodes {
+                let at = self.reserved_from.entry(i).or_insert(res.at);
+                *at = (*at).min(res.at);
+            }
+        }
+    }
+
+    fn add_reservation(&mut self, res: Reservation) {
+        for &i in &res.nodes {
+            let at = self.reserved_from.entry(i).or_insert(res.at);
+            *at = (*at).min(res.at);
+        }
+        self.reservations.push(res);
+    }
+
+    /// Takes `job`'s reservation out for its turn (room reserved for a job is its own to
+    /// use), with where it stood.
+    fn lift_reservation(&mut self, job: JobId) -> Option<(usize, Reservation)> {
+        let k = self.reservations.iter().position(|r| r.job == job)?;
+        let mut all = std::mem::take(&mut self.reservations);
+        let res = all.remove(k);
+        self.set_reservations(all);
+        Some((k, res))
     }
 
     fn place_for(
@@ -1057,7 +1099,10 @@ impl Scheduler {
         // per end time (the replay of 100,000 nodes).
         let mut roomy: BTreeSet<usize> = BTreeSet::new();
         let mut total = 0u64;
-        for i in self.index.candidates(r) {
+        // Nodes reserved for other jobs are theirs from their start on, and how long those
+        // jobs will hold them is not known: this one's reservation is made around them.
+        let free = |i: &usize| !self.reserved_from.contains_key(i);
+        for i in self.index.candidates(r).filter(free) {
             if !roomy.contains(&i) {
                 let k = self.nodes[i].room_for(r);
                 if k > 0 {
@@ -1071,6 +1116,7 @@ impl Scheduler {
         let mut ends = self
             .ends
             .iter()
+            .filter(|(_, i, _)| free(i))
             .filter_map(|&(e, i, run)| {
                 let t = self.running.get(&i)?.iter().find(|t| t.run == run)?;
                 Some((e.max(now), i, t))
@@ -1104,8 +1150,9 @@ impl Scheduler {
         None
     }
 
-    /// The first job that cannot start gets a reservation (if the max runtimes of what
-    /// runs tell when it could); any later job kept out by that reservation says so.
+    /// A job that cannot start gets a reservation (if the max runtimes of what runs tell
+    /// when it could) while fewer than `Config::reservations` are held; any other job kept
+    /// out says which reservation holds the room.
     fn reserve_or_hold(&mut self, job: &JobReq, reasons: &mut Vec<PendingReason>) {
         let Some(now) = self.now else { return };
         if let Some(n) = self.draining {
@@ -1113,7 +1160,23 @@ impl Scheduler {
             reasons.push(draining_reason(n));
             return;
         }
-        match &self.reservation {
+        let eligible = job.priority != Priority::Spot && job.topology.is_none();
+        if eligible && self.reservations.len() < self.cfg.reservations.max(1) {
+            if let Some(res) = self.reserve(job, now) {
+                reasons.push(reserved_reason(&res, now));
+                self.add_reservation(res);
+                return;
+            }
+        }
+        // With several, the one holding room this job would fit in (the first otherwise).
+        let holder = match self.reservations.len() {
+            0 | 1 => self.reservations.first(),
+            _ => self
+                .place(&job.resources)
+                .and_then(|(i, _)| self.reservations.iter().find(|r| r.nodes.contains(&i)))
+                .or(self.reservations.first()),
+        };
+        match holder {
             Some(res) if res.drained => {
                 let mut counts = BTreeMap::new();
                 counts.insert("nodes".to_string(), res.nodes.len() as u64);
@@ -1127,30 +1190,28 @@ impl Scheduler {
                     counts,
                 });
             }
-            Some(res) if res.job != job.id => {
+            Some(res) => {
                 let mut counts = BTreeMap::new();
                 counts.insert("reserved_for_job".to_string(), res.job.0);
                 counts.insert("starts_in_ms".to_string(), (res.at - now).max(0) as u64);
+                if self.reservations.len() > 1 {
+                    counts.insert("reservations".to_string(), self.reservations.len() as u64);
+                }
                 reasons.push(PendingReason {
                     code: "backfill".into(),
                     message: format!(
-                        "held for the reservation of job {} (starts in {}s); only jobs whose max runtime ends before then may use that room",
+                        "held for the reservation of job {} (starts in {}s{}); only jobs whose max runtime ends before then may use that room",
                         res.job,
-                        (res.at - now).max(0) / 1000
+                        (res.at - now).max(0) / 1000,
+                        match self.reservations.len() {
+                            1 => String::new(),
+                            n => format!("; {n} jobs hold reservations"),
+                        }
                     ),
                     counts,
                 });
             }
-            Some(_) => {}
-            None => {
-                if job.priority == Priority::Spot || job.topology.is_some() {
-                    return;
-                }
-                if let Some(res) = self.reserve(job, now) {
-                    reasons.push(reserved_reason(&res, now));
-                    self.reservation = Some(res);
-                }
-            }
+            None => {}
         }
     }
 
@@ -1342,7 +1403,7 @@ impl Scheduler {
 
     /// Does `r` fit somewhere, given that it did not fit outside the reservation?
     fn fits_in_reserved_room(&self, r: &TaskResources) -> bool {
-        self.reservation.is_some() && self.place(r).is_some()
+        !self.reservations.is_empty() && self.place(r).is_some()
     }
 
     /// How many tasks of `r` the nodes a placement may use hold together, counted up to
@@ -1458,17 +1519,21 @@ impl Scheduler {
     ) -> Plan {
         self.lazy_explain = true;
         self.now = Some(now);
-        self.reservation = None;
+        self.set_reservations(Vec::new());
         let mut plan = self.schedule(tenants, jobs);
         self.lazy_explain = false;
         self.now = None;
-        plan.reservation = self.reservation.as_ref().map(|r| {
-            (
-                r.job,
-                r.at,
-                r.nodes.iter().map(|i| self.nodes[*i].id).collect(),
-            )
-        });
+        plan.reservations = self
+            .reservations
+            .iter()
+            .map(|r| {
+                (
+                    r.job,
+                    r.at,
+                    r.nodes.iter().map(|i| self.nodes[*i].id).collect(),
+                )
+            })
+            .collect();
         if self.running.is_empty() || plan.pending.is_empty() {
             self.fill_explanations(&mut plan, jobs);
             return plan;
@@ -1741,8 +1806,8 @@ impl Scheduler {
                     drained: true,
                 })
             });
-            if res.is_some() {
-                self.reservation = res;
+            if let Some(res) = res {
+                self.set_reservations(vec![res]);
             }
         }
         let mut turns = BTreeSet::new();
@@ -1799,16 +1864,29 @@ impl Scheduler {
                 None => job,
             };
             // Room reserved for this job is its own to use.
-            let lifted = if self.reservation.as_ref().is_some_and(|r| r.job == job.id) {
-                self.reservation.take()
-            } else {
+            let lifted = if self.reservations.is_empty() {
                 None
+            } else {
+                self.lift_reservation(job.id)
             };
-            self.draining = lifted.as_ref().filter(|r| r.drained).map(|r| r.nodes.len());
+            self.draining = lifted
+                .as_ref()
+                .filter(|(_, r)| r.drained)
+                .map(|(_, r)| r.nodes.len());
             if let Some(r) = unfit.get(&job.resources, ()) {
                 // Known not to fit; if the job holds the reservation, it still says so.
                 let mut reasons = vec![r.clone()];
-                reasons.extend(lifted.as_ref().map(|res| self.own_reservation_reason(res)));
+                reasons.extend(
+                    lifted
+                        .as_ref()
+                        .map(|(_, res)| self.own_reservation_reason(res)),
+                );
+                // It may still be owed a reservation of its own: its shape failing says
+                // nothing about when this job (another gang size, another priority) could
+                // start.
+                if lifted.is_none() && self.reservations.len() < self.cfg.reservations.max(1) {
+                    self.reserve_or_hold(job, &mut reasons);
+                }
                 plan.pending.insert(job.id, reasons);
             } else if job.gang {
                 match self.place_gang(job, end) {
@@ -1880,8 +1958,13 @@ impl Scheduler {
                 }
             }
             self.draining = None;
-            if lifted.is_some() && (again || plan.pending.contains_key(&job.id)) {
-                self.reservation = lifted;
+            if let Some((k, res)) = lifted.filter(|_| again || plan.pending.contains_key(&job.id)) {
+                // Back where it stood; a reservation made for the job during its turn is
+                // superseded by the one it held.
+                let mut all = std::mem::take(&mut self.reservations);
+                all.retain(|r| r.job != job.id);
+                all.insert(k.min(all.len()), res);
+                self.set_reservations(all);
             }
             let q = queues.get_mut(&tid).expect("queued tenant");
             if again {

@@ -873,8 +873,9 @@ fn backfill_that_would_delay_the_head_job_is_refused() {
         &[head, too_long, unbounded, short],
     );
     let (rj, at, nodes) = plan
-        .reservation
-        .clone()
+        .reservations
+        .first()
+        .cloned()
         .expect("the head job holds a reservation");
     assert_eq!((rj, at, nodes), (JobId(1), 100_000, vec![NodeId(1)]));
     let placed: Vec<JobId> = plan.placements.iter().map(|p| p.job).collect();
@@ -926,11 +927,80 @@ fn a_gang_kept_out_only_by_the_reservation_does_not_stop_a_shorter_gang_of_its_s
             &mut HashMap::new(),
             &[tjob(1, 1, 1, 8000, 1), gang(2, 200_000), gang(3, 50_000)],
         );
-        assert_eq!(plan.reservation.as_ref().map(|r| r.0), Some(JobId(1)));
+        assert_eq!(plan.reservations.first().map(|r| r.0), Some(JobId(1)));
         let placed: Vec<JobId> = plan.placements.iter().map(|p| p.job).collect();
         assert_eq!(placed, vec![JobId(3), JobId(3)], "explain {explain}");
         assert!(plan.pending[&JobId(2)].iter().any(|r| r.code == "backfill"));
     }
+}
+
+#[test]
+fn with_two_reservations_backfill_may_not_delay_the_second_waiting_gang() {
+    // Four 8-CPU nodes: 1 and 2 full until t=100 s, 3 full until t=300 s, 4 empty. Two
+    // gangs of two whole nodes wait; gang 1 can start at 100 s on nodes 1 and 2, gang 2 at
+    // 300 s on nodes 3 and 4. A job that would hold node 4 until t=500 s delays gang 2.
+    let mut run = Vec::new();
+    let mut nodes = Vec::new();
+    for (node, end) in [(1u64, 100_000i64), (2, 100_000), (3, 300_000), (4, 0)] {
+        let mut n = cpu_node(node, 8, 64);
+        if end > 0 {
+            for k in 0..8 {
+                run.push(ending(node * 10 + k, node, end));
+            }
+            n.used_cpu_milli = 8000;
+            n.used_memory_bytes = 8 << 30;
+        }
+        nodes.push(n);
+    }
+    let gang = |id| {
+        let mut j = with_runtime(tjob(id, 1, 2, 8000, 1), Some(1_000_000));
+        j.gang = true;
+        j
+    };
+    let jobs = [
+        gang(1),
+        gang(2),
+        with_runtime(tjob(3, 1, 1, 8000, 1), Some(500_000)),
+        with_runtime(tjob(4, 1, 1, 8000, 1), Some(200_000)),
+    ];
+    let plan_with = |reservations| {
+        let cfg = Config {
+            reservations,
+            ..Config::default()
+        };
+        Scheduler::new(cfg, nodes.clone()).schedule_with(0, &run, &mut HashMap::new(), &jobs)
+    };
+    let placed = |plan: &Plan| -> Vec<JobId> { plan.placements.iter().map(|p| p.job).collect() };
+
+    // EASY: only gang 1's start is protected; job 3 takes node 4 and gang 2 waits to 500 s.
+    let easy = plan_with(1);
+    assert_eq!(easy.reservations.len(), 1);
+    assert_eq!(easy.reservations[0].0, JobId(1));
+    assert_eq!(placed(&easy), vec![JobId(3)]);
+
+    // Two: gang 2 holds nodes 3 and 4 from 300 s; job 3 would run past that and waits,
+    // job 4 ends by then and backfills.
+    let two = plan_with(2);
+    let held: Vec<(JobId, i64, Vec<NodeId>)> = two.reservations.clone();
+    assert_eq!(
+        held,
+        vec![
+            (JobId(1), 100_000, vec![NodeId(1), NodeId(2)]),
+            (JobId(2), 300_000, vec![NodeId(3), NodeId(4)]),
+        ]
+    );
+    assert_eq!(placed(&two), vec![JobId(4)]);
+    let r = two.pending[&JobId(3)]
+        .iter()
+        .find(|r| r.code == "backfill")
+        .expect("job 3 says what holds it");
+    assert!(
+        r.message.starts_with("held for the reservation of job 2")
+            && r.message.contains("2 jobs hold reservations"),
+        "{}",
+        r.message
+    );
+    assert!(two.pending[&JobId(2)].iter().any(|r| r.code == "reserved"));
 }
 
 #[test]
@@ -957,15 +1027,17 @@ fn jobs_away_from_the_reservation_are_not_held() {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(200))]
 
-    /// Backfill never delays the reserved job: after the cycle, once every running task and
-    /// every job placed this cycle that ends by the reservation time has ended, the head job
-    /// fits on the nodes reserved for it.
+    /// Backfill never delays a reserved job: after the cycle, once every running task and
+    /// every job placed this cycle that ends by a reservation's time has ended, its job fits
+    /// on the nodes reserved for it. With several reservations, no node is in two.
     #[test]
     fn backfill_never_delays_the_reservation(
         nodes_n in 1u64..6,
         runs in prop::collection::vec((0u64..6, 1u64..200), 0..20),
         jobs in prop::collection::vec((1u64..9, prop::option::of(1u64..300), 0u64..4), 1..12),
+        reservations in 1usize..4,
     ) {
+        let cfg = Config { reservations, ..Config::default() };
         let mut nodes: Vec<NodeSnap> = (0..nodes_n).map(|i| cpu_node(i, 8, 64)).collect();
         let mut running_tasks = Vec::new();
         for (k, (n, end_s)) in runs.iter().enumerate() {
@@ -982,12 +1054,19 @@ proptest! {
             .enumerate()
             .map(|(i, (cpus, rt, t))| with_runtime(tjob(i as u64, *t, 1, cpus * 1000, 1), rt.map(|s| s * 1000)))
             .collect();
-        let mut s = Scheduler::new(Config::default(), nodes.clone());
+        let mut s = Scheduler::new(cfg.clone(), nodes.clone());
         let plan = s.schedule_with(0, &running_tasks, &mut HashMap::new(), &reqs);
         // Determinism, with reservations and preemption in play.
-        let mut again = Scheduler::new(Config::default(), nodes);
+        let mut again = Scheduler::new(cfg, nodes);
         prop_assert_eq!(&again.schedule_with(0, &running_tasks, &mut HashMap::new(), &reqs), &plan);
-        if let Some((rj, at, rnodes)) = &plan.reservation {
+        prop_assert!(plan.reservations.len() <= reservations);
+        let mut seen = BTreeSet::new();
+        for (_, _, rnodes) in &plan.reservations {
+            for n in rnodes {
+                prop_assert!(seen.insert(*n), "node {} in two reservations", n);
+            }
+        }
+        for (rj, at, rnodes) in &plan.reservations {
             prop_assert!(!plan.placements.iter().any(|p| p.job == *rj));
             let mut after: Vec<NodeSnap> = s.nodes().to_vec();
             for t in &running_tasks {
@@ -1012,7 +1091,7 @@ proptest! {
                     left -= 1;
                 }
             }
-            prop_assert_eq!(left, 0, "the head job no longer fits at its reservation time");
+            prop_assert_eq!(left, 0, "job {} no longer fits at its reservation time", rj);
         }
     }
 }
@@ -2280,8 +2359,9 @@ fn a_protected_gang_has_nodes_drained_for_it_and_then_starts() {
     let plan = s.schedule_with(10_000, &run, &mut HashMap::new(), &jobs);
     assert!(plan.placements.is_empty());
     let (rj, _, rn) = plan
-        .reservation
-        .clone()
+        .reservations
+        .first()
+        .cloned()
         .expect("nodes drained for the gang");
     assert_eq!((rj, rn), (JobId(1), vec![NodeId(1), NodeId(2)]));
     let backfill = plan.pending[&JobId(2)]
@@ -2311,7 +2391,7 @@ fn a_protected_gang_has_nodes_drained_for_it_and_then_starts() {
     s.protect(vec![gang.id]);
     let plan = s.schedule_with(20_000, &[], &mut HashMap::new(), &jobs);
     assert_eq!(placed(&plan), vec![1, 1]);
-    assert!(plan.reservation.is_none());
+    assert!(plan.reservations.is_empty());
     assert!(plan.pending[&JobId(2)].iter().all(|r| r.code != "backfill"));
 
     // Protected work that fits starts at once; the rest keep what is left.
@@ -2337,15 +2417,15 @@ fn a_protected_job_gets_the_reservation_and_short_work_still_backfills_when_ends
     // Unprotected, the head-of-line job 1 holds the reservation.
     let mut s = Scheduler::new(Config::default(), nodes.clone());
     let plan = s.schedule_with(10_000, &run, &mut HashMap::new(), &jobs);
-    assert_eq!(plan.reservation.as_ref().map(|r| r.0), Some(JobId(1)));
+    assert_eq!(plan.reservations.first().map(|r| r.0), Some(JobId(1)));
 
     // Protected, the gang holds it: from t=60 s on both nodes, not drained.
     let mut s = Scheduler::new(Config::default(), nodes);
     s.protect(vec![gang.id]);
     let plan = s.schedule_with(10_000, &run, &mut HashMap::new(), &jobs);
     assert_eq!(
-        plan.reservation,
-        Some((JobId(2), 60_000, vec![NodeId(1), NodeId(2)]))
+        plan.reservations,
+        vec![(JobId(2), 60_000, vec![NodeId(1), NodeId(2)])]
     );
     assert!(code(&plan, 2, "reserved"), "{:?}", plan.pending[&JobId(2)]);
     assert!(!code(&plan, 2, "draining"));
@@ -2369,7 +2449,7 @@ fn spot_work_is_never_protected() {
     let mut s = Scheduler::new(Config::default(), nodes);
     s.protect(vec![spot.id]);
     let plan = s.schedule_with(10_000, &[t], &mut HashMap::new(), &[spot, small]);
-    assert!(plan.reservation.is_none());
+    assert!(plan.reservations.is_empty());
     assert_eq!(
         plan.placements.len(),
         1,

@@ -53,6 +53,8 @@ pub struct ServerConfig {
     /// Least-attained-service order for batch work (off: priority, guarantee, fair share,
     /// FIFO).
     pub las: Option<caravel_sched::Las>,
+    /// How many waiting jobs hold a backfill reservation at once (`Config::reservations`).
+    pub reservations: usize,
     /// Drain nodes for a job that has waited this long without starting (0: never).
     pub starvation_ms: u64,
 }
@@ -69,6 +71,7 @@ impl ServerConfig {
             zone: String::new(),
             region: String::new(),
             las: None,
+            reservations: 1,
             starvation_ms: 0,
         }
     }
@@ -218,6 +221,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
     core.ensure_default_tenant(now_ms())?;
     core.fair_share_half_life_ms = cfg.fair_share_half_life_ms;
     core.sched_cfg.las = cfg.las.clone();
+    core.sched_cfg.reservations = cfg.reservations;
     core.starvation_ms = cfg.starvation_ms;
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
@@ -309,6 +313,7 @@ fn reload(s: &Shared) {
         Ok(mut c) => {
             c.fair_share_half_life_ms = s.cfg.fair_share_half_life_ms;
             c.sched_cfg.las = s.cfg.las.clone();
+            c.sched_cfg.reservations = s.cfg.reservations;
             c.starvation_ms = s.cfg.starvation_ms;
             *s.core.lock().expect("core lock") = c
         }

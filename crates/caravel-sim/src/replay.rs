@@ -748,7 +748,7 @@ impl Engine<'_> {
             self.sched.protect(protect);
             let plan = self.sched.schedule_preempting(now, &mut self.tenants, reqs);
             self.out.cycles += 1;
-            self.reserved = plan.reservation.is_some();
+            self.reserved = !plan.reservations.is_empty();
             self.out.reserved_cycles += self.reserved as u64;
             self.out.job_offers += reqs.len() as u64;
             for p in &plan.placements {

@@ -287,6 +287,11 @@ struct ServerArgs {
     /// started. Bounds the wait of large gangs at some cost; off (`0s`) by default.
     #[arg(long, default_value = "0s", value_parser = dur)]
     starvation: u64,
+    /// How many waiting jobs hold a backfill reservation at once, in queue order. 1 is EASY
+    /// backfill (only the head-of-line job's start is protected); more protects the starts
+    /// of the next jobs too, so large gangs behind the head are not overtaken without end.
+    #[arg(long, default_value_t = 1, value_parser = reservations)]
+    reservations: usize,
     /// The gateway's own zone: callers that name none (X-Caravel-Zone) are served by
     /// replicas here first.
     #[arg(long, default_value = "")]
@@ -424,6 +429,19 @@ enum PriorityArg {
 fn dur(s: &str) -> Result<u64, String> {
     parse_duration_ms(s)
 }
+/// `--reservations`: 1 (EASY backfill) up to 1024. Each one costs a search of running
+/// work's ends per cycle, so the bound keeps a typo from stalling every cycle.
+pub(crate) fn reservations(s: &str) -> Result<usize, String> {
+    let n: usize = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a whole number"))?;
+    match n {
+        0 => Err("must be at least 1 (1 is EASY backfill: the head-of-line job's)".into()),
+        1..=1024 => Ok(n),
+        _ => Err(format!("{n} is more than 1024")),
+    }
+}
 fn cpu(s: &str) -> Result<u64, String> {
     parse_cpu_milli(s)
 }
@@ -489,6 +507,7 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
                 None => None,
             };
             cfg.starvation_ms = a.starvation;
+            cfg.reservations = a.reservations;
             cfg.zone = a.zone;
             cfg.region = a.region;
             if a.sync_full {

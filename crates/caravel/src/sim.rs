@@ -111,6 +111,9 @@ pub struct ReplayArgs {
     /// drained so no other work starts on them until it has. 0: never.
     #[arg(long, default_value_t = 0)]
     pub starvation_s: u64,
+    /// How many waiting jobs hold a backfill reservation at once (1: EASY backfill).
+    #[arg(long, default_value_t = 1, value_parser = crate::reservations)]
+    pub reservations: usize,
     /// Worker threads (default: every core).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -184,6 +187,7 @@ fn replay(a: ReplayArgs) -> Result<i32> {
         las,
         las_slice_s,
         starvation_s,
+        reservations,
         threads,
         out,
     } = a;
@@ -448,6 +452,7 @@ fn replay(a: ReplayArgs) -> Result<i32> {
                 opts.sched.fgd_pin_weight = pin_weight;
                 opts.sched.las = las.clone();
                 opts.starvation_ms = starvation_s.saturating_mul(1000);
+                opts.sched.reservations = reservations;
                 let single = tasks.len() == 1;
                 let mut last = std::time::Instant::now();
                 let mut progress = |at: i64, span: i64| {

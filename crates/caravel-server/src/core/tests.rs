@@ -785,6 +785,61 @@ fn the_head_job_holds_a_reservation_and_only_short_jobs_backfill() {
 }
 
 #[test]
+fn with_two_reservations_the_second_waiting_job_keeps_its_start_too() {
+    for reservations in [1, 2] {
+        let mut f = fixture();
+        let c = &mut f.core;
+        c.sched_cfg.reservations = reservations;
+        let t = default_tenant(c);
+        // Node a full until t=61 s, half of node b busy until t=121 s (b joins once a is
+        // full, so b's busy tasks cannot land on a).
+        for (name, tasks, ms) in [("a", 8, 60_000), ("b", 4, 120_000)] {
+            let node = c.register(reg(name, 8, 0), 0).unwrap();
+            let mut busy = JobSpec::simple("sleep", &["60"]);
+            busy.tasks = tasks;
+            busy.max_runtime_ms = Some(ms);
+            c.submit(t, busy, 0).unwrap();
+            c.schedule(1).unwrap();
+            let runs = runs_on(c, node);
+            assert_eq!(runs.len(), tasks as usize, "node {name}");
+            for r in runs {
+                started(c, node, r, 1_000);
+            }
+        }
+        let whole = |c: &mut Core, at| {
+            let mut s = JobSpec::simple("train", &[]);
+            s.resources.cpu_milli = 8000;
+            c.submit(t, s, at).unwrap()
+        };
+        let first = whole(c, 2_000);
+        let second = whole(c, 2_001);
+        let mut long = JobSpec::simple("sleep", &["600"]);
+        long.max_runtime_ms = Some(600_000);
+        let long = c.submit(t, long, 2_002).unwrap();
+        c.schedule(3_000).unwrap();
+        let reserved = |c: &Core, j| c.jobs[&j].reasons.iter().any(|r| r.code == "reserved");
+        assert!(reserved(c, first));
+        assert_eq!(reserved(c, second), reservations == 2);
+        // EASY protects only the first job's start: the long job takes node b and delays
+        // the second by ten minutes. With two, it waits for room no reservation holds.
+        let long_placed = c.jobs[&long].tasks[0].state == TaskState::Assigned;
+        assert_eq!(
+            long_placed,
+            reservations == 1,
+            "reservations {reservations}"
+        );
+        if reservations == 2 {
+            let r = c.jobs[&long]
+                .reasons
+                .iter()
+                .find(|r| r.code == "backfill")
+                .expect("held");
+            assert_eq!(r.counts["reserved_for_job"], second.0);
+        }
+    }
+}
+
+#[test]
 fn least_attained_service_preempts_a_long_job_for_a_new_one_and_remembers_service() {
     let mut f = fixture();
     let c = &mut f.core;

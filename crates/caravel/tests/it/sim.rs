@@ -191,6 +191,10 @@ fn bad_replay_flags_name_the_flag_and_write_nothing() {
             vec!["--jobs", "synthetic:nodes=20", "--las-slice-s", "60"],
             "--las-slice-s: only with --las",
         ),
+        (
+            vec!["--jobs", "synthetic:nodes=20", "--reservations", "0"],
+            "--reservations <RESERVATIONS>': must be at least 1",
+        ),
     ] {
         let mut a = args.clone();
         a.extend(["--out", o]);
@@ -219,6 +223,11 @@ fn bad_replay_flags_name_the_flag_and_write_nothing() {
         (vec!["--las", "16,4"], "--las: boundaries must be ascending"),
         (vec!["--las-slice", "10s"], "--las-slice: only with --las"),
         (vec!["--starvation", "soon"], "--starvation"),
+        (
+            vec!["--reservations", "two"],
+            "\"two\" is not a whole number",
+        ),
+        (vec!["--reservations", "5000"], "5000 is more than 1024"),
     ] {
         let o = Command::new(BIN)
             .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
