@@ -221,6 +221,30 @@ impl Core {
                     .push((r.id, r.node, res, r.devices.clone()));
             }
         }
+        // Victims that all exited before the restart, of jobs still waiting: the cycle that
+        // would have held their room for the job may not have run. Held through the first
+        // cycle (room since taken is not held). A job with victims still stopping chose
+        // them after its earlier victims' room was held (it preempts again only then), so
+        // those earlier ones are not its claim any more.
+        let waiting: Vec<JobId> = core
+            .jobs
+            .values()
+            .filter(|e| !e.rec.state.is_terminal() && !core.preempting.contains_key(&e.rec.id))
+            .filter(|e| e.tasks.iter().any(|t| t.state == TaskState::Pending))
+            .map(|e| e.rec.id)
+            .collect();
+        for j in waiting {
+            for r in core.store.ended_runs_preempted_for(j)? {
+                let Some(victim) = core.jobs.get(&r.job) else {
+                    continue;
+                };
+                let res = victim.rec.spec.resources.clone();
+                core.preempting
+                    .entry(j)
+                    .or_default()
+                    .push((r.id, r.node, res, r.devices));
+            }
+        }
         core.repair(now)?;
         Ok(core)
     }

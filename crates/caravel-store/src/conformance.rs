@@ -185,6 +185,46 @@ pub fn puts_are_upserts(f: &dyn StoreFactory) {
     assert_eq!(s.load().unwrap().max_run_id, 1);
 }
 
+pub fn ended_victims_are_found_by_the_job_they_were_stopped_for(f: &dyn StoreFactory) {
+    let mut s = f.open();
+    let victim = |id, state, for_job: Option<u64>| {
+        let mut r = run(id, 1, state);
+        r.stop = Some(caravel_core::StopReason::Preempt);
+        r.preempted_for = for_job.map(JobId);
+        r
+    };
+    s.apply(&[
+        Mutation::PutJob(job(1, 1)),
+        Mutation::PutRun(victim(4, RunState::Killed, Some(9))),
+        // Still stopping: the server finds it among the active runs.
+        Mutation::PutRun(victim(5, RunState::Running, Some(9))),
+        Mutation::PutRun(victim(6, RunState::Killed, Some(8))),
+        Mutation::PutRun(victim(2, RunState::Killed, Some(9))),
+        Mutation::PutRun(run(3, 1, RunState::Killed)),
+    ])
+    .unwrap();
+    let ids = |s: &mut Box<dyn Store>, j| -> Vec<u64> {
+        s.ended_runs_preempted_for(JobId(j))
+            .unwrap()
+            .iter()
+            .map(|r| r.id.0)
+            .collect()
+    };
+    assert_eq!(ids(&mut s, 9), vec![2, 4]);
+    assert_eq!(ids(&mut s, 8), vec![6]);
+    assert!(ids(&mut s, 1).is_empty());
+    // A run that ends later (an upsert) is found then, with its final body.
+    s.apply(&[Mutation::PutRun(victim(5, RunState::Killed, Some(9)))])
+        .unwrap();
+    drop(s);
+    let mut s = f.open();
+    assert_eq!(ids(&mut s, 9), vec![2, 4, 5]);
+    assert_eq!(
+        s.ended_runs_preempted_for(JobId(9)).unwrap()[2],
+        victim(5, RunState::Killed, Some(9))
+    );
+}
+
 pub fn usage_is_written_once(f: &dyn StoreFactory) {
     let mut s = f.open();
     let first = usage(5, 1);
@@ -303,7 +343,7 @@ macro_rules! store_conformance_tests {
         $crate::store_conformance_tests!(@t $factory;
             empty_store_loads_empty, round_trips_every_record, puts_are_upserts,
             usage_is_written_once, usage_filters, batches_are_atomic, many_jobs_round_trip,
-            services_upsert_and_delete);
+            services_upsert_and_delete, ended_victims_are_found_by_the_job_they_were_stopped_for);
     };
     (@t $factory:expr; $($name:ident),*) => {
         $(

@@ -80,6 +80,9 @@ pub trait Store: Send {
     /// Applies every mutation in one transaction.
     fn apply(&mut self, batch: &[Mutation]) -> Result<()>;
     fn runs_of_job(&mut self, job: JobId) -> Result<Vec<RunRecord>>;
+    /// Runs that have ended after being stopped for `job` (their `preempted_for`), by id:
+    /// after a restart, the room they freed is still owed to it.
+    fn ended_runs_preempted_for(&mut self, job: JobId) -> Result<Vec<RunRecord>>;
     fn run(&mut self, id: RunId) -> Result<Option<RunRecord>>;
     fn usage(&mut self, filter: &UsageFilter) -> Result<Vec<UsageRecord>>;
     fn has_usage(&mut self, run: RunId) -> Result<bool>;

@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 
 use crate::{Mutation, Result, Snapshot, Store, StoreError, UsageFilter};
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 const MIGRATIONS: &[&str] = &[
     r#"
@@ -27,6 +27,13 @@ CREATE INDEX usage_job ON usage(job);
 "#,
     r#"
 CREATE TABLE services (tenant INTEGER NOT NULL, name TEXT NOT NULL, body TEXT NOT NULL, PRIMARY KEY (tenant, name));
+"#,
+    // The job a run was stopped for, as a key column: a restarted server looks up the
+    // victims of each waiting job. Filled in from the bodies of runs stored before.
+    r#"
+ALTER TABLE runs ADD COLUMN preempted_for INTEGER;
+UPDATE runs SET preempted_for = json_extract(body, '$.preempted_for');
+CREATE INDEX runs_preempted_for ON runs(preempted_for) WHERE preempted_for IS NOT NULL;
 "#,
 ];
 
@@ -207,14 +214,17 @@ impl Store for SqliteStore {
                 }
                 Mutation::PutRun(r) => {
                     tx.prepare_cached(
-                        "INSERT INTO runs (id, job, active, body) VALUES (?1, ?2, ?3, ?4)
-                         ON CONFLICT(id) DO UPDATE SET job = ?2, active = ?3, body = ?4",
+                        "INSERT INTO runs (id, job, active, preempted_for, body)
+                         VALUES (?1, ?2, ?3, ?4, ?5)
+                         ON CONFLICT(id) DO UPDATE
+                         SET job = ?2, active = ?3, preempted_for = ?4, body = ?5",
                     )
                     .and_then(|mut s| {
                         s.execute(params![
                             r.id.0 as i64,
                             r.job.0 as i64,
                             !r.state.is_terminal() as i64,
+                            r.preempted_for.map(|j| j.0 as i64),
                             to_json(r)
                         ])
                     })
@@ -259,6 +269,19 @@ impl Store for SqliteStore {
         let mut st = self
             .conn
             .prepare_cached("SELECT body FROM runs WHERE job = ?1 ORDER BY id")
+            .map_err(db)?;
+        let rows = st
+            .query_map([job.0 as i64], |r| r.get::<_, String>(0))
+            .map_err(db)?;
+        rows.map(|r| from_json("runs", &r.map_err(db)?)).collect()
+    }
+
+    fn ended_runs_preempted_for(&mut self, job: JobId) -> Result<Vec<RunRecord>> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT body FROM runs WHERE preempted_for = ?1 AND active = 0 ORDER BY id",
+            )
             .map_err(db)?;
         let rows = st
             .query_map([job.0 as i64], |r| r.get::<_, String>(0))
@@ -321,6 +344,35 @@ mod tests {
     }
 
     crate::store_conformance_tests!(|| Sqlite(tempfile::tempdir().unwrap()));
+
+    /// A database written before the `preempted_for` column (schema 2) gets it filled in
+    /// from the run bodies, so a server upgraded mid-preemption still finds the victims.
+    #[test]
+    fn upgrading_from_schema_2_fills_in_who_each_run_was_stopped_for() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("state.db");
+        let mut victim = crate::conformance::run(4, 1, caravel_core::RunState::Killed);
+        victim.preempted_for = Some(JobId(9));
+        {
+            let c = Connection::open(&p).unwrap();
+            for m in &MIGRATIONS[..2] {
+                c.execute_batch(m).unwrap();
+            }
+            c.pragma_update(None, "user_version", 2).unwrap();
+            c.execute(
+                "INSERT INTO runs (id, job, active, body) VALUES (4, 1, 0, ?1)",
+                [to_json(&victim)],
+            )
+            .unwrap();
+        }
+        let mut s = SqliteStore::open(&p, Sync::Normal).unwrap();
+        assert_eq!(s.ended_runs_preempted_for(JobId(9)).unwrap(), vec![victim]);
+        let v: i64 = s
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+    }
 
     #[test]
     fn refuses_a_newer_schema() {

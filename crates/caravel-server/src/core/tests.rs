@@ -991,6 +991,38 @@ fn a_gang_that_waited_past_the_starvation_limit_has_nodes_drained_and_starts() {
 }
 
 #[test]
+fn room_freed_just_before_a_server_restart_is_still_held_for_the_preemptor() {
+    let mut f = fixture();
+    let c = &mut f.core;
+    let (x, y, four) = x_holds_a_node_and_spot_work_fills_the_other(c);
+    let jx = c.submit(x, four.clone(), 10).unwrap();
+    c.schedule(11).unwrap();
+    let victims: Vec<(RunId, NodeId)> = c
+        .runs
+        .values()
+        .filter(|r| r.stop == Some(StopReason::Preempt))
+        .map(|r| (r.id, r.node))
+        .collect();
+    assert_eq!(victims.len(), 4);
+    // The victims exit, and the server dies before the cycle that would hold their room
+    // for X's job: the reloaded server holds it all the same.
+    for (v, n) in &victims {
+        exited(c, *n, *v, 5, 20, 143);
+    }
+    drop(f.core);
+    let mut c = open(f.dir.path(), 21);
+    // Y holds nothing, so it is first in fair-share order.
+    let jy = c.submit(y, four, 21).unwrap();
+    c.schedule(22).unwrap();
+    assert_eq!(
+        c.jobs[&jx].tasks[0].state,
+        TaskState::Assigned,
+        "the room went to the job that preempted for it"
+    );
+    assert_eq!(c.jobs[&jy].tasks[0].state, TaskState::Pending);
+}
+
+#[test]
 fn a_preemptor_keeps_waiting_for_its_victims_across_a_server_restart() {
     let mut f = fixture();
     let c = &mut f.core;
