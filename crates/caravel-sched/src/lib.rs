@@ -506,12 +506,12 @@ fn fit_greedily<'n>(
 
 /// Which domain at `level` a node belongs to: (region, zone, rack, node id), the finer
 /// parts left blank.
-fn domain_key(n: &NodeSnap, level: TopologyLevel) -> (String, String, String, u64) {
+fn domain_of(n: &NodeSnap, level: TopologyLevel) -> (&str, &str, &str, u64) {
     let t = &n.topology;
     match level {
-        TopologyLevel::Node => (t.region.clone(), t.zone.clone(), t.rack.clone(), n.id.0),
-        TopologyLevel::Rack => (t.region.clone(), t.zone.clone(), t.rack.clone(), 0),
-        TopologyLevel::Zone => (t.region.clone(), t.zone.clone(), String::new(), 0),
+        TopologyLevel::Node => (&t.region, &t.zone, &t.rack, n.id.0),
+        TopologyLevel::Rack => (&t.region, &t.zone, &t.rack, 0),
+        TopologyLevel::Zone => (&t.region, &t.zone, "", 0),
     }
 }
 
@@ -1240,9 +1240,9 @@ impl Scheduler {
 
     /// The ready nodes grouped by topology domain at `level`, in domain order.
     fn domains(&self, level: TopologyLevel) -> Vec<Vec<usize>> {
-        let mut by: BTreeMap<(String, String, String, u64), Vec<usize>> = BTreeMap::new();
+        let mut by: BTreeMap<(&str, &str, &str, u64), Vec<usize>> = BTreeMap::new();
         for (i, n) in self.nodes.iter().enumerate().filter(|(_, n)| n.ready) {
-            by.entry(domain_key(n, level)).or_default().push(i);
+            by.entry(domain_of(n, level)).or_default().push(i);
         }
         by.into_values().collect()
     }
@@ -1258,16 +1258,15 @@ impl Scheduler {
         end: Option<caravel_core::Millis>,
     ) -> Result<Vec<(usize, Vec<u32>, u32)>, PendingReason> {
         let need = job.pending.len() as u64;
-        let mut domains: BTreeMap<(String, String, String, u64), (u64, Vec<usize>)> =
-            BTreeMap::new();
-        for i in 0..self.nodes.len() {
+        let mut domains: BTreeMap<(&str, &str, &str, u64), (u64, Vec<usize>)> = BTreeMap::new();
+        // Only nodes with room count, and the index names them (ascending, as a scan of
+        // every node would visit them): a gang per cycle no longer walks the whole pool.
+        for i in self.index.with_room(&job.resources) {
             let room = self.room(i, &job.resources);
             if room == 0 || !self.allowed(i, end) {
                 continue;
             }
-            let e = domains
-                .entry(domain_key(&self.nodes[i], level))
-                .or_default();
+            let e = domains.entry(domain_of(&self.nodes[i], level)).or_default();
             e.0 += room;
             e.1.push(i);
         }

@@ -164,6 +164,31 @@ pub fn bench(scenario: &str) -> Result<i32> {
                 (0..4000).map(|i| job(i, 0, 8, res(4000, 32 << 30, Some(("H100", 1))), true)).collect(),
                 "one gang per decision",
             ),
+            // Gangs held to one rack: 4,000 8-GPU nodes in 125 racks of 32 (5 zones); gangs of
+            // 2, 4 or 8 members of 4 H100 each until 105 % of the GPUs are asked for.
+            "gang-rack" => {
+                let nodes: Vec<NodeSnap> = (0..4000u64)
+                    .map(|i| {
+                        let mut n = gpu_node(i, "H100", 8, 96, 1024);
+                        n.topology = caravel_core::Topology {
+                            region: "r".into(),
+                            zone: format!("z{}", i / 800),
+                            rack: format!("rack-{}", i / 32),
+                        };
+                        n
+                    })
+                    .collect();
+                let mut jobs = Vec::new();
+                let mut gpus = 0u64;
+                while gpus < 32_000 * 105 / 100 {
+                    let members = [2u32, 4, 8][rng.below(3) as usize];
+                    let mut j = job(jobs.len() as u64, 0, members, res(8000, 64 << 30, Some(("H100", 4))), true);
+                    j.topology = Some(caravel_core::TopologyLevel::Rack);
+                    gpus += 4 * members as u64;
+                    jobs.push(j);
+                }
+                (nodes, HashMap::new(), jobs, "one rack-held gang per decision")
+            }
             // 100,000 nodes: 60 % CPU-only, 40 % GPU nodes over 4 models; 1,000 tenants with
             // quota caps; 1,000,000 tasks in jobs of 1-20 tasks, 15 % of them GPU work.
             "pool-100k" => {
@@ -216,7 +241,7 @@ pub fn bench(scenario: &str) -> Result<i32> {
             "fairshare-1k" => return fairshare_1k(&mut rng),
             "preempt-500k" => return preempt_500k(&mut rng),
             other => bail!(
-                "unknown scenario `{other}` (k8s-5k, c1m, gang-1024, gang-small, pool-100k, fairshare-1k, preempt-500k)"
+                "unknown scenario `{other}` (k8s-5k, c1m, gang-1024, gang-small, gang-rack, pool-100k, fairshare-1k, preempt-500k)"
             ),
         };
     let tasks: usize = jobs.iter().map(|j| j.pending.len()).sum();
