@@ -886,6 +886,10 @@ impl Scheduler {
     /// May a job ending at `end` (None: no max runtime) use node `i`? Not a node reserved
     /// for a waiting job, unless it will be gone before the reservation starts.
     fn allowed(&self, i: usize, end: Option<caravel_core::Millis>) -> bool {
+        // Called per candidate node; most cycles hold no reservation.
+        if self.reserved_from.is_empty() {
+            return true;
+        }
         match self.reserved_from.get(&i) {
             Some(&at) => end.is_some_and(|e| e <= at),
             None => true,
