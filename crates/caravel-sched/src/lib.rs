@@ -770,10 +770,11 @@ impl Scheduler {
     }
 
     /// Jobs that have waited too long (the caller's threshold), oldest first, for the next
-    /// `schedule` call. The first of them still pending (not spot, not held to a topology
-    /// domain) gets the cycle's reservation ahead of the head-of-line job: when the max
-    /// runtimes of running work tell when it could start, an EASY reservation that work
-    /// ending before then may backfill; otherwise nodes are drained for it: from the start
+    /// `schedule` call. The first of them still pending (not spot) gets the cycle's
+    /// reservation ahead of the head-of-line job: when the max runtimes of running work
+    /// tell when it could start, an EASY reservation that work ending before then may
+    /// backfill (inside one domain for a job held to one); otherwise, for a job not held to
+    /// a domain, nodes are drained for it: from the start
     /// of the cycle no other job may start on them, so they empty as their tasks end and
     /// the job starts once they have (Slurm's reservation for the top job without known
     /// end times). Without it a large gang waits as long as smaller work keeps taking each
@@ -1093,6 +1094,9 @@ impl Scheduler {
     /// runs now, and on which nodes? Releases running tasks in order of their expected end
     /// on a scratch copy until the whole job fits.
     fn reserve(&self, job: &JobReq, now: caravel_core::Millis) -> Option<Reservation> {
+        if let Some(level) = job.topology {
+            return self.reserve_in_domain(job, level, now);
+        }
         let need = job.pending.len() as u64;
         let r = &job.resources;
         // How many tasks of `r` fit in total once the tasks ending by each time have ended,
@@ -1154,6 +1158,83 @@ impl Scheduler {
         None
     }
 
+    /// `reserve` for a gang held to one topology domain: the earliest end time at which
+    /// some domain holds every pending task, and that domain's nodes. The same running sum
+    /// per domain; where several domains could hold it at once, the one with the least room
+    /// first (placement's best fit at the domain level), then in domain order.
+    fn reserve_in_domain(
+        &self,
+        job: &JobReq,
+        level: TopologyLevel,
+        now: caravel_core::Millis,
+    ) -> Option<Reservation> {
+        type Key<'a> = (&'a str, &'a str, &'a str, u64);
+        let need = job.pending.len() as u64;
+        let r = &job.resources;
+        let free = |i: &usize| !self.reserved_from.contains_key(i);
+        let key = |i: usize| domain_of(&self.nodes[i], level);
+        let mut totals: BTreeMap<Key, u64> = BTreeMap::new();
+        let mut roomy: BTreeMap<Key, BTreeSet<usize>> = BTreeMap::new();
+        for i in self.index.with_room(r).into_iter().filter(free) {
+            let k = self.nodes[i].room_for(r);
+            if k > 0 {
+                *totals.entry(key(i)).or_default() += k;
+                roomy.entry(key(i)).or_default().insert(i);
+            }
+        }
+        let mut scratch: BTreeMap<usize, NodeSnap> = BTreeMap::new();
+        let mut ends = self
+            .ends
+            .iter()
+            .filter(|(_, i, _)| free(i))
+            .filter_map(|&(e, i, run)| {
+                let t = self.running.get(&i)?.iter().find(|t| t.run == run)?;
+                Some((e.max(now), i, t))
+            })
+            .peekable();
+        // At the first end time every domain is a candidate; after it, only the domains
+        // an end changed (the room of the others, and so their greedy fit, is the same).
+        let mut first = true;
+        while let Some(&(t, _, _)) = ends.peek() {
+            let mut changed: BTreeSet<Key> = BTreeSet::new();
+            while let Some((_, i, task)) = ends.next_if(|e| e.0 == t) {
+                let n = scratch.entry(i).or_insert_with(|| self.nodes[i].clone());
+                let total = totals.entry(key(i)).or_default();
+                *total -= n.room_for(r).min(*total);
+                n.release(&task.resources, &task.devices);
+                *total += n.room_for(r);
+                changed.insert(key(i));
+            }
+            let mut fitting: Vec<(u64, Key)> = if std::mem::take(&mut first) {
+                totals.iter().map(|(k, v)| (*v, *k)).collect()
+            } else {
+                changed.iter().map(|k| (totals[k], *k)).collect()
+            };
+            fitting.retain(|(total, _)| *total >= need);
+            fitting.sort();
+            for (_, d) in fitting {
+                let none = BTreeSet::new();
+                let now_roomy = roomy.get(&d).unwrap_or(&none);
+                let order = scratch.keys().copied().filter(|i| key(*i) == d).chain(
+                    now_roomy
+                        .iter()
+                        .copied()
+                        .filter(|i| !scratch.contains_key(i)),
+                );
+                let base = |i: usize| scratch.get(&i).unwrap_or(&self.nodes[i]);
+                if let Some(chosen) = fit_greedily(&self.cfg, order, base, r, need) {
+                    return Some(Reservation {
+                        job: job.id,
+                        at: t,
+                        nodes: chosen,
+                        drained: false,
+                    });
+                }
+            }
+        }
+        None
+    }
+
     /// A job that cannot start gets a reservation (if the max runtimes of what runs tell
     /// when it could) while fewer than `Config::reservations` are held; any other job kept
     /// out says which reservation holds the room.
@@ -1164,8 +1245,8 @@ impl Scheduler {
             reasons.push(draining_reason(n));
             return;
         }
-        let eligible = job.priority != Priority::Spot && job.topology.is_none();
-        if eligible && self.reservations.len() < self.cfg.reservations.max(1) {
+        if job.priority != Priority::Spot && self.reservations.len() < self.cfg.reservations.max(1)
+        {
             if let Some(res) = self.reserve(job, now) {
                 reasons.push(reserved_reason(&res, now));
                 self.add_reservation(res);
@@ -1790,27 +1871,34 @@ impl Scheduler {
         };
         // The longest-waiting protected job gets this cycle's reservation (see `protect`):
         // when the max runtimes of what runs tell when it could start, an EASY reservation
-        // (work that ends before then still backfills); otherwise nodes are drained.
-        let protected = self.protected.iter().find_map(|id| {
-            jobs.iter().find(|j| {
-                j.id == *id
-                    && !j.pending.is_empty()
-                    && j.topology.is_none()
-                    && j.priority != Priority::Spot
-            })
-        });
-        if let Some(j) = protected {
+        // (work that ends before then still backfills); otherwise nodes are drained. A job
+        // held to a topology domain is protected only by a reservation (draining picks
+        // nodes across domains), so without one the next protected job gets the turn.
+        for id in self.protected.clone() {
+            let Some(j) = jobs
+                .iter()
+                .find(|j| j.id == id && !j.pending.is_empty() && j.priority != Priority::Spot)
+            else {
+                continue;
+            };
             let now = self.now.unwrap_or(0);
             let res = self.now.and_then(|now| self.reserve(j, now)).or_else(|| {
-                self.drain_for(j).map(|nodes| Reservation {
-                    job: j.id,
-                    at: now,
-                    nodes,
-                    drained: true,
-                })
+                j.topology
+                    .is_none()
+                    .then(|| self.drain_for(j))
+                    .flatten()
+                    .map(|nodes| Reservation {
+                        job: j.id,
+                        at: now,
+                        nodes,
+                        drained: true,
+                    })
             });
-            if let Some(res) = res {
-                self.set_reservations(vec![res]);
+            if res.is_some() || j.topology.is_none() {
+                if let Some(res) = res {
+                    self.set_reservations(vec![res]);
+                }
+                break;
             }
         }
         let mut turns = BTreeSet::new();
