@@ -50,6 +50,8 @@ pub struct Job {
     pub checkpoint_ms: u64,
     /// What the user declared as its limit (lets it backfill).
     pub max_runtime_ms: Option<u64>,
+    /// Every task in one such domain (a gang held to a rack).
+    pub topology: Option<caravel_core::TopologyLevel>,
 }
 
 /// An inference service: replicas follow the offered load through the autoscaler.
@@ -299,6 +301,7 @@ struct Spec {
     duration_ms: u64,
     checkpoint_ms: u64,
     max_runtime_ms: Option<u64>,
+    topology: Option<caravel_core::TopologyLevel>,
     seq: u64,
 }
 
@@ -398,6 +401,7 @@ pub fn run(
             duration_ms: j.duration_ms,
             checkpoint_ms: j.checkpoint_ms,
             max_runtime_ms: j.max_runtime_ms,
+            topology: j.topology,
             seq: i as u64,
         })
         .collect();
@@ -425,6 +429,7 @@ pub fn run(
             duration_ms: u64::MAX,
             checkpoint_ms: 0,
             max_runtime_ms: None,
+            topology: None,
             seq: (w.jobs.len() + k) as u64,
         });
         jobs.push(JobSt {
@@ -877,7 +882,7 @@ impl Engine<'_> {
             resources: sp.resources.clone(),
             gang: sp.gang,
             pending: self.jobs[j].pending.iter().copied().collect(),
-            topology: None,
+            topology: sp.topology,
             max_runtime_ms: sp.max_runtime_ms,
             attained_gpu_ms: self.jobs[j].attained_gpu_ms,
         }
@@ -1278,6 +1283,7 @@ mod tests {
             duration_ms: dur_s * 1000,
             checkpoint_ms: 0,
             max_runtime_ms: None,
+            topology: None,
         }
     }
 
@@ -1532,6 +1538,27 @@ mod tests {
             );
             assert!(a.preemptions > 0);
         }
+    }
+
+    #[test]
+    fn gangs_held_to_racks_reserve_room_and_every_job_ends() {
+        let spec = crate::synth::Spec::parse(
+            "nodes=40,tasks=1500,load=1.2,services=2,seed=9,limits=2,rack_nodes=8",
+        )
+        .unwrap();
+        let (nodes, w) = crate::synth::generate(&spec);
+        assert!(w.jobs.iter().any(|j| j.topology.is_some()));
+        let inc = Options::for_policy(caravel_sched::Policy::Caravel, &w, 1);
+        let full = Options {
+            incremental: false,
+            ..inc.clone()
+        };
+        let a = run(nodes.clone(), &w, &inc, &mut |_, _| {});
+        let b = run(nodes, &w, &full, &mut |_, _| {});
+        assert_eq!(a.jobs, b.jobs);
+        let s = a.summary();
+        assert_eq!(s.jobs_finished, s.jobs, "{s:?}");
+        assert!(a.reserved_cycles > 0);
     }
 
     #[test]

@@ -33,6 +33,9 @@ pub struct Spec {
     pub seed: u64,
     /// Declared max runtime over true duration (at least 1); 0: jobs declare none.
     pub limits: f64,
+    /// Nodes per rack, in pool order; every training gang is then held to one rack (and
+    /// no larger than one). 0: no topology.
+    pub rack_nodes: usize,
 }
 
 impl Default for Spec {
@@ -46,6 +49,7 @@ impl Default for Spec {
             day_s: 86_400,
             seed: 1,
             limits: 0.0,
+            rack_nodes: 0,
         }
     }
 }
@@ -69,6 +73,7 @@ impl Spec {
                 "services" => spec.services = int(v)? as usize,
                 "day_s" => spec.day_s = int(v)?,
                 "seed" => spec.seed = int(v)?,
+                "rack_nodes" => spec.rack_nodes = int(v)? as usize,
                 "limits" => {
                     spec.limits = v
                         .parse::<f64>()
@@ -89,7 +94,7 @@ impl Spec {
                 }
                 _ => {
                     return Err(format!(
-                        "synthetic: unknown key `{k}` (nodes, tasks, load, tenants, services, day_s, seed, limits)"
+                        "synthetic: unknown key `{k}` (nodes, tasks, load, tenants, services, day_s, seed, limits, rack_nodes)"
                     ))
                 }
             }
@@ -105,6 +110,12 @@ impl Spec {
         }
         if spec.day_s == 0 {
             return Err("synthetic: day_s must be at least 1".into());
+        }
+        if spec.rack_nodes == 1 {
+            return Err(
+                "synthetic: rack_nodes must be 0 (no racks) or at least 2 (a gang has 2 or more members)"
+                    .into(),
+            );
         }
         Ok(spec)
     }
@@ -144,7 +155,7 @@ pub fn pool(spec: &Spec) -> Vec<NodeSnap> {
     let (a100, h100, l4) = (n / 2, n / 4, n / 10);
     (0..n)
         .map(|i| {
-            if i < a100 {
+            let mut node = if i < a100 {
                 gpu_node(i, 8, "A100", 128, 1024)
             } else if i < a100 + h100 {
                 gpu_node(i, 8, "H100", 192, 2048)
@@ -152,7 +163,16 @@ pub fn pool(spec: &Spec) -> Vec<NodeSnap> {
                 gpu_node(i, 4, "L4", 64, 256)
             } else {
                 gpu_node(i, 0, "", 64, 256)
+            };
+            // rack_nodes = 0: no racks.
+            if let Some(rack) = i.checked_div(spec.rack_nodes) {
+                node.topology = caravel_core::Topology {
+                    region: "region".into(),
+                    zone: "zone".into(),
+                    rack: format!("rack-{rack}"),
+                };
             }
+            node
         })
         .collect()
 }
@@ -183,7 +203,8 @@ enum Kind {
     Spot,
 }
 
-/// `big_nodes`: (A100 nodes, H100 nodes) in the pool, so no gang is larger than its pool.
+/// `big_nodes`: for each of A100 and H100, the most nodes of it one gang may span (the
+/// pool's, or with racks the fullest rack's), so every gang can run.
 fn draw_job(
     r: &mut Rng,
     tenant: usize,
@@ -289,6 +310,7 @@ fn draw_job(
         duration_ms: duration_ms as u64,
         checkpoint_ms: ckpt_s * 1000,
         max_runtime_ms: None,
+        topology: None,
     }
 }
 
@@ -327,6 +349,15 @@ pub fn generate(spec: &Spec) -> (Vec<NodeSnap>, Workload) {
             .count() as u64
             * 8,
     );
+    // The most nodes of a model a gang may span: the pool's, or the fullest rack's.
+    let span_of = |model: &str| -> u64 {
+        let mut per_rack: std::collections::BTreeMap<&str, u64> = Default::default();
+        for n in nodes.iter().filter(|n| n.capacity.gpu_count(model) > 0) {
+            *per_rack.entry(n.topology.rack.as_str()).or_default() += 1;
+        }
+        per_rack.values().copied().max().unwrap_or(0)
+    };
+    let big_nodes = (span_of("A100"), span_of("H100"));
     // Weights 1..=3; guarantees of A100 and H100 in proportion, 60 % of them in all.
     let weights: Vec<f64> = (0..spec.tenants).map(|_| 1.0 + r.below(3) as f64).collect();
     let wsum: f64 = weights.iter().sum();
@@ -357,15 +388,12 @@ pub fn generate(spec: &Spec) -> (Vec<NodeSnap>, Workload) {
     while total_tasks < spec.tasks {
         t += -unit(&mut r).max(1e-12).ln() / rate_per_ms;
         let tenant = r.below(spec.tenants as u64) as usize;
-        let j = draw_job(
-            &mut r,
-            tenant,
-            t as Millis,
-            jobs.len(),
-            (a100 / 8, h100 / 8),
-        );
+        let j = draw_job(&mut r, tenant, t as Millis, jobs.len(), big_nodes);
         total_tasks += j.tasks as u64;
         let mut j = j;
+        if j.gang && spec.rack_nodes > 0 {
+            j.topology = Some(caravel_core::TopologyLevel::Rack);
+        }
         if spec.limits > 0.0 {
             // No draw from the generator: the same seed gives the same jobs either way.
             let minute = 60_000.0;
@@ -407,7 +435,7 @@ pub fn generate(spec: &Spec) -> (Vec<NodeSnap>, Workload) {
         .collect();
     let w = Workload {
         name: format!(
-            "synthetic nodes={} tasks={} load={} tenants={} services={} seed={}{}",
+            "synthetic nodes={} tasks={} load={} tenants={} services={} seed={}{}{}",
             spec.nodes,
             spec.tasks,
             spec.load,
@@ -416,6 +444,11 @@ pub fn generate(spec: &Spec) -> (Vec<NodeSnap>, Workload) {
             spec.seed,
             if spec.limits > 0.0 {
                 format!(" limits={}", spec.limits)
+            } else {
+                String::new()
+            },
+            if spec.rack_nodes > 0 {
+                format!(" rack_nodes={}", spec.rack_nodes)
             } else {
                 String::new()
             }
@@ -444,6 +477,8 @@ mod tests {
             ("tasks=many", "whole number"),
             ("limits=0.5", "factor in [1, 100]"),
             ("limits=NaN", "limits"),
+            ("rack_nodes=1", "at least 2"),
+            ("rack_nodes=two", "whole number"),
         ] {
             let e = Spec::parse(bad).unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");
@@ -489,10 +524,48 @@ mod tests {
             let m = b.max_runtime_ms.expect("a declared limit");
             assert!(m >= 2 * b.duration_ms && m < 2 * b.duration_ms + 60_000 && m % 60_000 == 0);
         }
-        let other = generate(&Spec { seed: 4, ..spec }).1;
+        let other = generate(&Spec {
+            seed: 4,
+            ..spec.clone()
+        })
+        .1;
         assert_ne!(
             format!("{:?}", w.jobs[..50].to_vec()),
             format!("{:?}", other.jobs[..50].to_vec())
         );
+    }
+
+    #[test]
+    fn racks_hold_each_gang_to_one_rack_it_fits_in() {
+        let spec = Spec::parse("nodes=400,tasks=20000,load=0.9,seed=3,rack_nodes=6").unwrap();
+        let (nodes, w) = generate(&spec);
+        assert_eq!(nodes[0].topology.rack, "rack-0");
+        assert_eq!(nodes[13].topology.rack, "rack-2");
+        let plain = generate(&Spec {
+            rack_nodes: 0,
+            ..spec.clone()
+        })
+        .1;
+        // The same jobs, drawn alike, but gangs are held to a rack and no larger than the
+        // fullest one (so more jobs make up the tasks asked for).
+        assert!(w.jobs.len() > plain.jobs.len());
+        let mut capped = 0;
+        for (a, b) in w.jobs.iter().zip(&plain.jobs) {
+            assert_eq!((a.submit_ms, a.duration_ms), (b.submit_ms, b.duration_ms));
+            if a.gang {
+                assert_eq!(a.topology, Some(caravel_core::TopologyLevel::Rack));
+                assert!(
+                    a.tasks <= 6 && a.tasks == b.tasks.min(6),
+                    "{} {}",
+                    a.tasks,
+                    b.tasks
+                );
+                capped += (a.tasks < b.tasks) as usize;
+            } else {
+                assert_eq!(a.topology, None);
+            }
+        }
+        assert!(capped > 0, "some 8- and 16-member gangs were capped");
+        assert!(plain.jobs.iter().all(|j| j.topology.is_none()));
     }
 }

@@ -243,6 +243,7 @@ pub fn philly_workload(jobs: &[PhillyJob], shape: &TaskShape, name: &str) -> Wor
             duration_ms: j.duration_ms.max(1),
             checkpoint_ms: shape.checkpoint_ms,
             max_runtime_ms: None,
+            topology: None,
         });
     }
     w
@@ -420,6 +421,7 @@ pub fn pollux_workload(
             duration_ms: duration_ms.max(1),
             checkpoint_ms: shape.checkpoint_ms,
             max_runtime_ms: None,
+            topology: None,
         });
     }
     Ok(w)
