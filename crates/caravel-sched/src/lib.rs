@@ -1121,15 +1121,7 @@ impl Scheduler {
         }
         // Ordered: the greedy fit below walks it, and must walk it the same way every run.
         let mut scratch: BTreeMap<usize, NodeSnap> = BTreeMap::new();
-        let mut ends = self
-            .ends
-            .iter()
-            .filter(|(_, i, _)| free(i))
-            .filter_map(|&(e, i, run)| {
-                let t = self.running.get(&i)?.iter().find(|t| t.run == run)?;
-                Some((e.max(now), i, t))
-            })
-            .peekable();
+        let mut ends = self.ends_from(now).filter(|(_, i, _)| free(i)).peekable();
         while let Some(&(t, _, _)) = ends.peek() {
             while let Some((_, i, task)) = ends.next_if(|e| e.0 == t) {
                 let n = scratch.entry(i).or_insert_with(|| self.nodes[i].clone());
@@ -1145,14 +1137,8 @@ impl Scheduler {
                 .keys()
                 .copied()
                 .chain(roomy.iter().copied().filter(|i| !scratch.contains_key(i)));
-            let base = |i: usize| scratch.get(&i).unwrap_or(&self.nodes[i]);
-            if let Some(chosen) = fit_greedily(&self.cfg, order, base, r, need) {
-                return Some(Reservation {
-                    job: job.id,
-                    at: t,
-                    nodes: chosen,
-                    drained: false,
-                });
+            if let Some(res) = self.reserve_on(job, t, order, &scratch) {
+                return Some(res);
             }
         }
         None
@@ -1183,15 +1169,7 @@ impl Scheduler {
             }
         }
         let mut scratch: BTreeMap<usize, NodeSnap> = BTreeMap::new();
-        let mut ends = self
-            .ends
-            .iter()
-            .filter(|(_, i, _)| free(i))
-            .filter_map(|&(e, i, run)| {
-                let t = self.running.get(&i)?.iter().find(|t| t.run == run)?;
-                Some((e.max(now), i, t))
-            })
-            .peekable();
+        let mut ends = self.ends_from(now).filter(|(_, i, _)| free(i)).peekable();
         // At the first end time every domain is a candidate; after it, only the domains
         // an end changed (the room of the others, and so their greedy fit, is the same).
         let mut first = true;
@@ -1221,18 +1199,43 @@ impl Scheduler {
                         .copied()
                         .filter(|i| !scratch.contains_key(i)),
                 );
-                let base = |i: usize| scratch.get(&i).unwrap_or(&self.nodes[i]);
-                if let Some(chosen) = fit_greedily(&self.cfg, order, base, r, need) {
-                    return Some(Reservation {
-                        job: job.id,
-                        at: t,
-                        nodes: chosen,
-                        drained: false,
-                    });
+                if let Some(res) = self.reserve_on(job, t, order, &scratch) {
+                    return Some(res);
                 }
             }
         }
         None
+    }
+
+    /// Running tasks with a known end, in end order, as (end but not before `now`, node,
+    /// task): what the reservation searches walk.
+    fn ends_from(
+        &self,
+        now: caravel_core::Millis,
+    ) -> impl Iterator<Item = (caravel_core::Millis, usize, &RunningTask)> {
+        self.ends.iter().filter_map(move |&(e, i, run)| {
+            let t = self.running.get(&i)?.iter().find(|t| t.run == run)?;
+            Some((e.max(now), i, t))
+        })
+    }
+
+    /// A reservation for all of `job`'s pending tasks from `at`, on the nodes of `order`
+    /// (as `scratch` has them then, the rest as they are now), if they hold it.
+    fn reserve_on(
+        &self,
+        job: &JobReq,
+        at: caravel_core::Millis,
+        order: impl Iterator<Item = usize>,
+        scratch: &BTreeMap<usize, NodeSnap>,
+    ) -> Option<Reservation> {
+        let base = |i: usize| scratch.get(&i).unwrap_or(&self.nodes[i]);
+        let need = job.pending.len() as u64;
+        fit_greedily(&self.cfg, order, base, &job.resources, need).map(|nodes| Reservation {
+            job: job.id,
+            at,
+            nodes,
+            drained: false,
+        })
     }
 
     /// A job that cannot start gets a reservation (if the max runtimes of what runs tell

@@ -934,6 +934,19 @@ fn a_gang_kept_out_only_by_the_reservation_does_not_stop_a_shorter_gang_of_its_s
     }
 }
 
+/// An 8-CPU node held whole by eight one-CPU tasks that end at `end` (0: an empty node).
+fn full_until(node: u64, end: i64, run: &mut Vec<RunningTask>) -> NodeSnap {
+    let mut n = cpu_node(node, 8, 64);
+    if end > 0 {
+        for k in 0..8 {
+            run.push(ending(node * 10 + k, node, end));
+        }
+        n.used_cpu_milli = 8000;
+        n.used_memory_bytes = 8 << 30;
+    }
+    n
+}
+
 #[test]
 fn with_two_reservations_backfill_may_not_delay_the_second_waiting_gang() {
     // Four 8-CPU nodes: 1 and 2 full until t=100 s, 3 full until t=300 s, 4 empty. Two
@@ -942,15 +955,7 @@ fn with_two_reservations_backfill_may_not_delay_the_second_waiting_gang() {
     let mut run = Vec::new();
     let mut nodes = Vec::new();
     for (node, end) in [(1u64, 100_000i64), (2, 100_000), (3, 300_000), (4, 0)] {
-        let mut n = cpu_node(node, 8, 64);
-        if end > 0 {
-            for k in 0..8 {
-                run.push(ending(node * 10 + k, node, end));
-            }
-            n.used_cpu_milli = 8000;
-            n.used_memory_bytes = 8 << 30;
-        }
-        nodes.push(n);
+        nodes.push(full_until(node, end, &mut run));
     }
     let gang = |id| {
         let mut j = with_runtime(tjob(id, 1, 2, 8000, 1), Some(1_000_000));
@@ -1103,43 +1108,46 @@ fn reserve_reference(
     job: &JobReq,
     now: caravel_core::Millis,
 ) -> Option<Reservation> {
-    let ends: Vec<(caravel_core::Millis, usize, &RunningTask)> = s
-        .ends
-        .iter()
-        .filter_map(|&(e, i, run)| {
-            let t = s.running.get(&i)?.iter().find(|t| t.run == run)?;
-            Some((e.max(now), i, t))
-        })
-        .collect();
     let need = job.pending.len() as u64;
-    let r = &job.resources;
-    // Ordered: the greedy fit below walks it, and must walk it the same way every run.
-    let mut scratch: BTreeMap<usize, NodeSnap> = BTreeMap::new();
-    let mut k = 0;
-    while k < ends.len() {
-        let t = ends[k].0;
-        while k < ends.len() && ends[k].0 == t {
-            let (_, i, task) = ends[k];
-            let nodes = &s.nodes;
-            scratch
-                .entry(i)
-                .or_insert_with(|| nodes[i].clone())
-                .release(&task.resources, &task.devices);
-            k += 1;
-        }
+    walk_ends(s, now, |t, scratch| {
         // Greedy fit over the nodes that changed plus every other node as it is now.
         let order = scratch
             .keys()
             .copied()
             .chain((0..s.nodes.len()).filter(|i| !scratch.contains_key(i)));
         let base = |i: usize| scratch.get(&i).unwrap_or(&s.nodes[i]);
-        if let Some(chosen) = fit_greedily(&s.cfg, order, base, r, need) {
-            return Some(Reservation {
-                job: job.id,
-                at: t,
-                nodes: chosen,
-                drained: false,
-            });
+        fit_greedily(&s.cfg, order, base, &job.resources, need).map(|chosen| Reservation {
+            job: job.id,
+            at: t,
+            nodes: chosen,
+            drained: false,
+        })
+    })
+}
+
+/// Releases running tasks in end order on scratch copies of their nodes and asks `at`,
+/// after each end time, whether the job fits now (the references' shared walk).
+fn walk_ends<T>(
+    s: &Scheduler,
+    now: caravel_core::Millis,
+    mut at: impl FnMut(caravel_core::Millis, &BTreeMap<usize, NodeSnap>) -> Option<T>,
+) -> Option<T> {
+    let ends: Vec<(caravel_core::Millis, usize, &RunningTask)> = s.ends_from(now).collect();
+    // Ordered: the greedy fit walks it, and must walk it the same way every run.
+    let mut scratch: BTreeMap<usize, NodeSnap> = BTreeMap::new();
+    let mut k = 0;
+    while k < ends.len() {
+        let t = ends[k].0;
+        while k < ends.len() && ends[k].0 == t {
+            let (_, i, task) = ends[k];
+            scratch
+                .entry(i)
+                .or_insert_with(|| s.nodes[i].clone())
+                .release(&task.resources, &task.devices);
+            k += 1;
+        }
+        if let Some(found) = at(t, &scratch) {
+            return Some(found);
         }
     }
     None
@@ -1220,14 +1228,6 @@ fn reserve_in_domain_reference(
     level: TopologyLevel,
     now: caravel_core::Millis,
 ) -> Option<(caravel_core::Millis, BTreeSet<usize>)> {
-    let ends: Vec<(caravel_core::Millis, usize, &RunningTask)> = s
-        .ends
-        .iter()
-        .filter_map(|&(e, i, run)| {
-            let t = s.running.get(&i)?.iter().find(|t| t.run == run)?;
-            Some((e.max(now), i, t))
-        })
-        .collect();
     let need = job.pending.len() as u64;
     let r = &job.resources;
     let key = |i: usize| {
@@ -1238,18 +1238,7 @@ fn reserve_in_domain_reference(
     for i in 0..s.nodes.len() {
         domains.entry(key(i)).or_default().push(i);
     }
-    let mut scratch: BTreeMap<usize, NodeSnap> = BTreeMap::new();
-    let mut k = 0;
-    while k < ends.len() {
-        let t = ends[k].0;
-        while k < ends.len() && ends[k].0 == t {
-            let (_, i, task) = ends[k];
-            scratch
-                .entry(i)
-                .or_insert_with(|| s.nodes[i].clone())
-                .release(&task.resources, &task.devices);
-            k += 1;
-        }
+    walk_ends(s, now, |t, scratch| {
         let base = |i: usize| scratch.get(&i).unwrap_or(&s.nodes[i]);
         let mut fitting: Vec<(u64, _)> = domains
             .iter()
@@ -1257,19 +1246,16 @@ fn reserve_in_domain_reference(
             .filter(|(total, _)| *total >= need)
             .collect();
         fitting.sort();
-        for (_, d) in fitting {
+        fitting.into_iter().find_map(|(_, d)| {
             let members = &domains[d];
             let order = scratch
                 .keys()
                 .copied()
                 .filter(|i| members.contains(i))
                 .chain(members.iter().copied().filter(|i| !scratch.contains_key(i)));
-            if let Some(chosen) = fit_greedily(&s.cfg, order, base, r, need) {
-                return Some((t, chosen));
-            }
-        }
-    }
-    None
+            fit_greedily(&s.cfg, order, base, r, need).map(|chosen| (t, chosen))
+        })
+    })
 }
 
 proptest! {
@@ -1319,19 +1305,12 @@ fn a_gang_held_to_a_rack_reserves_one_rack_and_backfill_works_around_it() {
         (4, "b", 400_000),
         (5, "a", 0),
     ] {
-        let mut n = cpu_node(node, 8, 64);
+        let mut n = full_until(node, end, &mut run);
         n.topology = Topology {
             region: "r".into(),
             zone: "z".into(),
             rack: rack.into(),
         };
-        if end > 0 {
-            for k in 0..8 {
-                run.push(ending(node * 10 + k, node, end));
-            }
-            n.used_cpu_milli = 8000;
-            n.used_memory_bytes = 8 << 30;
-        }
         nodes.push(n);
     }
     let mut gang = with_runtime(tjob(1, 1, 3, 8000, 1), Some(1_000_000));

@@ -525,12 +525,7 @@ fn borrowed_capacity_is_reclaimed_by_preemption_without_using_retries() {
     let ja = c.submit(a.id, spec, 100).unwrap();
     c.schedule(101).unwrap();
     assert_eq!(c.jobs[&ja].reasons[0].code, "preempting");
-    let victims: Vec<RunId> = c
-        .runs
-        .values()
-        .filter(|r| r.stop == Some(StopReason::Preempt))
-        .map(|r| r.id)
-        .collect();
+    let victims: Vec<RunId> = stopping_for_preemption(c).iter().map(|v| v.0).collect();
     assert_eq!(victims.len(), 2);
     assert_eq!(
         runs_on(c, n).len(),
@@ -603,6 +598,15 @@ fn borrowed_capacity_is_reclaimed_by_preemption_without_using_retries() {
     );
 }
 
+/// The runs told to stop for a preemptor (as run, node).
+fn stopping_for_preemption(c: &Core) -> Vec<(RunId, NodeId)> {
+    c.runs
+        .values()
+        .filter(|r| r.stop == Some(StopReason::Preempt))
+        .map(|r| (r.id, r.node))
+        .collect()
+}
+
 /// Two 4-CPU nodes: tenant X's 4-CPU job holds one, four started spot tasks fill the
 /// other. Returns X, a tenant Y holding nothing, and the 4-CPU job spec.
 fn x_holds_a_node_and_spot_work_fills_the_other(c: &mut Core) -> (TenantId, TenantId, JobSpec) {
@@ -644,12 +648,7 @@ fn room_freed_by_preemption_is_held_for_the_preemptor_when_the_victims_exit() {
     assert_eq!(c.jobs[&jx].reasons[0].code, "preempting");
     let jy = c.submit(y, four, 12).unwrap();
     c.schedule(13).unwrap();
-    let victims: Vec<(RunId, NodeId)> = c
-        .runs
-        .values()
-        .filter(|r| r.stop == Some(StopReason::Preempt))
-        .map(|r| (r.id, r.node))
-        .collect();
+    let victims = stopping_for_preemption(c);
     assert_eq!(victims.len(), 4);
     for (v, n) in victims {
         exited(c, n, v, 5, 20, 143);
@@ -702,12 +701,7 @@ fn a_gang_held_to_a_rack_preempts_spot_work_inside_one_rack_and_starts_there() {
         "{:?}",
         c.jobs[&g].reasons
     );
-    let victims: Vec<(RunId, NodeId)> = c
-        .runs
-        .values()
-        .filter(|r| r.stop == Some(StopReason::Preempt))
-        .map(|r| (r.id, r.node))
-        .collect();
+    let victims = stopping_for_preemption(c);
     let racks: BTreeSet<&str> = victims.iter().map(|(_, n)| rack_of[n]).collect();
     assert_eq!(
         (victims.len(), racks.len()),
@@ -997,12 +991,7 @@ fn room_freed_just_before_a_server_restart_is_still_held_for_the_preemptor() {
     let (x, y, four) = x_holds_a_node_and_spot_work_fills_the_other(c);
     let jx = c.submit(x, four.clone(), 10).unwrap();
     c.schedule(11).unwrap();
-    let victims: Vec<(RunId, NodeId)> = c
-        .runs
-        .values()
-        .filter(|r| r.stop == Some(StopReason::Preempt))
-        .map(|r| (r.id, r.node))
-        .collect();
+    let victims = stopping_for_preemption(c);
     assert_eq!(victims.len(), 4);
     // The victims exit, and the server dies before the cycle that would hold their room
     // for X's job: the reloaded server holds it all the same.
@@ -1030,12 +1019,7 @@ fn a_preemptor_keeps_waiting_for_its_victims_across_a_server_restart() {
     let jx = c.submit(x, four.clone(), 10).unwrap();
     c.schedule(11).unwrap();
     assert_eq!(c.jobs[&jx].reasons[0].code, "preempting");
-    let victims: Vec<(RunId, NodeId)> = c
-        .runs
-        .values()
-        .filter(|r| r.stop == Some(StopReason::Preempt))
-        .map(|r| (r.id, r.node))
-        .collect();
+    let victims = stopping_for_preemption(c);
     assert_eq!(victims.len(), 4);
     drop(f.core);
 
@@ -1048,11 +1032,7 @@ fn a_preemptor_keeps_waiting_for_its_victims_across_a_server_restart() {
     }
     let jy = c.submit(y, four, 12).unwrap();
     c.schedule(13).unwrap();
-    let stopping = c
-        .runs
-        .values()
-        .filter(|r| r.stop == Some(StopReason::Preempt))
-        .count();
+    let stopping = stopping_for_preemption(&c).len();
     assert_eq!(stopping, 4, "nothing preempted twice");
     for (v, n) in victims {
         exited(&mut c, n, v, 5, 20, 143);
