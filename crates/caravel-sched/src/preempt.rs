@@ -680,7 +680,12 @@ impl<'a> Pass<'a> {
             .as_ref()
             .filter(|g| g.milli.is_none())
             .map(|g| g.count as usize);
-        let room = self.index.map(|ix| ix.with_room(&job.resources));
+        // Within one domain (`only`) the scan walks the domain's nodes and needs no list
+        // of the pool's nodes with room; a gang held to a rack is searched once per rack.
+        let room = self
+            .index
+            .filter(|_| self.only.is_none())
+            .map(|ix| ix.with_room(&job.resources));
         // Only nodes whose spot work could free enough devices (a bound fixed before the
         // pass: taking victims and promising their room never raises it).
         let spot_reaching = whole_devices
