@@ -16,6 +16,7 @@ pub mod fair;
 pub mod fgd;
 mod index;
 pub mod preempt;
+mod reserve;
 mod shape;
 
 pub use baselines::Policy;
@@ -678,11 +679,14 @@ pub struct Scheduler {
     place_gangs_tentatively: bool,
 }
 
-/// Room held for the first job that could not start: from `at` on, on these nodes.
+/// Room held for a job that could not start: from `at` on, on these nodes.
 #[derive(Debug, Clone)]
 struct Reservation {
     job: JobId,
     at: caravel_core::Millis,
+    /// When the job will be gone at the latest (`at` + its max runtime; `None`: unknown or
+    /// drained): later reservations may use the nodes from then on.
+    until: Option<caravel_core::Millis>,
     nodes: BTreeSet<usize>,
     /// Drained for a starving job (`protect`), not computed from max runtimes.
     drained: bool,
@@ -1090,154 +1094,6 @@ impl Scheduler {
         Some((i, devs))
     }
 
-    /// When could all of `job`'s pending tasks start, going by the max runtimes of what
-    /// runs now, and on which nodes? Releases running tasks in order of their expected end
-    /// on a scratch copy until the whole job fits.
-    fn reserve(&self, job: &JobReq, now: caravel_core::Millis) -> Option<Reservation> {
-        if let Some(level) = job.topology {
-            return self.reserve_in_domain(job, level, now);
-        }
-        let need = job.pending.len() as u64;
-        let r = &job.resources;
-        // How many tasks of `r` fit in total once the tasks ending by each time have ended,
-        // kept as a running sum: nodes no ending task touches count as they are now (only
-        // the index's candidates can hold any), a node is re-counted as tasks end on it. The
-        // greedy walk that picks the nodes runs only once the sum says it can succeed, so
-        // a reservation costs O(candidates + ends walked) rather than a scan of every node
-        // per end time (the replay of 100,000 nodes).
-        let mut roomy: BTreeSet<usize> = BTreeSet::new();
-        let mut total = 0u64;
-        // Nodes reserved for other jobs are theirs from their start on, and how long those
-        // jobs will hold them is not known: this one's reservation is made around them.
-        let free = |i: &usize| !self.reserved_from.contains_key(i);
-        for i in self.index.candidates(r).filter(free) {
-            if !roomy.contains(&i) {
-                let k = self.nodes[i].room_for(r);
-                if k > 0 {
-                    roomy.insert(i);
-                    total += k;
-                }
-            }
-        }
-        // Ordered: the greedy fit below walks it, and must walk it the same way every run.
-        let mut scratch: BTreeMap<usize, NodeSnap> = BTreeMap::new();
-        let mut ends = self.ends_from(now).filter(|(_, i, _)| free(i)).peekable();
-        while let Some(&(t, _, _)) = ends.peek() {
-            while let Some((_, i, task)) = ends.next_if(|e| e.0 == t) {
-                let n = scratch.entry(i).or_insert_with(|| self.nodes[i].clone());
-                total -= n.room_for(r).min(total);
-                n.release(&task.resources, &task.devices);
-                total += n.room_for(r);
-            }
-            if total < need {
-                continue;
-            }
-            // Greedy fit over the nodes that changed plus the rest as they are now.
-            let order = scratch
-                .keys()
-                .copied()
-                .chain(roomy.iter().copied().filter(|i| !scratch.contains_key(i)));
-            if let Some(res) = self.reserve_on(job, t, order, &scratch) {
-                return Some(res);
-            }
-        }
-        None
-    }
-
-    /// `reserve` for a gang held to one topology domain: the earliest end time at which
-    /// some domain holds every pending task, and that domain's nodes. The same running sum
-    /// per domain; where several domains could hold it at once, the one with the least room
-    /// first (placement's best fit at the domain level), then in domain order.
-    fn reserve_in_domain(
-        &self,
-        job: &JobReq,
-        level: TopologyLevel,
-        now: caravel_core::Millis,
-    ) -> Option<Reservation> {
-        type Key<'a> = (&'a str, &'a str, &'a str, u64);
-        let need = job.pending.len() as u64;
-        let r = &job.resources;
-        let free = |i: &usize| !self.reserved_from.contains_key(i);
-        let key = |i: usize| domain_of(&self.nodes[i], level);
-        let mut totals: BTreeMap<Key, u64> = BTreeMap::new();
-        let mut roomy: BTreeMap<Key, BTreeSet<usize>> = BTreeMap::new();
-        for i in self.index.with_room(r).into_iter().filter(free) {
-            let k = self.nodes[i].room_for(r);
-            if k > 0 {
-                *totals.entry(key(i)).or_default() += k;
-                roomy.entry(key(i)).or_default().insert(i);
-            }
-        }
-        let mut scratch: BTreeMap<usize, NodeSnap> = BTreeMap::new();
-        let mut ends = self.ends_from(now).filter(|(_, i, _)| free(i)).peekable();
-        // At the first end time every domain is a candidate; after it, only the domains
-        // an end changed (the room of the others, and so their greedy fit, is the same).
-        let mut first = true;
-        while let Some(&(t, _, _)) = ends.peek() {
-            let mut changed: BTreeSet<Key> = BTreeSet::new();
-            while let Some((_, i, task)) = ends.next_if(|e| e.0 == t) {
-                let n = scratch.entry(i).or_insert_with(|| self.nodes[i].clone());
-                let total = totals.entry(key(i)).or_default();
-                *total -= n.room_for(r).min(*total);
-                n.release(&task.resources, &task.devices);
-                *total += n.room_for(r);
-                changed.insert(key(i));
-            }
-            let mut fitting: Vec<(u64, Key)> = if std::mem::take(&mut first) {
-                totals.iter().map(|(k, v)| (*v, *k)).collect()
-            } else {
-                changed.iter().map(|k| (totals[k], *k)).collect()
-            };
-            fitting.retain(|(total, _)| *total >= need);
-            fitting.sort();
-            for (_, d) in fitting {
-                let none = BTreeSet::new();
-                let now_roomy = roomy.get(&d).unwrap_or(&none);
-                let order = scratch.keys().copied().filter(|i| key(*i) == d).chain(
-                    now_roomy
-                        .iter()
-                        .copied()
-                        .filter(|i| !scratch.contains_key(i)),
-                );
-                if let Some(res) = self.reserve_on(job, t, order, &scratch) {
-                    return Some(res);
-                }
-            }
-        }
-        None
-    }
-
-    /// Running tasks with a known end, in end order, as (end but not before `now`, node,
-    /// task): what the reservation searches walk.
-    fn ends_from(
-        &self,
-        now: caravel_core::Millis,
-    ) -> impl Iterator<Item = (caravel_core::Millis, usize, &RunningTask)> {
-        self.ends.iter().filter_map(move |&(e, i, run)| {
-            let t = self.running.get(&i)?.iter().find(|t| t.run == run)?;
-            Some((e.max(now), i, t))
-        })
-    }
-
-    /// A reservation for all of `job`'s pending tasks from `at`, on the nodes of `order`
-    /// (as `scratch` has them then, the rest as they are now), if they hold it.
-    fn reserve_on(
-        &self,
-        job: &JobReq,
-        at: caravel_core::Millis,
-        order: impl Iterator<Item = usize>,
-        scratch: &BTreeMap<usize, NodeSnap>,
-    ) -> Option<Reservation> {
-        let base = |i: usize| scratch.get(&i).unwrap_or(&self.nodes[i]);
-        let need = job.pending.len() as u64;
-        fit_greedily(&self.cfg, order, base, &job.resources, need).map(|nodes| Reservation {
-            job: job.id,
-            at,
-            nodes,
-            drained: false,
-        })
-    }
-
     /// A job that cannot start gets a reservation (if the max runtimes of what runs tell
     /// when it could) while fewer than `Config::reservations` are held; any other job kept
     /// out says which reservation holds the room.
@@ -1256,12 +1112,18 @@ impl Scheduler {
                 return;
             }
         }
-        // With several, the one holding room this job would fit in (the first otherwise).
+        // With several, the earliest one holding room this job would fit in (the first
+        // otherwise).
         let holder = match self.reservations.len() {
             0 | 1 => self.reservations.first(),
             _ => self
                 .place(&job.resources)
-                .and_then(|(i, _)| self.reservations.iter().find(|r| r.nodes.contains(&i)))
+                .and_then(|(i, _)| {
+                    self.reservations
+                        .iter()
+                        .filter(|r| r.nodes.contains(&i))
+                        .min_by_key(|r| r.at)
+                })
                 .or(self.reservations.first()),
         };
         match holder {
@@ -1893,6 +1755,7 @@ impl Scheduler {
                     .map(|nodes| Reservation {
                         job: j.id,
                         at: now,
+                        until: None,
                         nodes,
                         drained: true,
                     })

@@ -948,6 +948,51 @@ fn full_until(node: u64, end: i64, run: &mut Vec<RunningTask>) -> NodeSnap {
 }
 
 #[test]
+fn later_reservations_follow_earlier_ones_on_the_same_nodes() {
+    // Three 8-CPU nodes: 1 full until t=50 s, 2 until 100 s, 3 until 900 s. Gang 1 (two
+    // whole nodes, max runtime 200 s) can start at 100 s on nodes 1 and 2 and is gone by
+    // 300 s; gang 2 (max 1,000 s) fits nowhere sooner than on the same two nodes at 300 s.
+    // Job 3 (one node, max 30 s) can run on node 1 from 50 s and be gone before gang 1's
+    // window opens. Conservative backfill stacks the three in time on nodes 1 and 2.
+    let mut run = Vec::new();
+    let mut nodes = Vec::new();
+    for (node, end) in [(1u64, 50_000i64), (2, 100_000), (3, 900_000)] {
+        nodes.push(full_until(node, end, &mut run));
+    }
+    let gang = |id, ms| {
+        let mut j = with_runtime(tjob(id, 1, 2, 8000, 1), Some(ms));
+        j.gang = true;
+        j
+    };
+    let jobs = [
+        gang(1, 200_000),
+        gang(2, 1_000_000),
+        with_runtime(tjob(3, 1, 1, 8000, 1), Some(30_000)),
+    ];
+    let cfg = Config {
+        reservations: 3,
+        ..Config::default()
+    };
+    let plan = Scheduler::new(cfg, nodes).schedule_with(0, &run, &mut HashMap::new(), &jobs);
+    assert!(plan.placements.is_empty());
+    assert_eq!(
+        plan.reservations,
+        vec![
+            (JobId(1), 100_000, vec![NodeId(1), NodeId(2)]),
+            (JobId(2), 300_000, vec![NodeId(1), NodeId(2)]),
+            (JobId(3), 50_000, vec![NodeId(1)]),
+        ]
+    );
+    for j in [1, 2, 3] {
+        assert!(
+            plan.pending[&JobId(j)].iter().any(|r| r.code == "reserved"),
+            "job {j}: {:?}",
+            plan.pending[&JobId(j)]
+        );
+    }
+}
+
+#[test]
 fn with_two_reservations_backfill_may_not_delay_the_second_waiting_gang() {
     // Four 8-CPU nodes: 1 and 2 full until t=100 s, 3 full until t=300 s, 4 empty. Two
     // gangs of two whole nodes wait; gang 1 can start at 100 s on nodes 1 and 2, gang 2 at
@@ -1034,7 +1079,8 @@ proptest! {
 
     /// Backfill never delays a reserved job: after the cycle, once every running task and
     /// every job placed this cycle that ends by a reservation's time has ended, its job fits
-    /// on the nodes reserved for it. With several reservations, no node is in two.
+    /// on the nodes reserved for it. With several reservations, no node is in two whose
+    /// windows overlap.
     #[test]
     fn backfill_never_delays_the_reservation(
         nodes_n in 1u64..6,
@@ -1065,10 +1111,18 @@ proptest! {
         let mut again = Scheduler::new(cfg, nodes);
         prop_assert_eq!(&again.schedule_with(0, &running_tasks, &mut HashMap::new(), &reqs), &plan);
         prop_assert!(plan.reservations.len() <= reservations);
-        let mut seen = BTreeSet::new();
-        for (_, _, rnodes) in &plan.reservations {
-            for n in rnodes {
-                prop_assert!(seen.insert(*n), "node {} in two reservations", n);
+        // A node in two reservations: one job's max runtime ends before the other starts.
+        let window = |j: &JobId, at: i64| {
+            let len = reqs.iter().find(|r| r.id == *j).unwrap().max_runtime_ms;
+            (at, len.map_or(i64::MAX, |l| at + l as i64))
+        };
+        for (a, (ja, at_a, na)) in plan.reservations.iter().enumerate() {
+            for (jb, at_b, nb) in &plan.reservations[a + 1..] {
+                let (sa, ea) = window(ja, *at_a);
+                let (sb, eb) = window(jb, *at_b);
+                if na.iter().any(|n| nb.contains(n)) {
+                    prop_assert!(ea <= sb || eb <= sa, "jobs {} and {} overlap on a node", ja, jb);
+                }
             }
         }
         for (rj, at, rnodes) in &plan.reservations {
@@ -1101,44 +1155,59 @@ proptest! {
     }
 }
 
-/// The reservation search as first written: a greedy fit over every node at every end time.
-/// `Scheduler::reserve` keeps a running count instead; the two must agree.
+/// The reservation search as first written: a greedy fit over every node the job may use
+/// at every stop. `Scheduler::reserve` keeps a running count instead; the two must agree.
 fn reserve_reference(
     s: &Scheduler,
     job: &JobReq,
     now: caravel_core::Millis,
 ) -> Option<Reservation> {
     let need = job.pending.len() as u64;
-    walk_ends(s, now, |t, scratch| {
+    walk_ends(s, job, now, |t, scratch, ok| {
         // Greedy fit over the nodes that changed plus every other node as it is now.
         let order = scratch
             .keys()
             .copied()
-            .chain((0..s.nodes.len()).filter(|i| !scratch.contains_key(i)));
+            .chain((0..s.nodes.len()).filter(|i| !scratch.contains_key(i)))
+            .filter(|&i| ok(i));
         let base = |i: usize| scratch.get(&i).unwrap_or(&s.nodes[i]);
         fit_greedily(&s.cfg, order, base, &job.resources, need).map(|chosen| Reservation {
             job: job.id,
             at: t,
+            until: job.max_runtime_ms.map(|m| t + m as i64),
             nodes: chosen,
             drained: false,
         })
     })
 }
 
-/// Releases running tasks in end order on scratch copies of their nodes and asks `at`,
-/// after each end time, whether the job fits now (the references' shared walk).
+/// Releases running tasks in end order on scratch copies of their nodes and asks `at`, at
+/// each stop, whether the job fits then (the references' shared walk). The stops: every end
+/// time, and every time from `now` on when a node another reservation holds may turn
+/// usable for `job` (that window closes) or unusable (the job would no longer be gone
+/// before it opens). `at` gets whether the job may use a node at the stop.
 fn walk_ends<T>(
     s: &Scheduler,
+    job: &JobReq,
     now: caravel_core::Millis,
-    mut at: impl FnMut(caravel_core::Millis, &BTreeMap<usize, NodeSnap>) -> Option<T>,
+    mut at: impl FnMut(
+        caravel_core::Millis,
+        &BTreeMap<usize, NodeSnap>,
+        &dyn Fn(usize) -> bool,
+    ) -> Option<T>,
 ) -> Option<T> {
+    let len = job.max_runtime_ms.map(|m| m as i64);
     let ends: Vec<(caravel_core::Millis, usize, &RunningTask)> = s.ends_from(now).collect();
+    let mut stops: BTreeSet<caravel_core::Millis> = ends.iter().map(|e| e.0).collect();
+    for r in &s.reservations {
+        stops.extend(r.until.filter(|&u| u >= now));
+        stops.extend(len.map(|l| r.at - l + 1).filter(|&x| x >= now));
+    }
     // Ordered: the greedy fit walks it, and must walk it the same way every run.
     let mut scratch: BTreeMap<usize, NodeSnap> = BTreeMap::new();
     let mut k = 0;
-    while k < ends.len() {
-        let t = ends[k].0;
-        while k < ends.len() && ends[k].0 == t {
+    for t in stops {
+        while k < ends.len() && ends[k].0 <= t {
             let (_, i, task) = ends[k];
             scratch
                 .entry(i)
@@ -1146,11 +1215,41 @@ fn walk_ends<T>(
                 .release(&task.resources, &task.devices);
             k += 1;
         }
-        if let Some(found) = at(t, &scratch) {
+        let ok = |i: usize| {
+            s.reservations
+                .iter()
+                .filter(|r| r.nodes.contains(&i))
+                .all(|r| len.is_some_and(|l| t + l <= r.at) || r.until.is_some_and(|u| t >= u))
+        };
+        if let Some(found) = at(t, &scratch, &ok) {
             return Some(found);
         }
     }
     None
+}
+
+/// Reservations made before the one searched for (each on some of up to ten nodes, from
+/// `at`, until its job's max runtime runs out or not known), and the searched job's max
+/// runtime.
+fn arb_others() -> impl Strategy<Value = (Vec<Reservation>, Option<u64>)> {
+    (
+        prop::collection::vec((1u32..1024, 0i64..60, prop::option::of(1i64..60)), 0..3),
+        prop::option::of(1u64..60),
+    )
+        .prop_map(|(rs, len)| {
+            let others = rs
+                .into_iter()
+                .enumerate()
+                .map(|(k, (mask, at_s, len_s))| Reservation {
+                    job: JobId(100 + k as u64),
+                    at: at_s * 1000,
+                    until: len_s.map(|l| (at_s + l) * 1000),
+                    nodes: (0..10).filter(|i| mask & (1 << i) != 0).collect(),
+                    drained: false,
+                })
+                .collect();
+            (others, len.map(|l| l * 1000))
+        })
 }
 
 fn arb_reserve_world() -> impl Strategy<Value = (Vec<NodeSnap>, Vec<RunningTask>, JobReq)> {
@@ -1211,9 +1310,19 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(500))]
 
     #[test]
-    fn reservation_search_agrees_with_a_scan_of_every_node((nodes, running, job) in arb_reserve_world(), now in 0i64..30_000) {
+    fn reservation_search_agrees_with_a_scan_of_every_node(
+        (nodes, running, job) in arb_reserve_world(),
+        (others, len) in arb_others(),
+        now in 0i64..30_000,
+    ) {
         let mut s = Scheduler::new(Config::default(), nodes);
         s.set_running(running);
+        let others = others.into_iter().map(|mut r| {
+            r.nodes.retain(|&i| i < s.nodes.len());
+            r
+        });
+        s.set_reservations(others.collect());
+        let job = with_runtime(job, len);
         let fast = s.reserve(&job, now).map(|r| (r.at, r.nodes));
         let slow = reserve_reference(&s, &job, now).map(|r| (r.at, r.nodes));
         prop_assert_eq!(&fast, &slow);
@@ -1238,11 +1347,12 @@ fn reserve_in_domain_reference(
     for i in 0..s.nodes.len() {
         domains.entry(key(i)).or_default().push(i);
     }
-    walk_ends(s, now, |t, scratch| {
+    walk_ends(s, job, now, |t, scratch, ok| {
         let base = |i: usize| scratch.get(&i).unwrap_or(&s.nodes[i]);
+        let room = |i: usize| if ok(i) { base(i).room_for(r) } else { 0 };
         let mut fitting: Vec<(u64, _)> = domains
             .iter()
-            .map(|(d, members)| (members.iter().map(|i| base(*i).room_for(r)).sum(), d))
+            .map(|(d, members)| (members.iter().map(|i| room(*i)).sum(), d))
             .filter(|(total, _)| *total >= need)
             .collect();
         fitting.sort();
@@ -1252,7 +1362,8 @@ fn reserve_in_domain_reference(
                 .keys()
                 .copied()
                 .filter(|i| members.contains(i))
-                .chain(members.iter().copied().filter(|i| !scratch.contains_key(i)));
+                .chain(members.iter().copied().filter(|i| !scratch.contains_key(i)))
+                .filter(|&i| ok(i));
             fit_greedily(&s.cfg, order, base, r, need).map(|chosen| (t, chosen))
         })
     })
@@ -1268,6 +1379,7 @@ proptest! {
         (nodes, running, job) in arb_reserve_world(),
         now in 0i64..30_000,
         level in prop::sample::select(vec![TopologyLevel::Node, TopologyLevel::Rack, TopologyLevel::Zone]),
+        (others, len) in arb_others(),
     ) {
         let nodes: Vec<NodeSnap> = nodes
             .into_iter()
@@ -1281,10 +1393,15 @@ proptest! {
                 n
             })
             .collect();
-        let mut job = job;
+        let mut job = with_runtime(job, len);
         job.topology = Some(level);
         let mut s = Scheduler::new(Config::default(), nodes);
         s.set_running(running);
+        let others = others.into_iter().map(|mut r| {
+            r.nodes.retain(|&i| i < s.nodes.len());
+            r
+        });
+        s.set_reservations(others.collect());
         let fast = s.reserve(&job, now).map(|r| (r.at, r.nodes));
         let slow = reserve_in_domain_reference(&s, &job, level, now);
         prop_assert_eq!(&fast, &slow);
