@@ -505,6 +505,34 @@ fn fit_greedily<'n>(
     (left == 0).then_some(chosen)
 }
 
+/// The pool's topology domains at one level, numbered in key order (`domain_of`): a
+/// scheduler's nodes, their topology and readiness never change, so this is built once, on
+/// first use, and the domain searches compare numbers instead of names.
+#[derive(Debug, Clone)]
+struct Domains {
+    /// Per node (by position), its domain's number.
+    of: Vec<u32>,
+    /// The ready nodes of each domain that has any, in domain order.
+    ready: Vec<Vec<usize>>,
+}
+
+impl Domains {
+    fn build(nodes: &[NodeSnap], level: TopologyLevel) -> Domains {
+        let keys: BTreeSet<(&str, &str, &str, u64)> =
+            nodes.iter().map(|n| domain_of(n, level)).collect();
+        let number: HashMap<_, u32> = keys.into_iter().zip(0..).collect();
+        let of: Vec<u32> = nodes.iter().map(|n| number[&domain_of(n, level)]).collect();
+        let mut by: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+        for (i, _) in nodes.iter().enumerate().filter(|(_, n)| n.ready) {
+            by.entry(of[i]).or_default().push(i);
+        }
+        Domains {
+            of,
+            ready: by.into_values().collect(),
+        }
+    }
+}
+
 /// Which domain at `level` a node belongs to: (region, zone, rack, node id), the finer
 /// parts left blank.
 fn domain_of(n: &NodeSnap, level: TopologyLevel) -> (&str, &str, &str, u64) {
@@ -670,6 +698,8 @@ pub struct Scheduler {
     node_models_ok: Vec<u32>,
     /// During the turn of the job nodes are drained for: how many.
     draining: Option<usize>,
+    /// Per topology level (node, rack, zone), built on first use.
+    domain_table: [std::cell::OnceCell<Domains>; 3],
     /// Tests only: the victim search visits every node with running tasks, not just those
     /// the index names, so the two can be compared.
     #[cfg(test)]
@@ -729,6 +759,7 @@ impl Scheduler {
             held: Vec::new(),
             protected: Vec::new(),
             draining: None,
+            domain_table: Default::default(),
             #[cfg(test)]
             scan_all_for_victims: false,
             #[cfg(test)]
@@ -1188,13 +1219,19 @@ impl Scheduler {
         self.nodes[i].room_for(r)
     }
 
+    /// The pool's domains at `level` (built on first use).
+    fn domain_table(&self, level: TopologyLevel) -> &Domains {
+        let k = match level {
+            TopologyLevel::Node => 0,
+            TopologyLevel::Rack => 1,
+            TopologyLevel::Zone => 2,
+        };
+        self.domain_table[k].get_or_init(|| Domains::build(&self.nodes, level))
+    }
+
     /// The ready nodes grouped by topology domain at `level`, in domain order.
-    fn domains(&self, level: TopologyLevel) -> Vec<Vec<usize>> {
-        let mut by: BTreeMap<(&str, &str, &str, u64), Vec<usize>> = BTreeMap::new();
-        for (i, n) in self.nodes.iter().enumerate().filter(|(_, n)| n.ready) {
-            by.entry(domain_of(n, level)).or_default().push(i);
-        }
-        by.into_values().collect()
+    fn domains(&self, level: TopologyLevel) -> &[Vec<usize>] {
+        &self.domain_table(level).ready
     }
 
     /// Places a whole gang inside one topology domain: the domains whose room adds up to
@@ -1208,7 +1245,8 @@ impl Scheduler {
         end: Option<caravel_core::Millis>,
     ) -> Result<Vec<(usize, Vec<u32>, u32)>, PendingReason> {
         let need = job.pending.len() as u64;
-        let mut domains: BTreeMap<(&str, &str, &str, u64), (u64, Vec<usize>)> = BTreeMap::new();
+        let of = &self.domain_table(level).of;
+        let mut domains: BTreeMap<u32, (u64, Vec<usize>)> = BTreeMap::new();
         // Only nodes with room count, and the index names them (ascending, as a scan of
         // every node would visit them): a gang per cycle no longer walks the whole pool.
         for i in self.index.with_room(&job.resources) {
@@ -1216,7 +1254,7 @@ impl Scheduler {
             if room == 0 || !self.allowed(i, end) {
                 continue;
             }
-            let e = domains.entry(domain_of(&self.nodes[i], level)).or_default();
+            let e = domains.entry(of[i]).or_default();
             e.0 += room;
             e.1.push(i);
         }
@@ -1521,7 +1559,6 @@ impl Scheduler {
             .collect();
         order.sort_by_key(|j| queue_order(self.cfg.las.as_ref(), j));
         let mut promised: HashMap<TenantId, TenantSnap> = HashMap::new();
-        let mut domains: HashMap<TopologyLevel, Vec<Vec<usize>>> = HashMap::new();
         #[allow(clippy::type_complexity)]
         let mut hopeless: ShapeMemo<
             (u8, TenantId, usize, Option<u8>, bool, Option<TopologyLevel>),
@@ -1555,8 +1592,7 @@ impl Scheduler {
                 } else {
                     remaining as u64
                 };
-                let within = domain
-                    .map(|level| &**domains.entry(level).or_insert_with(|| self.domains(level)));
+                let within = domain.map(|level| self.domains(level));
                 match pass.try_own(job, t, times, within) {
                     Ok(v) => {
                         t.used.add_task(&job.resources, times);
@@ -1565,7 +1601,7 @@ impl Scheduler {
                     Err(e) => why = Some(e),
                 }
             } else if let Some(level) = domain {
-                let domains = domains.entry(level).or_insert_with(|| self.domains(level));
+                let domains = self.domains(level);
                 match pass.try_job_in_domain(job, t, domains, level.as_str()) {
                     Ok(v) => {
                         t.used.add_task(&job.resources, job.pending.len() as u64);

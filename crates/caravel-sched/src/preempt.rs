@@ -277,6 +277,9 @@ pub(crate) struct Victims {
     /// Nodes holding spot tasks with a minimum runtime: visited whatever their potential,
     /// since the search counts victims inside it for its reason.
     spot_min_runtime_nodes: BTreeMap<usize, usize>,
+    /// Nodes holding spot tasks of a gang: stopping one frees its mates too, whatever
+    /// they are, which `Pass::domain_could_hold` cannot bound from per-node counts.
+    spot_gang_nodes: BTreeMap<usize, usize>,
 }
 
 fn step_node(m: &mut BTreeMap<usize, usize>, node: usize, by: isize) {
@@ -296,6 +299,9 @@ impl Victims {
             step_node(&mut self.spot_nodes, node, by);
             if t.min_runtime_ms > 0 {
                 step_node(&mut self.spot_min_runtime_nodes, node, by);
+            }
+            if t.gang_size > 1 {
+                step_node(&mut self.spot_gang_nodes, node, by);
             }
             let (devs, free) = self.spot_devs.get(&node).copied().unwrap_or((0, 0));
             let devs = devs.saturating_add_signed(by as i32 * t.devices.len() as i32);
@@ -606,25 +612,38 @@ impl<'a> Pass<'a> {
         level: &str,
     ) -> Result<Vec<RunId>, String> {
         let mut best: Option<(usize, usize)> = None;
+        // The reason given when no domain will do: the first domain's.
         let mut why = None;
+        // With the index (not in the plain scan tests compare with), a domain whose free
+        // room plus all the work this job may stop there cannot hold the gang is not
+        // searched: a gang held to a rack is otherwise searched once per rack, each search
+        // walking the rack's nodes once per member.
+        let prune = self.index.is_some();
         for (k, d) in domains.iter().enumerate() {
-            let saved = (self.scratch.clone(), self.taken.clone(), self.last);
-            self.only = Some(d.clone());
-            match self.try_job(job, tenant) {
+            if prune && !self.domain_could_hold(job, tenant, d) {
+                continue;
+            }
+            let tried = self.try_in(job, tenant, d);
+            match tried {
                 Ok(v) => {
                     if best.is_none_or(|b| v.len() < b.0) {
                         best = Some((v.len(), k));
                     }
                 }
-                Err(e) => why = Some(e),
+                Err(e) if k == 0 => why = Some(e),
+                Err(_) => {}
             }
-            (self.scratch, self.taken, self.last) = saved;
-            self.only = None;
             if best.is_some_and(|b| b.0 <= 1) {
                 break;
             }
         }
         let Some((_, k)) = best else {
+            if why.is_none() && !domains.is_empty() {
+                // The first domain was skipped; its search gives the same reason.
+                let first = self.try_in(job, tenant, &domains[0]);
+                debug_assert!(first.is_err(), "a skipped domain could hold the gang");
+                why = first.err();
+            }
             return Err(match why {
                 Some(w) => format!("in no {level}: {w}"),
                 None => format!("no {level} to preempt in"),
@@ -634,6 +653,73 @@ impl<'a> Pass<'a> {
         let r = self.try_job(job, tenant);
         self.only = None;
         r
+    }
+
+    /// `try_job` within one domain, leaving the pass as it was.
+    fn try_in(
+        &mut self,
+        job: &JobReq,
+        tenant: &TenantSnap,
+        domain: &[usize],
+    ) -> Result<Vec<RunId>, String> {
+        let saved = (self.scratch.clone(), self.taken.clone(), self.last);
+        self.only = Some(domain.to_vec());
+        let r = self.try_job(job, tenant);
+        (self.scratch, self.taken, self.last) = saved;
+        self.only = None;
+        r
+    }
+
+    /// Could the nodes of `domain` hold every pending member of gang `job` if everything
+    /// this job might stop there stopped? An upper bound from the counts `Victims` keeps
+    /// (O(1) per node), never `false` where `try_job` would succeed. Spot tasks may always
+    /// be stopped: a whole-device ask counts per node its free devices plus the spot
+    /// tasks' devices (a minimum runtime not subtracted); a node holding work of another
+    /// victim class the job may take (borrowed, or its tenant's batch under LAS) or a spot
+    /// gang member (its mates stop with it) could take every member, as could, for other
+    /// asks, any node with room or spot work.
+    fn domain_could_hold(&self, job: &JobReq, tenant: &TenantSnap, domain: &[usize]) -> bool {
+        let members = job.pending.len() as u64;
+        let reclaiming = within_guarantee(&tenant.guarantee, &tenant.used, &job.resources, members);
+        let las = self.las.is_some() && job.priority == Priority::Batch;
+        let v = self.victims;
+        let batch = v.batch_nodes.get(&job.tenant).filter(|_| las);
+        let want = job
+            .resources
+            .gpu
+            .as_ref()
+            .filter(|g| g.milli.is_none() && g.count > 0)
+            .map(|g| g.count as usize);
+        let mut bound = 0u64;
+        for &i in domain {
+            let node = self.node(i);
+            if !node.ready {
+                continue;
+            }
+            let other_class = (reclaiming && v.borrowed_nodes.contains_key(&i))
+                || batch.is_some_and(|b| b.contains_key(&i))
+                || v.spot_gang_nodes.contains_key(&i);
+            bound += match want {
+                _ if other_class => members,
+                Some(want) => {
+                    let free = node
+                        .capacity
+                        .devices
+                        .len()
+                        .saturating_sub(node.used_devices.len() + node.shared.len());
+                    let spot = v.spot_devs.get(&i).map_or(0, |d| d.0 as usize);
+                    ((free + spot) / want) as u64
+                }
+                None if node.room_for(&job.resources) > 0 || v.spot_nodes.contains_key(&i) => {
+                    members
+                }
+                None => 0,
+            };
+            if bound >= members {
+                return true;
+            }
+        }
+        false
     }
 
     /// Chooses victims for every pending task of `job`, all or nothing. Returns the

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use caravel_core::{Millis, TaskResources, TopologyLevel};
 
-use crate::{domain_of, fit_greedily, JobReq, NodeSnap, Reservation, RunningTask, Scheduler};
+use crate::{fit_greedily, JobReq, NodeSnap, Reservation, RunningTask, Scheduler};
 
 /// The windows other reservations hold on their nodes, as the search for one job (of max
 /// runtime `len`) sees them.
@@ -229,10 +229,11 @@ impl Scheduler {
         level: TopologyLevel,
         now: Millis,
     ) -> Option<Reservation> {
-        type Key<'a> = (&'a str, &'a str, &'a str, u64);
+        type Key = u32;
         let need = job.pending.len() as u64;
         let r = &job.resources;
-        let key = |i: usize| domain_of(&self.nodes[i], level);
+        let of = &self.domain_table(level).of;
+        let key = |i: usize| of[i];
         let mut walk = RoomWalk::new(self, job, now);
         let mut totals: BTreeMap<Key, u64> = BTreeMap::new();
         let mut roomy: BTreeMap<Key, BTreeSet<usize>> = BTreeMap::new();

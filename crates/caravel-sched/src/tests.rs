@@ -2703,7 +2703,7 @@ fn spot_work_is_never_protected() {
 // ---- the victim search's node index ----
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(400))]
+    #![proptest_config(ProptestConfig::with_cases(2000))]
 
     /// The index `Index::with_room` returns holds every ready node with room for a task.
     #[test]
@@ -2730,7 +2730,17 @@ proptest! {
         guarantees in prop::collection::vec(prop::option::of(0u64..20_000), 3),
         las in any::<bool>(),
         cursor in 0usize..12,
+        racks in any::<bool>(),
     ) {
+        // With `racks`, the nodes stand in three racks and every waiting gang is held to
+        // one (the indexed search skips racks that cannot hold it; the scan does not).
+        let mut w = w;
+        if racks {
+            for (i, n) in w.nodes.iter_mut().enumerate() {
+                n.topology.zone = "z".into();
+                n.topology.rack = format!("r{}", i % 3);
+            }
+        }
         // Fill the pool with the world's jobs, then let each placed task be spot, batch or
         // online, borrowed or not, of any tenant, started at various times.
         let mut s = Scheduler::new(Config::default(), w.nodes.clone());
@@ -2769,7 +2779,12 @@ proptest! {
         let pending: Vec<JobReq> = w
             .jobs
             .iter()
-            .map(|j| JobReq { id: JobId(j.id.0 + 1000), seq: j.seq + 1000, ..j.clone() })
+            .map(|j| JobReq {
+                id: JobId(j.id.0 + 1000),
+                seq: j.seq + 1000,
+                topology: (racks && j.gang).then_some(TopologyLevel::Rack),
+                ..j.clone()
+            })
             .collect();
         let cfg = if las { las16() } else { Config::default() };
         let run = |all: bool| {
