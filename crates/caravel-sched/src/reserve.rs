@@ -319,7 +319,8 @@ impl Scheduler {
         fit_greedily(&self.cfg, order, base, &job.resources, need).map(|nodes| Reservation {
             job: job.id,
             at,
-            until: job.max_runtime_ms.map(|m| at.saturating_add(span(m))),
+            // A job whose max runtime runs past the end of time holds its nodes for good.
+            until: job.max_runtime_ms.and_then(|m| at.checked_add(span(m))),
             nodes,
             drained: false,
         })

@@ -993,6 +993,20 @@ fn later_reservations_follow_earlier_ones_on_the_same_nodes() {
 }
 
 #[test]
+fn a_max_runtime_past_the_end_of_time_holds_its_reserved_nodes_for_good() {
+    let mut run = Vec::new();
+    let nodes = vec![full_until(1, 100_000, &mut run)];
+    let mut s = Scheduler::new(Config::default(), nodes);
+    s.set_running(run);
+    let forever = with_runtime(tjob(1, 1, 1, 8000, 1), Some(u64::MAX));
+    let res = s.reserve(&forever, 0).expect("fits once node 1 empties");
+    assert_eq!((res.at, res.until), (100_000, None));
+    let hour = with_runtime(tjob(2, 1, 1, 8000, 1), Some(3_600_000));
+    let res = s.reserve(&hour, 0).expect("fits once node 1 empties");
+    assert_eq!(res.until, Some(3_700_000));
+}
+
+#[test]
 fn with_two_reservations_backfill_may_not_delay_the_second_waiting_gang() {
     // Four 8-CPU nodes: 1 and 2 full until t=100 s, 3 full until t=300 s, 4 empty. Two
     // gangs of two whole nodes wait; gang 1 can start at 100 s on nodes 1 and 2, gang 2 at
