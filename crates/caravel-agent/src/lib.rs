@@ -69,6 +69,7 @@ pub enum AgentError {
 
 struct Running {
     stop: Option<oneshot::Sender<()>>,
+    kill_grace_ms: u64,
 }
 
 struct State_ {
@@ -86,6 +87,10 @@ pub struct Agent {
     instance: String,
     st: Mutex<State_>,
     outbox_wake: Notify,
+    /// The id the server gave this agent at its last registration.
+    node: Mutex<Option<NodeId>>,
+    /// Shutting down: start nothing new.
+    closing: std::sync::atomic::AtomicBool,
     capacity: Capacity,
     agent_url: String,
     address: String,
@@ -220,6 +225,8 @@ pub async fn start(cfg: AgentConfig) -> Result<Arc<Agent>, AgentError> {
             outbox: Vec::new(),
         }),
         outbox_wake: Notify::new(),
+        node: Mutex::new(None),
+        closing: std::sync::atomic::AtomicBool::new(false),
         capacity,
         cfg,
     });
@@ -342,6 +349,7 @@ impl Agent {
             {
                 Ok(r) => {
                     tracing::info!(node_id = %r.node_id, "registered with {}", self.cfg.server);
+                    *self.node.lock().expect("lock") = Some(r.node_id);
                     return r.node_id;
                 }
                 Err((Some(code), body))
@@ -353,6 +361,62 @@ impl Agent {
             }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// A clean stop (SIGTERM, `caravel down`): tells the server this node is leaving, so
+    /// its runs are stopped and requeued rather than lost with the agent; stops them (each
+    /// with its kill grace) and waits until every exit is reported. Returns false when
+    /// that could not be done in time (the server unreachable, a report not taken): the
+    /// runs then die with the agent as before and the server counts them lost.
+    /// `main_loop` must keep running meanwhile: it carries the reports.
+    pub async fn shut_down(self: &Arc<Self>) -> bool {
+        self.closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let Some(node_id) = *self.node.lock().expect("lock") else {
+            return true;
+        };
+        let req = ShutdownRequest {
+            node_id,
+            instance: self.instance.clone(),
+        };
+        match self
+            .post::<_, ShutdownResponse>("/v1/agent/shutdown", &req)
+            .await
+        {
+            Ok(r) => tracing::info!(stopping = r.stopping, "shutting down: runs handed back"),
+            Err((code, e)) => {
+                tracing::warn!(?code, "shutting down without the server: {e}");
+                return false;
+            }
+        }
+        // The server now wants nothing here; stop everything without waiting for the sync
+        // that would say so.
+        let grace = {
+            let mut st = self.st.lock().expect("lock");
+            let mut grace = 0;
+            for r in st.running.values_mut() {
+                grace = grace.max(r.kill_grace_ms);
+                if let Some(tx) = r.stop.take() {
+                    let _ = tx.send(());
+                }
+            }
+            grace
+        };
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(grace) + Duration::from_secs(10);
+        loop {
+            {
+                let st = self.st.lock().expect("lock");
+                if st.running.is_empty() && st.outbox.is_empty() {
+                    return true;
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!("shutting down before every run's exit was reported");
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -415,13 +479,20 @@ impl Agent {
                 }
             }
         }
+        let closing = self.closing.load(std::sync::atomic::Ordering::SeqCst);
         for a in assignments {
-            if !want.contains(&a.run) || st.started.contains(&a.run) {
+            if closing || !want.contains(&a.run) || st.started.contains(&a.run) {
                 continue;
             }
             st.started.insert(a.run);
             let (tx, rx) = oneshot::channel();
-            st.running.insert(a.run, Running { stop: Some(tx) });
+            st.running.insert(
+                a.run,
+                Running {
+                    stop: Some(tx),
+                    kill_grace_ms: a.kill_grace_ms,
+                },
+            );
             let me = self.clone();
             tokio::spawn(async move { me.run_task(a, rx).await });
         }

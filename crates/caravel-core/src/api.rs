@@ -270,6 +270,20 @@ impl RunEvent {
     }
 }
 
+/// `POST /v1/agent/shutdown`: the agent is stopping cleanly; stop and requeue its runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownRequest {
+    pub node_id: NodeId,
+    pub instance: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShutdownResponse {
+    /// Runs told to stop; each is reported back as it exits.
+    pub stopping: u32,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EventsRequest {

@@ -300,7 +300,8 @@ pub enum RunState {
     TimedOut,
     /// Its node stopped heartbeating.
     Lost,
-    /// Stopped to make room for work entitled to the space; requeued without using a retry.
+    /// Stopped to make room for work entitled to the space, or because its node shut down
+    /// cleanly; requeued without using a retry.
     Preempted,
 }
 
@@ -329,6 +330,8 @@ pub enum StopReason {
     Cancel,
     GangAbort,
     Preempt,
+    /// Its node is shutting down cleanly: the run ends preempted and is requeued.
+    Shutdown,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

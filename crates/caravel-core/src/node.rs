@@ -24,6 +24,9 @@ pub enum NodeState {
     Ready,
     /// Missed heartbeats for longer than the lost timeout; its runs were marked lost.
     Lost,
+    /// Its agent shut down cleanly (`caravel down`, SIGTERM): its runs were stopped and
+    /// requeued. Ready again when the agent registers again.
+    Down,
 }
 
 impl NodeState {
@@ -31,6 +34,7 @@ impl NodeState {
         match self {
             NodeState::Ready => "ready",
             NodeState::Lost => "lost",
+            NodeState::Down => "down",
         }
     }
 }

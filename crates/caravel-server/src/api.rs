@@ -901,6 +901,24 @@ pub async fn agent_sync(
     }))
 }
 
+/// `POST /v1/agent/shutdown` (agent token): the agent is leaving cleanly.
+pub async fn agent_shutdown(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Res<Json<ShutdownResponse>> {
+    require_agent(authenticate(&s, &headers)?)?;
+    let req: ShutdownRequest = parse_json(&body)?;
+    let stopping =
+        s.core
+            .lock()
+            .expect("core lock")
+            .shutdown_node(req.node_id, &req.instance, now_ms())?;
+    // Its requeued work may fit elsewhere now.
+    s.sched_wake.notify_one();
+    Ok(Json(ShutdownResponse { stopping }))
+}
+
 pub async fn agent_events(
     State(s): State<Arc<Shared>>,
     headers: HeaderMap,

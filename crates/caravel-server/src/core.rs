@@ -1602,6 +1602,53 @@ impl Core {
         Ok(())
     }
 
+    /// A clean shutdown of the node's agent: nothing new is placed on it, runs it has not
+    /// started are requeued at once, and the others are told to stop; each is requeued
+    /// without using a retry when its exit comes in (the agent waits for that before it
+    /// leaves). Returns how many runs were told to stop.
+    pub fn shutdown_node(
+        &mut self,
+        node: NodeId,
+        instance: &str,
+        now: Millis,
+    ) -> Result<u32, ApiError> {
+        self.heartbeat(node, instance, now)?;
+        let e = self.nodes.get_mut(&node).expect("heartbeat checked it");
+        let mut n = e.node.clone();
+        n.state = NodeState::Down;
+        let name = n.name.clone();
+        let mut batch = vec![Mutation::PutNode(n.clone())];
+        e.node = n;
+        let mut unstarted = Vec::new();
+        let mut stopping = 0;
+        for rid in &self.nodes[&node].alloc.runs {
+            let r = self.runs.get_mut(rid).expect("allocated run exists");
+            if r.state == RunState::Assigned {
+                unstarted.push(*rid);
+            } else if r.stop.is_none() {
+                r.stop = Some(StopReason::Shutdown);
+                batch.push(Mutation::PutRun(r.clone()));
+                stopping += 1;
+            }
+        }
+        self.commit(&batch)?;
+        tracing::info!(node = %name, stopping, requeued = unstarted.len(), "node shutting down");
+        for rid in unstarted {
+            // Never started as far as we know; a late exit report still meters it.
+            self.finish_run(
+                rid,
+                RunState::Preempted,
+                now,
+                None,
+                None,
+                format!("node {name} shut down before it started"),
+                None,
+            )?;
+        }
+        self.bump(node);
+        Ok(stopping)
+    }
+
     /// The node's desired runs, and full specs of those not in `known` (what the agent
     /// says it already runs).
     pub fn desired(
@@ -1748,10 +1795,12 @@ impl Core {
                 message,
                 ..
             } => {
-                let stop = self.runs[&rid].stop;
+                let (stop, on) = (self.runs[&rid].stop, self.runs[&rid].node);
                 let state = match reason.as_str() {
                     "max_runtime" => RunState::TimedOut,
-                    _ if stop == Some(StopReason::Preempt) => RunState::Preempted,
+                    _ if matches!(stop, Some(StopReason::Preempt | StopReason::Shutdown)) => {
+                        RunState::Preempted
+                    }
                     _ if stop.is_some() => RunState::Killed,
                     "spawn_failed" => RunState::Failed,
                     _ if exit_code == Some(0) => RunState::Succeeded,
@@ -1768,6 +1817,9 @@ impl Core {
                 };
                 let msg = if state == RunState::TimedOut {
                     format!("exceeded max runtime; {msg}")
+                } else if state == RunState::Preempted && stop == Some(StopReason::Shutdown) {
+                    let name = self.nodes.get(&on).map(|e| e.node.name.as_str());
+                    format!("node {} shut down; {msg}", name.unwrap_or("?"))
                 } else {
                     msg
                 };
@@ -1789,7 +1841,11 @@ impl Core {
             .nodes
             .values()
             .filter(|e| {
-                e.node.state == NodeState::Ready && now - e.node.last_seen_ms > lost_after_ms
+                // A node shut down cleanly is not lost, unless its agent vanished before
+                // its runs were all handed back.
+                let watched = e.node.state == NodeState::Ready
+                    || (e.node.state == NodeState::Down && !e.alloc.runs.is_empty());
+                watched && now - e.node.last_seen_ms > lost_after_ms
             })
             .map(|e| e.node.id)
             .collect();

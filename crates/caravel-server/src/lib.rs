@@ -8,6 +8,7 @@ pub mod api;
 pub mod auth;
 pub mod autoscale;
 pub mod core;
+pub mod datadir;
 pub mod error;
 pub mod gateway;
 pub mod metrics;
@@ -84,6 +85,8 @@ pub enum ServerError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Locked(#[from] datadir::LockError),
     #[error("opening the store: {0}")]
     Store(#[from] caravel_store::StoreError),
     #[error("loading state: {0}")]
@@ -106,6 +109,8 @@ pub struct Shared {
     /// The probers' client to replicas (each probe carries its own timeout).
     pub proxy: reqwest::Client,
     pub gateway: gateway::Gateway,
+    /// Held open for the server's life: the data directory is this server's alone.
+    _data_dir_lock: std::fs::File,
 }
 
 /// A running server.
@@ -157,6 +162,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/agent/register", post(api::agent_register))
         .route("/v1/agent/sync", post(api::agent_sync))
         .route("/v1/agent/events", post(api::agent_events))
+        .route("/v1/agent/shutdown", post(api::agent_shutdown))
         .route(
             "/v1/services",
             post(api::deploy_service).get(api::list_services),
@@ -194,7 +200,7 @@ pub fn refresh_gauges(s: &Shared) {
     let core = s.core.lock().expect("core lock");
     s.metrics.queue_depth.set(core.pending_tasks() as i64);
     s.metrics.running_tasks.set(core.runs.len() as i64);
-    for st in [NodeState::Ready, NodeState::Lost] {
+    for st in [NodeState::Ready, NodeState::Lost, NodeState::Down] {
         let n = core.nodes.values().filter(|e| e.node.state == st).count();
         s.metrics
             .nodes
@@ -212,6 +218,8 @@ pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
         source,
     };
     std::fs::create_dir_all(&cfg.data_dir).map_err(dd)?;
+    // Before anything reads or writes the store: it has exactly one owner.
+    let data_dir_lock = datadir::lock(&cfg.data_dir)?;
     let admin_token =
         auth::load_or_create(&cfg.data_dir.join("admin.token"), "cvadm").map_err(dd)?;
     let agent_token =
@@ -249,6 +257,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
             .build()
             .expect("building an HTTP client"),
         gateway: gateway::Gateway::new(&cfg.zone, &cfg.region),
+        _data_dir_lock: data_dir_lock,
     });
     let sched = tokio::spawn(scheduling_loop(shared.clone()));
     let live = tokio::spawn(liveness_loop(shared.clone()));

@@ -76,7 +76,7 @@ pub fn document() -> Value {
                     "submitted_ms": u64s, "started_ms": {"type": ["integer", "null"]}, "finished_ms": {"type": ["integer", "null"]},
                     "message": {"type": "string"}, "pending_reasons": arr("PendingReason")}},
                 "JobDetail": {"allOf": [sref("JobSummary"), {"type": "object", "properties": {"spec": sref("JobSpec"), "task_list": {"type": "array", "items": {"type": "object"}}, "runs": {"type": "array", "items": {"type": "object"}}}}]},
-                "NodeView": {"type": "object", "properties": {"id": u64s, "name": {"type": "string"}, "state": {"type": "string", "enum": ["ready", "lost"]}, "address": {"type": "string"}, "topology": {"type": "object"}, "labels": {"type": "object"}, "capacity": {"type": "object"}, "allocated_cpu_milli": u64s, "allocated_memory_bytes": u64s, "allocated_devices": {"type": "array", "items": u64s}, "running_tasks": u64s, "last_seen_ms": u64s}},
+                "NodeView": {"type": "object", "properties": {"id": u64s, "name": {"type": "string"}, "state": {"type": "string", "enum": ["ready", "lost", "down"]}, "address": {"type": "string"}, "topology": {"type": "object"}, "labels": {"type": "object"}, "capacity": {"type": "object"}, "allocated_cpu_milli": u64s, "allocated_memory_bytes": u64s, "allocated_devices": {"type": "array", "items": u64s}, "running_tasks": u64s, "last_seen_ms": u64s}},
                 "Quota": {"type": "object", "additionalProperties": false, "properties": {"cpu_milli": u64s, "memory_bytes": u64s, "gpus": {"type": "object", "additionalProperties": {"type": "integer"}}}},
                 "CreateTenantRequest": {"type": "object", "additionalProperties": false, "required": ["name"], "properties": {"name": {"type": "string"}, "weight": {"type": "number", "exclusiveMinimum": 0}, "quota": sref("Quota"), "guarantee": sref("Quota")}},
                 "TenantView": {"type": "object", "properties": {"id": u64s, "name": {"type": "string"}, "weight": {"type": "number"}, "quota": sref("Quota"), "guarantee": sref("Quota"), "created_ms": u64s}},
@@ -87,7 +87,9 @@ pub fn document() -> Value {
                 "RegisterResponse": {"type": "object", "properties": {"node_id": u64s, "heartbeat_ms": u64s}},
                 "SyncRequest": {"type": "object", "required": ["node_id", "instance", "running", "known_version", "wait_ms"]},
                 "SyncResponse": {"type": "object", "properties": {"version": u64s, "desired": {"type": "array", "items": {"type": "object"}}}},
-                "EventsRequest": {"type": "object", "required": ["node_id", "events"]}
+                "EventsRequest": {"type": "object", "required": ["node_id", "events"]},
+                "ShutdownRequest": {"type": "object", "additionalProperties": false, "required": ["node_id", "instance"], "properties": {"node_id": u64s, "instance": {"type": "string"}}},
+                "ShutdownResponse": {"type": "object", "properties": {"stopping": u64s}}
             }
         },
         "security": [{"bearer": []}],
@@ -112,7 +114,8 @@ pub fn document() -> Value {
             "/v1/usage": {"get": {"summary": "metered usage totals per tenant and per job", "parameters": [q("tenant", "string", "admin only"), q("job", "integer", "one job")], "responses": ok(sref("UsageResponse"), "200")}},
             "/v1/agent/register": {"post": {"summary": "agent: register a node (agent or admin token)", "requestBody": body("RegisterRequest"), "responses": ok(sref("RegisterResponse"), "200")}},
             "/v1/agent/sync": {"post": {"summary": "agent: heartbeat and long-poll for the node's desired runs", "requestBody": body("SyncRequest"), "responses": ok(sref("SyncResponse"), "200")}},
-            "/v1/agent/events": {"post": {"summary": "agent: report runs started and exited (idempotent)", "requestBody": body("EventsRequest"), "responses": {"204": {"description": "applied"}}}}
+            "/v1/agent/events": {"post": {"summary": "agent: report runs started and exited (idempotent)", "requestBody": body("EventsRequest"), "responses": {"204": {"description": "applied"}}}},
+            "/v1/agent/shutdown": {"post": {"summary": "agent: leaving cleanly; stop and requeue the node's runs (the node is down until it registers again)", "requestBody": body("ShutdownRequest"), "responses": ok(sref("ShutdownResponse"), "200")}}
         }
     })
 }

@@ -12,11 +12,11 @@ mod bench_gateway;
 mod bench_sched;
 mod client;
 mod jobfile;
+mod pool;
 mod servicefile;
 mod sim;
 mod table;
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -29,7 +29,7 @@ use caravel_core::quantity::{
 use caravel_core::{JobSpec, JobState, Priority, Quota, Topology};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::client::{Client, ClientConfig};
+use crate::client::Client;
 use crate::table::Table;
 
 #[derive(Parser)]
@@ -67,6 +67,8 @@ enum Cmd {
     Agent(AgentArgs),
     /// A server on the embedded store plus one local agent, for a first try.
     Up(UpArgs),
+    /// Stop the pool `caravel up` started (or any server) on a data directory.
+    Down(DownArgs),
     /// Submit a job: `caravel submit [flags] -- CMD ARGS...` or `caravel submit -f job.toml`.
     Submit(SubmitArgs),
     /// List jobs.
@@ -357,6 +359,16 @@ struct UpArgs {
 }
 
 #[derive(Args)]
+struct DownArgs {
+    #[arg(long, default_value = "./caravel-data")]
+    data_dir: PathBuf,
+    /// How long to wait for a clean stop before SIGKILL: 60s, 2m. Running tasks get their
+    /// kill grace (30 s unless the job says otherwise) to exit after SIGTERM.
+    #[arg(long, default_value = "60s")]
+    timeout: String,
+}
+
+#[derive(Args)]
 struct SubmitArgs {
     #[command(flatten)]
     conn: Conn,
@@ -482,13 +494,29 @@ fn main() {
     let code = match rt.block_on(dispatch(cli.cmd)) {
         Ok(code) => code,
         Err(e) => {
-            let msg = format!("{e:#}");
-            eprintln!("error: {}", msg.lines().next().unwrap_or(&msg));
+            eprintln!("error: {}", error_line(&e));
             1
         }
     };
     rt.shutdown_timeout(Duration::from_millis(200));
     std::process::exit(code);
+}
+
+/// One line for the user: the error and its causes, each cause once. Typed errors often
+/// name their source in their own message already (`listening on X: address in use`);
+/// repeating it after a colon would only say it twice.
+fn error_line(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let c = cause.to_string();
+        if msg.is_empty() {
+            msg = c;
+        } else if !msg.contains(&c) {
+            msg.push_str(": ");
+            msg.push_str(&c);
+        }
+    }
+    msg.lines().next().unwrap_or_default().to_string()
 }
 
 async fn dispatch(cmd: Cmd) -> Result<i32> {
@@ -526,16 +554,18 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
             let agent = caravel_agent::start(cfg).await?;
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::spawn(agent.clone().main_loop());
             tokio::select! {
-                _ = agent.clone().main_loop() => {}
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
             }
-            // Tasks die with the agent (PR_SET_PDEATHSIG); leave no cgroups behind.
+            agent.shut_down().await;
+            // Whatever is left dies with the agent (PR_SET_PDEATHSIG); no cgroups stay behind.
             agent.cgroups().destroy();
             Ok(0)
         }
-        Cmd::Up(a) => up(a).await,
+        Cmd::Up(a) => pool::up(a).await,
+        Cmd::Down(a) => pool::down(a).await,
         Cmd::Submit(a) => submit(a).await,
         Cmd::Services {
             conn,
@@ -912,90 +942,6 @@ fn agent_config(a: AgentArgs) -> Result<caravel_agent::AgentConfig> {
         advertise: a.advertise,
         use_cgroups: !a.no_cgroups,
     })
-}
-
-async fn up(a: UpArgs) -> Result<i32> {
-    if a.detach {
-        let exe = std::env::current_exe()?;
-        std::fs::create_dir_all(&a.data_dir)?;
-        let log = std::fs::File::create(a.data_dir.join("up.log"))?;
-        let mut cmd = std::process::Command::new(exe);
-        cmd.arg("up")
-            .arg("--data-dir")
-            .arg(&a.data_dir)
-            .arg("--listen")
-            .arg(a.listen.to_string());
-        if let Some(g) = &a.gpus {
-            let s: Vec<String> = g.0.iter().map(|(m, c)| format!("{m}:{c}")).collect();
-            cmd.arg("--gpus").arg(s.join(","));
-        }
-        use std::os::unix::process::CommandExt;
-        cmd.stdin(std::process::Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .process_group(0);
-        let child = cmd.spawn()?;
-        let url = format!("http://{}", a.listen);
-        let admin = a.data_dir.join("admin.token");
-        for _ in 0..200 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            if let Ok(tok) = std::fs::read_to_string(&admin) {
-                let c = Client::new(&url, tok.trim());
-                if let Ok(nodes) = c.get::<Vec<NodeView>>("/v1/nodes").await {
-                    if !nodes.is_empty() {
-                        println!(
-                            "caravel is up at {url} (pid {}, log {})",
-                            child.id(),
-                            a.data_dir.join("up.log").display()
-                        );
-                        return Ok(0);
-                    }
-                }
-            }
-        }
-        bail!(
-            "the pool did not come up within 20 s; see {}",
-            a.data_dir.join("up.log").display()
-        );
-    }
-    let data_dir = std::path::absolute(&a.data_dir)?;
-    let s = caravel_server::start(caravel_server::ServerConfig::new(
-        data_dir.clone(),
-        a.listen,
-    ))
-    .await?;
-    let url = s.url();
-    let p = client::write_config(&ClientConfig {
-        server: Some(url.clone()),
-        token: Some(s.admin_token.clone()),
-    })?;
-    let agent = caravel_agent::AgentConfig {
-        server: url.clone(),
-        token: s.agent_token.clone(),
-        name: "local".into(),
-        topology: Topology::default(),
-        labels: BTreeMap::new(),
-        cpu_milli: None,
-        memory_bytes: None,
-        gpus: a.gpus.map(|g| g.0).unwrap_or_default(),
-        work_dir: data_dir.join("agent"),
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        advertise: Some("127.0.0.1".into()),
-        use_cgroups: true,
-    };
-    let agent = caravel_agent::start(agent).await?;
-    tokio::spawn(agent.main_loop());
-    println!("caravel is up at {url}");
-    println!(
-        "client config written to {} (admin token inside)",
-        p.display()
-    );
-    println!("try: caravel submit --wait -- echo hello from caravel");
-    tokio::select! {
-        _ = s.wait() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-    Ok(0)
 }
 
 fn build_spec(a: &SubmitArgs) -> Result<JobSpec> {
@@ -1398,5 +1344,40 @@ async fn service_cmd(cmd: ServiceCmd) -> Result<i32> {
             }
             Ok(0)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Like the server's typed errors: the message names the source, which is also its
+    /// `source()`.
+    #[derive(Debug)]
+    struct Listen {
+        source: std::io::Error,
+    }
+    impl std::fmt::Display for Listen {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "listening on 127.0.0.1:1: {}", self.source)
+        }
+    }
+    impl std::error::Error for Listen {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.source)
+        }
+    }
+
+    #[test]
+    fn an_error_line_names_each_cause_once() {
+        let io = || std::io::Error::new(std::io::ErrorKind::AddrInUse, "Address already in use");
+        let e = anyhow::Error::new(Listen { source: io() });
+        assert_eq!(
+            error_line(&e),
+            "listening on 127.0.0.1:1: Address already in use"
+        );
+        // A cause the message does not contain is still shown, after a colon.
+        let e = anyhow::Error::new(io()).context("reading job.toml");
+        assert_eq!(error_line(&e), "reading job.toml: Address already in use");
     }
 }

@@ -1045,3 +1045,110 @@ fn a_preemptor_keeps_waiting_for_its_victims_across_a_server_restart() {
     );
     assert_eq!(c.jobs[&jy].tasks[0].state, TaskState::Pending);
 }
+
+#[test]
+fn a_node_shut_down_cleanly_hands_its_runs_back_without_using_retries() {
+    let mut f = fixture();
+    let c = &mut f.core;
+    let a = c.register(reg("a", 2, 0), 0).unwrap();
+    let t = default_tenant(c);
+    let j1 = c.submit(t, JobSpec::simple("sleep", &["100"]), 0).unwrap();
+    let j2 = c.submit(t, JobSpec::simple("sleep", &["100"]), 0).unwrap();
+    assert_eq!(c.schedule(1).unwrap().placed, 2);
+    let runs = runs_on(c, a);
+    let (r1, r2) = if c.runs[&runs[0]].job == j1 {
+        (runs[0], runs[1])
+    } else {
+        (runs[1], runs[0])
+    };
+    started(c, a, r1, 5);
+    // r2 was assigned but its start not reported yet.
+    assert_eq!(c.shutdown_node(a, "a-1", 10).unwrap(), 1);
+    assert_eq!(c.nodes[&a].node.state, NodeState::Down);
+    assert!(
+        runs_on(c, a).is_empty(),
+        "the agent is told to stop everything"
+    );
+    assert_eq!(
+        c.jobs[&j2].tasks[0].state,
+        TaskState::Pending,
+        "requeued at once"
+    );
+    assert_eq!(
+        c.store().run(r2).unwrap().unwrap().state,
+        RunState::Preempted
+    );
+    assert_eq!(
+        c.schedule(11).unwrap().placed,
+        0,
+        "nothing goes to a down node"
+    );
+    // The started one ends when the agent reports its exit (it honoured SIGTERM).
+    c.apply_event(
+        a,
+        RunEvent::Exited {
+            run: r1,
+            started_ms: Some(5),
+            at_ms: 2_000,
+            exit_code: None,
+            signal: Some(15),
+            reason: "killed".into(),
+            message: String::new(),
+        },
+        2_000,
+    )
+    .unwrap();
+    let rec = c.store().run(r1).unwrap().unwrap();
+    assert_eq!(rec.state, RunState::Preempted);
+    assert!(rec.message.contains("node a shut down"), "{}", rec.message);
+    for j in [j1, j2] {
+        assert_eq!(c.jobs[&j].rec.state, JobState::Pending);
+        assert_eq!(c.jobs[&j].tasks[0].retries_used, 0);
+    }
+    let u = c.store().usage(&UsageFilter::default()).unwrap();
+    assert_eq!(u.len(), 1, "the started run is metered once, to its exit");
+    assert_eq!(u[0].end_ms, 2_000);
+    assert!(
+        c.check_liveness(100_000, 10_000).unwrap().is_empty(),
+        "a node that left cleanly is not lost"
+    );
+    // The agent comes back: the node is ready and the work runs again.
+    let mut again = reg("a", 2, 0);
+    again.instance = "a-2".into();
+    c.register(again, 100_001).unwrap();
+    assert_eq!(c.nodes[&a].node.state, NodeState::Ready);
+    assert_eq!(c.schedule(100_002).unwrap().placed, 2);
+}
+
+#[test]
+fn a_node_whose_agent_vanishes_mid_shutdown_is_lost_with_what_it_still_held() {
+    let mut f = fixture();
+    let c = &mut f.core;
+    let a = c.register(reg("a", 2, 0), 0).unwrap();
+    let j = c
+        .submit(default_tenant(c), JobSpec::simple("sleep", &["100"]), 0)
+        .unwrap();
+    c.schedule(1).unwrap();
+    let r = runs_on(c, a)[0];
+    started(c, a, r, 5);
+    assert_eq!(c.shutdown_node(a, "a-1", 10).unwrap(), 1);
+    assert!(c.check_liveness(5_000, 10_000).unwrap().is_empty());
+    assert_eq!(
+        c.check_liveness(20_000, 10_000).unwrap(),
+        vec!["a".to_string()]
+    );
+    assert_eq!(c.nodes[&a].node.state, NodeState::Lost);
+    assert_eq!(c.store().run(r).unwrap().unwrap().state, RunState::Lost);
+    assert_eq!(c.jobs[&j].rec.state, JobState::Failed, "no retries left");
+}
+
+#[test]
+fn only_the_agent_instance_that_runs_the_node_may_shut_it_down() {
+    let mut f = fixture();
+    let c = &mut f.core;
+    let a = c.register(reg("a", 2, 0), 0).unwrap();
+    let e = c.shutdown_node(a, "someone-else", 1).unwrap_err();
+    assert_eq!(e.code, ErrorCode::Conflict);
+    assert_eq!(c.nodes[&a].node.state, NodeState::Ready);
+    assert!(c.shutdown_node(NodeId(99), "a-1", 1).is_err());
+}

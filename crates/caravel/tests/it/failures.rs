@@ -116,6 +116,66 @@ fn a_killed_agents_tasks_are_rescheduled_on_healthy_nodes() {
 }
 
 #[test]
+fn an_agent_stopped_cleanly_hands_its_runs_back_and_they_run_again() {
+    let mut p = Pool::new("agentterm", &[("a", &["--cpus", "2"])]);
+    let marks = p.file("marks");
+    // No retries: a run lost with its agent would fail the job; one handed back must not.
+    let script = format!(
+        "echo $CARAVEL_RUN_ID >> {}; trap 'echo term >> {}; exit 143' TERM; sleep 600 & wait",
+        marks.display(),
+        marks.display()
+    );
+    let id = p.submit(
+        &p.admin,
+        json!({"command": "sh", "args": ["-c", script], "max_retries": 0,
+               "resources": {"cpu_milli": 100}}),
+    );
+    p.wait_task_running(id, 0);
+    wait_for("the task's first mark", Duration::from_secs(10), || {
+        std::fs::read_to_string(&marks)
+            .ok()
+            .filter(|m| !m.is_empty())
+    });
+    let st = p.term_agent("a", Duration::from_secs(30));
+    assert!(st.success(), "a clean stop exits 0: {st:?}");
+    // The agent left only after the server had the run's end.
+    let j = p.job(&p.admin, id);
+    let runs = j["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 1, "{j}");
+    assert_eq!(runs[0]["state"], "preempted", "{j}");
+    assert!(
+        runs[0]["message"].as_str().unwrap().contains("shut down"),
+        "{j}"
+    );
+    assert_eq!(j["state"], "pending", "requeued, not failed: {j}");
+    assert_eq!(j["task_list"][0]["retries_used"], 0, "{j}");
+    assert_eq!(
+        std::fs::read_to_string(&marks).unwrap().lines().nth(1),
+        Some("term"),
+        "SIGTERM came first, so the task could checkpoint"
+    );
+    let nodes = p.get(&p.admin, "/v1/nodes").unwrap();
+    assert_eq!(nodes[0]["state"], "down", "{nodes}");
+    // Not marked lost later: it left cleanly.
+    std::thread::sleep(Duration::from_millis(2500));
+    let nodes = p.get(&p.admin, "/v1/nodes").unwrap();
+    assert_eq!(nodes[0]["state"], "down", "{nodes}");
+    // Back: the same task runs again as a new run, and the first was metered once.
+    p.start_agent("a", &["--cpus", "2"]);
+    let j = wait_for("the task running again", Duration::from_secs(20), || {
+        let j = p.job(&p.admin, id);
+        (j["runs"].as_array().unwrap().len() == 2 && j["task_list"][0]["state"] == "running")
+            .then_some(j)
+    });
+    assert_eq!(j["runs"][0]["state"], "preempted", "{j}");
+    let u = p.get(&p.admin, &format!("/v1/usage?job={id}")).unwrap();
+    assert_eq!(u["by_job"][0]["runs"], 1, "{u}");
+    p.post(&p.admin, &format!("/v1/jobs/{id}/cancel"), &json!({}))
+        .unwrap();
+    p.wait_state(id, &["cancelled"], Duration::from_secs(15));
+}
+
+#[test]
 fn a_partitioned_node_that_returns_has_its_stale_copy_killed() {
     let p = Pool::new("stale", &[("a", &["--cpus", "1"]), ("b", &["--cpus", "1"])]);
     let dir = p.file("pids");

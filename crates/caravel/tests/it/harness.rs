@@ -194,6 +194,27 @@ impl Pool {
         let _ = c.wait();
     }
 
+    /// SIGTERM (a clean stop, as `systemctl stop` sends) and waits for the agent to exit.
+    pub fn term_agent(&mut self, name: &str, timeout: Duration) -> std::process::ExitStatus {
+        let i = self.agents.iter().position(|(n, _)| n == name).unwrap();
+        let (_, mut c) = self.agents.remove(i);
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGTERM);
+        }
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                return st;
+            }
+            if t0.elapsed() > timeout {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!("agent {name} did not exit within {timeout:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn wait_nodes_ready(&self, n: usize) {
         wait_for("nodes ready", Duration::from_secs(20), || {
             let nodes = self.get(&self.admin, "/v1/nodes").ok()?;

@@ -35,6 +35,7 @@ fn metrics_openapi_and_agent_cgroup_limits() {
         "/v1/agent/register",
         "/v1/agent/sync",
         "/v1/agent/events",
+        "/v1/agent/shutdown",
     ] {
         assert!(doc["paths"][path].is_object(), "openapi lacks {path}");
     }
@@ -127,4 +128,124 @@ fn up_starts_a_pool_and_writes_a_client_config() {
     );
     let tok = std::fs::metadata(dir.path().join("data/admin.token")).unwrap();
     assert_eq!(tok.permissions().mode() & 0o777, 0o600);
+}
+
+/// Kills whatever server still holds these data directories when the test ends, passed
+/// or not: a detached pool outlives the command that started it.
+struct Holders(Vec<std::path::PathBuf>);
+
+impl Drop for Holders {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            if let Ok(Some(Some(pid))) = caravel_server::datadir::holder(d) {
+                unsafe {
+                    libc::kill(pid as i32, libc::SIGKILL);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn up_detach_has_one_owner_per_data_dir_and_down_hands_running_work_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let other = dir.path().join("other");
+    let _holders = Holders(vec![data.clone(), other.clone()]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let cfg = dir.path().join("config.toml");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(BIN)
+            .args(args)
+            .env("CARAVEL_CONFIG", &cfg)
+            .env_remove("CARAVEL_SERVER")
+            .env_remove("CARAVEL_TOKEN")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    };
+    let d = data.to_str().unwrap();
+    let up = ["up", "--detach", "--listen", &listen, "--data-dir", d];
+    let (code, text) = run(&up);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("caravel is up at"), "{text}");
+    let pid = caravel_server::datadir::holder(&data)
+        .unwrap()
+        .flatten()
+        .expect("the pool holds its data directory");
+
+    // A second pool on the same data directory is refused, naming the first, and leaves
+    // the first one's log alone.
+    let (code, text) = run(&up);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("already running") && text.contains(&format!("(pid {pid})")),
+        "{text}"
+    );
+    let log = std::fs::read_to_string(data.join("up.log")).unwrap();
+    assert!(log.contains("caravel is up at"), "{log}");
+    // So is a bare server: two owners of one store would run every task twice.
+    let (code, text) = run(&["server", "--listen", "127.0.0.1:0", "--data-dir", d]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("in use by another Caravel server"), "{text}");
+    // Another data directory on a taken address fails with the child's reason, said once,
+    // instead of taking the pool that answers there for its own.
+    let (code, text) = run(&[
+        "up",
+        "--detach",
+        "--listen",
+        &listen,
+        "--data-dir",
+        other.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(1), "{text}");
+    assert_eq!(text.matches("Address already in use").count(), 1, "{text}");
+
+    // Work running when the pool goes down is handed back and runs again after `up`.
+    let marks = dir.path().join("marks");
+    let script = format!("echo $CARAVEL_RUN_ID >> {}; sleep 600", marks.display());
+    let (code, text) = run(&["submit", "--max-retries", "0", "--", "sh", "-c", &script]);
+    assert_eq!(code, Some(0), "{text}");
+    wait_for("the first run's mark", Duration::from_secs(20), || {
+        std::fs::read_to_string(&marks)
+            .ok()
+            .filter(|m| !m.is_empty())
+    });
+    let (code, text) = run(&["down", "--data-dir", d]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains(&format!("stopped the Caravel server on {d} (pid {pid})")),
+        "{text}"
+    );
+    assert!(caravel_server::datadir::holder(&data).unwrap().is_none());
+    assert!(!pid_alive(pid as i32), "the pool's process is gone");
+    let (code, text) = run(&up);
+    assert_eq!(code, Some(0), "{text}");
+    let j = wait_for("the job running again", Duration::from_secs(20), || {
+        let (_, text) = run(&["job", "show", "1", "-o", "json"]);
+        let j: serde_json::Value = serde_json::from_str(&text).ok()?;
+        (j["runs"].as_array()?.len() == 2 && j["task_list"][0]["state"] == "running").then_some(j)
+    });
+    assert_eq!(j["runs"][0]["state"], "preempted", "{j}");
+    assert_eq!(j["task_list"][0]["retries_used"], 0, "{j}");
+    assert_eq!(std::fs::read_to_string(&marks).unwrap().lines().count(), 2);
+
+    let (code, text) = run(&["down", "--data-dir", d]);
+    assert_eq!(code, Some(0), "{text}");
+    let (code, text) = run(&["down", "--data-dir", d]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("no Caravel server is running"), "{text}");
+    let (code, text) = run(&["down", "--data-dir", d, "--timeout", "soon"]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("--timeout"), "{text}");
 }

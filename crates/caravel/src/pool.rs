@@ -1,0 +1,265 @@
+//! `caravel up` and `caravel down`: a whole pool on one machine, started and stopped.
+//!
+//! The server's lock on its data directory (`caravel_server::datadir`) is what both ends
+//! go by: `up` refuses a directory a server already holds (naming its pid) instead of
+//! starting a second owner of the same store, and `down` signals the holder and waits for
+//! the lock to be let go, which happens only once that process is gone.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Result};
+use caravel_core::api::NodeView;
+use caravel_core::quantity::parse_duration_ms;
+use caravel_core::Topology;
+use caravel_server::datadir;
+
+use crate::client::{self, Client, ClientConfig};
+use crate::{DownArgs, UpArgs};
+
+/// Fails when a server already holds `dir`, saying how to stop it.
+fn ensure_free(dir: &Path) -> Result<()> {
+    if let Some(pid) = datadir::holder(dir)? {
+        bail!(
+            "a Caravel server is already running on {}{}; `caravel down --data-dir {}` stops it",
+            dir.display(),
+            pid.map(|p| format!(" (pid {p})")).unwrap_or_default(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+pub async fn up(a: UpArgs) -> Result<i32> {
+    if a.data_dir.exists() {
+        ensure_free(&a.data_dir)?;
+    }
+    if a.detach {
+        return detach(a).await;
+    }
+    let data_dir = std::path::absolute(&a.data_dir)?;
+    let s = caravel_server::start(caravel_server::ServerConfig::new(
+        data_dir.clone(),
+        a.listen,
+    ))
+    .await?;
+    let url = s.url();
+    let p = client::write_config(&ClientConfig {
+        server: Some(url.clone()),
+        token: Some(s.admin_token.clone()),
+    })?;
+    let agent = caravel_agent::AgentConfig {
+        server: url.clone(),
+        token: s.agent_token.clone(),
+        name: "local".into(),
+        topology: Topology::default(),
+        labels: BTreeMap::new(),
+        cpu_milli: None,
+        memory_bytes: None,
+        gpus: a.gpus.map(|g| g.0).unwrap_or_default(),
+        work_dir: data_dir.join("agent"),
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        advertise: Some("127.0.0.1".into()),
+        use_cgroups: true,
+    };
+    let agent = caravel_agent::start(agent).await?;
+    tokio::spawn(agent.clone().main_loop());
+    println!("caravel is up at {url}");
+    println!(
+        "client config written to {} (admin token inside)",
+        p.display()
+    );
+    println!("try: caravel submit --wait -- echo hello from caravel");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = s.wait() => {}
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    // Runs are stopped and requeued (each ends `preempted`, using no retry) and start
+    // again when the pool is next up; whatever is left dies with the process.
+    agent.shut_down().await;
+    agent.cgroups().destroy();
+    tracing::info!("caravel pool stopped");
+    Ok(0)
+}
+
+/// `up --detach`: starts `caravel up` in its own process group and returns once the pool
+/// answers with its node, or fails with what the child said if it exits first.
+async fn detach(a: UpArgs) -> Result<i32> {
+    let exe = std::env::current_exe()?;
+    std::fs::create_dir_all(&a.data_dir)?;
+    let log_path = a.data_dir.join("up.log");
+    // Appended to, never truncated: an earlier run's log may be all there is to read.
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)?;
+    let mark = format!(
+        "==== caravel up --detach (unix time {})",
+        caravel_server::now_ms() / 1000
+    );
+    writeln!(log, "{mark}")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("up")
+        .arg("--data-dir")
+        .arg(&a.data_dir)
+        .arg("--listen")
+        .arg(a.listen.to_string());
+    if let Some(g) = &a.gpus {
+        let s: Vec<String> = g.0.iter().map(|(m, c)| format!("{m}:{c}")).collect();
+        cmd.arg("--gpus").arg(s.join(","));
+    }
+    use std::os::unix::process::CommandExt;
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0);
+    let mut child = cmd.spawn()?;
+    let url = format!("http://{}", a.listen);
+    let admin = a.data_dir.join("admin.token");
+    for _ in 0..200 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Some(status) = child.try_wait()? {
+            let said = last_error(&log_path, &mark).unwrap_or_else(|| status.to_string());
+            bail!(
+                "the pool stopped while starting: {said} (log: {})",
+                log_path.display()
+            );
+        }
+        // The token is this data directory's: only the server that holds it accepts it,
+        // so another pool answering on the same address does not count.
+        if let Ok(tok) = std::fs::read_to_string(&admin) {
+            let c = Client::new(&url, tok.trim());
+            if let Ok(nodes) = c.get::<Vec<NodeView>>("/v1/nodes").await {
+                if !nodes.is_empty() {
+                    println!(
+                        "caravel is up at {url} (pid {}, log {}); `caravel down` stops it",
+                        child.id(),
+                        log_path.display()
+                    );
+                    return Ok(0);
+                }
+            }
+        }
+    }
+    // Nothing half-started is left behind.
+    let _ = child.kill();
+    let _ = child.wait();
+    bail!(
+        "the pool did not come up within 20 s and was stopped; see {}",
+        log_path.display()
+    );
+}
+
+/// The child's `error: ...` line from this start's part of the log.
+fn last_error(log: &Path, mark: &str) -> Option<String> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let ours = &text[text.rfind(mark)?..];
+    ours.lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("error: "))
+        .map(str::to_string)
+}
+
+pub async fn down(a: DownArgs) -> Result<i32> {
+    let timeout = Duration::from_millis(
+        parse_duration_ms(&a.timeout).map_err(|e| anyhow!("--timeout: {e}"))?,
+    );
+    let dir = &a.data_dir;
+    let pid = match datadir::holder(dir)? {
+        None => {
+            println!("no Caravel server is running on {}", dir.display());
+            return Ok(0);
+        }
+        Some(None) => bail!(
+            "a server holds {} but {} names no pid; stop it by hand",
+            dir.display(),
+            dir.join(datadir::LOCK_FILE).display()
+        ),
+        Some(Some(pid)) => pid,
+    };
+    signal(pid, libc::SIGTERM)?;
+    if wait_free(dir, timeout).await? {
+        println!(
+            "stopped the Caravel server on {} (pid {pid})",
+            dir.display()
+        );
+        return Ok(0);
+    }
+    signal(pid, libc::SIGKILL)?;
+    if wait_free(dir, Duration::from_secs(10)).await? {
+        println!(
+            "the Caravel server on {} (pid {pid}) did not stop within {}; killed it",
+            dir.display(),
+            a.timeout
+        );
+        return Ok(0);
+    }
+    bail!(
+        "the Caravel server on {} (pid {pid}) is still running after SIGKILL",
+        dir.display()
+    );
+}
+
+fn signal(pid: u32, sig: libc::c_int) -> Result<()> {
+    let pid = libc::pid_t::try_from(pid).map_err(|_| anyhow!("pid {pid} out of range"))?;
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    if unsafe { libc::kill(pid, sig) } != 0 {
+        let e = std::io::Error::last_os_error();
+        // Gone between the lock check and the signal: what we wanted anyway.
+        if e.raw_os_error() != Some(libc::ESRCH) {
+            bail!("signalling pid {pid}: {e}");
+        }
+    }
+    Ok(())
+}
+
+/// Waits until nobody holds `dir` (true) or `limit` passes (false).
+async fn wait_free(dir: &Path, limit: Duration) -> Result<bool> {
+    let t0 = Instant::now();
+    loop {
+        if datadir::holder(dir)?.is_none() {
+            return Ok(true);
+        }
+        if t0.elapsed() >= limit {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_childs_error_is_read_from_its_own_part_of_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("up.log");
+        std::fs::write(
+            &log,
+            "==== caravel up --detach (unix time 1)\nerror: old failure\n\
+             ==== caravel up --detach (unix time 2)\nINFO starting\n\
+             error: listening on 127.0.0.1:7080: Address already in use (os error 98)\n",
+        )
+        .unwrap();
+        assert_eq!(
+            last_error(&log, "==== caravel up --detach (unix time 2)").as_deref(),
+            Some("listening on 127.0.0.1:7080: Address already in use (os error 98)")
+        );
+        // A start that printed no error line yet says nothing, not the old run's error.
+        std::fs::write(
+            &log,
+            "==== caravel up --detach (unix time 1)\nerror: old failure\n\
+             ==== caravel up --detach (unix time 2)\nINFO starting\n",
+        )
+        .unwrap();
+        assert_eq!(
+            last_error(&log, "==== caravel up --detach (unix time 2)"),
+            None
+        );
+    }
+}
