@@ -34,11 +34,17 @@ impl Quota {
     /// Parses "cpu=8,memory=32Gi,gpu/H100=8".
     pub fn parse(s: &str) -> Result<Quota, String> {
         let mut q = Quota::default();
+        let mut seen = std::collections::BTreeSet::new();
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (k, v) = part.split_once('=').ok_or_else(|| {
                 format!("`{part}` is not KEY=VALUE (cpu=8, memory=32Gi, gpu/H100=8)")
             })?;
             let (k, v) = (k.trim(), v.trim());
+            // `cpu=1,cpu=2` is a typo, not "the last one wins".
+            let key = if k == "mem" { "memory" } else { k };
+            if !seen.insert(key.to_string()) {
+                return Err(format!("{key} is given twice"));
+            }
             match k {
                 "cpu" => q.cpu_milli = Some(parse_cpu_milli(v)?),
                 "memory" | "mem" => q.memory_bytes = Some(parse_bytes(v)?),
@@ -218,5 +224,14 @@ mod tests {
         assert_eq!(e.to_string(), "quota: gpu/H100 8 of 8 in use, 8 more asked");
         assert!(Quota::parse("disk=4").is_err());
         assert!(Quota::parse("cpu").is_err());
+        for twice in [
+            "cpu=1,cpu=2",
+            "memory=1Gi,mem=2Gi",
+            "gpu/H100=1, gpu/H100=2",
+        ] {
+            let e = Quota::parse(twice).unwrap_err();
+            assert!(e.contains("given twice"), "{twice}: {e}");
+        }
+        assert!(Quota::parse("gpu/H100=1,gpu/A100=2").is_ok());
     }
 }

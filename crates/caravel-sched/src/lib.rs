@@ -583,6 +583,10 @@ fn no_fit_reason(lacks: &BTreeMap<Lack, u64>, total_nodes: usize) -> PendingReas
             let noun = if *c == 1 { "node" } else { "nodes" };
             match l {
                 Lack::NotReady => format!("{c} {noun} not ready"),
+                // The label is also the counts key ("lack cpu"); the sentence agrees.
+                other if *c == 1 => {
+                    format!("1 node {}", other.label().replacen("lack", "lacks", 1))
+                }
                 other => format!("{c} {noun} {}", other.label()),
             }
         })

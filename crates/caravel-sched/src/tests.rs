@@ -169,6 +169,15 @@ fn no_fit_reason_counts_nodes() {
         "no node fits: 1 node not ready, 2 nodes lack gpu/H100"
     );
     assert_eq!(r.counts["lack gpu/H100"], 2);
+    let plan = schedule(
+        &Config::default(),
+        &mut [cpu_node(1, 4, 8)],
+        &mut t,
+        &[job(1, 1, 1000, Some(("H100", 1)), false)],
+    );
+    let r = &plan.pending[&JobId(1)][0];
+    assert_eq!(r.message, "no node fits: 1 node lacks gpu/H100");
+    assert_eq!(r.counts["lack gpu/H100"], 1, "the key does not change");
 }
 
 #[test]

@@ -443,11 +443,7 @@ impl Core {
                 }
             }
             if !caravel_sched::fits_when_empty(&caps, &spec.resources) {
-                return Err(ApiError::field(
-                    ErrorCode::Unschedulable,
-                    "resources",
-                    "no node in the pool is large enough for one task of this job",
-                ));
+                return Err(too_large(&caps, &spec.resources));
             }
         }
         let all_at_once = if spec.gang { spec.tasks as u64 } else { 1 };
@@ -1877,6 +1873,60 @@ impl Core {
         }
         Ok(names)
     }
+}
+
+/// Why no node, even empty, can hold one task: the first resource that no node has
+/// enough of on its own, else that none has them all together.
+fn too_large(caps: &[Capacity], r: &TaskResources) -> ApiError {
+    use caravel_core::quantity::{format_bytes, format_cpu};
+    let refuse = |field: &str, msg: String| ApiError::field(ErrorCode::Unschedulable, field, msg);
+    let max_cpu = caps.iter().map(|c| c.cpu_milli).max().unwrap_or(0);
+    if r.cpu_milli > max_cpu {
+        return refuse(
+            "resources.cpu_milli",
+            format!(
+                "a task asks for {} CPUs; the largest node has {}",
+                format_cpu(r.cpu_milli),
+                format_cpu(max_cpu)
+            ),
+        );
+    }
+    let max_mem = caps.iter().map(|c| c.memory_bytes).max().unwrap_or(0);
+    if r.memory_bytes > max_mem {
+        return refuse(
+            "resources.memory_bytes",
+            format!(
+                "a task asks for {} of memory; the largest node has {}",
+                format_bytes(r.memory_bytes),
+                format_bytes(max_mem)
+            ),
+        );
+    }
+    let mut gpus = String::new();
+    if let Some(g) = &r.gpu {
+        let need = if g.milli.is_some() { 1 } else { g.count };
+        let models = g.models().join("` or `");
+        let most = caps
+            .iter()
+            .flat_map(|c| g.models().into_iter().map(|m| c.gpu_count(m)))
+            .max()
+            .unwrap_or(0);
+        if need > most {
+            return refuse(
+                "resources.gpu.count",
+                format!("a task asks for {need} `{models}` GPUs; the most on one node is {most}"),
+            );
+        }
+        gpus = format!(" and {need} `{models}` GPUs");
+    }
+    refuse(
+        "resources",
+        format!(
+            "no node has {} CPUs, {} of memory{gpus} together",
+            format_cpu(r.cpu_milli),
+            format_bytes(r.memory_bytes)
+        ),
+    )
 }
 
 #[cfg(test)]

@@ -65,11 +65,18 @@ pub struct Client {
 pub struct ApiFailure {
     pub code: String,
     pub message: String,
+    pub field: Option<String>,
 }
 
 impl std::fmt::Display for ApiFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} ({})", self.message, self.code)
+        match &self.field {
+            // Validation messages often start with their field already.
+            Some(field) if !self.message.starts_with(field.as_str()) => {
+                write!(f, "{field}: {} ({})", self.message, self.code)
+            }
+            _ => write!(f, "{} ({})", self.message, self.code),
+        }
     }
 }
 
@@ -108,6 +115,7 @@ impl Client {
             Ok(b) => Err(ApiFailure {
                 code: b.error.code.as_str().to_string(),
                 message: b.error.message,
+                field: b.error.field,
             }
             .into()),
             Err(_) => Err(anyhow!("server answered {status}: {text}")),
@@ -171,5 +179,37 @@ impl Client {
 
     pub async fn delete(&self, path: &str) -> Result<()> {
         self.no_body(reqwest::Method::DELETE, path).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_api_failure_names_its_field_once() {
+        let f = |message: &str, field: Option<&str>| {
+            ApiFailure {
+                code: "unschedulable".into(),
+                message: message.into(),
+                field: field.map(str::to_string),
+            }
+            .to_string()
+        };
+        assert_eq!(
+            f("a task asks for 65 CPUs", Some("resources.cpu_milli")),
+            "resources.cpu_milli: a task asks for 65 CPUs (unschedulable)"
+        );
+        assert_eq!(
+            f(
+                "resources.cpu_milli: must be at least 1",
+                Some("resources.cpu_milli")
+            ),
+            "resources.cpu_milli: must be at least 1 (unschedulable)"
+        );
+        assert_eq!(
+            f("job 9 not found", None),
+            "job 9 not found (unschedulable)"
+        );
     }
 }

@@ -248,7 +248,8 @@ enum TenantCmd {
         /// What the tenant is guaranteed (same form); work within it reclaims borrowed capacity.
         #[arg(long)]
         guarantee: Option<String>,
-        #[arg(long, default_value_t = 1.0)]
+        /// Fair-share weight relative to other tenants.
+        #[arg(long, default_value_t = 1.0, value_parser = weight)]
         weight: f64,
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
@@ -257,7 +258,7 @@ enum TenantCmd {
 
 #[derive(Args)]
 struct ServerArgs {
-    #[arg(long, default_value = "./caravel-data")]
+    #[arg(long, default_value = pool::DEFAULT_DATA_DIR)]
     data_dir: PathBuf,
     #[arg(long, default_value = "127.0.0.1:7080")]
     listen: SocketAddr,
@@ -346,7 +347,7 @@ struct AgentArgs {
 
 #[derive(Args)]
 struct UpArgs {
-    #[arg(long, default_value = "./caravel-data")]
+    #[arg(long, default_value = pool::DEFAULT_DATA_DIR)]
     data_dir: PathBuf,
     #[arg(long, default_value = "127.0.0.1:7080")]
     listen: SocketAddr,
@@ -360,7 +361,7 @@ struct UpArgs {
 
 #[derive(Args)]
 struct DownArgs {
-    #[arg(long, default_value = "./caravel-data")]
+    #[arg(long, default_value = pool::DEFAULT_DATA_DIR)]
     data_dir: PathBuf,
     /// How long to wait for a clean stop before SIGKILL: 60s, 2m. Running tasks get their
     /// kill grace (30 s unless the job says otherwise) to exit after SIGTERM.
@@ -464,6 +465,15 @@ fn bytes(s: &str) -> Result<u64, String> {
 /// one value rather than as repeated occurrences.
 #[derive(Clone, Debug)]
 struct GpuList(Vec<(String, u32)>);
+
+/// A finite weight above zero: `nan` and `inf` parse as floats but would reach the
+/// server as JSON null.
+fn weight(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(w) if w.is_finite() && w > 0.0 => Ok(w),
+        _ => Err(format!("`{s}` is not a number above 0")),
+    }
+}
 
 fn gpus(s: &str) -> Result<GpuList, String> {
     caravel_core::parse_gpu_list(s).map(GpuList)
@@ -1365,6 +1375,14 @@ mod tests {
     impl std::error::Error for Listen {
         fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
             Some(&self.source)
+        }
+    }
+
+    #[test]
+    fn a_weight_is_a_finite_number_above_zero() {
+        assert_eq!(weight("2.5"), Ok(2.5));
+        for bad in ["nan", "inf", "-1", "0", "x", ""] {
+            assert!(weight(bad).is_err(), "{bad}");
         }
     }
 

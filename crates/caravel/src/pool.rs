@@ -19,6 +19,9 @@ use caravel_server::datadir;
 use crate::client::{self, Client, ClientConfig};
 use crate::{DownArgs, UpArgs};
 
+/// `up`'s and `down`'s default `--data-dir`.
+pub const DEFAULT_DATA_DIR: &str = "./caravel-data";
+
 /// Fails when a server already holds `dir`, saying how to stop it.
 fn ensure_free(dir: &Path) -> Result<()> {
     if let Some(pid) = datadir::holder(dir)? {
@@ -135,8 +138,13 @@ async fn detach(a: UpArgs) -> Result<i32> {
             let c = Client::new(&url, tok.trim());
             if let Ok(nodes) = c.get::<Vec<NodeView>>("/v1/nodes").await {
                 if !nodes.is_empty() {
+                    let down = if a.data_dir == Path::new(DEFAULT_DATA_DIR) {
+                        "caravel down".to_string()
+                    } else {
+                        format!("caravel down --data-dir {}", a.data_dir.display())
+                    };
                     println!(
-                        "caravel is up at {url} (pid {}, log {}); `caravel down` stops it",
+                        "caravel is up at {url} (pid {}, log {}); `{down}` stops it",
                         child.id(),
                         log_path.display()
                     );

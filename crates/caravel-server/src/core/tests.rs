@@ -1152,3 +1152,52 @@ fn only_the_agent_instance_that_runs_the_node_may_shut_it_down() {
     assert_eq!(c.nodes[&a].node.state, NodeState::Ready);
     assert!(c.shutdown_node(NodeId(99), "a-1", 1).is_err());
 }
+
+#[test]
+fn a_task_no_node_can_hold_is_refused_naming_what_is_short() {
+    let cap = |cpus: u64, mem_gib: u64, gpus: u32| Capacity {
+        cpu_milli: cpus * 1000,
+        memory_bytes: mem_gib << 30,
+        devices: (0..gpus)
+            .map(|i| Device {
+                index: i,
+                model: "H100".into(),
+            })
+            .collect(),
+    };
+    // A big CPU node, and a small one with the GPUs.
+    let caps = [cap(64, 512, 0), cap(8, 64, 2)];
+    let ask = |cpu: u64, mem_gib: u64, gpu: Option<GpuRequest>| TaskResources {
+        cpu_milli: cpu,
+        memory_bytes: mem_gib << 30,
+        gpu,
+    };
+    let check = |r: TaskResources, field: &str, text: &str| {
+        assert!(!caravel_sched::fits_when_empty(&caps, &r));
+        let e = too_large(&caps, &r);
+        assert_eq!(e.code, ErrorCode::Unschedulable);
+        assert_eq!(e.field.as_deref(), Some(field), "{}", e.message);
+        assert!(e.message.contains(text), "{}", e.message);
+    };
+    check(
+        ask(65_000, 1, None),
+        "resources.cpu_milli",
+        "asks for 65 CPUs; the largest node has 64",
+    );
+    check(
+        ask(1000, 600, None),
+        "resources.memory_bytes",
+        "asks for 600Gi of memory; the largest node has 512Gi",
+    );
+    check(
+        ask(1000, 1, Some(GpuRequest::whole("H100", 4))),
+        "resources.gpu.count",
+        "asks for 4 `H100` GPUs; the most on one node is 2",
+    );
+    // Each alone fits somewhere, but not together.
+    check(
+        ask(16_000, 1, Some(GpuRequest::whole("H100", 1))),
+        "resources",
+        "no node has 16 CPUs, 1Gi of memory and 1 `H100` GPUs together",
+    );
+}

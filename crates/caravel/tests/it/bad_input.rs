@@ -73,7 +73,7 @@ fn every_bad_input_gets_a_clear_error_and_creates_nothing() {
             json!({"command": "x", "resources": {"cpu_milli": 64000}}),
             422,
             "unschedulable",
-            Some("resources"),
+            Some("resources.cpu_milli"),
         ),
         (
             json!({"command": ""}),
