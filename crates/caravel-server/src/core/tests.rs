@@ -1201,3 +1201,46 @@ fn a_task_no_node_can_hold_is_refused_naming_what_is_short() {
         "no node has 16 CPUs, 1Gi of memory and 1 `H100` GPUs together",
     );
 }
+
+#[test]
+fn a_gang_with_a_member_on_a_node_shut_down_cleanly_restarts_whole_without_using_retries() {
+    let mut f = fixture();
+    let c = &mut f.core;
+    let a = c.register(reg("a", 1, 0), 0).unwrap();
+    let b = c.register(reg("b", 1, 0), 0).unwrap();
+    let mut spec = JobSpec::simple("train", &[]);
+    spec.tasks = 2;
+    spec.gang = true;
+    let j = c.submit(default_tenant(c), spec, 0).unwrap();
+    assert_eq!(c.schedule(1).unwrap().placed, 2);
+    let (ra, rb) = (runs_on(c, a)[0], runs_on(c, b)[0]);
+    started(c, a, ra, 2);
+    started(c, b, rb, 2);
+    assert_eq!(c.shutdown_node(a, "a-1", 10).unwrap(), 1);
+    let killed = |c: &mut Core, n: NodeId, r: RunId, at: Millis| {
+        c.apply_event(
+            n,
+            RunEvent::Exited {
+                run: r,
+                started_ms: Some(2),
+                at_ms: at,
+                exit_code: None,
+                signal: Some(15),
+                reason: "killed".into(),
+                message: String::new(),
+            },
+            at,
+        )
+        .unwrap();
+    };
+    killed(c, a, ra, 20);
+    assert!(runs_on(c, b).is_empty(), "the mate on b is told to stop");
+    killed(c, b, rb, 30);
+    assert_eq!(c.jobs[&j].rec.state, JobState::Pending);
+    assert!(c.jobs[&j].tasks.iter().all(|t| t.retries_used == 0));
+    assert_eq!(c.schedule(40).unwrap().placed, 0, "one node cannot hold it");
+    let mut back = reg("a", 1, 0);
+    back.instance = "a-2".into();
+    c.register(back, 50).unwrap();
+    assert_eq!(c.schedule(60).unwrap().placed, 2, "whole gang placed again");
+}
