@@ -210,6 +210,16 @@ impl JobSpec {
                 "must be at most 365 days",
             ));
         }
+        // Protection from preemption past the point the task is killed anyway is a typo
+        // for one of the two (Slurm refuses --time-min above --time the same way).
+        if let (Some(min), Some(max)) = (self.min_runtime_ms, self.max_runtime_ms) {
+            if min > max {
+                return Err(ValidationError::new(
+                    "min_runtime_ms",
+                    format!("must not exceed max_runtime_ms ({min} > {max})"),
+                ));
+            }
+        }
         if let Some(g) = self.kill_grace_ms {
             if g > 3_600_000 {
                 return Err(ValidationError::new(
@@ -481,6 +491,14 @@ mod tests {
         let mut s = JobSpec::simple("echo", &[]);
         s.max_runtime_ms = Some(0);
         assert_eq!(s.validate().unwrap_err().field, "max_runtime_ms");
+        let mut s = JobSpec::simple("echo", &[]);
+        s.max_runtime_ms = Some(5_000);
+        s.min_runtime_ms = Some(10_000);
+        let e = s.validate().unwrap_err();
+        assert_eq!(e.field, "min_runtime_ms");
+        assert!(e.to_string().contains("must not exceed max_runtime_ms"), "{e}");
+        s.min_runtime_ms = Some(5_000);
+        assert!(s.validate().is_ok(), "equal is fine");
     }
 
     #[test]
