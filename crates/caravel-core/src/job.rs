@@ -496,7 +496,10 @@ mod tests {
         s.min_runtime_ms = Some(10_000);
         let e = s.validate().unwrap_err();
         assert_eq!(e.field, "min_runtime_ms");
-        assert!(e.to_string().contains("must not exceed max_runtime_ms"), "{e}");
+        assert!(
+            e.to_string().contains("must not exceed max_runtime_ms"),
+            "{e}"
+        );
         s.min_runtime_ms = Some(5_000);
         assert!(s.validate().is_ok(), "equal is fine");
     }

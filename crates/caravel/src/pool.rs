@@ -190,7 +190,7 @@ pub async fn down(a: DownArgs) -> Result<i32> {
         Some(Some(pid)) => pid,
     };
     signal(pid, libc::SIGTERM)?;
-    if wait_free(dir, timeout).await? {
+    if wait_free(dir, pid, timeout).await? {
         println!(
             "stopped the Caravel server on {} (pid {pid})",
             dir.display()
@@ -198,7 +198,7 @@ pub async fn down(a: DownArgs) -> Result<i32> {
         return Ok(0);
     }
     signal(pid, libc::SIGKILL)?;
-    if wait_free(dir, Duration::from_secs(10)).await? {
+    if wait_free(dir, pid, Duration::from_secs(10)).await? {
         println!(
             "the Caravel server on {} (pid {pid}) did not stop within {}; killed it",
             dir.display(),
@@ -225,18 +225,34 @@ fn signal(pid: u32, sig: libc::c_int) -> Result<()> {
     Ok(())
 }
 
-/// Waits until nobody holds `dir` (true) or `limit` passes (false).
-async fn wait_free(dir: &Path, limit: Duration) -> Result<bool> {
+/// Has process `pid` exited? A zombie has (only its parent's wait is missing).
+fn exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => true,
+    }
+}
+
+/// Waits until nobody holds `dir` (true) or `limit` passes (false); then, briefly, for
+/// process `pid` to be gone too: the lock goes with the server's last handle on it, a
+/// moment before the process has exited. (Only briefly, and never signalled again: once
+/// the lock is free the pid is no longer known to be the server's.)
+async fn wait_free(dir: &Path, pid: u32, limit: Duration) -> Result<bool> {
     let t0 = Instant::now();
-    loop {
-        if datadir::holder(dir)?.is_none() {
-            return Ok(true);
-        }
+    while datadir::holder(dir)?.is_some() {
         if t0.elapsed() >= limit {
             return Ok(false);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let t1 = Instant::now();
+    while !exited(pid) && t1.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(true)
 }
 
 #[cfg(test)]

@@ -240,8 +240,29 @@ fn up_detach_has_one_owner_per_data_dir_and_down_hands_running_work_back() {
     assert_eq!(j["task_list"][0]["retries_used"], 0, "{j}");
     assert_eq!(std::fs::read_to_string(&marks).unwrap().lines().count(), 2);
 
-    let (code, text) = run(&["down", "--data-dir", d]);
+    // A task that ignores SIGTERM holds the pool's stop up for its kill grace; `down`
+    // kills the pool once its own timeout has passed, and the task dies with it.
+    let stubborn = dir.path().join("stubborn");
+    let script = format!(
+        "trap '' TERM; echo $$ > {}; exec sleep 600",
+        stubborn.display()
+    );
+    let (code, text) = run(&["submit", "--kill-grace", "60s", "--", "sh", "-c", &script]);
     assert_eq!(code, Some(0), "{text}");
+    let task: i32 = wait_for("the stubborn task's pid", Duration::from_secs(20), || {
+        std::fs::read_to_string(&stubborn).ok()?.trim().parse().ok()
+    });
+    let pid = caravel_server::datadir::holder(&data)
+        .unwrap()
+        .flatten()
+        .unwrap();
+    let (code, text) = run(&["down", "--data-dir", d, "--timeout", "1s"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("did not stop within 1s; killed it"), "{text}");
+    assert!(!pid_alive(pid as i32));
+    wait_for("the stubborn task gone", Duration::from_secs(5), || {
+        (!pid_alive(task)).then_some(())
+    });
     let (code, text) = run(&["down", "--data-dir", d]);
     assert_eq!(code, Some(0), "{text}");
     assert!(text.contains("no Caravel server is running"), "{text}");
