@@ -569,9 +569,8 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
             }
-            agent.shut_down().await;
             // Whatever is left dies with the agent (PR_SET_PDEATHSIG); no cgroups stay behind.
-            agent.cgroups().destroy();
+            pool::stop_agent(&agent, &mut term).await;
             Ok(0)
         }
         Cmd::Up(a) => pool::up(a).await,

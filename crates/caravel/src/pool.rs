@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
@@ -15,6 +16,7 @@ use caravel_core::api::NodeView;
 use caravel_core::quantity::parse_duration_ms;
 use caravel_core::Topology;
 use caravel_server::datadir;
+use tokio::signal::unix::Signal;
 
 use crate::client::{self, Client, ClientConfig};
 use crate::{DownArgs, UpArgs};
@@ -83,10 +85,22 @@ pub async fn up(a: UpArgs) -> Result<i32> {
     }
     // Runs are stopped and requeued (each ends `preempted`, using no retry) and start
     // again when the pool is next up; whatever is left dies with the process.
-    agent.shut_down().await;
-    agent.cgroups().destroy();
+    stop_agent(&agent, &mut term).await;
     tracing::info!("caravel pool stopped");
     Ok(0)
+}
+
+/// A clean stop of `agent` after the first SIGTERM or Ctrl-C: its runs are handed back
+/// (each task gets its kill grace). A second signal stops waiting, as `docker compose`
+/// does: what still runs then dies with the process.
+pub async fn stop_agent(agent: &Arc<caravel_agent::Agent>, term: &mut Signal) {
+    eprintln!("stopping: handing running tasks back (Ctrl-C again to stop at once)");
+    tokio::select! {
+        _ = agent.shut_down() => {}
+        _ = tokio::signal::ctrl_c() => eprintln!("stopping at once"),
+        _ = term.recv() => eprintln!("stopping at once"),
+    }
+    agent.cgroups().destroy();
 }
 
 /// `up --detach`: starts `caravel up` in its own process group and returns once the pool

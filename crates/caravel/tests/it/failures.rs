@@ -176,6 +176,61 @@ fn an_agent_stopped_cleanly_hands_its_runs_back_and_they_run_again() {
 }
 
 #[test]
+fn a_second_sigterm_stops_an_agent_at_once_and_its_run_ends_once() {
+    let mut p = Pool::new("agentterm2", &[("a", &["--cpus", "2"])]);
+    let pidfile = p.file("task.pid");
+    let script = format!(
+        "trap '' TERM; echo $$ > {}; exec sleep 600",
+        pidfile.display()
+    );
+    let id = p.submit(
+        &p.admin,
+        json!({"command": "sh", "args": ["-c", script], "kill_grace_ms": 60_000,
+               "resources": {"cpu_milli": 100}}),
+    );
+    let task: i32 = wait_for("the task's pid", Duration::from_secs(20), || {
+        std::fs::read_to_string(&pidfile).ok()?.trim().parse().ok()
+    });
+    let agent = p.agent_pid("a");
+    unsafe {
+        libc::kill(agent, libc::SIGTERM);
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(
+        pid_alive(agent),
+        "the first SIGTERM waits out the task's kill grace"
+    );
+    let st = p.term_agent("a", Duration::from_secs(10));
+    assert!(st.success(), "{st:?}");
+    wait_for(
+        "the task dead with its agent",
+        Duration::from_secs(5),
+        || (!pid_alive(task)).then_some(()),
+    );
+    // Killed on the way out, the task's exit may still have been reported (the run is
+    // then handed back like any other), or not (the node went silent with a run on it and
+    // is lost, and so is the run). Either way it ends once and is metered once.
+    let j = wait_for("the run ended", Duration::from_secs(20), || {
+        let j = p.job(&p.admin, id);
+        (j["runs"][0]["state"] != "running").then_some(j)
+    });
+    let nodes = p.get(&p.admin, "/v1/nodes").unwrap();
+    match j["runs"][0]["state"].as_str().unwrap() {
+        "preempted" => {
+            assert_eq!(j["state"], "pending", "{j}");
+            assert_eq!(nodes[0]["state"], "down", "{nodes}");
+        }
+        "lost" => {
+            assert_eq!(j["state"], "failed", "no retries: {j}");
+            assert_eq!(nodes[0]["state"], "lost", "{nodes}");
+        }
+        other => panic!("run ended {other}: {j}"),
+    }
+    let u = p.get(&p.admin, &format!("/v1/usage?job={id}")).unwrap();
+    assert_eq!(u["by_job"][0]["runs"], 1, "{u}");
+}
+
+#[test]
 fn a_partitioned_node_that_returns_has_its_stale_copy_killed() {
     let p = Pool::new("stale", &[("a", &["--cpus", "1"]), ("b", &["--cpus", "1"])]);
     let dir = p.file("pids");
