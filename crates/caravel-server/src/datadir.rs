@@ -61,6 +61,22 @@ pub fn lock(dir: &Path) -> Result<File, LockError> {
     Ok(f)
 }
 
+/// Adds the address the server answers on to its lock file (second line), once it is
+/// bound, so that `caravel up` can find a pool already running on the directory.
+pub fn record_url(f: &mut File, url: &str) -> std::io::Result<()> {
+    f.set_len(0)?;
+    f.rewind()?;
+    writeln!(f, "{}\n{url}", std::process::id())?;
+    f.sync_data()
+}
+
+/// The address the server holding `dir` recorded (meaningful only while it holds it).
+pub fn url(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join(LOCK_FILE)).ok()?;
+    let url = text.lines().nth(1)?.trim();
+    (!url.is_empty()).then(|| url.to_string())
+}
+
 /// Whether a server holds `dir` now, and its pid when the lock file names one
 /// (`Some(None)`: held, pid unreadable). Takes nothing: a free lock is let go at once.
 pub fn holder(dir: &Path) -> Result<Option<Option<u32>>, LockError> {
@@ -88,7 +104,7 @@ fn read_pid(f: &mut File) -> Option<u32> {
     let mut s = String::new();
     f.rewind().ok()?;
     f.read_to_string(&mut s).ok()?;
-    s.trim().parse().ok()
+    s.lines().next()?.trim().parse().ok()
 }
 
 #[cfg(test)]
@@ -99,9 +115,17 @@ mod tests {
     fn a_second_lock_is_refused_with_the_holders_pid_until_the_first_is_dropped() {
         let dir = tempfile::tempdir().unwrap();
         assert!(holder(dir.path()).unwrap().is_none(), "no lock file yet");
-        let first = lock(dir.path()).unwrap();
+        let mut first = lock(dir.path()).unwrap();
         let me = std::process::id();
         assert_eq!(holder(dir.path()).unwrap(), Some(Some(me)));
+        assert_eq!(url(dir.path()), None, "not bound yet");
+        record_url(&mut first, "http://127.0.0.1:7080").unwrap();
+        assert_eq!(
+            holder(dir.path()).unwrap(),
+            Some(Some(me)),
+            "the pid stays first"
+        );
+        assert_eq!(url(dir.path()).as_deref(), Some("http://127.0.0.1:7080"));
         match lock(dir.path()) {
             Err(LockError::InUse { pid, .. }) => assert_eq!(pid, Some(me)),
             other => panic!("expected InUse, got {other:?}"),

@@ -219,7 +219,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
     };
     std::fs::create_dir_all(&cfg.data_dir).map_err(dd)?;
     // Before anything reads or writes the store: it has exactly one owner.
-    let data_dir_lock = datadir::lock(&cfg.data_dir)?;
+    let mut data_dir_lock = datadir::lock(&cfg.data_dir)?;
     let admin_token =
         auth::load_or_create(&cfg.data_dir.join("admin.token"), "cvadm").map_err(dd)?;
     let agent_token =
@@ -243,6 +243,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
             addr: cfg.listen,
             source,
         })?;
+    datadir::record_url(&mut data_dir_lock, &format!("http://{addr}")).map_err(dd)?;
     let shared = Arc::new(Shared {
         core: Mutex::new(core),
         metrics: metrics::Metrics::new(),

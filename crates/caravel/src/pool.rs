@@ -28,16 +28,21 @@ pub const DEFAULT_DATA_DIR: &str = "./caravel-data";
 fn ensure_free(dir: &Path) -> Result<()> {
     if let Some(pid) = datadir::holder(dir)? {
         bail!(
-            "a Caravel server is already running on {}{}; `caravel down --data-dir {}` stops it",
+            "a Caravel server is already running on {}{}; `{}` stops it",
             dir.display(),
             pid.map(|p| format!(" (pid {p})")).unwrap_or_default(),
-            dir.display()
+            down_command(dir)
         );
     }
     Ok(())
 }
 
 pub async fn up(a: UpArgs) -> Result<i32> {
+    if a.detach && a.data_dir.exists() {
+        if let Some(code) = already_up(&a).await? {
+            return Ok(code);
+        }
+    }
     if a.data_dir.exists() {
         ensure_free(&a.data_dir)?;
     }
@@ -103,6 +108,44 @@ pub async fn stop_agent(agent: &Arc<caravel_agent::Agent>, term: &mut Signal) {
     agent.cgroups().destroy();
 }
 
+/// `up --detach` on a directory whose pool is already up and answering is a success, as
+/// `docker compose up -d` is on a running project: it says where, points the client
+/// config at it again, and starts nothing. `None`: no pool answers for this directory.
+async fn already_up(a: &UpArgs) -> Result<Option<i32>> {
+    let Some(pid) = datadir::holder(&a.data_dir)? else {
+        return Ok(None);
+    };
+    let (Some(url), Ok(tok)) = (
+        datadir::url(&a.data_dir),
+        std::fs::read_to_string(a.data_dir.join("admin.token")),
+    ) else {
+        return Ok(None);
+    };
+    let c = Client::new(&url, tok.trim());
+    match c.get::<Vec<NodeView>>("/v1/nodes").await {
+        Ok(nodes) if !nodes.is_empty() => {}
+        _ => return Ok(None),
+    }
+    client::write_config(&ClientConfig {
+        server: Some(url.clone()),
+        token: Some(tok.trim().to_string()),
+    })?;
+    println!(
+        "caravel is already up at {url}{}; `{}` stops it",
+        pid.map(|p| format!(" (pid {p})")).unwrap_or_default(),
+        down_command(&a.data_dir)
+    );
+    Ok(Some(0))
+}
+
+fn down_command(dir: &Path) -> String {
+    if dir == Path::new(DEFAULT_DATA_DIR) {
+        "caravel down".to_string()
+    } else {
+        format!("caravel down --data-dir {}", dir.display())
+    }
+}
+
 /// `up --detach`: starts `caravel up` in its own process group and returns once the pool
 /// answers with its node, or fails with what the child said if it exits first.
 async fn detach(a: UpArgs) -> Result<i32> {
@@ -152,15 +195,11 @@ async fn detach(a: UpArgs) -> Result<i32> {
             let c = Client::new(&url, tok.trim());
             if let Ok(nodes) = c.get::<Vec<NodeView>>("/v1/nodes").await {
                 if !nodes.is_empty() {
-                    let down = if a.data_dir == Path::new(DEFAULT_DATA_DIR) {
-                        "caravel down".to_string()
-                    } else {
-                        format!("caravel down --data-dir {}", a.data_dir.display())
-                    };
                     println!(
-                        "caravel is up at {url} (pid {}, log {}); `{down}` stops it",
+                        "caravel is up at {url} (pid {}, log {}); `{}` stops it",
                         child.id(),
-                        log_path.display()
+                        log_path.display(),
+                        down_command(&a.data_dir)
                     );
                     return Ok(0);
                 }

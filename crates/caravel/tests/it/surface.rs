@@ -184,9 +184,18 @@ fn up_detach_has_one_owner_per_data_dir_and_down_hands_running_work_back() {
         .flatten()
         .expect("the pool holds its data directory");
 
-    // A second pool on the same data directory is refused, naming the first, and leaves
-    // the first one's log alone.
+    // `up --detach` again is a success that starts nothing (the README's first command
+    // may be run twice); a pool in the foreground on the same directory is refused,
+    // naming the first. Neither touches the running pool's log.
     let (code, text) = run(&up);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains(&format!(
+            "caravel is already up at http://{listen} (pid {pid})"
+        )),
+        "{text}"
+    );
+    let (code, text) = run(&["up", "--listen", "127.0.0.1:0", "--data-dir", d]);
     assert_eq!(code, Some(1), "{text}");
     assert!(
         text.contains("already running") && text.contains(&format!("(pid {pid})")),
@@ -194,6 +203,7 @@ fn up_detach_has_one_owner_per_data_dir_and_down_hands_running_work_back() {
     );
     let log = std::fs::read_to_string(data.join("up.log")).unwrap();
     assert!(log.contains("caravel is up at"), "{log}");
+    assert_eq!(log.matches("==== caravel up --detach").count(), 1, "{log}");
     // So is a bare server: two owners of one store would run every task twice.
     let (code, text) = run(&["server", "--listen", "127.0.0.1:0", "--data-dir", d]);
     assert_eq!(code, Some(1), "{text}");
