@@ -35,7 +35,10 @@ use caravel_core::{
 pub struct NodeSnap {
     pub id: NodeId,
     pub ready: bool,
-    pub capacity: Capacity,
+    /// Shared, not copied: searches that play time forward (`reserve::RoomWalk`) clone
+    /// nodes by the thousand, and the capacity (a device list with model names) never
+    /// changes while the scheduler lives.
+    pub capacity: std::sync::Arc<Capacity>,
     pub used_cpu_milli: u64,
     pub used_memory_bytes: u64,
     /// Devices held whole.
@@ -56,7 +59,7 @@ impl NodeSnap {
             shared: BTreeMap::new(),
             gpu_shapes: BTreeMap::new(),
             ready: true,
-            capacity,
+            capacity: std::sync::Arc::new(capacity),
             used_cpu_milli: 0,
             used_memory_bytes: 0,
             used_devices: BTreeSet::new(),

@@ -1068,10 +1068,12 @@ mod tests {
     #[test]
     fn whole_devices_for_one_task_must_be_of_one_model() {
         let mut node = h100s(1, 64);
-        node.capacity.devices.push(Device {
-            index: 1,
-            model: "A100".into(),
-        });
+        std::sync::Arc::make_mut(&mut node.capacity)
+            .devices
+            .push(Device {
+                index: 1,
+                model: "A100".into(),
+            });
         let two = TaskResources {
             gpu: Some(GpuRequest {
                 any_of: vec!["A100".into()],

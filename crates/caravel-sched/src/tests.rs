@@ -1288,7 +1288,7 @@ fn arb_reserve_world() -> impl Strategy<Value = (Vec<NodeSnap>, Vec<RunningTask>
                 .enumerate()
                 .map(|(i, (c, g, m))| {
                     let mut n = gpu_node(i as u64, models[*m], *g);
-                    n.capacity.cpu_milli = c * 4000;
+                    std::sync::Arc::make_mut(&mut n.capacity).cpu_milli = c * 4000;
                     n
                 })
                 .collect();
@@ -1887,9 +1887,9 @@ fn cpu_only_work_avoids_starving_a_gpu_dense_node() {
     let mut w = wt(1, 1000, 1.0);
     w.cpu_milli = 10_000;
     let mut n1 = gpu_node(1, "T4", 8);
-    n1.capacity.cpu_milli = 90_000;
+    std::sync::Arc::make_mut(&mut n1.capacity).cpu_milli = 90_000;
     let mut n2 = gpu_node(2, "T4", 2);
-    n2.capacity.cpu_milli = 90_000;
+    std::sync::Arc::make_mut(&mut n2.capacity).cpu_milli = 90_000;
     let cpu_job = || job(1, 1, 30_000, None, false);
     let mut s = Scheduler::new(fgd_cfg(vec![w.clone()]), vec![n1.clone(), n2.clone()]);
     let plan = s.schedule(&mut HashMap::new(), &[cpu_job()]);

@@ -921,7 +921,7 @@ impl Core {
             .map(|e| NodeSnap {
                 id: e.node.id,
                 ready: e.node.state == NodeState::Ready && !e.node.drained,
-                capacity: e.node.capacity.clone(),
+                capacity: std::sync::Arc::new(e.node.capacity.clone()),
                 used_cpu_milli: e.alloc.cpu_milli,
                 used_memory_bytes: e.alloc.memory_bytes,
                 used_devices: e.alloc.devices.clone(),
