@@ -35,6 +35,9 @@ use caravel_core::{
 pub struct NodeSnap {
     pub id: NodeId,
     pub ready: bool,
+    /// Why a node that is not ready is not, as pending reasons say it ("drained",
+    /// "lost"): an operator reading "1 node drained" knows what to undo.
+    pub not_ready: &'static str,
     /// Shared, not copied: searches that play time forward (`reserve::RoomWalk`) clone
     /// nodes by the thousand, and the capacity (a device list with model names) never
     /// changes while the scheduler lives.
@@ -59,6 +62,7 @@ impl NodeSnap {
             shared: BTreeMap::new(),
             gpu_shapes: BTreeMap::new(),
             ready: true,
+            not_ready: "not ready",
             capacity: std::sync::Arc::new(capacity),
             used_cpu_milli: 0,
             used_memory_bytes: 0,
@@ -399,7 +403,7 @@ impl Default for Config {
 /// Why one node refused one task. Ordered cheapest check first.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Lack {
-    NotReady,
+    NotReady(&'static str),
     GpuModel(String),
     Gpus(String),
     Cpu,
@@ -409,7 +413,7 @@ pub(crate) enum Lack {
 impl Lack {
     fn label(&self) -> String {
         match self {
-            Lack::NotReady => "not ready".into(),
+            Lack::NotReady(why) => (*why).into(),
             Lack::GpuModel(m) => format!("lack gpu/{m}"),
             Lack::Gpus(m) => format!("lack free gpu/{m}"),
             Lack::Cpu => "lack cpu".into(),
@@ -422,7 +426,7 @@ impl Lack {
 /// best-fit score (lower is tighter).
 pub(crate) fn fit(cfg: &Config, n: &NodeSnap, r: &TaskResources) -> Result<(u64, Vec<u32>), Lack> {
     if !n.ready {
-        return Err(Lack::NotReady);
+        return Err(Lack::NotReady(n.not_ready));
     }
     let mut devices = Vec::new();
     let mut whole_taken = 0u64;
@@ -585,7 +589,7 @@ fn no_fit_reason(lacks: &BTreeMap<Lack, u64>, total_nodes: usize) -> PendingReas
         .map(|(l, c)| {
             let noun = if *c == 1 { "node" } else { "nodes" };
             match l {
-                Lack::NotReady => format!("{c} {noun} not ready"),
+                Lack::NotReady(why) => format!("{c} {noun} {why}"),
                 // The label is also the counts key ("lack cpu"); the sentence agrees.
                 other if *c == 1 => {
                     format!("1 node {}", other.label().replacen("lack", "lacks", 1))

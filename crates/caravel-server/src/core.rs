@@ -921,6 +921,11 @@ impl Core {
             .map(|e| NodeSnap {
                 id: e.node.id,
                 ready: e.node.state == NodeState::Ready && !e.node.drained,
+                not_ready: match e.node.state {
+                    NodeState::Ready => "drained",
+                    NodeState::Lost => "lost",
+                    NodeState::Down => "down",
+                },
                 capacity: std::sync::Arc::new(e.node.capacity.clone()),
                 used_cpu_milli: e.alloc.cpu_milli,
                 used_memory_bytes: e.alloc.memory_bytes,

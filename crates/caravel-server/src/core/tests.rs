@@ -1244,3 +1244,29 @@ fn a_gang_with_a_member_on_a_node_shut_down_cleanly_restarts_whole_without_using
     c.register(back, 50).unwrap();
     assert_eq!(c.schedule(60).unwrap().placed, 2, "whole gang placed again");
 }
+
+#[test]
+fn pending_reasons_say_why_nodes_are_not_ready() {
+    let mut f = fixture();
+    let c = &mut f.core;
+    let a = c.register(reg("a", 1, 0), 0).unwrap();
+    let b = c.register(reg("b", 1, 0), 0).unwrap();
+    c.register(reg("c", 1, 0), 0).unwrap();
+    c.set_drained("a", true).unwrap();
+    c.shutdown_node(b, "b-1", 1).unwrap();
+    c.heartbeat(a, "a-1", 15_000).unwrap();
+    assert_eq!(
+        c.check_liveness(20_000, 10_000).unwrap(),
+        vec!["c".to_string()]
+    );
+    let j = c
+        .submit(default_tenant(c), JobSpec::simple("x", &[]), 20_001)
+        .unwrap();
+    assert_eq!(c.schedule(20_002).unwrap().placed, 0);
+    let r = &c.jobs[&j].reasons[0];
+    assert_eq!(
+        r.message,
+        "no node fits: 1 node down, 1 node drained, 1 node lost"
+    );
+    assert_eq!(r.counts["drained"], 1);
+}
