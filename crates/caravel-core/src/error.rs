@@ -22,7 +22,8 @@ pub enum ErrorCode {
     Unschedulable,
     /// The job asks for more than its tenant's quota allows in total.
     ExceedsQuota,
-    /// A node that holds the requested data could not be reached.
+    /// A node that holds the requested data, or the control plane's database, could not
+    /// be reached.
     Unavailable,
     /// Past the service's request rate limit.
     RateLimited,

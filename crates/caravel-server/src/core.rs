@@ -91,6 +91,44 @@ pub struct Core {
     service_jobs: HashMap<(TenantId, String), BTreeSet<JobId>>,
 }
 
+/// Stands in for a store being reopened: refuses everything.
+struct ClosedStore;
+
+impl ClosedStore {
+    fn err<T>() -> caravel_store::Result<T> {
+        Err(caravel_store::StoreError::Unavailable(
+            "the store is being reopened after an error".into(),
+        ))
+    }
+}
+
+impl Store for ClosedStore {
+    fn load(&mut self) -> caravel_store::Result<caravel_store::Snapshot> {
+        Self::err()
+    }
+    fn apply(&mut self, _: &[Mutation]) -> caravel_store::Result<()> {
+        Self::err()
+    }
+    fn runs_of_job(&mut self, _: JobId) -> caravel_store::Result<Vec<RunRecord>> {
+        Self::err()
+    }
+    fn ended_runs_preempted_for(&mut self, _: JobId) -> caravel_store::Result<Vec<RunRecord>> {
+        Self::err()
+    }
+    fn run(&mut self, _: RunId) -> caravel_store::Result<Option<RunRecord>> {
+        Self::err()
+    }
+    fn usage(
+        &mut self,
+        _: &caravel_store::UsageFilter,
+    ) -> caravel_store::Result<Vec<caravel_core::UsageRecord>> {
+        Self::err()
+    }
+    fn has_usage(&mut self, _: RunId) -> caravel_store::Result<bool> {
+        Self::err()
+    }
+}
+
 /// One replica of a service as the gateway and the controller see it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReplicaInfo {
@@ -295,6 +333,14 @@ impl Core {
             self.needs_reload = true;
             ApiError::from(e)
         })
+    }
+
+    /// Closes the store (a PostgreSQL store ends its session, freeing its lock for the
+    /// store the server reopens) and marks memory for a reload; until then every write is
+    /// refused, and nothing is half-written.
+    pub fn close_store(&mut self) {
+        self.store = Box::new(ClosedStore);
+        self.needs_reload = true;
     }
 
     pub fn store(&mut self) -> &mut dyn Store {

@@ -47,7 +47,14 @@ impl From<ValidationError> for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         tracing::error!(error = %e, "store error");
-        ApiError::new(ErrorCode::Internal, format!("storage failed: {e}"))
+        match e {
+            StoreError::Unavailable(_) => ApiError::new(
+                ErrorCode::Unavailable,
+                // A connection lost during COMMIT leaves its outcome unknown: say so.
+                format!("{e}; retry shortly (a change sent as the connection failed may have been saved: check before repeating it)"),
+            ),
+            _ => ApiError::new(ErrorCode::Internal, format!("storage failed: {e}")),
+        }
     }
 }
 

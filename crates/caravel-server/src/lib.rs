@@ -25,7 +25,7 @@ use axum::response::Response;
 use axum::routing::{any, get, post};
 use axum::Router;
 use caravel_core::{Millis, NodeState, RunState};
-use caravel_store::{SqliteStore, Sync};
+use caravel_store::{PgStore, SqliteStore, Store, Sync};
 use tokio::sync::Notify;
 
 use crate::core::Core;
@@ -37,9 +37,106 @@ pub fn now_ms() -> Millis {
         .as_millis() as Millis
 }
 
+/// A libpq `key=value` string with the value of `password` (spaces around `=`, quoted or
+/// not) replaced by `***`.
+fn redact_password(kv: &str) -> String {
+    let mut out = String::new();
+    let mut rest = kv;
+    while let Some(i) = rest.find("password") {
+        out.push_str(&rest[..i + "password".len()]);
+        rest = &rest[i + "password".len()..];
+        let after_key = rest.trim_start();
+        let Some(v) = after_key.strip_prefix('=') else {
+            continue;
+        };
+        let v = v.trim_start();
+        let end = if let Some(q) = v.strip_prefix('\'') {
+            // Quoted: up to the closing quote that is not escaped.
+            let mut end = q.len();
+            let mut esc = false;
+            for (j, c) in q.char_indices() {
+                match c {
+                    '\\' if !esc => esc = true,
+                    '\'' if !esc => {
+                        end = j + 1;
+                        break;
+                    }
+                    _ => esc = false,
+                }
+            }
+            1 + end
+        } else {
+            v.find(char::is_whitespace).unwrap_or(v.len())
+        };
+        out.push_str("=***");
+        rest = &v[end.min(v.len())..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Where the control plane keeps its state.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Datastore {
+    /// `DATA_DIR/caravel.db`, embedded (the default).
+    Sqlite,
+    /// A PostgreSQL database: a `postgres://` URL or a libpq `key=value` string. The
+    /// server takes the store's lock; a second server on it is refused.
+    Postgres(String),
+}
+
+impl std::fmt::Debug for Datastore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl Datastore {
+    /// For logs and errors: a password in the URL or the `key=value` string is hidden.
+    pub fn redacted(&self) -> String {
+        match self {
+            Datastore::Sqlite => "sqlite".into(),
+            Datastore::Postgres(url) => {
+                if let Some(rest) = url
+                    .strip_prefix("postgres://")
+                    .or_else(|| url.strip_prefix("postgresql://"))
+                {
+                    let scheme = &url[..url.len() - rest.len()];
+                    let (auth, host) = match rest.split_once('@') {
+                        Some((a, h)) => (Some(a), h),
+                        None => (None, rest),
+                    };
+                    match auth.and_then(|a| a.split_once(':')) {
+                        Some((user, _)) => format!("{scheme}{user}:***@{host}"),
+                        None => url.clone(),
+                    }
+                } else {
+                    redact_password(url)
+                }
+            }
+        }
+    }
+
+    /// `sqlite`, a `postgres://` / `postgresql://` URL, or a libpq `key=value` string.
+    pub fn parse(s: &str) -> Result<Datastore, String> {
+        let s = s.trim();
+        if s == "sqlite" {
+            Ok(Datastore::Sqlite)
+        } else if s.starts_with("postgres://") || s.starts_with("postgresql://") || s.contains('=')
+        {
+            Ok(Datastore::Postgres(s.to_string()))
+        } else {
+            Err(format!(
+                "expected `sqlite` or a PostgreSQL URL (postgres://USER@HOST:PORT/DB), got `{s}`"
+            ))
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub data_dir: PathBuf,
+    pub datastore: Datastore,
     pub listen: SocketAddr,
     /// A node that has not been heard from for this long is lost.
     pub lost_after_ms: u64,
@@ -64,6 +161,7 @@ impl ServerConfig {
     pub fn new(data_dir: PathBuf, listen: SocketAddr) -> ServerConfig {
         ServerConfig {
             data_dir,
+            datastore: Datastore::Sqlite,
             listen,
             lost_after_ms: 10_000,
             heartbeat_ms: 2_000,
@@ -75,6 +173,34 @@ impl ServerConfig {
             reservations: 1,
             starvation_ms: 0,
         }
+    }
+}
+
+#[cfg(test)]
+mod datastore_tests {
+    use super::Datastore;
+
+    #[test]
+    fn datastore_values_parse_and_passwords_stay_out_of_logs() {
+        assert_eq!(Datastore::parse("sqlite"), Ok(Datastore::Sqlite));
+        let url = "postgres://cv:s3cret@db:5432/caravel";
+        let d = Datastore::parse(url).unwrap();
+        assert_eq!(d, Datastore::Postgres(url.into()));
+        assert_eq!(d.redacted(), "postgres://cv:***@db:5432/caravel");
+        assert_eq!(format!("{d:?}"), "postgres://cv:***@db:5432/caravel");
+        let kv = Datastore::parse("host=db user=cv password=s3cret dbname=c").unwrap();
+        assert_eq!(kv.redacted(), "host=db user=cv password=*** dbname=c");
+        let spaced = Datastore::parse("host=db password = 'a b\\' c' dbname=c").unwrap();
+        assert_eq!(spaced.redacted(), "host=db password=*** dbname=c");
+        assert_eq!(
+            Datastore::parse("postgresql://db/c").unwrap().redacted(),
+            "postgresql://db/c"
+        );
+        let err = Datastore::parse("mysql:/db").unwrap_err();
+        assert!(
+            err.contains("expected `sqlite` or a PostgreSQL URL"),
+            "{err}"
+        );
     }
 }
 
@@ -224,8 +350,8 @@ pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
         auth::load_or_create(&cfg.data_dir.join("admin.token"), "cvadm").map_err(dd)?;
     let agent_token =
         auth::load_or_create(&cfg.data_dir.join("agent.token"), "cvagt").map_err(dd)?;
-    let store = SqliteStore::open(&cfg.data_dir.join("caravel.db"), cfg.sync)?;
-    let mut core = Core::load(Box::new(store), now_ms())?;
+    let store = open_store(&cfg)?;
+    let mut core = Core::load(store, now_ms())?;
     core.ensure_default_tenant(now_ms())?;
     core.fair_share_half_life_ms = cfg.fair_share_half_life_ms;
     core.sched_cfg.las = cfg.las.clone();
@@ -269,7 +395,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
             tracing::error!(error = %e, "server stopped");
         }
     });
-    tracing::info!(%addr, data_dir = %cfg.data_dir.display(), "caravel server listening");
+    tracing::info!(%addr, data_dir = %cfg.data_dir.display(), datastore = %cfg.datastore.redacted(), "caravel server listening");
     Ok(Server {
         addr,
         admin_token,
@@ -310,16 +436,38 @@ async fn scheduling_loop(s: Arc<Shared>) {
     }
 }
 
-/// After a failed commit memory may be ahead of the store; rebuild it from the store.
+/// Opens the configured store. A PostgreSQL store is this server's while it is open.
+fn open_store(cfg: &ServerConfig) -> Result<Box<dyn Store>, caravel_store::StoreError> {
+    Ok(match &cfg.datastore {
+        Datastore::Sqlite => Box::new(SqliteStore::open(
+            &cfg.data_dir.join("caravel.db"),
+            cfg.sync,
+        )?),
+        Datastore::Postgres(url) => {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "an unknown host".into());
+            let owner = format!("{host} (data directory {})", cfg.data_dir.display());
+            Box::new(PgStore::open(url, &owner)?)
+        }
+    })
+}
+
+/// After a failed commit memory may be ahead of the store (and a PostgreSQL connection
+/// may be gone): close the store, open it again and rebuild memory from it. Until that
+/// succeeds writes are refused and the next cycle tries again.
 fn reload(s: &Shared) {
-    let store = match SqliteStore::open(&s.cfg.data_dir.join("caravel.db"), s.cfg.sync) {
+    // Closed first, outside the reopen: the old session must end before a new one can
+    // take the lock, and requests must not wait on a reconnect.
+    s.core.lock().expect("core lock").close_store();
+    let store = match open_store(&s.cfg) {
         Ok(st) => st,
         Err(e) => {
             tracing::error!(error = %e, "cannot reopen the store");
             return;
         }
     };
-    match Core::load(Box::new(store), now_ms()) {
+    match Core::load(store, now_ms()) {
         Ok(mut c) => {
             c.fair_share_half_life_ms = s.cfg.fair_share_half_life_ms;
             c.sched_cfg.las = s.cfg.las.clone();

@@ -1,6 +1,7 @@
 //! The conformance suite every `Store` backend must pass. A backend's tests invoke
 //! `store_conformance_tests!(factory)`, where the factory makes a fresh, empty database
-//! that `StoreFactory::open` can open again (to check durability across reopen).
+//! that `StoreFactory::open` can open again (to check durability across reopen), or `None`
+//! where the backend's server is not there to test against (see `test_pg`).
 
 use std::collections::BTreeMap;
 
@@ -337,21 +338,186 @@ pub fn services_upsert_and_delete(f: &dyn StoreFactory) {
     assert_eq!(snap.services[0], rec(1, "chat", 2));
 }
 
+/// Several changes to one record in one batch: the result is what applying them one by
+/// one leaves (a backend may fold a batch before it writes it).
+pub fn a_batch_lands_as_if_applied_in_order(f: &dyn StoreFactory) {
+    let svc = |name: &str, version: u64| ServiceRecord {
+        tenant: TenantId(1),
+        spec: ServiceSpec::simple(name, "python3", &["serve.py"]),
+        version,
+        created_ms: 1,
+        updated_ms: version as i64,
+    };
+    let mut s = f.open();
+    s.apply(&[Mutation::PutService(svc("old", 1))]).unwrap();
+    let mut done = job(1, 1);
+    done.state = JobState::Succeeded;
+    let mut task_done = task(1, 0);
+    task_done.state = TaskState::Succeeded;
+    let mut later_usage = usage(4, 1);
+    later_usage.end_ms = 99_999;
+    s.apply(&[
+        Mutation::PutJob(job(1, 1)),
+        Mutation::PutTask(task(1, 0)),
+        Mutation::PutRun(run(4, 1, RunState::Running)),
+        Mutation::InsertUsage(usage(4, 1)),
+        Mutation::PutService(svc("new", 1)),
+        Mutation::DeleteService {
+            tenant: TenantId(1),
+            name: "old".into(),
+        },
+        Mutation::DeleteService {
+            tenant: TenantId(1),
+            name: "new".into(),
+        },
+        Mutation::PutService(svc("new", 2)),
+        Mutation::PutService(svc("gone", 1)),
+        Mutation::DeleteService {
+            tenant: TenantId(1),
+            name: "gone".into(),
+        },
+        Mutation::PutRun(run(4, 1, RunState::Succeeded)),
+        Mutation::InsertUsage(later_usage),
+        Mutation::PutTask(task_done.clone()),
+        Mutation::PutJob(done.clone()),
+    ])
+    .unwrap();
+    drop(s);
+    let mut s = f.open();
+    let snap = s.load().unwrap();
+    assert_eq!(snap.jobs, vec![done]);
+    assert_eq!(snap.tasks, vec![task_done]);
+    assert!(
+        snap.active_runs.is_empty(),
+        "the run's last state is terminal"
+    );
+    assert_eq!(
+        s.run(RunId(4)).unwrap(),
+        Some(run(4, 1, RunState::Succeeded))
+    );
+    assert_eq!(
+        s.usage(&UsageFilter::default()).unwrap(),
+        vec![usage(4, 1)],
+        "the first usage record of a run stands"
+    );
+    assert_eq!(snap.services, vec![svc("new", 2)]);
+}
+
 #[macro_export]
 macro_rules! store_conformance_tests {
     ($factory:expr) => {
         $crate::store_conformance_tests!(@t $factory;
             empty_store_loads_empty, round_trips_every_record, puts_are_upserts,
             usage_is_written_once, usage_filters, batches_are_atomic, many_jobs_round_trip,
-            services_upsert_and_delete, ended_victims_are_found_by_the_job_they_were_stopped_for);
+            services_upsert_and_delete, ended_victims_are_found_by_the_job_they_were_stopped_for,
+            a_batch_lands_as_if_applied_in_order);
     };
     (@t $factory:expr; $($name:ident),*) => {
         $(
             #[test]
             fn $name() {
-                let f = ($factory)();
-                $crate::conformance::$name(&f);
+                if let Some(f) = ($factory)() {
+                    $crate::conformance::$name(&f);
+                }
             }
         )*
     };
+}
+
+/// The PostgreSQL server the tests use: `CARAVEL_TEST_PG`, a libpq key-value connection
+/// string (`scripts/with-test-postgres` starts a throwaway cluster and sets it). Unset, a
+/// test that needs it is skipped with a line saying so — except under CI (`CI` set), where
+/// that is a failure: CI runs the tests through the script.
+pub fn test_pg() -> Option<String> {
+    match std::env::var("CARAVEL_TEST_PG") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var_os("CI").is_some() => {
+            panic!("CARAVEL_TEST_PG is not set: run the tests through scripts/with-test-postgres")
+        }
+        _ => {
+            eprintln!("skipped: CARAVEL_TEST_PG is not set (see scripts/with-test-postgres)");
+            None
+        }
+    }
+}
+
+/// A schema of its own on the test server for one test, dropped with everything in it when
+/// this goes out of scope. `url()` connects with it as the search path, so each test has
+/// an empty store (and a lock of its own).
+pub struct PgSchema {
+    base: String,
+    name: String,
+}
+
+impl PgSchema {
+    pub fn create(base: &str) -> PgSchema {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "t{}_{}_{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0)
+        );
+        let s = PgSchema {
+            base: base.to_string(),
+            name,
+        };
+        s.admin(&format!("CREATE SCHEMA {}", s.name));
+        s
+    }
+
+    pub fn url(&self) -> String {
+        format!("{} options='-c search_path={}'", self.base, self.name)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs SQL on the test server outside any store (on a thread: the blocking client
+    /// must not run inside an async test's runtime).
+    pub fn admin(&self, sql: &str) {
+        let (base, sql) = (self.base.clone(), sql.to_string());
+        std::thread::spawn(move || {
+            let mut c = postgres::Client::connect(&base, postgres::NoTls)
+                .unwrap_or_else(|e| panic!("connecting to {base}: {e}"));
+            c.batch_execute(&sql)
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        })
+        .join()
+        .expect("admin SQL failed");
+    }
+}
+
+impl PgSchema {
+    /// The first column of each row `sql` returns, as text (NULL: None).
+    pub fn query(&self, sql: &str) -> Vec<Option<String>> {
+        let (base, sql) = (self.base.clone(), sql.to_string());
+        std::thread::spawn(move || {
+            let mut c = postgres::Client::connect(&base, postgres::NoTls)
+                .unwrap_or_else(|e| panic!("connecting to {base}: {e}"));
+            c.simple_query(&sql)
+                .unwrap_or_else(|e| panic!("{sql}: {e}"))
+                .into_iter()
+                .filter_map(|m| match m {
+                    postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).map(String::from)),
+                    _ => None,
+                })
+                .collect()
+        })
+        .join()
+        .expect("admin SQL failed")
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            self.admin(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name));
+        }
+    }
 }

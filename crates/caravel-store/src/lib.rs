@@ -6,12 +6,14 @@
 //! a run finished without its usage record. At start the server rebuilds memory from
 //! `Store::load`.
 //!
-//! Backends: SQLite in WAL mode (the embedded default). Every backend must pass the same
-//! `conformance` suite; a PostgreSQL backend slots in behind the same trait.
+//! Backends: SQLite in WAL mode (the embedded default) and PostgreSQL (`pg`). Every backend
+//! passes the same `conformance` suite.
 //!
-//! This crate must not depend on the server, the scheduler or any async runtime.
+//! This crate must not depend on the server or the scheduler, and its API is blocking: the
+//! PostgreSQL client's own runtime stays on a thread of its own (see `pg`).
 
 pub mod conformance;
+mod pg;
 mod sqlite;
 
 use caravel_core::{
@@ -19,16 +21,25 @@ use caravel_core::{
     UsageRecord,
 };
 
+pub use pg::PgStore;
 pub use sqlite::{SqliteStore, Sync};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database error: {0}")]
     Db(String),
+    /// The database cannot be reached (PostgreSQL: the connection is gone, the server is
+    /// shutting down). Worth a retry; a write whose connection failed during COMMIT may
+    /// have landed (reload to find out).
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
     #[error("constraint violated: {0}")]
     Constraint(String),
     #[error("corrupt record in {table}: {reason}")]
     Corrupt { table: &'static str, reason: String },
+    /// Another server owns the store (PostgreSQL; SQLite's owner holds the data directory).
+    #[error("{0}")]
+    Owned(String),
     #[error("schema version {found} is newer than this binary understands ({supported})")]
     SchemaTooNew { found: i64, supported: i64 },
 }

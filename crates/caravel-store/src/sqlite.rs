@@ -1,6 +1,6 @@
 //! SQLite backend: one file, WAL journal. Records are stored as JSON bodies next to the
-//! key columns that queries filter on, which keeps the schema small and the same shape a
-//! PostgreSQL backend (JSONB) will use.
+//! key columns that queries filter on, which keeps the schema small and the same shape the
+//! PostgreSQL backend uses.
 
 use std::path::Path;
 
@@ -343,7 +343,7 @@ mod tests {
         }
     }
 
-    crate::store_conformance_tests!(|| Sqlite(tempfile::tempdir().unwrap()));
+    crate::store_conformance_tests!(|| Some(Sqlite(tempfile::tempdir().unwrap())));
 
     /// A database written before the `preempted_for` column (schema 2) gets it filled in
     /// from the run bodies, so a server upgraded mid-preemption still finds the victims.

@@ -38,6 +38,12 @@ pub enum BenchCmd {
         /// system temp dir). Each run gets its own directory, three inodes per task.
         #[arg(long)]
         dir: Option<std::path::PathBuf>,
+        /// The server's `--datastore` (default: the embedded SQLite store).
+        #[arg(long, default_value = "sqlite")]
+        datastore: String,
+        /// fsync every SQLite commit (the server's `--sync-full`).
+        #[arg(long)]
+        sync_full: bool,
     },
     /// The tinylm example service through the gateway: cold start, reaction to load steps,
     /// and platform errors over a long run with scale-up, scale-down and rolling updates.
@@ -108,6 +114,15 @@ pub struct BenchPool {
 }
 
 pub async fn start_pool(dir: &std::path::Path, no_cgroups: bool) -> Result<BenchPool> {
+    start_pool_with(dir, no_cgroups, &[]).await
+}
+
+/// `start_pool` with extra `caravel server` arguments.
+pub async fn start_pool_with(
+    dir: &std::path::Path,
+    no_cgroups: bool,
+    server_args: &[String],
+) -> Result<BenchPool> {
     let exe = std::env::current_exe()?;
     let port = free_port()?;
     let url = format!("http://127.0.0.1:{port}");
@@ -121,6 +136,7 @@ pub async fn start_pool(dir: &std::path::Path, no_cgroups: bool) -> Result<Bench
                 "--data-dir",
             ])
             .arg(dir.join("server"))
+            .args(server_args)
             .env("CARAVEL_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -198,7 +214,15 @@ pub async fn run(cmd: BenchCmd) -> Result<i32> {
             light,
             no_cgroups,
             dir,
-        } => e2e(jobs, clients.max(1), light, no_cgroups, dir).await,
+            datastore,
+            sync_full,
+        } => {
+            let mut server_args = vec!["--datastore".to_string(), datastore];
+            if sync_full {
+                server_args.push("--sync-full".into());
+            }
+            e2e(jobs, clients.max(1), light, no_cgroups, dir, &server_args).await
+        }
         BenchCmd::Gateway {
             concurrency,
             seconds,
@@ -246,12 +270,13 @@ async fn e2e(
     light: usize,
     no_cgroups: bool,
     parent: Option<std::path::PathBuf>,
+    server_args: &[String],
 ) -> Result<i32> {
     let dir = match parent {
         Some(p) => tempfile::tempdir_in(p)?,
         None => tempfile::tempdir()?,
     };
-    let pool = start_pool(dir.path(), no_cgroups).await?;
+    let pool = start_pool_with(dir.path(), no_cgroups, server_args).await?;
     let c = Client::new(&pool.url, &pool.admin);
     let mut spec = JobSpec::simple("true", &[]);
     spec.resources.cpu_milli = 100;

@@ -260,6 +260,12 @@ enum TenantCmd {
 struct ServerArgs {
     #[arg(long, default_value = pool::DEFAULT_DATA_DIR)]
     data_dir: PathBuf,
+    /// Where state is kept: `sqlite` (DATA_DIR/caravel.db, the default) or a PostgreSQL
+    /// database, `postgres://USER[:PASSWORD]@HOST:PORT/DB` (or a libpq `key=value`
+    /// string). One server owns a database at a time; the data directory still holds the
+    /// tokens and the server's lock.
+    #[arg(long, env = "CARAVEL_DATASTORE", hide_env_values = true, default_value = "sqlite", value_parser = caravel_server::Datastore::parse)]
+    datastore: caravel_server::Datastore,
     #[arg(long, default_value = "127.0.0.1:7080")]
     listen: SocketAddr,
     /// Mark a node lost after this long without a heartbeat.
@@ -533,6 +539,10 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
     match cmd {
         Cmd::Server(a) => {
             let mut cfg = caravel_server::ServerConfig::new(a.data_dir, a.listen);
+            if a.sync_full && a.datastore != caravel_server::Datastore::Sqlite {
+                bail!("--sync-full: only for the embedded SQLite store (PostgreSQL's own `synchronous_commit` decides there)");
+            }
+            cfg.datastore = a.datastore;
             cfg.lost_after_ms = a.lost_after;
             cfg.heartbeat_ms = a.heartbeat;
             cfg.fair_share_half_life_ms = a.fair_share_half_life;

@@ -18,6 +18,8 @@ pub struct Pool {
     pub server: Option<Child>,
     pub agents: Vec<(String, Child)>,
     pub tag: String,
+    /// Extra arguments for every `caravel server` this pool starts (`--datastore ...`).
+    pub server_args: Vec<String>,
     agent_names: Vec<String>,
     http: reqwest::Client,
 }
@@ -84,6 +86,11 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
 impl Pool {
     /// A server with fast liveness settings (lost after 2 s) and no agents.
     pub fn server_only(tag: &str) -> Pool {
+        Pool::server_only_with(tag, &[])
+    }
+
+    /// `server_only` with extra server arguments.
+    pub fn server_only_with(tag: &str, server_args: &[&str]) -> Pool {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let mut p = Pool {
@@ -94,6 +101,7 @@ impl Pool {
             server: None,
             agents: vec![],
             tag: format!("{tag}-{}", std::process::id()),
+            server_args: server_args.iter().map(|a| a.to_string()).collect(),
             agent_names: vec![],
             http: reqwest::Client::new(),
             dir,
@@ -103,7 +111,11 @@ impl Pool {
     }
 
     pub fn new(tag: &str, agents: &[(&str, &[&str])]) -> Pool {
-        let mut p = Pool::server_only(tag);
+        Pool::with_server_args(tag, &[], agents)
+    }
+
+    pub fn with_server_args(tag: &str, server_args: &[&str], agents: &[(&str, &[&str])]) -> Pool {
+        let mut p = Pool::server_only_with(tag, server_args);
         for (name, args) in agents {
             p.start_agent(name, args);
         }
@@ -125,6 +137,7 @@ impl Pool {
             .args(["server", "--listen", &format!("127.0.0.1:{}", self.port)])
             .args(["--lost-after", "2s", "--heartbeat", "500ms", "--data-dir"])
             .arg(self.data_dir())
+            .args(&self.server_args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

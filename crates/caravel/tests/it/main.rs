@@ -5,6 +5,7 @@ mod harness;
 mod bad_input;
 mod failures;
 mod jobs;
+mod postgres;
 mod services;
 mod sim;
 mod surface;
