@@ -34,6 +34,8 @@ pub fn now_ms() -> Millis {
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
+    /// The server's URL, or several separated by commas (a server and its standbys): the
+    /// agent moves to the next one whenever the one it talks to cannot be reached.
     pub server: String,
     pub token: String,
     pub name: String,
@@ -63,7 +65,7 @@ pub enum AgentError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("bad server URL `{0}`")]
+    #[error("bad server URL `{0}`: expected http://HOST:PORT[,http://HOST:PORT...]")]
     ServerUrl(String),
 }
 
@@ -94,6 +96,23 @@ pub struct Agent {
     capacity: Capacity,
     agent_url: String,
     address: String,
+    /// `cfg.server` split; `current` indexes the one in use.
+    servers: Vec<String>,
+    current: std::sync::atomic::AtomicUsize,
+}
+
+/// The URLs of `--server URL[,URL...]`, each checked.
+pub fn server_urls(list: &str) -> Result<Vec<String>, AgentError> {
+    let urls: Vec<String> = list
+        .split(',')
+        .map(|u| u.trim().trim_end_matches('/').to_string())
+        .collect();
+    for u in &urls {
+        if !u.starts_with("http://") && !u.starts_with("https://") {
+            return Err(AgentError::ServerUrl(u.clone()));
+        }
+    }
+    Ok(urls)
 }
 
 fn random_hex(n: usize) -> String {
@@ -138,9 +157,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
 
 /// Prepares the agent and its log endpoint; `main_loop` does the rest.
 pub async fn start(cfg: AgentConfig) -> Result<Arc<Agent>, AgentError> {
-    if !cfg.server.starts_with("http://") && !cfg.server.starts_with("https://") {
-        return Err(AgentError::ServerUrl(cfg.server.clone()));
-    }
+    let servers = server_urls(&cfg.server)?;
     let wd = |source| AgentError::WorkDir {
         path: cfg.work_dir.clone(),
         source,
@@ -207,13 +224,15 @@ pub async fn start(cfg: AgentConfig) -> Result<Arc<Agent>, AgentError> {
     let address = cfg
         .advertise
         .clone()
-        .or_else(|| local_addr_towards(&cfg.server))
+        .or_else(|| local_addr_towards(&servers[0]))
         .unwrap_or_else(|| "127.0.0.1".into());
     let agent = Arc::new(Agent {
         agent_url: format!("http://{address}:{port}"),
         address,
         http: reqwest::Client::builder()
             .timeout(Duration::from_secs(40))
+            // A server whose machine vanished answers nothing: move on to the next soon.
+            .connect_timeout(Duration::from_secs(3))
             .build()
             .expect("http client"),
         cgroups: cg,
@@ -229,6 +248,8 @@ pub async fn start(cfg: AgentConfig) -> Result<Arc<Agent>, AgentError> {
         closing: std::sync::atomic::AtomicBool::new(false),
         capacity,
         cfg,
+        servers,
+        current: std::sync::atomic::AtomicUsize::new(0),
     });
     let app = axum::Router::new()
         .route("/runs/{run}/{stream}", axum::routing::get(serve_log))
@@ -293,8 +314,34 @@ async fn serve_log(
 }
 
 impl Agent {
-    fn url(&self, p: &str) -> String {
-        format!("{}{}", self.cfg.server.trim_end_matches('/'), p)
+    fn server(&self) -> (usize, &str) {
+        let i = self.current.load(std::sync::atomic::Ordering::Relaxed) % self.servers.len();
+        (i, &self.servers[i])
+    }
+
+    /// After server `i` failed to answer: use the next one (unless another call moved on
+    /// already).
+    fn next_server(&self, i: usize) {
+        if self.servers.len() < 2 {
+            return;
+        }
+        let next = (i + 1) % self.servers.len();
+        if self
+            .current
+            .compare_exchange(
+                i,
+                next,
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+            )
+            .is_ok()
+        {
+            tracing::warn!(
+                "server {} does not answer; trying {}",
+                self.servers[i],
+                self.servers[next]
+            );
+        }
     }
 
     async fn post<T: serde::Serialize, R: serde::de::DeserializeOwned>(
@@ -302,15 +349,26 @@ impl Agent {
         path: &str,
         body: &T,
     ) -> Result<R, (Option<u16>, String)> {
-        let resp = self
+        let (i, server) = self.server();
+        let resp = match self
             .http
-            .post(self.url(path))
+            .post(format!("{server}{path}"))
             .bearer_auth(&self.cfg.token)
             .json(body)
             .send()
             .await
-            .map_err(|e| (None, e.to_string()))?;
+        {
+            Ok(r) => r,
+            Err(e) => {
+                self.next_server(i);
+                return Err((None, e.to_string()));
+            }
+        };
         let status = resp.status();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            // Its store is out of reach: a standby may own it by now.
+            self.next_server(i);
+        }
         if !status.is_success() {
             let text = resp.text().await.unwrap_or_default();
             return Err((Some(status.as_u16()), text));
@@ -348,7 +406,7 @@ impl Agent {
                 .await
             {
                 Ok(r) => {
-                    tracing::info!(node_id = %r.node_id, "registered with {}", self.cfg.server);
+                    tracing::info!(node_id = %r.node_id, "registered with {}", self.server().1);
                     *self.node.lock().expect("lock") = Some(r.node_id);
                     return r.node_id;
                 }
@@ -717,5 +775,26 @@ async fn terminate(
             }
             child.wait().await
         }
+    }
+}
+
+#[cfg(test)]
+mod server_list_tests {
+    use super::*;
+
+    #[test]
+    fn a_server_list_is_split_checked_and_trimmed() {
+        assert_eq!(
+            server_urls("http://a:7080/, http://b:7080").unwrap(),
+            vec!["http://a:7080".to_string(), "http://b:7080".to_string()]
+        );
+        let e = server_urls("http://a:7080,ftp://b")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("bad server URL `ftp://b`"), "{e}");
+        assert!(
+            server_urls("http://a,").is_err(),
+            "an empty entry is refused"
+        );
     }
 }

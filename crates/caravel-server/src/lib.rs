@@ -137,6 +137,9 @@ impl Datastore {
 pub struct ServerConfig {
     pub data_dir: PathBuf,
     pub datastore: Datastore,
+    /// PostgreSQL only: wait for the store's owner to go away instead of failing, then
+    /// take over (a hot standby for the control plane).
+    pub standby: bool,
     pub listen: SocketAddr,
     /// A node that has not been heard from for this long is lost.
     pub lost_after_ms: u64,
@@ -162,6 +165,7 @@ impl ServerConfig {
         ServerConfig {
             data_dir,
             datastore: Datastore::Sqlite,
+            standby: false,
             listen,
             lost_after_ms: 10_000,
             heartbeat_ms: 2_000,
@@ -215,6 +219,12 @@ pub enum ServerError {
     Locked(#[from] datadir::LockError),
     #[error("opening the store: {0}")]
     Store(#[from] caravel_store::StoreError),
+    /// The store's lock went to another server while this one was cut off from it: this
+    /// one stops rather than serve state it can no longer write.
+    #[error("stopped, cut off from the store while a standby took it over: {0}")]
+    Superseded(String),
+    #[error("--standby: only with a PostgreSQL datastore")]
+    StandbyNeedsPostgres,
     #[error("loading state: {0}")]
     Load(#[from] error::ApiError),
     #[error("listening on {addr}: {source}")]
@@ -237,6 +247,9 @@ pub struct Shared {
     pub gateway: gateway::Gateway,
     /// Held open for the server's life: the data directory is this server's alone.
     _data_dir_lock: std::fs::File,
+    /// Set (and `stopped` notified) when the server must stop: its store has another owner.
+    superseded: Mutex<Option<String>>,
+    stopped: Notify,
 }
 
 /// A running server.
@@ -260,9 +273,22 @@ impl Server {
         }
     }
 
-    pub async fn wait(mut self) {
-        if let Some(t) = self.tasks.pop() {
-            let _ = t.await;
+    /// Until the server stops: Err when it had to (another server owns its store now).
+    pub async fn wait(mut self) -> Result<(), ServerError> {
+        let Some(serve) = self.tasks.pop() else {
+            return Ok(());
+        };
+        tokio::select! {
+            _ = serve => {}
+            _ = self.shared.stopped.notified() => {}
+        }
+        let why = self.shared.superseded.lock().expect("lock").take();
+        match why {
+            Some(why) => {
+                self.abort();
+                Err(ServerError::Superseded(why))
+            }
+            None => Ok(()),
         }
     }
 }
@@ -339,6 +365,9 @@ pub fn refresh_gauges(s: &Shared) {
 /// Opens the data directory and store, binds the listener and starts serving, scheduling
 /// and checking liveness.
 pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
+    if cfg.standby && cfg.datastore == Datastore::Sqlite {
+        return Err(ServerError::StandbyNeedsPostgres);
+    }
     let dd = |source| ServerError::DataDir {
         path: cfg.data_dir.clone(),
         source,
@@ -350,7 +379,12 @@ pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
         auth::load_or_create(&cfg.data_dir.join("admin.token"), "cvadm").map_err(dd)?;
     let agent_token =
         auth::load_or_create(&cfg.data_dir.join("agent.token"), "cvagt").map_err(dd)?;
-    let store = open_store(&cfg)?;
+    let store = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || open_first(&cfg))
+            .await
+            .expect("opening the store panicked")?
+    };
     let mut core = Core::load(store, now_ms())?;
     core.ensure_default_tenant(now_ms())?;
     core.fair_share_half_life_ms = cfg.fair_share_half_life_ms;
@@ -385,6 +419,8 @@ pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
             .expect("building an HTTP client"),
         gateway: gateway::Gateway::new(&cfg.zone, &cfg.region),
         _data_dir_lock: data_dir_lock,
+        superseded: Mutex::new(None),
+        stopped: Notify::new(),
     });
     let sched = tokio::spawn(scheduling_loop(shared.clone()));
     let live = tokio::spawn(liveness_loop(shared.clone()));
@@ -436,6 +472,38 @@ async fn scheduling_loop(s: Arc<Shared>) {
     }
 }
 
+/// Opens the store at start. A standby waits for the lock, and for the database to be
+/// reachable, for as long as it takes.
+fn open_first(cfg: &ServerConfig) -> Result<Box<dyn Store>, caravel_store::StoreError> {
+    let Datastore::Postgres(url) = &cfg.datastore else {
+        return open_store(cfg);
+    };
+    if !cfg.standby {
+        return open_store(cfg);
+    }
+    tracing::info!(datastore = %cfg.datastore.redacted(), "standing by: waiting to own the store");
+    loop {
+        match PgStore::open_waiting(url, &owner(cfg), None) {
+            Ok(s) => {
+                tracing::info!("this server owns the store now; taking over");
+                return Ok(Box::new(s));
+            }
+            Err(caravel_store::StoreError::Unavailable(e)) => {
+                tracing::warn!(error = %e, "standing by: the database cannot be reached; retrying");
+                std::thread::sleep(Duration::from_secs(2));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn owner(cfg: &ServerConfig) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "an unknown host".into());
+    format!("{host} (data directory {})", cfg.data_dir.display())
+}
+
 /// Opens the configured store. A PostgreSQL store is this server's while it is open.
 fn open_store(cfg: &ServerConfig) -> Result<Box<dyn Store>, caravel_store::StoreError> {
     Ok(match &cfg.datastore {
@@ -443,13 +511,7 @@ fn open_store(cfg: &ServerConfig) -> Result<Box<dyn Store>, caravel_store::Store
             &cfg.data_dir.join("caravel.db"),
             cfg.sync,
         )?),
-        Datastore::Postgres(url) => {
-            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_string())
-                .unwrap_or_else(|_| "an unknown host".into());
-            let owner = format!("{host} (data directory {})", cfg.data_dir.display());
-            Box::new(PgStore::open(url, &owner)?)
-        }
+        Datastore::Postgres(url) => Box::new(PgStore::open(url, &owner(cfg))?),
     })
 }
 
@@ -462,6 +524,14 @@ fn reload(s: &Shared) {
     s.core.lock().expect("core lock").close_store();
     let store = match open_store(&s.cfg) {
         Ok(st) => st,
+        Err(caravel_store::StoreError::Owned(who)) => {
+            // Cut off from the database long enough for a standby to take over: what is
+            // in memory may already be stale, and nothing can be written. Stop.
+            tracing::error!("{who}: another server took over this store; stopping");
+            *s.superseded.lock().expect("lock") = Some(who);
+            s.stopped.notify_one();
+            return;
+        }
         Err(e) => {
             tracing::error!(error = %e, "cannot reopen the store");
             return;

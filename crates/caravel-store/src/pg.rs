@@ -111,8 +111,8 @@ fn describe_holder(c: &mut Client) -> String {
     }
 }
 
-fn lock_and_migrate(c: &mut Client, owner: &str) -> Result<()> {
-    let deadline = Instant::now() + LOCK_WAIT;
+fn lock_and_migrate(c: &mut Client, owner: &str, wait: Option<Duration>) -> Result<()> {
+    let deadline = wait.map(|w| Instant::now() + w);
     loop {
         let got: bool = c
             .query_one(
@@ -124,10 +124,15 @@ fn lock_and_migrate(c: &mut Client, owner: &str) -> Result<()> {
         if got {
             break;
         }
-        if Instant::now() >= deadline {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
             return Err(StoreError::Owned(describe_holder(c)));
         }
-        std::thread::sleep(Duration::from_millis(100));
+        // Standing by (no deadline) polls less often: it waits for a failure, not a race.
+        std::thread::sleep(Duration::from_millis(if deadline.is_some() {
+            100
+        } else {
+            500
+        }));
     }
     let mut tx = c.transaction().map_err(db)?;
     tx.batch_execute(
@@ -172,6 +177,12 @@ impl PgStore {
     /// store's lock and brings the schema up to date. `owner` names this process for the
     /// error another server gets while this one holds the store (a host name).
     pub fn open(url: &str, owner: &str) -> Result<PgStore> {
+        PgStore::open_waiting(url, owner, Some(LOCK_WAIT))
+    }
+
+    /// `open`, waiting up to `wait` for the lock (`None`: for as long as it takes — a
+    /// standby server that takes over when the owner's session ends).
+    pub fn open_waiting(url: &str, owner: &str, wait: Option<Duration>) -> Result<PgStore> {
         let mut cfg: postgres::Config = url
             .parse()
             .map_err(|e: postgres::Error| StoreError::Db(format!("database URL: {e}")))?;
@@ -200,7 +211,17 @@ impl PgStore {
                         return;
                     }
                 };
-                if let Err(e) = lock_and_migrate(&mut client, &owner) {
+                // The lock dies with the session: have the database notice a vanished
+                // owner (machine gone, network cut) within about a minute, not the
+                // operating system's two hours, so a standby can take over.
+                if let Err(e) = client
+                    .batch_execute(
+                        "SET tcp_keepalives_idle = 15; SET tcp_keepalives_interval = 5;
+                         SET tcp_keepalives_count = 6",
+                    )
+                    .map_err(db)
+                    .and_then(|_| lock_and_migrate(&mut client, &owner, wait))
+                {
                     let _ = ready_tx.send(Err(e));
                     return;
                 }

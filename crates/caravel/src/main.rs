@@ -266,6 +266,11 @@ struct ServerArgs {
     /// tokens and the server's lock.
     #[arg(long, env = "CARAVEL_DATASTORE", hide_env_values = true, default_value = "sqlite", value_parser = caravel_server::Datastore::parse)]
     datastore: caravel_server::Datastore,
+    /// With a PostgreSQL datastore: wait while another server owns it, then take over
+    /// when that one's database session ends (killed, machine lost). Give agents both
+    /// servers (`--server URL1,URL2`) so they follow.
+    #[arg(long)]
+    standby: bool,
     #[arg(long, default_value = "127.0.0.1:7080")]
     listen: SocketAddr,
     /// Mark a node lost after this long without a heartbeat.
@@ -312,7 +317,9 @@ struct ServerArgs {
 
 #[derive(Args)]
 struct AgentArgs {
-    #[arg(long, env = "CARAVEL_SERVER")]
+    /// The server's URL; with standbys, all of them separated by commas (the agent
+    /// follows whichever one answers).
+    #[arg(long, env = "CARAVEL_SERVER", value_name = "URL[,URL...]")]
     server: String,
     #[arg(long, env = "CARAVEL_TOKEN", hide_env_values = true)]
     token: String,
@@ -543,6 +550,7 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
                 bail!("--sync-full: only for the embedded SQLite store (PostgreSQL's own `synchronous_commit` decides there)");
             }
             cfg.datastore = a.datastore;
+            cfg.standby = a.standby;
             cfg.lost_after_ms = a.lost_after;
             cfg.heartbeat_ms = a.heartbeat;
             cfg.fair_share_half_life_ms = a.fair_share_half_life;
@@ -564,7 +572,7 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
             let s = caravel_server::start(cfg).await?;
             eprintln!("caravel server listening on {}", s.url());
             tokio::select! {
-                _ = s.wait() => {}
+                r = s.wait() => r?,
                 _ = tokio::signal::ctrl_c() => {}
             }
             Ok(0)

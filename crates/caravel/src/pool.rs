@@ -84,7 +84,7 @@ pub async fn up(a: UpArgs) -> Result<i32> {
     println!("try: caravel submit --wait -- echo hello from caravel");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        _ = s.wait() => {}
+        r = s.wait() => r?,
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }

@@ -20,6 +20,8 @@ pub struct Pool {
     pub tag: String,
     /// Extra arguments for every `caravel server` this pool starts (`--datastore ...`).
     pub server_args: Vec<String>,
+    /// What agents get as `--server` (default: `url`).
+    pub agent_server: Option<String>,
     agent_names: Vec<String>,
     http: reqwest::Client,
 }
@@ -61,7 +63,7 @@ impl Drop for Pool {
     }
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -102,6 +104,7 @@ impl Pool {
             agents: vec![],
             tag: format!("{tag}-{}", std::process::id()),
             server_args: server_args.iter().map(|a| a.to_string()).collect(),
+            agent_server: None,
             agent_names: vec![],
             http: reqwest::Client::new(),
             dir,
@@ -178,7 +181,7 @@ impl Pool {
             .args([
                 "agent",
                 "--server",
-                &self.url,
+                self.agent_server.as_deref().unwrap_or(&self.url),
                 "--token",
                 &self.agent_token,
                 "--name",

@@ -193,3 +193,199 @@ fn a_server_whose_database_session_is_killed_reconnects_and_keeps_its_work() {
     assert_eq!(ids, accepted, "a refused submission left a job behind");
     assert_eq!(usage_runs(&p).len(), accepted.len());
 }
+
+/// `caravel server --standby` on the same database waits without serving while the owner
+/// lives; when the owner is killed it takes over, re-adopts what runs, and the agent,
+/// given both servers, follows it. Nothing accepted is lost or run twice.
+#[test]
+fn a_standby_takes_over_when_the_server_dies_and_agents_follow() {
+    let Some(base) = test_pg() else { return };
+    let schema = PgSchema::create(&base);
+    let url = schema.url();
+    let mut p = Pool::server_only_with("pgstandby", &["--datastore", &url]);
+    // The standby's own data directory, with the tokens clients and agents already hold.
+    let sdir = p.dir.path().join("standby");
+    std::fs::create_dir_all(&sdir).unwrap();
+    for f in ["admin.token", "agent.token"] {
+        std::fs::copy(p.data_dir().join(f), sdir.join(f)).unwrap();
+    }
+    let sport = free_port();
+    let surl = format!("http://127.0.0.1:{sport}");
+    let standby = Command::new(BIN)
+        .args(["server", "--listen", &format!("127.0.0.1:{sport}")])
+        .args(["--lost-after", "2s", "--heartbeat", "500ms", "--standby"])
+        .args(["--datastore", &url, "--data-dir"])
+        .arg(&sdir)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(p.dir.path().join("standby.log")).unwrap())
+        .spawn()
+        .unwrap();
+    p.agent_server = Some(format!("{},{surl}", p.url));
+    p.start_agent("a", &["--cpus", "8"]);
+    p.wait_nodes_ready(1);
+    let long = p.submit(&p.admin, job_spec("sleep 3; echo finished"));
+    p.wait_state(long, &["running"], Duration::from_secs(20));
+    let waiting = p.submit(&p.admin, job_spec("echo queued before the failover"));
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", sport)).is_err(),
+        "the standby serves while the owner lives"
+    );
+
+    p.kill9_server();
+    let t0 = Instant::now();
+    // From here on the pool is the standby.
+    p.server = Some(standby);
+    p.url = surl;
+    p.port = sport;
+    wait_for("the standby to serve", Duration::from_secs(30), || {
+        std::net::TcpStream::connect(("127.0.0.1", sport)).ok()
+    });
+    eprintln!("the standby served {:?} after the kill", t0.elapsed());
+    let j = p.wait_state(long, &["succeeded", "failed"], Duration::from_secs(40));
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(j["runs"].as_array().unwrap().len(), 1, "re-adopted: {j}");
+    assert_eq!(p.logs(long, 0, "stdout"), "finished\n");
+    let next = p.submit(&p.admin, job_spec("echo placed by the standby"));
+    for id in [waiting, next] {
+        let j = p.wait_state(id, &["succeeded", "failed"], Duration::from_secs(30));
+        assert_eq!(j["state"], "succeeded", "job {id}: {j}");
+        assert_eq!(j["runs"].as_array().unwrap().len(), 1, "{j}");
+    }
+    let by_job = usage_runs(&p);
+    assert_eq!(by_job.len(), 3, "{by_job:?}");
+    assert!(by_job.iter().all(|r| r["runs"] == 1), "{by_job:?}");
+    let owner = schema.query(&format!("SELECT host FROM {}.caravel_owner", schema.name()));
+    assert!(
+        owner[0]
+            .as_deref()
+            .unwrap_or("")
+            .contains(&sdir.display().to_string()),
+        "{owner:?}"
+    );
+}
+
+/// A server cut off from its database while a standby takes the store over stops instead
+/// of serving state it can no longer write (and the standby serves).
+#[test]
+fn a_server_that_lost_its_store_to_a_standby_stops() {
+    let Some(base) = test_pg() else { return };
+    let schema = PgSchema::create(&base);
+    let url = schema.url();
+    let mut p = Pool::server_only_with("pgfence", &["--datastore", &url]);
+    let sdir = p.dir.path().join("standby");
+    let sport = free_port();
+    let mut standby = Command::new(BIN)
+        .args([
+            "server",
+            "--listen",
+            &format!("127.0.0.1:{sport}"),
+            "--standby",
+        ])
+        .args(["--datastore", &url, "--data-dir"])
+        .arg(&sdir)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(p.dir.path().join("standby.log")).unwrap())
+        .spawn()
+        .unwrap();
+    // The owner's session ends under it (what a network cut does once the database gives
+    // up on the connection); the standby, polling for the lock, gets it.
+    schema.admin(&format!(
+        "SELECT pg_terminate_backend(session) FROM {}.caravel_owner",
+        schema.name()
+    ));
+    wait_for("the standby to serve", Duration::from_secs(30), || {
+        std::net::TcpStream::connect(("127.0.0.1", sport)).ok()
+    });
+    // The old owner finds out at its next write, cannot take the lock back, and stops.
+    let (status, body) = p
+        .post(&p.admin, "/v1/jobs", &job_spec("echo to the old owner"))
+        .unwrap_err();
+    assert_eq!(status, 503, "{body}");
+    let mut old = p.server.take().unwrap();
+    let t0 = Instant::now();
+    let st = loop {
+        if let Some(st) = old.try_wait().unwrap() {
+            break st;
+        }
+        if t0.elapsed() > Duration::from_secs(30) {
+            let _ = old.kill();
+            let _ = standby.kill();
+            panic!("the old owner kept running after losing its store");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!st.success());
+    let log = std::fs::read_to_string(p.dir.path().join("server.log")).unwrap();
+    assert!(
+        log.contains("cut off from the store while a standby took it over"),
+        "{log}"
+    );
+    // The standby owns the store and takes work.
+    p.url = format!("http://127.0.0.1:{sport}");
+    p.port = sport;
+    p.server = Some(standby);
+    p.admin = std::fs::read_to_string(sdir.join("admin.token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let id = p.submit(&p.admin, job_spec("echo to the new owner"));
+    assert_eq!(p.job(&p.admin, id)["state"], "pending");
+}
+
+/// Flags that only make sense on one store are refused before anything is created.
+#[test]
+fn store_flags_that_do_not_fit_the_store_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(args)
+            .env_remove("CARAVEL_DATASTORE")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let d = data.to_str().unwrap();
+    let server = ["server", "--listen", "127.0.0.1:0", "--data-dir", d];
+    let (code, err) = run(&[&server[..], &["--standby"]].concat());
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("--standby: only with a PostgreSQL datastore"),
+        "{err}"
+    );
+    let (code, err) = run(&[
+        &server[..],
+        &["--sync-full", "--datastore", "postgres://db/c"],
+    ]
+    .concat());
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("--sync-full: only for the embedded SQLite store"),
+        "{err}"
+    );
+    let (code, err) = run(&[&server[..], &["--datastore", "mysql://db/c"]].concat());
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--datastore"), "{err}");
+    assert!(
+        err.contains("expected `sqlite` or a PostgreSQL URL"),
+        "{err}"
+    );
+    assert!(
+        !data.exists(),
+        "a refused server created its data directory"
+    );
+    let (code, err) = run(&[
+        "agent",
+        "--server",
+        "http://127.0.0.1:1,ftp://x",
+        "--token",
+        "t",
+        "--work-dir",
+        d,
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("bad server URL `ftp://x`"), "{err}");
+}
