@@ -113,6 +113,18 @@ fn describe_holder(c: &mut Client) -> String {
 
 fn lock_and_migrate(c: &mut Client, owner: &str, wait: Option<Duration>) -> Result<()> {
     let deadline = wait.map(|w| Instant::now() + w);
+    // The tables go in the current schema, and the lock is keyed by it: there must be one.
+    let schema: Option<String> = c
+        .query_one("SELECT current_schema()::text", &[])
+        .map_err(db)?
+        .get(0);
+    if schema.is_none() {
+        let path: String = c.query_one("SHOW search_path", &[]).map_err(db)?.get(0);
+        return Err(StoreError::Db(format!(
+            "the connection's search_path ({path}) names no schema that exists: create it \
+             first (CREATE SCHEMA ...) or connect without it"
+        )));
+    }
     loop {
         let got: bool = c
             .query_one(
@@ -743,6 +755,17 @@ mod tests {
             PgStore::open(&schema.url(), "a").err(),
             Some(StoreError::SchemaTooNew { found: 99, .. })
         ));
+    }
+
+    #[test]
+    fn a_search_path_without_a_schema_is_a_clear_error() {
+        let Some(base) = test_pg() else { return };
+        let url = format!("{base} options='-c search_path=no_such_schema_here'");
+        let e = PgStore::open(&url, "a").err().unwrap().to_string();
+        assert!(
+            e.contains("search_path (no_such_schema_here) names no schema that exists"),
+            "{e}"
+        );
     }
 
     #[test]
