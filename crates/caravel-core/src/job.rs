@@ -366,6 +366,10 @@ pub struct JobRecord {
     /// Set on the jobs that run a service's replicas.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<crate::ReplicaOf>,
+    /// The submitter's `Idempotency-Key`: the same key from the same tenant names this
+    /// job again instead of making another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -219,8 +219,31 @@ pub async fn submit(
             })?
         }
     };
-    let id = core.submit(tenant, spec, now_ms())?;
+    let key = match headers.get("idempotency-key") {
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| {
+                    ApiError::field(
+                        ErrorCode::InvalidArgument,
+                        "Idempotency-Key",
+                        "must be 1 to 255 visible ASCII characters",
+                    )
+                })?
+                .to_string(),
+        ),
+        None => None,
+    };
+    let (id, created) = core.submit_idempotent(tenant, spec, key, now_ms())?;
     drop(core);
+    if !created {
+        // A repeat: the job exists (and may have run); answer as the first time did.
+        return Ok((
+            StatusCode::OK,
+            [("idempotent-replayed", "true")],
+            Json(SubmitResponse { id }),
+        )
+            .into_response());
+    }
     s.metrics.jobs_submitted.inc();
     s.sched_wake.notify_one();
     Ok((StatusCode::CREATED, Json(SubmitResponse { id })).into_response())

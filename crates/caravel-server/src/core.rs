@@ -89,6 +89,8 @@ pub struct Core {
     pub services: BTreeMap<(TenantId, String), ServiceRecord>,
     /// Replica jobs of each service that may not have ended yet (pruned lazily).
     service_jobs: HashMap<(TenantId, String), BTreeSet<JobId>>,
+    /// Jobs by their submitter's idempotency key.
+    by_key: HashMap<(TenantId, String), JobId>,
 }
 
 /// Stands in for a store being reopened: refuses everything.
@@ -183,6 +185,7 @@ impl Core {
             group: None,
             services: BTreeMap::new(),
             service_jobs: HashMap::new(),
+            by_key: HashMap::new(),
         };
         for s in snap.services {
             core.services.insert((s.tenant, s.spec.name.clone()), s);
@@ -217,6 +220,9 @@ impl Core {
                     .insert(j.id);
             }
             core.next_seq = core.next_seq.max(j.seq + 1);
+            if let Some(k) = &j.idempotency_key {
+                core.by_key.insert((j.tenant, k.clone()), j.id);
+            }
             core.jobs.insert(
                 j.id,
                 JobEntry {
@@ -536,7 +542,44 @@ impl Core {
         spec: JobSpec,
         now: Millis,
     ) -> Result<JobId, ApiError> {
-        self.submit_as(tenant, spec, None, now)
+        self.submit_as(tenant, spec, None, None, now)
+    }
+
+    /// A submission a client may repeat safely (its answer lost, the server restarted, the
+    /// store unreachable mid-commit): the same `key` from the same tenant returns the job
+    /// it made the first time (`false`: not created now) — if the spec is the same; another
+    /// spec under a used key is a conflict.
+    pub fn submit_idempotent(
+        &mut self,
+        tenant: TenantId,
+        spec: JobSpec,
+        key: Option<String>,
+        now: Millis,
+    ) -> Result<(JobId, bool), ApiError> {
+        let Some(key) = key else {
+            return Ok((self.submit(tenant, spec, now)?, true));
+        };
+        if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ApiError::field(
+                ErrorCode::InvalidArgument,
+                "Idempotency-Key",
+                "must be 1 to 255 visible ASCII characters",
+            ));
+        }
+        if let Some(&id) = self.by_key.get(&(tenant, key.clone())) {
+            let same = self.jobs.get(&id).is_some_and(|j| j.rec.spec == spec);
+            if !same {
+                return Err(ApiError::field(
+                    ErrorCode::Conflict,
+                    "Idempotency-Key",
+                    format!("`{key}` was used for job {id} with a different spec"),
+                ));
+            }
+            return Ok((id, false));
+        }
+        let id = self.submit_as(tenant, spec, None, Some(key.clone()), now)?;
+        self.by_key.insert((tenant, key), id);
+        Ok((id, true))
     }
 
     fn submit_as(
@@ -544,6 +587,7 @@ impl Core {
         tenant: TenantId,
         spec: JobSpec,
         service: Option<ReplicaOf>,
+        idempotency_key: Option<String>,
         now: Millis,
     ) -> Result<JobId, ApiError> {
         spec.validate()?;
@@ -562,6 +606,7 @@ impl Core {
             gang_abort_free: false,
             cancel_requested: false,
             service,
+            idempotency_key,
             spec,
         };
         let tasks: Vec<TaskRecord> = (0..rec.spec.tasks)
@@ -733,7 +778,7 @@ impl Core {
             zone,
         };
         let spec = rec.spec.replica_job();
-        self.submit_as(tenant, spec, Some(of), now)
+        self.submit_as(tenant, spec, Some(of), None, now)
     }
 
     /// The replicas of a service that have not ended, oldest first.

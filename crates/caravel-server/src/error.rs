@@ -51,7 +51,7 @@ impl From<StoreError> for ApiError {
             StoreError::Unavailable(_) => ApiError::new(
                 ErrorCode::Unavailable,
                 // A connection lost during COMMIT leaves its outcome unknown: say so.
-                format!("{e}; retry shortly (a change sent as the connection failed may have been saved: check before repeating it)"),
+                format!("{e}; retry shortly (a change sent as the connection failed may have been saved: repeat a submission with the same Idempotency-Key, or check before repeating it)"),
             ),
             _ => ApiError::new(ErrorCode::Internal, format!("storage failed: {e}")),
         }

@@ -99,7 +99,7 @@ pub fn document() -> Value {
             "/v1/openapi.json": {"get": {"summary": "this document", "security": [], "responses": {"200": {"description": "OpenAPI"}}}},
             "/v1/whoami": {"get": {"summary": "the caller's role", "responses": ok(json!({"type": "object"}), "200")}},
             "/v1/jobs": {
-                "post": {"summary": "submit a job", "parameters": [q("tenant", "string", "admin only: submit for this tenant (default `default`)")], "requestBody": body("JobSpec"), "responses": ok(sref("SubmitResponse"), "201")},
+                "post": {"summary": "submit a job (201); with an Idempotency-Key already used by this tenant for the same spec, the job it made (200, `Idempotent-Replayed: true`)", "parameters": [q("tenant", "string", "admin only: submit for this tenant (default `default`)"), {"name": "Idempotency-Key", "in": "header", "required": false, "schema": {"type": "string", "maxLength": 255}, "description": "1-255 visible ASCII characters; makes the request safe to repeat"}], "requestBody": body("JobSpec"), "responses": ok(sref("SubmitResponse"), "201")},
                 "get": {"summary": "list jobs (a tenant sees its own)", "parameters": [q("state", "string", "comma list of states, or `active`"), q("tenant", "string", "admin only"), q("limit", "integer", "newest N, default 1000")], "responses": ok(arr("JobSummary"), "200")}
             },
             "/v1/jobs/{id}": {"get": {"summary": "a job with tasks, runs and pending reasons", "parameters": [id_param()], "responses": ok(sref("JobDetail"), "200")}},

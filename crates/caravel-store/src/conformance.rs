@@ -65,6 +65,7 @@ pub fn job(id: u64, tenant: u64) -> JobRecord {
         gang_abort_free: false,
         cancel_requested: false,
         service: None,
+        idempotency_key: None,
     }
 }
 

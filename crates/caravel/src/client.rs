@@ -2,6 +2,7 @@
 //! flags, then CARAVEL_SERVER / CARAVEL_TOKEN, then the config that `caravel up` writes.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use caravel_core::api::ErrorBody;
@@ -158,6 +159,42 @@ impl Client {
             .await
             .with_context(|| format!("cannot reach the server at {}", self.base))?;
         Ok(Self::check(r).await?.json().await?)
+    }
+
+    /// A POST carrying `Idempotency-Key: key`, repeated while the server cannot be reached
+    /// or answers 503 (restarting, a standby taking over, its database away), for up to
+    /// `patience`. The key makes a repeat of a request that did land return its first
+    /// result instead of acting twice.
+    pub async fn post_idempotent<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+        key: &str,
+        patience: Duration,
+    ) -> Result<T> {
+        let deadline = tokio::time::Instant::now() + patience;
+        let mut delay = Duration::from_millis(200);
+        loop {
+            let sent = self
+                .http
+                .post(self.url(path))
+                .bearer_auth(&self.token)
+                .header("idempotency-key", key)
+                .json(body)
+                .send()
+                .await;
+            let retry = match &sent {
+                Err(e) => !e.is_builder(),
+                Ok(r) => r.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE,
+            };
+            if !retry || tokio::time::Instant::now() + delay > deadline {
+                let r =
+                    sent.with_context(|| format!("cannot reach the server at {}", self.base))?;
+                return Ok(Self::check(r).await?.json().await?);
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
     }
 
     /// A request with no body, for actions that answer 204.

@@ -386,6 +386,11 @@ struct DownArgs {
 struct SubmitArgs {
     #[command(flatten)]
     conn: Conn,
+    /// Makes the submission safe to repeat: the same key (from the same tenant) names the
+    /// job it made the first time. Default: a fresh key, so that this command's own retries
+    /// (the server unreachable or answering 503 for up to 30 s) never submit twice.
+    #[arg(long, value_name = "KEY")]
+    idempotency_key: Option<String>,
     /// A job file (TOML). Flags given as well override it.
     #[arg(short = 'f', long = "file")]
     file: Option<PathBuf>,
@@ -1056,7 +1061,18 @@ async fn submit(a: SubmitArgs) -> Result<i32> {
         Some(t) => format!("/v1/jobs?tenant={t}"),
         None => "/v1/jobs".into(),
     };
-    let r: SubmitResponse = c.post(&path, &spec).await?;
+    let key = match &a.idempotency_key {
+        Some(k) => k.clone(),
+        None => {
+            let mut b = [0u8; 16];
+            getrandom::fill(&mut b)
+                .map_err(|e| anyhow!("getting randomness for the idempotency key: {e}"))?;
+            format!("cli-{}", hex::encode(b))
+        }
+    };
+    let r: SubmitResponse = c
+        .post_idempotent(&path, &spec, &key, Duration::from_secs(30))
+        .await?;
     if a.output == Output::Json && !a.wait {
         println!("{}", serde_json::to_string(&r)?);
         return Ok(0);

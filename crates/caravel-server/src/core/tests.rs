@@ -1270,3 +1270,54 @@ fn pending_reasons_say_why_nodes_are_not_ready() {
     );
     assert_eq!(r.counts["drained"], 1);
 }
+
+#[test]
+fn a_submission_repeated_with_its_idempotency_key_makes_one_job() {
+    let mut f = fixture();
+    let t = f.core.tenant_id(DEFAULT_TENANT).unwrap();
+    let (other, _) = f
+        .core
+        .create_tenant("other", 1.0, Quota::default(), Quota::default(), 0)
+        .unwrap();
+    let spec = JobSpec::simple("echo", &["hi"]);
+    let key = || Some("retry-me".to_string());
+    let (id, created) = f.core.submit_idempotent(t, spec.clone(), key(), 1).unwrap();
+    assert!(created);
+    assert_eq!(
+        f.core.submit_idempotent(t, spec.clone(), key(), 2).unwrap(),
+        (id, false),
+        "a repeat names the first job"
+    );
+    let e = f
+        .core
+        .submit_idempotent(t, JobSpec::simple("echo", &["bye"]), key(), 3)
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::Conflict);
+    assert_eq!(e.field.as_deref(), Some("Idempotency-Key"));
+    assert!(e.message.contains(&format!("job {id}")), "{}", e.message);
+    // Keys are per tenant; no key always makes a new job.
+    let (theirs, created) = f
+        .core
+        .submit_idempotent(other.id, spec.clone(), key(), 4)
+        .unwrap();
+    assert!(created && theirs != id);
+    let (plain, created) = f.core.submit_idempotent(t, spec.clone(), None, 5).unwrap();
+    assert!(created && plain != id);
+    for bad in ["", "has space", &"k".repeat(256)] {
+        let e = f
+            .core
+            .submit_idempotent(t, spec.clone(), Some(bad.to_string()), 6)
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidArgument, "{bad:?}");
+        assert_eq!(e.field.as_deref(), Some("Idempotency-Key"));
+    }
+    // Durable: a restarted server still knows the key.
+    let jobs = f.core.jobs.len();
+    drop(f.core);
+    let mut core = open(f.dir.path(), 10);
+    assert_eq!(
+        core.submit_idempotent(t, spec, key(), 11).unwrap(),
+        (id, false)
+    );
+    assert_eq!(core.jobs.len(), jobs);
+}

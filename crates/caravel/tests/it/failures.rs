@@ -366,3 +366,60 @@ fn server_killed_repeatedly_during_a_stream_of_jobs_loses_and_duplicates_nothing
         "usage duplicated: {by_job:?}"
     );
 }
+
+/// `caravel submit` started while the server is down keeps trying (one idempotency key
+/// for all its attempts) and succeeds once the server is back; repeating the command with
+/// the same key names the same job. One job, one run.
+#[test]
+fn cli_submit_rides_out_a_server_restart_and_a_repeat_never_submits_twice() {
+    let mut p = Pool::new("idem", &[("a", &["--cpus", "4"])]);
+    p.kill9_server();
+    let submit = |p: &Pool| {
+        let mut c = std::process::Command::new(BIN);
+        c.args(["submit", "--idempotency-key", "nightly-2026-11-28"])
+            .args(["--", "sh", "-c", "echo once"])
+            .env("CARAVEL_SERVER", &p.url)
+            .env("CARAVEL_TOKEN", &p.admin)
+            .env("CARAVEL_CONFIG", p.dir.path().join("no-config.toml"));
+        c
+    };
+    let pending = submit(&p)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    p.start_server();
+    let out = pending.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let again = submit(&p).output().unwrap();
+    assert!(again.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&again.stdout).trim(),
+        id.to_string()
+    );
+    let j = p.wait_state(id, &["succeeded", "failed"], Duration::from_secs(30));
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(j["runs"].as_array().unwrap().len(), 1);
+    let all = p.get(&p.admin, "/v1/jobs").unwrap();
+    assert_eq!(all.as_array().unwrap().len(), 1, "{all}");
+    // The same key with another command is refused, naming the header and the job.
+    let other = p.cli(&[
+        "submit",
+        "--idempotency-key",
+        "nightly-2026-11-28",
+        "--",
+        "true",
+    ]);
+    assert!(!other.status.success());
+    let err = String::from_utf8_lossy(&other.stderr);
+    assert!(
+        err.contains("Idempotency-Key") && err.contains(&format!("job {id}")),
+        "{err}"
+    );
+}
