@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use caravel_core::api::ErrorBody;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -56,7 +56,10 @@ pub fn write_config(c: &ClientConfig) -> Result<PathBuf> {
 
 #[derive(Clone)]
 pub struct Client {
-    pub base: String,
+    /// The server, or a server and its standbys (`--server URL[,URL...]`).
+    bases: Vec<String>,
+    /// The one that answered last: tried first.
+    current: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     token: String,
     http: reqwest::Client,
 }
@@ -95,9 +98,16 @@ impl Client {
         Ok(Client::new(&base, &token))
     }
 
+    /// `base`: a URL, or several separated by commas (a server and its standbys); a
+    /// request that cannot connect to one goes to the next.
     pub fn new(base: &str, token: &str) -> Client {
         Client {
-            base: base.trim_end_matches('/').to_string(),
+            bases: base
+                .split(',')
+                .map(|b| b.trim().trim_end_matches('/').to_string())
+                .filter(|b| !b.is_empty())
+                .collect(),
+            current: Default::default(),
             token: token.to_string(),
             http: reqwest::Client::builder()
                 .timeout(std::time::Duration::from_secs(60))
@@ -123,48 +133,63 @@ impl Client {
         }
     }
 
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
+    /// The server in use (the first, until another one answered instead).
+    pub fn base(&self) -> &str {
+        let i = self.current.load(std::sync::atomic::Ordering::Relaxed);
+        self.bases.get(i).map(String::as_str).unwrap_or("")
+    }
+
+    /// Sends the request `make` builds for a server URL, to the server in use; if that
+    /// one refuses the connection (nothing was sent), to the next, and so on.
+    async fn send(
+        &self,
+        make: impl Fn(&str) -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response> {
+        if self.bases.is_empty() {
+            bail!("no server: the server list is empty");
+        }
+        let n = self.bases.len();
+        let start = self.current.load(std::sync::atomic::Ordering::Relaxed);
+        for k in 0..n {
+            let i = (start + k) % n;
+            match make(&self.bases[i]).bearer_auth(&self.token).send().await {
+                Ok(r) => {
+                    self.current.store(i, std::sync::atomic::Ordering::Relaxed);
+                    return Ok(r);
+                }
+                Err(e) if e.is_connect() && k + 1 < n => continue,
+                Err(e) => {
+                    return Err(anyhow::Error::new(e).context(format!(
+                        "cannot reach the server at {}",
+                        self.bases.join(" or ")
+                    )))
+                }
+            }
+        }
+        unreachable!("the last server's error returns")
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        let r = self
-            .http
-            .get(self.url(path))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the server at {}", self.base))?;
+        let r = self.send(|b| self.http.get(format!("{b}{path}"))).await?;
         Ok(Self::check(r).await?.json().await?)
     }
 
     pub async fn get_raw(&self, path: &str) -> Result<reqwest::Response> {
-        let r = self
-            .http
-            .get(self.url(path))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the server at {}", self.base))?;
+        let r = self.send(|b| self.http.get(format!("{b}{path}"))).await?;
         Self::check(r).await
     }
 
     pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
         let r = self
-            .http
-            .post(self.url(path))
-            .bearer_auth(&self.token)
-            .json(body)
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the server at {}", self.base))?;
+            .send(|b| self.http.post(format!("{b}{path}")).json(body))
+            .await?;
         Ok(Self::check(r).await?.json().await?)
     }
 
-    /// A POST carrying `Idempotency-Key: key`, repeated while the server cannot be reached
-    /// or answers 503 (restarting, a standby taking over, its database away), for up to
-    /// `patience`. The key makes a repeat of a request that did land return its first
-    /// result instead of acting twice.
+    /// A POST carrying `Idempotency-Key: key`, repeated while no server can be reached or
+    /// the one reached answers 503 (restarting, a standby taking over, its database away),
+    /// for up to `patience`. The key makes a repeat of a request that did land return its
+    /// first result instead of acting twice.
     pub async fn post_idempotent<B: Serialize, T: DeserializeOwned>(
         &self,
         path: &str,
@@ -176,21 +201,31 @@ impl Client {
         let mut delay = Duration::from_millis(200);
         loop {
             let sent = self
-                .http
-                .post(self.url(path))
-                .bearer_auth(&self.token)
-                .header("idempotency-key", key)
-                .json(body)
-                .send()
+                .send(|b| {
+                    self.http
+                        .post(format!("{b}{path}"))
+                        .header("idempotency-key", key)
+                        .json(body)
+                })
                 .await;
             let retry = match &sent {
-                Err(e) => !e.is_builder(),
-                Ok(r) => r.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE,
+                Err(_) => true,
+                Ok(r) if r.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE => {
+                    // Its store is out of reach: a standby may own it by now.
+                    let n = self.bases.len();
+                    self.current
+                        .fetch_update(
+                            std::sync::atomic::Ordering::Relaxed,
+                            std::sync::atomic::Ordering::Relaxed,
+                            |i| Some((i + 1) % n),
+                        )
+                        .ok();
+                    true
+                }
+                Ok(_) => false,
             };
             if !retry || tokio::time::Instant::now() + delay > deadline {
-                let r =
-                    sent.with_context(|| format!("cannot reach the server at {}", self.base))?;
-                return Ok(Self::check(r).await?.json().await?);
+                return Ok(Self::check(sent?).await?.json().await?);
             }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(2));
@@ -200,12 +235,8 @@ impl Client {
     /// A request with no body, for actions that answer 204.
     async fn no_body(&self, method: reqwest::Method, path: &str) -> Result<()> {
         let r = self
-            .http
-            .request(method, self.url(path))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the server at {}", self.base))?;
+            .send(|b| self.http.request(method.clone(), format!("{b}{path}")))
+            .await?;
         Self::check(r).await?;
         Ok(())
     }

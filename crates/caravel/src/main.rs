@@ -1347,7 +1347,10 @@ async fn service_cmd(cmd: ServiceCmd) -> Result<i32> {
             } else if v.changed {
                 println!(
                     "service {} version {} deployed; call it at {}{}",
-                    v.name, v.version, c.base, v.path
+                    v.name,
+                    v.version,
+                    c.base(),
+                    v.path
                 );
             } else {
                 println!("service {} unchanged (version {})", v.name, v.version);

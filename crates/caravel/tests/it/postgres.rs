@@ -231,6 +231,7 @@ fn a_standby_takes_over_when_the_server_dies_and_agents_follow() {
         "the standby serves while the owner lives"
     );
 
+    let both = format!("{},{surl}", p.url);
     p.kill9_server();
     let t0 = Instant::now();
     // From here on the pool is the standby.
@@ -246,13 +247,35 @@ fn a_standby_takes_over_when_the_server_dies_and_agents_follow() {
     assert_eq!(j["runs"].as_array().unwrap().len(), 1, "re-adopted: {j}");
     assert_eq!(p.logs(long, 0, "stdout"), "finished\n");
     let next = p.submit(&p.admin, job_spec("echo placed by the standby"));
-    for id in [waiting, next] {
+    // The CLI, given both servers, finds the one that answers.
+    let cli = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(args)
+            .env("CARAVEL_SERVER", &both)
+            .env("CARAVEL_TOKEN", &p.admin)
+            .env("CARAVEL_CONFIG", p.dir.path().join("no-config.toml"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let from_cli: u64 = cli(&["submit", "--", "echo", "via the CLI"])
+        .trim()
+        .parse()
+        .unwrap();
+    let shown = cli(&["job", "show", &long.to_string()]);
+    assert!(shown.contains("succeeded"), "{shown}");
+    for id in [waiting, next, from_cli] {
         let j = p.wait_state(id, &["succeeded", "failed"], Duration::from_secs(30));
         assert_eq!(j["state"], "succeeded", "job {id}: {j}");
         assert_eq!(j["runs"].as_array().unwrap().len(), 1, "{j}");
     }
     let by_job = usage_runs(&p);
-    assert_eq!(by_job.len(), 3, "{by_job:?}");
+    assert_eq!(by_job.len(), 4, "{by_job:?}");
     assert!(by_job.iter().all(|r| r["runs"] == 1), "{by_job:?}");
     let owner = schema.query(&format!("SELECT host FROM {}.caravel_owner", schema.name()));
     assert!(
