@@ -67,14 +67,15 @@ pub fn authenticate(s: &Shared, headers: &HeaderMap) -> Res<Principal> {
             "authorization must be `Bearer TOKEN`",
         )
     })?;
-    if ct_eq(token, &s.admin_token) {
+    let hash = hash_token(token);
+    if ct_eq(&hash, &s.admin_hash) {
         return Ok(Principal::Admin);
     }
-    if ct_eq(token, &s.agent_token) {
+    if ct_eq(&hash, &s.agent_hash) {
         return Ok(Principal::Agent);
     }
     let core = s.core.lock().expect("core lock");
-    core.tenant_by_token_hash(&hash_token(token))
+    core.tenant_by_token_hash(&hash)
         .map(Principal::Tenant)
         .ok_or_else(|| ApiError::new(ErrorCode::Unauthenticated, "unknown or revoked token"))
 }

@@ -1,5 +1,6 @@
-//! Bearer tokens. The admin and agent tokens live in the data directory (mode 0600); tenant
-//! tokens are shown once at creation and stored only as SHA-256 hashes.
+//! Bearer tokens. The admin and agent tokens live in the data directory (mode 0600) — and,
+//! on PostgreSQL, as SHA-256 hashes in the database, so every server on it (a standby)
+//! accepts them; tenant tokens are shown once at creation and stored only as hashes.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -29,13 +30,26 @@ pub fn ct_eq(a: &str, b: &str) -> bool {
 
 /// Reads the token file, creating it with mode 0600 on first start.
 pub fn load_or_create(path: &Path, prefix: &str) -> std::io::Result<String> {
-    match std::fs::read_to_string(path) {
-        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_string()),
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
+    if let Some(t) = read_token(path)? {
+        return Ok(t);
     }
     let t = new_token(prefix);
+    write_token(path, &t)?;
+    Ok(t)
+}
+
+/// The token in `path`; None if there is no such file (or it is empty).
+pub fn read_token(path: &Path) -> std::io::Result<Option<String>> {
+    match std::fs::read_to_string(path) {
+        Ok(s) if !s.trim().is_empty() => Ok(Some(s.trim().to_string())),
+        Ok(_) => Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes `t` to `path` (mode 0600), atomically.
+pub fn write_token(path: &Path, t: &str) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -46,8 +60,7 @@ pub fn load_or_create(path: &Path, prefix: &str) -> std::io::Result<String> {
     f.write_all(t.as_bytes())?;
     f.write_all(b"\n")?;
     f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    Ok(t)
+    std::fs::rename(&tmp, path)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

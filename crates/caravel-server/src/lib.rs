@@ -225,6 +225,8 @@ pub enum ServerError {
     Superseded(String),
     #[error("--standby: only with a PostgreSQL datastore")]
     StandbyNeedsPostgres,
+    #[error("{path} does not hold this pool's token (the database has another): remove it, and use the pool's token from the data directory of the server that made the pool")]
+    TokenMismatch { path: PathBuf },
     #[error("loading state: {0}")]
     Load(#[from] error::ApiError),
     #[error("listening on {addr}: {source}")]
@@ -237,8 +239,9 @@ pub enum ServerError {
 pub struct Shared {
     pub core: Mutex<Core>,
     pub metrics: metrics::Metrics,
-    pub admin_token: String,
-    pub agent_token: String,
+    /// SHA-256 of the admin and agent tokens (`auth::hash_token`).
+    pub admin_hash: String,
+    pub agent_hash: String,
     pub sched_wake: Notify,
     pub cfg: ServerConfig,
     pub http: reqwest::Client,
@@ -255,8 +258,10 @@ pub struct Shared {
 /// A running server.
 pub struct Server {
     pub addr: SocketAddr,
-    pub admin_token: String,
-    pub agent_token: String,
+    /// The tokens, where this server knows them: a standby on PostgreSQL that did not make
+    /// them knows only their hashes (its clients bring the pool's tokens).
+    pub admin_token: Option<String>,
+    pub agent_token: Option<String>,
     pub shared: Arc<Shared>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -375,16 +380,13 @@ pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
     std::fs::create_dir_all(&cfg.data_dir).map_err(dd)?;
     // Before anything reads or writes the store: it has exactly one owner.
     let mut data_dir_lock = datadir::lock(&cfg.data_dir)?;
-    let admin_token =
-        auth::load_or_create(&cfg.data_dir.join("admin.token"), "cvadm").map_err(dd)?;
-    let agent_token =
-        auth::load_or_create(&cfg.data_dir.join("agent.token"), "cvagt").map_err(dd)?;
-    let store = {
+    let (store, tokens) = {
         let cfg = cfg.clone();
         tokio::task::spawn_blocking(move || open_first(&cfg))
             .await
             .expect("opening the store panicked")?
     };
+    let [(admin_token, admin_hash), (agent_token, agent_hash)] = tokens;
     let mut core = Core::load(store, now_ms())?;
     core.ensure_default_tenant(now_ms())?;
     core.fair_share_half_life_ms = cfg.fair_share_half_life_ms;
@@ -407,8 +409,8 @@ pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
     let shared = Arc::new(Shared {
         core: Mutex::new(core),
         metrics: metrics::Metrics::new(),
-        admin_token: admin_token.clone(),
-        agent_token: agent_token.clone(),
+        admin_hash,
+        agent_hash,
         sched_wake: Notify::new(),
         cfg: cfg.clone(),
         http: reqwest::Client::new(),
@@ -474,27 +476,100 @@ async fn scheduling_loop(s: Arc<Shared>) {
 
 /// Opens the store at start. A standby waits for the lock, and for the database to be
 /// reachable, for as long as it takes.
-fn open_first(cfg: &ServerConfig) -> Result<Box<dyn Store>, caravel_store::StoreError> {
-    let Datastore::Postgres(url) = &cfg.datastore else {
-        return open_store(cfg);
+fn open_first(cfg: &ServerConfig) -> Result<(Box<dyn Store>, [Token; 2]), ServerError> {
+    let dd = |source| ServerError::DataDir {
+        path: cfg.data_dir.clone(),
+        source,
     };
-    if !cfg.standby {
-        return open_store(cfg);
-    }
-    tracing::info!(datastore = %cfg.datastore.redacted(), "standing by: waiting to own the store");
-    loop {
-        match PgStore::open_waiting(url, &owner(cfg), None) {
-            Ok(s) => {
-                tracing::info!("this server owns the store now; taking over");
-                return Ok(Box::new(s));
+    let Datastore::Postgres(url) = &cfg.datastore else {
+        let admin = auth::load_or_create(&cfg.data_dir.join("admin.token"), "cvadm").map_err(dd)?;
+        let agent = auth::load_or_create(&cfg.data_dir.join("agent.token"), "cvagt").map_err(dd)?;
+        let tokens = [admin, agent].map(|t| {
+            let h = auth::hash_token(&t);
+            (Some(t), h)
+        });
+        return Ok((open_store(cfg)?, tokens));
+    };
+    let mut store = if cfg.standby {
+        tracing::info!(datastore = %cfg.datastore.redacted(), "standing by: waiting to own the store");
+        loop {
+            match PgStore::open_waiting(url, &owner(cfg), None) {
+                Ok(s) => {
+                    tracing::info!("this server owns the store now; taking over");
+                    break s;
+                }
+                Err(caravel_store::StoreError::Unavailable(e)) => {
+                    tracing::warn!(error = %e, "standing by: the database cannot be reached; retrying");
+                    std::thread::sleep(Duration::from_secs(2));
+                }
+                Err(e) => return Err(e.into()),
             }
-            Err(caravel_store::StoreError::Unavailable(e)) => {
-                tracing::warn!(error = %e, "standing by: the database cannot be reached; retrying");
-                std::thread::sleep(Duration::from_secs(2));
-            }
-            Err(e) => return Err(e),
         }
+    } else {
+        PgStore::open(url, &owner(cfg))?
+    };
+    let tokens = shared_tokens(cfg, &mut store)?;
+    Ok((Box::new(store), tokens))
+}
+
+/// A token where this server knows it, and its hash.
+type Token = (Option<String>, String);
+
+/// The admin and agent tokens of a pool on PostgreSQL: the database keeps their hashes,
+/// the first server's tokens being the pool's, so every server on it accepts the same
+/// ones. A token file in the data directory must match; a server that finds none writes
+/// the new pool's tokens there, or (a standby) knows only the hashes.
+fn shared_tokens(cfg: &ServerConfig, store: &mut PgStore) -> Result<[Token; 2], ServerError> {
+    let dd = |source| ServerError::DataDir {
+        path: cfg.data_dir.clone(),
+        source,
+    };
+    let mut offered = Vec::new();
+    for (name, prefix) in [("admin", "cvadm"), ("agent", "cvagt")] {
+        let path = cfg.data_dir.join(format!("{name}.token"));
+        let (token, made) = match auth::read_token(&path).map_err(dd)? {
+            Some(t) => (t, false),
+            None => {
+                // Written before it is offered: a crash in between must not leave a hash
+                // in the database whose token nobody has.
+                let t = auth::new_token(prefix);
+                auth::write_token(&path, &t).map_err(dd)?;
+                (t, true)
+            }
+        };
+        offered.push((name, path, token, made));
     }
+    let stored = store.shared_secrets(
+        offered
+            .iter()
+            .map(|(name, _, t, _)| (name.to_string(), auth::hash_token(t)))
+            .collect(),
+    )?;
+    let matches = |name: &str, token: &str| {
+        auth::ct_eq(
+            stored.get(name).map(String::as_str).unwrap_or_default(),
+            &auth::hash_token(token),
+        )
+    };
+    let refused = offered
+        .iter()
+        .find(|(name, _, token, made)| !made && !matches(name, token))
+        .map(|(_, path, _, _)| path.clone());
+    let mut out = Vec::new();
+    for (name, path, token, made) in offered {
+        if made && (refused.is_some() || !matches(name, &token)) {
+            // Not this pool's token (it had its own), or the start is refused: leave no
+            // file behind that the next start would have to refuse.
+            std::fs::remove_file(&path).map_err(dd)?;
+        }
+        let hash = stored.get(name).cloned().unwrap_or_default();
+        out.push((matches(name, &token).then_some(token), hash));
+    }
+    if let Some(path) = refused {
+        return Err(ServerError::TokenMismatch { path });
+    }
+    let [admin, agent]: [Token; 2] = out.try_into().expect("two tokens");
+    Ok([admin, agent])
 }
 
 fn owner(cfg: &ServerConfig) -> String {

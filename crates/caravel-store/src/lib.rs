@@ -46,6 +46,18 @@ pub enum StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
+/// Every backend stores a record as its JSON body next to the key columns.
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).expect("records always serialise")
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(table: &'static str, s: &str) -> Result<T> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt {
+        table,
+        reason: e.to_string(),
+    })
+}
+
 /// One change. Puts are upserts keyed by id; usage is insert-if-absent keyed by run id, so
 /// re-delivering the same exit report can never meter a run twice.
 #[derive(Debug, Clone)]

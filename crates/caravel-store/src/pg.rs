@@ -27,11 +27,12 @@ use caravel_core::{JobId, RunId, RunRecord, ServiceRecord, Tenant, UsageRecord};
 use postgres::{Client, NoTls};
 use serde::de::DeserializeOwned;
 
-use crate::{Mutation, Result, Snapshot, Store, StoreError, UsageFilter};
+use crate::{from_json, to_json, Mutation, Result, Snapshot, Store, StoreError, UsageFilter};
 
-const SCHEMA_VERSION: i32 = 1;
+const SCHEMA_VERSION: i32 = 2;
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE tenants (id BIGINT PRIMARY KEY, name TEXT NOT NULL UNIQUE, token_hash TEXT NOT NULL UNIQUE, body TEXT NOT NULL);
 CREATE TABLE nodes (id BIGINT PRIMARY KEY, name TEXT NOT NULL UNIQUE, body TEXT NOT NULL);
 CREATE TABLE jobs (id BIGINT PRIMARY KEY, tenant BIGINT NOT NULL, state TEXT NOT NULL, body TEXT NOT NULL);
@@ -44,7 +45,12 @@ CREATE TABLE usage (run BIGINT PRIMARY KEY, tenant BIGINT NOT NULL, job BIGINT N
 CREATE INDEX usage_tenant ON usage(tenant);
 CREATE INDEX usage_job ON usage(job);
 CREATE TABLE services (tenant BIGINT NOT NULL, name TEXT NOT NULL, body TEXT NOT NULL, PRIMARY KEY (tenant, name));
-"#];
+"#,
+    // Hashes of the pool's own tokens (admin, agent), so that a standby accepts them.
+    r#"
+CREATE TABLE caravel_secrets (name TEXT PRIMARY KEY, hash TEXT NOT NULL);
+"#,
+];
 
 /// How long `open` keeps trying for the lock before it reports the holder: a server that
 /// was just killed leaves its session for the database to notice, which takes a moment.
@@ -75,17 +81,6 @@ fn db(e: postgres::Error) -> StoreError {
             None => e.to_string(),
         }),
     }
-}
-
-fn to_json<T: serde::Serialize>(v: &T) -> String {
-    serde_json::to_string(v).expect("records always serialise")
-}
-
-fn from_json<T: DeserializeOwned>(table: &'static str, s: &str) -> Result<T> {
-    serde_json::from_str(s).map_err(|e| StoreError::Corrupt {
-        table,
-        reason: e.to_string(),
-    })
 }
 
 fn bodies<T: DeserializeOwned>(table: &'static str, rows: Vec<postgres::Row>) -> Result<Vec<T>> {
@@ -263,6 +258,31 @@ impl PgStore {
                 Err(StoreError::Db("the database thread stopped".into()))
             }
         }
+    }
+
+    /// The pool's shared secrets by name: each `(name, hash)` offered is stored unless the
+    /// name has one already (the first server's tokens are the pool's); returns what is
+    /// stored for every name.
+    pub fn shared_secrets(
+        &mut self,
+        offered: Vec<(String, String)>,
+    ) -> Result<BTreeMap<String, String>> {
+        self.call(move |c| {
+            let (names, hashes): (Vec<String>, Vec<String>) = offered.into_iter().unzip();
+            let mut tx = c.transaction().map_err(db)?;
+            tx.execute(
+                "INSERT INTO caravel_secrets (name, hash)
+                 SELECT * FROM unnest($1::text[], $2::text[])
+                 ON CONFLICT (name) DO NOTHING",
+                &[&names, &hashes],
+            )
+            .map_err(db)?;
+            let rows = tx
+                .query("SELECT name, hash FROM caravel_secrets", &[])
+                .map_err(db)?;
+            tx.commit().map_err(db)?;
+            Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        })
     }
 
     fn call<R: Send + 'static>(
@@ -740,6 +760,26 @@ mod tests {
         // Another schema is another store, with its own lock.
         let other = PgSchema::create(&base);
         PgStore::open(&other.url(), "host-c").unwrap();
+    }
+
+    #[test]
+    fn shared_secrets_keep_the_first_offer() {
+        let Some(base) = test_pg() else { return };
+        let schema = PgSchema::create(&base);
+        let offer = |s: &mut PgStore, admin: &str| {
+            s.shared_secrets(vec![("admin".into(), admin.into())])
+                .unwrap()
+        };
+        let mut s = PgStore::open(&schema.url(), "a").unwrap();
+        assert_eq!(offer(&mut s, "h1")["admin"], "h1");
+        drop(s);
+        let mut s = PgStore::open(&schema.url(), "b").unwrap();
+        assert_eq!(offer(&mut s, "h2")["admin"], "h1", "the first offer stands");
+        let both = s
+            .shared_secrets(vec![("agent".into(), "g1".into())])
+            .unwrap();
+        assert_eq!(both.len(), 2);
+        assert_eq!(both["agent"], "g1");
     }
 
     #[test]

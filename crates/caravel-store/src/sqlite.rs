@@ -8,7 +8,7 @@ use caravel_core::{JobId, RunId, RunRecord, ServiceRecord, Tenant, UsageRecord};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::de::DeserializeOwned;
 
-use crate::{Mutation, Result, Snapshot, Store, StoreError, UsageFilter};
+use crate::{from_json, to_json, Mutation, Result, Snapshot, Store, StoreError, UsageFilter};
 
 const SCHEMA_VERSION: i64 = 3;
 
@@ -60,17 +60,6 @@ fn db(e: rusqlite::Error) -> StoreError {
         }
         _ => StoreError::Db(e.to_string()),
     }
-}
-
-fn to_json<T: serde::Serialize>(v: &T) -> String {
-    serde_json::to_string(v).expect("records always serialise")
-}
-
-fn from_json<T: DeserializeOwned>(table: &'static str, s: &str) -> Result<T> {
-    serde_json::from_str(s).map_err(|e| StoreError::Corrupt {
-        table,
-        reason: e.to_string(),
-    })
 }
 
 impl SqliteStore {

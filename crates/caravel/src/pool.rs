@@ -58,11 +58,11 @@ pub async fn up(a: UpArgs) -> Result<i32> {
     let url = s.url();
     let p = client::write_config(&ClientConfig {
         server: Some(url.clone()),
-        token: Some(s.admin_token.clone()),
+        token: s.admin_token.clone(),
     })?;
     let agent = caravel_agent::AgentConfig {
         server: url.clone(),
-        token: s.agent_token.clone(),
+        token: s.agent_token.clone().unwrap_or_default(),
         name: "local".into(),
         topology: Topology::default(),
         labels: BTreeMap::new(),

@@ -16,6 +16,26 @@ fn job_spec(cmd: &str) -> Value {
     json!({"command": "sh", "args": ["-c", cmd], "resources": {"cpu_milli": 100}})
 }
 
+/// Waits for `child` to exit; kills it and fails with `what` if it has not within `limit`.
+fn exit_within(
+    child: &mut std::process::Child,
+    limit: Duration,
+    what: &str,
+) -> std::process::ExitStatus {
+    let t0 = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn usage_runs(p: &Pool) -> Vec<Value> {
     p.get(&p.admin, "/v1/usage").unwrap()["by_job"]
         .as_array()
@@ -73,18 +93,11 @@ fn a_pool_on_postgres_loses_nothing_across_a_kill9_and_has_one_owner() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(st) = second.try_wait().unwrap() {
-            break st;
-        }
-        if t0.elapsed() > Duration::from_secs(30) {
-            let _ = second.kill();
-            let _ = second.wait();
-            panic!("a second server on the same database kept running");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = exit_within(
+        &mut second,
+        Duration::from_secs(30),
+        "a second server on the same database kept running",
+    );
     let mut err = String::new();
     std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut err).unwrap();
     assert!(!status.success());
@@ -203,12 +216,9 @@ fn a_standby_takes_over_when_the_server_dies_and_agents_follow() {
     let schema = PgSchema::create(&base);
     let url = schema.url();
     let mut p = Pool::server_only_with("pgstandby", &["--datastore", &url]);
-    // The standby's own data directory, with the tokens clients and agents already hold.
+    // The standby's own data directory, empty: it accepts the pool's tokens through
+    // their hashes in the database.
     let sdir = p.dir.path().join("standby");
-    std::fs::create_dir_all(&sdir).unwrap();
-    for f in ["admin.token", "agent.token"] {
-        std::fs::copy(p.data_dir().join(f), sdir.join(f)).unwrap();
-    }
     let sport = free_port();
     let surl = format!("http://127.0.0.1:{sport}");
     let standby = Command::new(BIN)
@@ -277,6 +287,10 @@ fn a_standby_takes_over_when_the_server_dies_and_agents_follow() {
     let by_job = usage_runs(&p);
     assert_eq!(by_job.len(), 4, "{by_job:?}");
     assert!(by_job.iter().all(|r| r["runs"] == 1), "{by_job:?}");
+    assert!(
+        !sdir.join("admin.token").exists(),
+        "the standby made a token of its own"
+    );
     let owner = schema.query(&format!("SELECT host FROM {}.caravel_owner", schema.name()));
     assert!(
         owner[0]
@@ -297,7 +311,7 @@ fn a_server_that_lost_its_store_to_a_standby_stops() {
     let mut p = Pool::server_only_with("pgfence", &["--datastore", &url]);
     let sdir = p.dir.path().join("standby");
     let sport = free_port();
-    let mut standby = Command::new(BIN)
+    let standby = Command::new(BIN)
         .args([
             "server",
             "--listen",
@@ -324,19 +338,12 @@ fn a_server_that_lost_its_store_to_a_standby_stops() {
         .post(&p.admin, "/v1/jobs", &job_spec("echo to the old owner"))
         .unwrap_err();
     assert_eq!(status, 503, "{body}");
-    let mut old = p.server.take().unwrap();
-    let t0 = Instant::now();
-    let st = loop {
-        if let Some(st) = old.try_wait().unwrap() {
-            break st;
-        }
-        if t0.elapsed() > Duration::from_secs(30) {
-            let _ = old.kill();
-            let _ = standby.kill();
-            panic!("the old owner kept running after losing its store");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let mut old = p.server.replace(standby).unwrap();
+    let st = exit_within(
+        &mut old,
+        Duration::from_secs(30),
+        "the old owner kept running after losing its store",
+    );
     assert!(!st.success());
     let log = std::fs::read_to_string(p.dir.path().join("server.log")).unwrap();
     assert!(
@@ -346,13 +353,42 @@ fn a_server_that_lost_its_store_to_a_standby_stops() {
     // The standby owns the store and takes work.
     p.url = format!("http://127.0.0.1:{sport}");
     p.port = sport;
-    p.server = Some(standby);
-    p.admin = std::fs::read_to_string(sdir.join("admin.token"))
-        .unwrap()
-        .trim()
-        .to_string();
+    // The pool's admin token works on the new owner.
     let id = p.submit(&p.admin, job_spec("echo to the new owner"));
     assert_eq!(p.job(&p.admin, id)["state"], "pending");
+
+    // A data directory whose token is not the pool's is refused, saying which file.
+    let mut new_owner = p.server.take().unwrap();
+    let _ = new_owner.kill();
+    let _ = new_owner.wait();
+    let stray = p.dir.path().join("stray");
+    std::fs::create_dir_all(&stray).unwrap();
+    std::fs::write(stray.join("admin.token"), "cvadm_not_this_pool\n").unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--datastore",
+            &url,
+            "--data-dir",
+        ])
+        .arg(&stray)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{} does not hold this pool's token",
+            stray.join("admin.token").display()
+        )),
+        "{err}"
+    );
+    assert!(
+        !stray.join("agent.token").exists(),
+        "a refused start left a token file behind"
+    );
 }
 
 /// Flags that only make sense on one store are refused before anything is created.
