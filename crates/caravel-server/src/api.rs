@@ -498,9 +498,9 @@ pub async fn get_job(
 ) -> Res<Json<JobDetail>> {
     let p = user_only(authenticate(&s, &headers)?)?;
     let id = parse_job_id(&id)?;
-    let mut core = s.core.lock().expect("core lock");
+    let core = s.core.lock().expect("core lock");
     visible(&core, p, id)?;
-    let runs = core.store().runs_of_job(id)?;
+    let runs = core.read(move |st| st.runs_of_job(id))?;
     let j = visible(&core, p, id)?;
     let runs: Vec<RunView> = runs
         .into_iter()
@@ -591,9 +591,9 @@ pub async fn job_logs(
     }
     let task = q.task.unwrap_or(0);
     let (url, secret, run, done) = {
-        let mut core = s.core.lock().expect("core lock");
+        let core = s.core.lock().expect("core lock");
         let ntasks = visible(&core, p, id)?.rec.spec.tasks;
-        let runs = core.store().runs_of_job(id)?;
+        let runs = core.read(move |st| st.runs_of_job(id))?;
         let j = visible(&core, p, id)?;
         if task >= ntasks {
             return Err(ApiError::field(
@@ -815,15 +815,16 @@ pub async fn usage(
     Query(q): Query<UsageQuery>,
 ) -> Res<Json<UsageResponse>> {
     let p = user_only(authenticate(&s, &headers)?)?;
-    let mut core = s.core.lock().expect("core lock");
+    let core = s.core.lock().expect("core lock");
     let tenant = tenant_scope(&core, p, q.tenant.as_deref())?;
     if let Some(j) = q.job {
         visible(&core, p, JobId(j))?;
     }
-    let recs = core.store().usage(&caravel_store::UsageFilter {
+    let filter = caravel_store::UsageFilter {
         tenant,
         job: q.job.map(JobId),
-    })?;
+    };
+    let recs = core.read(move |st| st.usage(&filter))?;
     let mut by_tenant: std::collections::BTreeMap<TenantId, UsageTotals> = Default::default();
     let mut by_job: std::collections::BTreeMap<JobId, UsageTotals> = Default::default();
     for u in &recs {

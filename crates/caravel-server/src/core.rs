@@ -9,6 +9,8 @@ use caravel_core::*;
 use caravel_sched::{JobReq, NodeSnap, TenantSnap};
 use caravel_store::{Mutation, Store};
 
+use crate::committer::{Committer, Durability};
+
 use crate::error::ApiError;
 
 pub const DEFAULT_TENANT: &str = "default";
@@ -49,7 +51,7 @@ pub struct CycleStats {
 }
 
 pub struct Core {
-    store: Box<dyn Store>,
+    store: Committer,
     pub tenants: BTreeMap<TenantId, Tenant>,
     tenant_by_name: HashMap<String, TenantId>,
     tenant_by_token: HashMap<String, TenantId>,
@@ -83,7 +85,7 @@ pub struct Core {
     /// oldest first, one job at a time (`Scheduler::protect`); 0: never.
     pub starvation_ms: u64,
     /// Set when a commit failed after memory changed; the server reloads from the store.
-    pub needs_reload: bool,
+    needs_reload: bool,
     group: Option<Vec<Mutation>>,
     /// Deployed services by (tenant, name).
     pub services: BTreeMap<(TenantId, String), ServiceRecord>,
@@ -91,44 +93,6 @@ pub struct Core {
     service_jobs: HashMap<(TenantId, String), BTreeSet<JobId>>,
     /// Jobs by their submitter's idempotency key.
     by_key: HashMap<(TenantId, String), JobId>,
-}
-
-/// Stands in for a store being reopened: refuses everything.
-struct ClosedStore;
-
-impl ClosedStore {
-    fn err<T>() -> caravel_store::Result<T> {
-        Err(caravel_store::StoreError::Unavailable(
-            "the store is being reopened after an error".into(),
-        ))
-    }
-}
-
-impl Store for ClosedStore {
-    fn load(&mut self) -> caravel_store::Result<caravel_store::Snapshot> {
-        Self::err()
-    }
-    fn apply(&mut self, _: &[Mutation]) -> caravel_store::Result<()> {
-        Self::err()
-    }
-    fn runs_of_job(&mut self, _: JobId) -> caravel_store::Result<Vec<RunRecord>> {
-        Self::err()
-    }
-    fn ended_runs_preempted_for(&mut self, _: JobId) -> caravel_store::Result<Vec<RunRecord>> {
-        Self::err()
-    }
-    fn run(&mut self, _: RunId) -> caravel_store::Result<Option<RunRecord>> {
-        Self::err()
-    }
-    fn usage(
-        &mut self,
-        _: &caravel_store::UsageFilter,
-    ) -> caravel_store::Result<Vec<caravel_core::UsageRecord>> {
-        Self::err()
-    }
-    fn has_usage(&mut self, _: RunId) -> caravel_store::Result<bool> {
-        Self::err()
-    }
 }
 
 /// One replica of a service as the gateway and the controller see it.
@@ -159,7 +123,7 @@ impl Core {
     pub fn load(mut store: Box<dyn Store>, now: Millis) -> Result<Core, ApiError> {
         let snap = store.load()?;
         let mut core = Core {
-            store,
+            store: Committer::start(store),
             tenants: BTreeMap::new(),
             tenant_by_name: HashMap::new(),
             tenant_by_token: HashMap::new(),
@@ -278,7 +242,7 @@ impl Core {
             .map(|e| e.rec.id)
             .collect();
         for j in waiting {
-            for r in core.store.ended_runs_preempted_for(j)? {
+            for r in core.store.read(move |st| st.ended_runs_preempted_for(j))? {
                 let Some(victim) = core.jobs.get(&r.job) else {
                     continue;
                 };
@@ -320,8 +284,8 @@ impl Core {
         self.group.get_or_insert_with(Vec::new);
     }
 
-    /// Writes what was collected since `begin_group` in one transaction. The caller
-    /// answers its client only after this returns Ok.
+    /// Queues what was collected since `begin_group` as one transaction. The API answers
+    /// only once it is durable (`settle_writes`).
     pub fn end_group(&mut self) -> Result<(), ApiError> {
         match self.group.take() {
             Some(batch) => self.commit(&batch),
@@ -329,28 +293,49 @@ impl Core {
         }
     }
 
+    /// Queues `batch` for the commit thread (see `committer`). Memory changes right after,
+    /// before the batch is durable: whoever answers a client waits for `durability()`
+    /// first. If the commit fails, memory is rebuilt from the store.
     fn commit(&mut self, batch: &[Mutation]) -> Result<(), ApiError> {
         if let Some(g) = &mut self.group {
             g.extend_from_slice(batch);
             return Ok(());
         }
-        self.store.apply(batch).map_err(|e| {
-            // Memory may now be ahead of the store: the server rebuilds it from the store.
-            self.needs_reload = true;
-            ApiError::from(e)
-        })
+        match self.store.submit(batch.to_vec()) {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                self.needs_reload = true;
+                Err(e)
+            }
+        }
     }
 
-    /// Closes the store (a PostgreSQL store ends its session, freeing its lock for the
-    /// store the server reopens) and marks memory for a reload; until then every write is
-    /// refused, and nothing is half-written.
+    /// What requests wait on before they answer: the changes queued so far and whether
+    /// they are durable.
+    pub fn durability(&self) -> std::sync::Arc<Durability> {
+        self.store.durability()
+    }
+
+    /// Set when a commit failed after memory changed: the server rebuilds memory from the
+    /// store.
+    pub fn needs_reload(&self) -> bool {
+        self.needs_reload || self.store.durability().failed().is_some()
+    }
+
+    /// Closes the store after writing what is queued (a PostgreSQL store ends its session,
+    /// freeing its lock for the store the server reopens) and marks memory for a reload;
+    /// until then every write is refused, and nothing is half-written.
     pub fn close_store(&mut self) {
-        self.store = Box::new(ClosedStore);
+        self.store.close();
         self.needs_reload = true;
     }
 
-    pub fn store(&mut self) -> &mut dyn Store {
-        self.store.as_mut()
+    /// Runs `f` on the store once every change queued so far is written.
+    pub fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut dyn Store) -> caravel_store::Result<T> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        self.store.read(f)
     }
 
     // ---- tenants ----
@@ -1109,9 +1094,11 @@ impl Core {
                 .copied()
                 .collect();
             for id in missing {
-                let used = self.store.usage(&caravel_store::UsageFilter {
-                    tenant: None,
-                    job: Some(id),
+                let used = self.store.read(move |st| {
+                    st.usage(&caravel_store::UsageFilter {
+                        tenant: None,
+                        job: Some(id),
+                    })
                 })?;
                 self.attained.insert(id, used.iter().map(attained_by).sum());
             }
@@ -1838,9 +1825,9 @@ impl Core {
                 ..
             } = ev
             {
-                if let Some(r) = self.store.run(rid)? {
+                if let Some(r) = self.store.read(move |st| st.run(rid))? {
                     if r.node == node
-                        && !self.store.has_usage(rid)?
+                        && !self.store.read(move |st| st.has_usage(rid))?
                         && self.jobs.contains_key(&r.job)
                     {
                         let u = self.usage_of(&r, s, at_ms);

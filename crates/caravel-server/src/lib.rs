@@ -7,6 +7,7 @@
 pub mod api;
 pub mod auth;
 pub mod autoscale;
+pub mod committer;
 pub mod core;
 pub mod datadir;
 pub mod error;
@@ -21,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use axum::extract::{Request, State};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::Router;
 use caravel_core::{Millis, NodeState, RunState};
@@ -238,6 +239,9 @@ pub enum ServerError {
 
 pub struct Shared {
     pub core: Mutex<Core>,
+    /// The current core's commit progress, readable without the core lock. Replaced with
+    /// the core at a reload.
+    durability: Mutex<Arc<committer::Durability>>,
     pub metrics: metrics::Metrics,
     /// SHA-256 of the admin and agent tokens (`auth::hash_token`).
     pub admin_hash: String,
@@ -300,9 +304,6 @@ impl Server {
 
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
-        .route("/healthz", get(api::healthz))
-        .route("/metrics", get(api::metrics))
-        .route("/v1/openapi.json", get(api::openapi))
         .route("/v1/whoami", get(api::whoami))
         .route("/v1/jobs", post(api::submit).get(api::list_jobs))
         .route("/v1/jobs/{id}", get(api::get_job))
@@ -331,6 +332,15 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .fallback(api::fallback)
         .layer(axum::middleware::from_fn_with_state(
             shared.clone(),
+            settle_writes,
+        ))
+        // After that layer: these do not show stored state, and must answer while the
+        // store is down.
+        .route("/healthz", get(api::healthz))
+        .route("/metrics", get(api::metrics))
+        .route("/v1/openapi.json", get(api::openapi))
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
             count_requests,
         ))
         // After the layer: gateway traffic is counted per service, not as API requests.
@@ -338,6 +348,33 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/s/{tenant}/{service}/", any(gateway::route_root))
         .route("/s/{tenant}/{service}/{*rest}", any(gateway::route))
         .with_state(shared)
+}
+
+/// Holds every API answer until what the request saw and changed is durable (group
+/// commit, see `committer`). Every change queued before the handler returned is covered,
+/// so no client learns of a job, run or report that a crash could still lose. If those
+/// changes were not written, or the store was reloaded while the request ran, the answer
+/// is a 503 instead: the request may have seen memory the store no longer matches.
+async fn settle_writes(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    let before = s.durability.lock().expect("durability lock").clone();
+    let resp = next.run(req).await;
+    let after = s.durability.lock().expect("durability lock").clone();
+    let settled = if Arc::ptr_eq(&before, &after) {
+        after.settle(after.high()).await
+    } else {
+        Err(error::ApiError::new(
+            caravel_core::ErrorCode::Unavailable,
+            "the server reloaded its state from the store while this request ran; retry it",
+        ))
+    };
+    match settled {
+        Ok(()) => resp,
+        Err(e) => {
+            // Wake the scheduling loop: it reloads memory from the store.
+            s.sched_wake.notify_one();
+            e.into_response()
+        }
+    }
 }
 
 async fn count_requests(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Response {
@@ -407,6 +444,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
         })?;
     datadir::record_url(&mut data_dir_lock, &format!("http://{addr}")).map_err(dd)?;
     let shared = Arc::new(Shared {
+        durability: Mutex::new(core.durability()),
         core: Mutex::new(core),
         metrics: metrics::Metrics::new(),
         admin_hash,
@@ -453,7 +491,7 @@ async fn scheduling_loop(s: Arc<Shared>) {
         let (res, needs_reload) = {
             let mut core = s.core.lock().expect("core lock");
             let r = core.schedule(now_ms());
-            (r, core.needs_reload)
+            (r, core.needs_reload())
         };
         if needs_reload && res.is_ok() {
             tracing::error!("a commit failed earlier; reloading state from the store");
@@ -618,7 +656,12 @@ fn reload(s: &Shared) {
             c.sched_cfg.las = s.cfg.las.clone();
             c.sched_cfg.reservations = s.cfg.reservations;
             c.starvation_ms = s.cfg.starvation_ms;
-            *s.core.lock().expect("core lock") = c
+            let d = c.durability();
+            let mut core = s.core.lock().expect("core lock");
+            *core = c;
+            // Swapped while the core lock is held, so a request that saw the old core
+            // finds the old committer and is refused (see `settle_writes`).
+            *s.durability.lock().expect("durability lock") = d;
         }
         Err(e) => tracing::error!(error = %e, "cannot reload state"),
     }

@@ -494,7 +494,44 @@ impl PgSchema {
     }
 }
 
+/// A transaction another session keeps open (see `PgSchema::hold`); dropping it commits.
+pub struct Held {
+    done: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        drop(self.done.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 impl PgSchema {
+    /// Runs `sql` (a `LOCK TABLE`, say) in a transaction of its own and keeps that
+    /// transaction open, holding what it took, until the returned guard is dropped.
+    pub fn hold(&self, sql: &str) -> Held {
+        let (base, sql) = (self.base.clone(), sql.to_string());
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let mut c = postgres::Client::connect(&base, postgres::NoTls)
+                .unwrap_or_else(|e| panic!("connecting to {base}: {e}"));
+            c.batch_execute(&format!("BEGIN; {sql}"))
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            ready_tx.send(()).unwrap();
+            let _ = wait.recv();
+            c.batch_execute("COMMIT").expect("COMMIT");
+        });
+        ready.recv().expect("the holding session failed");
+        Held {
+            done: Some(done),
+            thread: Some(thread),
+        }
+    }
+
     /// The first column of each row `sql` returns, as text (NULL: None).
     pub fn query(&self, sql: &str) -> Vec<Option<String>> {
         let (base, sql) = (self.base.clone(), sql.to_string());

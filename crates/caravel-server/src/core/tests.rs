@@ -105,7 +105,7 @@ fn a_job_runs_and_is_metered_once() {
     // The same report again (agent retry) must change nothing.
     exited(c, n, run, 30, 1030, 0);
     assert_eq!(c.jobs[&j].rec.state, JobState::Succeeded);
-    let u = c.store().usage(&UsageFilter::default()).unwrap();
+    let u = c.read(|s| s.usage(&UsageFilter::default())).unwrap();
     assert_eq!(u.len(), 1);
     assert_eq!(u[0].duration_ms(), 1000);
     assert_eq!(u[0].cpu_milli_ms(), 1000 * 1000);
@@ -131,7 +131,10 @@ fn failures_retry_within_budget_then_fail() {
     let job = &c.jobs[&j];
     assert_eq!(job.rec.state, JobState::Failed);
     assert_eq!(job.tasks[0].exit_code, Some(3));
-    assert_eq!(c.store().usage(&UsageFilter::default()).unwrap().len(), 2);
+    assert_eq!(
+        c.read(|s| s.usage(&UsageFilter::default())).unwrap().len(),
+        2
+    );
 }
 
 #[test]
@@ -280,10 +283,11 @@ fn lost_node_reschedules_and_stale_copy_is_dropped() {
     // Its late exit report does not meter the run a second time.
     exited(c, first_node, run1, 5, 13_500, 137);
     let u = c
-        .store()
-        .usage(&UsageFilter {
-            tenant: None,
-            job: Some(j),
+        .read(move |s| {
+            s.usage(&UsageFilter {
+                tenant: None,
+                job: Some(j),
+            })
         })
         .unwrap();
     assert_eq!(u.len(), 1);
@@ -333,7 +337,10 @@ fn restart_reloads_everything_and_readopts_runs() {
     assert!(j3 > j2, "ids continue after restart");
     exited(&mut c, n, run, 2, 60_000, 0);
     assert_eq!(c.jobs[&j].rec.state, JobState::Succeeded);
-    assert_eq!(c.store().usage(&UsageFilter::default()).unwrap().len(), 1);
+    assert_eq!(
+        c.read(|s| s.usage(&UsageFilter::default())).unwrap().len(),
+        1
+    );
 }
 
 #[test]
@@ -578,7 +585,7 @@ fn borrowed_capacity_is_reclaimed_by_preemption_without_using_retries() {
         .tasks
         .iter()
         .all(|t| t.state == TaskState::Assigned));
-    let runs = c.store().runs_of_job(jb).unwrap();
+    let runs = c.read(move |s| s.runs_of_job(jb)).unwrap();
     assert_eq!(
         runs.iter()
             .filter(|r| r.state == RunState::Preempted)
@@ -586,13 +593,12 @@ fn borrowed_capacity_is_reclaimed_by_preemption_without_using_retries() {
         2
     );
     assert_eq!(
-        c.store()
-            .usage(&UsageFilter {
-                tenant: None,
-                job: Some(jb)
-            })
-            .unwrap()
-            .len(),
+        c.read(move |s| s.usage(&UsageFilter {
+            tenant: None,
+            job: Some(jb)
+        }))
+        .unwrap()
+        .len(),
         2,
         "preempted runs are metered"
     );
@@ -1075,7 +1081,7 @@ fn a_node_shut_down_cleanly_hands_its_runs_back_without_using_retries() {
         "requeued at once"
     );
     assert_eq!(
-        c.store().run(r2).unwrap().unwrap().state,
+        c.read(move |s| s.run(r2)).unwrap().unwrap().state,
         RunState::Preempted
     );
     assert_eq!(
@@ -1098,14 +1104,14 @@ fn a_node_shut_down_cleanly_hands_its_runs_back_without_using_retries() {
         2_000,
     )
     .unwrap();
-    let rec = c.store().run(r1).unwrap().unwrap();
+    let rec = c.read(move |s| s.run(r1)).unwrap().unwrap();
     assert_eq!(rec.state, RunState::Preempted);
     assert!(rec.message.contains("node a shut down"), "{}", rec.message);
     for j in [j1, j2] {
         assert_eq!(c.jobs[&j].rec.state, JobState::Pending);
         assert_eq!(c.jobs[&j].tasks[0].retries_used, 0);
     }
-    let u = c.store().usage(&UsageFilter::default()).unwrap();
+    let u = c.read(|s| s.usage(&UsageFilter::default())).unwrap();
     assert_eq!(u.len(), 1, "the started run is metered once, to its exit");
     assert_eq!(u[0].end_ms, 2_000);
     assert!(
@@ -1138,7 +1144,10 @@ fn a_node_whose_agent_vanishes_mid_shutdown_is_lost_with_what_it_still_held() {
         vec!["a".to_string()]
     );
     assert_eq!(c.nodes[&a].node.state, NodeState::Lost);
-    assert_eq!(c.store().run(r).unwrap().unwrap().state, RunState::Lost);
+    assert_eq!(
+        c.read(move |s| s.run(r)).unwrap().unwrap().state,
+        RunState::Lost
+    );
     assert_eq!(c.jobs[&j].rec.state, JobState::Failed, "no retries left");
 }
 

@@ -207,6 +207,64 @@ fn a_server_whose_database_session_is_killed_reconnects_and_keeps_its_work() {
     assert_eq!(usage_runs(&p).len(), accepted.len());
 }
 
+/// Group commit: concurrent requests are answered only once their changes are durable,
+/// and changes that queue while a commit runs are written together. The jobs table is
+/// locked from another session, so the first commit waits on the lock while the rest
+/// queue behind it.
+#[test]
+fn an_answer_waits_for_its_commit_and_changes_queued_meanwhile_commit_together() {
+    let Some(base) = test_pg() else { return };
+    let schema = PgSchema::create(&base);
+    let p = Pool::server_only_with("pggroup", &["--datastore", &schema.url()]);
+    let first = p.submit(&p.admin, job_spec("true"));
+    let held = schema.hold(&format!(
+        "LOCK TABLE {}.jobs IN EXCLUSIVE MODE",
+        schema.name()
+    ));
+    let ids: Vec<u64> = std::thread::scope(|sc| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        for i in 0..8 {
+            let (tx, p) = (tx.clone(), &p);
+            sc.spawn(move || {
+                let r = p.post(&p.admin, "/v1/jobs", &job_spec(&format!("echo {i}")));
+                tx.send(r).unwrap();
+            });
+        }
+        // Nothing can be written while the lock is held: no submission may be answered.
+        assert!(
+            rx.recv_timeout(Duration::from_millis(1500)).is_err(),
+            "a submission was answered before its job was written"
+        );
+        // What shows no stored state still answers.
+        let health = p.call(reqwest::Method::GET, "", "/healthz", None);
+        assert!(health.is_ok(), "{health:?}");
+        drop(held);
+        (0..8)
+            .map(|_| {
+                let r = rx.recv_timeout(Duration::from_secs(30)).expect("an answer");
+                r.unwrap()["id"].as_u64().unwrap()
+            })
+            .collect()
+    });
+    let distinct: BTreeSet<u64> = ids.iter().copied().collect();
+    assert_eq!(distinct.len(), 8, "{ids:?}");
+    assert!(!distinct.contains(&first));
+    let list = ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+    // Rows written by one transaction share its id (xmin). The commit that waited on the
+    // lock held one job, or a few; everything queued behind it went in one more.
+    let stored = schema.query(&format!(
+        "SELECT count(*) FROM {}.jobs WHERE id IN ({list})",
+        schema.name()
+    ));
+    assert_eq!(stored, vec![Some("8".to_string())]);
+    let txs = schema.query(&format!(
+        "SELECT count(DISTINCT xmin::text) FROM {}.jobs WHERE id IN ({list})",
+        schema.name()
+    ));
+    let txs: u64 = txs[0].as_deref().unwrap().parse().unwrap();
+    assert!(txs <= 2, "8 concurrent submissions took {txs} commits");
+}
+
 /// `caravel server --standby` on the same database waits without serving while the owner
 /// lives; when the owner is killed it takes over, re-adopts what runs, and the agent,
 /// given both servers, follows it. Nothing accepted is lost or run twice.
