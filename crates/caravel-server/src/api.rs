@@ -491,6 +491,20 @@ pub async fn list_jobs(
     Ok(Json(out))
 }
 
+/// A job's runs as read from the store, plus runs placed since the read (memory only
+/// holds runs that have not ended, and the read took place without the core lock).
+fn with_new_runs(core: &Core, job: JobId, mut runs: Vec<RunRecord>) -> Vec<RunRecord> {
+    let known: std::collections::HashSet<RunId> = runs.iter().map(|r| r.id).collect();
+    runs.extend(
+        core.runs
+            .values()
+            .filter(|r| r.job == job && !known.contains(&r.id))
+            .cloned(),
+    );
+    runs.sort_by_key(|r| r.id);
+    runs
+}
+
 pub async fn get_job(
     State(s): State<Arc<Shared>>,
     headers: HeaderMap,
@@ -498,11 +512,17 @@ pub async fn get_job(
 ) -> Res<Json<JobDetail>> {
     let p = user_only(authenticate(&s, &headers)?)?;
     let id = parse_job_id(&id)?;
+    // The store is read without the core lock (it waits for queued commits); the job is
+    // looked up again after.
+    let reader = {
+        let core = s.core.lock().expect("core lock");
+        visible(&core, p, id)?;
+        core.reader()
+    };
+    let runs = reader.read(move |st| st.runs_of_job(id)).await?;
     let core = s.core.lock().expect("core lock");
-    visible(&core, p, id)?;
-    let runs = core.read(move |st| st.runs_of_job(id))?;
     let j = visible(&core, p, id)?;
-    let runs: Vec<RunView> = runs
+    let runs: Vec<RunView> = with_new_runs(&core, id, runs)
         .into_iter()
         .map(|r| {
             // Active runs are fresher in memory than in the store.
@@ -590,11 +610,17 @@ pub async fn job_logs(
         ));
     }
     let task = q.task.unwrap_or(0);
+    let reader = {
+        let core = s.core.lock().expect("core lock");
+        visible(&core, p, id)?;
+        core.reader()
+    };
+    let runs = reader.read(move |st| st.runs_of_job(id)).await?;
     let (url, secret, run, done) = {
         let core = s.core.lock().expect("core lock");
-        let ntasks = visible(&core, p, id)?.rec.spec.tasks;
-        let runs = core.read(move |st| st.runs_of_job(id))?;
         let j = visible(&core, p, id)?;
+        let ntasks = j.rec.spec.tasks;
+        let runs = with_new_runs(&core, id, runs);
         if task >= ntasks {
             return Err(ApiError::field(
                 ErrorCode::InvalidArgument,
@@ -815,16 +841,21 @@ pub async fn usage(
     Query(q): Query<UsageQuery>,
 ) -> Res<Json<UsageResponse>> {
     let p = user_only(authenticate(&s, &headers)?)?;
-    let core = s.core.lock().expect("core lock");
-    let tenant = tenant_scope(&core, p, q.tenant.as_deref())?;
-    if let Some(j) = q.job {
-        visible(&core, p, JobId(j))?;
-    }
+    let (tenant, reader) = {
+        let core = s.core.lock().expect("core lock");
+        let tenant = tenant_scope(&core, p, q.tenant.as_deref())?;
+        if let Some(j) = q.job {
+            visible(&core, p, JobId(j))?;
+        }
+        (tenant, core.reader())
+    };
     let filter = caravel_store::UsageFilter {
         tenant,
         job: q.job.map(JobId),
     };
-    let recs = core.read(move |st| st.usage(&filter))?;
+    // Read without the core lock: usage may be long, and the read waits for queued commits.
+    let recs = reader.read(move |st| st.usage(&filter)).await?;
+    let core = s.core.lock().expect("core lock");
     let mut by_tenant: std::collections::BTreeMap<TenantId, UsageTotals> = Default::default();
     let mut by_job: std::collections::BTreeMap<JobId, UsageTotals> = Default::default();
     for u in &recs {

@@ -169,6 +169,16 @@ impl Committer {
         Ok(r?)
     }
 
+    /// A handle for reads from outside the core lock: each read is still queued after
+    /// every change queued before it. Hold it only for the read: the writer thread ends
+    /// once the committer and every reader are gone.
+    pub fn reader(&self) -> Reader {
+        Reader {
+            tx: self.tx.clone(),
+            durability: self.durability.clone(),
+        }
+    }
+
     /// Blocks until everything queued so far is written; the error if it was not.
     pub fn flush(&self) -> Result<(), ApiError> {
         let seq = self.durability.high();
@@ -184,6 +194,38 @@ impl Committer {
             let _ = t.join();
         }
         self.durability.fail(reopening());
+    }
+}
+
+/// Reads through the writer's queue without holding the core lock (`Committer::reader`).
+pub struct Reader {
+    tx: Option<mpsc::Sender<Op>>,
+    durability: Arc<Durability>,
+}
+
+impl Reader {
+    /// Runs `f` on the store after every change queued before this call has been
+    /// written, and waits for it without blocking the async runtime.
+    pub async fn read<T: Send + 'static>(
+        self,
+        f: impl FnOnce(&mut dyn Store) -> caravel_store::Result<T> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        if let Some(e) = self.durability.failed() {
+            return Err(e);
+        }
+        let tx = self.tx.as_ref().ok_or_else(reopening)?;
+        let (rtx, rrx) = tokio::sync::oneshot::channel();
+        let op = Op::Read(Box::new(move |s: &mut dyn Store| {
+            let _ = rtx.send(f(s));
+        }));
+        tx.send(op).map_err(|_| stopped())?;
+        // Not holding the sender while waiting: a closing committer need not wait for us.
+        drop(self.tx);
+        let r = rrx.await.map_err(|_| stopped())?;
+        if let Some(e) = self.durability.failed() {
+            return Err(e);
+        }
+        Ok(r?)
     }
 }
 
@@ -355,10 +397,17 @@ mod tests {
         rt().block_on(d.settle(21)).unwrap();
         assert_eq!(*probe.commits.lock().unwrap(), vec![1, 20]);
         // A read runs after every change queued before it.
+        // So does one sent from outside the core lock, through a reader.
+        c.submit(put(98)).unwrap();
+        let p = probe.clone();
+        let reader = c.reader();
+        let seen = rt()
+            .block_on(reader.read(move |_| Ok(p.commits.lock().unwrap().iter().sum::<usize>())));
+        assert_eq!(seen.unwrap(), 22);
         c.submit(put(99)).unwrap();
         let p = probe.clone();
         let seen = c.read(move |_| Ok(p.commits.lock().unwrap().iter().sum::<usize>()));
-        assert_eq!(seen.unwrap(), 22);
+        assert_eq!(seen.unwrap(), 23);
         c.flush().unwrap();
     }
 
@@ -381,6 +430,9 @@ mod tests {
         assert_eq!(c.submit(put(3)).unwrap_err().code, e.code);
         assert!(c.read(|s| s.has_usage(caravel_core::RunId(1))).is_err());
         assert!(c.flush().is_err());
+        assert!(rt()
+            .block_on(c.reader().read(|s| s.has_usage(caravel_core::RunId(1))))
+            .is_err());
         rt().block_on(d.settle(ok)).unwrap();
         assert_eq!(*probe.commits.lock().unwrap(), vec![1]);
     }

@@ -330,6 +330,11 @@ impl Core {
         self.needs_reload = true;
     }
 
+    /// For reads from the store outside the core lock (see `committer::Reader`).
+    pub fn reader(&self) -> crate::committer::Reader {
+        self.store.reader()
+    }
+
     /// Runs `f` on the store once every change queued so far is written.
     pub fn read<T: Send + 'static>(
         &self,
