@@ -304,14 +304,18 @@ fn a_partitioned_node_that_returns_has_its_stale_copy_killed() {
 
 #[test]
 fn server_killed_repeatedly_during_a_stream_of_jobs_loses_and_duplicates_nothing() {
-    let mut p = Pool::new("kill9loop", &[("a", &["--cpus", "16"])]);
+    // fsync per commit: a wider window between a change and its commit for a kill to hit.
+    let mut p = Pool::with_server_args("kill9loop", &["--sync-full"], &[("a", &["--cpus", "16"])]);
     let (url, admin) = (p.url.clone(), p.admin.clone());
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let stop2 = stop.clone();
-    let submitter = std::thread::spawn(move || {
+    // Four submitters at once: their accepts share commits (group commit), and none may
+    // be answered before its commit, whenever the kill lands.
+    let submitters: Vec<_> = (0..4).map(|_| {
+        let (url, admin, stop2) = (url.clone(), admin.clone(), stop.clone());
+        std::thread::spawn(move || {
         let mut accepted = vec![];
         let mut i = 0u64;
-        while !stop2.load(std::sync::atomic::Ordering::Relaxed) && accepted.len() < 300 {
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) && accepted.len() < 100 {
             let spec = json!({"command": "sh", "args": ["-c", format!("sleep 0.{}", i % 4)], "resources": {"cpu_milli": 100}});
             if let Some(id) = Pool::try_submit(&url, &admin, &spec) {
                 accepted.push(id);
@@ -321,7 +325,8 @@ fn server_killed_repeatedly_during_a_stream_of_jobs_loses_and_duplicates_nothing
             i += 1;
         }
         accepted
-    });
+    })
+    }).collect();
     for round in 0..3u64 {
         std::thread::sleep(Duration::from_millis(400 + 150 * round));
         p.kill9_server();
@@ -330,8 +335,17 @@ fn server_killed_repeatedly_during_a_stream_of_jobs_loses_and_duplicates_nothing
     }
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let accepted = submitter.join().unwrap();
+    let accepted: Vec<u64> = submitters
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
     assert!(accepted.len() > 20, "only {} jobs accepted", accepted.len());
+    let distinct: BTreeSet<u64> = accepted.iter().copied().collect();
+    assert_eq!(
+        distinct.len(),
+        accepted.len(),
+        "one id answered twice: an answered job was lost in a kill and its id reused"
+    );
     // Every job the server ever acknowledged finishes, with exactly one run and one usage record.
     for id in &accepted {
         let j = p.wait_state(
