@@ -247,7 +247,20 @@ fn reopening() -> ApiError {
     ))
 }
 
+/// Ends the committer if the writer thread unwinds, so no request waits forever on a
+/// commit that will never run.
+struct FailOnPanic<'a>(&'a Durability);
+
+impl Drop for FailOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.fail(stopped());
+        }
+    }
+}
+
 fn writer(mut store: Box<dyn Store>, rx: mpsc::Receiver<Op>, d: &Durability) {
+    let _guard = FailOnPanic(d);
     let mut next: Option<Op> = None;
     loop {
         let op = match next.take() {
@@ -435,6 +448,47 @@ mod tests {
             .is_err());
         rt().block_on(d.settle(ok)).unwrap();
         assert_eq!(*probe.commits.lock().unwrap(), vec![1]);
+    }
+
+    struct PanickingStore;
+
+    impl Store for PanickingStore {
+        fn load(&mut self) -> caravel_store::Result<Snapshot> {
+            Ok(Snapshot::default())
+        }
+        fn apply(&mut self, _: &[Mutation]) -> caravel_store::Result<()> {
+            panic!("a store bug");
+        }
+        fn runs_of_job(&mut self, _: caravel_core::JobId) -> caravel_store::Result<Vec<RunRecord>> {
+            Ok(vec![])
+        }
+        fn ended_runs_preempted_for(
+            &mut self,
+            _: caravel_core::JobId,
+        ) -> caravel_store::Result<Vec<RunRecord>> {
+            Ok(vec![])
+        }
+        fn run(&mut self, _: caravel_core::RunId) -> caravel_store::Result<Option<RunRecord>> {
+            Ok(None)
+        }
+        fn usage(&mut self, _: &UsageFilter) -> caravel_store::Result<Vec<UsageRecord>> {
+            Ok(vec![])
+        }
+        fn has_usage(&mut self, _: caravel_core::RunId) -> caravel_store::Result<bool> {
+            Ok(false)
+        }
+    }
+
+    #[test]
+    fn a_writer_that_panics_fails_its_waiters_instead_of_leaving_them_waiting() {
+        let c = Committer::start(Box::new(PanickingStore));
+        let d = c.durability();
+        let seq = c.submit(put(1)).unwrap();
+        let r = rt()
+            .block_on(async { tokio::time::timeout(Duration::from_secs(10), d.settle(seq)).await });
+        let e = r.expect("still waiting after the writer died").unwrap_err();
+        assert_eq!(e.code, caravel_core::ErrorCode::Unavailable);
+        assert!(c.submit(put(2)).is_err());
     }
 
     #[test]
