@@ -1098,15 +1098,20 @@ impl Core {
                 .filter(|j| !self.attained.contains_key(j))
                 .copied()
                 .collect();
-            for id in missing {
-                let used = self.store.read(move |st| {
-                    st.usage(&caravel_store::UsageFilter {
+            // One trip to the writer thread for all of them (after a restart, every
+            // pending job is missing at once).
+            let found = self.store.read(move |st| {
+                let mut out = Vec::with_capacity(missing.len());
+                for id in missing {
+                    let used = st.usage(&caravel_store::UsageFilter {
                         tenant: None,
                         job: Some(id),
-                    })
-                })?;
-                self.attained.insert(id, used.iter().map(attained_by).sum());
-            }
+                    })?;
+                    out.push((id, used.iter().map(attained_by).sum::<u64>()));
+                }
+                Ok(out)
+            })?;
+            self.attained.extend(found);
         }
         let attained = |c: &Core, id: &JobId| c.attained.get(id).copied().unwrap_or(0);
         let mut reqs = Vec::with_capacity(self.pending.len());

@@ -900,7 +900,9 @@ fn least_attained_service_preempts_a_long_job_for_a_new_one_and_remembers_servic
     }
     assert_eq!(c.attained[&ja], 100_490);
 
-    // After a restart the service A received is read back from its usage records.
+    // After a restart the service A received is read back from its usage records. (Dropping
+    // the core waits for its queued commits, as the API waits before it answers.)
+    drop(f.core);
     let mut c2 = open(f.dir.path(), 600_000);
     c2.sched_cfg.las = Some(las);
     c2.schedule(600_001).unwrap();
