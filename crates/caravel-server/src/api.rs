@@ -491,18 +491,56 @@ pub async fn list_jobs(
     Ok(Json(out))
 }
 
-/// A job's runs as read from the store, plus runs placed since the read (memory only
-/// holds runs that have not ended, and the read took place without the core lock).
-fn with_new_runs(core: &Core, job: JobId, mut runs: Vec<RunRecord>) -> Vec<RunRecord> {
-    let known: std::collections::HashSet<RunId> = runs.iter().map(|r| r.id).collect();
-    runs.extend(
+/// A job's runs (ended ones live only in the store), consistent with memory, and the core
+/// lock they are consistent under. The store is read without the lock, since the read
+/// waits for queued commits. A run that ended after the read is then missing from memory
+/// while the store's copy still has it running: read again. After a few tries (a job
+/// whose runs keep ending), read under the lock.
+async fn job_runs(
+    s: &Shared,
+    p: Principal,
+    id: JobId,
+) -> Res<(std::sync::MutexGuard<'_, Core>, Vec<RunRecord>)> {
+    for _ in 0..3 {
+        let reader = {
+            let core = s.core.lock().expect("core lock");
+            visible(&core, p, id)?;
+            core.reader()
+        };
+        let runs = reader.read(move |st| st.runs_of_job(id)).await?;
+        let core = s.core.lock().expect("core lock");
+        visible(&core, p, id)?;
+        if runs
+            .iter()
+            .all(|r| r.state.is_terminal() || core.runs.contains_key(&r.id))
+        {
+            let runs = merge_runs(&core, id, runs);
+            return Ok((core, runs));
+        }
+    }
+    let core = s.core.lock().expect("core lock");
+    visible(&core, p, id)?;
+    let runs = core.read(move |st| st.runs_of_job(id))?;
+    let runs = merge_runs(&core, id, runs);
+    Ok((core, runs))
+}
+
+/// The store's runs of `job` with memory's fresher copy of those still active, plus any
+/// placed since the read, by id.
+fn merge_runs(core: &Core, job: JobId, runs: Vec<RunRecord>) -> Vec<RunRecord> {
+    let mut out: Vec<RunRecord> = runs
+        .into_iter()
+        .map(|r| core.runs.get(&r.id).cloned().unwrap_or(r))
+        .collect();
+    let known: std::collections::HashSet<RunId> = out.iter().map(|r| r.id).collect();
+    out.extend(
         core.runs
             .values()
             .filter(|r| r.job == job && !known.contains(&r.id))
             .cloned(),
     );
-    runs.sort_by_key(|r| r.id);
-    runs
+    out.sort_by_key(|r| r.id);
+    out
 }
 
 pub async fn get_job(
@@ -512,35 +550,23 @@ pub async fn get_job(
 ) -> Res<Json<JobDetail>> {
     let p = user_only(authenticate(&s, &headers)?)?;
     let id = parse_job_id(&id)?;
-    // The store is read without the core lock (it waits for queued commits); the job is
-    // looked up again after.
-    let reader = {
-        let core = s.core.lock().expect("core lock");
-        visible(&core, p, id)?;
-        core.reader()
-    };
-    let runs = reader.read(move |st| st.runs_of_job(id)).await?;
-    let core = s.core.lock().expect("core lock");
+    let (core, runs) = job_runs(&s, p, id).await?;
     let j = visible(&core, p, id)?;
-    let runs: Vec<RunView> = with_new_runs(&core, id, runs)
+    let runs: Vec<RunView> = runs
         .into_iter()
-        .map(|r| {
-            // Active runs are fresher in memory than in the store.
-            let r = core.runs.get(&r.id).cloned().unwrap_or(r);
-            RunView {
-                id: r.id,
-                index: r.index,
-                attempt: r.attempt,
-                node: node_name(&core, r.node),
-                devices: r.devices,
-                state: r.state,
-                assigned_ms: r.assigned_ms,
-                started_ms: r.started_ms,
-                ended_ms: r.ended_ms,
-                exit_code: r.exit_code,
-                signal: r.signal,
-                message: r.message,
-            }
+        .map(|r| RunView {
+            id: r.id,
+            index: r.index,
+            attempt: r.attempt,
+            node: node_name(&core, r.node),
+            devices: r.devices,
+            state: r.state,
+            assigned_ms: r.assigned_ms,
+            started_ms: r.started_ms,
+            ended_ms: r.ended_ms,
+            exit_code: r.exit_code,
+            signal: r.signal,
+            message: r.message,
         })
         .collect();
     let task_list = j
@@ -610,17 +636,10 @@ pub async fn job_logs(
         ));
     }
     let task = q.task.unwrap_or(0);
-    let reader = {
-        let core = s.core.lock().expect("core lock");
-        visible(&core, p, id)?;
-        core.reader()
-    };
-    let runs = reader.read(move |st| st.runs_of_job(id)).await?;
     let (url, secret, run, done) = {
-        let core = s.core.lock().expect("core lock");
+        let (core, runs) = job_runs(&s, p, id).await?;
         let j = visible(&core, p, id)?;
         let ntasks = j.rec.spec.tasks;
-        let runs = with_new_runs(&core, id, runs);
         if task >= ntasks {
             return Err(ApiError::field(
                 ErrorCode::InvalidArgument,

@@ -22,6 +22,7 @@ use caravel_store::{Mutation, Store, StoreError};
 use tokio::sync::watch;
 
 use crate::error::ApiError;
+use crate::metrics::CommitStats;
 
 /// At most this many mutations go into one transaction. The cap keeps a burst from
 /// building one huge statement; what is left goes into the next commit.
@@ -103,8 +104,9 @@ pub struct Committer {
 }
 
 impl Committer {
-    /// Starts the writer thread on `store`, which is this committer's alone from now on.
-    pub fn start(store: Box<dyn Store>) -> Committer {
+    /// Starts the writer thread on `store`, which is this committer's alone from now on;
+    /// it records its commits in `stats`.
+    pub fn start(store: Box<dyn Store>, stats: CommitStats) -> Committer {
         let durability = Arc::new(Durability {
             queued: Mutex::new(0),
             progress: watch::Sender::new(Progress::default()),
@@ -113,7 +115,7 @@ impl Committer {
         let d = durability.clone();
         let thread = std::thread::Builder::new()
             .name("caravel-commit".into())
-            .spawn(move || writer(store, rx, &d))
+            .spawn(move || writer(store, rx, &d, &stats))
             .expect("starting the commit thread");
         Committer {
             tx: Some(tx),
@@ -259,7 +261,7 @@ impl Drop for FailOnPanic<'_> {
     }
 }
 
-fn writer(mut store: Box<dyn Store>, rx: mpsc::Receiver<Op>, d: &Durability) {
+fn writer(mut store: Box<dyn Store>, rx: mpsc::Receiver<Op>, d: &Durability, stats: &CommitStats) {
     let _guard = FailOnPanic(d);
     let mut next: Option<Op> = None;
     loop {
@@ -291,9 +293,14 @@ fn writer(mut store: Box<dyn Store>, rx: mpsc::Receiver<Op>, d: &Durability) {
                 if d.failed().is_some() {
                     continue;
                 }
-                match store.apply(&batch) {
+                let t0 = std::time::Instant::now();
+                let res = store.apply(&batch);
+                stats.seconds.observe(t0.elapsed().as_secs_f64());
+                stats.mutations.observe(batch.len() as f64);
+                match res {
                     Ok(()) => d.progress.send_modify(|p| p.durable = last),
                     Err(e) => {
+                        stats.failures.inc();
                         tracing::error!(error = %e, "a commit failed; state will be reloaded from the store");
                         d.fail(ApiError::from(e));
                     }
@@ -392,7 +399,8 @@ mod tests {
     #[test]
     fn changes_queued_during_a_commit_are_written_together_and_settle_in_order() {
         let probe = Arc::new(Probe::default());
-        let c = Committer::start(Box::new(FakeStore(probe.clone())));
+        let metrics = crate::metrics::Metrics::new();
+        let c = Committer::start(Box::new(FakeStore(probe.clone())), metrics.commits.clone());
         let d = c.durability();
         // The first commit is held at the gate while 20 more changes queue behind it.
         let first = c.submit(put(0)).unwrap();
@@ -409,6 +417,14 @@ mod tests {
         open(&probe);
         rt().block_on(d.settle(21)).unwrap();
         assert_eq!(*probe.commits.lock().unwrap(), vec![1, 20]);
+        let m = metrics.render();
+        for line in [
+            "caravel_store_commit_mutations_sum 21.0",
+            "caravel_store_commit_mutations_count 2",
+            "caravel_store_commit_seconds_count 2",
+        ] {
+            assert!(m.contains(line), "metrics lack {line}:\n{m}");
+        }
         // A read runs after every change queued before it.
         // So does one sent from outside the core lock, through a reader.
         c.submit(put(98)).unwrap();
@@ -429,7 +445,8 @@ mod tests {
         let probe = Arc::new(Probe::default());
         *probe.fail_at.lock().unwrap() = Some(1);
         open(&probe);
-        let c = Committer::start(Box::new(FakeStore(probe.clone())));
+        let stats = CommitStats::default();
+        let c = Committer::start(Box::new(FakeStore(probe.clone())), stats.clone());
         let d = c.durability();
         let ok = c.submit(put(1)).unwrap();
         rt().block_on(d.settle(ok)).unwrap();
@@ -448,6 +465,7 @@ mod tests {
             .is_err());
         rt().block_on(d.settle(ok)).unwrap();
         assert_eq!(*probe.commits.lock().unwrap(), vec![1]);
+        assert_eq!(stats.failures.get(), 1);
     }
 
     struct PanickingStore;
@@ -481,7 +499,7 @@ mod tests {
 
     #[test]
     fn a_writer_that_panics_fails_its_waiters_instead_of_leaving_them_waiting() {
-        let c = Committer::start(Box::new(PanickingStore));
+        let c = Committer::start(Box::new(PanickingStore), CommitStats::default());
         let d = c.durability();
         let seq = c.submit(put(1)).unwrap();
         let r = rt()
@@ -494,7 +512,7 @@ mod tests {
     #[test]
     fn closing_writes_what_is_queued_then_refuses() {
         let probe = Arc::new(Probe::default());
-        let mut c = Committer::start(Box::new(FakeStore(probe.clone())));
+        let mut c = Committer::start(Box::new(FakeStore(probe.clone())), CommitStats::default());
         let d = c.durability();
         for i in 0..5 {
             c.submit(put(i)).unwrap();

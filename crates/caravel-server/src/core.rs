@@ -120,10 +120,19 @@ impl Core {
     /// Rebuilds memory from the store. Nodes get a fresh `last_seen` so that agents that
     /// kept running while the server was down have one lost-timeout to check back in and
     /// have their runs re-adopted.
-    pub fn load(mut store: Box<dyn Store>, now: Millis) -> Result<Core, ApiError> {
+    pub fn load(store: Box<dyn Store>, now: Millis) -> Result<Core, ApiError> {
+        Core::load_with(store, now, crate::metrics::CommitStats::default())
+    }
+
+    /// `load`, with the writer thread's figures recorded in `stats` (the server's metrics).
+    pub fn load_with(
+        mut store: Box<dyn Store>,
+        now: Millis,
+        stats: crate::metrics::CommitStats,
+    ) -> Result<Core, ApiError> {
         let snap = store.load()?;
         let mut core = Core {
-            store: Committer::start(store),
+            store: Committer::start(store, stats),
             tenants: BTreeMap::new(),
             tenant_by_name: HashMap::new(),
             tenant_by_token: HashMap::new(),

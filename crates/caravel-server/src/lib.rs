@@ -424,7 +424,8 @@ pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
             .expect("opening the store panicked")?
     };
     let [(admin_token, admin_hash), (agent_token, agent_hash)] = tokens;
-    let mut core = Core::load(store, now_ms())?;
+    let metrics = metrics::Metrics::new();
+    let mut core = Core::load_with(store, now_ms(), metrics.commits.clone())?;
     core.ensure_default_tenant(now_ms())?;
     core.fair_share_half_life_ms = cfg.fair_share_half_life_ms;
     core.sched_cfg.las = cfg.las.clone();
@@ -446,7 +447,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
     let shared = Arc::new(Shared {
         durability: Mutex::new(core.durability()),
         core: Mutex::new(core),
-        metrics: metrics::Metrics::new(),
+        metrics,
         admin_hash,
         agent_hash,
         sched_wake: Notify::new(),
@@ -650,7 +651,7 @@ fn reload(s: &Shared) {
             return;
         }
     };
-    match Core::load(store, now_ms()) {
+    match Core::load_with(store, now_ms(), s.metrics.commits.clone()) {
         Ok(mut c) => {
             c.fair_share_half_life_ms = s.cfg.fair_share_half_life_ms;
             c.sched_cfg.las = s.cfg.las.clone();

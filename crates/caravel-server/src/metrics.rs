@@ -30,6 +30,30 @@ pub struct Metrics {
     pub service_retries: Family<Labels, Counter>,
     /// Replicas by service and state (wanted, ready).
     pub service_replicas: Family<Vec<(String, String)>, Gauge>,
+    /// What the store's writer thread does (see `committer`).
+    pub commits: CommitStats,
+}
+
+/// The writer thread's figures: how long each commit takes, how much it carries (group
+/// commit at work shows as several mutations per commit under load), and failures.
+#[derive(Clone)]
+pub struct CommitStats {
+    pub seconds: Histogram,
+    pub mutations: Histogram,
+    pub failures: Counter,
+}
+
+impl Default for CommitStats {
+    fn default() -> Self {
+        CommitStats {
+            seconds: latency_histogram(),
+            mutations: Histogram::new([
+                1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0,
+                10000.0,
+            ]),
+            failures: Counter::default(),
+        }
+    }
 }
 
 fn latency_histogram() -> Histogram {
@@ -63,7 +87,7 @@ impl Metrics {
         registry.register("nodes", "Nodes by state", nodes.clone());
         registry.register(
             "scheduling_cycle_seconds",
-            "Wall time of one scheduling cycle, including the commit",
+            "Wall time of one scheduling cycle; its commit is queued, not included",
             sched_latency.clone(),
         );
         registry.register(
@@ -102,7 +126,24 @@ impl Metrics {
             "Service replicas by state",
             service_replicas.clone(),
         );
+        let commits = CommitStats::default();
+        registry.register(
+            "store_commit_seconds",
+            "Wall time of one store commit (one transaction of the writer thread)",
+            commits.seconds.clone(),
+        );
+        registry.register(
+            "store_commit_mutations",
+            "Mutations per store commit: requests that queue during a commit share the next",
+            commits.mutations.clone(),
+        );
+        registry.register(
+            "store_commit_failures",
+            "Store commits that failed (the server then reloads its state from the store)",
+            commits.failures.clone(),
+        );
         Metrics {
+            commits,
             registry,
             queue_depth,
             running_tasks,
