@@ -328,6 +328,8 @@ mod tests {
         gate: Mutex<bool>,
         opened: Condvar,
         fail_at: Mutex<Option<usize>>,
+        /// Commits panic instead (a bug in a store).
+        panics: bool,
     }
 
     struct FakeStore(Arc<Probe>);
@@ -343,6 +345,7 @@ mod tests {
                 open = p.opened.wait(open).unwrap();
             }
             drop(open);
+            assert!(!p.panics, "a store bug");
             let mut c = p.commits.lock().unwrap();
             if *p.fail_at.lock().unwrap() == Some(c.len()) {
                 return Err(StoreError::Unavailable("connection reset".into()));
@@ -468,38 +471,14 @@ mod tests {
         assert_eq!(stats.failures.get(), 1);
     }
 
-    struct PanickingStore;
-
-    impl Store for PanickingStore {
-        fn load(&mut self) -> caravel_store::Result<Snapshot> {
-            Ok(Snapshot::default())
-        }
-        fn apply(&mut self, _: &[Mutation]) -> caravel_store::Result<()> {
-            panic!("a store bug");
-        }
-        fn runs_of_job(&mut self, _: caravel_core::JobId) -> caravel_store::Result<Vec<RunRecord>> {
-            Ok(vec![])
-        }
-        fn ended_runs_preempted_for(
-            &mut self,
-            _: caravel_core::JobId,
-        ) -> caravel_store::Result<Vec<RunRecord>> {
-            Ok(vec![])
-        }
-        fn run(&mut self, _: caravel_core::RunId) -> caravel_store::Result<Option<RunRecord>> {
-            Ok(None)
-        }
-        fn usage(&mut self, _: &UsageFilter) -> caravel_store::Result<Vec<UsageRecord>> {
-            Ok(vec![])
-        }
-        fn has_usage(&mut self, _: caravel_core::RunId) -> caravel_store::Result<bool> {
-            Ok(false)
-        }
-    }
-
     #[test]
     fn a_writer_that_panics_fails_its_waiters_instead_of_leaving_them_waiting() {
-        let c = Committer::start(Box::new(PanickingStore), CommitStats::default());
+        let probe = Arc::new(Probe {
+            panics: true,
+            ..Probe::default()
+        });
+        open(&probe);
+        let c = Committer::start(Box::new(FakeStore(probe)), CommitStats::default());
         let d = c.durability();
         let seq = c.submit(put(1)).unwrap();
         let r = rt()
