@@ -10,10 +10,10 @@
 
 pub mod cgroups;
 pub mod discover;
+pub mod spawn;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -705,7 +705,7 @@ impl Agent {
         a: &Assignment,
         dir: &std::path::Path,
         port: Option<u16>,
-    ) -> Result<(tokio::process::Child, cgroups::RunCgroup, i32, Millis), String> {
+    ) -> Result<(spawn::Child, cgroups::RunCgroup, i32, Millis), String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         let out = std::fs::File::create(dir.join("stdout.log"))
             .map_err(|e| format!("stdout.log: {e}"))?;
@@ -716,50 +716,43 @@ impl Agent {
             .create(a.run.0, a.cpu_milli, a.memory_bytes)
             .map_err(|e| format!("creating cgroup: {e}"))?;
         let procs = cg.procs_paths();
-        let mut cmd = std::process::Command::new(&a.command);
-        cmd.args(&a.args)
-            .envs(&a.env)
-            .env("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
-            .envs(port.map(|p| ("PORT", p.to_string())))
-            .current_dir(dir)
-            .stdin(std::process::Stdio::null())
-            .stdout(out)
-            .stderr(err);
-        // SAFETY: the closure only makes async-signal-safe syscalls (setpgid, prctl, open,
-        // write, close) on data prepared before fork.
-        unsafe {
-            cmd.pre_exec(move || {
-                libc::setpgid(0, 0);
-                // Die with the agent: a stale copy must not outlive the process that
-                // would report it.
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                for p in &procs {
-                    let fd = libc::open(p.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                    if fd >= 0 {
-                        libc::write(fd, b"0".as_ptr() as *const libc::c_void, 1);
-                        libc::close(fd);
-                    }
-                }
-                Ok(())
-            });
+        let stdin = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
+        let mut env: BTreeMap<std::ffi::OsString, std::ffi::OsString> =
+            std::env::vars_os().collect();
+        env.extend(a.env.iter().map(|(k, v)| (k.into(), v.into())));
+        env.insert("CUDA_DEVICE_ORDER".into(), "PCI_BUS_ID".into());
+        if let Some(p) = port {
+            env.insert("PORT".into(), p.to_string().into());
         }
-        let mut cmd = tokio::process::Command::from(cmd);
-        cmd.kill_on_drop(false);
-        // Taken before the fork, so the metered interval always covers the whole process
+        // Taken before the clone, so the metered interval always covers the whole process
         // lifetime (the exit is observed after the process is gone).
         let t0 = now_ms();
-        let child = cmd.spawn().map_err(|e| {
+        let child = spawn::spawn(spawn::Spec {
+            program: &a.command,
+            args: &a.args,
+            env,
+            cwd: dir,
+            stdin: stdin.into(),
+            stdout: out.into(),
+            stderr: err.into(),
+            cgroup_procs: &procs,
+            new_process_group: true,
+            // Die with the agent: a stale copy must not outlive the process that would
+            // report it.
+            parent_death_signal: Some(libc::SIGKILL),
+        })
+        .map_err(|e| {
             cg.remove();
             format!("cannot start `{}`: {e}", a.command)
         })?;
-        let pid = child.id().unwrap_or(0) as i32;
+        let pid = child.id();
         Ok((child, cg, pid, t0))
     }
 }
 
 /// SIGTERM to the process group, then SIGKILL after the grace period.
 async fn terminate(
-    child: &mut tokio::process::Child,
+    child: &mut spawn::Child,
     pgid: i32,
     grace: Duration,
 ) -> std::io::Result<std::process::ExitStatus> {

@@ -1,0 +1,565 @@
+//! Starting a task's process without copying the agent.
+//!
+//! `std::process::Command` with a `pre_exec` hook (which the agent needs: the child joins
+//! its cgroups and asks to die with the agent *before* it runs any of the task's code)
+//! falls back to `fork`. Fork copies the page tables of the whole agent — tens of MB with
+//! tokio's threads and the HTTP client — and the copy is thrown away by the `execve` that
+//! follows; under a burst of short jobs that copy, its teardown and the TLB shootdowns of
+//! the copy-on-write faults were the largest item of the agent's CPU time.
+//!
+//! This does what glibc's `posix_spawn` does, plus the two steps it cannot express: the
+//! child is created with `clone(CLONE_VM | CLONE_VFORK)` on a stack of its own, shares the
+//! agent's memory while the agent's calling thread is suspended, makes only
+//! async-signal-safe system calls on data prepared before the clone, and either execs
+//! (which resumes the agent) or stores `errno` where the agent reads it and exits.
+//! Completion is awaited on a pidfd, so no thread sits in `waitpid`.
+
+use std::collections::BTreeMap;
+use std::ffi::{CString, OsString};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::ExitStatus;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use tokio::io::unix::AsyncFd;
+
+/// What to start. The environment is complete (nothing is inherited implicitly).
+pub struct Spec<'a> {
+    pub program: &'a str,
+    pub args: &'a [String],
+    pub env: BTreeMap<OsString, OsString>,
+    pub cwd: &'a Path,
+    pub stdin: OwnedFd,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+    /// `cgroup.procs` files the child writes itself into before it execs.
+    pub cgroup_procs: &'a [CString],
+    /// Lead a new process group (so the whole tree can be signalled).
+    pub new_process_group: bool,
+    /// Signal the child gets when the agent thread that started it exits.
+    pub parent_death_signal: Option<libc::c_int>,
+}
+
+/// The steps the child can fail at, for the error message.
+const STEPS: [&str; 6] = [
+    "exec",
+    "setpgid",
+    "prctl(PR_SET_PDEATHSIG)",
+    "redirecting stdio",
+    "changing to the working directory",
+    "the agent exited",
+];
+
+/// Everything the child touches: prepared before the clone, read-only to it except `err`.
+struct Prepared {
+    candidates: Vec<CString>,
+    argv: Vec<*const libc::c_char>,
+    envp: Vec<*const libc::c_char>,
+    cwd: CString,
+    fds: [RawFd; 3],
+    procs: Vec<*const libc::c_char>,
+    new_process_group: bool,
+    death_signal: libc::c_int,
+    parent: libc::pid_t,
+    err: AtomicI32,
+    step: AtomicI32,
+}
+
+fn cstring(what: &str, s: &[u8]) -> io::Result<CString> {
+    CString::new(s).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{what} contains a NUL byte"),
+        )
+    })
+}
+
+/// Where `execvp` would look for `program`, in order: the program itself when it names a
+/// path, otherwise each `PATH` entry of the child's environment (relative entries are
+/// resolved in the working directory, as `execvp` after `chdir` does).
+fn candidates(program: &str, env: &BTreeMap<OsString, OsString>) -> io::Result<Vec<CString>> {
+    if program.is_empty() {
+        return Err(io::Error::from_raw_os_error(libc::ENOENT));
+    }
+    if program.contains('/') {
+        return Ok(vec![cstring("the command", program.as_bytes())?]);
+    }
+    let path = env
+        .get(&OsString::from("PATH"))
+        .map(|p| p.as_bytes().to_vec())
+        .unwrap_or_else(|| b"/usr/local/bin:/usr/bin:/bin".to_vec());
+    path.split(|&b| b == b':')
+        .map(|dir| {
+            let mut full = if dir.is_empty() {
+                b".".to_vec()
+            } else {
+                dir.to_vec()
+            };
+            full.push(b'/');
+            full.extend_from_slice(program.as_bytes());
+            cstring("a PATH entry", &full)
+        })
+        .collect()
+}
+
+/// Runs in the child, on its own stack, sharing the agent's memory. Only async-signal-safe
+/// calls; no allocation, no locks, no unwinding.
+extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` points at the `Prepared` the parent keeps alive (and does not touch)
+    // until this child has exec'd or exited; every pointer in it is NUL-terminated.
+    unsafe {
+        let p = &*(arg as *const Prepared);
+        let fail = |step: i32| -> libc::c_int {
+            p.err.store(*libc::__errno_location(), Ordering::Relaxed);
+            p.step.store(step, Ordering::Relaxed);
+            libc::_exit(127)
+        };
+        // Handlers are the agent's code; a signal that arrived now would run them on this
+        // stack against shared memory. Reset them (keeping ignores, as exec does), and
+        // SIGPIPE to its default, which Rust's runtime ignores for itself.
+        let mut dfl: libc::sigaction = std::mem::zeroed();
+        dfl.sa_sigaction = libc::SIG_DFL;
+        for sig in 1..65 {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(sig, std::ptr::null(), &mut old) == 0
+                && old.sa_sigaction != libc::SIG_IGN
+                && old.sa_sigaction != libc::SIG_DFL
+            {
+                libc::sigaction(sig, &dfl, std::ptr::null_mut());
+            }
+        }
+        libc::sigaction(libc::SIGPIPE, &dfl, std::ptr::null_mut());
+        if p.new_process_group && libc::setpgid(0, 0) != 0 {
+            return fail(1);
+        }
+        if p.death_signal != 0 {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, p.death_signal) != 0 {
+                return fail(2);
+            }
+            // The agent may have gone before the request above took effect.
+            if libc::getppid() != p.parent {
+                *libc::__errno_location() = libc::ESRCH;
+                return fail(5);
+            }
+        }
+        for &procs in &p.procs {
+            // A cgroup that cannot be joined leaves the task unlimited rather than unstarted,
+            // as before; the agent logged the cgroup's creation already.
+            let fd = libc::open(procs, libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd >= 0 {
+                libc::write(fd, b"0".as_ptr() as *const libc::c_void, 1);
+                libc::close(fd);
+            }
+        }
+        for (target, &fd) in p.fds.iter().enumerate() {
+            let target = target as RawFd;
+            let ok = if fd == target {
+                libc::fcntl(fd, libc::F_SETFD, 0) == 0
+            } else {
+                libc::dup2(fd, target) == target
+            };
+            if !ok {
+                return fail(3);
+            }
+        }
+        if libc::chdir(p.cwd.as_ptr()) != 0 {
+            return fail(4);
+        }
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+        // execvp's search: a directory that lacks it or cannot be searched is skipped,
+        // EACCES is reported if nothing else worked, any other error stops the search.
+        let mut eacces = false;
+        for c in &p.candidates {
+            libc::execve(c.as_ptr(), p.argv.as_ptr(), p.envp.as_ptr());
+            match *libc::__errno_location() {
+                libc::EACCES => eacces = true,
+                libc::ENOENT | libc::ENOTDIR | libc::ESTALE | libc::ENODEV | libc::ETIMEDOUT => {}
+                _ => return fail(0),
+            }
+        }
+        if eacces {
+            *libc::__errno_location() = libc::EACCES;
+        }
+        fail(0)
+    }
+}
+
+/// Size of the child's stack: it runs a handful of system calls in one frame.
+const STACK_BYTES: usize = 64 * 1024;
+
+pub fn spawn(spec: Spec<'_>) -> io::Result<Child> {
+    let candidates = candidates(spec.program, &spec.env)?;
+    let mut arg_store = Vec::with_capacity(spec.args.len() + 1);
+    arg_store.push(cstring("the command", spec.program.as_bytes())?);
+    for a in spec.args {
+        arg_store.push(cstring("an argument", a.as_bytes())?);
+    }
+    let mut env_store = Vec::with_capacity(spec.env.len());
+    for (k, v) in &spec.env {
+        let mut kv = k.as_bytes().to_vec();
+        kv.push(b'=');
+        kv.extend_from_slice(v.as_bytes());
+        env_store.push(cstring("an environment variable", &kv)?);
+    }
+    let ptrs = |v: &[CString]| {
+        v.iter()
+            .map(|s| s.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect::<Vec<_>>()
+    };
+    let prepared = Prepared {
+        candidates,
+        argv: ptrs(&arg_store),
+        envp: ptrs(&env_store),
+        cwd: cstring("the working directory", spec.cwd.as_os_str().as_bytes())?,
+        fds: [
+            spec.stdin.as_raw_fd(),
+            spec.stdout.as_raw_fd(),
+            spec.stderr.as_raw_fd(),
+        ],
+        procs: spec.cgroup_procs.iter().map(|c| c.as_ptr()).collect(),
+        new_process_group: spec.new_process_group,
+        death_signal: spec.parent_death_signal.unwrap_or(0),
+        // SAFETY: no preconditions.
+        parent: unsafe { libc::getpid() },
+        err: AtomicI32::new(0),
+        step: AtomicI32::new(0),
+    };
+    let mut stack: Vec<u128> = Vec::with_capacity(STACK_BYTES / 16);
+    // SAFETY: the child runs `child_main` on `stack` (16-byte aligned, growing down from its
+    // end) with `prepared`, both alive until `clone` returns, which with CLONE_VFORK is
+    // after the child has exec'd or exited. All signals are blocked across the clone so
+    // none is delivered to the child before it has reset the agent's handlers.
+    let (pid, clone_err) = unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        let top = stack.as_mut_ptr().add(stack.capacity()) as *mut libc::c_void;
+        let pid = libc::clone(
+            child_main,
+            top,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            &prepared as *const Prepared as *mut libc::c_void,
+        );
+        let clone_err = io::Error::last_os_error();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        (pid, clone_err)
+    };
+    drop(stack);
+    if pid < 0 {
+        return Err(clone_err);
+    }
+    let err = prepared.err.load(Ordering::Relaxed);
+    if err != 0 {
+        reap(pid)?;
+        let step = STEPS[prepared.step.load(Ordering::Relaxed) as usize];
+        let e = io::Error::from_raw_os_error(err);
+        return Err(if step == "exec" {
+            e
+        } else {
+            io::Error::new(e.kind(), format!("{step}: {e}"))
+        });
+    }
+    drop(arg_store);
+    drop(env_store);
+    Ok(Child::new(pid))
+}
+
+/// Waits for a child that is known to have exited or to be about to.
+fn reap(pid: libc::pid_t) -> io::Result<ExitStatus> {
+    loop {
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r == pid {
+            return Ok(ExitStatus::from_raw(status));
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+}
+
+enum Waiter {
+    /// Readable once the process has exited (Linux ≥ 5.3).
+    Pidfd(AsyncFd<OwnedFd>),
+    /// Older kernels: a blocking thread in `waitpid`.
+    Thread(tokio::task::JoinHandle<io::Result<ExitStatus>>),
+}
+
+/// A started task process; reaped by `wait`.
+pub struct Child {
+    pid: libc::pid_t,
+    status: Option<ExitStatus>,
+    waiter: Option<Waiter>,
+}
+
+impl Child {
+    fn new(pid: libc::pid_t) -> Child {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as RawFd;
+        let waiter = if fd >= 0 {
+            // SAFETY: `fd` was just returned to us and is owned by nothing else.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            // SAFETY: an OwnedFd keeps its descriptor open and unchanged until dropped.
+            unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+                .ok()
+                .map(Waiter::Pidfd)
+        } else {
+            None
+        };
+        let waiter = waiter
+            .unwrap_or_else(|| Waiter::Thread(tokio::task::spawn_blocking(move || reap(pid))));
+        Child {
+            pid,
+            status: None,
+            waiter: Some(waiter),
+        }
+    }
+
+    pub fn id(&self) -> libc::pid_t {
+        self.pid
+    }
+
+    /// Waits for the process to exit and reaps it. Cancel-safe: dropping the future and
+    /// calling again picks up where it left.
+    pub async fn wait(&mut self) -> io::Result<ExitStatus> {
+        if let Some(s) = self.status {
+            return Ok(s);
+        }
+        let status = match self.waiter.as_mut().expect("a waiter until reaped") {
+            Waiter::Pidfd(fd) => loop {
+                let mut ready = fd.readable().await?;
+                let mut status = 0;
+                // SAFETY: non-blocking wait for our own child.
+                let r = unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG) };
+                if r == self.pid {
+                    break ExitStatus::from_raw(status);
+                }
+                if r < 0 {
+                    let e = io::Error::last_os_error();
+                    if e.raw_os_error() != Some(libc::EINTR) {
+                        return Err(e);
+                    }
+                } else {
+                    ready.clear_ready();
+                }
+            },
+            Waiter::Thread(h) => h.await.map_err(io::Error::other)??,
+        };
+        self.status = Some(status);
+        self.waiter = None;
+        Ok(status)
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        if self.status.is_none() {
+            if let Some(Waiter::Pidfd(_)) = self.waiter {
+                // Reap it if it is already gone, so a dropped child is not left a zombie.
+                let mut status = 0;
+                // SAFETY: non-blocking wait for our own child.
+                unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG) };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs::File;
+
+    fn base_env() -> BTreeMap<OsString, OsString> {
+        std::env::vars_os().collect()
+    }
+
+    struct Run {
+        dir: tempfile::TempDir,
+    }
+
+    impl Run {
+        fn new() -> Run {
+            Run {
+                dir: tempfile::tempdir().unwrap(),
+            }
+        }
+        fn spawn(
+            &self,
+            program: &str,
+            args: &[&str],
+            env: BTreeMap<OsString, OsString>,
+        ) -> io::Result<Child> {
+            let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+            spawn(Spec {
+                program,
+                args: &args,
+                env,
+                cwd: self.dir.path(),
+                stdin: File::open("/dev/null").unwrap().into(),
+                stdout: File::create(self.dir.path().join("out")).unwrap().into(),
+                stderr: File::create(self.dir.path().join("err")).unwrap().into(),
+                cgroup_procs: &[],
+                new_process_group: true,
+                parent_death_signal: Some(libc::SIGKILL),
+            })
+        }
+        fn out(&self) -> String {
+            std::fs::read_to_string(self.dir.path().join("out")).unwrap()
+        }
+        fn err(&self) -> String {
+            std::fs::read_to_string(self.dir.path().join("err")).unwrap()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_child_gets_its_arguments_environment_directory_and_files() {
+        let r = Run::new();
+        let mut env = base_env();
+        env.insert("CARAVEL_X".into(), "a b".into());
+        let mut c = r
+            .spawn(
+                "sh",
+                &[
+                    "-c",
+                    "echo \"$1|$CARAVEL_X|$(pwd)|$(cat)\"; echo oops >&2; exit 3",
+                    "sh",
+                    "first arg",
+                ],
+                env,
+            )
+            .unwrap();
+        let s = c.wait().await.unwrap();
+        assert_eq!(s.code(), Some(3));
+        let want = format!(
+            "first arg|a b|{}|\n",
+            r.dir.path().canonicalize().unwrap().display()
+        );
+        assert_eq!(r.out(), want);
+        assert_eq!(r.err(), "oops\n");
+        // A second wait answers the same without waiting again.
+        assert_eq!(c.wait().await.unwrap().code(), Some(3));
+    }
+
+    #[tokio::test]
+    async fn a_child_leads_its_own_process_group_with_default_signals_and_no_agent_fds() {
+        let r = Run::new();
+        // An open descriptor of the agent (close-on-exec, as std opens everything).
+        let held = File::open("/dev/null").unwrap();
+        let fd = held.as_raw_fd();
+        // `yes` dies of SIGPIPE when SIGPIPE is at its default; with it ignored (Rust's
+        // setting for itself) it would print "Broken pipe" and exit 1.
+        let script = format!(
+            "cut -d' ' -f5 /proc/$$/stat; echo $$; yes | head -c 1 >/dev/null; \
+             echo \"${{PIPESTATUS[0]}}\"; [ -e /proc/$$/fd/{fd} ] && echo leaked || echo closed; \
+             grep SigBlk /proc/$$/status"
+        );
+        let mut c = r.spawn("bash", &["-c", &script], base_env()).unwrap();
+        let pid = c.id();
+        assert!(c.wait().await.unwrap().success());
+        let out = r.out();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], lines[1], "pgid = pid: {out}");
+        assert_eq!(lines[1], pid.to_string());
+        assert_eq!(lines[2], "141", "yes killed by SIGPIPE: {out}");
+        assert_eq!(lines[3], "closed", "{out}");
+        assert_eq!(lines[4], "SigBlk:\t0000000000000000", "{out}");
+        assert_eq!(r.err(), "", "yes must die of SIGPIPE quietly");
+        drop(held);
+    }
+
+    #[tokio::test]
+    async fn a_program_is_found_on_the_childs_path_and_a_missing_one_is_an_error() {
+        let r = Run::new();
+        let bin = r.dir.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        let tool = bin.join("caravel-test-tool");
+        std::fs::write(&tool, "#!/bin/sh\necho found\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut env = base_env();
+        let path = format!("/nonexistent:{}:/usr/bin:/bin", bin.display());
+        env.insert("PATH".into(), path.into());
+        let mut c = r.spawn("caravel-test-tool", &[], env.clone()).unwrap();
+        assert!(c.wait().await.unwrap().success());
+        assert_eq!(r.out(), "found\n");
+
+        let e = r
+            .spawn("no-such-caravel-tool", &[], env.clone())
+            .err()
+            .unwrap();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{e}");
+        let e = r.spawn("/no/such/binary", &[], env.clone()).err().unwrap();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{e}");
+        std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = r.spawn("caravel-test-tool", &[], env).err().unwrap();
+        assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
+        let e = r.spawn("sh", &["bad\0arg"], base_env()).err().unwrap();
+        assert!(e.to_string().contains("NUL"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_bad_working_directory_names_the_step() {
+        let args: Vec<String> = vec![];
+        let e = spawn(Spec {
+            program: "true",
+            args: &args,
+            env: base_env(),
+            cwd: Path::new("/no/such/dir"),
+            stdin: File::open("/dev/null").unwrap().into(),
+            stdout: File::open("/dev/null").unwrap().into(),
+            stderr: File::open("/dev/null").unwrap().into(),
+            cgroup_procs: &[],
+            new_process_group: false,
+            parent_death_signal: None,
+        })
+        .err()
+        .unwrap();
+        assert!(
+            e.to_string()
+                .starts_with("changing to the working directory: No such file"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_wait_dropped_midway_can_be_taken_up_again_and_a_signal_is_reported() {
+        let r = Run::new();
+        let mut c = r.spawn("sleep", &["30"], base_env()).unwrap();
+        let early = tokio::time::timeout(std::time::Duration::from_millis(100), c.wait()).await;
+        assert!(early.is_err(), "still running");
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(c.id(), libc::SIGTERM) };
+        let s = c.wait().await.unwrap();
+        assert_eq!(s.signal(), Some(libc::SIGTERM));
+    }
+
+    #[test]
+    fn a_child_dies_with_the_thread_that_started_it() {
+        let starter = std::thread::spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let r = Run::new();
+                let c = r.spawn("sleep", &["30"], base_env()).unwrap();
+                let pid = c.id();
+                // Not reaped here: the child must outlive this handle and die with the thread.
+                std::mem::forget(c);
+                pid
+            })
+        });
+        let pid = starter.join().unwrap();
+        let status = reap(pid).unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+    }
+}
