@@ -51,6 +51,10 @@ pub struct AgentConfig {
     /// when not given.
     pub advertise: Option<String>,
     pub use_cgroups: bool,
+    /// The folder of this agent's cgroups (`<root>/caravel/<this>`), where a restarted
+    /// agent finds and kills what its previous life left. `None`: the node name. Two
+    /// agents on one machine must not share it, or each kills the other's tasks at start.
+    pub cgroup_name: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -164,7 +168,7 @@ pub async fn start(cfg: AgentConfig) -> Result<Arc<Agent>, AgentError> {
     };
     std::fs::create_dir_all(cfg.work_dir.join("runs")).map_err(wd)?;
     let cg = if cfg.use_cgroups {
-        cgroups::Cgroups::detect(&cfg.name)
+        cgroups::Cgroups::detect(cfg.cgroup_name.as_deref().unwrap_or(&cfg.name))
     } else {
         cgroups::Cgroups::None {
             why: "disabled with --no-cgroups".into(),

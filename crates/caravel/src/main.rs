@@ -973,6 +973,7 @@ fn agent_config(a: AgentArgs) -> Result<caravel_agent::AgentConfig> {
         listen: a.listen,
         advertise: a.advertise,
         use_cgroups: !a.no_cgroups,
+        cgroup_name: None,
     })
 }
 

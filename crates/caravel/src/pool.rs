@@ -73,6 +73,9 @@ pub async fn up(a: UpArgs) -> Result<i32> {
         listen: "127.0.0.1:0".parse().expect("addr"),
         advertise: Some("127.0.0.1".into()),
         use_cgroups: true,
+        // Every pool's agent is called `local`; its cgroups are named after the data
+        // directory, so two pools on one machine do not kill each other's tasks.
+        cgroup_name: Some(local_cgroup_name(&data_dir)),
     };
     let agent = caravel_agent::start(agent).await?;
     tokio::spawn(agent.clone().main_loop());
@@ -308,8 +311,30 @@ async fn wait_free(dir: &Path, pid: u32, limit: Duration) -> Result<bool> {
     Ok(true)
 }
 
+/// `local-` and a hash of the data directory's absolute path.
+fn local_cgroup_name(data_dir: &std::path::Path) -> String {
+    let abs = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    // FNV-1a: stable across builds and runs (std's hasher is seeded per process).
+    let h = abs
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0xcbf29ce484222325u64, |h, b| {
+            (h ^ *b as u64).wrapping_mul(0x100000001b3)
+        });
+    format!("local-{:016x}", h)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn each_data_directory_gets_its_own_cgroup_folder() {
+        let a = super::local_cgroup_name(std::path::Path::new("/srv/a"));
+        assert_eq!(a, super::local_cgroup_name(std::path::Path::new("/srv/a")));
+        assert_ne!(a, super::local_cgroup_name(std::path::Path::new("/srv/b")));
+        assert!(a.starts_with("local-"), "{a}");
+    }
+
     use super::*;
 
     #[test]
