@@ -44,7 +44,7 @@ impl Capacity {
 
 /// A request for accelerators: `count` whole devices, or a fraction (`milli`, 250 = a
 /// quarter) of one device, of `model` or any of `any_of`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GpuRequest {
     pub model: String,
@@ -140,7 +140,7 @@ pub fn parse_gpu_request(s: &str) -> Result<GpuRequest, String> {
 }
 
 /// What one task of a job asks for.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TaskResources {
     #[serde(default = "default_cpu")]

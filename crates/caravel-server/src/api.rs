@@ -167,7 +167,7 @@ pub fn summary(core: &Core, j: &JobEntry) -> JobSummary {
         started_ms: j.rec.started_ms,
         finished_ms: j.rec.finished_ms,
         message: j.rec.message.clone(),
-        pending_reasons: j.reasons.clone(),
+        pending_reasons: core.reasons_of(j).to_vec(),
     }
 }
 

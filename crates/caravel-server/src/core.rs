@@ -36,7 +36,9 @@ pub struct NodeEntry {
 pub struct JobEntry {
     pub rec: JobRecord,
     pub tasks: Vec<TaskRecord>,
-    pub reasons: Vec<PendingReason>,
+    /// Why it waits, as of the last pass that offered it (shared by the jobs a full pass
+    /// leaves out behind others of their class, see `full_offer`).
+    pub reasons: std::sync::Arc<[PendingReason]>,
     pub active_runs: BTreeSet<RunId>,
 }
 
@@ -48,7 +50,14 @@ type Victim = (RunId, NodeId, TaskResources, Vec<u32>);
 pub struct CycleStats {
     pub considered_jobs: usize,
     pub placed: usize,
+    /// The whole queue was offered, not only the work that arrived since the last cycle.
+    pub full: bool,
 }
+
+/// However quiet the pool, the whole queue is offered at least this often, for what
+/// changes with time alone: fair-share decay, least-attained-service boundaries, the
+/// starvation guard's clock.
+pub const FULL_PASS_EVERY_MS: Millis = 5_000;
 
 pub struct Core {
     store: Committer,
@@ -93,6 +102,42 @@ pub struct Core {
     service_jobs: HashMap<(TenantId, String), BTreeSet<JobId>>,
     /// Jobs by their submitter's idempotency key.
     by_key: HashMap<(TenantId, String), JobId>,
+    /// Jobs with work newly waiting since the last cycle. While nothing frees room or
+    /// changes who may preempt whom (`full_needed`), a cycle offers only these: what
+    /// already waited did not fit the same room at the last cycle and cannot now
+    /// (Kubernetes parks unschedulable pods the same way until a cluster event).
+    fresh: BTreeSet<JobId>,
+    /// Room was freed, a node or tenant changed, or a task started (a new possible
+    /// victim) since the last full pass.
+    full_needed: bool,
+    last_full_ms: Option<Millis>,
+    /// The last pass held reservations or drained nodes for a starving job: those are
+    /// re-planned against the whole queue every cycle.
+    holding: bool,
+    /// The expected workload of the last full pass, reused by the passes between.
+    workload: Option<std::sync::Arc<Vec<caravel_sched::fgd::WorkloadType>>>,
+    /// Least time between two full passes (see `set_full_pass_gap`).
+    full_pass_gap_ms: Millis,
+    /// Waiting single jobs that never started, by class (see `full_offer`).
+    classes: HashMap<ClassKey, ClassQueue>,
+    job_class: HashMap<JobId, ClassKey>,
+    /// Waiting jobs in no class: every full pass offers them all.
+    unclassed: BTreeSet<JobId>,
+    /// Every pass offers the whole queue (tests compare the shortcuts against this).
+    exhaustive: bool,
+}
+
+/// Single jobs alike in everything the scheduler orders and places a never-started job
+/// by: tenant, priority, task shape, max runtime.
+type ClassKey = (TenantId, Priority, TaskResources, Option<u64>);
+
+#[derive(Default)]
+struct ClassQueue {
+    /// Jobs (oldest first: ids rise with submission, as queue order does) and their tasks.
+    jobs: BTreeMap<JobId, u64>,
+    tasks: u64,
+    /// The last job the latest full pass offered; those after it show its reasons.
+    rep: Option<JobId>,
 }
 
 /// One replica of a service as the gateway and the controller see it.
@@ -159,6 +204,16 @@ impl Core {
             services: BTreeMap::new(),
             service_jobs: HashMap::new(),
             by_key: HashMap::new(),
+            fresh: BTreeSet::new(),
+            full_needed: true,
+            last_full_ms: None,
+            holding: false,
+            workload: None,
+            full_pass_gap_ms: 0,
+            classes: HashMap::new(),
+            job_class: HashMap::new(),
+            unclassed: BTreeSet::new(),
+            exhaustive: false,
         };
         for s in snap.services {
             core.services.insert((s.tenant, s.spec.name.clone()), s);
@@ -201,7 +256,7 @@ impl Core {
                 JobEntry {
                     rec: j,
                     tasks: Vec::new(),
-                    reasons: Vec::new(),
+                    reasons: Default::default(),
                     active_runs: BTreeSet::new(),
                 },
             );
@@ -306,6 +361,14 @@ impl Core {
     /// before the batch is durable: whoever answers a client waits for `durability()`
     /// first. If the commit fails, memory is rebuilt from the store.
     fn commit(&mut self, batch: &[Mutation]) -> Result<(), ApiError> {
+        // A node or a tenant changed (capacity, readiness, drain, quota, guarantee): what
+        // waits may fit or be entitled now.
+        if batch
+            .iter()
+            .any(|m| matches!(m, Mutation::PutNode(_) | Mutation::PutTenant { .. }))
+        {
+            self.full_needed = true;
+        }
         if let Some(g) = &mut self.group {
             g.extend_from_slice(batch);
             return Ok(());
@@ -635,11 +698,13 @@ impl Core {
             JobEntry {
                 rec,
                 tasks,
-                reasons: Vec::new(),
+                reasons: Default::default(),
                 active_runs: BTreeSet::new(),
             },
         );
         self.pending.insert(id);
+        self.fresh.insert(id);
+        self.index_pending(id);
         Ok(id)
     }
 
@@ -853,6 +918,7 @@ impl Core {
         }
         self.commit(&batch)?;
         self.pending.remove(&id);
+        self.index_pending(id);
         for n in touched_nodes {
             self.bump(n);
         }
@@ -976,13 +1042,16 @@ impl Core {
             && !j.rec.cancel_requested
             && j.tasks.iter().any(|t| t.state == TaskState::Pending);
         if waiting {
-            self.pending.insert(id);
+            if self.pending.insert(id) {
+                self.fresh.insert(id);
+            }
         } else {
             self.pending.remove(&id);
             if let Some(j) = self.jobs.get_mut(&id) {
-                j.reasons.clear();
+                j.reasons = Default::default();
             }
         }
+        self.index_pending(id);
     }
 
     pub fn pending_tasks(&self) -> usize {
@@ -1001,8 +1070,44 @@ impl Core {
     // ---- scheduling ----
 
     /// Runs one cycle of the pure scheduler over the current state and commits the plan.
+    /// Spaces full passes at least `ms` apart. The server sets it from how long the last
+    /// full pass took, so that with a long queue in a busy pool (every cycle frees room)
+    /// full passes take a bounded share of the state lock and the passes between still
+    /// place new work at once. Room freed meanwhile waits for the next full pass.
+    pub fn set_full_pass_gap(&mut self, ms: Millis) {
+        self.full_pass_gap_ms = ms;
+    }
+
+    /// When the next full pass is wanted and may run: `None` when none is wanted before
+    /// the periodic one.
+    pub fn full_pass_due(&self) -> Option<Millis> {
+        let last = self.last_full_ms?;
+        (self.full_needed || self.holding).then_some(last + self.full_pass_gap_ms)
+    }
+
     pub fn schedule(&mut self, now: Millis) -> Result<CycleStats, ApiError> {
-        if self.pending.is_empty() {
+        let full = match self.last_full_ms {
+            _ if self.exhaustive => true,
+            None => true,
+            Some(t) => {
+                now - t >= FULL_PASS_EVERY_MS.max(self.full_pass_gap_ms)
+                    || ((self.full_needed || self.holding) && now - t >= self.full_pass_gap_ms)
+            }
+        };
+        if !full && self.holding {
+            // Reservations and drained nodes exist only in a pass over the whole queue; a
+            // pass over new work alone would let it into room held for another job.
+            return Ok(CycleStats::default());
+        }
+        let mut offer: Vec<JobId> = if full {
+            self.full_needed = false;
+            self.last_full_ms = Some(now);
+            Vec::new()
+        } else {
+            self.fresh.intersection(&self.pending).copied().collect()
+        };
+        self.fresh.clear();
+        if offer.is_empty() && (!full || self.pending.is_empty()) {
             return Ok(CycleStats::default());
         }
         let mut snaps: Vec<NodeSnap> = self
@@ -1123,8 +1228,13 @@ impl Core {
             self.attained.extend(found);
         }
         let attained = |c: &Core, id: &JobId| c.attained.get(id).copied().unwrap_or(0);
-        let mut reqs = Vec::with_capacity(self.pending.len());
-        for id in &self.pending {
+        let mut left_out_shapes = Vec::new();
+        if full {
+            let held: BTreeSet<JobId> = holds.iter().map(|h| h.job).collect();
+            (offer, left_out_shapes) = self.full_offer(&held);
+        }
+        let mut reqs = Vec::with_capacity(offer.len());
+        for id in &offer {
             let j = &self.jobs[id];
             // A gang waits until every member of a previous attempt has stopped.
             if j.rec.spec.gang && !j.active_runs.is_empty() {
@@ -1185,7 +1295,11 @@ impl Core {
             })
             .collect();
         let mut cfg = self.sched_cfg.clone();
-        cfg.fgd = self.expected_workload(&reqs);
+        if full || self.workload_misses(&reqs) {
+            // What a full pass left out still counts towards the workload's shape.
+            self.workload = self.expected_workload(&reqs, &left_out_shapes);
+        }
+        cfg.fgd = self.workload.clone();
         let mut sched = caravel_sched::Scheduler::new(cfg, snaps);
         sched.set_zone_preferences(
             reqs.iter()
@@ -1198,6 +1312,7 @@ impl Core {
         let used_before: HashMap<TenantId, ResourceSum> =
             tenants.iter().map(|(t, s)| (*t, s.used.clone())).collect();
         sched.hold(holds);
+        self.holding = false;
         if self.starvation_ms > 0 {
             let limit = self.starvation_ms as i64;
             let mut starving: Vec<(Millis, u64, JobId)> = reqs
@@ -1207,16 +1322,19 @@ impl Core {
                 .map(|j| (j.submitted_ms, j.seq, j.id))
                 .collect();
             starving.sort_unstable();
+            self.holding = !starving.is_empty();
             sched.protect(starving.into_iter().map(|(_, _, id)| id).collect());
         }
         let plan = sched.schedule_with(now, &running, &mut tenants, &reqs);
+        self.holding |= !plan.reservations.is_empty();
         let stats = CycleStats {
             considered_jobs: reqs.len(),
             placed: plan.placements.len(),
+            full,
         };
         for (id, reasons) in plan.pending {
             if let Some(j) = self.jobs.get_mut(&id) {
-                j.reasons = reasons;
+                j.reasons = reasons.into();
             }
         }
         if !plan.preemptions.is_empty() {
@@ -1368,13 +1486,175 @@ impl Core {
     fn expected_workload(
         &self,
         reqs: &[JobReq],
+        more: &[(TaskResources, u64)],
     ) -> Option<std::sync::Arc<Vec<caravel_sched::fgd::WorkloadType>>> {
         let running = self
             .runs
             .values()
             .map(|r| (&self.jobs[&r.job].rec.spec.resources, 1));
         let waiting = reqs.iter().map(|j| (&j.resources, j.pending.len() as u64));
-        caravel_sched::fgd::workload_of(running.chain(waiting)).map(std::sync::Arc::new)
+        let more = more.iter().map(|(r, n)| (r, *n));
+        caravel_sched::fgd::workload_of(running.chain(waiting).chain(more)).map(std::sync::Arc::new)
+    }
+
+    /// What a full pass offers: every waiting job, except that of each class of single
+    /// never-started jobs (see `ClassKey`) only the oldest are offered — enough to fill the
+    /// whole pool were it empty, plus one per backfill reservation. The scheduler takes a
+    /// class oldest first, so once one of its jobs can neither start nor preempt, none
+    /// after it can; with a long queue of one shape a full pass then costs the pool's
+    /// size, not the queue's. Also returns, per class, the tasks left out (they still
+    /// count towards the expected workload). Each class remembers its last offered job,
+    /// whose reasons the jobs behind it show (`reasons_of`).
+    fn full_offer(
+        &mut self,
+        must_offer: &BTreeSet<JobId>,
+    ) -> (Vec<JobId>, Vec<(TaskResources, u64)>) {
+        let (mut cpu, mut mem, mut devices) = (0u64, 0u64, 0u64);
+        for n in self.nodes.values() {
+            cpu += n.node.capacity.cpu_milli;
+            mem += n.node.capacity.memory_bytes;
+            devices += n.node.capacity.devices.len() as u64;
+        }
+        // Tasks of this shape an empty pool could hold at most (pool totals bound the
+        // sum over nodes).
+        let slots = |r: &TaskResources| -> u64 {
+            let per = |total: u64, ask: u64| total.checked_div(ask).unwrap_or(u64::MAX);
+            let gpu = match &r.gpu {
+                None => u64::MAX,
+                Some(g) => match g.milli {
+                    Some(m) => devices.saturating_mul(per(1000, m as u64)),
+                    None => per(devices, g.count as u64),
+                },
+            };
+            per(cpu, r.cpu_milli).min(per(mem, r.memory_bytes)).min(gpu)
+        };
+        let reservations = self.sched_cfg.reservations.max(1);
+        if self.exhaustive {
+            return (self.pending.iter().copied().collect(), Vec::new());
+        }
+        let mut offer: Vec<JobId> = self.unclassed.iter().copied().collect();
+        let mut left_out = Vec::new();
+        for (key, class) in self.classes.iter_mut() {
+            let cap = slots(&key.2);
+            let (mut tasks, mut jobs) = (0u64, 0usize);
+            class.rep = None;
+            for (id, n) in &class.jobs {
+                if tasks >= cap && jobs > reservations {
+                    break;
+                }
+                tasks += *n;
+                jobs += 1;
+                class.rep = Some(*id);
+                offer.push(*id);
+            }
+            if tasks < class.tasks {
+                left_out.push((key.2.clone(), class.tasks - tasks));
+                // Room held for a job (its victims have exited) is its own, wherever it
+                // stands in its class.
+                let rep = class.rep.expect("a class offers at least one job");
+                offer.extend(
+                    must_offer
+                        .range(JobId(rep.0 + 1)..)
+                        .filter(|j| class.jobs.contains_key(j)),
+                );
+            }
+        }
+        (offer, left_out)
+    }
+
+    /// Why a waiting job waits. A job a full pass left out behind others of its class
+    /// shows the reasons of the last one offered.
+    pub fn reasons_of(&self, j: &JobEntry) -> std::sync::Arc<[PendingReason]> {
+        let id = j.rec.id;
+        let rep = self
+            .job_class
+            .get(&id)
+            .and_then(|k| self.classes.get(k))
+            .and_then(|c| c.rep)
+            .filter(|rep| *rep < id);
+        match rep {
+            None => j.reasons.clone(),
+            Some(rep) => match self.jobs.get(&rep) {
+                Some(r) if self.pending.contains(&rep) && !r.reasons.is_empty() => {
+                    r.reasons.clone()
+                }
+                _ => std::sync::Arc::new([PendingReason {
+                    code: "queued".into(),
+                    message: "behind earlier jobs of the same shape that cannot start yet".into(),
+                    counts: BTreeMap::new(),
+                }]),
+            },
+        }
+    }
+
+    /// Keeps `classes`, `job_class` and `unclassed` in step with `pending` for one job.
+    fn index_pending(&mut self, id: JobId) {
+        let want: Option<ClassKey> = self
+            .pending
+            .contains(&id)
+            .then(|| self.jobs.get(&id))
+            .flatten()
+            .filter(|j| {
+                !j.rec.spec.gang
+                    && j.rec.service.is_none()
+                    && j.active_runs.is_empty()
+                    && j.tasks
+                        .iter()
+                        .all(|t| t.attempts == 0 && t.state == TaskState::Pending)
+            })
+            .map(|j| {
+                let s = &j.rec.spec;
+                (
+                    j.rec.tenant,
+                    s.priority,
+                    s.resources.clone(),
+                    s.max_runtime_ms,
+                )
+            });
+        if self.job_class.get(&id) != want.as_ref() {
+            if let Some(old) = self.job_class.remove(&id) {
+                if let Some(c) = self.classes.get_mut(&old) {
+                    if let Some(n) = c.jobs.remove(&id) {
+                        c.tasks -= n;
+                    }
+                    if c.jobs.is_empty() {
+                        self.classes.remove(&old);
+                    }
+                }
+            }
+            if let Some(key) = want {
+                let n = self.jobs[&id].tasks.len() as u64;
+                let c = self.classes.entry(key.clone()).or_default();
+                c.jobs.insert(id, n);
+                c.tasks += n;
+                self.job_class.insert(id, key);
+            }
+        }
+        if self.pending.contains(&id) && !self.job_class.contains_key(&id) {
+            self.unclassed.insert(id);
+        } else {
+            self.unclassed.remove(&id);
+        }
+    }
+
+    /// Whether a job offered now asks for GPU work of a shape the cached workload lacks
+    /// (a pass between full ones then measures fragmentation afresh).
+    fn workload_misses(&self, reqs: &[JobReq]) -> bool {
+        reqs.iter().any(|r| {
+            let Some(g) = &r.resources.gpu else {
+                return false;
+            };
+            let Some(w) = &self.workload else {
+                return true;
+            };
+            !w.iter().any(|t| {
+                t.cpu_milli == r.resources.cpu_milli
+                    && t.memory_bytes == r.resources.memory_bytes
+                    && t.num_gpu == g.count
+                    && t.gpu_milli == g.milli.unwrap_or(1000)
+                    && t.models.iter().map(String::as_str).eq(g.models_iter())
+            })
+        })
     }
 
     fn spec_of(&self, job: JobId) -> &JobSpec {
@@ -1403,6 +1683,7 @@ impl Core {
     }
 
     fn give_alloc(&mut self, r: &RunRecord) {
+        self.full_needed = true;
         let res = self.spec_of(r.job).resources.clone();
         if let Some(n) = self.nodes.get_mut(&r.node) {
             n.alloc.cpu_milli = n.alloc.cpu_milli.saturating_sub(res.cpu_milli);
@@ -1871,6 +2152,8 @@ impl Core {
                 r.started_ms = Some(at_ms);
                 r.port = port;
                 let r = r.clone();
+                // A running task may be preempted; one that was only assigned may not.
+                self.full_needed = true;
                 let j = self.jobs.get_mut(&r.job).expect("exists");
                 let t = &mut j.tasks[r.index as usize];
                 let mut batch = vec![Mutation::PutRun(r.clone())];

@@ -482,18 +482,33 @@ pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
     })
 }
 
+/// Full scheduling passes (the whole queue) take at most about 1 / (1 + this) of the time.
+const FULL_PASS_GAP_FACTOR: u32 = 3;
+
 async fn scheduling_loop(s: Arc<Shared>) {
+    let mut wait = Duration::from_secs(1);
     loop {
         tokio::select! {
             _ = s.sched_wake.notified() => {}
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
         let t0 = Instant::now();
-        let (res, needs_reload) = {
+        let (res, needs_reload, due) = {
             let mut core = s.core.lock().expect("core lock");
             let r = core.schedule(now_ms());
-            (r, core.needs_reload())
+            if let Ok(st) = &r {
+                if st.full {
+                    let gap = t0.elapsed() * FULL_PASS_GAP_FACTOR;
+                    core.set_full_pass_gap(gap.as_millis() as Millis);
+                }
+            }
+            (r, core.needs_reload(), core.full_pass_due())
         };
+        // A full pass wanted but spaced out runs when its gap has passed, not at the next
+        // tick.
+        wait = due
+            .map(|d| Duration::from_millis((d - now_ms()).clamp(1, 1000) as u64))
+            .unwrap_or(Duration::from_secs(1));
         if needs_reload && res.is_ok() {
             tracing::error!("a commit failed earlier; reloading state from the store");
             reload(&s);
@@ -502,6 +517,11 @@ async fn scheduling_loop(s: Arc<Shared>) {
             Ok(st) if st.considered_jobs > 0 => {
                 s.metrics.sched_latency.observe(t0.elapsed().as_secs_f64());
                 s.metrics.placements.inc_by(st.placed as u64);
+                let pass = if st.full { "full" } else { "incremental" };
+                s.metrics
+                    .sched_passes
+                    .get_or_create(&vec![("pass".to_string(), pass.to_string())])
+                    .inc();
             }
             Ok(_) => {}
             Err(e) => {

@@ -20,6 +20,9 @@ pub struct Metrics {
     pub nodes: Family<Vec<(String, String)>, Gauge>,
     pub sched_latency: Histogram,
     pub placements: Counter,
+    /// Scheduling passes by kind: `full` (the whole queue) or `incremental` (only work
+    /// that arrived since the last pass).
+    pub sched_passes: Family<Labels, Counter>,
     pub api_requests: Family<Vec<(String, String)>, Counter>,
     pub jobs_submitted: Counter,
     /// Gateway requests by service (`tenant/name`) and status code.
@@ -95,6 +98,12 @@ impl Metrics {
             "Tasks placed by the scheduler",
             placements.clone(),
         );
+        let sched_passes = Family::<Labels, Counter>::default();
+        registry.register(
+            "scheduling_passes",
+            "Scheduling cycles by pass: full (the whole queue) or incremental (only work that arrived since)",
+            sched_passes.clone(),
+        );
         registry.register(
             "api_requests",
             "API requests by method and status code",
@@ -150,6 +159,7 @@ impl Metrics {
             nodes,
             sched_latency,
             placements,
+            sched_passes,
             api_requests,
             jobs_submitted,
             service_requests,

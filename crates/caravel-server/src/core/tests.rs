@@ -1332,3 +1332,263 @@ fn a_submission_repeated_with_its_idempotency_key_makes_one_job() {
     );
     assert_eq!(core.jobs.len(), jobs);
 }
+
+fn one_cpu(cpus: u64) -> JobSpec {
+    let mut s = JobSpec::simple("sleep", &["9"]);
+    s.resources.cpu_milli = cpus * 1000;
+    s
+}
+
+/// The run of each assigned task, oldest job first.
+fn assigned_runs(c: &Core) -> Vec<(RunId, NodeId)> {
+    c.runs
+        .values()
+        .filter(|r| r.state == RunState::Assigned)
+        .map(|r| (r.id, r.node))
+        .collect()
+}
+
+#[test]
+fn a_long_queue_of_one_shape_is_offered_only_as_deep_as_the_pool_could_hold() {
+    let mut f = fixture();
+    let c = &mut f.core;
+    let n = c.register(reg("a", 4, 0), 0).unwrap();
+    let t = default_tenant(c);
+    for i in 0..4 {
+        c.submit(t, one_cpu(1), i).unwrap();
+    }
+    let first = c.schedule(10).unwrap();
+    assert!(first.full);
+    assert_eq!(first.placed, 4);
+    for (run, node) in assigned_runs(c) {
+        started(c, node, run, 20);
+    }
+    let queued: Vec<JobId> = (0..100)
+        .map(|i| c.submit(t, one_cpu(1), 30 + i).unwrap())
+        .collect();
+    // The tasks' start makes them possible victims: a full pass, over only as many jobs
+    // of the shape as the pool could hold (4 tasks; and more than the one reservation).
+    let pass = c.schedule(200).unwrap();
+    assert!(pass.full);
+    assert_eq!((pass.considered_jobs, pass.placed), (4, 0));
+    // Nothing freed, nothing new: the next pass offers nothing.
+    let idle = c.schedule(300).unwrap();
+    assert_eq!((idle.considered_jobs, idle.full), (0, false));
+    // A job that arrives meanwhile is offered on its own.
+    let late = c.submit(t, one_cpu(2), 310).unwrap();
+    let inc = c.schedule(320).unwrap();
+    assert_eq!((inc.considered_jobs, inc.full), (1, false));
+    assert_eq!(c.reasons_of(&c.jobs[&late])[0].code, "no_fit");
+    // The jobs left out say what the last one offered says.
+    let last = *queued.last().unwrap();
+    let shown = c.reasons_of(&c.jobs[&last]);
+    assert_eq!(shown[0].code, "no_fit", "{shown:?}");
+    assert_eq!(shown, c.reasons_of(&c.jobs[&queued[4]]));
+    // Room freed: the oldest waiting job takes it.
+    let (run, _) = c.runs.iter().next().map(|(r, x)| (*r, x.node)).unwrap();
+    exited(c, n, run, 20, 400, 0);
+    let after = c.schedule(410).unwrap();
+    assert!(after.full);
+    assert_eq!(after.placed, 1);
+    assert_eq!(
+        c.jobs[&queued[0]].tasks[0].state,
+        TaskState::Assigned,
+        "FIFO within the class"
+    );
+    // However quiet, the whole queue is looked at again after FULL_PASS_EVERY_MS.
+    assert!(!c.schedule(420).unwrap().full);
+    assert!(c.schedule(410 + FULL_PASS_EVERY_MS).unwrap().full);
+}
+
+#[test]
+fn a_new_node_gets_waiting_work_and_a_gap_spaces_full_passes() {
+    let mut f = fixture();
+    let c = &mut f.core;
+    c.register(reg("a", 2, 0), 0).unwrap();
+    let t = default_tenant(c);
+    let jobs: Vec<JobId> = (0..6)
+        .map(|i| c.submit(t, one_cpu(1), i).unwrap())
+        .collect();
+    assert_eq!(c.schedule(10).unwrap().placed, 2);
+    c.set_full_pass_gap(1_000);
+    c.register(reg("b", 2, 0), 20).unwrap();
+    // Wanted, but not before the gap has passed since the last full pass.
+    assert_eq!(c.full_pass_due(), Some(1_010));
+    let early = c.schedule(30).unwrap();
+    assert_eq!((early.full, early.placed), (false, 0));
+    let due = c.schedule(1_010).unwrap();
+    assert_eq!((due.full, due.placed), (true, 2));
+    assert_eq!(c.full_pass_due(), None);
+    for j in &jobs[..4] {
+        assert_eq!(c.jobs[j].tasks[0].state, TaskState::Assigned);
+    }
+}
+
+#[test]
+fn a_reservation_keeps_every_pass_full_so_new_work_cannot_take_its_room() {
+    let mut f = fixture();
+    let c = &mut f.core;
+    let n = c.register(reg("a", 4, 0), 0).unwrap();
+    let t = default_tenant(c);
+    // Two long tasks with declared runtimes hold 2 of 4 CPUs; a 4-CPU job waits with a
+    // reservation at their end.
+    for i in 0..2 {
+        let mut s = one_cpu(1);
+        s.max_runtime_ms = Some(60_000);
+        c.submit(t, s, i).unwrap();
+    }
+    c.schedule(10).unwrap();
+    for (run, node) in assigned_runs(c) {
+        started(c, node, run, 20);
+    }
+    let big = c.submit(t, one_cpu(4), 30).unwrap();
+    c.schedule(40).unwrap();
+    assert!(
+        c.reasons_of(&c.jobs[&big])
+            .iter()
+            .any(|r| r.code == "reserved"),
+        "{:?}",
+        c.jobs[&big].reasons
+    );
+    // A long job that would run past the reservation may not take the free 2 CPUs.
+    let mut long = one_cpu(2);
+    long.max_runtime_ms = Some(3_600_000);
+    let l = c.submit(t, long, 50).unwrap();
+    let pass = c.schedule(60).unwrap();
+    assert!(
+        pass.full,
+        "a held reservation is planned against the whole queue"
+    );
+    assert_eq!(c.jobs[&l].tasks[0].state, TaskState::Pending);
+    let _ = n;
+}
+
+/// A small seeded generator (no dependency): the same seed, the same sequence.
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+#[test]
+fn passes_over_new_work_and_capped_classes_place_exactly_what_full_passes_would() {
+    for seed in 0..12u64 {
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut fast = open(da.path(), 0);
+        let mut full = open(db.path(), 0);
+        full.exhaustive = true;
+        let mut rng = Lcg(seed);
+        let mut tenants = vec![];
+        for (i, c) in [&mut fast, &mut full].into_iter().enumerate() {
+            let n1 = c.register(reg("a", 4, 0), 0).unwrap();
+            let n2 = c.register(reg("b", 6, 0), 0).unwrap();
+            let (x, _) = c
+                .create_tenant(
+                    "x",
+                    1.0,
+                    Quota::parse("cpu=6").unwrap(),
+                    Quota::default(),
+                    0,
+                )
+                .unwrap();
+            let (y, _) = c
+                .create_tenant(
+                    "y",
+                    2.0,
+                    Quota::default(),
+                    Quota::parse("cpu=4").unwrap(),
+                    0,
+                )
+                .unwrap();
+            if i == 0 {
+                tenants = vec![(x.id, n1), (y.id, n2)];
+            }
+        }
+        let mut now = 1;
+        for step in 0..250 {
+            now += 1 + rng.next(30) as i64;
+            match rng.next(10) {
+                // Submit: a few shapes and priorities, sometimes several tasks.
+                0..=4 => {
+                    let mut s = one_cpu(1 + rng.next(3));
+                    s.tasks = if rng.next(5) == 0 { 2 } else { 1 };
+                    s.priority = match rng.next(4) {
+                        0 => Priority::Spot,
+                        1 => Priority::Online,
+                        _ => Priority::Batch,
+                    };
+                    if rng.next(3) == 0 {
+                        s.max_runtime_ms = Some(1_000 * (1 + rng.next(4)));
+                    }
+                    let t = tenants[rng.next(2) as usize].0;
+                    // Sometimes a burst of one class, deeper than the pool.
+                    let copies = if rng.next(4) == 0 { 12 } else { 1 };
+                    for _ in 0..copies {
+                        let a = fast.submit(t, s.clone(), now).map_err(|e| e.to_string());
+                        let b = full.submit(t, s.clone(), now).map_err(|e| e.to_string());
+                        assert_eq!(a, b, "seed {seed} step {step}");
+                    }
+                }
+                // Every task that started ends at once (a burst of freed room).
+                5 if rng.next(3) == 0 => {
+                    let runs: Vec<(RunId, NodeId, Option<Millis>)> = fast
+                        .runs
+                        .values()
+                        .filter(|r| r.state == RunState::Running)
+                        .map(|r| (r.id, r.node, r.started_ms))
+                        .collect();
+                    for (run, node, at) in runs {
+                        for c in [&mut fast, &mut full] {
+                            exited(c, node, run, at.unwrap_or(now), now, 0);
+                        }
+                    }
+                }
+                // A running or assigned task ends (or starts).
+                5..=6 => {
+                    let runs: Vec<(RunId, NodeId, RunState, Option<Millis>)> = fast
+                        .runs
+                        .values()
+                        .map(|r| (r.id, r.node, r.state, r.started_ms))
+                        .collect();
+                    if runs.is_empty() {
+                        continue;
+                    }
+                    let (run, node, state, at) = runs[rng.next(runs.len() as u64) as usize];
+                    for c in [&mut fast, &mut full] {
+                        if state == RunState::Assigned {
+                            started(c, node, run, now);
+                        } else {
+                            exited(c, node, run, at.unwrap_or(now), now, 0);
+                        }
+                    }
+                }
+                7 => {
+                    let pending: Vec<JobId> = fast.pending.iter().copied().collect();
+                    if let Some(j) = pending.get(rng.next(pending.len().max(1) as u64) as usize) {
+                        let a = fast.cancel(*j, now).map_err(|e| e.to_string());
+                        let b = full.cancel(*j, now).map_err(|e| e.to_string());
+                        assert_eq!(a, b);
+                    }
+                }
+                _ => {
+                    let a = fast.schedule(now).unwrap();
+                    let b = full.schedule(now).unwrap();
+                    assert_eq!(a.placed, b.placed, "seed {seed} step {step}");
+                }
+            }
+            let view = |c: &Core| {
+                c.runs
+                    .values()
+                    .map(|r| (r.id, r.job, r.index, r.node, r.state, r.stop.is_some()))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(view(&fast), view(&full), "seed {seed} step {step}");
+        }
+        assert!(fast.runs.len() + fast.pending.len() > 0);
+    }
+}

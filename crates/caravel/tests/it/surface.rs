@@ -18,6 +18,7 @@ fn metrics_openapi_and_agent_cgroup_limits() {
         "caravel_running_tasks",
         "caravel_nodes{state=\"ready\"} 1",
         "caravel_scheduling_cycle_seconds_bucket",
+        "caravel_scheduling_passes_total{pass=",
         "caravel_store_commit_seconds_bucket",
         "caravel_store_commit_failures_total 0",
         "caravel_api_requests_total{method=\"POST\",code=\"201\"}",
