@@ -1229,9 +1229,16 @@ impl Core {
         }
         let attained = |c: &Core, id: &JobId| c.attained.get(id).copied().unwrap_or(0);
         let mut left_out_shapes = Vec::new();
+        let held: BTreeSet<JobId> = holds.iter().map(|h| h.job).collect();
         if full {
-            let held: BTreeSet<JobId> = holds.iter().map(|h| h.job).collect();
             (offer, left_out_shapes) = self.full_offer(&held);
+        } else {
+            // Room held for a job the pass does not offer would be let go.
+            for j in &held {
+                if self.pending.contains(j) && !offer.contains(j) {
+                    offer.push(*j);
+                }
+            }
         }
         let mut reqs = Vec::with_capacity(offer.len());
         for id in &offer {

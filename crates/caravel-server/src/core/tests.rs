@@ -1592,3 +1592,28 @@ fn passes_over_new_work_and_capped_classes_place_exactly_what_full_passes_would(
         assert!(fast.runs.len() + fast.pending.len() > 0);
     }
 }
+
+#[test]
+fn room_held_for_a_preemptor_stays_its_own_in_a_pass_over_new_work() {
+    let mut f = fixture();
+    let c = &mut f.core;
+    let (x, y, four) = x_holds_a_node_and_spot_work_fills_the_other(c);
+    let jx = c.submit(x, four.clone(), 10).unwrap();
+    c.schedule(11).unwrap();
+    assert_eq!(c.jobs[&jx].reasons[0].code, "preempting");
+    // Full passes spaced far apart: the pass after the victims exit is over new work.
+    c.set_full_pass_gap(60_000);
+    for (v, n) in stopping_for_preemption(c) {
+        exited(c, n, v, 5, 20, 143);
+    }
+    // Y holds nothing, so it would go first in fair-share order.
+    let jy = c.submit(y, four, 20).unwrap();
+    let pass = c.schedule(21).unwrap();
+    assert!(!pass.full);
+    assert_eq!(
+        c.jobs[&jx].tasks[0].state,
+        TaskState::Assigned,
+        "the room went to the job that preempted for it"
+    );
+    assert_eq!(c.jobs[&jy].tasks[0].state, TaskState::Pending);
+}
