@@ -1054,8 +1054,12 @@ impl Core {
         self.index_pending(id);
     }
 
+    /// Tasks waiting, for the queue-depth gauge: from the class index, so a scrape costs
+    /// the classes and the unclassed jobs, not the whole queue.
     pub fn pending_tasks(&self) -> usize {
-        self.pending
+        let classed: u64 = self.classes.values().map(|c| c.tasks).sum();
+        let rest: usize = self
+            .unclassed
             .iter()
             .filter_map(|id| self.jobs.get(id))
             .map(|j| {
@@ -1064,7 +1068,8 @@ impl Core {
                     .filter(|t| t.state == TaskState::Pending)
                     .count()
             })
-            .sum()
+            .sum();
+        classed as usize + rest
     }
 
     // ---- scheduling ----

@@ -1588,6 +1588,22 @@ fn passes_over_new_work_and_capped_classes_place_exactly_what_full_passes_would(
                     .collect::<Vec<_>>()
             };
             assert_eq!(view(&fast), view(&full), "seed {seed} step {step}");
+            // The class index partitions the queue and counts its tasks.
+            let mut indexed: BTreeSet<JobId> = fast.job_class.keys().copied().collect();
+            assert!(fast.unclassed.iter().all(|j| indexed.insert(*j)));
+            assert_eq!(indexed, fast.pending, "seed {seed} step {step}");
+            let waiting: usize = fast
+                .pending
+                .iter()
+                .map(|j| {
+                    fast.jobs[j]
+                        .tasks
+                        .iter()
+                        .filter(|t| t.state == TaskState::Pending)
+                        .count()
+                })
+                .sum();
+            assert_eq!(fast.pending_tasks(), waiting, "seed {seed} step {step}");
         }
         assert!(fast.runs.len() + fast.pending.len() > 0);
     }
