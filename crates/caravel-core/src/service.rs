@@ -9,12 +9,35 @@ use crate::{Millis, TaskResources, TenantId, ValidationError};
 
 pub const MAX_REPLICAS: u32 = 1000;
 
-/// An HTTP probe: GET `path` on the replica's port; any 2xx passes.
+/// How the gateway talks to a service's replicas.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// HTTP/1.1 (WebSocket and other upgrades pass through).
+    #[default]
+    Http,
+    /// HTTP/2 without TLS, prior knowledge (RFC 9113 §3.3): the replica speaks only HTTP/2.
+    H2c,
+    /// gRPC: HTTP/2 as `h2c`, and readiness is a gRPC health check unless a path is given.
+    Grpc,
+}
+
+impl Protocol {
+    pub fn is_http2(self) -> bool {
+        !matches!(self, Protocol::Http)
+    }
+}
+
+/// A probe of one replica: GET `path` on its port (any 2xx passes), or with `grpc` set, a
+/// `grpc.health.v1.Health/Check` of that service name (`""`: the whole server), which
+/// passes when it answers SERVING — what Kubernetes' `grpc` probe does.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Probe {
     #[serde(default = "root")]
     pub path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc: Option<String>,
     /// Time between probes of a replica that passes.
     #[serde(default = "second")]
     pub period_ms: u64,
@@ -39,6 +62,7 @@ impl Default for Probe {
     fn default() -> Self {
         Probe {
             path: root(),
+            grpc: None,
             period_ms: second(),
             timeout_ms: second(),
             failure_threshold: three(),
@@ -47,12 +71,42 @@ impl Default for Probe {
 }
 
 impl Probe {
-    fn validate(&self, field: &str) -> Result<(), ValidationError> {
+    /// The gRPC service name to health-check, if this probe is a gRPC one: set
+    /// explicitly, or a `grpc` service's probe left at its default path.
+    pub fn grpc_check(&self, protocol: Protocol) -> Option<&str> {
+        match &self.grpc {
+            Some(g) => Some(g),
+            None if protocol == Protocol::Grpc && self.path == "/" => Some(""),
+            None => None,
+        }
+    }
+
+    fn validate(&self, field: &str, protocol: Protocol) -> Result<(), ValidationError> {
         if !self.path.starts_with('/') || self.path.chars().any(|c| c.is_whitespace()) {
             return Err(ValidationError::new(
                 format!("{field}.path"),
                 "must be an absolute URL path such as /healthz",
             ));
+        }
+        if let Some(g) = &self.grpc {
+            if protocol != Protocol::Grpc {
+                return Err(ValidationError::new(
+                    format!("{field}.grpc"),
+                    "a gRPC health check needs protocol = \"grpc\"",
+                ));
+            }
+            if self.path != "/" {
+                return Err(ValidationError::new(
+                    format!("{field}.path"),
+                    "a probe is an HTTP path or a gRPC health check (grpc), not both",
+                ));
+            }
+            if g.len() > 256 || g.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(ValidationError::new(
+                    format!("{field}.grpc"),
+                    "must be a gRPC service name such as my.pkg.Service (or \"\" for the whole server), at most 256 characters",
+                ));
+            }
         }
         for (name, v) in [
             ("period_ms", self.period_ms),
@@ -88,6 +142,9 @@ pub struct ServiceSpec {
     pub env: BTreeMap<String, String>,
     #[serde(default)]
     pub resources: TaskResources,
+    /// `http` (HTTP/1.1), `h2c` or `grpc` (both HTTP/2 to the replica).
+    #[serde(default)]
+    pub protocol: Protocol,
     #[serde(default)]
     pub readiness: Probe,
     /// Without one, a replica is restarted only when its process exits.
@@ -152,6 +209,7 @@ impl ServiceSpec {
             args: args.iter().map(|s| s.to_string()).collect(),
             env: BTreeMap::new(),
             resources: TaskResources::default(),
+            protocol: Protocol::Http,
             readiness: Probe::default(),
             liveness: None,
             min_replicas: 0,
@@ -196,9 +254,9 @@ impl ServiceSpec {
                 "PORT is set by Caravel to the port the replica must listen on",
             ));
         }
-        self.readiness.validate("readiness")?;
+        self.readiness.validate("readiness", self.protocol)?;
         if let Some(l) = &self.liveness {
-            l.validate("liveness")?;
+            l.validate("liveness", self.protocol)?;
         }
         if self.max_replicas == 0 || self.max_replicas > MAX_REPLICAS {
             return Err(ValidationError::new(
@@ -316,5 +374,46 @@ mod tests {
             serde_json::from_str::<ServiceSpec>(r#"{"name":"e","command":"x","replicas":3}"#)
                 .is_err()
         );
+        // gRPC health checks: only for gRPC services, and not with a path as well.
+        assert_eq!(
+            bad(&|x| x.readiness.grpc = Some(String::new())),
+            "readiness.grpc"
+        );
+        let mut g = s.clone();
+        g.protocol = Protocol::Grpc;
+        g.validate().unwrap();
+        g.readiness.grpc = Some("my.pkg.Svc".into());
+        g.validate().unwrap();
+        let gbad = |f: &dyn Fn(&mut ServiceSpec)| {
+            let mut x = g.clone();
+            f(&mut x);
+            x.validate().unwrap_err().field
+        };
+        assert_eq!(gbad(&|x| x.readiness.path = "/h".into()), "readiness.path");
+        assert_eq!(
+            gbad(&|x| x.readiness.grpc = Some("a b".into())),
+            "readiness.grpc"
+        );
+        assert!(serde_json::from_str::<ServiceSpec>(
+            r#"{"name":"e","command":"x","protocol":"http3"}"#
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn a_grpc_service_probes_by_grpc_health_unless_given_a_path() {
+        let mut p = Probe::default();
+        assert_eq!(p.grpc_check(Protocol::Http), None);
+        assert_eq!(p.grpc_check(Protocol::H2c), None);
+        assert_eq!(p.grpc_check(Protocol::Grpc), Some(""));
+        p.path = "/healthz".into();
+        assert_eq!(p.grpc_check(Protocol::Grpc), None);
+        p.path = "/".into();
+        p.grpc = Some("a.B".into());
+        assert_eq!(p.grpc_check(Protocol::Grpc), Some("a.B"));
+        let s: ServiceSpec =
+            serde_json::from_str(r#"{"name":"e","command":"x","protocol":"grpc"}"#).unwrap();
+        assert_eq!(s.protocol, Protocol::Grpc);
+        assert!(s.protocol.is_http2() && Protocol::H2c.is_http2() && !Protocol::Http.is_http2());
     }
 }

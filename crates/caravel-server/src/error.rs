@@ -62,6 +62,8 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.code.http_status())
             .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        // Kept on the response for the gateway, which answers gRPC callers in gRPC.
+        let ext = self.clone();
         let body = ErrorBody {
             error: ErrorDetail {
                 code: self.code,
@@ -69,6 +71,8 @@ impl IntoResponse for ApiError {
                 field: self.field,
             },
         };
-        (status, axum::Json(body)).into_response()
+        let mut resp = (status, axum::Json(body)).into_response();
+        resp.extensions_mut().insert(ext);
+        resp
     }
 }

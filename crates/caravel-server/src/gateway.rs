@@ -1,9 +1,11 @@
 //! The gateway and the service controller.
 //!
-//! The gateway routes `/s/{tenant}/{service}/…` to ready replicas, least outstanding
-//! requests first, preferring the caller's zone. It is the only way into a replica, so it
-//! knows each replica's requests in flight exactly: that is what the autoscaler reads and
-//! what draining waits on.
+//! The gateway routes `/s/{tenant}/{service}/…` (or any path with an
+//! `X-Caravel-Service: {tenant}/{service}` header, which is how gRPC clients reach it) to
+//! ready replicas, least outstanding requests first, preferring the caller's zone. It is
+//! the only way into a replica, so it knows each replica's requests in flight exactly:
+//! that is what the autoscaler reads and what draining waits on. Bodies stream both ways;
+//! HTTP/1.1 upgrades (WebSocket) are tunnelled; `h2c` and `grpc` services get HTTP/2.
 //!
 //! The controller runs every `TICK_MS`: it asks the autoscaler how many replicas each
 //! service should run, starts replicas of the current version, and drains the rest (out
@@ -21,7 +23,7 @@ use axum::body::Body;
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderName, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use caravel_core::{ErrorCode, JobId, Millis, Probe, ServiceSpec, TenantId};
+use caravel_core::{ErrorCode, JobId, Millis, Probe, Protocol, ServiceSpec, TenantId};
 use tokio::sync::Notify;
 
 use crate::api::authenticate;
@@ -31,14 +33,32 @@ use crate::core::ReplicaInfo;
 use crate::error::ApiError;
 use crate::{now_ms, Shared};
 
-/// Largest request body the gateway buffers (it must, to retry a refused request).
-pub const MAX_BODY: usize = 64 << 20;
-
 pub type Key = (TenantId, String);
 
-/// What the hot path needs to know of a service: its tenant, whether it is public, and
-/// how long to hold a request while no replica is ready.
-pub type Route = (TenantId, bool, u64);
+/// The header that routes a request to a service whatever its path: gRPC clients call
+/// `/{package.Service}/{Method}` at the root and cannot add a path prefix.
+pub const SERVICE_HEADER: &str = "x-caravel-service";
+
+/// What the hot path needs to know of a service.
+#[derive(Debug, Clone, Copy)]
+pub struct Route {
+    pub tenant: TenantId,
+    pub public: bool,
+    /// How long to hold a request while no replica is ready.
+    pub cold_ms: u64,
+    pub protocol: Protocol,
+}
+
+impl Route {
+    fn of(tenant: TenantId, spec: &ServiceSpec) -> Route {
+        Route {
+            tenant,
+            public: spec.public,
+            cold_ms: spec.cold_start_timeout_ms,
+            protocol: spec.protocol,
+        }
+    }
+}
 
 #[derive(Debug)]
 pub struct Replica {
@@ -144,6 +164,9 @@ impl Svc {
 
 pub struct Gateway {
     pub upstream: Upstream,
+    /// HTTP/2 with prior knowledge, for `h2c` and `grpc` services: one connection per
+    /// replica carries every request as a stream.
+    pub upstream_h2: Upstream,
     pub services: Mutex<HashMap<Key, Svc>>,
     /// Replica jobs with a prober running.
     probing: Mutex<HashSet<JobId>>,
@@ -173,7 +196,8 @@ impl Gateway {
 
     pub fn new(zone: &str, region: &str) -> Gateway {
         Gateway {
-            upstream: upstream_client(),
+            upstream: upstream_client(false),
+            upstream_h2: upstream_client(true),
             services: Default::default(),
             probing: Default::default(),
             routes: Default::default(),
@@ -214,21 +238,91 @@ impl RetainEndToEnd for HeaderMap {
     }
 }
 
-/// The gateway's client to replicas: hyper's pooled HTTP/1.1 client, no overall timeout
+/// The gateway's client to replicas: hyper's pooled client, no overall timeout
 /// (responses may stream as long as they like), a short connect timeout so a dead replica
 /// is retried elsewhere quickly.
-pub type Upstream = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    http_body_util::Full<bytes::Bytes>,
->;
+pub type Upstream =
+    hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Lent>;
 
-fn upstream_client() -> Upstream {
+fn upstream_client(http2: bool) -> Upstream {
     let mut c = hyper_util::client::legacy::connect::HttpConnector::new();
     c.set_connect_timeout(Some(Duration::from_secs(2)));
     c.set_nodelay(true);
-    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .build(c)
+    let mut b = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new());
+    b.pool_idle_timeout(Duration::from_secs(30));
+    if http2 {
+        // Pings find a replica that vanished without closing its connection, which
+        // otherwise holds every stream multiplexed on it until the OS gives up.
+        b.http2_only(true)
+            .timer(hyper_util::rt::TokioTimer::new())
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .http2_keep_alive_timeout(Duration::from_secs(5))
+            .http2_keep_alive_while_idle(false);
+    }
+    b.build(c)
+}
+
+/// A request body lent to the upstream client: taken out of `slot` on its first poll.
+/// When a replica refuses the connection, the client never polled it, so the gateway
+/// takes it back and sends it to another replica: retries need no buffering, and bodies
+/// of any size (and gRPC client streams) go straight through.
+pub struct Lent {
+    slot: Arc<Mutex<Option<Body>>>,
+    taken: Option<Body>,
+    /// The body's own answers, kept so that hyper can ask them before it is taken.
+    end: bool,
+    hint: http_body::SizeHint,
+}
+
+impl Lent {
+    fn new(body: Body) -> (Lent, Arc<Mutex<Option<Body>>>) {
+        let end = http_body::Body::is_end_stream(&body);
+        let hint = http_body::Body::size_hint(&body);
+        let slot = Arc::new(Mutex::new(Some(body)));
+        (
+            Lent {
+                slot: slot.clone(),
+                taken: None,
+                end,
+                hint,
+            },
+            slot,
+        )
+    }
+}
+
+impl http_body::Body for Lent {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let me = self.get_mut();
+        if me.taken.is_none() {
+            match me.slot.lock().expect("body slot").take() {
+                Some(b) => me.taken = Some(b),
+                None => return std::task::Poll::Ready(None),
+            }
+        }
+        let body = me.taken.as_mut().expect("taken above");
+        std::pin::Pin::new(body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.taken {
+            Some(b) => b.is_end_stream(),
+            None => self.end,
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match &self.taken {
+            Some(b) => b.size_hint(),
+            None => self.hint,
+        }
+    }
 }
 
 /// A replica's response body, holding the replica's in-flight count until it is dropped.
@@ -281,15 +375,55 @@ pub async fn route_root(
     Path((tenant, service)): Path<(String, String)>,
     req: Request,
 ) -> Response {
-    proxy(s, tenant, service, String::new(), req).await
+    proxy(s, tenant, service, String::new(), true, req).await
 }
 
 pub async fn route(
     State(s): State<Arc<Shared>>,
-    Path((tenant, service, rest)): Path<(String, String, String)>,
+    Path((tenant, service, _)): Path<(String, String, String)>,
     req: Request,
 ) -> Response {
-    proxy(s, tenant, service, rest, req).await
+    // The rest of the path as the caller wrote it: the extracted one is percent-decoded,
+    // and `%2F` or `%20` must reach the replica as sent.
+    let rest = req
+        .uri()
+        .path()
+        .splitn(5, '/')
+        .nth(4)
+        .unwrap_or_default()
+        .to_string();
+    proxy(s, tenant, service, rest, true, req).await
+}
+
+/// Routes a request that names its service in `X-Caravel-Service: {tenant}/{service}`,
+/// path and all, ahead of the API's own routes.
+pub async fn route_by_header(
+    State(s): State<Arc<Shared>>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(v) = req.headers().get(SERVICE_HEADER) else {
+        return next.run(req).await;
+    };
+    let named = v
+        .to_str()
+        .ok()
+        .and_then(|v| v.split_once('/'))
+        .filter(|(t, n)| !t.is_empty() && !n.is_empty() && !n.contains('/'))
+        .map(|(t, n)| (t.to_string(), n.to_string()));
+    let Some((tenant, service)) = named else {
+        let e = err(
+            ErrorCode::InvalidArgument,
+            format!("header {SERVICE_HEADER}: must be TENANT/SERVICE, such as default/tinylm"),
+        );
+        return if is_grpc(req.headers()) {
+            as_grpc(e)
+        } else {
+            e
+        };
+    };
+    let rest = req.uri().path().trim_start_matches('/').to_string();
+    proxy(s, tenant, service, rest, false, req).await
 }
 
 async fn proxy(
@@ -297,17 +431,77 @@ async fn proxy(
     tenant: String,
     service: String,
     rest: String,
+    via_path: bool,
     req: Request,
 ) -> Response {
     let t0 = Instant::now();
     let label = format!("{tenant}/{service}");
-    let resp = proxy_inner(&s, &tenant, &service, &rest, req, t0, &label).await;
+    let grpc = is_grpc(req.headers());
+    let resp = proxy_inner(&s, &tenant, &service, &rest, via_path, req, t0, &label).await;
     if resp.extensions().get::<Proxied>().is_none() {
         // Refused before a replica was involved: counted here; proxied responses are
         // counted when their body ends.
         record(&s, &label, resp.status(), t0);
+        if grpc {
+            return as_grpc(resp);
+        }
     }
     resp
+}
+
+fn is_grpc(h: &HeaderMap) -> bool {
+    h.get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// The gRPC status for a gateway error: what a gRPC client can act on (it reads HTTP
+/// statuses only as a fallback, and then only a few).
+fn grpc_code(c: ErrorCode) -> u16 {
+    match c {
+        ErrorCode::InvalidArgument | ErrorCode::MalformedRequest => 3,
+        ErrorCode::NotFound => 5,
+        ErrorCode::PermissionDenied => 7,
+        ErrorCode::RateLimited | ErrorCode::ExceedsQuota | ErrorCode::Unschedulable => 8,
+        ErrorCode::Conflict => 9,
+        ErrorCode::Internal => 13,
+        ErrorCode::Unavailable | ErrorCode::UpstreamFailed => 14,
+        ErrorCode::Unauthenticated => 16,
+    }
+}
+
+/// A gateway error as a gRPC "trailers-only" answer: HTTP 200, `grpc-status` and a
+/// percent-encoded `grpc-message`, and the stable Caravel code in `caravel-error-code`.
+fn as_grpc(resp: Response) -> Response {
+    let Some(e) = resp.extensions().get::<ApiError>().cloned() else {
+        return resp;
+    };
+    let mut msg = String::with_capacity(e.message.len());
+    for b in e.message.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            msg.push(b as char);
+        } else {
+            msg.push_str(&format!("%{b:02X}"));
+        }
+    }
+    let code = serde_json::to_value(e.code)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    let mut out = Response::new(Body::empty());
+    let h = out.headers_mut();
+    h.insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/grpc"),
+    );
+    h.insert("grpc-status", grpc_code(e.code).into());
+    if let Ok(v) = axum::http::HeaderValue::from_str(&msg) {
+        h.insert("grpc-message", v);
+    }
+    if let Ok(v) = axum::http::HeaderValue::from_str(&code) {
+        h.insert("caravel-error-code", v);
+    }
+    out
 }
 
 #[derive(Clone)]
@@ -327,17 +521,32 @@ fn record(s: &Shared, label: &str, status: StatusCode, t0: Instant) {
         .observe(t0.elapsed().as_secs_f64());
 }
 
+/// Whether a request asks to switch protocols (`Connection: upgrade` and an `Upgrade`
+/// header, HTTP/1.1 only): WebSocket and the like, tunnelled once the replica agrees.
+fn wants_upgrade(parts: &axum::http::request::Parts) -> bool {
+    parts.version == axum::http::Version::HTTP_11
+        && parts.headers.contains_key(axum::http::header::UPGRADE)
+        && parts
+            .headers
+            .get_all(axum::http::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn proxy_inner(
     s: &Arc<Shared>,
     tenant: &str,
     service: &str,
     rest: &str,
+    via_path: bool,
     req: Request,
     t0: Instant,
     label: &str,
 ) -> Response {
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     // The routing table the controller refreshes every tick, so the hot path never waits
     // on the control plane's lock; a service deployed since the last tick is looked up
     // there.
@@ -348,7 +557,7 @@ async fn proxy_inner(
         .expect("gateway lock")
         .get(&(tenant.to_string(), service.to_string()))
         .cloned();
-    let (tid, public, cold_ms) = if let Some(r) = cached {
+    let route = if let Some(r) = cached {
         r
     } else {
         let core = s.core.lock().expect("core lock");
@@ -359,7 +568,7 @@ async fn proxy_inner(
             );
         };
         match core.services.get(&(tid, service.to_string())) {
-            Some(r) => (tid, r.spec.public, r.spec.cold_start_timeout_ms),
+            Some(r) => Route::of(tid, &r.spec),
             None => {
                 return err(
                     ErrorCode::NotFound,
@@ -368,7 +577,8 @@ async fn proxy_inner(
             }
         }
     };
-    if !public {
+    let (tid, cold_ms, protocol) = (route.tenant, route.cold_ms, route.protocol);
+    if !route.public {
         match authenticate(s, &parts.headers) {
             Ok(Principal::Admin) => {}
             Ok(Principal::Tenant(t)) if t == tid => {}
@@ -383,17 +593,11 @@ async fn proxy_inner(
         }
     }
     let key = (tid, service.to_string());
-    let body = match axum::body::to_bytes(body, MAX_BODY).await {
-        Ok(b) => b,
-        Err(_) => {
-            return (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                axum::Json(serde_json::json!({"error": {"code": "invalid_argument",
-                    "message": format!("request body over {} MiB", MAX_BODY >> 20)}})),
-            )
-                .into_response()
-        }
-    };
+    // Tunnelled only to HTTP/1.1 replicas: an HTTP/2 one would need extended CONNECT.
+    let upgrade = (wants_upgrade(&parts) && !protocol.is_http2())
+        .then(|| parts.extensions.remove::<hyper::upgrade::OnUpgrade>())
+        .flatten();
+    let mut body = Some(body);
     let header = |n: &str| {
         parts
             .headers
@@ -470,29 +674,72 @@ async fn proxy_inner(
             .method(parts.method.clone())
             .uri(uri);
         for (k, v) in parts.headers.iter() {
-            if !hop_by_hop(k) && k != "authorization" {
+            if !hop_by_hop(k) && k != "authorization" && k != SERVICE_HEADER {
                 rb = rb.header(k, v);
             }
         }
-        rb = rb.header("x-forwarded-prefix", format!("/s/{tenant}/{service}"));
-        let up_req = match rb.body(http_body_util::Full::new(body.clone())) {
+        if via_path {
+            rb = rb.header("x-forwarded-prefix", format!("/s/{tenant}/{service}"));
+        }
+        if upgrade.is_some() {
+            if let Some(u) = parts.headers.get(axum::http::header::UPGRADE) {
+                rb = rb.header("connection", "upgrade").header("upgrade", u);
+            }
+        }
+        // gRPC needs `te: trailers` end to end (the one TE value HTTP/2 allows).
+        if protocol.is_http2()
+            && parts
+                .headers
+                .get("te")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.split(',').any(|t| t.trim() == "trailers"))
+        {
+            rb = rb.header("te", "trailers");
+        }
+        let (lent, slot) = Lent::new(body.take().unwrap_or_default());
+        let up_req = match rb.body(lent) {
             Ok(r) => r,
             Err(e) => {
                 drop(guard);
                 return err(ErrorCode::InvalidArgument, format!("cannot forward: {e}"));
             }
         };
-        let sent = s.gateway.upstream.request(up_req).await;
+        let client = if protocol.is_http2() {
+            &s.gateway.upstream_h2
+        } else {
+            &s.gateway.upstream
+        };
+        let sent = client.request(up_req).await;
         match sent {
-            Ok(up) => {
+            Ok(mut up) => {
+                let up_upgrade = (up.status() == StatusCode::SWITCHING_PROTOCOLS)
+                    .then(|| hyper::upgrade::on(&mut up));
                 let (head, incoming) = up.into_parts();
                 let status = head.status;
                 let mut headers = head.headers;
-                headers.retain_hop_by_hop();
                 let s2 = s.clone();
                 let label = label.to_string();
                 let mut guard = guard;
                 guard.done = Some(Box::new(move || record(&s2, &label, status, t0)));
+                if let (Some(theirs), Some(ours)) = (up_upgrade, upgrade) {
+                    // Both sides switch: copy bytes both ways until either closes; the
+                    // tunnel counts as a request in flight until then.
+                    tokio::spawn(async move {
+                        let _guard = guard;
+                        if let (Ok(a), Ok(b)) = (ours.await, theirs.await) {
+                            let mut a = hyper_util::rt::TokioIo::new(a);
+                            let mut b = hyper_util::rt::TokioIo::new(b);
+                            let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                        }
+                    });
+                    let mut resp = Response::new(Body::empty());
+                    *resp.status_mut() = status;
+                    headers.remove(axum::http::header::TRANSFER_ENCODING);
+                    *resp.headers_mut() = headers;
+                    resp.extensions_mut().insert(Proxied);
+                    return resp;
+                }
+                headers.retain_hop_by_hop();
                 // Streams straight through; the replica's request counts until the body
                 // has been sent or the client went away (the guard drops with the body).
                 let mut resp = Response::new(Body::new(Guarded {
@@ -506,6 +753,8 @@ async fn proxy_inner(
             }
             Err(e) => {
                 drop(guard);
+                // The body comes back only if the client never started sending it.
+                body = slot.lock().expect("body slot").take();
                 // Refused: nothing reached the replica, so an idempotent request is retried
                 // once on another one. A connection that failed after the request was sent
                 // is not retried: the request may be what killed the replica, and a retry
@@ -518,7 +767,7 @@ async fn proxy_inner(
                 if e.is_connect() {
                     mark_unready(s, &key, job);
                 }
-                if e.is_connect() && idempotent && tries < 2 {
+                if e.is_connect() && idempotent && tries < 2 && body.is_some() {
                     s.metrics
                         .service_retries
                         .get_or_create(&vec![("service".to_string(), label.to_string())])
@@ -603,13 +852,122 @@ fn mark_unready(s: &Shared, key: &Key, job: JobId) {
     }
 }
 
-/// HTTP GET on the probe path; any 2xx passes.
-async fn probe(http: &reqwest::Client, addr: &str, p: &Probe) -> bool {
-    let url = format!("http://{addr}{}", p.path);
-    matches!(
-        tokio::time::timeout(Duration::from_millis(p.timeout_ms), http.get(&url).send()).await,
-        Ok(Ok(r)) if r.status().is_success()
-    )
+/// One probe of a replica within the probe's timeout: an HTTP GET on its path (any 2xx
+/// passes), over HTTP/2 for `h2c` and `grpc` services, or a gRPC health check.
+async fn probe(s: &Shared, addr: &str, p: &Probe, protocol: Protocol) -> bool {
+    let check = async {
+        if let Some(name) = p.grpc_check(protocol) {
+            return grpc_health(&s.gateway.upstream_h2, addr, name).await;
+        }
+        let url = format!("http://{addr}{}", p.path);
+        if protocol.is_http2() {
+            let Ok(req) = hyper::Request::get(url).body(Lent::new(Body::empty()).0) else {
+                return false;
+            };
+            return match s.gateway.upstream_h2.request(req).await {
+                Ok(r) => r.status().is_success(),
+                Err(_) => false,
+            };
+        }
+        matches!(s.proxy.get(&url).send().await, Ok(r) if r.status().is_success())
+    };
+    tokio::time::timeout(Duration::from_millis(p.timeout_ms), check)
+        .await
+        .unwrap_or(false)
+}
+
+/// `grpc.health.v1.Health/Check` (the gRPC health checking protocol): passes when the
+/// replica answers OK with status SERVING. Four bytes of protobuf each way do not need a
+/// code generator.
+async fn grpc_health(c: &Upstream, addr: &str, service: &str) -> bool {
+    use http_body_util::BodyExt;
+    let req = hyper::Request::post(format!("http://{addr}/grpc.health.v1.Health/Check"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Lent::new(Body::from(grpc_health_request(service))).0);
+    let Ok(req) = req else { return false };
+    let Ok(resp) = c.request(req).await else {
+        return false;
+    };
+    if resp.status() != StatusCode::OK {
+        return false;
+    }
+    // A trailers-only answer (an error) carries grpc-status in the headers.
+    let in_head = resp.headers().get("grpc-status").cloned();
+    let Ok(got) = resp.into_body().collect().await else {
+        return false;
+    };
+    let status = got
+        .trailers()
+        .and_then(|t| t.get("grpc-status").cloned())
+        .or(in_head);
+    status.is_some_and(|v| v == "0") && grpc_health_serving(&got.to_bytes())
+}
+
+/// A length-prefixed `HealthCheckRequest { service }`.
+fn grpc_health_request(service: &str) -> Vec<u8> {
+    let mut msg = Vec::new();
+    if !service.is_empty() {
+        msg.push(0x0a); // field 1, length-delimited
+        let mut n = service.len();
+        while n >= 0x80 {
+            msg.push((n as u8 & 0x7f) | 0x80);
+            n >>= 7;
+        }
+        msg.push(n as u8);
+        msg.extend_from_slice(service.as_bytes());
+    }
+    let mut frame = vec![0u8]; // not compressed
+    frame.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&msg);
+    frame
+}
+
+/// Whether a length-prefixed `HealthCheckResponse` says SERVING (field 1 = 1).
+fn grpc_health_serving(frame: &[u8]) -> bool {
+    fn varint(b: &[u8], i: &mut usize) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = *b.get(*i)?;
+            *i += 1;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte < 0x80 {
+                return Some(v);
+            }
+        }
+        None
+    }
+    if frame.len() < 5 || frame[0] != 0 {
+        return false; // compressed answers are not asked for
+    }
+    let len = u32::from_be_bytes([frame[1], frame[2], frame[3], frame[4]]) as usize;
+    let Some(msg) = frame.get(5..5 + len) else {
+        return false;
+    };
+    let (mut i, mut status) = (0, 0);
+    while i < msg.len() {
+        let Some(key) = varint(msg, &mut i) else {
+            return false;
+        };
+        match key & 7 {
+            0 => {
+                let Some(v) = varint(msg, &mut i) else {
+                    return false;
+                };
+                if key >> 3 == 1 {
+                    status = v;
+                }
+            }
+            2 => {
+                let Some(n) = varint(msg, &mut i) else {
+                    return false;
+                };
+                i = i.saturating_add(n as usize);
+            }
+            _ => return false,
+        }
+    }
+    i == msg.len() && status == 1
 }
 
 /// Probes one replica until it is gone: fast (every 50 ms) until it first passes, then at
@@ -638,7 +996,7 @@ async fn prober(s: Arc<Shared>, key: Key, job: JobId) {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let ok = probe(&s.proxy, &addr, &spec.readiness).await;
+        let ok = probe(&s, &addr, &spec.readiness, spec.protocol).await;
         fails = if ok { 0 } else { fails + 1 };
         let mut restart = false;
         // Liveness counts only once the replica has been ready: a process still starting
@@ -648,7 +1006,7 @@ async fn prober(s: Arc<Shared>, key: Key, job: JobId) {
         if let (Some(l), true) = (&spec.liveness, was_ready) {
             if last_live.elapsed() >= Duration::from_millis(l.period_ms) {
                 last_live = Instant::now();
-                let alive = probe(&s.proxy, &addr, l).await;
+                let alive = probe(&s, &addr, l, spec.protocol).await;
                 live_fails = if alive { 0 } else { live_fails + 1 };
                 restart = live_fails >= l.failure_threshold;
             }
@@ -703,10 +1061,7 @@ pub fn reconcile(s: &Arc<Shared>, now: Millis) {
             .iter()
             .map(|k| {
                 let spec = &core.services[k].spec;
-                (
-                    (core.tenant_name(k.0), k.1.clone()),
-                    (k.0, spec.public, spec.cold_start_timeout_ms),
-                )
+                ((core.tenant_name(k.0), k.1.clone()), Route::of(k.0, spec))
             })
             .collect();
         *s.gateway.routes.lock().expect("gateway lock") = routes;
@@ -1017,6 +1372,30 @@ mod tests {
             r.draining = true;
         }
         assert!(s.pick("", "", None).is_none());
+    }
+
+    #[test]
+    fn grpc_health_messages_encode_and_decode_as_protobuf() {
+        assert_eq!(grpc_health_request(""), [0, 0, 0, 0, 0]);
+        assert_eq!(
+            grpc_health_request("a.B"),
+            [0, 0, 0, 0, 5, 0x0a, 3, b'a', b'.', b'B']
+        );
+        let long = "x".repeat(200);
+        let f = grpc_health_request(&long);
+        assert_eq!(&f[..8], &[0, 0, 0, 0, 203, 0x0a, 0xc8, 0x01]);
+        // SERVING = 1; UNKNOWN (0, the field left out), NOT_SERVING = 2, SERVICE_UNKNOWN = 3.
+        assert!(grpc_health_serving(&[0, 0, 0, 0, 2, 0x08, 1]));
+        assert!(!grpc_health_serving(&[0, 0, 0, 0, 0]));
+        assert!(!grpc_health_serving(&[0, 0, 0, 0, 2, 0x08, 2]));
+        assert!(!grpc_health_serving(&[0, 0, 0, 0, 2, 0x08, 3]));
+        // An unknown length-delimited field is skipped; truncated or compressed is not.
+        assert!(grpc_health_serving(&[
+            0, 0, 0, 0, 5, 0x12, 1, b'z', 0x08, 1
+        ]));
+        assert!(!grpc_health_serving(&[0, 0, 0, 0, 3, 0x08, 1]));
+        assert!(!grpc_health_serving(&[1, 0, 0, 0, 2, 0x08, 1]));
+        assert!(!grpc_health_serving(&[0, 0, 0, 0, 2, 0x08]));
     }
 
     #[test]

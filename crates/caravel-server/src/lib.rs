@@ -347,6 +347,12 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/s/{tenant}/{service}", any(gateway::route_root))
         .route("/s/{tenant}/{service}/", any(gateway::route_root))
         .route("/s/{tenant}/{service}/{*rest}", any(gateway::route))
+        // Outermost: a request that names its service in a header goes to it whatever
+        // its path (gRPC methods live at the root).
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            gateway::route_by_header,
+        ))
         .with_state(shared)
 }
 
@@ -468,6 +474,11 @@ pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
     let ctrl = tokio::spawn(gateway::controller_loop(shared.clone()));
     let app = router(shared.clone());
     let serve = tokio::spawn(async move {
+        // No Nagle: an HTTP/2 answer goes out as several small frames (headers, data,
+        // trailers), and a frame held back for the peer's delayed ACK costs 40 ms.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "server stopped");
         }

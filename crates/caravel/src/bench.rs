@@ -68,12 +68,19 @@ pub enum BenchCmd {
         /// Seconds per target under load.
         #[arg(long, default_value_t = 10.0)]
         seconds: f64,
+        /// Unary gRPC calls over HTTP/2 instead of HTTP/1.1 GETs (nginx: grpc_pass).
+        #[arg(long)]
+        grpc: bool,
         #[arg(long)]
         dir: Option<std::path::PathBuf>,
     },
-    /// The gateway bench's backend (reads PORT); not for direct use.
+    /// The replica of the gateway benches and tests (reads PORT); not for direct use.
     #[command(hide = true)]
-    Backend,
+    Backend {
+        /// Serve gRPC (health and an echo) instead of plain HTTP.
+        #[arg(long)]
+        grpc: bool,
+    },
 }
 
 struct Procs(Vec<Child>);
@@ -226,9 +233,10 @@ pub async fn run(cmd: BenchCmd) -> Result<i32> {
         BenchCmd::Gateway {
             concurrency,
             seconds,
+            grpc,
             dir,
-        } => crate::bench_gateway::run(concurrency.max(1), seconds, dir).await,
-        BenchCmd::Backend => crate::bench_gateway::backend().await,
+        } => crate::bench_gateway::run(concurrency.max(1), seconds, grpc, dir).await,
+        BenchCmd::Backend { grpc } => crate::backend::run(grpc).await,
         BenchCmd::Autoscale {
             steps,
             requests,

@@ -19,18 +19,6 @@ use caravel_core::ServiceSpec;
 use crate::bench::{pct, start_pool};
 use crate::client::Client;
 
-/// The backend: answers every request with `ok`.
-pub async fn backend() -> Result<i32> {
-    let port: u16 = std::env::var("PORT")
-        .context("PORT is not set")?
-        .parse()
-        .context("PORT is not a port")?;
-    let app = axum::Router::new().fallback(|| async { "ok" });
-    let l = tokio::net::TcpListener::bind(("0.0.0.0", port)).await?;
-    axum::serve(l, app).await?;
-    Ok(0)
-}
-
 struct Figures {
     rps: f64,
     p50_ms: f64,
@@ -112,7 +100,88 @@ impl Drop for Nginx {
     }
 }
 
-fn start_nginx(dir: &std::path::Path, port: u16, upstream: &str) -> Result<Option<Nginx>> {
+/// Unary gRPC calls (`caravel.bench.Echo/Unary`, 2 bytes each way) from `clients` tasks
+/// multiplexed on one HTTP/2 connection, as a gRPC client does; `service` adds the
+/// gateway's routing header.
+async fn measure_grpc(
+    url: &str,
+    service: Option<&str>,
+    clients: usize,
+    secs: f64,
+) -> Result<Figures> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())?
+        .connect()
+        .await?;
+    let route = service.map(|s| s.parse::<tonic::metadata::MetadataValue<_>>());
+    let route = route.transpose()?;
+    let call = move |mut grpc: tonic::client::Grpc<tonic::transport::Channel>| {
+        let route = route.clone();
+        async move {
+            let mut req = tonic::Request::new(bytes::Bytes::from_static(b"ok"));
+            if let Some(r) = route {
+                req.metadata_mut().insert("x-caravel-service", r);
+            }
+            grpc.ready().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            grpc.unary(
+                req,
+                http::uri::PathAndQuery::from_static("/caravel.bench.Echo/Unary"),
+                crate::backend::Raw,
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            anyhow::Ok(())
+        }
+    };
+    call(tonic::client::Grpc::new(channel.clone())).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let errors = Arc::new(AtomicU64::new(0));
+    let lat = Arc::new(Mutex::new(Vec::new()));
+    let t0 = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let (grpc, stop, errors, lat, call) = (
+                tonic::client::Grpc::new(channel.clone()),
+                stop.clone(),
+                errors.clone(),
+                lat.clone(),
+                call.clone(),
+            );
+            tokio::spawn(async move {
+                let mut mine = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    match call(grpc.clone()).await {
+                        Ok(()) => mine.push(t.elapsed().as_secs_f64() * 1000.0),
+                        Err(_) => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                lat.lock().expect("lock").extend(mine);
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await?;
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let mut l = std::mem::take(&mut *lat.lock().expect("lock"));
+    Ok(Figures {
+        rps: l.len() as f64 / wall,
+        p50_ms: pct(&mut l, 50.0),
+        p99_ms: pct(&mut l, 99.0),
+        errors: errors.load(Ordering::Relaxed),
+    })
+}
+
+fn start_nginx(
+    dir: &std::path::Path,
+    port: u16,
+    upstream: &str,
+    grpc: bool,
+) -> Result<Option<Nginx>> {
     let Some(bin) = ["/usr/sbin/nginx", "/usr/bin/nginx", "/usr/local/sbin/nginx"]
         .into_iter()
         .find(|p| std::path::Path::new(p).exists())
@@ -121,6 +190,27 @@ fn start_nginx(dir: &std::path::Path, port: u16, upstream: &str) -> Result<Optio
     };
     let d = dir.join("nginx");
     std::fs::create_dir_all(d.join("logs"))?;
+    // gRPC: h2c in front (`listen … http2`), grpc_pass behind, upstream keep-alive.
+    let server = if grpc {
+        format!(
+            r#"server {{
+    listen 127.0.0.1:{port} http2;
+    location / {{ grpc_pass grpc://backend; }}
+  }}"#
+        )
+    } else {
+        format!(
+            r#"server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+    }}
+  }}"#
+        )
+    };
     // One worker per core, upstream keep-alive, no access log: nginx as a tuned reverse
     // proxy, the fair comparison.
     let conf = format!(
@@ -131,21 +221,14 @@ error_log {d}/logs/error.log warn;
 events {{ worker_connections 4096; }}
 http {{
   access_log off;
+  keepalive_requests 10000000;
   client_body_temp_path {d}/body;
   proxy_temp_path {d}/proxy;
   fastcgi_temp_path {d}/fastcgi;
   uwsgi_temp_path {d}/uwsgi;
   scgi_temp_path {d}/scgi;
   upstream backend {{ server {upstream}; keepalive 256; }}
-  server {{
-    listen 127.0.0.1:{port};
-    location / {{
-      proxy_pass http://backend;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_buffering off;
-    }}
-  }}
+  {server}
 }}
 "#,
         d = d.display()
@@ -171,7 +254,12 @@ http {{
     Ok(Some(n))
 }
 
-pub async fn run(clients: usize, secs: f64, dir: Option<std::path::PathBuf>) -> Result<i32> {
+pub async fn run(
+    clients: usize,
+    secs: f64,
+    grpc: bool,
+    dir: Option<std::path::PathBuf>,
+) -> Result<i32> {
     let dir = match dir {
         Some(p) => tempfile::tempdir_in(p)?,
         None => tempfile::tempdir()?,
@@ -179,7 +267,15 @@ pub async fn run(clients: usize, secs: f64, dir: Option<std::path::PathBuf>) -> 
     let pool = start_pool(dir.path(), false).await?;
     let c = Client::new(&pool.url, &pool.admin);
     let exe = std::env::current_exe()?;
-    let mut spec = ServiceSpec::simple("backend", &exe.to_string_lossy(), &["bench", "backend"]);
+    let args: &[&str] = if grpc {
+        &["bench", "backend", "--grpc"]
+    } else {
+        &["bench", "backend"]
+    };
+    let mut spec = ServiceSpec::simple("backend", &exe.to_string_lossy(), args);
+    if grpc {
+        spec.protocol = caravel_core::Protocol::Grpc;
+    }
     spec.public = true;
     spec.min_replicas = 1;
     spec.max_replicas = 1;
@@ -198,13 +294,23 @@ pub async fn run(clients: usize, secs: f64, dir: Option<std::path::PathBuf>) -> 
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let direct = format!("http://{addr}/x");
-    let gateway = format!("{}/s/default/backend/x", pool.url);
+    let (direct, gateway) = if grpc {
+        (format!("http://{addr}"), pool.url.clone())
+    } else {
+        (
+            format!("http://{addr}/x"),
+            format!("{}/s/default/backend/x", pool.url),
+        )
+    };
     let nginx_port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let nginx = start_nginx(dir.path(), nginx_port, &addr)?;
-    let via_nginx = format!("http://127.0.0.1:{nginx_port}/x");
+    let nginx = start_nginx(dir.path(), nginx_port, &addr, grpc)?;
+    let via_nginx = if grpc {
+        format!("http://127.0.0.1:{nginx_port}")
+    } else {
+        format!("http://127.0.0.1:{nginx_port}/x")
+    };
 
     let mut out = serde_json::Map::new();
     let mut targets = vec![("direct", direct.as_str()), ("gateway", gateway.as_str())];
@@ -214,8 +320,18 @@ pub async fn run(clients: usize, secs: f64, dir: Option<std::path::PathBuf>) -> 
         eprintln!("nginx not found: install it (apt-get install -y nginx) for the comparison");
     }
     for (name, url) in &targets {
-        let one = measure(url, 1, secs.min(5.0)).await?;
-        let many = measure(url, clients, secs).await?;
+        let (one, many) = if grpc {
+            let header = (*name == "gateway").then_some("default/backend");
+            (
+                measure_grpc(url, header, 1, secs.min(5.0)).await?,
+                measure_grpc(url, header, clients, secs).await?,
+            )
+        } else {
+            (
+                measure(url, 1, secs.min(5.0)).await?,
+                measure(url, clients, secs).await?,
+            )
+        };
         eprintln!(
             "{name:8} 1 client: p50 {:.3} ms p99 {:.3} ms | {clients} clients: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors",
             one.p50_ms, one.p99_ms, many.rps, many.p50_ms, many.p99_ms, many.errors
@@ -231,7 +347,10 @@ pub async fn run(clients: usize, secs: f64, dir: Option<std::path::PathBuf>) -> 
     let added50 = f("gateway_p50_ms") - f("direct_p50_ms");
     let added99 = f("gateway_p99_ms") - f("direct_p99_ms");
     eprintln!("gateway adds p50 {added50:.3} ms, p99 {added99:.3} ms at one client");
-    out.insert("bench".into(), "gateway".into());
+    out.insert(
+        "bench".into(),
+        if grpc { "gateway-grpc" } else { "gateway" }.into(),
+    );
     out.insert("clients".into(), clients.into());
     out.insert("added_p50_ms".into(), added50.into());
     out.insert("added_p99_ms".into(), added99.into());

@@ -6,6 +6,7 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod backend;
 mod bench;
 mod bench_autoscale;
 mod bench_gateway;

@@ -14,6 +14,7 @@ use crate::jobfile::{FileResources, JobFile};
 #[serde(deny_unknown_fields)]
 pub struct FileProbe {
     pub path: Option<String>,
+    pub grpc: Option<String>,
     pub period: Option<String>,
     pub timeout: Option<String>,
     pub failure_threshold: Option<u32>,
@@ -30,6 +31,8 @@ pub struct ServiceFile {
     pub env: BTreeMap<String, String>,
     #[serde(default)]
     pub resources: FileResources,
+    #[serde(default)]
+    pub protocol: caravel_core::Protocol,
     pub readiness: Option<FileProbe>,
     pub liveness: Option<FileProbe>,
     pub min_replicas: Option<u32>,
@@ -57,6 +60,7 @@ fn probe(p: Option<FileProbe>, field: &str) -> Result<Option<Probe>> {
     let d = Probe::default();
     Ok(Some(Probe {
         path: p.path.unwrap_or(d.path),
+        grpc: p.grpc,
         period_ms: dur(&p.period, &format!("{field}.period"))?.unwrap_or(d.period_ms),
         timeout_ms: dur(&p.timeout, &format!("{field}.timeout"))?.unwrap_or(d.timeout_ms),
         failure_threshold: p.failure_threshold.unwrap_or(d.failure_threshold),
@@ -99,6 +103,7 @@ impl ServiceFile {
         s.args = self.args;
         s.env = self.env;
         s.resources = resources;
+        s.protocol = self.protocol;
         if let Some(p) = probe(self.readiness, "readiness")? {
             s.readiness = p;
         }

@@ -6,6 +6,7 @@ mod bad_input;
 mod failures;
 mod jobs;
 mod postgres;
+mod protocols;
 mod services;
 mod sim;
 mod surface;

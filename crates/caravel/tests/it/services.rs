@@ -628,6 +628,21 @@ fn a_refused_connection_is_retried_on_another_replica() {
         Duration::from_secs(10),
         || std::net::TcpStream::connect(&addr).is_err().then_some(()),
     );
+    // The first request goes to the closed replica (the least busy, lowest job first):
+    // a PUT with a body, which the gateway streams, not buffers. The refused connection
+    // never took the body, so it goes whole to the other replica.
+    let sent: Vec<u8> = (0..1 << 20).map(|i| (i % 253) as u8).collect();
+    let r = c
+        .put(format!("{base}/echo"))
+        .bearer_auth(&p.admin)
+        .body(sent.clone())
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(
+        r.bytes().unwrap()[..] == sent[..],
+        "the retried body differs"
+    );
     for _ in 0..10 {
         let (st, body) = call(&c, &format!("{base}/work"), Some(&p.admin));
         assert_eq!(st, 200, "{body}");

@@ -85,6 +85,8 @@ class H(BaseHTTPRequestHandler):
         body = self.rfile.read(n)
         self.send(200, body, self.headers.get("content-type", "application/octet-stream"))
 
+    do_PUT = do_POST
+
 
 ThreadingHTTPServer.daemon_threads = True
 try:
