@@ -1296,6 +1296,25 @@ fn show_service(s: &ServiceView) {
         s.ready, s.wanted, s.spec.min_replicas, s.spec.max_replicas, s.in_flight
     );
     println!("command   {} {}", s.spec.command, s.spec.args.join(" "));
+    let protocol = match s.spec.protocol {
+        caravel_core::Protocol::Http => "http (HTTP/1.1)".to_string(),
+        caravel_core::Protocol::H2c => "h2c (HTTP/2)".to_string(),
+        caravel_core::Protocol::Grpc => format!(
+            "grpc (HTTP/2); gRPC clients send x-caravel-service: {}/{}",
+            s.tenant, s.name
+        ),
+    };
+    println!("protocol  {protocol}");
+    let r = &s.spec.readiness;
+    let check = match r.grpc_check(s.spec.protocol) {
+        Some("") => "gRPC health check of the server".to_string(),
+        Some(g) => format!("gRPC health check of {g}"),
+        None => format!("GET {}", r.path),
+    };
+    println!(
+        "readiness {check} every {} ms, out after {} failures",
+        r.period_ms, r.failure_threshold
+    );
     if !s.replicas.is_empty() {
         let mut t = Table::new(&[
             "JOB",
@@ -1346,6 +1365,15 @@ async fn service_cmd(cmd: ServiceCmd) -> Result<i32> {
                 .await?;
             if output == Output::Json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
+            } else if v.changed && v.spec.protocol == caravel_core::Protocol::Grpc {
+                println!(
+                    "service {} version {} deployed; call it at {} with the header x-caravel-service: {}/{}",
+                    v.name,
+                    v.version,
+                    c.base(),
+                    v.tenant,
+                    v.name
+                );
             } else if v.changed {
                 println!(
                     "service {} version {} deployed; call it at {}{}",

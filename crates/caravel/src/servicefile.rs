@@ -218,5 +218,31 @@ failure_threshold = 5
             bad("name = \"a\"\ncommand = \"x\"\n[readiness]\npath = \"healthz\"\n")
                 .starts_with("readiness.path:")
         );
+        // A gRPC health check on an HTTP service, and a protocol that does not exist.
+        assert!(
+            bad("name = \"a\"\ncommand = \"x\"\n[readiness]\ngrpc = \"\"\n")
+                .starts_with("readiness.grpc:")
+        );
+        let e = ServiceFile::parse("name = \"a\"\ncommand = \"x\"\nprotocol = \"h3\"\n", "s")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("s:3:") && e.contains("unknown variant `h3`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_grpc_service_file() {
+        let s = ServiceFile::parse(
+            "name = \"g\"\ncommand = \"x\"\nprotocol = \"grpc\"\n[readiness]\ngrpc = \"my.Svc\"\nperiod = \"2s\"\n",
+            "s",
+        )
+        .unwrap()
+        .into_spec()
+        .unwrap();
+        assert_eq!(s.protocol, caravel_core::Protocol::Grpc);
+        assert_eq!(s.readiness.grpc.as_deref(), Some("my.Svc"));
+        assert_eq!(s.readiness.period_ms, 2000);
     }
 }
