@@ -26,36 +26,26 @@ struct Figures {
     errors: u64,
 }
 
-async fn measure(url: &str, clients: usize, secs: f64) -> Result<Figures> {
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(clients)
-        .build()?;
-    // Warm the connections first.
-    for _ in 0..clients.min(8) {
-        let _ = http.get(url).send().await?.bytes().await;
-    }
+/// Runs `call` in a loop from `clients` tasks for `secs`: throughput and latency of the
+/// calls that succeeded, and how many failed.
+async fn drive<F, Fut>(clients: usize, secs: f64, call: F) -> Result<Figures>
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
     let stop = Arc::new(AtomicBool::new(false));
     let errors = Arc::new(AtomicU64::new(0));
     let lat = Arc::new(Mutex::new(Vec::new()));
     let t0 = Instant::now();
     let tasks: Vec<_> = (0..clients)
         .map(|_| {
-            let (http, url, stop, errors, lat) = (
-                http.clone(),
-                url.to_string(),
-                stop.clone(),
-                errors.clone(),
-                lat.clone(),
-            );
+            let (call, stop, errors, lat) =
+                (call.clone(), stop.clone(), errors.clone(), lat.clone());
             tokio::spawn(async move {
                 let mut mine = Vec::with_capacity(100_000);
                 while !stop.load(Ordering::Relaxed) {
                     let t = Instant::now();
-                    let ok = match http.get(&url).send().await {
-                        Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
-                        Err(_) => false,
-                    };
-                    if ok {
+                    if call().await {
                         mine.push(t.elapsed().as_secs_f64() * 1000.0);
                     } else {
                         errors.fetch_add(1, Ordering::Relaxed);
@@ -80,6 +70,67 @@ async fn measure(url: &str, clients: usize, secs: f64) -> Result<Figures> {
     })
 }
 
+/// HTTP/1.1 GETs on keep-alive connections, one per client.
+async fn measure(url: &str, clients: usize, secs: f64) -> Result<Figures> {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(clients)
+        .build()?;
+    // Warm the connections first.
+    for _ in 0..clients.min(8) {
+        let _ = http.get(url).send().await?.bytes().await;
+    }
+    let url = url.to_string();
+    drive(clients, secs, move || {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            match http.get(&url).send().await {
+                Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
+                Err(_) => false,
+            }
+        }
+    })
+    .await
+}
+
+/// Unary gRPC calls (`caravel.bench.Echo/Unary`, 2 bytes each way) from `clients` tasks
+/// multiplexed on one HTTP/2 connection, as a gRPC client does; `service` adds the
+/// gateway's routing header.
+async fn measure_grpc(
+    url: &str,
+    service: Option<&str>,
+    clients: usize,
+    secs: f64,
+) -> Result<Figures> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())?
+        .connect()
+        .await?;
+    let route = service
+        .map(|s| s.parse::<tonic::metadata::MetadataValue<_>>())
+        .transpose()?;
+    let call = move || {
+        let (mut grpc, route) = (tonic::client::Grpc::new(channel.clone()), route.clone());
+        async move {
+            let mut req = tonic::Request::new(bytes::Bytes::from_static(b"ok"));
+            if let Some(r) = route {
+                req.metadata_mut().insert("x-caravel-service", r);
+            }
+            grpc.ready().await.is_ok()
+                && grpc
+                    .unary(
+                        req,
+                        http::uri::PathAndQuery::from_static("/caravel.bench.Echo/Unary"),
+                        crate::backend::Raw,
+                    )
+                    .await
+                    .is_ok()
+        }
+    };
+    if !call().await {
+        bail!("a first gRPC call to {url} failed");
+    }
+    drive(clients, secs, call).await
+}
+
 struct Nginx(std::process::Child);
 
 impl Drop for Nginx {
@@ -98,82 +149,6 @@ impl Drop for Nginx {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// Unary gRPC calls (`caravel.bench.Echo/Unary`, 2 bytes each way) from `clients` tasks
-/// multiplexed on one HTTP/2 connection, as a gRPC client does; `service` adds the
-/// gateway's routing header.
-async fn measure_grpc(
-    url: &str,
-    service: Option<&str>,
-    clients: usize,
-    secs: f64,
-) -> Result<Figures> {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_string())?
-        .connect()
-        .await?;
-    let route = service.map(|s| s.parse::<tonic::metadata::MetadataValue<_>>());
-    let route = route.transpose()?;
-    let call = move |mut grpc: tonic::client::Grpc<tonic::transport::Channel>| {
-        let route = route.clone();
-        async move {
-            let mut req = tonic::Request::new(bytes::Bytes::from_static(b"ok"));
-            if let Some(r) = route {
-                req.metadata_mut().insert("x-caravel-service", r);
-            }
-            grpc.ready().await.map_err(|e| anyhow::anyhow!("{e}"))?;
-            grpc.unary(
-                req,
-                http::uri::PathAndQuery::from_static("/caravel.bench.Echo/Unary"),
-                crate::backend::Raw,
-            )
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-            anyhow::Ok(())
-        }
-    };
-    call(tonic::client::Grpc::new(channel.clone())).await?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let errors = Arc::new(AtomicU64::new(0));
-    let lat = Arc::new(Mutex::new(Vec::new()));
-    let t0 = Instant::now();
-    let tasks: Vec<_> = (0..clients)
-        .map(|_| {
-            let (grpc, stop, errors, lat, call) = (
-                tonic::client::Grpc::new(channel.clone()),
-                stop.clone(),
-                errors.clone(),
-                lat.clone(),
-                call.clone(),
-            );
-            tokio::spawn(async move {
-                let mut mine = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    let t = Instant::now();
-                    match call(grpc.clone()).await {
-                        Ok(()) => mine.push(t.elapsed().as_secs_f64() * 1000.0),
-                        Err(_) => {
-                            errors.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
-                lat.lock().expect("lock").extend(mine);
-            })
-        })
-        .collect();
-    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await?;
-    }
-    let wall = t0.elapsed().as_secs_f64();
-    let mut l = std::mem::take(&mut *lat.lock().expect("lock"));
-    Ok(Figures {
-        rps: l.len() as f64 / wall,
-        p50_ms: pct(&mut l, 50.0),
-        p99_ms: pct(&mut l, 99.0),
-        errors: errors.load(Ordering::Relaxed),
-    })
 }
 
 fn start_nginx(
