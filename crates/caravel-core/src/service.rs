@@ -183,6 +183,10 @@ pub struct ServiceSpec {
     /// SIGTERM to SIGKILL when a drained replica stops.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kill_grace_ms: Option<u64>,
+    /// How long a replica taken out of rotation may keep serving what it has in flight
+    /// (long-lived streams, WebSocket tunnels) before it is stopped anyway.
+    #[serde(default = "five_minutes")]
+    pub drain_timeout_ms: u64,
 }
 
 fn ten() -> u32 {
@@ -223,6 +227,7 @@ impl ServiceSpec {
             max_surge: one(),
             max_unavailable: 0,
             kill_grace_ms: None,
+            drain_timeout_ms: five_minutes(),
         }
     }
 
@@ -284,6 +289,7 @@ impl ServiceSpec {
             ("scale_to_zero_after_ms", self.scale_to_zero_after_ms, 1_000),
             ("scale_down_delay_ms", self.scale_down_delay_ms, 0),
             ("cold_start_timeout_ms", self.cold_start_timeout_ms, 100),
+            ("drain_timeout_ms", self.drain_timeout_ms, 1_000),
         ] {
             if v < lo || v > day {
                 return Err(ValidationError::new(
@@ -357,6 +363,8 @@ mod tests {
             "readiness.path"
         );
         assert_eq!(bad(&|x| x.rate_limit_rps = Some(0)), "rate_limit_rps");
+        assert_eq!(s.drain_timeout_ms, 300_000);
+        assert_eq!(bad(&|x| x.drain_timeout_ms = 10), "drain_timeout_ms");
         assert_eq!(
             bad(&|x| {
                 x.env.insert("PORT".into(), "80".into());

@@ -78,6 +78,20 @@ pub struct Replica {
     /// When it was first seen with an address, and when it first passed readiness.
     pub started_at: Option<Instant>,
     pub ready_at: Option<Instant>,
+    /// When the controller first saw it draining: the drain timeout counts from there.
+    pub draining_since: Option<Instant>,
+}
+
+impl Replica {
+    /// Whether a draining replica is done: nothing in flight, or it has drained for the
+    /// whole timeout (a WebSocket or a gRPC stream may stay open for hours).
+    fn drained(&self, timeout: Duration, now: Instant) -> bool {
+        self.draining
+            && (self.in_flight.load(Ordering::Relaxed) == 0
+                || self
+                    .draining_since
+                    .is_some_and(|t| now.saturating_duration_since(t) >= timeout))
+    }
 }
 
 #[derive(Debug)]
@@ -1119,6 +1133,7 @@ pub fn reconcile(s: &Arc<Shared>, now: Millis) {
                     in_flight: Arc::new(AtomicU64::new(0)),
                     started_at: None,
                     ready_at: None,
+                    draining_since: None,
                 });
                 if e.addr != r.addr {
                     e.addr = r.addr.clone();
@@ -1176,9 +1191,20 @@ pub fn reconcile(s: &Arc<Shared>, now: Millis) {
             if start > 0 && svc.start_after.is_none_or(|t| Instant::now() >= t) {
                 to_start.push((key.clone(), start));
             }
-            // Drained replicas with nothing in flight stop now.
+            // Drained replicas stop now: nothing in flight, or out of time.
+            let (timeout, at) = (
+                Duration::from_millis(svc.spec.drain_timeout_ms),
+                Instant::now(),
+            );
             for r in svc.replicas.values_mut() {
-                if r.draining && !r.stopped && r.in_flight.load(Ordering::Relaxed) == 0 {
+                if r.draining && r.draining_since.is_none() {
+                    r.draining_since = Some(at);
+                }
+                if !r.stopped && r.drained(timeout, at) {
+                    let left = r.in_flight.load(Ordering::Relaxed);
+                    if left > 0 {
+                        tracing::warn!(job = %r.job, in_flight = left, "replica drained for its whole drain timeout; stopping it with requests in flight");
+                    }
                     r.stopped = true;
                     to_stop.push(r.job);
                 }
@@ -1305,6 +1331,7 @@ mod tests {
                             in_flight: Arc::new(AtomicU64::new(job)),
                             started_at: None,
                             ready_at: None,
+                            draining_since: None,
                         },
                     )
                 })
@@ -1396,6 +1423,24 @@ mod tests {
         assert!(!grpc_health_serving(&[0, 0, 0, 0, 3, 0x08, 1]));
         assert!(!grpc_health_serving(&[1, 0, 0, 0, 2, 0x08, 1]));
         assert!(!grpc_health_serving(&[0, 0, 0, 0, 2, 0x08]));
+    }
+
+    #[test]
+    fn a_draining_replica_stops_when_idle_or_when_its_drain_timeout_is_up() {
+        let mut s = svc(1, &[(1, 1, true), (2, 1, true)]);
+        let t0 = Instant::now();
+        let timeout = Duration::from_secs(60);
+        let r = s.replicas.get_mut(&JobId(1)).unwrap();
+        // In rotation: never "drained", whatever it holds.
+        assert!(!r.drained(timeout, t0));
+        r.draining = true;
+        r.draining_since = Some(t0);
+        // One request in flight (a stream): held until the timeout, not a moment less.
+        assert!(!r.drained(timeout, t0 + Duration::from_secs(59)));
+        assert!(r.drained(timeout, t0 + Duration::from_secs(60)));
+        // Idle: at once.
+        r.in_flight.store(0, Ordering::Relaxed);
+        assert!(r.drained(timeout, t0));
     }
 
     #[test]

@@ -47,6 +47,7 @@ pub struct ServiceFile {
     pub max_surge: Option<u32>,
     pub max_unavailable: Option<u32>,
     pub kill_grace: Option<String>,
+    pub drain_timeout: Option<String>,
 }
 
 fn dur(v: &Option<String>, field: &str) -> Result<Option<u64>> {
@@ -122,6 +123,8 @@ impl ServiceFile {
         s.max_surge = self.max_surge.unwrap_or(s.max_surge);
         s.max_unavailable = self.max_unavailable.unwrap_or(s.max_unavailable);
         s.kill_grace_ms = dur(&self.kill_grace, "kill_grace")?;
+        s.drain_timeout_ms =
+            dur(&self.drain_timeout, "drain_timeout")?.unwrap_or(s.drain_timeout_ms);
         // The server validates again; checking here names the field before any round trip.
         s.validate().map_err(|e| anyhow!("{e}"))?;
         Ok(s)
@@ -243,6 +246,7 @@ failure_threshold = 5
         .unwrap();
         assert_eq!(s.protocol, caravel_core::Protocol::Grpc);
         assert_eq!(s.readiness.grpc.as_deref(), Some("my.Svc"));
+        assert_eq!(s.drain_timeout_ms, 300_000);
         assert_eq!(s.readiness.period_ms, 2000);
     }
 }

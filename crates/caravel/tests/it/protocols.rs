@@ -347,41 +347,72 @@ fn large_bodies_upgrades_and_h2c_replicas_pass_through_the_gateway() {
     }
 
     // An HTTP/1.1 upgrade (what WebSocket does): 101, then bytes both ways.
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", p.port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET /s/default/h/upgrade HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
-         Connection: upgrade\r\nUpgrade: echo\r\n\r\n",
-        p.admin
-    )
-    .unwrap();
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut b).unwrap();
-        head.push(b[0]);
-    }
-    let head = String::from_utf8(head).unwrap();
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    assert!(
-        head.to_ascii_lowercase().contains("upgrade: echo"),
-        "{head}"
-    );
-    for msg in ["hello", "over the tunnel"] {
-        s.write_all(msg.as_bytes()).unwrap();
-        let mut back = vec![0u8; msg.len()];
-        s.read_exact(&mut back).unwrap();
-        assert_eq!(back, msg.as_bytes());
-    }
+    let open_tunnel = || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", p.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        write!(
+            s,
+            "GET /s/default/h/upgrade HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+             Connection: upgrade\r\nUpgrade: echo\r\n\r\n",
+            p.admin
+        )
+        .unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut b).unwrap();
+            head.push(b[0]);
+        }
+        let head = String::from_utf8(head).unwrap();
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        assert!(
+            head.to_ascii_lowercase().contains("upgrade: echo"),
+            "{head}"
+        );
+        for msg in ["hello", "over the tunnel"] {
+            s.write_all(msg.as_bytes()).unwrap();
+            let mut back = vec![0u8; msg.len()];
+            s.read_exact(&mut back).unwrap();
+            assert_eq!(back, msg.as_bytes());
+        }
+        s
+    };
     // The open tunnel counts as a request in flight on the replica until it closes.
     let in_flight = || {
         let v = p.get(&p.admin, "/v1/services/h").unwrap();
         v["replicas"][0]["in_flight"].as_u64().unwrap()
     };
+    let s = open_tunnel();
     assert_eq!(in_flight(), 1);
     drop(s);
     wait_for("the tunnel to close", Duration::from_secs(10), || {
         (in_flight() == 0).then_some(())
+    });
+
+    // A tunnel left open does not keep a replica draining for ever: a new version takes
+    // over, and the old replica is stopped once the drain timeout is up.
+    let mut s = open_tunnel();
+    p.post(
+        &p.admin,
+        "/v1/services",
+        &backend("h", json!({"env": {"V": "2"}, "drain_timeout_ms": 2000})),
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    let mut buf = [0u8; 16];
+    match s.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("the tunnel should have been closed: {other:?}"),
+    }
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_secs(2),
+        "closed after {took:?}, before the drain timeout"
+    );
+    wait_for("the new version alone", Duration::from_secs(20), || {
+        let v = p.get(&p.admin, "/v1/services/h").unwrap();
+        let r = v["replicas"].as_array().unwrap().clone();
+        (r.len() == 1 && r[0]["version"] == 2 && r[0]["state"] == "ready").then_some(())
     });
 }
