@@ -340,9 +340,12 @@ impl http_body::Body for Lent {
 }
 
 /// A replica's response body, holding the replica's in-flight count until it is dropped.
+/// For a gRPC service it also notes the `grpc-status` of the trailers, the only place a
+/// gRPC call's outcome shows (the HTTP status is 200 whatever happened).
 struct Guarded {
     inner: hyper::body::Incoming,
-    _guard: InFlight,
+    guard: InFlight,
+    grpc: bool,
 }
 
 impl http_body::Body for Guarded {
@@ -353,7 +356,16 @@ impl http_body::Body for Guarded {
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        std::pin::Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+        let me = self.get_mut();
+        let polled = std::pin::Pin::new(&mut me.inner).poll_frame(cx);
+        if me.grpc {
+            if let std::task::Poll::Ready(Some(Ok(f))) = &polled {
+                if let Some(v) = f.trailers_ref().and_then(|t| t.get("grpc-status")) {
+                    me.guard.grpc_status = v.to_str().ok().map(str::to_string);
+                }
+            }
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -372,14 +384,26 @@ fn err(code: ErrorCode, msg: impl Into<String>) -> Response {
 /// Decrements a replica's (or the held) count when the response — body included — is done.
 struct InFlight {
     n: Arc<AtomicU64>,
-    done: Option<Box<dyn FnOnce() + Send>>,
+    /// Called with the gRPC status seen, if any.
+    done: Option<Box<dyn FnOnce(Option<String>) + Send>>,
+    grpc_status: Option<String>,
+}
+
+impl InFlight {
+    fn new(n: Arc<AtomicU64>) -> InFlight {
+        InFlight {
+            n,
+            done: None,
+            grpc_status: None,
+        }
+    }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.n.fetch_sub(1, Ordering::Relaxed);
         if let Some(f) = self.done.take() {
-            f();
+            f(self.grpc_status.take());
         }
     }
 }
@@ -455,7 +479,12 @@ async fn proxy(
     if resp.extensions().get::<Proxied>().is_none() {
         // Refused before a replica was involved: counted here; proxied responses are
         // counted when their body ends.
-        record(&s, &label, resp.status(), t0);
+        let seen = resp
+            .extensions()
+            .get::<ApiError>()
+            .filter(|_| grpc)
+            .map(|e| grpc_code(e.code).to_string());
+        record(&s, &label, resp.status(), seen.as_deref(), t0);
         if grpc {
             return as_grpc(resp);
         }
@@ -521,14 +550,15 @@ fn as_grpc(resp: Response) -> Response {
 #[derive(Clone)]
 struct Proxied;
 
-fn record(s: &Shared, label: &str, status: StatusCode, t0: Instant) {
-    s.metrics
-        .service_requests
-        .get_or_create(&vec![
-            ("service".to_string(), label.to_string()),
-            ("code".to_string(), status.as_u16().to_string()),
-        ])
-        .inc();
+fn record(s: &Shared, label: &str, status: StatusCode, grpc: Option<&str>, t0: Instant) {
+    let mut labels = vec![
+        ("service".to_string(), label.to_string()),
+        ("code".to_string(), status.as_u16().to_string()),
+    ];
+    if let Some(g) = grpc {
+        labels.push(("grpc_status".to_string(), g.to_string()));
+    }
+    s.metrics.service_requests.get_or_create(&labels).inc();
     s.metrics
         .service_latency
         .get_or_create(&vec![("service".to_string(), label.to_string())])
@@ -677,7 +707,7 @@ async fn proxy_inner(
             }
         };
         drop(held_guard);
-        let guard = InFlight { n, done: None };
+        let guard = InFlight::new(n);
         let query = parts
             .uri
             .query()
@@ -734,7 +764,18 @@ async fn proxy_inner(
                 let s2 = s.clone();
                 let label = label.to_string();
                 let mut guard = guard;
-                guard.done = Some(Box::new(move || record(&s2, &label, status, t0)));
+                let grpc = protocol == Protocol::Grpc;
+                // A trailers-only answer (an error, or an empty stream) has its status in
+                // the headers; otherwise the trailers bring it.
+                if grpc {
+                    guard.grpc_status = headers
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string);
+                }
+                guard.done = Some(Box::new(move |g: Option<String>| {
+                    record(&s2, &label, status, g.as_deref(), t0)
+                }));
                 if let (Some(theirs), Some(ours)) = (up_upgrade, upgrade) {
                     // Both sides switch: copy bytes both ways until either closes; the
                     // tunnel counts as a request in flight until then.
@@ -758,7 +799,8 @@ async fn proxy_inner(
                 // has been sent or the client went away (the guard drops with the body).
                 let mut resp = Response::new(Body::new(Guarded {
                     inner: incoming,
-                    _guard: guard,
+                    guard,
+                    grpc,
                 }));
                 *resp.status_mut() = status;
                 *resp.headers_mut() = headers;
@@ -844,10 +886,7 @@ fn pick_step(
     }
     if held.is_none() {
         svc.held.fetch_add(1, Ordering::Relaxed);
-        *held = Some(InFlight {
-            n: svc.held.clone(),
-            done: None,
-        });
+        *held = Some(InFlight::new(svc.held.clone()));
     }
     Step::Wait(Some(svc.ready_changed.clone()))
 }

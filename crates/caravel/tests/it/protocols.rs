@@ -260,6 +260,24 @@ fn grpc_calls_stream_both_ways_through_the_gateway_and_replicas_are_health_check
             t0.elapsed()
         );
     });
+    // The request counter carries each call's gRPC status (the HTTP status is 200 for all):
+    // from the trailers (the aborted chat), from a trailers-only answer (the replica's
+    // NOT_FOUND), or the gateway's own refusal (UNAUTHENTICATED).
+    let m = p.text(&p.admin, "/metrics");
+    let calls = |status: &str| -> f64 {
+        m.lines()
+            .filter(|l| {
+                l.starts_with("caravel_service_requests_total{")
+                    && l.contains("service=\"default/g\"")
+                    && l.contains(&format!("grpc_status=\"{status}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(calls("10"), 1.0, "{m}");
+    assert_eq!(calls("5"), 1.0, "{m}");
+    assert_eq!(calls("16"), 1.0, "{m}");
+    assert!(calls("0") >= 2.0, "{m}");
     assert_eq!(ready_replicas(&p, "never"), 0);
     // The replica of `never` runs: only its health check fails.
     let v = p.get(&p.admin, "/v1/services/never").unwrap();
