@@ -29,6 +29,9 @@ pub enum ErrorCode {
     RateLimited,
     /// The replica a request went to failed before answering.
     UpstreamFailed,
+    /// The replica a request went to sent no response within the service's
+    /// `response_timeout`.
+    UpstreamTimeout,
     Internal,
 }
 
@@ -44,6 +47,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => 503,
             ErrorCode::RateLimited => 429,
             ErrorCode::UpstreamFailed => 502,
+            ErrorCode::UpstreamTimeout => 504,
             ErrorCode::Internal => 500,
         }
     }
@@ -61,6 +65,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::UpstreamFailed => "upstream_failed",
+            ErrorCode::UpstreamTimeout => "upstream_timeout",
             ErrorCode::Internal => "internal",
         }
     }

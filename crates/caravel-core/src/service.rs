@@ -187,6 +187,10 @@ pub struct ServiceSpec {
     /// (long-lived streams, WebSocket tunnels) before it is stopped anyway.
     #[serde(default = "five_minutes")]
     pub drain_timeout_ms: u64,
+    /// How long the gateway waits for a replica's response head (HTTP 504 past it, not
+    /// retried); a response that has started may stream for as long as it likes.
+    #[serde(default = "five_minutes")]
+    pub response_timeout_ms: u64,
 }
 
 fn ten() -> u32 {
@@ -228,6 +232,7 @@ impl ServiceSpec {
             max_unavailable: 0,
             kill_grace_ms: None,
             drain_timeout_ms: five_minutes(),
+            response_timeout_ms: five_minutes(),
         }
     }
 
@@ -290,6 +295,7 @@ impl ServiceSpec {
             ("scale_down_delay_ms", self.scale_down_delay_ms, 0),
             ("cold_start_timeout_ms", self.cold_start_timeout_ms, 100),
             ("drain_timeout_ms", self.drain_timeout_ms, 1_000),
+            ("response_timeout_ms", self.response_timeout_ms, 100),
         ] {
             if v < lo || v > day {
                 return Err(ValidationError::new(
@@ -365,6 +371,7 @@ mod tests {
         assert_eq!(bad(&|x| x.rate_limit_rps = Some(0)), "rate_limit_rps");
         assert_eq!(s.drain_timeout_ms, 300_000);
         assert_eq!(bad(&|x| x.drain_timeout_ms = 10), "drain_timeout_ms");
+        assert_eq!(bad(&|x| x.response_timeout_ms = 0), "response_timeout_ms");
         assert_eq!(
             bad(&|x| {
                 x.env.insert("PORT".into(), "80".into());

@@ -47,6 +47,8 @@ pub struct Route {
     /// How long to hold a request while no replica is ready.
     pub cold_ms: u64,
     pub protocol: Protocol,
+    /// How long to wait for a replica's response head.
+    pub response_ms: u64,
 }
 
 impl Route {
@@ -56,6 +58,7 @@ impl Route {
             public: spec.public,
             cold_ms: spec.cold_start_timeout_ms,
             protocol: spec.protocol,
+            response_ms: spec.response_timeout_ms,
         }
     }
 }
@@ -509,6 +512,7 @@ fn grpc_code(c: ErrorCode) -> u16 {
         ErrorCode::Conflict => 9,
         ErrorCode::Internal => 13,
         ErrorCode::Unavailable | ErrorCode::UpstreamFailed => 14,
+        ErrorCode::UpstreamTimeout => 4,
         ErrorCode::Unauthenticated => 16,
     }
 }
@@ -527,10 +531,7 @@ fn as_grpc(resp: Response) -> Response {
             msg.push_str(&format!("%{b:02X}"));
         }
     }
-    let code = serde_json::to_value(e.code)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default();
+    let code = e.code.as_str();
     let mut out = Response::new(Body::empty());
     let h = out.headers_mut();
     h.insert(
@@ -541,9 +542,10 @@ fn as_grpc(resp: Response) -> Response {
     if let Ok(v) = axum::http::HeaderValue::from_str(&msg) {
         h.insert("grpc-message", v);
     }
-    if let Ok(v) = axum::http::HeaderValue::from_str(&code) {
-        h.insert("caravel-error-code", v);
-    }
+    h.insert(
+        "caravel-error-code",
+        axum::http::HeaderValue::from_static(code),
+    );
     out
 }
 
@@ -753,7 +755,19 @@ async fn proxy_inner(
         } else {
             &s.gateway.upstream
         };
-        let sent = client.request(up_req).await;
+        let wait = Duration::from_millis(route.response_ms);
+        let Ok(sent) = tokio::time::timeout(wait, client.request(up_req)).await else {
+            // The replica has the request: not retried. Dropping the call closes the
+            // connection, which is how the replica learns to stop.
+            drop(guard);
+            return err(
+                ErrorCode::UpstreamTimeout,
+                format!(
+                    "replica of {tenant}/{service} sent no response within {:.1} s (response_timeout)",
+                    wait.as_secs_f64()
+                ),
+            );
+        };
         match sent {
             Ok(mut up) => {
                 let up_upgrade = (up.status() == StatusCode::SWITCHING_PROTOCOLS)

@@ -48,6 +48,7 @@ pub struct ServiceFile {
     pub max_unavailable: Option<u32>,
     pub kill_grace: Option<String>,
     pub drain_timeout: Option<String>,
+    pub response_timeout: Option<String>,
 }
 
 fn dur(v: &Option<String>, field: &str) -> Result<Option<u64>> {
@@ -125,6 +126,8 @@ impl ServiceFile {
         s.kill_grace_ms = dur(&self.kill_grace, "kill_grace")?;
         s.drain_timeout_ms =
             dur(&self.drain_timeout, "drain_timeout")?.unwrap_or(s.drain_timeout_ms);
+        s.response_timeout_ms =
+            dur(&self.response_timeout, "response_timeout")?.unwrap_or(s.response_timeout_ms);
         // The server validates again; checking here names the field before any round trip.
         s.validate().map_err(|e| anyhow!("{e}"))?;
         Ok(s)
@@ -238,7 +241,7 @@ failure_threshold = 5
     #[test]
     fn a_grpc_service_file() {
         let s = ServiceFile::parse(
-            "name = \"g\"\ncommand = \"x\"\nprotocol = \"grpc\"\n[readiness]\ngrpc = \"my.Svc\"\nperiod = \"2s\"\n",
+            "name = \"g\"\ncommand = \"x\"\nprotocol = \"grpc\"\nresponse_timeout = \"30s\"\n[readiness]\ngrpc = \"my.Svc\"\nperiod = \"2s\"\n",
             "s",
         )
         .unwrap()
@@ -247,6 +250,7 @@ failure_threshold = 5
         assert_eq!(s.protocol, caravel_core::Protocol::Grpc);
         assert_eq!(s.readiness.grpc.as_deref(), Some("my.Svc"));
         assert_eq!(s.drain_timeout_ms, 300_000);
+        assert_eq!(s.response_timeout_ms, 30_000);
         assert_eq!(s.readiness.period_ms, 2000);
     }
 }

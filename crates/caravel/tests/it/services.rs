@@ -656,3 +656,40 @@ fn a_refused_connection_is_retried_on_another_replica() {
         .unwrap_or(0);
     assert!(retries >= 1, "no retry counted: {m}");
 }
+
+#[test]
+fn a_replica_that_does_not_answer_in_time_gets_a_504_and_the_next_request_goes_through() {
+    let p = Pool::new("svc-timeout", &[("a", &[])]);
+    p.post(
+        &p.admin,
+        "/v1/services",
+        &spec(
+            "slow",
+            json!({"min_replicas": 1, "max_replicas": 1, "response_timeout_ms": 1000}),
+        ),
+    )
+    .unwrap();
+    wait_for("a ready replica", Duration::from_secs(30), || {
+        (ready(&show(&p, "slow")).len() == 1).then_some(())
+    });
+    let c = client();
+    let base = format!("{}/s/default/slow", p.url);
+    let t0 = Instant::now();
+    let (st, body) = call(&c, &format!("{base}/work?ms=4000"), Some(&p.admin));
+    let took = t0.elapsed();
+    assert_eq!(st, 504, "{body}");
+    assert!(
+        body.contains("upstream_timeout") && body.contains("response_timeout"),
+        "{body}"
+    );
+    assert!(
+        took >= Duration::from_millis(1000) && took < Duration::from_millis(3500),
+        "{took:?}"
+    );
+    // The timed-out request no longer counts, and the replica serves the next one.
+    let (st, body) = call(&c, &format!("{base}/work?ms=200"), Some(&p.admin));
+    assert_eq!(st, 200, "{body}");
+    wait_for("nothing in flight", Duration::from_secs(10), || {
+        (show(&p, "slow")["in_flight"] == 0).then_some(())
+    });
+}
