@@ -351,6 +351,28 @@ fn large_bodies_upgrades_and_h2c_replicas_pass_through_the_gateway() {
         (200, "/echo-path/a%2Fb%20c".to_string())
     );
 
+    // A caller speaking HTTP/2 (prior knowledge) to the gateway reaches an HTTP/1.1
+    // replica, its upload streamed across.
+    let h2 = reqwest::blocking::Client::builder()
+        .http2_prior_knowledge()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let r = h2
+        .get(format!("{}/s/default/h/version", p.url))
+        .bearer_auth(&p.admin)
+        .send()
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.text().unwrap(), "HTTP/1.1");
+    let r = h2
+        .post(format!("{}/s/default/h/count", p.url))
+        .bearer_auth(&p.admin)
+        .body(vec![1u8; 8 << 20])
+        .send()
+        .unwrap();
+    assert_eq!(r.text().unwrap(), (8usize << 20).to_string());
+
     // 96 MiB, over what the gateway used to buffer (64 MiB), to both kinds of replica.
     for svc in ["h", "h2"] {
         let n = 96usize << 20;
