@@ -55,6 +55,9 @@ pub struct AgentConfig {
     /// agent finds and kills what its previous life left. `None`: the node name. Two
     /// agents on one machine must not share it, or each kills the other's tasks at start.
     pub cgroup_name: Option<String>,
+    /// CA certificates (PEM) that `https` servers are checked against instead of the
+    /// system's roots: a self-signed pool's `DATA_DIR/tls/ca.pem`.
+    pub ca: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,8 +72,12 @@ pub enum AgentError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("bad server URL `{0}`: expected http://HOST:PORT[,http://HOST:PORT...]")]
+    #[error("bad server URL `{0}`: expected http(s)://HOST:PORT[,http(s)://HOST:PORT...]")]
     ServerUrl(String),
+    #[error("--ca: {0}")]
+    Ca(caravel_tls::TlsError),
+    #[error("TLS for the log endpoint: {0}")]
+    Tls(caravel_tls::TlsError),
 }
 
 struct Running {
@@ -89,6 +96,8 @@ pub struct Agent {
     cfg: AgentConfig,
     http: reqwest::Client,
     cgroups: cgroups::Cgroups,
+    /// SHA-256 of the log endpoint's certificate, when it serves https.
+    cert_sha256: Option<String>,
     secret: String,
     instance: String,
     st: Mutex<State_>,
@@ -230,16 +239,43 @@ pub async fn start(cfg: AgentConfig) -> Result<Arc<Agent>, AgentError> {
         .clone()
         .or_else(|| local_addr_towards(&servers[0]))
         .unwrap_or_else(|| "127.0.0.1".into());
+    // With TLS to the server, the log endpoint (which the server calls with the agent's
+    // secret) is TLS too, with a certificate made now and pinned by the server.
+    let endpoint_tls = if servers.iter().any(|u| u.starts_with("https://")) {
+        let name = if caravel_tls::check_name(&address).is_ok() {
+            address.clone()
+        } else {
+            "caravel-agent".to_string()
+        };
+        Some(caravel_tls::ephemeral(&[name]).map_err(AgentError::Tls)?)
+    } else {
+        None
+    };
+    let mut http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(40))
+        // A server whose machine vanished answers nothing: move on to the next soon.
+        .connect_timeout(Duration::from_secs(3));
+    if let Some(ca) = &cfg.ca {
+        let roots = caravel_tls::ca_roots(ca).map_err(AgentError::Ca)?;
+        http = http.tls_certs_only(
+            roots
+                .iter()
+                .map(|c| reqwest::Certificate::from_der(c).expect("a parsed certificate")),
+        );
+    }
     let agent = Arc::new(Agent {
-        agent_url: format!("http://{address}:{port}"),
+        agent_url: format!(
+            "{}://{address}:{port}",
+            if endpoint_tls.is_some() {
+                "https"
+            } else {
+                "http"
+            }
+        ),
         address,
-        http: reqwest::Client::builder()
-            .timeout(Duration::from_secs(40))
-            // A server whose machine vanished answers nothing: move on to the next soon.
-            .connect_timeout(Duration::from_secs(3))
-            .build()
-            .expect("http client"),
+        http: http.build().expect("http client"),
         cgroups: cg,
+        cert_sha256: endpoint_tls.as_ref().map(|(_, fp)| fp.clone()),
         secret: random_hex(32),
         instance: random_hex(8),
         st: Mutex::new(State_ {
@@ -258,9 +294,24 @@ pub async fn start(cfg: AgentConfig) -> Result<Arc<Agent>, AgentError> {
     let app = axum::Router::new()
         .route("/runs/{run}/{stream}", axum::routing::get(serve_log))
         .with_state(agent.clone());
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    match endpoint_tls {
+        Some((tls, _)) => {
+            let listener = caravel_tls::TlsListener::new(listener, tls).map_err(|source| {
+                AgentError::Listen {
+                    addr: agent.cfg.listen,
+                    source,
+                }
+            })?;
+            tokio::spawn(async move {
+                let _ = axum::serve(listener, app).await;
+            });
+        }
+        None => {
+            tokio::spawn(async move {
+                let _ = axum::serve(listener, app).await;
+            });
+        }
+    }
     Ok(agent)
 }
 
@@ -399,6 +450,7 @@ impl Agent {
                 address: self.address.clone(),
                 agent_url: self.agent_url.clone(),
                 agent_secret: self.secret.clone(),
+                agent_cert_sha256: self.cert_sha256.clone(),
                 instance: self.instance.clone(),
                 topology: self.cfg.topology.clone(),
                 labels: self.cfg.labels.clone(),

@@ -179,6 +179,10 @@ pub struct RegisterRequest {
     pub address: String,
     pub agent_url: String,
     pub agent_secret: String,
+    /// SHA-256 (hex) of the certificate an `https` agent endpoint serves: the server
+    /// accepts that certificate and no other when it calls the agent.
+    #[serde(default)]
+    pub agent_cert_sha256: Option<String>,
     pub instance: String,
     #[serde(default)]
     pub topology: Topology,

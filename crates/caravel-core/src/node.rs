@@ -49,6 +49,9 @@ pub struct Node {
     pub agent_url: String,
     /// Secret the server presents to the agent's endpoint. Never shown by the API.
     pub agent_secret: String,
+    /// The pinned certificate of an `https` agent endpoint (`RegisterRequest`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_cert_sha256: Option<String>,
     pub topology: Topology,
     pub labels: BTreeMap<String, String>,
     pub capacity: Capacity,

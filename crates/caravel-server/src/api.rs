@@ -636,7 +636,7 @@ pub async fn job_logs(
         ));
     }
     let task = q.task.unwrap_or(0);
-    let (url, secret, run, done) = {
+    let (url, secret, pin, run, done) = {
         let (core, runs) = job_runs(&s, p, id).await?;
         let j = visible(&core, p, id)?;
         let ntasks = j.rec.spec.tasks;
@@ -692,12 +692,27 @@ pub async fn job_logs(
         (
             node.node.agent_url.clone(),
             node.node.agent_secret.clone(),
+            node.node.agent_cert_sha256.clone(),
             run.id,
             done,
         )
     };
-    let resp = s
-        .http
+    // An https agent is called with its registered certificate pinned; a client per call
+    // (log reads are rare and interactive) keeps one agent's pin off the others.
+    let http = match pin {
+        Some(pin) => {
+            let tls = caravel_tls::pinned_client_config(&pin).map_err(|e| {
+                ApiError::new(ErrorCode::Internal, format!("agent TLS settings: {e}"))
+            })?;
+            reqwest::Client::builder()
+                .tls_backend_preconfigured(tls)
+                .connect_timeout(Duration::from_secs(3))
+                .build()
+                .map_err(|e| ApiError::new(ErrorCode::Internal, format!("agent client: {e}")))?
+        }
+        None => s.http.clone(),
+    };
+    let resp = http
         .get(format!(
             "{url}/runs/{run}/{stream}?offset={}",
             q.offset.unwrap_or(0)

@@ -1903,6 +1903,15 @@ impl Core {
                 ValidationError::new("capacity.devices", "device indices must be unique").into(),
             );
         }
+        if let Some(f) = &req.agent_cert_sha256 {
+            if f.len() != 64 || !f.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(ValidationError::new(
+                    "agent_cert_sha256",
+                    "must be a SHA-256 in hex (64 characters)",
+                )
+                .into());
+            }
+        }
         if req.capacity.cpu_milli == 0 || req.capacity.memory_bytes == 0 {
             return Err(
                 ValidationError::new("capacity", "a node needs some cpu and memory").into(),
@@ -1917,6 +1926,7 @@ impl Core {
             address: req.address,
             agent_url: req.agent_url,
             agent_secret: req.agent_secret,
+            agent_cert_sha256: req.agent_cert_sha256.map(|f| f.to_ascii_lowercase()),
             topology: req.topology,
             labels: req.labels,
             capacity: req.capacity,

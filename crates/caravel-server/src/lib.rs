@@ -159,6 +159,19 @@ pub struct ServerConfig {
     pub reservations: usize,
     /// Drain nodes for a job that has waited this long without starting (0: never).
     pub starvation_ms: u64,
+    /// HTTPS on the listener (the API and the gateway); plain HTTP when `None`.
+    pub tls: Option<Tls>,
+}
+
+/// Where the server's certificate comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tls {
+    /// PEM files from the operator's own CA or a public one; re-read when they change.
+    Files { cert: PathBuf, key: PathBuf },
+    /// A pool CA made once in `DATA_DIR/tls` and a server certificate issued from it at
+    /// each start for these names (with `localhost`, `127.0.0.1`, `::1` and the host
+    /// name); clients trust `DATA_DIR/tls/ca.pem`.
+    SelfSigned { names: Vec<String> },
 }
 
 impl ServerConfig {
@@ -177,6 +190,16 @@ impl ServerConfig {
             las: None,
             reservations: 1,
             starvation_ms: 0,
+            tls: None,
+        }
+    }
+
+    /// `https` with TLS on, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
         }
     }
 }
@@ -230,6 +253,8 @@ pub enum ServerError {
     TokenMismatch { path: PathBuf },
     #[error("loading state: {0}")]
     Load(#[from] error::ApiError),
+    #[error("TLS: {0}")]
+    Tls(#[from] caravel_tls::TlsError),
     #[error("listening on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -266,13 +291,15 @@ pub struct Server {
     /// them knows only their hashes (its clients bring the pool's tokens).
     pub admin_token: Option<String>,
     pub agent_token: Option<String>,
+    /// The pool CA clients must trust, when the server made its own certificate.
+    pub ca: Option<PathBuf>,
     pub shared: Arc<Shared>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Server {
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.shared.cfg.scheme(), self.addr)
     }
 
     /// Stops serving. Everything accepted is already durable.
@@ -449,7 +476,21 @@ pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
             addr: cfg.listen,
             source,
         })?;
-    datadir::record_url(&mut data_dir_lock, &format!("http://{addr}")).map_err(dd)?;
+    let (tls, ca) = match &cfg.tls {
+        None => (None, None),
+        Some(Tls::Files { cert, key }) => (Some(caravel_tls::server_config(cert, key)?), None),
+        Some(Tls::SelfSigned { names }) => {
+            let issued = caravel_tls::self_signed(
+                &cfg.data_dir.join("tls"),
+                &certificate_names(names, cfg.listen),
+            )?;
+            (
+                Some(caravel_tls::server_config(&issued.cert, &issued.key)?),
+                Some(issued.ca),
+            )
+        }
+    };
+    datadir::record_url(&mut data_dir_lock, &format!("{}://{addr}", cfg.scheme())).map_err(dd)?;
     let shared = Arc::new(Shared {
         durability: Mutex::new(core.durability()),
         core: Mutex::new(core),
@@ -473,24 +514,64 @@ pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
     let live = tokio::spawn(liveness_loop(shared.clone()));
     let ctrl = tokio::spawn(gateway::controller_loop(shared.clone()));
     let app = router(shared.clone());
-    let serve = tokio::spawn(async move {
-        // No Nagle: an HTTP/2 answer goes out as several small frames (headers, data,
-        // trailers), and a frame held back for the peer's delayed ACK costs 40 ms.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "server stopped");
+    let serve = match tls {
+        Some(tls) => {
+            // Handshakes off the accept loop, no Nagle (as below), plain HTTP answered.
+            let listener = caravel_tls::TlsListener::new(listener, tls).map_err(|source| {
+                ServerError::Listen {
+                    addr: cfg.listen,
+                    source,
+                }
+            })?;
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::error!(error = %e, "server stopped");
+                }
+            })
         }
-    });
-    tracing::info!(%addr, data_dir = %cfg.data_dir.display(), datastore = %cfg.datastore.redacted(), "caravel server listening");
+        None => tokio::spawn(async move {
+            // No Nagle: an HTTP/2 answer goes out as several small frames (headers, data,
+            // trailers), and a frame held back for the peer's delayed ACK costs 40 ms.
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "server stopped");
+            }
+        }),
+    };
+    tracing::info!(%addr, scheme = cfg.scheme(), data_dir = %cfg.data_dir.display(), datastore = %cfg.datastore.redacted(), "caravel server listening");
     Ok(Server {
         addr,
         admin_token,
         agent_token,
+        ca,
         shared,
         tasks: vec![sched, live, ctrl, serve],
     })
+}
+
+/// The names a self-signed server certificate covers: the operator's, then the loopback
+/// names, the host name and the listen address when it is a specific one.
+fn certificate_names(given: &[String], listen: SocketAddr) -> Vec<String> {
+    let mut names: Vec<String> = given.to_vec();
+    names.extend(["localhost", "127.0.0.1", "::1"].map(String::from));
+    if let Some(h) = host_name() {
+        names.push(h);
+    }
+    if !listen.ip().is_unspecified() {
+        names.push(listen.ip().to_string());
+    }
+    let mut seen = std::collections::HashSet::new();
+    names.retain(|n| seen.insert(n.to_ascii_lowercase()));
+    names
+}
+
+fn host_name() -> Option<String> {
+    let h = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    let h = h.trim();
+    caravel_tls::check_name(h).ok()?;
+    Some(h.to_string())
 }
 
 /// Full scheduling passes (the whole queue) take at most about 1 / (1 + this) of the time.

@@ -32,6 +32,7 @@ pub fn node(id: u64, name: &str) -> Node {
         address: "127.0.0.1".into(),
         agent_url: "http://127.0.0.1:1".into(),
         agent_secret: "s".into(),
+        agent_cert_sha256: None,
         topology: Topology::default(),
         labels: BTreeMap::new(),
         capacity: Capacity {

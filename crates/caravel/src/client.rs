@@ -14,6 +14,10 @@ use serde::{Deserialize, Serialize};
 pub struct ClientConfig {
     pub server: Option<String>,
     pub token: Option<String>,
+    /// CA certificates (PEM) an `https` server is checked against instead of the system's
+    /// roots: a self-signed pool's `DATA_DIR/tls/ca.pem`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
 }
 
 pub fn config_path() -> PathBuf {
@@ -54,6 +58,51 @@ pub fn write_config(c: &ClientConfig) -> Result<PathBuf> {
     Ok(p)
 }
 
+/// An HTTP client builder that trusts `ca` (PEM) alone when given.
+pub fn http_builder(ca: Option<&std::path::Path>) -> Result<reqwest::ClientBuilder> {
+    let b = reqwest::Client::builder();
+    let Some(ca) = ca else { return Ok(b) };
+    let roots = caravel_tls::ca_roots(ca).map_err(|e| anyhow!("--ca: {e}"))?;
+    let roots: Vec<reqwest::Certificate> = roots
+        .iter()
+        .map(|c| reqwest::Certificate::from_der(c))
+        .collect::<Result<_, _>>()?;
+    Ok(b.tls_certs_only(roots))
+}
+
+/// A request that failed on TLS settings (the CA, the scheme): what to do about it.
+#[derive(Debug)]
+pub struct TlsMisfit(pub &'static str);
+
+impl std::fmt::Display for TlsMisfit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+/// What to do about a request that failed before any answer, when the cause is TLS.
+pub fn tls_hint(e: &reqwest::Error, url: &str) -> Option<&'static str> {
+    let mut chain = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(c) = src {
+        chain.push_str(&c.to_string());
+        src = c.source();
+    }
+    if chain.contains("UnknownIssuer") || chain.contains("invalid peer certificate") {
+        Some(
+            "the server's certificate is not signed by a CA this client trusts: pass --ca FILE \
+             (or set CARAVEL_CA); a pool with a self-signed certificate has its CA in \
+             DATA_DIR/tls/ca.pem",
+        )
+    } else if url.starts_with("https://")
+        && (chain.contains("InvalidContentType") || chain.contains("corrupt message"))
+    {
+        Some("the server does not speak TLS: use an http:// URL")
+    } else {
+        None
+    }
+}
+
 #[derive(Clone)]
 pub struct Client {
     /// The server, or a server and its standbys (`--server URL[,URL...]`).
@@ -87,21 +136,39 @@ impl std::fmt::Display for ApiFailure {
 impl std::error::Error for ApiFailure {}
 
 impl Client {
-    pub fn resolve(server: Option<String>, token: Option<String>) -> Result<Client> {
+    pub fn resolve(
+        server: Option<String>,
+        token: Option<String>,
+        ca: Option<PathBuf>,
+    ) -> Result<Client> {
         let cfg = load_config()?;
+        // A server given here with no CA does not take the config's CA, which belongs to
+        // the config's server.
+        let ca = match (&server, ca) {
+            (_, Some(ca)) => Some(ca),
+            (Some(_), None) => None,
+            (None, None) => cfg.ca,
+        };
         let base = server.or(cfg.server).ok_or_else(|| {
             anyhow!("no server: pass --server, set CARAVEL_SERVER, or run `caravel up` first")
         })?;
         let token = token.or(cfg.token).ok_or_else(|| {
             anyhow!("no token: pass --token, set CARAVEL_TOKEN, or run `caravel up` first")
         })?;
-        Ok(Client::new(&base, &token))
+        Client::with_ca(&base, &token, ca.as_deref())
     }
 
     /// `base`: a URL, or several separated by commas (a server and its standbys); a
-    /// request that cannot connect to one goes to the next.
+    /// request that cannot connect to one goes to the next. `https` servers are checked
+    /// against the system's roots.
     pub fn new(base: &str, token: &str) -> Client {
-        Client {
+        Client::with_ca(base, token, None).expect("an HTTP client without a CA file")
+    }
+
+    /// As [`Client::new`], with `https` servers checked against the CA certificates in
+    /// `ca` (PEM) instead of the system's roots.
+    pub fn with_ca(base: &str, token: &str, ca: Option<&std::path::Path>) -> Result<Client> {
+        Ok(Client {
             bases: base
                 .split(',')
                 .map(|b| b.trim().trim_end_matches('/').to_string())
@@ -109,11 +176,10 @@ impl Client {
                 .collect(),
             current: Default::default(),
             token: token.to_string(),
-            http: reqwest::Client::builder()
+            http: http_builder(ca)?
                 .timeout(std::time::Duration::from_secs(60))
-                .build()
-                .expect("http client"),
-        }
+                .build()?,
+        })
     }
 
     async fn check(resp: reqwest::Response) -> Result<reqwest::Response> {
@@ -159,10 +225,15 @@ impl Client {
                 }
                 Err(e) if e.is_connect() && k + 1 < n => continue,
                 Err(e) => {
-                    return Err(anyhow::Error::new(e).context(format!(
+                    let hint = tls_hint(&e, &self.bases[i]);
+                    let err = anyhow::Error::new(e).context(format!(
                         "cannot reach the server at {}",
                         self.bases.join(" or ")
-                    )))
+                    ));
+                    return Err(match hint {
+                        Some(h) => err.context(TlsMisfit(h)),
+                        None => err,
+                    });
                 }
             }
         }
@@ -209,7 +280,8 @@ impl Client {
                 })
                 .await;
             let retry = match &sent {
-                Err(_) => true,
+                // Trying again does not change which CA this client trusts.
+                Err(e) => e.downcast_ref::<TlsMisfit>().is_none(),
                 Ok(r) if r.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE => {
                     // Its store is out of reach: a standby may own it by now.
                     let n = self.bases.len();

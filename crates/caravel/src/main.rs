@@ -52,6 +52,11 @@ struct Conn {
     /// Bearer token (else CARAVEL_TOKEN, else the config `caravel up` wrote).
     #[arg(long, env = "CARAVEL_TOKEN", global = true, hide_env_values = true)]
     token: Option<String>,
+    /// CA certificates (PEM) to check an https server against instead of the system's
+    /// roots (else CARAVEL_CA, else the config's `ca`): a self-signed pool's
+    /// DATA_DIR/tls/ca.pem.
+    #[arg(long, env = "CARAVEL_CA", global = true, value_name = "FILE")]
+    ca: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -314,6 +319,27 @@ struct ServerArgs {
     /// The gateway's own region (X-Caravel-Region), the next preference after the zone.
     #[arg(long, default_value = "")]
     region: String,
+    /// Serve HTTPS (API and gateway) with this certificate chain (PEM); re-read when the
+    /// file changes, so a renewed certificate needs no restart. With --tls-key.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "tls_key",
+        conflicts_with = "tls_self_signed"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Serve HTTPS with a certificate from a pool CA this server makes once in
+    /// DATA_DIR/tls (clients and agents trust DATA_DIR/tls/ca.pem with --ca).
+    #[arg(long)]
+    tls_self_signed: bool,
+    /// Names (DNS or IP) the self-signed certificate covers besides localhost, the
+    /// loopback addresses, the host name and the listen address: those agents and
+    /// clients use to reach this server. Repeatable or comma-separated.
+    #[arg(long, value_name = "NAME", value_delimiter = ',', requires = "tls_self_signed", value_parser = tls_name)]
+    tls_san: Vec<String>,
 }
 
 #[derive(Args)]
@@ -357,6 +383,10 @@ struct AgentArgs {
     /// Do not use cgroups even where available.
     #[arg(long)]
     no_cgroups: bool,
+    /// CA certificates (PEM) to check https servers against instead of the system's roots:
+    /// a self-signed pool's DATA_DIR/tls/ca.pem.
+    #[arg(long, env = "CARAVEL_CA", value_name = "FILE")]
+    ca: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -371,6 +401,10 @@ struct UpArgs {
     /// Start in the background, wait until the pool is ready, and return.
     #[arg(short, long)]
     detach: bool,
+    /// Serve HTTPS with a self-signed pool CA (DATA_DIR/tls/ca.pem, recorded in the client
+    /// config so the commands here trust it).
+    #[arg(long)]
+    tls: bool,
 }
 
 #[derive(Args)]
@@ -572,11 +606,24 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
             cfg.reservations = a.reservations;
             cfg.zone = a.zone;
             cfg.region = a.region;
+            cfg.tls = match (a.tls_cert, a.tls_key) {
+                (Some(cert), Some(key)) => Some(caravel_server::Tls::Files { cert, key }),
+                _ if a.tls_self_signed => {
+                    Some(caravel_server::Tls::SelfSigned { names: a.tls_san })
+                }
+                _ => None,
+            };
             if a.sync_full {
                 cfg.sync = caravel_store::Sync::Full;
             }
             let s = caravel_server::start(cfg).await?;
             eprintln!("caravel server listening on {}", s.url());
+            if let Some(ca) = &s.ca {
+                eprintln!(
+                    "clients and agents trust its certificate with --ca {}",
+                    ca.display()
+                );
+            }
             tokio::select! {
                 r = s.wait() => r?,
                 _ = tokio::signal::ctrl_c() => {}
@@ -605,7 +652,7 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
             tenant,
             output,
         } => {
-            let c = Client::resolve(conn.server, conn.token)?;
+            let c = Client::resolve(conn.server, conn.token, conn.ca)?;
             let q = tenant.map(|t| format!("?tenant={t}")).unwrap_or_default();
             let list: Vec<ServiceView> = c.get(&format!("/v1/services{q}")).await?;
             if output == Output::Json {
@@ -641,7 +688,7 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
                 NodeCmd::Drain { conn, name } => (conn, name, "drain"),
                 NodeCmd::Undrain { conn, name } => (conn, name, "undrain"),
             };
-            let c = Client::resolve(conn.server, conn.token)?;
+            let c = Client::resolve(conn.server, conn.token, conn.ca)?;
             c.post_empty(&format!("/v1/nodes/{name}/{verb}")).await?;
             println!("node {name} {verb}ed");
             Ok(0)
@@ -652,7 +699,7 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
             tenant,
             output,
         } => {
-            let c = Client::resolve(conn.server, conn.token)?;
+            let c = Client::resolve(conn.server, conn.token, conn.ca)?;
             let mut q = vec![];
             if let Some(s) = state {
                 q.push(format!("state={s}"));
@@ -695,7 +742,7 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
         Cmd::Job {
             cmd: JobCmd::Show { conn, id, output },
         } => {
-            let c = Client::resolve(conn.server, conn.token)?;
+            let c = Client::resolve(conn.server, conn.token, conn.ca)?;
             let j: serde_json::Value = c.get(&format!("/v1/jobs/{}", job_id(&id)?)).await?;
             if output == Output::Json {
                 println!("{}", serde_json::to_string_pretty(&j)?);
@@ -713,7 +760,7 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
             follow,
         } => logs(conn, &id, task, stderr, follow).await,
         Cmd::Cancel { conn, id } => {
-            let c = Client::resolve(conn.server, conn.token)?;
+            let c = Client::resolve(conn.server, conn.token, conn.ca)?;
             let j: JobSummary = c
                 .post(
                     &format!("/v1/jobs/{}/cancel", job_id(&id)?),
@@ -732,7 +779,7 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
             Ok(0)
         }
         Cmd::Nodes { conn, output } => {
-            let c = Client::resolve(conn.server, conn.token)?;
+            let c = Client::resolve(conn.server, conn.token, conn.ca)?;
             let nodes: Vec<NodeView> = c.get("/v1/nodes").await?;
             if output == Output::Json {
                 println!("{}", serde_json::to_string_pretty(&nodes)?);
@@ -795,7 +842,7 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
                 Some(q) => Quota::parse(&q).map_err(|e| anyhow!("--guarantee: {e}"))?,
                 None => Quota::default(),
             };
-            let c = Client::resolve(conn.server, conn.token)?;
+            let c = Client::resolve(conn.server, conn.token, conn.ca)?;
             let quota = match quota {
                 Some(q) => Quota::parse(&q).map_err(|e| anyhow!("--quota: {e}"))?,
                 None => Quota::default(),
@@ -821,7 +868,7 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
             Ok(0)
         }
         Cmd::Tenants { conn, output } => {
-            let c = Client::resolve(conn.server, conn.token)?;
+            let c = Client::resolve(conn.server, conn.token, conn.ca)?;
             let ts: Vec<TenantView> = c.get("/v1/tenants").await?;
             if output == Output::Json {
                 println!("{}", serde_json::to_string_pretty(&ts)?);
@@ -845,7 +892,7 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
             job,
             output,
         } => {
-            let c = Client::resolve(conn.server, conn.token)?;
+            let c = Client::resolve(conn.server, conn.token, conn.ca)?;
             let mut q = vec![];
             if let Some(t) = tenant {
                 q.push(format!("tenant={t}"));
@@ -941,6 +988,12 @@ fn age(ms: i64) -> String {
     }
 }
 
+fn tls_name(s: &str) -> Result<String, String> {
+    caravel_tls::check_name(s)
+        .map(|()| s.to_string())
+        .map_err(|e| e.to_string())
+}
+
 fn job_id(s: &str) -> Result<u64> {
     s.parse::<u64>()
         .map_err(|_| anyhow!("`{s}` is not a job id (a number, as `caravel jobs` shows)"))
@@ -975,6 +1028,7 @@ fn agent_config(a: AgentArgs) -> Result<caravel_agent::AgentConfig> {
         advertise: a.advertise,
         use_cgroups: !a.no_cgroups,
         cgroup_name: None,
+        ca: a.ca,
     })
 }
 
@@ -1058,7 +1112,11 @@ fn build_spec(a: &SubmitArgs) -> Result<JobSpec> {
 
 async fn submit(a: SubmitArgs) -> Result<i32> {
     let spec = build_spec(&a)?;
-    let c = Client::resolve(a.conn.server.clone(), a.conn.token.clone())?;
+    let c = Client::resolve(
+        a.conn.server.clone(),
+        a.conn.token.clone(),
+        a.conn.ca.clone(),
+    )?;
     let path = match &a.tenant {
         Some(t) => format!("/v1/jobs?tenant={t}"),
         None => "/v1/jobs".into(),
@@ -1131,7 +1189,7 @@ async fn submit(a: SubmitArgs) -> Result<i32> {
 
 async fn logs(conn: Conn, id: &str, task: u32, stderr: bool, follow: bool) -> Result<i32> {
     use std::io::Write;
-    let c = Client::resolve(conn.server, conn.token)?;
+    let c = Client::resolve(conn.server, conn.token, conn.ca)?;
     let id = job_id(id)?;
     let stream = if stderr { "stderr" } else { "stdout" };
     let mut offset = 0u64;
@@ -1359,7 +1417,7 @@ async fn service_cmd(cmd: ServiceCmd) -> Result<i32> {
                 .and_then(|p| p.parent().map(|d| d.to_path_buf()));
             let spec = servicefile::ServiceFile::parse(&text, &file.display().to_string())?
                 .into_spec_at(base.as_deref())?;
-            let c = Client::resolve(conn.server, conn.token)?;
+            let c = Client::resolve(conn.server, conn.token, conn.ca)?;
             let v: ServiceView = c
                 .post(&format!("/v1/services{}", tenant_query(&tenant)), &spec)
                 .await?;
@@ -1393,7 +1451,7 @@ async fn service_cmd(cmd: ServiceCmd) -> Result<i32> {
             tenant,
             output,
         } => {
-            let c = Client::resolve(conn.server, conn.token)?;
+            let c = Client::resolve(conn.server, conn.token, conn.ca)?;
             let v: ServiceView = c
                 .get(&format!("/v1/services/{name}{}", tenant_query(&tenant)))
                 .await?;
@@ -1410,7 +1468,7 @@ async fn service_cmd(cmd: ServiceCmd) -> Result<i32> {
             tenant,
             output,
         } => {
-            let c = Client::resolve(conn.server, conn.token)?;
+            let c = Client::resolve(conn.server, conn.token, conn.ca)?;
             c.delete(&format!("/v1/services/{name}{}", tenant_query(&tenant)))
                 .await?;
             if output == Output::Json {

@@ -50,15 +50,16 @@ pub async fn up(a: UpArgs) -> Result<i32> {
         return detach(a).await;
     }
     let data_dir = std::path::absolute(&a.data_dir)?;
-    let s = caravel_server::start(caravel_server::ServerConfig::new(
-        data_dir.clone(),
-        a.listen,
-    ))
-    .await?;
+    let mut cfg = caravel_server::ServerConfig::new(data_dir.clone(), a.listen);
+    if a.tls {
+        cfg.tls = Some(caravel_server::Tls::SelfSigned { names: vec![] });
+    }
+    let s = caravel_server::start(cfg).await?;
     let url = s.url();
     let p = client::write_config(&ClientConfig {
         server: Some(url.clone()),
         token: s.admin_token.clone(),
+        ca: s.ca.clone(),
     })?;
     let agent = caravel_agent::AgentConfig {
         server: url.clone(),
@@ -76,6 +77,7 @@ pub async fn up(a: UpArgs) -> Result<i32> {
         // Every pool's agent is called `local`; its cgroups are named after the data
         // directory, so two pools on one machine do not kill each other's tasks.
         cgroup_name: Some(local_cgroup_name(&data_dir)),
+        ca: s.ca.clone(),
     };
     let agent = caravel_agent::start(agent).await?;
     tokio::spawn(agent.clone().main_loop());
@@ -124,7 +126,8 @@ async fn already_up(a: &UpArgs) -> Result<Option<i32>> {
     ) else {
         return Ok(None);
     };
-    let c = Client::new(&url, tok.trim());
+    let ca = pool_ca(&a.data_dir, &url)?;
+    let c = Client::with_ca(&url, tok.trim(), ca.as_deref())?;
     match c.get::<Vec<NodeView>>("/v1/nodes").await {
         Ok(nodes) if !nodes.is_empty() => {}
         _ => return Ok(None),
@@ -132,6 +135,7 @@ async fn already_up(a: &UpArgs) -> Result<Option<i32>> {
     client::write_config(&ClientConfig {
         server: Some(url.clone()),
         token: Some(tok.trim().to_string()),
+        ca,
     })?;
     println!(
         "caravel is already up at {url}{}; `{}` stops it",
@@ -139,6 +143,14 @@ async fn already_up(a: &UpArgs) -> Result<Option<i32>> {
         down_command(&a.data_dir)
     );
     Ok(Some(0))
+}
+
+/// The CA of the pool in `dir` when its server speaks https: the one it made itself.
+fn pool_ca(dir: &Path, url: &str) -> Result<Option<std::path::PathBuf>> {
+    Ok(url
+        .starts_with("https://")
+        .then(|| std::path::absolute(dir.join("tls").join("ca.pem")))
+        .transpose()?)
 }
 
 fn down_command(dir: &Path) -> String {
@@ -175,13 +187,17 @@ async fn detach(a: UpArgs) -> Result<i32> {
         let s: Vec<String> = g.0.iter().map(|(m, c)| format!("{m}:{c}")).collect();
         cmd.arg("--gpus").arg(s.join(","));
     }
+    if a.tls {
+        cmd.arg("--tls");
+    }
     use std::os::unix::process::CommandExt;
     cmd.stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
         .process_group(0);
     let mut child = cmd.spawn()?;
-    let url = format!("http://{}", a.listen);
+    let url = format!("{}://{}", if a.tls { "https" } else { "http" }, a.listen);
+    let ca = pool_ca(&a.data_dir, &url)?;
     let admin = a.data_dir.join("admin.token");
     for _ in 0..200 {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -194,8 +210,11 @@ async fn detach(a: UpArgs) -> Result<i32> {
         }
         // The token is this data directory's: only the server that holds it accepts it,
         // so another pool answering on the same address does not count.
-        if let Ok(tok) = std::fs::read_to_string(&admin) {
-            let c = Client::new(&url, tok.trim());
+        // The CA is written before the server listens: a client made before it exists
+        // would fail, so wait for it too.
+        let ca_ready = ca.as_ref().is_none_or(|p| p.exists());
+        if let (Ok(tok), true) = (std::fs::read_to_string(&admin), ca_ready) {
+            let c = Client::with_ca(&url, tok.trim(), ca.as_deref())?;
             if let Ok(nodes) = c.get::<Vec<NodeView>>("/v1/nodes").await {
                 if !nodes.is_empty() {
                     println!(

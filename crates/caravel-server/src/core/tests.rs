@@ -27,6 +27,7 @@ fn reg(name: &str, cpus: u64, gpus: u32) -> RegisterRequest {
         address: "127.0.0.1".into(),
         agent_url: "http://127.0.0.1:1".into(),
         agent_secret: "s".into(),
+        agent_cert_sha256: None,
         instance: format!("{name}-1"),
         topology: Topology::default(),
         labels: Default::default(),

@@ -24,6 +24,9 @@ pub struct Pool {
     pub agent_server: Option<String>,
     agent_names: Vec<String>,
     http: reqwest::Client,
+    /// The pool CA, for a server started with `--tls-self-signed`: the harness's client,
+    /// the agents and the CLI trust it.
+    pub ca: Option<PathBuf>,
 }
 
 impl Drop for Pool {
@@ -95,8 +98,10 @@ impl Pool {
     pub fn server_only_with(tag: &str, server_args: &[&str]) -> Pool {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
+        let tls = server_args.contains(&"--tls-self-signed");
         let mut p = Pool {
-            url: format!("http://127.0.0.1:{port}"),
+            url: format!("{}://127.0.0.1:{port}", if tls { "https" } else { "http" }),
+            ca: tls.then(|| dir.path().join("server").join("tls").join("ca.pem")),
             port,
             admin: String::new(),
             agent_token: String::new(),
@@ -154,10 +159,18 @@ impl Pool {
         });
         self.admin = admin;
         self.agent_token = agent;
-        let url = self.url.clone();
+        let addr = format!("127.0.0.1:{}", self.port);
         wait_for("server to answer", Duration::from_secs(20), || {
-            std::net::TcpStream::connect(url.trim_start_matches("http://")).ok()
+            std::net::TcpStream::connect(&addr).ok()
         });
+        // The CA exists once the server listens.
+        if let Some(ca) = &self.ca {
+            let pem = std::fs::read(ca).unwrap();
+            self.http = reqwest::Client::builder()
+                .tls_certs_only([reqwest::Certificate::from_pem(&pem).unwrap()])
+                .build()
+                .unwrap();
+        }
     }
 
     pub fn kill9_server(&mut self) {
@@ -189,6 +202,11 @@ impl Pool {
             ])
             .args(["--listen", "127.0.0.1:0", "--work-dir"])
             .arg(self.dir.path().join(format!("agent-{name}")))
+            .args(
+                self.ca
+                    .iter()
+                    .flat_map(|ca| [std::ffi::OsStr::new("--ca"), ca.as_os_str()]),
+            )
             .args(extra)
             .stdout(Stdio::null())
             .stderr(log)
@@ -370,13 +388,15 @@ impl Pool {
     }
 
     pub fn cli_as(&self, token: &str, args: &[&str]) -> std::process::Output {
-        Command::new(BIN)
-            .args(args)
+        let mut c = Command::new(BIN);
+        c.args(args)
             .env("CARAVEL_SERVER", &self.url)
             .env("CARAVEL_TOKEN", token)
-            .env("CARAVEL_CONFIG", self.dir.path().join("no-config.toml"))
-            .output()
-            .unwrap()
+            .env("CARAVEL_CONFIG", self.dir.path().join("no-config.toml"));
+        if let Some(ca) = &self.ca {
+            c.env("CARAVEL_CA", ca);
+        }
+        c.output().unwrap()
     }
 
     pub fn file(&self, name: &str) -> PathBuf {

@@ -10,3 +10,4 @@ mod protocols;
 mod services;
 mod sim;
 mod surface;
+mod tls;

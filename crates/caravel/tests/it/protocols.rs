@@ -16,7 +16,7 @@ use tonic_health::pb::HealthCheckRequest;
 
 use crate::harness::{wait_for, Pool, BIN};
 
-fn backend(name: &str, extra: Value) -> Value {
+pub fn backend(name: &str, extra: Value) -> Value {
     let mut s = json!({
         "name": name,
         "command": BIN,

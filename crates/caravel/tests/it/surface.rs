@@ -135,7 +135,7 @@ fn up_starts_a_pool_and_writes_a_client_config() {
 
 /// Kills whatever server still holds these data directories when the test ends, passed
 /// or not: a detached pool outlives the command that started it.
-struct Holders(Vec<std::path::PathBuf>);
+pub struct Holders(pub Vec<std::path::PathBuf>);
 
 impl Drop for Holders {
     fn drop(&mut self) {
