@@ -303,6 +303,10 @@ pub struct ServiceView {
     pub version: u64,
     /// Path on the gateway: `/s/{tenant}/{name}/`.
     pub path: String,
+    /// Host name on the gateway (`SERVICE[--TENANT].DOMAIN`), when the server has a
+    /// gateway domain and the names fit one DNS label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
     pub public: bool,
     /// Replicas the autoscaler wants now.
     pub wanted: u32,

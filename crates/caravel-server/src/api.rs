@@ -323,6 +323,11 @@ fn service_view(
     }
     ServiceView {
         path: format!("/s/{tenant}/{}/", key.1),
+        host: s
+            .cfg
+            .gateway_domains
+            .first()
+            .and_then(|d| crate::gateway::host_for_service(&tenant, &key.1, d)),
         tenant,
         name: key.1.clone(),
         version: rec.version,

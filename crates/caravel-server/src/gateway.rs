@@ -436,14 +436,76 @@ pub async fn route(
     proxy(s, tenant, service, rest, true, req).await
 }
 
+/// The service a `Host` names under one of the gateway's domains: `SERVICE.DOMAIN` (tenant
+/// `default`) or `SERVICE--TENANT.DOMAIN`, one DNS label either way, so that one wildcard
+/// certificate (`*.DOMAIN`) covers every service. The port and a trailing dot are
+/// ignored; DNS names are caseless, so the host is read in lower case.
+pub fn service_for_host(host: &str, domains: &[String]) -> Option<(String, String)> {
+    let host = match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    };
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    for d in domains {
+        let Some(label) = host
+            .strip_suffix(d.as_str())
+            .and_then(|h| h.strip_suffix('.'))
+        else {
+            continue;
+        };
+        if label.is_empty() || label.contains('.') {
+            continue;
+        }
+        return Some(match label.rsplit_once("--") {
+            Some((svc, tenant)) if !svc.is_empty() && !tenant.is_empty() => {
+                (tenant.to_string(), svc.to_string())
+            }
+            _ => ("default".to_string(), label.to_string()),
+        });
+    }
+    None
+}
+
+/// The host name a service is reached at under `domain`, when its names fit one DNS label
+/// that [`service_for_host`] reads back as the same service (lower-case letters, digits
+/// and inner `-`; no `.` or `_`).
+pub fn host_for_service(tenant: &str, service: &str, domain: &str) -> Option<String> {
+    let label = if tenant == "default" && !service.contains("--") {
+        service.to_string()
+    } else {
+        format!("{service}--{tenant}")
+    };
+    let fits = !label.is_empty()
+        && label.len() <= 63
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !label.starts_with('-')
+        && !label.ends_with('-');
+    let host = format!("{label}.{domain}");
+    let back = service_for_host(&host, &[domain.to_string()]);
+    (fits && back == Some((tenant.to_string(), service.to_string()))).then_some(host)
+}
+
 /// Routes a request that names its service in `X-Caravel-Service: {tenant}/{service}`,
-/// path and all, ahead of the API's own routes.
+/// or by its host name under a gateway domain (`--gateway-domain`), path and all, ahead of
+/// the API's own routes.
 pub async fn route_by_header(
     State(s): State<Arc<Shared>>,
     req: Request,
     next: axum::middleware::Next,
 ) -> Response {
     let Some(v) = req.headers().get(SERVICE_HEADER) else {
+        let host = req
+            .uri()
+            .host()
+            .or_else(|| req.headers().get(axum::http::header::HOST)?.to_str().ok());
+        if let Some((tenant, service)) =
+            host.and_then(|h| service_for_host(h, &s.cfg.gateway_domains))
+        {
+            let rest = req.uri().path().trim_start_matches('/').to_string();
+            return proxy(s, tenant, service, rest, false, req).await;
+        }
         return next.run(req).await;
     };
     let named = v
@@ -1358,6 +1420,73 @@ pub async fn controller_loop(s: Arc<Shared>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_names_name_services_under_the_gateway_domains() {
+        let d = vec!["apps.example.com".to_string(), "svc.internal".to_string()];
+        let f = |h: &str| service_for_host(h, &d);
+        let named = |t: &str, s: &str| Some((t.to_string(), s.to_string()));
+        assert_eq!(f("tinylm.apps.example.com"), named("default", "tinylm"));
+        assert_eq!(
+            f("TinyLM.Apps.Example.com:8443"),
+            named("default", "tinylm")
+        );
+        assert_eq!(f("tinylm.apps.example.com."), named("default", "tinylm"));
+        assert_eq!(
+            f("embed--research.svc.internal"),
+            named("research", "embed")
+        );
+        assert_eq!(f("a--b--research.svc.internal"), named("research", "a--b"));
+        // Not one label under a domain: not a service host (the API answers).
+        assert_eq!(f("apps.example.com"), None);
+        assert_eq!(f("a.b.apps.example.com"), None);
+        assert_eq!(f("tinylm.apps.example.org"), None);
+        assert_eq!(f("xapps.example.com"), None);
+        assert_eq!(f("127.0.0.1:7080"), None);
+        assert_eq!(service_for_host("tinylm.apps.example.com", &[]), None);
+    }
+
+    #[test]
+    fn a_service_host_reads_back_as_the_same_service() {
+        let d = "apps.example.com";
+        let h = |t: &str, s: &str| host_for_service(t, s, d);
+        assert_eq!(
+            h("default", "tinylm").as_deref(),
+            Some("tinylm.apps.example.com")
+        );
+        assert_eq!(
+            h("research", "embed").as_deref(),
+            Some("embed--research.apps.example.com")
+        );
+        assert_eq!(
+            h("default", "a--b").as_deref(),
+            Some("a--b--default.apps.example.com")
+        );
+        // Names a DNS label cannot carry, or that would read back as another service.
+        for (t, s) in [
+            ("default", "TinyLM"),
+            ("default", "tiny_lm"),
+            ("default", "tiny.lm"),
+            ("default", "x-"),
+            ("-t", "svc"),
+            ("a--b", "svc"),
+            ("default", &"x".repeat(64)),
+        ] {
+            assert_eq!(h(t, s), None, "{t}/{s}");
+        }
+        for (t, s) in [
+            ("default", "tinylm"),
+            ("research", "embed"),
+            ("t1", "a-b"),
+            ("default", "a--b"),
+        ] {
+            let host = h(t, s).unwrap();
+            assert_eq!(
+                service_for_host(&host, &[d.to_string()]),
+                Some((t.to_string(), s.to_string()))
+            );
+        }
+    }
 
     fn svc(version: u64, reps: &[(u64, u64, bool)]) -> Svc {
         let mut spec = ServiceSpec::simple("s", "x", &[]);

@@ -161,6 +161,8 @@ pub struct ServerConfig {
     pub starvation_ms: u64,
     /// HTTPS on the listener (the API and the gateway); plain HTTP when `None`.
     pub tls: Option<Tls>,
+    /// Domains under which the gateway routes by host name (`SERVICE[--TENANT].DOMAIN`).
+    pub gateway_domains: Vec<String>,
 }
 
 /// Where the server's certificate comes from.
@@ -191,6 +193,7 @@ impl ServerConfig {
             reservations: 1,
             starvation_ms: 0,
             tls: None,
+            gateway_domains: vec![],
         }
     }
 
@@ -482,7 +485,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
         Some(Tls::SelfSigned { names }) => {
             let issued = caravel_tls::self_signed(
                 &cfg.data_dir.join("tls"),
-                &certificate_names(names, cfg.listen),
+                &certificate_names(names, &cfg.gateway_domains, cfg.listen),
             )?;
             (
                 Some(caravel_tls::server_config(&issued.cert, &issued.key)?),
@@ -551,10 +554,12 @@ pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
     })
 }
 
-/// The names a self-signed server certificate covers: the operator's, then the loopback
-/// names, the host name and the listen address when it is a specific one.
-fn certificate_names(given: &[String], listen: SocketAddr) -> Vec<String> {
+/// The names a self-signed server certificate covers: the operator's, the gateway domains
+/// and every service host under them (`*.DOMAIN`), then the loopback names, the host name and the
+/// listen address when it is a specific one.
+fn certificate_names(given: &[String], domains: &[String], listen: SocketAddr) -> Vec<String> {
     let mut names: Vec<String> = given.to_vec();
+    names.extend(domains.iter().flat_map(|d| [format!("*.{d}"), d.clone()]));
     names.extend(["localhost", "127.0.0.1", "::1"].map(String::from));
     if let Some(h) = host_name() {
         names.push(h);

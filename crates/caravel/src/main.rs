@@ -340,6 +340,11 @@ struct ServerArgs {
     /// clients use to reach this server. Repeatable or comma-separated.
     #[arg(long, value_name = "NAME", value_delimiter = ',', requires = "tls_self_signed", value_parser = tls_name)]
     tls_san: Vec<String>,
+    /// Route requests by host name: `SERVICE.DOMAIN` reaches service SERVICE of tenant
+    /// `default`, `SERVICE--TENANT.DOMAIN` another tenant's (point a wildcard DNS record,
+    /// `*.DOMAIN`, at the server). Repeatable or comma-separated.
+    #[arg(long, value_name = "DOMAIN", value_delimiter = ',', value_parser = gateway_domain)]
+    gateway_domain: Vec<String>,
 }
 
 #[derive(Args)]
@@ -606,6 +611,7 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
             cfg.reservations = a.reservations;
             cfg.zone = a.zone;
             cfg.region = a.region;
+            cfg.gateway_domains = a.gateway_domain;
             cfg.tls = match (a.tls_cert, a.tls_key) {
                 (Some(cert), Some(key)) => Some(caravel_server::Tls::Files { cert, key }),
                 _ if a.tls_self_signed => {
@@ -988,6 +994,17 @@ fn age(ms: i64) -> String {
     }
 }
 
+fn gateway_domain(s: &str) -> Result<String, String> {
+    let d = s.trim_end_matches('.').to_ascii_lowercase();
+    if d.starts_with("*.") || d.parse::<std::net::IpAddr>().is_ok() {
+        return Err(format!(
+            "`{s}` must be a DNS name such as apps.example.com (no `*.`, not an IP address)"
+        ));
+    }
+    caravel_tls::check_name(&d).map_err(|e| e.to_string())?;
+    Ok(d)
+}
+
 fn tls_name(s: &str) -> Result<String, String> {
     caravel_tls::check_name(s)
         .map(|()| s.to_string())
@@ -1349,6 +1366,9 @@ fn show_service(s: &ServiceView) {
         s.path,
         if s.public { " (public)" } else { "" }
     );
+    if let Some(h) = &s.host {
+        println!("host      {h}");
+    }
     println!(
         "replicas  {} ready, {} wanted (min {}, max {}), {} requests in flight",
         s.ready, s.wanted, s.spec.min_replicas, s.spec.max_replicas, s.in_flight
@@ -1357,10 +1377,13 @@ fn show_service(s: &ServiceView) {
     let protocol = match s.spec.protocol {
         caravel_core::Protocol::Http => "http (HTTP/1.1)".to_string(),
         caravel_core::Protocol::H2c => "h2c (HTTP/2)".to_string(),
-        caravel_core::Protocol::Grpc => format!(
-            "grpc (HTTP/2); gRPC clients send x-caravel-service: {}/{}",
-            s.tenant, s.name
-        ),
+        caravel_core::Protocol::Grpc => match &s.host {
+            Some(h) => format!("grpc (HTTP/2); gRPC clients dial {h}"),
+            None => format!(
+                "grpc (HTTP/2); gRPC clients send x-caravel-service: {}/{}",
+                s.tenant, s.name
+            ),
+        },
     };
     println!("protocol  {protocol}");
     let r = &s.spec.readiness;
@@ -1423,6 +1446,14 @@ async fn service_cmd(cmd: ServiceCmd) -> Result<i32> {
                 .await?;
             if output == Output::Json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
+            } else if let (true, Some(host)) = (v.changed, &v.host) {
+                println!(
+                    "service {} version {} deployed; call it at {host} (or {}{})",
+                    v.name,
+                    v.version,
+                    c.base(),
+                    v.path
+                );
             } else if v.changed && v.spec.protocol == caravel_core::Protocol::Grpc {
                 println!(
                     "service {} version {} deployed; call it at {} with the header x-caravel-service: {}/{}",

@@ -349,3 +349,91 @@ fn up_tls_detached_points_the_client_config_at_its_ca() {
     let (code, text) = run(&["down", "--data-dir", d]);
     assert_eq!(code, Some(0), "{text}");
 }
+
+#[test]
+fn services_are_reached_by_host_name_under_a_gateway_domain() {
+    let p = Pool::with_server_args(
+        "tls-host",
+        &["--tls-self-signed", "--gateway-domain", "apps.test"],
+        &[("a", &[])],
+    );
+    let t1 = p
+        .post(&p.admin, "/v1/tenants", &json!({"name": "t1"}))
+        .unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let svc = |name: &str| crate::protocols::backend(name, json!({}));
+    p.post(&p.admin, "/v1/services", &svc("web")).unwrap();
+    p.post(&t1, "/v1/services", &svc("web")).unwrap();
+    p.post(&p.admin, "/v1/services", &svc("under_score"))
+        .unwrap();
+    // The view says where each service is reached, when its names fit a DNS label.
+    let host = |token: &str, name: &str| {
+        p.get(token, &format!("/v1/services/{name}")).unwrap()["host"].clone()
+    };
+    assert_eq!(host(&p.admin, "web"), "web.apps.test");
+    assert_eq!(host(&t1, "web"), "web--t1.apps.test");
+    assert_eq!(host(&p.admin, "under_score"), Value::Null);
+
+    // Every service host resolves to the server, as a wildcard DNS record would; the
+    // self-signed certificate covers *.apps.test.
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", p.port).parse().unwrap();
+    let pem = std::fs::read(p.ca.as_ref().unwrap()).unwrap();
+    let c = reqwest::blocking::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&pem).unwrap()])
+        .resolve("web.apps.test", addr)
+        .resolve("web--t1.apps.test", addr)
+        .resolve("nope.apps.test", addr)
+        .resolve("apps.test", addr)
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let port = p.port;
+    let get = |host: &str, path: &str, token: &str| {
+        let r = c
+            .get(format!("https://{host}:{port}{path}"))
+            .bearer_auth(token)
+            .send()
+            .unwrap();
+        (r.status().as_u16(), r.text().unwrap())
+    };
+    // The whole path goes to the replica, as sent; the replica answers in HTTP/1.1.
+    let (status, body) = wait_for("web by host", Duration::from_secs(30), || {
+        let r = get("web.apps.test", "/echo-path/a%2Fb", &p.admin);
+        (r.0 == 200).then_some(r)
+    });
+    assert_eq!((status, body.as_str()), (200, "/echo-path/a%2Fb"));
+    let r = wait_for("t1's web by host", Duration::from_secs(30), || {
+        let r = get("web--t1.apps.test", "/version", &t1);
+        (r.0 == 200).then_some(r)
+    });
+    assert_eq!(r.1, "HTTP/1.1");
+    // The same rules as by path: another tenant's private service does not exist for t1.
+    let (status, body) = get("web.apps.test", "/version", &t1);
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = get("nope.apps.test", "/version", &p.admin);
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("not_found"), "{body}");
+    // The domain itself is not a service: the API answers there.
+    let (status, body) = get("apps.test", "/v1/nodes", &p.admin);
+    assert_eq!(status, 200, "{body}");
+
+    // Bad domains are refused, naming the flag.
+    let o = Command::new(BIN)
+        .args(["server", "--gateway-domain", "*.apps.test"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("--gateway-domain") && e.contains("no `*.`"),
+        "{e}"
+    );
+    let o = Command::new(BIN)
+        .args(["server", "--gateway-domain", "bad_domain"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--gateway-domain"), "{}", stderr(&o));
+}
