@@ -71,6 +71,10 @@ pub enum BenchCmd {
         /// Unary gRPC calls over HTTP/2 instead of HTTP/1.1 GETs (nginx: grpc_pass).
         #[arg(long)]
         grpc: bool,
+        /// HTTPS to the gateway (a self-signed pool CA) and to nginx (the same
+        /// certificate); the replica is called in plain HTTP either way.
+        #[arg(long, conflicts_with = "grpc")]
+        tls: bool,
         #[arg(long)]
         dir: Option<std::path::PathBuf>,
     },
@@ -117,6 +121,8 @@ fn free_port() -> Result<u16> {
 pub struct BenchPool {
     pub url: String,
     pub admin: String,
+    /// The pool CA, when the server runs with `--tls-self-signed`.
+    pub ca: Option<std::path::PathBuf>,
     _procs: Procs,
 }
 
@@ -132,7 +138,9 @@ pub async fn start_pool_with(
 ) -> Result<BenchPool> {
     let exe = std::env::current_exe()?;
     let port = free_port()?;
-    let url = format!("http://127.0.0.1:{port}");
+    let tls = server_args.iter().any(|a| a == "--tls-self-signed");
+    let url = format!("{}://127.0.0.1:{port}", if tls { "https" } else { "http" });
+    let ca = tls.then(|| dir.join("server/tls/ca.pem"));
     let mut procs = Procs(vec![]);
     procs.0.push(
         Command::new(&exe)
@@ -153,7 +161,11 @@ pub async fn start_pool_with(
     let admin_path = dir.join("server/admin.token");
     let agent_path = dir.join("server/agent.token");
     let t0 = Instant::now();
-    while !(admin_path.exists() && agent_path.exists()) {
+    while !(admin_path.exists()
+        && agent_path.exists()
+        && ca.as_ref().is_none_or(|c| c.exists())
+        && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok())
+    {
         if t0.elapsed() > Duration::from_secs(20) {
             bail!("server did not start");
         }
@@ -182,8 +194,11 @@ pub async fn start_pool_with(
     if no_cgroups {
         agent.arg("--no-cgroups");
     }
+    if let Some(ca) = &ca {
+        agent.arg("--ca").arg(ca);
+    }
     procs.0.push(agent.spawn().context("starting the agent")?);
-    let c = Client::new(&url, &admin);
+    let c = Client::with_ca(&url, &admin, ca.as_deref())?;
     let t0 = Instant::now();
     loop {
         if let Ok(n) = c.get::<Vec<NodeView>>("/v1/nodes").await {
@@ -199,6 +214,7 @@ pub async fn start_pool_with(
     Ok(BenchPool {
         url,
         admin,
+        ca,
         _procs: procs,
     })
 }
@@ -234,8 +250,9 @@ pub async fn run(cmd: BenchCmd) -> Result<i32> {
             concurrency,
             seconds,
             grpc,
+            tls,
             dir,
-        } => crate::bench_gateway::run(concurrency.max(1), seconds, grpc, dir).await,
+        } => crate::bench_gateway::run(concurrency.max(1), seconds, grpc, tls, dir).await,
         BenchCmd::Backend { grpc } => crate::backend::run(grpc).await,
         BenchCmd::Autoscale {
             steps,

@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use caravel_core::api::ServiceView;
 use caravel_core::ServiceSpec;
 
-use crate::bench::{pct, start_pool};
+use crate::bench::{pct, start_pool_with};
 use crate::client::Client;
 
 struct Figures {
@@ -70,10 +70,17 @@ where
     })
 }
 
-/// HTTP/1.1 GETs on keep-alive connections, one per client.
-async fn measure(url: &str, clients: usize, secs: f64) -> Result<Figures> {
-    let http = reqwest::Client::builder()
+/// HTTP/1.1 GETs on keep-alive connections, one per client; an https URL is checked
+/// against `ca`.
+async fn measure(
+    url: &str,
+    clients: usize,
+    secs: f64,
+    ca: Option<&std::path::Path>,
+) -> Result<Figures> {
+    let http = crate::client::http_builder(ca)?
         .pool_max_idle_per_host(clients)
+        .http1_only()
         .build()?;
     // Warm the connections first.
     for _ in 0..clients.min(8) {
@@ -151,11 +158,13 @@ impl Drop for Nginx {
     }
 }
 
+/// `tls`: the certificate and key nginx serves HTTPS with.
 fn start_nginx(
     dir: &std::path::Path,
     port: u16,
     upstream: &str,
     grpc: bool,
+    tls: Option<(&std::path::Path, &std::path::Path)>,
 ) -> Result<Option<Nginx>> {
     let Some(bin) = ["/usr/sbin/nginx", "/usr/bin/nginx", "/usr/local/sbin/nginx"]
         .into_iter()
@@ -174,9 +183,21 @@ fn start_nginx(
   }}"#
         )
     } else {
+        let (ssl, certs) = match tls {
+            Some((cert, key)) => (
+                " ssl",
+                format!(
+                    "ssl_certificate {};\n    ssl_certificate_key {};",
+                    cert.display(),
+                    key.display()
+                ),
+            ),
+            None => ("", String::new()),
+        };
         format!(
             r#"server {{
-    listen 127.0.0.1:{port};
+    listen 127.0.0.1:{port}{ssl};
+    {certs}
     location / {{
       proxy_pass http://backend;
       proxy_http_version 1.1;
@@ -233,14 +254,20 @@ pub async fn run(
     clients: usize,
     secs: f64,
     grpc: bool,
+    tls: bool,
     dir: Option<std::path::PathBuf>,
 ) -> Result<i32> {
     let dir = match dir {
         Some(p) => tempfile::tempdir_in(p)?,
         None => tempfile::tempdir()?,
     };
-    let pool = start_pool(dir.path(), false).await?;
-    let c = Client::new(&pool.url, &pool.admin);
+    let server_args = if tls {
+        vec!["--tls-self-signed".to_string()]
+    } else {
+        vec![]
+    };
+    let pool = start_pool_with(dir.path(), false, &server_args).await?;
+    let c = Client::with_ca(&pool.url, &pool.admin, pool.ca.as_deref())?;
     let exe = std::env::current_exe()?;
     let args: &[&str] = if grpc {
         &["bench", "backend", "--grpc"]
@@ -280,9 +307,19 @@ pub async fn run(
     let nginx_port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let nginx = start_nginx(dir.path(), nginx_port, &addr, grpc)?;
+    let tls_dir = dir.path().join("server/tls");
+    let (cert, key) = (tls_dir.join("server.pem"), tls_dir.join("server-key.pem"));
+    let nginx = start_nginx(
+        dir.path(),
+        nginx_port,
+        &addr,
+        grpc,
+        tls.then_some((cert.as_path(), key.as_path())),
+    )?;
     let via_nginx = if grpc {
         format!("http://127.0.0.1:{nginx_port}")
+    } else if tls {
+        format!("https://127.0.0.1:{nginx_port}/x")
     } else {
         format!("http://127.0.0.1:{nginx_port}/x")
     };
@@ -302,9 +339,10 @@ pub async fn run(
                 measure_grpc(url, header, clients, secs).await?,
             )
         } else {
+            let ca = pool.ca.as_deref();
             (
-                measure(url, 1, secs.min(5.0)).await?,
-                measure(url, clients, secs).await?,
+                measure(url, 1, secs.min(5.0), ca).await?,
+                measure(url, clients, secs, ca).await?,
             )
         };
         eprintln!(
@@ -324,7 +362,12 @@ pub async fn run(
     eprintln!("gateway adds p50 {added50:.3} ms, p99 {added99:.3} ms at one client");
     out.insert(
         "bench".into(),
-        if grpc { "gateway-grpc" } else { "gateway" }.into(),
+        match (grpc, tls) {
+            (true, _) => "gateway-grpc",
+            (false, true) => "gateway-tls",
+            (false, false) => "gateway",
+        }
+        .into(),
     );
     out.insert("clients".into(), clients.into());
     out.insert("added_p50_ms".into(), added50.into());
