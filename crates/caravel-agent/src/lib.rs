@@ -80,9 +80,20 @@ pub enum AgentError {
     Tls(caravel_tls::TlsError),
 }
 
+/// Why a run is stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// The server no longer wants it, or the agent is leaving: SIGTERM, grace, SIGKILL.
+    Asked,
+    /// The agent has been cut off from the server for nearly the lost timeout: SIGKILL now,
+    /// before the server may start the run elsewhere.
+    Fence,
+}
+
 struct Running {
-    stop: Option<oneshot::Sender<()>>,
+    stop: Option<oneshot::Sender<Stop>>,
     kill_grace_ms: u64,
+    fence: bool,
 }
 
 struct State_ {
@@ -98,6 +109,11 @@ pub struct Agent {
     cgroups: cgroups::Cgroups,
     /// SHA-256 of the log endpoint's certificate, when it serves https.
     cert_sha256: Option<String>,
+    /// When the newest request that a server answered with success was sent: the server
+    /// heard from this node no earlier than that.
+    contact: Mutex<Option<std::time::Instant>>,
+    /// The server's lost timeout (`RegisterResponse::lost_after_ms`; 0: not known).
+    lost_after_ms: std::sync::atomic::AtomicU64,
     secret: String,
     instance: String,
     st: Mutex<State_>,
@@ -276,6 +292,8 @@ pub async fn start(cfg: AgentConfig) -> Result<Arc<Agent>, AgentError> {
         http: http.build().expect("http client"),
         cgroups: cg,
         cert_sha256: endpoint_tls.as_ref().map(|(_, fp)| fp.clone()),
+        contact: Mutex::new(None),
+        lost_after_ms: std::sync::atomic::AtomicU64::new(0),
         secret: random_hex(32),
         instance: random_hex(8),
         st: Mutex::new(State_ {
@@ -405,6 +423,7 @@ impl Agent {
         body: &T,
     ) -> Result<R, (Option<u16>, String)> {
         let (i, server) = self.server();
+        let sent = std::time::Instant::now();
         let resp = match self
             .http
             .post(format!("{server}{path}"))
@@ -427,6 +446,12 @@ impl Agent {
         if !status.is_success() {
             let text = resp.text().await.unwrap_or_default();
             return Err((Some(status.as_u16()), text));
+        }
+        {
+            let mut c = self.contact.lock().expect("lock");
+            if c.is_none_or(|c| c < sent) {
+                *c = Some(sent);
+            }
         }
         if status == StatusCode::NO_CONTENT {
             return serde_json::from_str("null").map_err(|e| (None, e.to_string()));
@@ -463,6 +488,8 @@ impl Agent {
             {
                 Ok(r) => {
                     tracing::info!(node_id = %r.node_id, "registered with {}", self.server().1);
+                    self.lost_after_ms
+                        .store(r.lost_after_ms, std::sync::atomic::Ordering::Relaxed);
                     *self.node.lock().expect("lock") = Some(r.node_id);
                     return r.node_id;
                 }
@@ -512,7 +539,7 @@ impl Agent {
             for r in st.running.values_mut() {
                 grace = grace.max(r.kill_grace_ms);
                 if let Some(tx) = r.stop.take() {
-                    let _ = tx.send(());
+                    let _ = tx.send(Stop::Asked);
                 }
             }
             grace
@@ -534,12 +561,61 @@ impl Agent {
         }
     }
 
+    /// How long before the server's lost timeout a fenced run is killed: room for the kill
+    /// itself and for the two machines' clocks running at slightly different rates.
+    fn fence_margin_ms(lost_after_ms: u64) -> u64 {
+        (lost_after_ms / 4).min(1000)
+    }
+
+    /// Kills fenced runs (`Assignment::fence`) once this agent has not reached a server
+    /// for the lost timeout less the margin. The server counts the node lost no earlier
+    /// than a lost timeout after it last heard from it, which is no earlier than the
+    /// sending of the newest request it answered; so by then these runs are dead, and the
+    /// copies the server starts elsewhere are the only ones.
+    async fn fence_loop(self: Arc<Self>) {
+        let mut fenced_since: Option<std::time::Instant> = None;
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let lost_after = self
+                .lost_after_ms
+                .load(std::sync::atomic::Ordering::Relaxed);
+            let Some(contact) = *self.contact.lock().expect("lock") else {
+                continue;
+            };
+            if lost_after == 0 {
+                continue;
+            }
+            let limit = Duration::from_millis(lost_after - Self::fence_margin_ms(lost_after));
+            if contact.elapsed() < limit {
+                if fenced_since.take().is_some() {
+                    tracing::info!("the server answers again");
+                }
+                continue;
+            }
+            let mut st = self.st.lock().expect("lock");
+            let mut killed = 0;
+            for (id, r) in st.running.iter_mut() {
+                if r.fence {
+                    if let Some(tx) = r.stop.take() {
+                        tracing::warn!(run = %id, "fencing: no answer from the server for {:.1} s, killing the run before the server starts it elsewhere", contact.elapsed().as_secs_f64());
+                        let _ = tx.send(Stop::Fence);
+                        killed += 1;
+                    }
+                }
+            }
+            if fenced_since.is_none() && killed > 0 {
+                fenced_since = Some(std::time::Instant::now());
+            }
+        }
+    }
+
     /// Registers, then alternates long-polls for desired state with reconciling.
     pub async fn main_loop(self: Arc<Self>) {
         let node = Arc::new(Mutex::new(self.register().await));
         let me = self.clone();
         let node2 = node.clone();
         tokio::spawn(async move { me.report_loop(node2).await });
+        tokio::spawn(self.clone().fence_loop());
         let mut known = 0u64;
         let mut first = true;
         loop {
@@ -589,7 +665,7 @@ impl Agent {
             if !want.contains(id) {
                 if let Some(tx) = r.stop.take() {
                     tracing::info!(run = %id, "stopping run the server no longer wants");
-                    let _ = tx.send(());
+                    let _ = tx.send(Stop::Asked);
                 }
             }
         }
@@ -605,6 +681,7 @@ impl Agent {
                 Running {
                     stop: Some(tx),
                     kill_grace_ms: a.kill_grace_ms,
+                    fence: a.fence,
                 },
             );
             let me = self.clone();
@@ -655,7 +732,7 @@ impl Agent {
         }
     }
 
-    async fn run_task(self: Arc<Self>, a: Assignment, mut stop: oneshot::Receiver<()>) {
+    async fn run_task(self: Arc<Self>, a: Assignment, mut stop: oneshot::Receiver<Stop>) {
         let run = a.run;
         let dir = self.cfg.work_dir.join("runs").join(run.to_string());
         // A service replica listens on a port the agent found free (the kernel picks it;
@@ -713,12 +790,10 @@ impl Agent {
                     None => std::future::pending().await,
                 }
             } => (terminate(&mut child, pgid, grace).await, "max_runtime"),
-            r = &mut stop => {
-                if r.is_ok() {
-                    (terminate(&mut child, pgid, grace).await, "killed")
-                } else {
-                    (child.wait().await, "exited")
-                }
+            r = &mut stop => match r {
+                Ok(Stop::Asked) => (terminate(&mut child, pgid, grace).await, "killed"),
+                Ok(Stop::Fence) => (terminate(&mut child, pgid, Duration::ZERO).await, "fenced"),
+                Err(_) => (child.wait().await, "exited"),
             }
         };
         let at = now_ms();

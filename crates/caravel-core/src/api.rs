@@ -198,6 +198,11 @@ pub struct RegisterRequest {
 pub struct RegisterResponse {
     pub node_id: NodeId,
     pub heartbeat_ms: u64,
+    /// After this long without hearing from the node the server counts it lost and
+    /// restarts its runs elsewhere; the agent fences (`Assignment::fence`) runs before then.
+    /// 0 from a server that does not say.
+    #[serde(default)]
+    pub lost_after_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -241,6 +246,10 @@ pub struct Assignment {
     /// A service replica: the agent picks a free port, passes it as `PORT` and reports it.
     #[serde(default)]
     pub wants_port: bool,
+    /// Kill this run (SIGKILL) when the agent has not reached the server for nearly the
+    /// lost timeout (`JobSpec::fence`).
+    #[serde(default)]
+    pub fence: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -260,7 +269,8 @@ pub enum RunEvent {
         at_ms: Millis,
         exit_code: Option<i32>,
         signal: Option<i32>,
-        /// `exited`, `max_runtime`, `killed` (asked to stop), `spawn_failed`.
+        /// `exited`, `max_runtime`, `killed` (asked to stop), `spawn_failed`, `fenced`
+        /// (killed by its agent, cut off from the server).
         reason: String,
         message: String,
     },

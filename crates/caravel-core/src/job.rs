@@ -104,6 +104,13 @@ pub struct JobSpec {
     /// A running task is not preempted before it has run this long.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_runtime_ms: Option<u64>,
+    /// At most one copy of a task runs, even across a network partition: an agent cut off
+    /// from the server kills this job's tasks (SIGKILL) before the server can count the
+    /// node lost and start them elsewhere. For work that must not run twice at once (a
+    /// trainer writing one checkpoint directory); costs the tasks on a node that only
+    /// lost the server for longer than the lost timeout.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fence: bool,
 }
 
 fn one() -> u32 {
@@ -126,6 +133,7 @@ impl JobSpec {
             topology: None,
             kill_grace_ms: None,
             min_runtime_ms: None,
+            fence: false,
         }
     }
 

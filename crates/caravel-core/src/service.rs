@@ -252,6 +252,9 @@ impl ServiceSpec {
             topology: None,
             kill_grace_ms: self.kill_grace_ms,
             min_runtime_ms: None,
+            // A replica cut off from the server keeps serving: the gateway decides where
+            // requests go, so two copies do no harm.
+            fence: false,
         }
     }
 

@@ -958,6 +958,7 @@ pub async fn agent_register(
     Ok(Json(RegisterResponse {
         node_id: id,
         heartbeat_ms: s.cfg.heartbeat_ms,
+        lost_after_ms: s.cfg.lost_after_ms,
     }))
 }
 

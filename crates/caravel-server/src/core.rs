@@ -2128,6 +2128,7 @@ impl Core {
             max_runtime_ms: s.max_runtime_ms,
             kill_grace_ms: s.kill_grace(),
             wants_port: j.rec.service.is_some(),
+            fence: s.fence,
         }
     }
 
@@ -2201,6 +2202,9 @@ impl Core {
                 let (stop, on) = (self.runs[&rid].stop, self.runs[&rid].node);
                 let state = match reason.as_str() {
                     "max_runtime" => RunState::TimedOut,
+                    // Its node lost the server: the same outcome as the node counted lost
+                    // (requeued within the retry budget), reported by the agent itself.
+                    "fenced" => RunState::Lost,
                     _ if matches!(stop, Some(StopReason::Preempt | StopReason::Shutdown)) => {
                         RunState::Preempted
                     }

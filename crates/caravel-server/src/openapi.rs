@@ -66,7 +66,7 @@ pub fn document() -> Value {
                     "resources": sref("TaskResources"),
                     "priority": {"type": "string", "enum": ["online", "batch", "spot"], "default": "batch"},
                     "max_runtime_ms": {"type": "integer", "minimum": 1}, "max_retries": {"type": "integer", "minimum": 0, "default": 0},
-                    "gang": {"type": "boolean", "default": false}, "topology": {"type": "string", "enum": ["node", "rack", "zone"], "description": "gangs only"}, "min_runtime_ms": {"type": "integer", "minimum": 0}, "kill_grace_ms": {"type": "integer", "minimum": 0}}},
+                    "gang": {"type": "boolean", "default": false}, "topology": {"type": "string", "enum": ["node", "rack", "zone"], "description": "gangs only"}, "min_runtime_ms": {"type": "integer", "minimum": 0}, "kill_grace_ms": {"type": "integer", "minimum": 0}, "fence": {"type": "boolean", "default": false, "description": "at most one copy runs, even across a network partition"}}},
                 "SubmitResponse": {"type": "object", "properties": {"id": u64s}},
                 "PendingReason": {"type": "object", "properties": {"code": {"type": "string", "enum": ["quota", "no_fit", "gang", "topology", "reserved", "backfill", "fair_share", "preempting", "no_preemption", "no_nodes"]}, "message": {"type": "string"}, "counts": {"type": "object", "additionalProperties": {"type": "integer"}}}},
                 "JobSummary": {"type": "object", "properties": {

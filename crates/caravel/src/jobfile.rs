@@ -53,6 +53,8 @@ pub struct JobFile {
     pub topology: Option<caravel_core::TopologyLevel>,
     pub kill_grace: Option<String>,
     pub min_runtime: Option<String>,
+    #[serde(default)]
+    pub fence: bool,
 }
 
 /// `H100:2`, `H100:0.25`, `H100|A100:1`.
@@ -119,6 +121,7 @@ impl JobFile {
                 .kill_grace
                 .map(|d| parse_duration_ms(&d).map_err(|e| anyhow!("kill_grace: {e}")))
                 .transpose()?,
+            fence: self.fence,
         })
     }
 }
@@ -136,6 +139,7 @@ tasks = 4
 command = "python"
 args = ["train.py"]
 gang = true
+fence = true
 priority = "online"
 max_runtime = "2h"
 max_retries = 2
@@ -156,6 +160,7 @@ gpu = "H100:1"
         assert_eq!(s.resources.gpu.unwrap().model, "H100");
         assert_eq!(s.max_runtime_ms, Some(7_200_000));
         assert_eq!(s.priority, Priority::Online);
+        assert!(s.fence && s.gang);
     }
 
     #[test]

@@ -461,6 +461,10 @@ struct SubmitArgs {
     /// Gangs: all members in one node, rack or zone.
     #[arg(long, value_enum)]
     topology: Option<TopologyArg>,
+    /// At most one copy of each task, even across a network partition: a node cut off
+    /// from the server kills these tasks before they could be started elsewhere.
+    #[arg(long)]
+    fence: bool,
     /// KEY=VALUE (repeatable).
     #[arg(long = "env", short = 'e')]
     env: Vec<String>,
@@ -1102,6 +1106,9 @@ fn build_spec(a: &SubmitArgs) -> Result<JobSpec> {
     }
     if a.gang {
         spec.gang = true;
+    }
+    if a.fence {
+        spec.fence = true;
     }
     if let Some(t) = a.topology {
         spec.topology = Some(match t {

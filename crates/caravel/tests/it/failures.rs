@@ -302,6 +302,135 @@ fn a_partitioned_node_that_returns_has_its_stale_copy_killed() {
     );
 }
 
+/// The pid a task wrote to `dir/RUN_ID`.
+fn run_pid(dir: &std::path::Path, run: u64) -> i32 {
+    wait_for(
+        &format!("pid of run {run}"),
+        Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(dir.join(run.to_string()))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        },
+    )
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+#[test]
+fn a_fenced_job_never_runs_twice_across_a_real_partition() {
+    // Agent `a` reaches the server through a relay the test cuts: both processes keep
+    // running, only the network between them goes.
+    let mut p = Pool::server_only("fence");
+    let relay = Relay::new(p.port);
+    p.agent_server = Some(relay.url());
+    p.start_agent("a", &["--cpus", "2"]);
+    p.agent_server = None;
+    p.wait_nodes_ready(1);
+    let dir = p.file("pids");
+    std::fs::create_dir_all(&dir).unwrap();
+    let task = json!([
+        "-c",
+        format!(
+            "echo $$ > {}/$CARAVEL_RUN_ID; exec sleep 300",
+            dir.display()
+        )
+    ]);
+    let fenced = p.submit(
+        &p.admin,
+        json!({"command": "sh", "args": task, "max_retries": 1, "fence": true,
+               "resources": {"cpu_milli": 1000}}),
+    );
+    let plain = p.submit(
+        &p.admin,
+        json!({"command": "sh", "args": task, "max_retries": 1, "resources": {"cpu_milli": 1000}}),
+    );
+    let mut first = vec![];
+    for id in [fenced, plain] {
+        let j = p.wait_state(id, &["running"], Duration::from_secs(20));
+        assert_eq!(j["task_list"][0]["node"], p.node_name("a"));
+        assert_eq!(
+            j["spec"]["fence"].as_bool().unwrap_or(false),
+            id == fenced,
+            "{j}"
+        );
+        first.push(run_pid(&dir, j["runs"][0]["id"].as_u64().unwrap()));
+    }
+    let (fenced_pid, plain_pid) = (first[0], first[1]);
+    // Somewhere for the work to go.
+    p.start_agent("b", &["--cpus", "2"]);
+    p.wait_nodes_ready(2);
+
+    relay.cut();
+    // Watch the fenced copy die, and the replacements start on `b`.
+    let mut fenced_died_ms = None;
+    let (f2, p2) = wait_for(
+        "both jobs running again on b",
+        Duration::from_secs(20),
+        || {
+            if fenced_died_ms.is_none() && !pid_alive(fenced_pid) {
+                fenced_died_ms = Some(now_ms());
+            }
+            let jf = p.job(&p.admin, fenced);
+            let jp = p.job(&p.admin, plain);
+            let again = |j: &Value| {
+                j["runs"].as_array().unwrap().len() == 2 && j["task_list"][0]["state"] == "running"
+            };
+            (again(&jf) && again(&jp)).then_some((jf, jp))
+        },
+    );
+    assert_eq!(f2["task_list"][0]["node"], p.node_name("b"));
+    let f2_pid = run_pid(&dir, f2["runs"][1]["id"].as_u64().unwrap());
+    let p2_pid = run_pid(&dir, p2["runs"][1]["id"].as_u64().unwrap());
+    // The fenced job's old copy was gone before the new one started; the unfenced job's
+    // old copy still runs beside its replacement until the node comes back.
+    let died = fenced_died_ms.expect("the fenced copy died during the partition");
+    let started = f2["runs"][1]["started_ms"].as_i64().unwrap();
+    assert!(
+        died <= started,
+        "old copy died at {died}, new one started at {started}"
+    );
+    assert!(
+        pid_alive(plain_pid),
+        "an unfenced task keeps running while cut off"
+    );
+    assert!(pid_alive(f2_pid) && pid_alive(p2_pid));
+    let agent_log = std::fs::read_to_string(p.file("agent-a.log")).unwrap();
+    assert!(agent_log.contains("fencing"), "{agent_log}");
+
+    relay.heal();
+    wait_for(
+        "a's stale unfenced copy killed",
+        Duration::from_secs(20),
+        || (!pid_alive(plain_pid)).then_some(()),
+    );
+    wait_for("node a back", Duration::from_secs(20), || {
+        let nodes = p.get(&p.admin, "/v1/nodes").unwrap();
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["state"] == "ready")
+            .then_some(())
+    });
+    let jf = p.job(&p.admin, fenced);
+    assert_eq!(jf["runs"][0]["state"], "lost", "{jf}");
+    assert_eq!(jf["runs"].as_array().unwrap().len(), 2, "{jf}");
+    assert!(pid_alive(f2_pid), "the new copy keeps running");
+    let u = p.get(&p.admin, &format!("/v1/usage?job={fenced}")).unwrap();
+    assert_eq!(
+        u["by_job"][0]["runs"], 1,
+        "the fenced copy is metered once: {u}"
+    );
+}
+
 #[test]
 fn server_killed_repeatedly_during_a_stream_of_jobs_loses_and_duplicates_nothing() {
     // fsync per commit: a wider window between a change and its commit for a kill to hit.
