@@ -826,6 +826,9 @@ impl Agent {
             reason: reason.into(),
             message: match &status {
                 Err(e) => format!("waiting for the process failed: {e}"),
+                Ok(_) if reason == "fenced" => {
+                    "fenced: its node could not reach the server for nearly the lost timeout, and its agent killed it so that no second copy would run".into()
+                }
                 Ok(_) => String::new(),
             },
         });

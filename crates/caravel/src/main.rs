@@ -598,6 +598,18 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
             if a.sync_full && a.datastore != caravel_server::Datastore::Sqlite {
                 bail!("--sync-full: only for the embedded SQLite store (PostgreSQL's own `synchronous_commit` decides there)");
             }
+            if a.heartbeat == 0 {
+                bail!("--heartbeat: must be more than 0");
+            }
+            // A sync is held up to one heartbeat, so a healthy node may go two heartbeats
+            // between the requests the server sees; fencing needs room above that too.
+            if a.lost_after < 3 * a.heartbeat {
+                bail!(
+                    "--lost-after {} ms: must be at least 3 × --heartbeat ({} ms): a healthy node is heard from only every two heartbeats at worst, and would be counted lost",
+                    a.lost_after,
+                    a.heartbeat
+                );
+            }
             cfg.datastore = a.datastore;
             cfg.standby = a.standby;
             cfg.lost_after_ms = a.lost_after;

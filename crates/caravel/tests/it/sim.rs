@@ -228,6 +228,14 @@ fn bad_replay_flags_name_the_flag_and_write_nothing() {
             "\"two\" is not a whole number",
         ),
         (vec!["--reservations", "5000"], "5000 is more than 1024"),
+        (
+            vec!["--lost-after", "5s", "--heartbeat", "2s"],
+            "--lost-after 5000 ms: must be at least 3 × --heartbeat (2000 ms)",
+        ),
+        (
+            vec!["--heartbeat", "0s"],
+            "--heartbeat: must be more than 0",
+        ),
     ] {
         let o = Command::new(BIN)
             .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
