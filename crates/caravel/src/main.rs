@@ -548,6 +548,18 @@ fn kv(s: &str) -> Result<(String, String), String> {
 
 fn main() {
     let cli = Cli::parse();
+    if !matches!(
+        &cli.cmd,
+        Cmd::Server(_) | Cmd::Agent(_) | Cmd::Up(_) | Cmd::Bench { .. }
+    ) {
+        // A client command piped into `head` stops quietly when the pipe closes, as `ls`
+        // does, instead of panicking on the failed print. Not for the long-running
+        // processes, whose sockets and children must not kill them with SIGPIPE.
+        // SAFETY: before any thread starts; restores the default disposition.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_env("CARAVEL_LOG").unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(match &cli.cmd {
             Cmd::Server(_) | Cmd::Agent(_) | Cmd::Up(_) => "info",
@@ -1301,7 +1313,12 @@ fn show_job(j: &JobDetail) {
             .as_ref()
             .map(|g| format!(", gpu {}:{}", g.model, g.count))
             .unwrap_or_default(),
-        if s.gang { ", gang" } else { "" }
+        match (s.gang, j.spec.fence) {
+            (true, true) => ", gang, fenced",
+            (true, false) => ", gang",
+            (false, true) => ", fenced",
+            (false, false) => "",
+        }
     );
     println!("Submitted:  {} ago", age(now - s.submitted_ms));
     if !s.message.is_empty() {

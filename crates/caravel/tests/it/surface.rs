@@ -283,3 +283,28 @@ fn up_detach_has_one_owner_per_data_dir_and_down_hands_running_work_back() {
     assert_eq!(code, Some(1), "{text}");
     assert!(text.contains("--timeout"), "{text}");
 }
+
+#[test]
+fn a_client_command_into_a_closed_pipe_stops_quietly() {
+    let p = Pool::server_only("epipe");
+    // `caravel nodes | head -0`: the reader is gone before anything is written.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let o = std::process::Command::new(BIN)
+        .args(["nodes"])
+        .env("CARAVEL_SERVER", &p.url)
+        .env("CARAVEL_TOKEN", &p.admin)
+        .env("CARAVEL_CONFIG", p.file("no-config.toml"))
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        o.status.signal(),
+        Some(libc::SIGPIPE),
+        "{:?} {stderr}",
+        o.status
+    );
+}
