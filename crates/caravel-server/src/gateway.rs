@@ -241,6 +241,69 @@ fn hop_by_hop(h: &HeaderName) -> bool {
     )
 }
 
+/// The `X-Forwarded-*` headers the gateway sets itself; a caller's own are not passed on
+/// as they are (`X-Forwarded-For` is extended, the others replaced).
+fn forwarded(h: &HeaderName) -> bool {
+    matches!(
+        h.as_str(),
+        "x-forwarded-for" | "x-forwarded-proto" | "x-forwarded-host"
+    )
+}
+
+/// What a replica behind the gateway needs to know about the original request, as nginx's
+/// `proxy_add_x_forwarded_for` and Envoy set it: the caller's address appended to any
+/// `X-Forwarded-For` it sent, the scheme it used (`https` when the server terminates TLS)
+/// and the host it asked for (for absolute links and redirects).
+fn forwarded_headers(
+    parts: &axum::http::request::Parts,
+    scheme: &'static str,
+) -> Vec<(&'static str, axum::http::HeaderValue)> {
+    let mut out = vec![(
+        "x-forwarded-proto",
+        axum::http::HeaderValue::from_static(scheme),
+    )];
+    let peer = parts
+        .extensions
+        .get::<axum::extract::ConnectInfo<crate::Peer>>()
+        .map(|c| c.0 .0)
+        .or_else(|| {
+            let c = parts
+                .extensions
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()?;
+            Some(c.0)
+        })
+        .map(|a| a.ip().to_string());
+    let earlier: Vec<&str> = parts
+        .headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let chain = earlier
+        .into_iter()
+        .map(str::to_string)
+        .chain(peer)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if let Ok(v) = axum::http::HeaderValue::from_str(&chain) {
+        if !chain.is_empty() {
+            out.push(("x-forwarded-for", v));
+        }
+    }
+    let host = parts
+        .headers
+        .get(axum::http::header::HOST)
+        .cloned()
+        .or_else(|| {
+            let a = parts.uri.authority()?;
+            axum::http::HeaderValue::from_str(a.as_str()).ok()
+        });
+    if let Some(h) = host {
+        out.push(("x-forwarded-host", h));
+    }
+    out
+}
+
 trait RetainEndToEnd {
     fn retain_hop_by_hop(&mut self);
 }
@@ -782,9 +845,12 @@ async fn proxy_inner(
             .method(parts.method.clone())
             .uri(uri);
         for (k, v) in parts.headers.iter() {
-            if !hop_by_hop(k) && k != "authorization" && k != SERVICE_HEADER {
+            if !hop_by_hop(k) && k != "authorization" && k != SERVICE_HEADER && !forwarded(k) {
                 rb = rb.header(k, v);
             }
+        }
+        for (k, v) in forwarded_headers(&parts, s.cfg.scheme()) {
+            rb = rb.header(k, v);
         }
         if via_path {
             rb = rb.header("x-forwarded-prefix", format!("/s/{tenant}/{service}"));

@@ -527,7 +527,9 @@ pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
                 }
             })?;
             tokio::spawn(async move {
-                if let Err(e) = axum::serve(listener, app).await {
+                if let Err(e) =
+                    axum::serve(listener, app.into_make_service_with_connect_info::<Peer>()).await
+                {
                     tracing::error!(error = %e, "server stopped");
                 }
             })
@@ -538,7 +540,12 @@ pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
             let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
                 let _ = tcp.set_nodelay(true);
             });
-            if let Err(e) = axum::serve(listener, app).await {
+            if let Err(e) = axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .await
+            {
                 tracing::error!(error = %e, "server stopped");
             }
         }),
@@ -554,9 +561,24 @@ pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
     })
 }
 
+/// The address of the caller at the other end of a TLS connection, as `ConnectInfo<Peer>`
+/// on each request (plain connections carry axum's `ConnectInfo<SocketAddr>`).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+impl
+    axum::extract::connect_info::Connected<
+        axum::serve::IncomingStream<'_, caravel_tls::TlsListener>,
+    > for Peer
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, caravel_tls::TlsListener>) -> Self {
+        Peer(*stream.remote_addr())
+    }
+}
+
 /// The names a self-signed server certificate covers: the operator's, the gateway domains
-/// and every service host under them (`*.DOMAIN`), then the loopback names, the host name and the
-/// listen address when it is a specific one.
+/// and every service host under them (`*.DOMAIN`), then the loopback names, the host name
+/// and the listen address when it is a specific one.
 fn certificate_names(given: &[String], domains: &[String], listen: SocketAddr) -> Vec<String> {
     let mut names: Vec<String> = given.to_vec();
     names.extend(domains.iter().flat_map(|d| [format!("*.{d}"), d.clone()]));

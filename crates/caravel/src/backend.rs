@@ -49,6 +49,7 @@ pub async fn run(grpc: bool) -> Result<i32> {
         .route("/version", axum::routing::get(version))
         .route("/upgrade", axum::routing::get(upgrade))
         .route("/echo-path/{*rest}", axum::routing::get(echo_path))
+        .route("/headers", axum::routing::get(headers))
         .fallback(|| async { "ok" });
     let l = tokio::net::TcpListener::bind(("0.0.0.0", port)).await?;
     axum::serve(l, app).await?;
@@ -66,6 +67,14 @@ async fn count(req: Request) -> String {
 
 async fn version(req: Request) -> String {
     format!("{:?}", req.version())
+}
+
+/// The request's headers, `name: value` a line, as the replica received them.
+async fn headers(req: Request) -> String {
+    req.headers()
+        .iter()
+        .map(|(k, v)| format!("{k}: {}\n", v.to_str().unwrap_or("?")))
+        .collect()
 }
 
 async fn echo_path(req: Request) -> String {

@@ -345,6 +345,17 @@ fn large_bodies_upgrades_and_h2c_replicas_pass_through_the_gateway() {
         .send()
         .unwrap();
     assert_eq!(r.text().unwrap(), "HTTP/2.0");
+    // Plain HTTP: the replica is told the scheme, host, caller and prefix.
+    let (status, seen) = get(format!("{}/s/default/h/headers", p.url));
+    assert_eq!(status, 200);
+    for line in [
+        "x-forwarded-proto: http\n".to_string(),
+        format!("x-forwarded-host: 127.0.0.1:{}\n", p.port),
+        "x-forwarded-for: 127.0.0.1\n".to_string(),
+        "x-forwarded-prefix: /s/default/h\n".to_string(),
+    ] {
+        assert!(seen.contains(&line), "{line:?} not in:\n{seen}");
+    }
     // The path reaches the replica as the caller encoded it.
     assert_eq!(
         get(format!("{}/s/default/h/echo-path/a%2Fb%20c", p.url)),

@@ -412,6 +412,26 @@ fn services_are_reached_by_host_name_under_a_gateway_domain() {
     // The same rules as by path: another tenant's private service does not exist for t1.
     let (status, body) = get("web.apps.test", "/version", &t1);
     assert_eq!(status, 404, "{body}");
+    // The replica learns what the caller asked for: scheme, host and address.
+    let r = c
+        .get(format!("https://web.apps.test:{port}/headers"))
+        .bearer_auth(&p.admin)
+        .header("x-forwarded-for", "203.0.113.7")
+        .header("x-forwarded-proto", "gopher")
+        .send()
+        .unwrap();
+    let seen = r.text().unwrap();
+    for line in [
+        "x-forwarded-proto: https\n".to_string(),
+        format!("x-forwarded-host: web.apps.test:{port}\n"),
+        "x-forwarded-for: 203.0.113.7, 127.0.0.1\n".to_string(),
+    ] {
+        assert!(seen.contains(&line), "{line:?} not in:\n{seen}");
+    }
+    assert!(
+        !seen.contains("gopher") && !seen.contains("authorization"),
+        "{seen}"
+    );
     let (status, body) = get("nope.apps.test", "/version", &p.admin);
     assert_eq!(status, 404, "{body}");
     assert!(body.contains("not_found"), "{body}");
