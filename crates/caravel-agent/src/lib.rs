@@ -58,6 +58,9 @@ pub struct AgentConfig {
     /// CA certificates (PEM) that `https` servers are checked against instead of the
     /// system's roots: a self-signed pool's `DATA_DIR/tls/ca.pem`.
     pub ca: Option<PathBuf>,
+    /// Instead of `ca`: the SHA-256 of a self-signed pool's CA, fetched from the server and
+    /// kept only if it matches (`caravel_tls::fetch_pinned_ca`).
+    pub ca_sha256: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +79,8 @@ pub enum AgentError {
     ServerUrl(String),
     #[error("--ca: {0}")]
     Ca(caravel_tls::TlsError),
+    #[error("--ca-sha256: {0}")]
+    CaPin(caravel_tls::TlsError),
     #[error("TLS for the log endpoint: {0}")]
     Tls(caravel_tls::TlsError),
 }
@@ -142,6 +147,30 @@ pub fn server_urls(list: &str) -> Result<Vec<String>, AgentError> {
         }
     }
     Ok(urls)
+}
+
+/// The pool CA from the first server that answers, checked against `pin`. A server that
+/// cannot be reached yet is tried again (the agent may start first); a CA that does not
+/// match is an error at once.
+async fn pinned_ca(
+    servers: &[String],
+    pin: &str,
+) -> Result<Vec<caravel_tls::rustls::pki_types::CertificateDer<'static>>, AgentError> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        for s in servers {
+            match caravel_tls::fetch_pinned_ca(s, pin).await {
+                Ok(pem) => {
+                    tracing::info!(server = %s, "pool CA fetched and matches --ca-sha256");
+                    return Ok(caravel_tls::pem_roots(pem.as_bytes()));
+                }
+                Err(e @ caravel_tls::TlsError::Refused(_)) => return Err(AgentError::CaPin(e)),
+                Err(e) => tracing::warn!("cannot fetch the pool CA yet: {e}"),
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
 }
 
 fn random_hex(n: usize) -> String {
@@ -271,8 +300,12 @@ pub async fn start(cfg: AgentConfig) -> Result<Arc<Agent>, AgentError> {
         .timeout(Duration::from_secs(40))
         // A server whose machine vanished answers nothing: move on to the next soon.
         .connect_timeout(Duration::from_secs(3));
-    if let Some(ca) = &cfg.ca {
-        let roots = caravel_tls::ca_roots(ca).map_err(AgentError::Ca)?;
+    let roots = match (&cfg.ca, &cfg.ca_sha256) {
+        (Some(ca), _) => Some(caravel_tls::ca_roots(ca).map_err(AgentError::Ca)?),
+        (None, Some(pin)) => Some(pinned_ca(&servers, pin).await?),
+        (None, None) => None,
+    };
+    if let Some(roots) = roots {
         http = http.tls_certs_only(
             roots
                 .iter()

@@ -1063,6 +1063,25 @@ pub async fn healthz() -> &'static str {
     "ok"
 }
 
+/// The pool CA, to anyone: it is public, and a joining agent checks it against the
+/// fingerprint it was given before trusting it.
+pub async fn ca_pem(State(s): State<Arc<Shared>>) -> Res<Response> {
+    match &s.ca_pem {
+        Some(pem) => {
+            let mut r = Response::new(axum::body::Body::from(pem.clone()));
+            r.headers_mut().insert(
+                "content-type",
+                HeaderValue::from_static("application/x-pem-file"),
+            );
+            Ok(r)
+        }
+        None => Err(ApiError::new(
+            ErrorCode::NotFound,
+            "this server has no pool CA: it serves an operator's certificate (--tls-cert) or plain HTTP",
+        )),
+    }
+}
+
 pub async fn fallback() -> ApiError {
     ApiError::new(
         ErrorCode::NotFound,

@@ -280,6 +280,9 @@ pub struct Shared {
     /// The probers' client to replicas (each probe carries its own timeout).
     pub proxy: reqwest::Client,
     pub gateway: gateway::Gateway,
+    /// The pool CA (PEM) when this server made its own certificate: served at
+    /// `/v1/tls/ca.pem` for agents that join by its fingerprint.
+    pub ca_pem: Option<String>,
     /// Held open for the server's life: the data directory is this server's alone.
     _data_dir_lock: std::fs::File,
     /// Set (and `stopped` notified) when the server must stop: its store has another owner.
@@ -367,6 +370,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         // After that layer: these do not show stored state, and must answer while the
         // store is down.
         .route("/healthz", get(api::healthz))
+        .route("/v1/tls/ca.pem", get(api::ca_pem))
         .route("/metrics", get(api::metrics))
         .route("/v1/openapi.json", get(api::openapi))
         .layer(axum::middleware::from_fn_with_state(
@@ -509,6 +513,16 @@ pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
             .build()
             .expect("building an HTTP client"),
         gateway: gateway::Gateway::new(&cfg.zone, &cfg.region),
+        ca_pem: match &ca {
+            Some(p) => Some(std::fs::read_to_string(p).map_err(|source| {
+                ServerError::Tls(caravel_tls::TlsError::Read {
+                    what: "CA certificate",
+                    path: p.clone(),
+                    source,
+                })
+            })?),
+            None => None,
+        },
         _data_dir_lock: data_dir_lock,
         superseded: Mutex::new(None),
         stopped: Notify::new(),

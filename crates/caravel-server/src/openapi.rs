@@ -96,6 +96,7 @@ pub fn document() -> Value {
         "paths": {
             "/healthz": {"get": {"summary": "liveness of the server", "security": [], "responses": {"200": {"description": "ok"}}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "security": [], "responses": {"200": {"description": "OpenMetrics text"}}}},
+            "/v1/tls/ca.pem": {"get": {"summary": "the pool CA of a server started with --tls-self-signed (agents joining with --ca-sha256 check it by its SHA-256); 404 otherwise", "security": [], "responses": {"200": {"description": "PEM"}, "404": {"description": "no pool CA"}}}},
             "/v1/openapi.json": {"get": {"summary": "this document", "security": [], "responses": {"200": {"description": "OpenAPI"}}}},
             "/v1/whoami": {"get": {"summary": "the caller's role", "responses": ok(json!({"type": "object"}), "200")}},
             "/v1/jobs": {

@@ -50,6 +50,10 @@ pub enum TlsError {
     Generate(String),
     #[error("TLS settings: {0}")]
     Config(String),
+    /// A pinned CA that is not the pinned one, or a pin that is not a SHA-256: trying
+    /// again will not help.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// How long a client has to finish its handshake.
@@ -399,10 +403,11 @@ pub fn ephemeral(names: &[String]) -> Result<(Arc<rustls::ServerConfig>, String)
 
 /// Accepts exactly the one certificate whose SHA-256 is `pin`, whatever name it carries:
 /// the peer's identity is the fingerprint it registered over an authenticated channel, not
-/// a name in a CA's book.
+/// a name in a CA's book. Without a pin, any certificate: only for fetching a document
+/// that is then checked by its own hash ([`fetch_pinned_ca`]).
 #[derive(Debug)]
 struct Pinned {
-    pin: String,
+    pin: Option<String>,
     provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
@@ -415,13 +420,14 @@ impl rustls::client::danger::ServerCertVerifier for Pinned {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        if fingerprint(end_entity) == self.pin {
-            Ok(rustls::client::danger::ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::General(format!(
-                "the peer's certificate is not the one it registered (sha256 {})",
-                self.pin
-            )))
+        match &self.pin {
+            None => Ok(rustls::client::danger::ServerCertVerified::assertion()),
+            Some(pin) if fingerprint(end_entity) == *pin => {
+                Ok(rustls::client::danger::ServerCertVerified::assertion())
+            }
+            Some(pin) => Err(rustls::Error::General(format!(
+                "the peer's certificate is not the one it registered (sha256 {pin})"
+            ))),
         }
     }
 
@@ -462,18 +468,72 @@ impl rustls::client::danger::ServerCertVerifier for Pinned {
 
 /// A client's TLS settings that trust only the certificate with SHA-256 `pin` (hex).
 pub fn pinned_client_config(pin: &str) -> Result<rustls::ClientConfig, TlsError> {
+    client_config_with(Some(pin.to_ascii_lowercase()))
+}
+
+fn client_config_with(pin: Option<String>) -> Result<rustls::ClientConfig, TlsError> {
     let provider = provider();
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(Pinned {
-            pin: pin.to_ascii_lowercase(),
-            provider,
-        }))
+        .with_custom_certificate_verifier(Arc::new(Pinned { pin, provider }))
         .with_no_client_auth();
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(cfg)
+}
+
+/// The SHA-256 (hex) of the first certificate in a PEM text: what `--ca-sha256` names.
+pub fn pem_fingerprint(pem: &[u8]) -> Option<String> {
+    let first = CertificateDer::pem_slice_iter(pem).next()?.ok()?;
+    Some(fingerprint(&first))
+}
+
+/// Fetches a self-signed pool's CA from `server` (`GET /v1/tls/ca.pem`) and keeps it only
+/// if its SHA-256 is `pin`: how an agent joins with a fingerprint instead of a copied CA
+/// file, as k3s agents do with the CA hash in their join token. The connection is not
+/// verified (the CA is what it would be verified with); the hash check is what makes the
+/// answer trustworthy, and everything after it is verified against that CA.
+pub async fn fetch_pinned_ca(server: &str, pin: &str) -> Result<String, TlsError> {
+    let pin = pin.to_ascii_lowercase();
+    if pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(TlsError::Refused(format!(
+            "--ca-sha256 {pin:?}: must be a SHA-256 in hex (64 characters)"
+        )));
+    }
+    let fetch = |e: String| TlsError::Config(format!("fetching the pool CA from {server}: {e}"));
+    let http = reqwest::Client::builder()
+        .tls_backend_preconfigured(client_config_with(None)?)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| fetch(e.to_string()))?;
+    let resp = http
+        .get(format!("{}/v1/tls/ca.pem", server.trim_end_matches('/')))
+        .send()
+        .await
+        .map_err(|e| fetch(e.to_string()))?;
+    if !resp.status().is_success() {
+        return Err(fetch(format!(
+            "answered {}: {}",
+            resp.status(),
+            resp.text().await.unwrap_or_default()
+        )));
+    }
+    let pem = resp.text().await.map_err(|e| fetch(e.to_string()))?;
+    match pem_fingerprint(pem.as_bytes()) {
+        Some(f) if f == pin => Ok(pem),
+        Some(f) => Err(TlsError::Refused(format!(
+            "the CA {server} serves has sha256 {f}, not {pin}: refusing it"
+        ))),
+        None => Err(fetch("the answer holds no certificate".into())),
+    }
+}
+
+/// The certificates in a PEM text (a fetched CA).
+pub fn pem_roots(pem: &[u8]) -> Vec<CertificateDer<'static>> {
+    CertificateDer::pem_slice_iter(pem)
+        .filter_map(Result::ok)
+        .collect()
 }
 
 /// The trust roots in a CA file, for a client's `--ca`.

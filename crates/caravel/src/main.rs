@@ -392,6 +392,10 @@ struct AgentArgs {
     /// a self-signed pool's DATA_DIR/tls/ca.pem.
     #[arg(long, env = "CARAVEL_CA", value_name = "FILE")]
     ca: Option<PathBuf>,
+    /// Instead of --ca: the SHA-256 of a self-signed pool's CA (the server prints it at
+    /// start). The agent fetches the CA from the server and trusts it only if it matches.
+    #[arg(long, value_name = "HEX", conflicts_with = "ca")]
+    ca_sha256: Option<String>,
 }
 
 #[derive(Args)]
@@ -657,6 +661,14 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
                     "clients and agents trust its certificate with --ca {}",
                     ca.display()
                 );
+                if let Some(fp) = std::fs::read(ca)
+                    .ok()
+                    .and_then(|pem| caravel_tls::pem_fingerprint(&pem))
+                {
+                    eprintln!(
+                        "agents may join with --ca-sha256 {fp} instead of a copy of that file"
+                    );
+                }
             }
             tokio::select! {
                 r = s.wait() => r?,
@@ -1074,6 +1086,7 @@ fn agent_config(a: AgentArgs) -> Result<caravel_agent::AgentConfig> {
         use_cgroups: !a.no_cgroups,
         cgroup_name: None,
         ca: a.ca,
+        ca_sha256: a.ca_sha256,
     })
 }
 

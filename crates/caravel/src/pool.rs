@@ -78,6 +78,7 @@ pub async fn up(a: UpArgs) -> Result<i32> {
         // directory, so two pools on one machine do not kill each other's tasks.
         cgroup_name: Some(local_cgroup_name(&data_dir)),
         ca: s.ca.clone(),
+        ca_sha256: None,
     };
     let agent = caravel_agent::start(agent).await?;
     tokio::spawn(agent.clone().main_loop());

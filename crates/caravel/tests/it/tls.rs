@@ -160,6 +160,12 @@ fn a_renewed_certificate_is_served_without_a_restart() {
     };
     assert!(works(&a.ca));
     assert!(!works(&b.ca));
+    // An operator's certificate: there is no pool CA to hand out.
+    let r = client_trusting(&a.ca)
+        .get(format!("https://127.0.0.1:{}/v1/tls/ca.pem", p.port))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 404);
     // Renewed in place, the way certbot or cert-manager do it: key, then certificate.
     std::fs::copy(&b.key, &key).unwrap();
     std::fs::copy(&b.cert, &cert).unwrap();
@@ -456,4 +462,52 @@ fn services_are_reached_by_host_name_under_a_gateway_domain() {
         .unwrap();
     assert!(!o.status.success());
     assert!(stderr(&o).contains("--gateway-domain"), "{}", stderr(&o));
+}
+
+#[test]
+fn an_agent_joins_by_the_pool_ca_fingerprint() {
+    let p = Pool::server_only_with("tls-join", &["--tls-self-signed"]);
+    let fp = wait_for(
+        "the CA fingerprint in the server's log",
+        Duration::from_secs(10),
+        || {
+            let log = std::fs::read_to_string(p.file("server.log")).ok()?;
+            let fp = log
+                .split("--ca-sha256 ")
+                .nth(1)?
+                .split_whitespace()
+                .next()?;
+            Some(fp.to_string())
+        },
+    );
+    let pem = std::fs::read(p.ca.as_ref().unwrap()).unwrap();
+    assert_eq!(caravel_tls::pem_fingerprint(&pem).unwrap(), fp);
+    let agent = |name: &str, pin: &str| {
+        let mut c = Command::new(BIN);
+        c.args(["agent", "--server", &p.url, "--token", &p.agent_token])
+            .args(["--name", &p.node_name(name), "--listen", "127.0.0.1:0"])
+            .args(["--ca-sha256", pin, "--work-dir"])
+            .arg(p.file(&format!("agent-{name}")))
+            .env_remove("CARAVEL_CA")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        c
+    };
+    // The right fingerprint: the agent fetches the CA, checks it, joins and runs work.
+    let mut good = agent("pinned", &fp).spawn().unwrap();
+    p.wait_nodes_ready(1);
+    let o = p.cli(&["submit", "--wait", "--", "echo", "joined"]);
+    let _ = good.kill();
+    let _ = good.wait();
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Another pool's CA, or no SHA-256 at all: refused at once, naming the flag.
+    for (pin, want) in [
+        ("0".repeat(64), "refusing it"),
+        ("abc".to_string(), "must be a SHA-256"),
+    ] {
+        let o = agent("wrong", &pin).output().unwrap();
+        assert!(!o.status.success());
+        let e = stderr(&o);
+        assert!(e.contains("--ca-sha256") && e.contains(want), "{e}");
+    }
 }
