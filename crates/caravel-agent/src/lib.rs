@@ -9,6 +9,8 @@
 //! their reports; when the server is back it reconciles.
 
 pub mod cgroups;
+pub mod checkpoint;
+use checkpoint::Restore;
 pub mod discover;
 pub mod spawn;
 
@@ -111,6 +113,9 @@ struct State_ {
 pub struct Agent {
     cfg: AgentConfig,
     http: reqwest::Client,
+    /// For checkpoints: no bound on the whole transfer (it may be gigabytes), only on
+    /// each read.
+    bulk: reqwest::Client,
     cgroups: cgroups::Cgroups,
     /// SHA-256 of the log endpoint's certificate, when it serves https.
     cert_sha256: Option<String>,
@@ -300,17 +305,22 @@ pub async fn start(cfg: AgentConfig) -> Result<Arc<Agent>, AgentError> {
         .timeout(Duration::from_secs(40))
         // A server whose machine vanished answers nothing: move on to the next soon.
         .connect_timeout(Duration::from_secs(3));
+    let mut bulk = reqwest::Client::builder()
+        .read_timeout(Duration::from_secs(60))
+        .connect_timeout(Duration::from_secs(3));
     let roots = match (&cfg.ca, &cfg.ca_sha256) {
         (Some(ca), _) => Some(caravel_tls::ca_roots(ca).map_err(AgentError::Ca)?),
         (None, Some(pin)) => Some(pinned_ca(&servers, pin).await?),
         (None, None) => None,
     };
     if let Some(roots) = roots {
-        http = http.tls_certs_only(
+        let certs = || {
             roots
                 .iter()
-                .map(|c| reqwest::Certificate::from_der(c).expect("a parsed certificate")),
-        );
+                .map(|c| reqwest::Certificate::from_der(c).expect("a parsed certificate"))
+        };
+        http = http.tls_certs_only(certs());
+        bulk = bulk.tls_certs_only(certs());
     }
     let agent = Arc::new(Agent {
         agent_url: format!(
@@ -323,6 +333,7 @@ pub async fn start(cfg: AgentConfig) -> Result<Arc<Agent>, AgentError> {
         ),
         address,
         http: http.build().expect("http client"),
+        bulk: bulk.build().expect("http client"),
         cgroups: cg,
         cert_sha256: endpoint_tls.as_ref().map(|(_, fp)| fp.clone()),
         contact: Mutex::new(None),
@@ -728,6 +739,20 @@ impl Agent {
             .retain(|r| want.contains(r) || running.contains(r) || outbox.contains(r));
     }
 
+    /// Reports the end of a run whose process never started.
+    fn never_started(&self, run: RunId, reason: &str, message: String) {
+        self.st.lock().expect("lock").running.remove(&run);
+        self.emit(RunEvent::Exited {
+            run,
+            started_ms: None,
+            at_ms: now_ms(),
+            exit_code: None,
+            signal: None,
+            reason: reason.into(),
+            message,
+        });
+    }
+
     fn emit(&self, ev: RunEvent) {
         self.st.lock().expect("lock").outbox.push(ev);
         self.outbox_wake.notify_one();
@@ -782,9 +807,30 @@ impl Agent {
         } else {
             None
         };
-        let started = match (a.wants_port, port) {
-            (true, None) => Err("no free port for the replica".to_string()),
-            _ => self.spawn(&a, &dir, port),
+        // The task's checkpoint folder, filled with its newest saved checkpoint first.
+        let ckpt = std::path::absolute(dir.join("checkpoint")).unwrap_or(dir.join("checkpoint"));
+        let restored = match a.checkpoint {
+            None => std::fs::create_dir_all(&ckpt)
+                .map(|_| 0)
+                .map_err(|e| format!("creating {}: {e}", ckpt.display())),
+            Some(_) => match self.restore_checkpoint(&a, &dir, &ckpt, &mut stop).await {
+                Restore::Done(v) => Ok(v),
+                Restore::Failed(msg) => Err(msg),
+                Restore::Stopped => {
+                    self.never_started(
+                        run,
+                        "killed",
+                        "stopped before it started, while its checkpoint was fetched".into(),
+                    );
+                    return;
+                }
+            },
+        };
+        let baseline = checkpoint::list(&ckpt).unwrap_or_default();
+        let started = match (a.wants_port, port, restored) {
+            (_, _, Err(msg)) => Err(msg),
+            (true, None, _) => Err("no free port for the replica".to_string()),
+            (_, _, Ok(version)) => self.spawn(&a, &dir, port, &ckpt, version),
         };
         let (mut child, cg, pgid, t0) = match started {
             Ok(x) => x,
@@ -792,16 +838,7 @@ impl Agent {
                 tracing::warn!(run = %run, "cannot start: {msg}");
                 let _ = std::fs::create_dir_all(&dir);
                 let _ = std::fs::write(dir.join("stderr.log"), format!("caravel: {msg}\n"));
-                self.st.lock().expect("lock").running.remove(&run);
-                self.emit(RunEvent::Exited {
-                    run,
-                    started_ms: None,
-                    at_ms: now_ms(),
-                    exit_code: None,
-                    signal: None,
-                    reason: "spawn_failed".into(),
-                    message: msg,
-                });
+                self.never_started(run, "spawn_failed", msg);
                 return;
             }
         };
@@ -811,6 +848,16 @@ impl Agent {
             at_ms: t0,
             port,
         });
+        let (watch_stop, watch_rx) = tokio::sync::watch::channel(false);
+        let watcher = tokio::spawn(self.clone().watch_checkpoint(
+            a.job,
+            a.index,
+            run,
+            dir.clone(),
+            ckpt.clone(),
+            baseline,
+            watch_rx,
+        ));
         let deadline = a
             .max_runtime_ms
             .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
@@ -844,6 +891,10 @@ impl Agent {
                 libc::kill(-pgid, libc::SIGKILL);
             }
         }
+        // The last checkpoint goes to the server before the exit is reported: once the
+        // server hears of the exit it may start the task elsewhere, which fetches it.
+        let _ = watch_stop.send(reason != "fenced");
+        let _ = watcher.await;
         use std::os::unix::process::ExitStatusExt;
         let (code, sig) = match &status {
             Ok(s) => (s.code(), s.signal()),
@@ -872,6 +923,8 @@ impl Agent {
         a: &Assignment,
         dir: &std::path::Path,
         port: Option<u16>,
+        ckpt: &std::path::Path,
+        ckpt_version: u64,
     ) -> Result<(spawn::Child, cgroups::RunCgroup, i32, Millis), String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         let out = std::fs::File::create(dir.join("stdout.log"))
@@ -891,6 +944,11 @@ impl Agent {
         if let Some(p) = port {
             env.insert("PORT".into(), p.to_string().into());
         }
+        env.insert("CARAVEL_CHECKPOINT_DIR".into(), ckpt.into());
+        env.insert(
+            "CARAVEL_CHECKPOINT_VERSION".into(),
+            ckpt_version.to_string().into(),
+        );
         // Taken before the clone, so the metered interval always covers the whole process
         // lifetime (the exit is observed after the process is gone).
         let t0 = now_ms();

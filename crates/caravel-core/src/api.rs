@@ -250,6 +250,24 @@ pub struct Assignment {
     /// lost timeout (`JobSpec::fence`).
     #[serde(default)]
     pub fence: bool,
+    /// The version of the task's checkpoint that the server holds, when it holds one: the
+    /// agent fetches it into `CARAVEL_CHECKPOINT_DIR` before the task starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<u64>,
+}
+
+/// A task's newest checkpoint (`GET /v1/jobs/{id}/checkpoints`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointView {
+    pub task: u32,
+    /// 1 for the task's first checkpoint, one more with each save.
+    pub version: u64,
+    /// The run (attempt) that saved it.
+    pub run: RunId,
+    pub bytes: u64,
+    pub saved_ms: Millis,
+    /// Of the tar archive as served by `GET /v1/jobs/{id}/tasks/{index}/checkpoint`.
+    pub sha256: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

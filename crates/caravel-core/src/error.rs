@@ -32,6 +32,9 @@ pub enum ErrorCode {
     /// The replica a request went to sent no response within the service's
     /// `response_timeout`.
     UpstreamTimeout,
+    /// The request body is larger than the server accepts (a checkpoint past
+    /// `--checkpoint-max-size`).
+    TooLarge,
     Internal,
 }
 
@@ -48,6 +51,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => 429,
             ErrorCode::UpstreamFailed => 502,
             ErrorCode::UpstreamTimeout => 504,
+            ErrorCode::TooLarge => 413,
             ErrorCode::Internal => 500,
         }
     }
@@ -66,6 +70,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::UpstreamFailed => "upstream_failed",
             ErrorCode::UpstreamTimeout => "upstream_timeout",
+            ErrorCode::TooLarge => "too_large",
             ErrorCode::Internal => "internal",
         }
     }

@@ -975,10 +975,11 @@ pub async fn agent_sync(
         core.heartbeat(req.node_id, &req.instance, now_ms())?;
         let (version, desired, assignments) = core.desired(req.node_id, &known);
         if version != req.known_version || req.wait_ms == 0 {
+            drop(core);
             return Ok(Json(SyncResponse {
                 version,
                 desired,
-                assignments,
+                assignments: with_checkpoints(&s, assignments),
             }));
         }
         core.nodes[&req.node_id].version.subscribe()
@@ -990,11 +991,20 @@ pub async fn agent_sync(
     let mut core = s.core.lock().expect("core lock");
     core.heartbeat(req.node_id, &req.instance, now_ms())?;
     let (version, desired, assignments) = core.desired(req.node_id, &known);
+    drop(core);
     Ok(Json(SyncResponse {
         version,
         desired,
-        assignments,
+        assignments: with_checkpoints(&s, assignments),
     }))
+}
+
+/// Tells the agent which runs have a checkpoint to fetch before they start.
+fn with_checkpoints(s: &Shared, mut assignments: Vec<Assignment>) -> Vec<Assignment> {
+    for a in &mut assignments {
+        a.checkpoint = s.checkpoints.latest(a.job, a.index).map(|c| c.version);
+    }
+    assignments
 }
 
 /// `POST /v1/agent/shutdown` (agent token): the agent is leaving cleanly.
@@ -1087,4 +1097,249 @@ pub async fn fallback() -> ApiError {
         ErrorCode::NotFound,
         "no such endpoint; see /v1/openapi.json",
     )
+}
+
+// ---- checkpoints ----
+
+fn parse_task_index(j: &JobEntry, s: &str) -> Res<u32> {
+    let n = j.rec.spec.tasks;
+    match s.parse::<u32>() {
+        Ok(i) if i < n => Ok(i),
+        _ => Err(ApiError::field(
+            ErrorCode::InvalidArgument,
+            "index",
+            format!(
+                "`{s}` is not a task of job {}: it has tasks 0 to {}",
+                j.rec.id,
+                n - 1
+            ),
+        )),
+    }
+}
+
+fn checkpoint_view(task: u32, s: &crate::checkpoints::Saved) -> CheckpointView {
+    CheckpointView {
+        task,
+        version: s.version,
+        run: s.run,
+        bytes: s.bytes,
+        saved_ms: s.saved_ms,
+        sha256: s.sha256.clone(),
+    }
+}
+
+/// Whether `run` is the run the server counts as the task's own: only it may save the
+/// task's checkpoint, so a copy the server gave up on (its node was lost, it was replaced)
+/// never overwrites what its successor saved or restored.
+fn is_current_run(core: &Core, job: JobId, index: u32, run: RunId) -> bool {
+    core.jobs
+        .get(&job)
+        .and_then(|j| j.tasks.get(index as usize))
+        .is_some_and(|t| t.current_run == Some(run))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointPut {
+    run: u64,
+}
+
+/// `PUT /v1/jobs/{id}/tasks/{index}/checkpoint?run=R` (agent token): the body is a tar
+/// archive of the task's checkpoint folder, header `x-caravel-sha256` its SHA-256. Kept
+/// as the task's newest checkpoint when it arrives whole and `R` is still the task's
+/// current run.
+pub async fn put_checkpoint(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path((id, index)): Path<(String, String)>,
+    Query(q): Query<CheckpointPut>,
+    body: axum::body::Body,
+) -> Res<(StatusCode, Json<CheckpointView>)> {
+    use http_body_util::BodyExt;
+    use sha2::Digest;
+    use tokio::io::AsyncWriteExt;
+    require_agent(authenticate(&s, &headers)?)?;
+    let id = parse_job_id(&id)?;
+    let run = RunId(q.run);
+    let expected = headers
+        .get("x-caravel-sha256")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_ascii_lowercase)
+        .filter(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()))
+        .ok_or_else(|| {
+            ApiError::field(
+                ErrorCode::InvalidArgument,
+                "x-caravel-sha256",
+                "header required: the archive's SHA-256 as 64 hex digits",
+            )
+        })?;
+    let not_current = || {
+        ApiError::field(
+            ErrorCode::Conflict,
+            "run",
+            format!("run {run} is not the current run of job {id} task {index}: it was stopped, lost or replaced, and its checkpoint is not kept"),
+        )
+    };
+    let index = {
+        let core = s.core.lock().expect("core lock");
+        let j = visible(&core, Principal::Admin, id)?;
+        let index = parse_task_index(j, &index)?;
+        if !is_current_run(&core, id, index, run) {
+            return Err(not_current());
+        }
+        index
+    };
+    let limit = s.checkpoints.max_bytes;
+    let too_large = || {
+        ApiError::new(
+            ErrorCode::TooLarge,
+            format!("the checkpoint is larger than this server's limit of {limit} bytes (caravel server --checkpoint-max-size)"),
+        )
+    };
+    if headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .is_some_and(|n| n > limit)
+    {
+        return Err(too_large());
+    }
+    let internal = |e: String| ApiError::new(ErrorCode::Internal, e);
+    let path = s
+        .checkpoints
+        .upload_path(id, index, run)
+        .map_err(|e| internal(e.to_string()))?;
+    // Removes the upload on every way out but the commit (which renames it away).
+    struct Upload(std::path::PathBuf);
+    impl Drop for Upload {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let upload = Upload(path.clone());
+    let mut file = tokio::fs::File::create(&path)
+        .await
+        .map_err(|e| internal(format!("{}: {e}", path.display())))?;
+    let mut hash = sha2::Sha256::new();
+    let mut bytes = 0u64;
+    let mut body = body;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            ApiError::new(
+                ErrorCode::MalformedRequest,
+                format!("the upload was cut off: {e}"),
+            )
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        bytes += data.len() as u64;
+        if bytes > limit {
+            return Err(too_large());
+        }
+        hash.update(&data);
+        file.write_all(&data)
+            .await
+            .map_err(|e| internal(format!("{}: {e}", path.display())))?;
+    }
+    file.sync_all()
+        .await
+        .map_err(|e| internal(format!("{}: {e}", path.display())))?;
+    drop(file);
+    let actual = hex::encode(hash.finalize());
+    if actual != expected {
+        return Err(ApiError::field(
+            ErrorCode::InvalidArgument,
+            "x-caravel-sha256",
+            format!("the body's SHA-256 is {actual}, not {expected}: it was damaged on the way"),
+        ));
+    }
+    let s2 = s.clone();
+    let saved = tokio::task::spawn_blocking(move || {
+        crate::checkpoints::validate_archive(&upload.0)
+            .map_err(|e| ApiError::field(ErrorCode::InvalidArgument, "body", e.to_string()))?;
+        let saved = s2
+            .checkpoints
+            .commit(
+                id,
+                index,
+                &upload.0,
+                crate::checkpoints::Saved {
+                    version: 0,
+                    run,
+                    bytes: 0,
+                    saved_ms: now_ms(),
+                    sha256: actual,
+                },
+                || is_current_run(&s2.core.lock().expect("core lock"), id, index, run),
+            )
+            .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+        Ok::<_, ApiError>(saved)
+    })
+    .await
+    .map_err(|e| internal(e.to_string()))??;
+    let saved = saved.ok_or_else(not_current)?;
+    tracing::debug!(job = %id, task = index, run = %run, version = saved.version, bytes = saved.bytes, "checkpoint saved");
+    Ok((StatusCode::CREATED, Json(checkpoint_view(index, &saved))))
+}
+
+/// `GET /v1/jobs/{id}/tasks/{index}/checkpoint`: the task's newest checkpoint, a tar
+/// archive (headers `x-caravel-checkpoint-version`, `-run` and `x-caravel-sha256`).
+pub async fn get_checkpoint(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path((id, index)): Path<(String, String)>,
+) -> Res<Response> {
+    let p = authenticate(&s, &headers)?;
+    let id = parse_job_id(&id)?;
+    let index = {
+        let core = s.core.lock().expect("core lock");
+        parse_task_index(visible(&core, p, id)?, &index)?
+    };
+    let (saved, file) = s.checkpoints.open_latest(id, index).ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::NotFound,
+            format!("job {id} task {index} has no checkpoint"),
+        )
+    })?;
+    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
+        tokio::fs::File::from_std(file),
+        1 << 16,
+    ));
+    let mut resp = Response::new(body);
+    let h = resp.headers_mut();
+    h.insert(
+        axum::http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-tar"),
+    );
+    h.insert(
+        axum::http::header::CONTENT_LENGTH,
+        HeaderValue::from(saved.bytes),
+    );
+    h.insert(
+        "x-caravel-checkpoint-version",
+        HeaderValue::from(saved.version),
+    );
+    h.insert("x-caravel-checkpoint-run", HeaderValue::from(saved.run.0));
+    if let Ok(v) = HeaderValue::from_str(&saved.sha256) {
+        h.insert("x-caravel-sha256", v);
+    }
+    Ok(resp)
+}
+
+/// `GET /v1/jobs/{id}/checkpoints`: each task's newest checkpoint.
+pub async fn list_checkpoints(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Res<Json<Vec<CheckpointView>>> {
+    let p = authenticate(&s, &headers)?;
+    let id = parse_job_id(&id)?;
+    visible(&s.core.lock().expect("core lock"), p, id)?;
+    Ok(Json(
+        s.checkpoints
+            .of_job(id)
+            .iter()
+            .map(|(i, c)| checkpoint_view(*i, c))
+            .collect(),
+    ))
 }

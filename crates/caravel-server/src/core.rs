@@ -2129,6 +2129,7 @@ impl Core {
             kill_grace_ms: s.kill_grace(),
             wants_port: j.rec.service.is_some(),
             fence: s.fence,
+            checkpoint: None,
         }
     }
 

@@ -633,7 +633,10 @@ fn grpc_code(c: ErrorCode) -> u16 {
         ErrorCode::InvalidArgument | ErrorCode::MalformedRequest => 3,
         ErrorCode::NotFound => 5,
         ErrorCode::PermissionDenied => 7,
-        ErrorCode::RateLimited | ErrorCode::ExceedsQuota | ErrorCode::Unschedulable => 8,
+        ErrorCode::RateLimited
+        | ErrorCode::ExceedsQuota
+        | ErrorCode::Unschedulable
+        | ErrorCode::TooLarge => 8,
         ErrorCode::Conflict => 9,
         ErrorCode::Internal => 13,
         ErrorCode::Unavailable | ErrorCode::UpstreamFailed => 14,

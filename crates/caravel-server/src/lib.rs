@@ -7,6 +7,7 @@
 pub mod api;
 pub mod auth;
 pub mod autoscale;
+pub mod checkpoints;
 pub mod committer;
 pub mod core;
 pub mod datadir;
@@ -163,6 +164,13 @@ pub struct ServerConfig {
     pub tls: Option<Tls>,
     /// Domains under which the gateway routes by host name (`SERVICE[--TENANT].DOMAIN`).
     pub gateway_domains: Vec<String>,
+    /// Where task checkpoints are kept (`None`: `DATA_DIR/checkpoints`). A standby must
+    /// see the same folder (shared storage) to serve them after a takeover.
+    pub checkpoint_dir: Option<PathBuf>,
+    /// The largest checkpoint one task may save, in bytes.
+    pub checkpoint_max_bytes: u64,
+    /// How long a finished job's checkpoints are kept.
+    pub checkpoint_retention_ms: u64,
 }
 
 /// Where the server's certificate comes from.
@@ -194,7 +202,16 @@ impl ServerConfig {
             starvation_ms: 0,
             tls: None,
             gateway_domains: vec![],
+            checkpoint_dir: None,
+            checkpoint_max_bytes: 4 << 30,
+            checkpoint_retention_ms: 7 * 24 * 3_600_000,
         }
+    }
+
+    pub fn checkpoint_root(&self) -> PathBuf {
+        self.checkpoint_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("checkpoints"))
     }
 
     /// `https` with TLS on, else `http`.
@@ -263,6 +280,8 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Checkpoints(#[from] checkpoints::CheckpointError),
 }
 
 pub struct Shared {
@@ -283,6 +302,7 @@ pub struct Shared {
     /// The pool CA (PEM) when this server made its own certificate: served at
     /// `/v1/tls/ca.pem` for agents that join by its fingerprint.
     pub ca_pem: Option<String>,
+    pub checkpoints: checkpoints::Checkpoints,
     /// Held open for the server's life: the data directory is this server's alone.
     _data_dir_lock: std::fs::File,
     /// Set (and `stopped` notified) when the server must stop: its store has another owner.
@@ -342,6 +362,11 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/jobs/{id}", get(api::get_job))
         .route("/v1/jobs/{id}/cancel", post(api::cancel_job))
         .route("/v1/jobs/{id}/logs", get(api::job_logs))
+        .route("/v1/jobs/{id}/checkpoints", get(api::list_checkpoints))
+        .route(
+            "/v1/jobs/{id}/tasks/{index}/checkpoint",
+            get(api::get_checkpoint).put(api::put_checkpoint),
+        )
         .route("/v1/nodes", get(api::list_nodes))
         .route("/v1/nodes/{name}/drain", post(api::drain_node))
         .route("/v1/nodes/{name}/undrain", post(api::undrain_node))
@@ -523,6 +548,10 @@ pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
             })?),
             None => None,
         },
+        checkpoints: checkpoints::Checkpoints::open(
+            cfg.checkpoint_root(),
+            cfg.checkpoint_max_bytes,
+        )?,
         _data_dir_lock: data_dir_lock,
         superseded: Mutex::new(None),
         stopped: Notify::new(),
@@ -530,6 +559,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
     let sched = tokio::spawn(scheduling_loop(shared.clone()));
     let live = tokio::spawn(liveness_loop(shared.clone()));
     let ctrl = tokio::spawn(gateway::controller_loop(shared.clone()));
+    let sweep = tokio::spawn(checkpoint_sweep_loop(shared.clone()));
     let app = router(shared.clone());
     let serve = match tls {
         Some(tls) => {
@@ -571,7 +601,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
         agent_token,
         ca,
         shared,
-        tasks: vec![sched, live, ctrl, serve],
+        tasks: vec![sched, live, ctrl, sweep, serve],
     })
 }
 
@@ -818,6 +848,34 @@ fn reload(s: &Shared) {
             *s.durability.lock().expect("durability lock") = d;
         }
         Err(e) => tracing::error!(error = %e, "cannot reload state"),
+    }
+}
+
+/// Removes the checkpoints of jobs that finished more than the retention ago, and of jobs
+/// the store no longer has.
+async fn checkpoint_sweep_loop(s: Arc<Shared>) {
+    loop {
+        let now = now_ms();
+        let doomed: Vec<caravel_core::JobId> = {
+            let jobs = s.checkpoints.jobs();
+            let core = s.core.lock().expect("core lock");
+            jobs.into_iter()
+                .filter(|j| match core.jobs.get(j) {
+                    None => true,
+                    Some(e) => e.rec.finished_ms.is_some_and(|f| {
+                        now.saturating_sub(f) >= s.cfg.checkpoint_retention_ms as i64
+                    }),
+                })
+                .collect()
+        };
+        for j in doomed {
+            tracing::info!(job = %j, "removing the checkpoints of a job past their retention");
+            s.checkpoints.remove_job(j);
+        }
+        tokio::time::sleep(Duration::from_secs(60).min(Duration::from_millis(
+            s.cfg.checkpoint_retention_ms.max(1000),
+        )))
+        .await;
     }
 }
 

@@ -52,7 +52,7 @@ pub fn document() -> Value {
             "responses": {"Error": {"description": "error", "content": {"application/json": {"schema": sref("Error")}}}},
             "schemas": {
                 "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "object", "required": ["code", "message"], "properties": {
-                    "code": {"type": "string", "enum": ["invalid_argument", "malformed_request", "unauthenticated", "permission_denied", "not_found", "conflict", "unschedulable", "exceeds_quota", "unavailable", "internal"]},
+                    "code": {"type": "string", "enum": ["invalid_argument", "malformed_request", "unauthenticated", "permission_denied", "not_found", "conflict", "unschedulable", "exceeds_quota", "unavailable", "rate_limited", "upstream_failed", "upstream_timeout", "too_large", "internal"]},
                     "message": {"type": "string"}, "field": {"type": "string"}}}}},
                 "GpuRequest": {"type": "object", "additionalProperties": false, "required": ["model"], "properties": {"model": {"type": "string"}, "any_of": {"type": "array", "items": {"type": "string"}, "description": "other acceptable models, in order"}, "count": {"type": "integer", "minimum": 1, "default": 1}, "milli": {"type": "integer", "minimum": 1, "maximum": 999, "description": "a share of one device in thousandths; count must be 1"}}},
                 "TaskResources": {"type": "object", "additionalProperties": false, "properties": {
@@ -68,6 +68,7 @@ pub fn document() -> Value {
                     "max_runtime_ms": {"type": "integer", "minimum": 1}, "max_retries": {"type": "integer", "minimum": 0, "default": 0},
                     "gang": {"type": "boolean", "default": false}, "topology": {"type": "string", "enum": ["node", "rack", "zone"], "description": "gangs only"}, "min_runtime_ms": {"type": "integer", "minimum": 0}, "kill_grace_ms": {"type": "integer", "minimum": 0}, "fence": {"type": "boolean", "default": false, "description": "at most one copy runs, even across a network partition"}}},
                 "SubmitResponse": {"type": "object", "properties": {"id": u64s}},
+                "CheckpointView": {"type": "object", "properties": {"task": u64s, "version": u64s, "run": u64s, "bytes": u64s, "saved_ms": u64s, "sha256": {"type": "string"}}},
                 "PendingReason": {"type": "object", "properties": {"code": {"type": "string", "enum": ["quota", "no_fit", "gang", "topology", "reserved", "backfill", "fair_share", "preempting", "no_preemption", "no_nodes"]}, "message": {"type": "string"}, "counts": {"type": "object", "additionalProperties": {"type": "integer"}}}},
                 "JobSummary": {"type": "object", "properties": {
                     "id": u64s, "tenant": {"type": "string"}, "name": {"type": ["string", "null"]},
@@ -107,6 +108,14 @@ pub fn document() -> Value {
             "/v1/jobs/{id}/cancel": {"post": {"summary": "cancel: SIGTERM, then SIGKILL after the grace period", "parameters": [id_param()], "responses": ok(sref("JobSummary"), "200")}},
             "/v1/jobs/{id}/logs": {"get": {"summary": "a task's stdout or stderr from byte `offset`", "parameters": [id_param(), q("task", "integer", "task index, default 0"), q("stream", "string", "stdout (default) or stderr"), q("offset", "integer", "byte offset"), q("run", "integer", "a specific run (attempt)")],
                 "responses": {"200": {"description": "bytes; headers x-caravel-next-offset and x-caravel-done", "content": {"application/octet-stream": {}}}, "404": {"$ref": "#/components/responses/Error"}, "503": {"$ref": "#/components/responses/Error"}}}},
+            "/v1/jobs/{id}/checkpoints": {"get": {"summary": "each task's newest checkpoint", "parameters": [id_param()], "responses": ok(arr("CheckpointView"), "200")}},
+            "/v1/jobs/{id}/tasks/{index}/checkpoint": {
+                "get": {"summary": "a task's newest checkpoint: a tar archive of its CARAVEL_CHECKPOINT_DIR", "parameters": [id_param(), {"name": "index", "in": "path", "required": true, "schema": {"type": "integer"}}],
+                    "responses": {"200": {"description": "tar archive; headers x-caravel-checkpoint-version, x-caravel-checkpoint-run, x-caravel-sha256", "content": {"application/x-tar": {}}}, "404": {"$ref": "#/components/responses/Error"}}},
+                "put": {"summary": "agent: save a task's checkpoint (tar body, header x-caravel-sha256); kept only from the task's current run", "parameters": [id_param(), {"name": "index", "in": "path", "required": true, "schema": {"type": "integer"}}, {"name": "run", "in": "query", "required": true, "schema": {"type": "integer"}}],
+                    "requestBody": {"required": true, "content": {"application/x-tar": {}}},
+                    "responses": {"201": {"description": "saved", "content": {"application/json": {"schema": sref("CheckpointView")}}}, "400": {"$ref": "#/components/responses/Error"}, "409": {"$ref": "#/components/responses/Error"}, "413": {"$ref": "#/components/responses/Error"}}}
+            },
             "/v1/nodes": {"get": {"summary": "nodes with capacity and allocation", "responses": ok(arr("NodeView"), "200")}},
             "/v1/tenants": {
                 "post": {"summary": "create a tenant (admin); its token is returned once", "requestBody": body("CreateTenantRequest"), "responses": ok(sref("CreateTenantResponse"), "201")},

@@ -245,6 +245,19 @@ impl Client {
         Ok(Self::check(r).await?.json().await?)
     }
 
+    /// A GET whose body may take long to arrive (a checkpoint of gigabytes): no overall
+    /// time limit, only the connection's.
+    pub async fn download(&self, path: &str) -> Result<reqwest::Response> {
+        let r = self
+            .send(|b| {
+                self.http
+                    .get(format!("{b}{path}"))
+                    .timeout(std::time::Duration::from_secs(7 * 86_400))
+            })
+            .await?;
+        Self::check(r).await
+    }
+
     pub async fn get_raw(&self, path: &str) -> Result<reqwest::Response> {
         let r = self.send(|b| self.http.get(format!("{b}{path}"))).await?;
         Self::check(r).await

@@ -145,6 +145,12 @@ enum Cmd {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// A job's checkpoints (`CARAVEL_CHECKPOINT_DIR`, saved by the agents): list them, or
+    /// download one task's.
+    Checkpoint {
+        #[command(subcommand)]
+        cmd: CheckpointCmd,
+    },
     /// Drain a node (no new work; service replicas move elsewhere) or undrain it.
     Node {
         #[command(subcommand)]
@@ -185,6 +191,33 @@ enum JobCmd {
         id: String,
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
+    },
+}
+
+#[derive(Subcommand)]
+enum CheckpointCmd {
+    /// Each task's newest checkpoint: version, size, the run that saved it, when.
+    Ls {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Download a task's newest checkpoint: a tar archive to stdout (`> ckpt.tar`), to
+    /// FILE with --to, or unpacked into a folder with --extract.
+    Get {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+        #[arg(long, default_value_t = 0)]
+        task: u32,
+        /// Write the archive to this file.
+        #[arg(long, value_name = "FILE", conflicts_with = "extract")]
+        to: Option<PathBuf>,
+        /// Unpack the archive into this folder (made if need be).
+        #[arg(long, value_name = "DIR")]
+        extract: Option<PathBuf>,
     },
 }
 
@@ -345,6 +378,17 @@ struct ServerArgs {
     /// `*.DOMAIN`, at the server). Repeatable or comma-separated.
     #[arg(long, value_name = "DOMAIN", value_delimiter = ',', value_parser = gateway_domain)]
     gateway_domain: Vec<String>,
+    /// Where tasks' checkpoints (`CARAVEL_CHECKPOINT_DIR`, saved by the agents) are kept;
+    /// DATA_DIR/checkpoints by default. A standby must see the same folder.
+    #[arg(long, value_name = "DIR")]
+    checkpoint_dir: Option<PathBuf>,
+    /// The largest checkpoint one task may save (`4Gi`); larger ones are refused, and the
+    /// task keeps the one it saved before.
+    #[arg(long, default_value = "4Gi", value_parser = checkpoint_size)]
+    checkpoint_max_size: u64,
+    /// How long the checkpoints of a finished job are kept (for `caravel checkpoint get`).
+    #[arg(long, default_value = "7d", value_parser = dur)]
+    checkpoint_retention: u64,
 }
 
 #[derive(Args)]
@@ -508,6 +552,12 @@ enum PriorityArg {
 fn dur(s: &str) -> Result<u64, String> {
     parse_duration_ms(s)
 }
+fn checkpoint_size(s: &str) -> Result<u64, String> {
+    match parse_bytes(s)? {
+        0 => Err("must be more than 0".into()),
+        n => Ok(n),
+    }
+}
 /// `--reservations`: 1 (EASY backfill) up to 1024. Each one costs a search of running
 /// work's ends per cycle, so the bound keeps a typo from stalling every cycle.
 pub(crate) fn reservations(s: &str) -> Result<usize, String> {
@@ -644,6 +694,9 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
             cfg.zone = a.zone;
             cfg.region = a.region;
             cfg.gateway_domains = a.gateway_domain;
+            cfg.checkpoint_dir = a.checkpoint_dir;
+            cfg.checkpoint_max_bytes = a.checkpoint_max_size;
+            cfg.checkpoint_retention_ms = a.checkpoint_retention;
             cfg.tls = match (a.tls_cert, a.tls_key) {
                 (Some(cert), Some(key)) => Some(caravel_server::Tls::Files { cert, key }),
                 _ if a.tls_self_signed => {
@@ -729,6 +782,7 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
             Ok(0)
         }
         Cmd::Service { cmd } => service_cmd(cmd).await,
+        Cmd::Checkpoint { cmd } => checkpoint_cmd(cmd).await,
         Cmd::Node { cmd } => {
             let (conn, name, verb) = match cmd {
                 NodeCmd::Drain { conn, name } => (conn, name, "drain"),
@@ -1245,6 +1299,136 @@ async fn submit(a: SubmitArgs) -> Result<i32> {
             });
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn checkpoint_cmd(cmd: CheckpointCmd) -> Result<i32> {
+    match cmd {
+        CheckpointCmd::Ls { conn, id, output } => {
+            let c = Client::resolve(conn.server, conn.token, conn.ca)?;
+            let id = job_id(&id)?;
+            let list: Vec<CheckpointView> = c.get(&format!("/v1/jobs/{id}/checkpoints")).await?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+                return Ok(0);
+            }
+            if list.is_empty() {
+                eprintln!("job {id} has no checkpoints (tasks save them by writing into $CARAVEL_CHECKPOINT_DIR)");
+                return Ok(0);
+            }
+            let now = caravel_server::now_ms();
+            let mut t = Table::new(&["TASK", "VERSION", "SIZE", "RUN", "SAVED"]);
+            for v in list {
+                t.row(vec![
+                    v.task.to_string(),
+                    v.version.to_string(),
+                    format_bytes(v.bytes),
+                    v.run.to_string(),
+                    format!("{} ago", age(now - v.saved_ms)),
+                ]);
+            }
+            print!("{t}");
+            Ok(0)
+        }
+        CheckpointCmd::Get {
+            conn,
+            id,
+            task,
+            to,
+            extract,
+        } => {
+            use std::io::Write;
+            use tokio::io::AsyncWriteExt;
+            let c = Client::resolve(conn.server, conn.token, conn.ca)?;
+            let id = job_id(&id)?;
+            if to.is_none()
+                && extract.is_none()
+                && std::io::IsTerminal::is_terminal(&std::io::stdout())
+            {
+                bail!("the checkpoint is a tar archive: redirect it (`> ckpt.tar`), or use --to FILE or --extract DIR");
+            }
+            let mut resp = c
+                .download(&format!("/v1/jobs/{id}/tasks/{task}/checkpoint"))
+                .await?;
+            let sha = resp
+                .headers()
+                .get("x-caravel-sha256")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let version = resp
+                .headers()
+                .get("x-caravel-checkpoint-version")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("?")
+                .to_string();
+            // To a file next to the destination first: a download cut short never passes
+            // for a checkpoint.
+            let file = match (&to, &extract) {
+                (Some(f), _) => {
+                    let mut p = f.clone().into_os_string();
+                    p.push(".part");
+                    Some(PathBuf::from(p))
+                }
+                (None, Some(d)) => {
+                    std::fs::create_dir_all(d)
+                        .with_context(|| format!("--extract {}", d.display()))?;
+                    Some(d.join(".caravel-checkpoint.tar.part"))
+                }
+                (None, None) => None,
+            };
+            use sha2::Digest;
+            let mut hash = sha2::Sha256::new();
+            let mut out = match &file {
+                Some(p) => Some(
+                    tokio::fs::File::create(p)
+                        .await
+                        .with_context(|| p.display().to_string())?,
+                ),
+                None => None,
+            };
+            let mut stdout = std::io::stdout().lock();
+            while let Some(chunk) = resp.chunk().await? {
+                hash.update(&chunk);
+                match &mut out {
+                    Some(f) => f.write_all(&chunk).await?,
+                    None => stdout.write_all(&chunk)?,
+                }
+            }
+            stdout.flush()?;
+            let got = hex::encode(hash.finalize());
+            if sha.as_deref().is_some_and(|s| s != got) {
+                if let Some(p) = &file {
+                    let _ = std::fs::remove_file(p);
+                }
+                bail!(
+                    "the checkpoint arrived damaged (SHA-256 {got}, not {})",
+                    sha.unwrap_or_default()
+                );
+            }
+            if let Some(mut f) = out {
+                f.flush().await?;
+            }
+            match (to, extract, file) {
+                (Some(dest), _, Some(part)) => {
+                    std::fs::rename(&part, &dest).with_context(|| dest.display().to_string())?;
+                    eprintln!(
+                        "job {id} task {task}: checkpoint version {version} written to {}",
+                        dest.display()
+                    );
+                }
+                (None, Some(dir), Some(part)) => {
+                    let r = caravel_agent::checkpoint::unpack(&part, &dir);
+                    let _ = std::fs::remove_file(&part);
+                    r.with_context(|| format!("unpacking into {}", dir.display()))?;
+                    eprintln!(
+                        "job {id} task {task}: checkpoint version {version} unpacked into {}",
+                        dir.display()
+                    );
+                }
+                _ => {}
+            }
+            Ok(0)
+        }
     }
 }
 

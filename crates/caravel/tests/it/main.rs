@@ -3,6 +3,7 @@
 mod harness;
 
 mod bad_input;
+mod checkpoints;
 mod failures;
 mod jobs;
 mod postgres;

@@ -1,0 +1,538 @@
+//! A task's checkpoint folder (`CARAVEL_CHECKPOINT_DIR`): what is in it, packing it into
+//! a tar archive only when nothing changed while it was read, and unpacking a saved one.
+//!
+//! The contract with the task: a checkpoint is saved once the folder has been still for
+//! a scan; names starting with `.` are never saved (write `.ckpt.tmp`, then rename it to
+//! `ckpt.pt`); only plain files and folders are saved (links are skipped).
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use caravel_core::api::Assignment;
+use caravel_core::{JobId, RunId};
+
+/// What the folder holds: each saved path with its kind, size, change time and inode. Two
+/// equal listings taken around a read mean the read saw one state of the folder.
+pub type Listing = BTreeMap<PathBuf, (bool, u64, i64, i64, u64)>;
+
+fn hidden(name: &std::ffi::OsStr) -> bool {
+    name.as_encoded_bytes().first() == Some(&b'.')
+}
+
+/// Lists the folder (recursively), leaving out hidden names and links.
+pub fn list(dir: &Path) -> std::io::Result<Listing> {
+    let mut out = Listing::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let rd = match std::fs::read_dir(dir.join(&rel)) {
+            Ok(rd) => rd,
+            // A subfolder renamed away between listing and reading: seen next scan.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !rel.as_os_str().is_empty() => {
+                continue
+            }
+            Err(e) => return Err(e),
+        };
+        for e in rd {
+            let e = e?;
+            if hidden(&e.file_name()) {
+                continue;
+            }
+            let m = match e.path().symlink_metadata() {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            let r = rel.join(e.file_name());
+            if m.is_dir() {
+                out.insert(r.clone(), (true, 0, m.mtime(), m.mtime_nsec(), m.ino()));
+                stack.push(r);
+            } else if m.is_file() {
+                out.insert(r, (false, m.len(), m.mtime(), m.mtime_nsec(), m.ino()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PackError {
+    #[error("the checkpoint folder changed while it was read")]
+    Changed,
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Packs what `listing` names into a tar archive at `out` and returns its SHA-256, or
+/// `Changed` when the folder no longer matches `listing` after the read (a write went on
+/// meanwhile: the archive could mix two checkpoints).
+pub fn pack(dir: &Path, listing: &Listing, out: &Path) -> Result<(String, u64), PackError> {
+    use sha2::Digest;
+    struct Hashing<W> {
+        w: W,
+        h: sha2::Sha256,
+        n: u64,
+    }
+    impl<W: Write> Write for Hashing<W> {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let n = self.w.write(buf)?;
+            self.h.update(&buf[..n]);
+            self.n += n as u64;
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.w.flush()
+        }
+    }
+    let f = std::fs::File::create(out)?;
+    let mut b = tar::Builder::new(Hashing {
+        w: std::io::BufWriter::with_capacity(1 << 16, f),
+        h: sha2::Sha256::new(),
+        n: 0,
+    });
+    b.mode(tar::HeaderMode::Deterministic);
+    for (rel, (is_dir, ..)) in listing {
+        let p = dir.join(rel);
+        let r = if *is_dir {
+            b.append_dir(rel, &p)
+        } else {
+            match std::fs::File::open(&p) {
+                Ok(mut f) => b.append_file(rel, &mut f),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(PackError::Changed)
+                }
+                Err(e) => Err(e),
+            }
+        };
+        match r {
+            Ok(()) => {}
+            // A file that shrank while it was copied.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Err(PackError::Changed)
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let mut w = b.into_inner()?;
+    w.flush()?;
+    w.w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    if &list(dir)? != listing {
+        return Err(PackError::Changed);
+    }
+    Ok((hex::encode(w.h.finalize()), w.n))
+}
+
+/// Unpacks a saved archive into `dir` (made if need be). Only plain files and folders under
+/// relative paths are taken.
+pub fn unpack(archive: &Path, dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let mut ar = tar::Archive::new(std::io::BufReader::new(std::fs::File::open(archive)?));
+    ar.set_preserve_permissions(false);
+    for e in ar.entries()? {
+        let mut e = e?;
+        let kind = e.header().entry_type();
+        let rel = e.path()?.into_owned();
+        if !(kind.is_file() || kind.is_dir())
+            || rel
+                .components()
+                .any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "`{}` in the checkpoint is not a plain file or folder",
+                    rel.display()
+                ),
+            ));
+        }
+        // unpack_in also refuses to write through a link or outside `dir`.
+        e.unpack_in(dir)?;
+    }
+    Ok(())
+}
+
+/// SHA-256 of a file, hex.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    use sha2::Digest;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// How fetching a run's checkpoint before its start ended.
+pub(crate) enum Restore {
+    /// In place; the version.
+    Done(u64),
+    /// Cannot be had (the archive is bad, the disk refused it): the run fails to start.
+    Failed(String),
+    /// The server stopped the run meanwhile.
+    Stopped,
+}
+
+/// Why a fetch failed: on this node (for good), or on the way (worth another try).
+enum Fetch {
+    Local(String),
+    Retry(String),
+}
+
+enum Save {
+    Saved(u64),
+    /// The folder changed while it was read: try again at the next scan.
+    Changed,
+    /// The server keeps checkpoints of the task's current run only, and this is not it.
+    NotCurrent,
+    /// The server refused this content (too large, say): not sent again unchanged.
+    Refused(String),
+    /// Not sent (server unreachable, disk trouble): try again at the next scan.
+    Failed(String),
+}
+
+/// How often a running task's checkpoint folder is looked at.
+const SCAN: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl crate::Agent {
+    fn checkpoint_url(&self, server: &str, job: JobId, index: u32) -> String {
+        format!("{server}/v1/jobs/{}/tasks/{index}/checkpoint", job.0)
+    }
+
+    /// Fetches the task's newest checkpoint into `ckpt`, retrying while the server cannot
+    /// be reached: starting without it would silently throw away the work it holds.
+    pub(crate) async fn restore_checkpoint(
+        &self,
+        a: &Assignment,
+        dir: &Path,
+        ckpt: &Path,
+        stop: &mut tokio::sync::oneshot::Receiver<crate::Stop>,
+    ) -> Restore {
+        let tmp = dir.join(".checkpoint-restore.tar");
+        if let Err(e) = std::fs::create_dir_all(dir) {
+            return Restore::Failed(format!("creating {}: {e}", dir.display()));
+        }
+        let mut delay = std::time::Duration::from_millis(200);
+        loop {
+            match self.fetch_checkpoint(a, &tmp).await {
+                Ok(Some(version)) => {
+                    let (t, c) = (tmp.clone(), ckpt.to_path_buf());
+                    let r = tokio::task::spawn_blocking(move || unpack(&t, &c))
+                        .await
+                        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+                    let _ = std::fs::remove_file(&tmp);
+                    return match r {
+                        Ok(()) => {
+                            tracing::info!(run = %a.run, version, "checkpoint restored");
+                            Restore::Done(version)
+                        }
+                        Err(e) => Restore::Failed(format!(
+                            "cannot unpack checkpoint version {version} into {}: {e}",
+                            ckpt.display()
+                        )),
+                    };
+                }
+                // Removed since the assignment was made (the job's retention ran out).
+                Ok(None) => {
+                    return match std::fs::create_dir_all(ckpt) {
+                        Ok(()) => Restore::Done(0),
+                        Err(e) => Restore::Failed(format!("creating {}: {e}", ckpt.display())),
+                    }
+                }
+                Err(Fetch::Local(e)) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Restore::Failed(format!("fetching the task's checkpoint: {e}"));
+                }
+                Err(Fetch::Retry(e)) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    tracing::warn!(run = %a.run, "cannot fetch the task's checkpoint yet: {e}");
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = &mut *stop => return Restore::Stopped,
+            }
+            delay = (delay * 2).min(std::time::Duration::from_secs(5));
+        }
+    }
+
+    /// One try: `Ok(None)` when the server has no checkpoint for the task.
+    async fn fetch_checkpoint(&self, a: &Assignment, tmp: &Path) -> Result<Option<u64>, Fetch> {
+        use tokio::io::AsyncWriteExt;
+        use Fetch::{Local, Retry};
+        let (i, server) = self.server();
+        let mut resp = match self
+            .bulk
+            .get(self.checkpoint_url(server, a.job, a.index))
+            .bearer_auth(&self.cfg.token)
+            .send()
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                self.next_server(i);
+                return Err(Retry(e.to_string()));
+            }
+        };
+        let status = resp.status();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !status.is_success() {
+            if status == reqwest::StatusCode::SERVICE_UNAVAILABLE {
+                self.next_server(i);
+            }
+            return Err(Retry(format!(
+                "{status}: {}",
+                resp.text().await.unwrap_or_default()
+            )));
+        }
+        let header = |n: &str| {
+            resp.headers()
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let version: u64 = header("x-caravel-checkpoint-version")
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| Retry("the answer has no x-caravel-checkpoint-version".into()))?;
+        let sha = header("x-caravel-sha256")
+            .ok_or_else(|| Retry("the answer has no x-caravel-sha256".into()))?;
+        let mut f = tokio::fs::File::create(tmp)
+            .await
+            .map_err(|e| Local(format!("{}: {e}", tmp.display())))?;
+        while let Some(chunk) = resp.chunk().await.map_err(|e| Retry(e.to_string()))? {
+            f.write_all(&chunk)
+                .await
+                .map_err(|e| Local(format!("{}: {e}", tmp.display())))?;
+        }
+        f.flush()
+            .await
+            .map_err(|e| Local(format!("{}: {e}", tmp.display())))?;
+        drop(f);
+        let t = tmp.to_path_buf();
+        let got = tokio::task::spawn_blocking(move || sha256_file(&t))
+            .await
+            .map_err(|e| Local(e.to_string()))?
+            .map_err(|e| Local(e.to_string()))?;
+        if got != sha {
+            return Err(Retry(format!(
+                "the checkpoint arrived damaged (SHA-256 {got}, not {sha})"
+            )));
+        }
+        Ok(Some(version))
+    }
+
+    /// Saves the checkpoint folder whenever it changed and then stayed still for a scan,
+    /// until `done` turns; then, if `done` says so, once more for what the task wrote last
+    /// (on SIGTERM, say).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn watch_checkpoint(
+        self: std::sync::Arc<Self>,
+        job: JobId,
+        index: u32,
+        run: RunId,
+        dir: PathBuf,
+        ckpt: PathBuf,
+        mut saved: Listing,
+        mut done: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut prev: Option<Listing> = None;
+        let mut refused: Option<Listing> = None;
+        let final_save = loop {
+            tokio::select! {
+                _ = tokio::time::sleep(SCAN) => {}
+                r = done.changed() => break r.is_ok() && *done.borrow(),
+            }
+            let Ok(now) = list(&ckpt) else { continue };
+            let still = prev.as_ref() == Some(&now);
+            prev = Some(now.clone());
+            if !still || now == saved || refused.as_ref() == Some(&now) {
+                continue;
+            }
+            match self
+                .save_checkpoint(job, index, run, &dir, &ckpt, &now)
+                .await
+            {
+                Save::Saved(_) => saved = now,
+                Save::NotCurrent => return,
+                Save::Refused(_) => refused = Some(now),
+                Save::Changed | Save::Failed(_) => {}
+            }
+        };
+        if !final_save {
+            return;
+        }
+        // Bounded: a node cut off from the server must still report the exit when it can.
+        for _ in 0..3 {
+            let Ok(now) = list(&ckpt) else { return };
+            if now == saved || refused.as_ref() == Some(&now) {
+                return;
+            }
+            match self
+                .save_checkpoint(job, index, run, &dir, &ckpt, &now)
+                .await
+            {
+                Save::Saved(_) | Save::NotCurrent | Save::Refused(_) => return,
+                Save::Changed | Save::Failed(_) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await
+                }
+            }
+        }
+    }
+
+    async fn save_checkpoint(
+        &self,
+        job: JobId,
+        index: u32,
+        run: RunId,
+        dir: &Path,
+        ckpt: &Path,
+        listing: &Listing,
+    ) -> Save {
+        let tmp = dir.join(".checkpoint-upload.tar");
+        let (c, l, t) = (ckpt.to_path_buf(), listing.clone(), tmp.clone());
+        let packed = tokio::task::spawn_blocking(move || pack(&c, &l, &t))
+            .await
+            .unwrap_or_else(|e| Err(PackError::Io(std::io::Error::other(e.to_string()))));
+        let (sha, bytes) = match packed {
+            Ok(x) => x,
+            Err(PackError::Changed) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Save::Changed;
+            }
+            Err(PackError::Io(e)) => {
+                let _ = std::fs::remove_file(&tmp);
+                tracing::warn!(run = %run, "cannot pack the checkpoint folder: {e}");
+                return Save::Failed(e.to_string());
+            }
+        };
+        let out = self
+            .put_checkpoint(job, index, run, &tmp, &sha, bytes)
+            .await;
+        let _ = std::fs::remove_file(&tmp);
+        match &out {
+            Save::Saved(v) => tracing::info!(run = %run, version = v, bytes, "checkpoint saved"),
+            Save::NotCurrent => {
+                tracing::info!(run = %run, "the server keeps no more checkpoints of this run")
+            }
+            Save::Refused(e) => tracing::warn!(run = %run, "checkpoint refused: {e}"),
+            Save::Failed(e) => tracing::warn!(run = %run, "checkpoint not saved yet: {e}"),
+            Save::Changed => {}
+        }
+        out
+    }
+
+    async fn put_checkpoint(
+        &self,
+        job: JobId,
+        index: u32,
+        run: RunId,
+        tar: &Path,
+        sha: &str,
+        bytes: u64,
+    ) -> Save {
+        let file = match tokio::fs::File::open(tar).await {
+            Ok(f) => f,
+            Err(e) => return Save::Failed(format!("{}: {e}", tar.display())),
+        };
+        let (i, server) = self.server();
+        let resp = match self
+            .bulk
+            .put(format!(
+                "{}?run={}",
+                self.checkpoint_url(server, job, index),
+                run.0
+            ))
+            .bearer_auth(&self.cfg.token)
+            .header("x-caravel-sha256", sha)
+            .header(reqwest::header::CONTENT_LENGTH, bytes)
+            .header(reqwest::header::CONTENT_TYPE, "application/x-tar")
+            .body(reqwest::Body::from(file))
+            .send()
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                self.next_server(i);
+                return Save::Failed(e.to_string());
+            }
+        };
+        let status = resp.status();
+        if status.is_success() {
+            return match resp.json::<caravel_core::api::CheckpointView>().await {
+                Ok(v) => Save::Saved(v.version),
+                Err(e) => Save::Failed(e.to_string()),
+            };
+        }
+        let text = resp.text().await.unwrap_or_default();
+        match status.as_u16() {
+            409 => Save::NotCurrent,
+            400 | 413 => Save::Refused(format!("{status}: {text}")),
+            503 => {
+                self.next_server(i);
+                Save::Failed(format!("{status}: {text}"))
+            }
+            _ => Save::Failed(format!("{status}: {text}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_folder_packs_and_unpacks_to_the_same_files_without_hidden_names_or_links() {
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("src");
+        std::fs::create_dir_all(src.join("shard")).unwrap();
+        std::fs::write(src.join("step"), b"42").unwrap();
+        std::fs::write(src.join("shard/0.bin"), vec![7u8; 100_000]).unwrap();
+        std::fs::write(src.join(".ckpt.tmp"), b"half written").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", src.join("link")).unwrap();
+        let l = list(&src).unwrap();
+        let names: Vec<_> = l.keys().map(|p| p.to_string_lossy().into_owned()).collect();
+        assert_eq!(names, vec!["shard", "shard/0.bin", "step"]);
+        let out = t.path().join("a.tar");
+        let (sha, n) = pack(&src, &l, &out).unwrap();
+        assert_eq!(sha, sha256_file(&out).unwrap());
+        assert_eq!(n, std::fs::metadata(&out).unwrap().len());
+        let dst = t.path().join("dst");
+        unpack(&out, &dst).unwrap();
+        assert_eq!(std::fs::read(dst.join("step")).unwrap(), b"42");
+        assert_eq!(
+            std::fs::read(dst.join("shard/0.bin")).unwrap(),
+            vec![7u8; 100_000]
+        );
+        assert!(!dst.join(".ckpt.tmp").exists() && !dst.join("link").exists());
+    }
+
+    #[test]
+    fn a_folder_that_changes_during_the_read_is_not_packed() {
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(src.join("model"), b"step 1").unwrap();
+        let l = list(&src).unwrap();
+        // The task writes its next checkpoint after the listing was taken.
+        std::fs::write(src.join("optimizer"), b"step 2").unwrap();
+        assert!(matches!(
+            pack(&src, &l, &t.path().join("a.tar")),
+            Err(PackError::Changed)
+        ));
+        // A file replaced by rename is a new inode, even with the same size and time.
+        let l = list(&src).unwrap();
+        std::fs::write(src.join(".next"), b"step 3").unwrap();
+        std::fs::rename(src.join(".next"), src.join("model")).unwrap();
+        assert!(matches!(
+            pack(&src, &l, &t.path().join("b.tar")),
+            Err(PackError::Changed)
+        ));
+    }
+}
