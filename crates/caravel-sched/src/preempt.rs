@@ -43,9 +43,30 @@ pub struct RunningTask {
     /// The service its job had received when this task started, in GPU-milliseconds (see
     /// `JobReq::attained_gpu_ms`); what it has run since is added at `now`.
     pub attained_gpu_ms: u64,
+    /// When this run last saved a checkpoint (the server knows it from the saves it kept):
+    /// preempting it loses only the work since.
+    pub saved_ms: Option<Millis>,
+    /// It saves a checkpoint this often from its start (0: not known to; the simulator
+    /// knows its workloads' periods, the server does not and uses `saved_ms`).
+    pub save_every_ms: u64,
 }
 
 impl RunningTask {
+    /// The work preempting it at `now` would throw away: since its last checkpoint, or
+    /// since it started if it has saved none.
+    pub fn unsaved_ms(&self, now: Millis) -> u64 {
+        let ran = (now - self.started_ms).max(0) as u64;
+        let mut lost = ran.checked_rem(self.save_every_ms).unwrap_or(ran);
+        if let Some(s) = self.saved_ms.filter(|s| *s >= self.started_ms) {
+            lost = lost.min((now - s).max(0) as u64);
+        }
+        lost
+    }
+
+    fn saves(&self) -> bool {
+        self.saved_ms.is_some() || self.save_every_ms > 0
+    }
+
     /// The service its job has received by `now`, counting this task's gang (or this task
     /// alone) as running since it started. For a job of several independent tasks started
     /// at different times this counts only this task's share since its start: a lower
@@ -221,6 +242,31 @@ pub(crate) fn sort_victims(v: &mut [RunningTask]) {
             t.run,
         )
     });
+}
+
+/// A node's victims in the order they are taken at `now`: `sort_victims`' order, with the
+/// work each would lose counted from its last checkpoint. Without checkpoints that is the
+/// same order (least work lost is the most recently started), so the stored order serves;
+/// with them it changes as time passes and tasks save, so it is worked out per decision.
+fn victims_at(tasks: &[RunningTask], now: Millis) -> impl Iterator<Item = &RunningTask> {
+    let sorted = tasks.iter().any(RunningTask::saves).then(|| {
+        let mut v: Vec<&RunningTask> = tasks.iter().collect();
+        v.sort_by_key(|t| {
+            (
+                t.priority != Priority::Spot,
+                t.gang_size,
+                t.unsaved_ms(now),
+                std::cmp::Reverse(t.started_ms),
+                t.run,
+            )
+        });
+        v
+    });
+    let stored = sorted.is_none().then(|| tasks.iter());
+    sorted
+        .into_iter()
+        .flatten()
+        .chain(stored.into_iter().flatten())
 }
 
 /// The runs of each running gang.
@@ -534,6 +580,7 @@ impl<'a> Pass<'a> {
         cands.sort_by_key(|(_, t)| {
             (
                 std::cmp::Reverse(t.priority.rank()),
+                t.unsaved_ms(self.now),
                 std::cmp::Reverse(t.started_ms),
                 t.run,
             )
@@ -872,7 +919,7 @@ impl<'a> Pass<'a> {
                 let mut room = Room::of(node, &job.resources);
                 let mut ok = room.fits(&job.resources);
                 if !ok {
-                    for v in tasks {
+                    for v in victims_at(tasks, self.now) {
                         if self.taken.contains(&v.run) {
                             continue;
                         }
@@ -905,7 +952,7 @@ impl<'a> Pass<'a> {
                             gangs.push(v.job);
                         }
                         stopped += v.gang_size.max(1) as usize;
-                        lost += (self.now - v.started_ms).max(0) as u64 * v.gang_size.max(1) as u64;
+                        lost += v.unsaved_ms(self.now) * v.gang_size.max(1) as u64;
                     }
                     let better = best
                         .as_ref()
@@ -1035,6 +1082,8 @@ mod tests {
                 expected_end_ms: None,
                 gang_size: 1,
                 attained_gpu_ms: 0,
+                saved_ms: None,
+                save_every_ms: 0,
             })
             .collect();
         for t in &spot {

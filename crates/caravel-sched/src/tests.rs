@@ -662,6 +662,8 @@ fn running(
         expected_end_ms: None,
         gang_size: 1,
         attained_gpu_ms: 0,
+        saved_ms: None,
+        save_every_ms: 0,
     }
 }
 
@@ -707,6 +709,40 @@ fn tenant_a_idle_guarantee_borrowed_by_b_is_reclaimed() {
         plan.pending[&JobId(1)][0].message,
         "preempting 2 running tasks to make room"
     );
+}
+
+#[test]
+fn the_victim_that_would_lose_the_least_work_since_its_checkpoint_goes_first() {
+    let pick = |run: &[RunningTask]| {
+        let mut s = Scheduler::new(Config::default(), vec![busy_node(run)]);
+        let mut t = HashMap::new();
+        t.insert(TenantId(1), guaranteed(4));
+        victims(&s.schedule_with(10_000, run, &mut t, &[tjob(1, 1, 1, 1000, 1)]))
+    };
+    // Borrowed tasks started at 0, 1, 2 and 3 s; at 10 s, without checkpoints, the newest
+    // loses least.
+    let mut run: Vec<RunningTask> = (0..4)
+        .map(|i| running(i, 2, 1, Priority::Batch, 1000 * i as i64, true))
+        .collect();
+    assert_eq!(pick(&run), vec![3]);
+    // The oldest saved a checkpoint at 9.5 s: preempting it loses half a second.
+    run[0].saved_ms = Some(9_500);
+    assert_eq!(pick(&run), vec![0]);
+    // A checkpoint from before the run started (an earlier run's) saves none of its work.
+    run[0].started_ms = 9_600;
+    run[0].saved_ms = Some(9_500);
+    assert_eq!(run[0].unsaved_ms(10_000), 400);
+    run[0].started_ms = 0;
+    run[0].saved_ms = Some(-1);
+    assert_eq!(pick(&run), vec![3]);
+    // Tasks known to save every 4 s: task 2 (started at 2 s) saved at 10 s, task 1 at 9 s.
+    for r in &mut run {
+        r.saved_ms = None;
+        r.save_every_ms = 4_000;
+    }
+    assert_eq!(run[2].unsaved_ms(10_000), 0);
+    assert_eq!(run[1].unsaved_ms(10_000), 1_000);
+    assert_eq!(pick(&run), vec![2]);
 }
 
 #[test]
@@ -1576,6 +1612,8 @@ fn drive(
                     expected_end_ms: j.max_runtime_ms.map(|m| now + m as i64),
                     gang_size: if j.gang { j.pending.len() as u32 } else { 1 },
                     attained_gpu_ms: 0,
+                    saved_ms: None,
+                    save_every_ms: 0,
                 },
                 step + dur,
             ));
@@ -1855,6 +1893,8 @@ fn placed_as_running(
                 expected_end_ms: end(k),
                 gang_size: 1,
                 attained_gpu_ms: 0,
+                saved_ms: None,
+                save_every_ms: 0,
             }
         })
         .collect()
@@ -2234,6 +2274,8 @@ fn gang_member(run: u64, node: u64, tenant: u64) -> RunningTask {
         expected_end_ms: None,
         gang_size: 2,
         attained_gpu_ms: 0,
+        saved_ms: None,
+        save_every_ms: 0,
     }
 }
 
@@ -2791,6 +2833,8 @@ proptest! {
                     expected_end_ms: None,
                     gang_size: if j.gang { j.pending.len() as u32 } else { 1 },
                     attained_gpu_ms: started as u64 * 4000,
+                    saved_ms: None,
+                    save_every_ms: 0,
                 }
             })
             .collect();
@@ -2861,6 +2905,8 @@ proptest! {
                     expected_end_ms: None,
                     gang_size: 1,
                     attained_gpu_ms: 0,
+                    saved_ms: None,
+                    save_every_ms: 0,
                 }
             })
             .collect();

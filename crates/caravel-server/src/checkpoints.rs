@@ -49,6 +49,9 @@ pub struct Checkpoints {
     root: PathBuf,
     pub max_bytes: u64,
     index: Mutex<BTreeMap<(JobId, u32), Saved>>,
+    /// Bumped by every change to the index: the scheduler's copy of when each run last
+    /// saved is refreshed only when this moved.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
@@ -189,11 +192,24 @@ impl Checkpoints {
             root,
             max_bytes,
             index: Mutex::new(index),
+            generation: std::sync::atomic::AtomicU64::new(1),
         })
     }
 
     fn task_dir(&self, job: JobId, index: u32) -> PathBuf {
         self.root.join(job.0.to_string()).join(index.to_string())
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// When each run that saved the newest checkpoint of its task saved it, as of the
+    /// generation returned.
+    pub fn saved_by_run(&self) -> (u64, std::collections::HashMap<RunId, Millis>) {
+        let ix = self.index.lock().expect("lock");
+        let g = self.generation();
+        (g, ix.values().map(|s| (s.run, s.saved_ms)).collect())
     }
 
     pub fn latest(&self, job: JobId, index: u32) -> Option<Saved> {
@@ -281,6 +297,8 @@ impl Checkpoints {
             let _ = std::fs::remove_file(dir.join(file_name(&p)));
         }
         ix.insert((job, index), saved.clone());
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         Ok(Some(saved))
     }
 
@@ -294,6 +312,8 @@ impl Checkpoints {
         for k in keys {
             ix.remove(&k);
         }
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         let dir = self.root.join(job.0.to_string());
         if let Err(e) = std::fs::remove_dir_all(&dir) {
             if e.kind() != std::io::ErrorKind::NotFound {

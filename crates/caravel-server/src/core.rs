@@ -78,6 +78,10 @@ pub struct Core {
     next_node: u64,
     next_tenant: u64,
     pub sched_cfg: caravel_sched::Config,
+    /// When runs last saved a checkpoint (with the generation of the checkpoint index it
+    /// was read at): preempting a run loses only the work since, which victim choice
+    /// weighs.
+    pub saved: (u64, HashMap<RunId, Millis>),
     /// GPU service each job's ended runs received (GPU-milliseconds), for least-attained-
     /// service order (`sched_cfg.las`): filled from the usage records on first need, then
     /// kept as runs end.
@@ -193,6 +197,7 @@ impl Core {
             next_node: 1,
             next_tenant: 1,
             sched_cfg: Default::default(),
+            saved: (0, HashMap::new()),
             attained: HashMap::new(),
             tenant_history: HashMap::new(),
             preempting: HashMap::new(),
@@ -1303,6 +1308,8 @@ impl Core {
                         .map(|m| r.started_ms.unwrap_or(now) + m as i64),
                     gang_size: if spec.gang { spec.tasks } else { 1 },
                     attained_gpu_ms: attained(self, &r.job),
+                    saved_ms: self.saved.1.get(&r.id).copied(),
+                    save_every_ms: 0,
                 }
             })
             .collect();

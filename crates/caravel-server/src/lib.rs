@@ -656,8 +656,15 @@ async fn scheduling_loop(s: Arc<Shared>) {
             _ = tokio::time::sleep(wait) => {}
         }
         let t0 = Instant::now();
+        // Read before the core lock: a save holds the checkpoint index's lock while it
+        // asks the core whether its run is still current.
+        let saved = (s.core.lock().expect("core lock").saved.0 != s.checkpoints.generation())
+            .then(|| s.checkpoints.saved_by_run());
         let (res, needs_reload, due) = {
             let mut core = s.core.lock().expect("core lock");
+            if let Some(saved) = saved {
+                core.saved = saved;
+            }
             let r = core.schedule(now_ms());
             if let Ok(st) = &r {
                 if st.full {

@@ -119,6 +119,10 @@ pub struct Options {
     /// A job that has waited this long without starting has nodes drained for it, oldest
     /// first, one at a time (`Scheduler::protect`); 0: never.
     pub starvation_ms: u64,
+    /// Victims are chosen by the work they would lose since their last checkpoint (the
+    /// scheduler is told each task's checkpoint period). Off: by the time since they
+    /// started, as if nobody checkpointed.
+    pub victims_know_checkpoints: bool,
 }
 
 impl Default for Options {
@@ -136,6 +140,7 @@ impl Default for Options {
             fair_share_half_life_ms: 3_600_000,
             incremental: true,
             starvation_ms: 0,
+            victims_know_checkpoints: true,
         }
     }
 }
@@ -925,6 +930,12 @@ impl Engine<'_> {
                 1
             },
             attained_gpu_ms: self.jobs[j].attained_gpu_ms,
+            saved_ms: None,
+            save_every_ms: if self.opt.victims_know_checkpoints {
+                sp.checkpoint_ms
+            } else {
+                0
+            },
         });
         // Under LAS, queued work may preempt this job once it passes into a later queue
         // (or its minimum slice is over): a cycle must look then, even if nothing ends.

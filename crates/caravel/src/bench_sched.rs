@@ -384,6 +384,8 @@ fn preempt_500k(rng: &mut Rng) -> Result<i32> {
                 expected_end_ms: None,
                 gang_size: 1,
                 attained_gpu_ms: 0,
+                saved_ms: None,
+                save_every_ms: 0,
             });
         }
     }

@@ -114,6 +114,11 @@ pub struct ReplayArgs {
     /// How many waiting jobs hold a backfill reservation at once (1: EASY backfill).
     #[arg(long, default_value_t = 1, value_parser = crate::reservations)]
     pub reservations: usize,
+    /// Choose preemption victims by the time since they started, as if no task
+    /// checkpointed (by default the scheduler counts the work lost since each task's last
+    /// checkpoint). For comparing the two.
+    #[arg(long)]
+    pub victims_ignore_checkpoints: bool,
     /// Worker threads (default: every core).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -188,6 +193,7 @@ fn replay(a: ReplayArgs) -> Result<i32> {
         las_slice_s,
         starvation_s,
         reservations,
+        victims_ignore_checkpoints,
         threads,
         out,
     } = a;
@@ -453,6 +459,7 @@ fn replay(a: ReplayArgs) -> Result<i32> {
                 opts.sched.las = las.clone();
                 opts.starvation_ms = starvation_s.saturating_mul(1000);
                 opts.sched.reservations = reservations;
+                opts.victims_know_checkpoints = !victims_ignore_checkpoints;
                 let single = tasks.len() == 1;
                 let mut last = std::time::Instant::now();
                 let mut progress = |at: i64, span: i64| {

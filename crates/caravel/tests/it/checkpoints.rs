@@ -38,7 +38,7 @@ fn a_task_resumes_from_its_checkpoint_on_another_node_when_its_node_dies() {
     );
     let id = p.submit(
         &p.admin,
-        json!({"command": "sh", "args": ["-c", trainer("1.5", 8)], "max_retries": 1}),
+        json!({"command": "sh", "args": ["-c", trainer("2.5", 10)], "max_retries": 1}),
     );
     let j = p.wait_task_running(id, 0);
     let first = j["task_list"][0]["node"].as_str().unwrap().to_string();
@@ -53,6 +53,11 @@ fn a_task_resumes_from_its_checkpoint_on_another_node_when_its_node_dies() {
     assert_eq!(saved["run"], j["runs"][0]["id"], "{saved} {j}");
     let victim = if first == p.node_name("a") { "a" } else { "b" };
     p.kill9_agent(victim);
+    let j = p.job(&p.admin, id);
+    assert_eq!(
+        j["state"], "running",
+        "the test needs the first run cut off midway, not finished: {j}"
+    );
     let j = p.wait_state(id, &["succeeded", "failed"], Duration::from_secs(60));
     assert_eq!(j["state"], "succeeded", "{j}");
     let runs = j["runs"].as_array().unwrap();
@@ -73,7 +78,7 @@ fn a_task_resumes_from_its_checkpoint_on_another_node_when_its_node_dies() {
         start >= saved["version"].as_u64().unwrap() as u32,
         "attempt 2 resumed at step {start}, before the step saved ({saved}): {out}"
     );
-    assert!(out.contains("finished at step 8"), "{out}");
+    assert!(out.contains("finished at step 10"), "{out}");
     // What the second run saved is the task's newest checkpoint, and the CLI fetches it.
     let c = &checkpoints(&p, id)[0];
     assert_eq!(c["run"], runs[1]["id"], "{c}");
@@ -88,7 +93,7 @@ fn a_task_resumes_from_its_checkpoint_on_another_node_when_its_node_dies() {
     assert!(o.status.success(), "{o:?}");
     assert_eq!(
         std::fs::read_to_string(dir.join("step")).unwrap().trim(),
-        "8"
+        "10"
     );
     assert!(
         !dir.join(".step.tmp").exists(),
@@ -324,4 +329,39 @@ fn checkpoint_uploads_and_downloads_are_checked() {
         String::from_utf8_lossy(&o.stderr).contains("--checkpoint-max-size"),
         "{o:?}"
     );
+}
+
+#[test]
+fn preemption_stops_the_task_that_saved_its_work_last_not_the_newest() {
+    let p = Pool::new("ckptvictim", &[("a", &["--cpus", "2"])]);
+    let spot = |script: &str| {
+        p.submit(
+            &p.admin,
+            json!({"command": "sh", "args": ["-c", script], "priority": "spot",
+                   "resources": {"cpu_milli": 1000}}),
+        )
+    };
+    // The older spot task saves a checkpoint after the newer one started; without
+    // checkpoints the newer one (least work done) would be the victim.
+    let older = spot(
+        r#"sleep 2; echo 1 > "$CARAVEL_CHECKPOINT_DIR/.s"; mv "$CARAVEL_CHECKPOINT_DIR/.s" "$CARAVEL_CHECKPOINT_DIR/step"; sleep 300"#,
+    );
+    p.wait_task_running(older, 0);
+    std::thread::sleep(Duration::from_millis(500));
+    let newer = spot("sleep 300");
+    p.wait_task_running(newer, 0);
+    wait_for(
+        "the older task's checkpoint",
+        Duration::from_secs(20),
+        || (!checkpoints(&p, older).is_empty()).then_some(()),
+    );
+    let batch = p.submit(
+        &p.admin,
+        json!({"command": "true", "resources": {"cpu_milli": 1000}}),
+    );
+    p.wait_state(batch, &["succeeded"], Duration::from_secs(60));
+    let o = p.job(&p.admin, older);
+    let n = p.job(&p.admin, newer);
+    assert_eq!(o["runs"][0]["state"], "preempted", "{o}");
+    assert_eq!(n["runs"][0]["state"], "running", "{n}");
 }
