@@ -330,7 +330,8 @@ impl crate::Agent {
 
     /// Saves the checkpoint folder whenever it changed and then stayed still for a scan,
     /// until `done` turns; then, if `done` says so, once more for what the task wrote last
-    /// (on SIGTERM, say).
+    /// (on SIGTERM, say). True when the server ends up with everything the folder holds,
+    /// so the node's copy may go.
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn watch_checkpoint(
         self: std::sync::Arc<Self>,
@@ -341,7 +342,7 @@ impl crate::Agent {
         ckpt: PathBuf,
         mut saved: Listing,
         mut done: tokio::sync::watch::Receiver<bool>,
-    ) {
+    ) -> bool {
         let mut prev: Option<Listing> = None;
         let mut refused: Option<Listing> = None;
         let final_save = loop {
@@ -360,30 +361,35 @@ impl crate::Agent {
                 .await
             {
                 Save::Saved(_) => saved = now,
-                Save::NotCurrent => return,
+                Save::NotCurrent => return false,
                 Save::Refused(_) => refused = Some(now),
                 Save::Changed | Save::Failed(_) => {}
             }
         };
         if !final_save {
-            return;
+            return false;
         }
         // Bounded: a node cut off from the server must still report the exit when it can.
         for _ in 0..3 {
-            let Ok(now) = list(&ckpt) else { return };
-            if now == saved || refused.as_ref() == Some(&now) {
-                return;
+            let Ok(now) = list(&ckpt) else { return false };
+            if now == saved {
+                return true;
+            }
+            if refused.as_ref() == Some(&now) {
+                return false;
             }
             match self
                 .save_checkpoint(job, index, run, &dir, &ckpt, &now)
                 .await
             {
-                Save::Saved(_) | Save::NotCurrent | Save::Refused(_) => return,
+                Save::Saved(_) => return true,
+                Save::NotCurrent | Save::Refused(_) => return false,
                 Save::Changed | Save::Failed(_) => {
                     tokio::time::sleep(std::time::Duration::from_millis(500)).await
                 }
             }
         }
+        false
     }
 
     async fn save_checkpoint(

@@ -894,7 +894,14 @@ impl Agent {
         // The last checkpoint goes to the server before the exit is reported: once the
         // server hears of the exit it may start the task elsewhere, which fetches it.
         let _ = watch_stop.send(reason != "fenced");
-        let _ = watcher.await;
+        // The server holds what the folder held: the node's copy is only disk used.
+        // Otherwise it stays in the run's directory for whoever wants it by hand.
+        if watcher.await.unwrap_or(false) {
+            let c = ckpt.clone();
+            let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(c)).await;
+        } else if checkpoint::list(&ckpt).is_ok_and(|l| !l.is_empty()) {
+            tracing::warn!(run = %run, "the checkpoint folder was not all saved; left in {}", ckpt.display());
+        }
         use std::os::unix::process::ExitStatusExt;
         let (code, sig) = match &status {
             Ok(s) => (s.code(), s.signal()),

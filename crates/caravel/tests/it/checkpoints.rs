@@ -149,6 +149,17 @@ sleep 300 & wait"#;
         c[0]["run"], first_run["id"],
         "saved by the run that was stopped"
     );
+    // Everything was on the server when each run ended: the node kept no copy, but the
+    // run's logs stay.
+    let first = p
+        .file("agent-a")
+        .join("runs")
+        .join(first_run["id"].to_string());
+    assert!(first.join("stdout.log").exists());
+    assert!(
+        !first.join("checkpoint").exists(),
+        "the node's copy was removed"
+    );
 }
 
 fn put(p: &Pool, token: &str, path: &str, sha: &str, body: Vec<u8>) -> (u16, Value) {

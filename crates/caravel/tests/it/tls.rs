@@ -38,6 +38,25 @@ fn a_self_signed_pool_runs_jobs_logs_and_services_over_tls() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(String::from_utf8_lossy(&o.stdout), "over tls\n");
 
+    // Checkpoints travel over TLS too: the first attempt saves one as it fails, and the
+    // retry finds it.
+    let script = r#"d="$CARAVEL_CHECKPOINT_DIR"
+if [ -f "$d/mark" ]; then cat "$d/mark"; exit 0; fi
+echo "saved by attempt $CARAVEL_ATTEMPT" > "$d/.m"; mv "$d/.m" "$d/mark"; exit 1"#;
+    let o = p.cli(&[
+        "submit",
+        "--wait",
+        "--max-retries",
+        "1",
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = p.cli(&["logs", "2"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "saved by attempt 1\n");
+
     // ALPN offers HTTP/2: a client that can speak it does.
     let c = client_trusting(&ca);
     let r = c
