@@ -116,7 +116,9 @@ pub fn pack(dir: &Path, listing: &Listing, out: &Path) -> Result<(String, u64), 
     }
     let mut w = b.into_inner()?;
     w.flush()?;
-    w.w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    // Not synced: the archive is read back at once to be sent, and only the server's copy
+    // has to survive a crash.
+    w.w.into_inner().map_err(|e| e.into_error())?;
     if &list(dir)? != listing {
         return Err(PackError::Changed);
     }
@@ -303,10 +305,15 @@ impl crate::Agent {
             .ok_or_else(|| Retry("the answer has no x-caravel-checkpoint-version".into()))?;
         let sha = header("x-caravel-sha256")
             .ok_or_else(|| Retry("the answer has no x-caravel-sha256".into()))?;
-        let mut f = tokio::fs::File::create(tmp)
-            .await
-            .map_err(|e| Local(format!("{}: {e}", tmp.display())))?;
+        let mut f = tokio::io::BufWriter::with_capacity(
+            1 << 20,
+            tokio::fs::File::create(tmp)
+                .await
+                .map_err(|e| Local(format!("{}: {e}", tmp.display())))?,
+        );
+        let mut hash = <sha2::Sha256 as sha2::Digest>::new();
         while let Some(chunk) = resp.chunk().await.map_err(|e| Retry(e.to_string()))? {
+            sha2::Digest::update(&mut hash, &chunk);
             f.write_all(&chunk)
                 .await
                 .map_err(|e| Local(format!("{}: {e}", tmp.display())))?;
@@ -315,11 +322,7 @@ impl crate::Agent {
             .await
             .map_err(|e| Local(format!("{}: {e}", tmp.display())))?;
         drop(f);
-        let t = tmp.to_path_buf();
-        let got = tokio::task::spawn_blocking(move || sha256_file(&t))
-            .await
-            .map_err(|e| Local(e.to_string()))?
-            .map_err(|e| Local(e.to_string()))?;
+        let got = hex::encode(sha2::Digest::finalize(hash));
         if got != sha {
             return Err(Retry(format!(
                 "the checkpoint arrived damaged (SHA-256 {got}, not {sha})"
@@ -459,7 +462,9 @@ impl crate::Agent {
             .header("x-caravel-sha256", sha)
             .header(reqwest::header::CONTENT_LENGTH, bytes)
             .header(reqwest::header::CONTENT_TYPE, "application/x-tar")
-            .body(reqwest::Body::from(file))
+            .body(reqwest::Body::wrap_stream(
+                tokio_util::io::ReaderStream::with_capacity(file, 1 << 20),
+            ))
             .send()
             .await
         {

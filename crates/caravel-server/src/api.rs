@@ -1216,9 +1216,14 @@ pub async fn put_checkpoint(
         }
     }
     let upload = Upload(path.clone());
-    let mut file = tokio::fs::File::create(&path)
-        .await
-        .map_err(|e| internal(format!("{}: {e}", path.display())))?;
+    // Buffered: each write to a tokio file is a trip to the blocking pool, and the body
+    // arrives in frames of a few KiB.
+    let mut file = tokio::io::BufWriter::with_capacity(
+        1 << 20,
+        tokio::fs::File::create(&path)
+            .await
+            .map_err(|e| internal(format!("{}: {e}", path.display())))?,
+    );
     let mut hash = sha2::Sha256::new();
     let mut bytes = 0u64;
     let mut body = body;
@@ -1241,10 +1246,13 @@ pub async fn put_checkpoint(
             .await
             .map_err(|e| internal(format!("{}: {e}", path.display())))?;
     }
-    file.sync_all()
+    file.flush()
         .await
         .map_err(|e| internal(format!("{}: {e}", path.display())))?;
-    drop(file);
+    file.into_inner()
+        .sync_all()
+        .await
+        .map_err(|e| internal(format!("{}: {e}", path.display())))?;
     let actual = hex::encode(hash.finalize());
     if actual != expected {
         return Err(ApiError::field(
@@ -1303,7 +1311,7 @@ pub async fn get_checkpoint(
     })?;
     let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
         tokio::fs::File::from_std(file),
-        1 << 16,
+        1 << 20,
     ));
     let mut resp = Response::new(body);
     let h = resp.headers_mut();

@@ -1379,11 +1379,12 @@ async fn checkpoint_cmd(cmd: CheckpointCmd) -> Result<i32> {
             use sha2::Digest;
             let mut hash = sha2::Sha256::new();
             let mut out = match &file {
-                Some(p) => Some(
+                Some(p) => Some(tokio::io::BufWriter::with_capacity(
+                    1 << 20,
                     tokio::fs::File::create(p)
                         .await
                         .with_context(|| p.display().to_string())?,
-                ),
+                )),
                 None => None,
             };
             let mut stdout = std::io::stdout().lock();
