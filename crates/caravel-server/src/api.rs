@@ -1155,6 +1155,44 @@ pub async fn put_checkpoint(
     Query(q): Query<CheckpointPut>,
     body: axum::body::Body,
 ) -> Res<(StatusCode, Json<CheckpointView>)> {
+    let r = save_checkpoint(s.clone(), headers, id, index, q, body).await;
+    let outcome = match &r {
+        Ok((_, v)) => {
+            s.metrics.checkpoint_bytes_saved.inc_by(v.bytes);
+            "saved"
+        }
+        Err(e) => match e.code {
+            ErrorCode::Conflict => "stale",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::MalformedRequest => "damaged",
+            ErrorCode::InvalidArgument
+                if e.field.as_deref() == Some("body") || e.message.contains("damaged") =>
+            {
+                "damaged"
+            }
+            ErrorCode::InvalidArgument => "invalid",
+            // Refused before any upload: not counted as a save.
+            ErrorCode::Unauthenticated | ErrorCode::PermissionDenied | ErrorCode::NotFound => {
+                return r
+            }
+            _ => "failed",
+        },
+    };
+    s.metrics
+        .checkpoint_saves
+        .get_or_create(&vec![("outcome".to_string(), outcome.to_string())])
+        .inc();
+    r
+}
+
+async fn save_checkpoint(
+    s: Arc<Shared>,
+    headers: HeaderMap,
+    id: String,
+    index: String,
+    q: CheckpointPut,
+    body: axum::body::Body,
+) -> Res<(StatusCode, Json<CheckpointView>)> {
     use http_body_util::BodyExt;
     use sha2::Digest;
     use tokio::io::AsyncWriteExt;
@@ -1313,6 +1351,7 @@ pub async fn get_checkpoint(
         tokio::fs::File::from_std(file),
         1 << 20,
     ));
+    s.metrics.checkpoint_bytes_served.inc_by(saved.bytes);
     let mut resp = Response::new(body);
     let h = resp.headers_mut();
     h.insert(

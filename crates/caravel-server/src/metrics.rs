@@ -35,6 +35,14 @@ pub struct Metrics {
     pub service_replicas: Family<Vec<(String, String)>, Gauge>,
     /// What the store's writer thread does (see `committer`).
     pub commits: CommitStats,
+    /// Checkpoint uploads by outcome: `saved`, `stale` (not the task's current run),
+    /// `too_large`, `damaged` (hash, archive or a cut body), `invalid` (a bad header or
+    /// task index), `failed` (the server's own error).
+    pub checkpoint_saves: Family<Labels, Counter>,
+    /// Bytes of the checkpoints kept.
+    pub checkpoint_bytes_saved: Counter,
+    /// Bytes of checkpoints served to agents and clients.
+    pub checkpoint_bytes_served: Counter,
 }
 
 /// The writer thread's figures: how long each commit takes, how much it carries (group
@@ -151,7 +159,28 @@ impl Metrics {
             "Store commits that failed (the server then reloads its state from the store)",
             commits.failures.clone(),
         );
+        let checkpoint_saves = Family::<Labels, Counter>::default();
+        let checkpoint_bytes_saved = Counter::default();
+        let checkpoint_bytes_served = Counter::default();
+        registry.register(
+            "checkpoint_saves",
+            "Checkpoint uploads by outcome: saved, stale, too_large, damaged, invalid, failed",
+            checkpoint_saves.clone(),
+        );
+        registry.register(
+            "checkpoint_saved_bytes",
+            "Bytes of the checkpoints kept",
+            checkpoint_bytes_saved.clone(),
+        );
+        registry.register(
+            "checkpoint_served_bytes",
+            "Bytes of checkpoints served for restores and downloads",
+            checkpoint_bytes_served.clone(),
+        );
         Metrics {
+            checkpoint_saves,
+            checkpoint_bytes_saved,
+            checkpoint_bytes_served,
             commits,
             registry,
             queue_depth,

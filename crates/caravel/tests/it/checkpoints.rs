@@ -317,6 +317,32 @@ fn checkpoint_uploads_and_downloads_are_checked() {
             .0,
         404
     );
+    // Each outcome is counted.
+    let m = p.text(&p.admin, "/metrics");
+    for (outcome, n) in [
+        ("saved", 1),
+        ("stale", 1),
+        ("too_large", 1),
+        ("damaged", 3),
+        ("invalid", 2),
+    ] {
+        let line = format!("caravel_checkpoint_saves_total{{outcome=\"{outcome}\"}} {n}");
+        assert!(m.contains(&line), "no `{line}` in\n{m}");
+    }
+    assert!(
+        m.contains(&format!(
+            "caravel_checkpoint_saved_bytes_total {}",
+            tar.len()
+        )),
+        "{m}"
+    );
+    assert!(
+        m.contains(&format!(
+            "caravel_checkpoint_served_bytes_total {}",
+            tar.len()
+        )),
+        "{m}"
+    );
     // A destination the CLI cannot write is named.
     let o = p.cli(&[
         "checkpoint",
