@@ -22,6 +22,19 @@ fn hidden(name: &std::ffi::OsStr) -> bool {
 }
 
 /// Lists the folder (recursively), leaving out hidden names and links.
+/// Removes everything in `dir`, keeping the folder.
+pub fn clear(dir: &Path) -> std::io::Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        if e.file_type()?.is_dir() {
+            std::fs::remove_dir_all(e.path())?;
+        } else {
+            std::fs::remove_file(e.path())?;
+        }
+    }
+    Ok(())
+}
+
 pub fn list(dir: &Path) -> std::io::Result<Listing> {
     let mut out = Listing::new();
     let mut stack = vec![PathBuf::new()];

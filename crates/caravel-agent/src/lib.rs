@@ -12,6 +12,7 @@ pub mod cgroups;
 pub mod checkpoint;
 use checkpoint::Restore;
 pub mod discover;
+mod ship;
 pub mod spawn;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -63,6 +64,11 @@ pub struct AgentConfig {
     /// Instead of `ca`: the SHA-256 of a self-signed pool's CA, fetched from the server and
     /// kept only if it matches (`caravel_tls::fetch_pinned_ca`).
     pub ca_sha256: Option<String>,
+    /// How often runs' output goes to the server (also soon after each run ends).
+    pub log_ship_every: Duration,
+    /// How long an ended run's folder may stay on this node: it goes as soon as the server
+    /// holds all its output, and after this at the latest.
+    pub run_retention: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +144,15 @@ pub struct Agent {
     /// `cfg.server` split; `current` indexes the one in use.
     servers: Vec<String>,
     current: std::sync::atomic::AtomicUsize,
+    /// Runs whose output is shipped to the server (see `ship`).
+    ship: Mutex<BTreeMap<RunId, ship::Shipping>>,
+    ship_wake: Notify,
+    /// The most bytes the server keeps per stream (learnt from its answers).
+    log_limit: std::sync::atomic::AtomicU64,
+    /// Finished run folders are emptied and reused (only where cgroups kill every process
+    /// of a run, so none can still write to them).
+    reuse_run_dirs: bool,
+    spares: Mutex<ship::Spares>,
 }
 
 /// The URLs of `--server URL[,URL...]`, each checked.
@@ -226,6 +241,7 @@ pub async fn start(cfg: AgentConfig) -> Result<Arc<Agent>, AgentError> {
         source,
     };
     std::fs::create_dir_all(cfg.work_dir.join("runs")).map_err(wd)?;
+    let cfg_runs = cfg.work_dir.join("runs");
     let cg = if cfg.use_cgroups {
         cgroups::Cgroups::detect(cfg.cgroup_name.as_deref().unwrap_or(&cfg.name))
     } else {
@@ -239,6 +255,7 @@ pub async fn start(cfg: AgentConfig) -> Result<Arc<Agent>, AgentError> {
         }
         other => tracing::info!("resource limits through {}", other.describe()),
     }
+    let reuse_run_dirs = !matches!(cg, cgroups::Cgroups::None { .. });
     let reaped = cg.reap_leftovers();
     if reaped > 0 {
         tracing::warn!(
@@ -352,7 +369,13 @@ pub async fn start(cfg: AgentConfig) -> Result<Arc<Agent>, AgentError> {
         cfg,
         servers,
         current: std::sync::atomic::AtomicUsize::new(0),
+        ship: Mutex::new(BTreeMap::new()),
+        ship_wake: Notify::new(),
+        log_limit: std::sync::atomic::AtomicU64::new(u64::MAX),
+        reuse_run_dirs,
+        spares: Mutex::new(ship::Spares::open(&cfg_runs)),
     });
+    agent.ship_recover(&agent.cfg.work_dir.join("runs"));
     let app = axum::Router::new()
         .route("/runs/{run}/{stream}", axum::routing::get(serve_log))
         .with_state(agent.clone());
@@ -401,12 +424,13 @@ async fn serve_log(
     if stream != "stdout" && stream != "stderr" {
         return (StatusCode::BAD_REQUEST, "stream must be stdout or stderr").into_response();
     }
-    let path = a
-        .cfg
-        .work_dir
-        .join("runs")
-        .join(run.to_string())
-        .join(format!("{stream}.log"));
+    let dir = a.cfg.work_dir.join("runs").join(run.to_string());
+    // No folder: the run has not started here, or its folder was removed (its output is
+    // on the server then).
+    if !dir.is_dir() {
+        return (StatusCode::NOT_FOUND, "no such run on this node").into_response();
+    }
+    let path = dir.join(format!("{stream}.log"));
     let offset = q.offset.unwrap_or(0);
     let data = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
         use std::io::{Read, Seek, SeekFrom};
@@ -594,7 +618,7 @@ impl Agent {
             {
                 let st = self.st.lock().expect("lock");
                 if st.running.is_empty() && st.outbox.is_empty() {
-                    return true;
+                    break;
                 }
             }
             if tokio::time::Instant::now() >= deadline {
@@ -603,6 +627,15 @@ impl Agent {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        // The runs' last output, so that it is on the server when this node is gone. A
+        // server that does not take it in a few seconds does not hold up the stop: the
+        // next start of this agent ships what is left.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while self.ship_pending() > 0 && tokio::time::Instant::now() < deadline {
+            self.ship_wake.notify_one();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        true
     }
 
     /// How long before the server's lost timeout a fenced run is killed: room for the kill
@@ -660,6 +693,7 @@ impl Agent {
         let node2 = node.clone();
         tokio::spawn(async move { me.report_loop(node2).await });
         tokio::spawn(self.clone().fence_loop());
+        tokio::spawn(self.clone().ship_loop());
         let mut known = 0u64;
         let mut first = true;
         loop {
@@ -742,6 +776,7 @@ impl Agent {
     /// Reports the end of a run whose process never started.
     fn never_started(&self, run: RunId, reason: &str, message: String) {
         self.st.lock().expect("lock").running.remove(&run);
+        self.ship_end(run);
         self.emit(RunEvent::Exited {
             run,
             started_ms: None,
@@ -793,6 +828,18 @@ impl Agent {
     async fn run_task(self: Arc<Self>, a: Assignment, mut stop: oneshot::Receiver<Stop>) {
         let run = a.run;
         let dir = self.cfg.work_dir.join("runs").join(run.to_string());
+        self.ship_start(run, a.job, a.index, dir.clone());
+        self.take_spare(&dir);
+        let meta = ship::RunMeta {
+            job: a.job,
+            index: a.index,
+        };
+        if let Err(e) = ship::write_meta(&dir, &meta) {
+            let msg = format!("cannot make the run's folder {}: {e}", dir.display());
+            tracing::warn!(run = %run, "{msg}");
+            self.never_started(run, "spawn_failed", msg);
+            return;
+        }
         // A service replica listens on a port the agent found free (the kernel picks it;
         // the window until the replica binds it is the same one Nomad and Kubernetes'
         // hostPort allocation live with).
@@ -898,7 +945,7 @@ impl Agent {
         // Otherwise it stays in the run's directory for whoever wants it by hand.
         if watcher.await.unwrap_or(false) {
             let c = ckpt.clone();
-            let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(c)).await;
+            let _ = tokio::task::spawn_blocking(move || checkpoint::clear(&c)).await;
         } else if checkpoint::list(&ckpt).is_ok_and(|l| !l.is_empty()) {
             tracing::warn!(run = %run, "the checkpoint folder was not all saved; left in {}", ckpt.display());
         }
@@ -908,6 +955,7 @@ impl Agent {
             Err(_) => (None, None),
         };
         self.st.lock().expect("lock").running.remove(&run);
+        self.ship_end(run);
         self.emit(RunEvent::Exited {
             run,
             started_ms: Some(t0),

@@ -323,6 +323,56 @@ pub struct EventsRequest {
     pub events: Vec<RunEvent>,
 }
 
+/// Output an agent ships to the control plane: each entry is bytes of one run's stdout
+/// or stderr from `offset` on (`POST /v1/agent/logs`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogShipRequest {
+    pub entries: Vec<LogShip>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogShip {
+    pub job: JobId,
+    /// The run's task (lets the server check the run without a store read while it is
+    /// the task's newest).
+    pub index: u32,
+    pub run: RunId,
+    /// `stdout` or `stderr`.
+    pub stream: String,
+    /// Where `data` starts in the stream.
+    pub offset: u64,
+    /// The bytes, base64 (standard alphabet, padded).
+    #[serde(default)]
+    pub data: String,
+    /// The sender leaves out the bytes before `offset` on purpose (they would be dropped
+    /// by the server's limit anyway); without it an offset past the server's end is a gap.
+    #[serde(default)]
+    pub skip: bool,
+    /// The stream is complete with this entry: the run has ended.
+    #[serde(default)]
+    pub done: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogShipResponse {
+    /// The most bytes the server keeps per stream of a run.
+    pub limit: u64,
+    /// One per entry, in order.
+    pub results: Vec<LogShipResult>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogShipResult {
+    /// `ok`; `gap`: the server has only `end` bytes, resend from there; `unknown`: no such
+    /// run of that job (or it is no longer kept): stop shipping it.
+    pub state: String,
+    /// The length the server holds of the stream.
+    pub end: u64,
+    pub done: bool,
+}
+
 /// A service as `caravel services` / `service show` see it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ServiceView {

@@ -641,7 +641,7 @@ pub async fn job_logs(
         ));
     }
     let task = q.task.unwrap_or(0);
-    let (url, secret, pin, run, done) = {
+    let (agent, run, done, terminal) = {
         let (core, runs) = job_runs(&s, p, id).await?;
         let j = visible(&core, p, id)?;
         let ntasks = j.rec.spec.tasks;
@@ -688,20 +688,94 @@ pub async fn job_logs(
             },
         };
         let run = core.runs.get(&run.id).cloned().unwrap_or(run);
-        let node = core
-            .nodes
-            .get(&run.node)
-            .ok_or_else(|| ApiError::new(ErrorCode::Unavailable, "the task's node is gone"))?;
+        let agent = core.nodes.get(&run.node).map(|node| {
+            (
+                node.node.agent_url.clone(),
+                node.node.agent_secret.clone(),
+                node.node.agent_cert_sha256.clone(),
+            )
+        });
         let done = run.state.is_terminal() && j.tasks[task as usize].state != TaskState::Pending
             || j.rec.state.is_terminal();
-        (
-            node.node.agent_url.clone(),
-            node.node.agent_secret.clone(),
-            node.node.agent_cert_sha256.clone(),
-            run.id,
-            done,
-        )
+        (agent, run.id, done, run.state.is_terminal())
     };
+    let stream = crate::logs::Stream::parse(&stream).expect("checked above");
+    let offset = q.offset.unwrap_or(0);
+    let kept = {
+        let s = s.clone();
+        tokio::task::spawn_blocking(move || s.logs.read(id, run, stream, offset, LOG_CHUNK))
+            .await
+            .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?
+            .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?
+    };
+    // Output the agent finished shipping is served from here: its node may be gone, and
+    // the node's copy is removed once shipped.
+    if let Some(k) = kept.as_ref().filter(|k| k.done) {
+        return Ok(log_answer(k.data.clone(), k.from, run, done, "server"));
+    }
+    let from_node = match agent {
+        Some((url, secret, pin)) => {
+            node_log(&s, &url, &secret, pin, run, stream.as_str(), offset).await
+        }
+        None => Err(ApiError::new(
+            ErrorCode::Unavailable,
+            "the task's node is gone",
+        )),
+    };
+    match (from_node, kept) {
+        (Ok(Some((body, next))), _) => {
+            let mut out = log_answer(body.to_vec(), offset, run, done, "node");
+            if let Some(n) = next {
+                out.headers_mut().insert("x-caravel-next-offset", n);
+            }
+            Ok(out)
+        }
+        // What was shipped before the node went out of reach or removed its copy.
+        (_, Some(k)) => Ok(log_answer(k.data, k.from, run, done || terminal, "server")),
+        // The node has no folder for a run that has not started yet.
+        (Ok(None), None) if !terminal => Ok(log_answer(Vec::new(), offset, run, done, "node")),
+        (Ok(None), None) => Err(ApiError::new(
+            ErrorCode::NotFound,
+            format!("the output of run {run} is no longer kept: its node removed it and none was shipped to the server (shipped output is kept for the server's --log-retention after the job ends)"),
+        )),
+        (Err(e), None) => Err(e),
+    }
+}
+
+/// The most bytes one log answer carries (agents read the same amount).
+const LOG_CHUNK: u64 = 1 << 20;
+
+fn log_answer(data: Vec<u8>, from: u64, run: RunId, done: bool, source: &'static str) -> Response {
+    let next = from + data.len() as u64;
+    let mut out = Response::new(axum::body::Body::from(data));
+    let h = out.headers_mut();
+    h.insert(
+        "content-type",
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert("x-caravel-next-offset", HeaderValue::from(next));
+    // Later than the offset asked for when the start of the output was dropped.
+    h.insert("x-caravel-log-from", HeaderValue::from(from));
+    h.insert("x-caravel-log-source", HeaderValue::from_static(source));
+    h.insert("x-caravel-run", HeaderValue::from(run.0));
+    h.insert(
+        "x-caravel-done",
+        HeaderValue::from_static(if done { "1" } else { "0" }),
+    );
+    out
+}
+
+/// A chunk of a run's output from its node's agent: `None` when the agent has no folder
+/// for the run (not started yet, or removed).
+async fn node_log(
+    s: &Shared,
+    url: &str,
+    secret: &str,
+    pin: Option<String>,
+    run: RunId,
+    stream: &str,
+    offset: u64,
+) -> Res<Option<(Bytes, Option<HeaderValue>)>> {
     // An https agent is called with its registered certificate pinned; a client per call
     // (log reads are rare and interactive) keeps one agent's pin off the others.
     let http = match pin {
@@ -718,10 +792,7 @@ pub async fn job_logs(
         None => s.http.clone(),
     };
     let resp = http
-        .get(format!(
-            "{url}/runs/{run}/{stream}?offset={}",
-            q.offset.unwrap_or(0)
-        ))
+        .get(format!("{url}/runs/{run}/{stream}?offset={offset}"))
         .bearer_auth(secret)
         .timeout(Duration::from_secs(10))
         .send()
@@ -732,6 +803,9 @@ pub async fn job_logs(
                 format!("cannot reach the node's agent: {e}"),
             )
         })?;
+    if resp.status() == reqwest::StatusCode::NOT_FOUND {
+        return Ok(None);
+    }
     if !resp.status().is_success() {
         return Err(ApiError::new(
             ErrorCode::Unavailable,
@@ -743,21 +817,7 @@ pub async fn job_logs(
         .bytes()
         .await
         .map_err(|e| ApiError::new(ErrorCode::Unavailable, format!("reading logs: {e}")))?;
-    let mut out = Response::new(axum::body::Body::from(body));
-    out.headers_mut().insert(
-        "content-type",
-        HeaderValue::from_static("application/octet-stream"),
-    );
-    if let Some(n) = next {
-        out.headers_mut().insert("x-caravel-next-offset", n);
-    }
-    out.headers_mut()
-        .insert("x-caravel-run", HeaderValue::from(run.0));
-    out.headers_mut().insert(
-        "x-caravel-done",
-        HeaderValue::from_static(if done { "1" } else { "0" }),
-    );
-    Ok(out)
+    Ok(Some((body, next)))
 }
 
 // ---- nodes, tenants, usage ----
@@ -1051,6 +1111,123 @@ pub async fn agent_events(
     }
     s.sched_wake.notify_one();
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Output shipped by an agent: appended to what the server keeps of each run's stream.
+/// Entries are answered one by one (a gap or an unknown run does not fail the batch); a
+/// malformed entry fails the whole batch, naming it, and nothing of it is kept.
+pub async fn agent_logs(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Res<Json<LogShipResponse>> {
+    use base64::Engine;
+    require_agent(authenticate(&s, &headers)?)?;
+    let req: LogShipRequest = parse_json(&body)?;
+    let mut entries = Vec::with_capacity(req.entries.len());
+    for (i, e) in req.entries.into_iter().enumerate() {
+        let stream = crate::logs::Stream::parse(&e.stream).ok_or_else(|| {
+            ApiError::field(
+                ErrorCode::InvalidArgument,
+                format!("entries[{i}].stream"),
+                "must be stdout or stderr",
+            )
+        })?;
+        let data = base64::engine::general_purpose::STANDARD
+            .decode(e.data.as_bytes())
+            .map_err(|err| {
+                ApiError::field(
+                    ErrorCode::InvalidArgument,
+                    format!("entries[{i}].data"),
+                    format!("not base64: {err}"),
+                )
+            })?;
+        if e.offset.checked_add(data.len() as u64).is_none() {
+            return Err(ApiError::field(
+                ErrorCode::InvalidArgument,
+                format!("entries[{i}].offset"),
+                "offset plus length overflows",
+            ));
+        }
+        entries.push((e, stream, data));
+    }
+    // Which (job, run) pairs are real: runs held in memory, streams already kept (checked
+    // when first shipped), and the store for the rest (runs that ended).
+    let (mut known, reader, ask) = {
+        let core = s.core.lock().expect("core lock");
+        let mut known = std::collections::HashMap::new();
+        let mut ask = BTreeSet::new();
+        for (e, _, _) in &entries {
+            let newest = core
+                .jobs
+                .get(&e.job)
+                .and_then(|j| j.tasks.get(e.index as usize))
+                .is_some_and(|t| t.current_run == Some(e.run));
+            if let Some(r) = core.runs.get(&e.run) {
+                known.insert(e.run, r.job);
+            } else if newest || s.logs.knows(e.job, e.run) {
+                known.insert(e.run, e.job);
+            } else {
+                ask.insert(e.run);
+            }
+        }
+        (known, core.reader(), ask)
+    };
+    if !ask.is_empty() {
+        let found = reader
+            .read(move |st| {
+                let mut v = Vec::new();
+                for r in ask {
+                    if let Some(rec) = st.run(r)? {
+                        v.push((r, rec.job));
+                    }
+                }
+                Ok(v)
+            })
+            .await?;
+        known.extend(found);
+    }
+    let s2 = s.clone();
+    let results = tokio::task::spawn_blocking(move || -> Result<Vec<LogShipResult>, String> {
+        let mut out = Vec::with_capacity(entries.len());
+        for (e, stream, data) in entries {
+            if known.get(&e.run) != Some(&e.job) {
+                out.push(LogShipResult {
+                    state: "unknown".into(),
+                    end: 0,
+                    done: false,
+                });
+                continue;
+            }
+            match s2
+                .logs
+                .append((e.job, e.run, stream), e.offset, &data, e.skip, e.done)
+            {
+                Ok(a) => {
+                    s2.metrics.log_bytes_shipped.inc_by(a.taken);
+                    out.push(LogShipResult {
+                        state: "ok".into(),
+                        end: a.end,
+                        done: a.done,
+                    });
+                }
+                Err(crate::logs::LogError::Gap { end, .. }) => out.push(LogShipResult {
+                    state: "gap".into(),
+                    end,
+                    done: false,
+                }),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Ok(out)
+    })
+    .await
+    .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?
+    .map_err(|e| ApiError::new(ErrorCode::Internal, e))?;
+    Ok(Json(LogShipResponse {
+        limit: s.logs.max_bytes,
+        results,
+    }))
 }
 
 pub async fn metrics(State(s): State<Arc<Shared>>) -> Response {

@@ -148,14 +148,8 @@ impl Checkpoints {
     /// Opens (making it if need be) the checkpoint root, drops uploads a crash cut short
     /// and versions a crash left behind their successor, and indexes what is there.
     pub fn open(root: PathBuf, max_bytes: u64) -> Result<Checkpoints, CheckpointError> {
-        std::fs::create_dir_all(&root).map_err(io(&root))?;
         let mut index = BTreeMap::new();
-        for job in std::fs::read_dir(&root).map_err(io(&root))? {
-            let job = job.map_err(io(&root))?;
-            let Some(job_id) = job.file_name().to_str().and_then(|s| s.parse().ok()) else {
-                continue;
-            };
-            let jdir = job.path();
+        for (job_id, jdir) in crate::datadir::job_dirs(&root).map_err(io(&root))? {
             for task in std::fs::read_dir(&jdir).map_err(io(&jdir))? {
                 let task = task.map_err(io(&jdir))?;
                 let Some(ix) = task
@@ -184,7 +178,7 @@ impl Checkpoints {
                     for (_, old) in found {
                         let _ = std::fs::remove_file(old);
                     }
-                    index.insert((JobId(job_id), ix), newest);
+                    index.insert((job_id, ix), newest);
                 }
             }
         }

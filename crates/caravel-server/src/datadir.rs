@@ -107,6 +107,20 @@ fn read_pid(f: &mut File) -> Option<u32> {
     s.lines().next()?.trim().parse().ok()
 }
 
+/// The per-job folders under `root` (made if need be), by job id; other names are
+/// skipped. Checkpoints and task output are both kept one folder per job.
+pub fn job_dirs(root: &Path) -> std::io::Result<Vec<(caravel_core::JobId, PathBuf)>> {
+    std::fs::create_dir_all(root)?;
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(root)? {
+        let e = e?;
+        if let Some(id) = e.file_name().to_str().and_then(|s| s.parse().ok()) {
+            out.push((caravel_core::JobId(id), e.path()));
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,6 +13,7 @@ pub mod core;
 pub mod datadir;
 pub mod error;
 pub mod gateway;
+pub mod logs;
 pub mod metrics;
 pub mod openapi;
 
@@ -171,6 +172,14 @@ pub struct ServerConfig {
     pub checkpoint_max_bytes: u64,
     /// How long a finished job's checkpoints are kept.
     pub checkpoint_retention_ms: u64,
+    /// Where tasks' output shipped by the agents is kept (`None`: `DATA_DIR/logs`). A
+    /// standby must see the same folder, as with checkpoints.
+    pub log_dir: Option<PathBuf>,
+    /// The most bytes kept of each stream (stdout, stderr) of a run: beyond it the start
+    /// is dropped and the end kept.
+    pub log_max_bytes: u64,
+    /// How long a finished job's output is kept.
+    pub log_retention_ms: u64,
 }
 
 /// Where the server's certificate comes from.
@@ -205,7 +214,16 @@ impl ServerConfig {
             checkpoint_dir: None,
             checkpoint_max_bytes: 4 << 30,
             checkpoint_retention_ms: 7 * 24 * 3_600_000,
+            log_dir: None,
+            log_max_bytes: 64 << 20,
+            log_retention_ms: 7 * 24 * 3_600_000,
         }
+    }
+
+    pub fn log_root(&self) -> PathBuf {
+        self.log_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("logs"))
     }
 
     pub fn checkpoint_root(&self) -> PathBuf {
@@ -282,6 +300,8 @@ pub enum ServerError {
     },
     #[error(transparent)]
     Checkpoints(#[from] checkpoints::CheckpointError),
+    #[error(transparent)]
+    Logs(#[from] logs::LogError),
 }
 
 pub struct Shared {
@@ -303,6 +323,7 @@ pub struct Shared {
     /// `/v1/tls/ca.pem` for agents that join by its fingerprint.
     pub ca_pem: Option<String>,
     pub checkpoints: checkpoints::Checkpoints,
+    pub logs: logs::Logs,
     /// Held open for the server's life: the data directory is this server's alone.
     _data_dir_lock: std::fs::File,
     /// Set (and `stopped` notified) when the server must stop: its store has another owner.
@@ -379,6 +400,11 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/agent/sync", post(api::agent_sync))
         .route("/v1/agent/events", post(api::agent_events))
         .route("/v1/agent/shutdown", post(api::agent_shutdown))
+        // A batch carries up to 4 MiB of output, base64.
+        .route(
+            "/v1/agent/logs",
+            post(api::agent_logs).layer(axum::extract::DefaultBodyLimit::max(8 << 20)),
+        )
         .route(
             "/v1/services",
             post(api::deploy_service).get(api::list_services),
@@ -456,6 +482,9 @@ async fn count_requests(State(s): State<Arc<Shared>>, req: Request, next: Next) 
 }
 
 pub fn refresh_gauges(s: &Shared) {
+    s.metrics
+        .log_bytes_stored
+        .set(s.logs.stored_bytes().min(i64::MAX as u64) as i64);
     let core = s.core.lock().expect("core lock");
     s.metrics.queue_depth.set(core.pending_tasks() as i64);
     s.metrics.running_tasks.set(core.runs.len() as i64);
@@ -552,6 +581,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
             cfg.checkpoint_root(),
             cfg.checkpoint_max_bytes,
         )?,
+        logs: logs::Logs::open(cfg.log_root(), cfg.log_max_bytes)?,
         _data_dir_lock: data_dir_lock,
         superseded: Mutex::new(None),
         stopped: Notify::new(),
@@ -559,7 +589,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
     let sched = tokio::spawn(scheduling_loop(shared.clone()));
     let live = tokio::spawn(liveness_loop(shared.clone()));
     let ctrl = tokio::spawn(gateway::controller_loop(shared.clone()));
-    let sweep = tokio::spawn(checkpoint_sweep_loop(shared.clone()));
+    let sweep = tokio::spawn(retention_sweep_loop(shared.clone()));
     let app = router(shared.clone());
     let serve = match tls {
         Some(tls) => {
@@ -858,31 +888,38 @@ fn reload(s: &Shared) {
     }
 }
 
-/// Removes the checkpoints of jobs that finished more than the retention ago, and of jobs
-/// the store no longer has.
-async fn checkpoint_sweep_loop(s: Arc<Shared>) {
-    loop {
+/// Removes the checkpoints and the output of jobs that finished more than their retention
+/// ago, and of jobs the store no longer has.
+async fn retention_sweep_loop(s: Arc<Shared>) {
+    fn past(
+        s: &Shared,
+        jobs: Vec<caravel_core::JobId>,
+        retention_ms: u64,
+    ) -> Vec<caravel_core::JobId> {
         let now = now_ms();
-        let doomed: Vec<caravel_core::JobId> = {
-            let jobs = s.checkpoints.jobs();
-            let core = s.core.lock().expect("core lock");
-            jobs.into_iter()
-                .filter(|j| match core.jobs.get(j) {
-                    None => true,
-                    Some(e) => e.rec.finished_ms.is_some_and(|f| {
-                        now.saturating_sub(f) >= s.cfg.checkpoint_retention_ms as i64
-                    }),
-                })
-                .collect()
-        };
-        for j in doomed {
+        let core = s.core.lock().expect("core lock");
+        jobs.into_iter()
+            .filter(|j| match core.jobs.get(j) {
+                None => true,
+                Some(e) => e
+                    .rec
+                    .finished_ms
+                    .is_some_and(|f| now.saturating_sub(f) >= retention_ms as i64),
+            })
+            .collect()
+    }
+    loop {
+        for j in past(&s, s.checkpoints.jobs(), s.cfg.checkpoint_retention_ms) {
             tracing::info!(job = %j, "removing the checkpoints of a job past their retention");
             s.checkpoints.remove_job(j);
         }
-        tokio::time::sleep(Duration::from_secs(60).min(Duration::from_millis(
-            s.cfg.checkpoint_retention_ms.max(1000),
-        )))
-        .await;
+        for j in past(&s, s.logs.jobs(), s.cfg.log_retention_ms) {
+            tracing::info!(job = %j, "removing the output of a job past its retention");
+            s.logs.remove_job(j);
+        }
+        let every = s.cfg.checkpoint_retention_ms.min(s.cfg.log_retention_ms);
+        tokio::time::sleep(Duration::from_secs(60).min(Duration::from_millis(every.max(1000))))
+            .await;
     }
 }
 

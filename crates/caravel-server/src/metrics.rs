@@ -43,6 +43,10 @@ pub struct Metrics {
     pub checkpoint_bytes_saved: Counter,
     /// Bytes of checkpoints served to agents and clients.
     pub checkpoint_bytes_served: Counter,
+    /// Bytes of task output shipped by agents and kept (resent bytes count once).
+    pub log_bytes_shipped: Counter,
+    /// Bytes of task output the server holds now.
+    pub log_bytes_stored: Gauge,
 }
 
 /// The writer thread's figures: how long each commit takes, how much it carries (group
@@ -177,7 +181,21 @@ impl Metrics {
             "Bytes of checkpoints served for restores and downloads",
             checkpoint_bytes_served.clone(),
         );
+        let log_bytes_shipped = Counter::default();
+        let log_bytes_stored = Gauge::default();
+        registry.register(
+            "log_shipped_bytes",
+            "Bytes of task output shipped by agents and kept (resent bytes count once)",
+            log_bytes_shipped.clone(),
+        );
+        registry.register(
+            "log_stored_bytes",
+            "Bytes of task output the server holds",
+            log_bytes_stored.clone(),
+        );
         Metrics {
+            log_bytes_shipped,
+            log_bytes_stored,
             checkpoint_saves,
             checkpoint_bytes_saved,
             checkpoint_bytes_served,

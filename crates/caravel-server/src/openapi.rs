@@ -43,6 +43,9 @@ fn q(name: &str, ty: &str, desc: &str) -> Value {
 
 pub fn document() -> Value {
     let u64s = json!({"type": "integer", "minimum": 0});
+    // Apart: one json! holding everything passes the macro's recursion limit.
+    let log_ship_request = json!({"type": "object", "required": ["entries"], "properties": {"entries": {"type": "array", "items": {"type": "object", "required": ["job", "index", "run", "stream", "offset"], "properties": {"job": {"type": "integer"}, "index": {"type": "integer"}, "run": {"type": "integer"}, "stream": {"type": "string", "enum": ["stdout", "stderr"]}, "offset": {"type": "integer"}, "data": {"type": "string", "format": "byte"}, "skip": {"type": "boolean"}, "done": {"type": "boolean"}}}}}});
+    let log_ship_response = json!({"type": "object", "required": ["limit", "results"], "properties": {"limit": {"type": "integer"}, "results": {"type": "array", "items": {"type": "object", "properties": {"state": {"type": "string", "enum": ["ok", "gap", "unknown"]}, "end": {"type": "integer"}, "done": {"type": "boolean"}}}}}});
     json!({
         "openapi": "3.1.0",
         "info": {"title": "Caravel API", "version": "1", "description":
@@ -89,6 +92,8 @@ pub fn document() -> Value {
                 "SyncRequest": {"type": "object", "required": ["node_id", "instance", "running", "known_version", "wait_ms"]},
                 "SyncResponse": {"type": "object", "properties": {"version": u64s, "desired": {"type": "array", "items": {"type": "object"}}}},
                 "EventsRequest": {"type": "object", "required": ["node_id", "events"]},
+                "LogShipRequest": log_ship_request,
+                "LogShipResponse": log_ship_response,
                 "ShutdownRequest": {"type": "object", "additionalProperties": false, "required": ["node_id", "instance"], "properties": {"node_id": u64s, "instance": {"type": "string"}}},
                 "ShutdownResponse": {"type": "object", "properties": {"stopping": u64s}}
             }
@@ -124,6 +129,7 @@ pub fn document() -> Value {
             "/v1/usage": {"get": {"summary": "metered usage totals per tenant and per job", "parameters": [q("tenant", "string", "admin only"), q("job", "integer", "one job")], "responses": ok(sref("UsageResponse"), "200")}},
             "/v1/agent/register": {"post": {"summary": "agent: register a node (agent or admin token)", "requestBody": body("RegisterRequest"), "responses": ok(sref("RegisterResponse"), "200")}},
             "/v1/agent/sync": {"post": {"summary": "agent: heartbeat and long-poll for the node's desired runs", "requestBody": body("SyncRequest"), "responses": ok(sref("SyncResponse"), "200")}},
+            "/v1/agent/logs": {"post": {"summary": "agent: ship runs' stdout and stderr by offset (a resend is taken once)", "requestBody": body("LogShipRequest"), "responses": ok(sref("LogShipResponse"), "200")}},
             "/v1/agent/events": {"post": {"summary": "agent: report runs started and exited (idempotent)", "requestBody": body("EventsRequest"), "responses": {"204": {"description": "applied"}}}},
             "/v1/agent/shutdown": {"post": {"summary": "agent: leaving cleanly; stop and requeue the node's runs (the node is down until it registers again)", "requestBody": body("ShutdownRequest"), "responses": ok(sref("ShutdownResponse"), "200")}}
         }

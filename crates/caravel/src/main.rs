@@ -389,6 +389,17 @@ struct ServerArgs {
     /// How long the checkpoints of a finished job are kept (for `caravel checkpoint get`).
     #[arg(long, default_value = "7d", value_parser = dur)]
     checkpoint_retention: u64,
+    /// Where tasks' output shipped by the agents is kept (for `caravel logs` once a node
+    /// is gone); DATA_DIR/logs by default. A standby must see the same folder.
+    #[arg(long, value_name = "DIR")]
+    log_dir: Option<PathBuf>,
+    /// The most kept of each stream (stdout, stderr) of a run (`64Mi`): beyond it the
+    /// start is dropped and the end kept.
+    #[arg(long, default_value = "64Mi", value_parser = checkpoint_size)]
+    log_max_size: u64,
+    /// How long the output of a finished job is kept.
+    #[arg(long, default_value = "7d", value_parser = dur)]
+    log_retention: u64,
 }
 
 #[derive(Args)]
@@ -440,6 +451,14 @@ struct AgentArgs {
     /// start). The agent fetches the CA from the server and trusts it only if it matches.
     #[arg(long, value_name = "HEX", conflicts_with = "ca")]
     ca_sha256: Option<String>,
+    /// How often tasks' output is shipped to the server (and soon after each run ends),
+    /// where `caravel logs` finds it once the node is gone: 2s, 500ms.
+    #[arg(long, default_value = "2s", value_parser = dur_nonzero)]
+    log_ship_every: u64,
+    /// How long an ended run's folder may stay on this node: it is removed as soon as the
+    /// server holds all its output, and after this at the latest: 24h, 7d.
+    #[arg(long, default_value = "24h", value_parser = dur)]
+    run_retention: u64,
 }
 
 #[derive(Args)]
@@ -552,6 +571,13 @@ enum PriorityArg {
 fn dur(s: &str) -> Result<u64, String> {
     parse_duration_ms(s)
 }
+fn dur_nonzero(s: &str) -> Result<u64, String> {
+    match parse_duration_ms(s)? {
+        0 => Err("must be more than 0".into()),
+        n => Ok(n),
+    }
+}
+/// A size that must be more than 0 (`--checkpoint-max-size`, `--log-max-size`).
 fn checkpoint_size(s: &str) -> Result<u64, String> {
     match parse_bytes(s)? {
         0 => Err("must be more than 0".into()),
@@ -697,6 +723,9 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
             cfg.checkpoint_dir = a.checkpoint_dir;
             cfg.checkpoint_max_bytes = a.checkpoint_max_size;
             cfg.checkpoint_retention_ms = a.checkpoint_retention;
+            cfg.log_dir = a.log_dir;
+            cfg.log_max_bytes = a.log_max_size;
+            cfg.log_retention_ms = a.log_retention;
             cfg.tls = match (a.tls_cert, a.tls_key) {
                 (Some(cert), Some(key)) => Some(caravel_server::Tls::Files { cert, key }),
                 _ if a.tls_self_signed => {
@@ -1141,6 +1170,8 @@ fn agent_config(a: AgentArgs) -> Result<caravel_agent::AgentConfig> {
         cgroup_name: None,
         ca: a.ca,
         ca_sha256: a.ca_sha256,
+        log_ship_every: Duration::from_millis(a.log_ship_every),
+        run_retention: Duration::from_millis(a.run_retention),
     })
 }
 
@@ -1464,14 +1495,24 @@ async fn logs(conn: Conn, id: &str, task: u32, stderr: bool, follow: bool) -> Re
             .and_then(|v| v.parse().ok())
             .unwrap_or(offset);
         let done = h("x-caravel-done").as_deref() == Some("1");
+        if let Some(from) = h("x-caravel-log-from").and_then(|v| v.parse::<u64>().ok()) {
+            if from > offset {
+                eprintln!(
+                    "caravel: bytes {offset} to {} of this output ({} bytes) are no longer kept: the server keeps the end of each stream, up to its --log-max-size",
+                    from - 1,
+                    from - offset
+                );
+            }
+        }
         let body = resp.bytes().await?;
         std::io::stdout().write_all(&body)?;
         std::io::stdout().flush()?;
         offset = next;
-        if !follow || (done && body.is_empty()) {
-            return Ok(0);
-        }
+        // Each answer carries at most a chunk: read on until one comes back empty.
         if body.is_empty() {
+            if !follow || done {
+                return Ok(0);
+            }
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
     }

@@ -79,6 +79,8 @@ pub async fn up(a: UpArgs) -> Result<i32> {
         cgroup_name: Some(local_cgroup_name(&data_dir)),
         ca: s.ca.clone(),
         ca_sha256: None,
+        log_ship_every: Duration::from_secs(2),
+        run_retention: Duration::from_secs(24 * 3600),
     };
     let agent = caravel_agent::start(agent).await?;
     tokio::spawn(agent.clone().main_loop());

@@ -119,6 +119,7 @@ if [ "$CARAVEL_TASK_INDEX" = 1 ]; then
   exit 0
 fi
 if [ -f "$d/state" ]; then echo "found $(cat "$d/state")"; exit 0; fi
+echo "attempt $CARAVEL_ATTEMPT waits"
 trap 'echo "saved at SIGTERM" > "$d/.t"; mv "$d/.t" "$d/state"; exit 143' TERM
 sleep 300 & wait"#;
     let id = p.submit(
@@ -149,17 +150,22 @@ sleep 300 & wait"#;
         c[0]["run"], first_run["id"],
         "saved by the run that was stopped"
     );
-    // Everything was on the server when each run ended: the node kept no copy, but the
-    // run's logs stay.
+    // Everything was on the server when each run ended: the node kept no copy. With the
+    // checkpoint folder gone and the output shipped, the run's whole folder goes (a copy
+    // left behind would keep it until the agent's --run-retention), and its output is
+    // still there, from the server.
     let first = p
         .file("agent-a")
         .join("runs")
         .join(first_run["id"].to_string());
-    assert!(first.join("stdout.log").exists());
-    assert!(
-        !first.join("checkpoint").exists(),
-        "the node's copy was removed"
+    wait_for(
+        "the first run's folder removed",
+        Duration::from_secs(20),
+        || (!first.exists()).then_some(()),
     );
+    let (status, _, out) = p.raw(&format!("/v1/jobs/{id}/logs?run={}", first_run["id"]));
+    assert_eq!(status, 200);
+    assert_eq!(String::from_utf8_lossy(&out), "attempt 1 waits\n");
 }
 
 fn put(p: &Pool, token: &str, path: &str, sha: &str, body: Vec<u8>) -> (u16, Value) {

@@ -325,6 +325,22 @@ impl Pool {
         })
     }
 
+    /// GET with the admin token: status, headers and body as they came.
+    pub fn raw(&self, path: &str) -> (u16, reqwest::header::HeaderMap, Vec<u8>) {
+        Self::rt().block_on(async {
+            let resp = self
+                .http
+                .get(format!("{}{path}", self.url))
+                .bearer_auth(&self.admin)
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            let headers = resp.headers().clone();
+            (status, headers, resp.bytes().await.unwrap().to_vec())
+        })
+    }
+
     /// A submit that does not need the pool (for other threads); None if not accepted.
     pub fn try_submit(url: &str, token: &str, spec: &Value) -> Option<u64> {
         let rt = Self::rt();

@@ -6,6 +6,7 @@ mod bad_input;
 mod checkpoints;
 mod failures;
 mod jobs;
+mod logs;
 mod postgres;
 mod protocols;
 mod services;

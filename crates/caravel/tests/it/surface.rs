@@ -21,6 +21,7 @@ fn metrics_openapi_and_agent_cgroup_limits() {
         "caravel_scheduling_passes_total{pass=",
         "caravel_store_commit_seconds_bucket",
         "caravel_store_commit_failures_total 0",
+        "caravel_log_stored_bytes ",
         "caravel_api_requests_total{method=\"POST\",code=\"201\"}",
     ] {
         assert!(m.contains(name), "metrics lack {name}:\n{m}");
@@ -39,6 +40,7 @@ fn metrics_openapi_and_agent_cgroup_limits() {
         "/v1/agent/sync",
         "/v1/agent/events",
         "/v1/agent/shutdown",
+        "/v1/agent/logs",
     ] {
         assert!(doc["paths"][path].is_object(), "openapi lacks {path}");
     }
