@@ -432,23 +432,33 @@ async fn serve_log(
     }
     let path = dir.join(format!("{stream}.log"));
     let offset = q.offset.unwrap_or(0);
-    let data = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+    // An offset past the end reads from the end: how `--tail` finds it.
+    let data = tokio::task::spawn_blocking(move || -> std::io::Result<(u64, u64, Vec<u8>)> {
         use std::io::{Read, Seek, SeekFrom};
         let mut f = match std::fs::File::open(&path) {
             Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, 0, Vec::new())),
             Err(e) => return Err(e),
         };
-        f.seek(SeekFrom::Start(offset))?;
+        let len = f.metadata()?.len();
+        let from = offset.min(len);
+        f.seek(SeekFrom::Start(from))?;
         let mut buf = Vec::new();
         f.take(LOG_CHUNK).read_to_end(&mut buf)?;
-        Ok(buf)
+        Ok((from, len.max(from + buf.len() as u64), buf))
     })
     .await;
     match data {
-        Ok(Ok(buf)) => {
-            let next = offset + buf.len() as u64;
-            ([("x-caravel-next-offset", next.to_string())], buf).into_response()
+        Ok(Ok((from, end, buf))) => {
+            let next = from + buf.len() as u64;
+            (
+                [
+                    ("x-caravel-next-offset", next.to_string()),
+                    ("x-caravel-log-end", end.to_string()),
+                ],
+                buf,
+            )
+                .into_response()
         }
         _ => (StatusCode::INTERNAL_SERVER_ERROR, "cannot read log").into_response(),
     }

@@ -40,6 +40,8 @@ const SPARES: usize = 1024;
 /// What a spare folder keeps (emptied); anything else in a run folder is removed.
 const KEPT: [&str; 3] = ["stdout.log", "stderr.log", "run.json"];
 
+/// The most entries in one batch.
+const MAX_ENTRIES: usize = 2000;
 /// The most bytes of output in one batch (the server takes up to 8 MiB of base64).
 const BATCH_BYTES: u64 = 4 << 20;
 const STREAMS: [&str; 2] = ["stdout", "stderr"];
@@ -307,6 +309,11 @@ impl Agent {
             let mut keys = Vec::new();
             let mut more = false;
             for (run, s) in snapshot {
+                // Entries cost about 200 bytes of JSON each, bytes or not: thousands of
+                // runs that ended while the server was away go in several batches.
+                if entries.len() >= MAX_ENTRIES {
+                    return (entries, keys, true);
+                }
                 let (job, index) = s.job.expect("filtered");
                 for (i, name) in STREAMS.iter().enumerate() {
                     if s.done[i] {

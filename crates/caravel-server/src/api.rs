@@ -711,7 +711,14 @@ pub async fn job_logs(
     // Output the agent finished shipping is served from here: its node may be gone, and
     // the node's copy is removed once shipped.
     if let Some(k) = kept.as_ref().filter(|k| k.done) {
-        return Ok(log_answer(k.data.clone(), k.from, run, done, "server"));
+        return Ok(log_answer(
+            k.data.clone(),
+            k.from,
+            Some(k.end),
+            run,
+            done,
+            "server",
+        ));
     }
     let from_node = match agent {
         Some((url, secret, pin)) => {
@@ -723,17 +730,29 @@ pub async fn job_logs(
         )),
     };
     match (from_node, kept) {
-        (Ok(Some((body, next))), _) => {
-            let mut out = log_answer(body.to_vec(), offset, run, done, "node");
-            if let Some(n) = next {
-                out.headers_mut().insert("x-caravel-next-offset", n);
-            }
-            Ok(out)
+        (Ok(Some((body, next, end))), _) => {
+            // The agent clamps an offset past the end of its file to the end.
+            let from = next.map_or(offset, |n| n.saturating_sub(body.len() as u64));
+            Ok(log_answer(body.to_vec(), from, end, run, done, "node"))
         }
         // What was shipped before the node went out of reach or removed its copy.
-        (_, Some(k)) => Ok(log_answer(k.data, k.from, run, done || terminal, "server")),
+        (_, Some(k)) => Ok(log_answer(
+            k.data,
+            k.from,
+            Some(k.end),
+            run,
+            done || terminal,
+            "server",
+        )),
         // The node has no folder for a run that has not started yet.
-        (Ok(None), None) if !terminal => Ok(log_answer(Vec::new(), offset, run, done, "node")),
+        (Ok(None), None) if !terminal => Ok(log_answer(
+            Vec::new(),
+            0,
+            Some(0),
+            run,
+            done,
+            "node",
+        )),
         (Ok(None), None) => Err(ApiError::new(
             ErrorCode::NotFound,
             format!("the output of run {run} is no longer kept: its node removed it and none was shipped to the server (shipped output is kept for the server's --log-retention after the job ends)"),
@@ -745,7 +764,15 @@ pub async fn job_logs(
 /// The most bytes one log answer carries (agents read the same amount).
 const LOG_CHUNK: u64 = 1 << 20;
 
-fn log_answer(data: Vec<u8>, from: u64, run: RunId, done: bool, source: &'static str) -> Response {
+/// A log answer: `data` starts at byte `from`; `end` is the stream's length where known.
+fn log_answer(
+    data: Vec<u8>,
+    from: u64,
+    end: Option<u64>,
+    run: RunId,
+    done: bool,
+    source: &'static str,
+) -> Response {
     let next = from + data.len() as u64;
     let mut out = Response::new(axum::body::Body::from(data));
     let h = out.headers_mut();
@@ -757,6 +784,10 @@ fn log_answer(data: Vec<u8>, from: u64, run: RunId, done: bool, source: &'static
     // Later than the offset asked for when the start of the output was dropped.
     h.insert("x-caravel-log-from", HeaderValue::from(from));
     h.insert("x-caravel-log-source", HeaderValue::from_static(source));
+    if let Some(e) = end {
+        // Where the stream ends now (`caravel logs --tail` reads back from it).
+        h.insert("x-caravel-log-end", HeaderValue::from(e));
+    }
     h.insert("x-caravel-run", HeaderValue::from(run.0));
     h.insert(
         "x-caravel-done",
@@ -775,7 +806,7 @@ async fn node_log(
     run: RunId,
     stream: &str,
     offset: u64,
-) -> Res<Option<(Bytes, Option<HeaderValue>)>> {
+) -> Res<Option<(Bytes, Option<u64>, Option<u64>)>> {
     // An https agent is called with its registered certificate pinned; a client per call
     // (log reads are rare and interactive) keeps one agent's pin off the others.
     let http = match pin {
@@ -812,12 +843,17 @@ async fn node_log(
             format!("the node's agent answered {} for run {run}", resp.status()),
         ));
     }
-    let next = resp.headers().get("x-caravel-next-offset").cloned();
+    let num = |k: &str| {
+        resp.headers()
+            .get(k)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+    };
+    let (next, end) = (num("x-caravel-next-offset"), num("x-caravel-log-end"));
     let body = resp
         .bytes()
         .await
         .map_err(|e| ApiError::new(ErrorCode::Unavailable, format!("reading logs: {e}")))?;
-    Ok(Some((body, next)))
+    Ok(Some((body, next, end)))
 }
 
 // ---- nodes, tenants, usage ----

@@ -108,6 +108,9 @@ enum Cmd {
         /// Keep printing until the task ends.
         #[arg(short, long)]
         follow: bool,
+        /// Only the last N lines (then, with --follow, what comes after).
+        #[arg(short = 'n', long, value_name = "N")]
+        tail: Option<u64>,
     },
     /// Cancel a job: SIGTERM, then SIGKILL after its grace period.
     Cancel {
@@ -887,7 +890,8 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
             task,
             stderr,
             follow,
-        } => logs(conn, &id, task, stderr, follow).await,
+            tail,
+        } => logs(conn, &id, task, stderr, follow, tail).await,
         Cmd::Cancel { conn, id } => {
             let c = Client::resolve(conn.server, conn.token, conn.ca)?;
             let j: JobSummary = c
@@ -1464,14 +1468,102 @@ async fn checkpoint_cmd(cmd: CheckpointCmd) -> Result<i32> {
     }
 }
 
-async fn logs(conn: Conn, id: &str, task: u32, stderr: bool, follow: bool) -> Result<i32> {
+/// Where the last `n` lines of a task's stream start: reads back from the end, a window
+/// four times larger each time, until it holds `n` line ends or reaches the first byte
+/// kept. Returns the offset, the end it counted back from, and the run they are of.
+async fn tail_start(
+    c: &Client,
+    id: u64,
+    task: u32,
+    stream: &str,
+    n: u64,
+) -> Result<(u64, u64, Option<String>)> {
+    let path =
+        |offset: u64| format!("/v1/jobs/{id}/logs?task={task}&stream={stream}&offset={offset}");
+    let head = |resp: &reqwest::Response, k: &str| {
+        resp.headers()
+            .get(k)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let probe = c.get_raw(&path(u64::MAX / 2)).await?;
+    let run = head(&probe, "x-caravel-run");
+    let Some(end) = head(&probe, "x-caravel-log-end").and_then(|v| v.parse::<u64>().ok()) else {
+        // A server or agent that does not say where the stream ends: from the start.
+        return Ok((0, u64::MAX, run));
+    };
+    let mut window = 64u64 << 10;
+    loop {
+        let start = end.saturating_sub(window);
+        let mut buf = Vec::new();
+        let mut first = None;
+        let mut at = start;
+        while at < end {
+            let resp = c.get_raw(&path(at)).await?;
+            if head(&resp, "x-caravel-run") != run {
+                // A retry began meanwhile: its stream is another one.
+                return Ok((0, u64::MAX, head(&resp, "x-caravel-run")));
+            }
+            let from = head(&resp, "x-caravel-log-from")
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(at);
+            first.get_or_insert(from);
+            let body = resp.bytes().await?;
+            if body.is_empty() {
+                break;
+            }
+            at = from + body.len() as u64;
+            buf.extend_from_slice(&body);
+        }
+        let begin = first.unwrap_or(start);
+        let text = buf.strip_suffix(b"\n").unwrap_or(&buf);
+        let mut seen = 0;
+        for (i, b) in text.iter().enumerate().rev() {
+            if *b == b'\n' {
+                seen += 1;
+                if seen == n {
+                    return Ok((begin + i as u64 + 1, end, run));
+                }
+            }
+        }
+        if n == 0 {
+            return Ok((end, end, run));
+        }
+        // Fewer lines than asked in all there is: all of it.
+        if begin > start || start == 0 {
+            return Ok((begin, end, run));
+        }
+        window *= 4;
+    }
+}
+
+async fn logs(
+    conn: Conn,
+    id: &str,
+    task: u32,
+    stderr: bool,
+    follow: bool,
+    tail: Option<u64>,
+) -> Result<i32> {
     use std::io::Write;
     let c = Client::resolve(conn.server, conn.token, conn.ca)?;
     let id = job_id(id)?;
     let stream = if stderr { "stderr" } else { "stdout" };
     let mut offset = 0u64;
     let mut run: Option<String> = None;
+    // Without --follow, --tail prints the last lines as of now, not what comes after.
+    let mut stop_at = u64::MAX;
+    if let Some(n) = tail {
+        let end;
+        (offset, end, run) = tail_start(&c, id, task, stream, n).await?;
+        if !follow {
+            stop_at = end;
+        }
+    }
     loop {
+        if offset >= stop_at {
+            return Ok(0);
+        }
         let resp = c
             .get_raw(&format!(
                 "/v1/jobs/{id}/logs?task={task}&stream={stream}&offset={offset}"
@@ -1485,6 +1577,10 @@ async fn logs(conn: Conn, id: &str, task: u32, stderr: bool, follow: bool) -> Re
         };
         let this_run = h("x-caravel-run");
         if this_run.is_some() && run.is_some() && this_run != run {
+            if stop_at != u64::MAX {
+                // The lines counted were the old run's, and they were all printed.
+                return Ok(0);
+            }
             // A retry started: follow the new run from its beginning.
             offset = 0;
             run = this_run;
@@ -1505,7 +1601,9 @@ async fn logs(conn: Conn, id: &str, task: u32, stderr: bool, follow: bool) -> Re
             }
         }
         let body = resp.bytes().await?;
-        std::io::stdout().write_all(&body)?;
+        let start = next.saturating_sub(body.len() as u64);
+        let body = &body[..body.len().min(stop_at.saturating_sub(start) as usize)];
+        std::io::stdout().write_all(body)?;
         std::io::stdout().flush()?;
         offset = next;
         // Each answer carries at most a chunk: read on until one comes back empty.

@@ -48,6 +48,16 @@ fn output_outlives_the_run_folder_and_the_node() {
     assert_eq!(String::from_utf8_lossy(&body), "no newline");
     assert_eq!(header(&h, "x-caravel-log-from"), "8");
     assert_eq!(p.logs(id, 0, "stderr"), "err\n");
+    assert_eq!(header(&h, "x-caravel-log-end"), "18");
+    let tail = |n: &str| {
+        let out = p.cli(&["logs", &id.to_string(), "--tail", n]);
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert_eq!(tail("2"), "two\nno newline");
+    assert_eq!(tail("1"), "no newline");
+    assert_eq!(tail("0"), "");
+    assert_eq!(tail("9"), "one\ntwo\nno newline");
     // With cgroups killing every process of a run, the folder is kept emptied as a spare
     // for the next run (no inodes freed and made again); the next run's output is its
     // own.
@@ -112,6 +122,18 @@ fn what_a_dead_node_shipped_is_readable_and_its_restarted_agent_ships_the_rest()
         let text = std::fs::read_to_string(f.path()).ok()?;
         text.contains("line 20\n").then_some(())
     });
+    // The last lines of a running task, read back from the end of the node's file: two
+    // lines in a row, the second at least line 20, and nothing after them.
+    let out = p.cli(&["logs", &id.to_string(), "--tail", "2"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let nums: Vec<u32> = text
+        .lines()
+        .map(|l| l.strip_prefix("line ").unwrap().parse().unwrap())
+        .collect();
+    assert!(
+        nums.len() == 2 && nums[1] == nums[0] + 1 && nums[1] >= 20 && text.ends_with('\n'),
+        "{text:?}"
+    );
     p.kill9_agent("a");
     let j = p.wait_state(id, &["failed", "lost", "pending"], Duration::from_secs(30));
     let (status, h, body) = p.raw(&format!("/v1/jobs/{id}/logs?run={run}"));
@@ -167,6 +189,13 @@ fn a_stream_beyond_the_server_limit_keeps_its_end() {
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("no longer kept"), "{stderr}");
+    // The last lines are read back from the end, without the dropped start.
+    let out = p.cli(&["logs", &id.to_string(), "-n", "3"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "299998\n299999\n300000\n"
+    );
+    assert!(out.stderr.is_empty(), "{out:?}");
     // The whole output was 2,088,895 bytes: what the CLI printed is its end.
     let all: String = (1..=300_000).map(|i| format!("{i}\n")).collect();
     assert!(all.ends_with(stdout.as_ref()));
