@@ -20,11 +20,12 @@ use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use bytes::{Buf, BufMut, Bytes};
+use bytes::Bytes;
 use tokio_stream::{Stream, StreamExt};
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::server::{Grpc, NamedService, StreamingService, UnaryService};
 use tonic::Status;
+
+use crate::raw_codec::Raw;
 
 fn port() -> Result<u16> {
     std::env::var("PORT")
@@ -98,40 +99,6 @@ async fn upgrade(mut req: Request) -> Response {
         .header(header::UPGRADE, "echo")
         .body(Body::empty())
         .expect("a valid response")
-}
-
-/// Messages as raw bytes: no code generator needed for an echo.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Raw;
-
-impl Codec for Raw {
-    type Encode = Bytes;
-    type Decode = Bytes;
-    type Encoder = Raw;
-    type Decoder = Raw;
-    fn encoder(&mut self) -> Raw {
-        Raw
-    }
-    fn decoder(&mut self) -> Raw {
-        Raw
-    }
-}
-
-impl Encoder for Raw {
-    type Item = Bytes;
-    type Error = Status;
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put(item);
-        Ok(())
-    }
-}
-
-impl Decoder for Raw {
-    type Item = Bytes;
-    type Error = Status;
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
-        Ok(Some(src.copy_to_bytes(src.remaining())))
-    }
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -126,7 +126,7 @@ async fn measure_grpc(
                     .unary(
                         req,
                         http::uri::PathAndQuery::from_static("/caravel.bench.Echo/Unary"),
-                        crate::backend::Raw,
+                        crate::raw_codec::Raw,
                     )
                     .await
                     .is_ok()

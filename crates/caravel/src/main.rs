@@ -14,6 +14,7 @@ mod bench_sched;
 mod client;
 mod jobfile;
 mod pool;
+mod raw_codec;
 mod servicefile;
 mod sim;
 mod table;
