@@ -497,7 +497,9 @@ impl crate::Agent {
         let text = resp.text().await.unwrap_or_default();
         match status.as_u16() {
             409 => Save::NotCurrent,
-            400 | 413 => Save::Refused(format!("{status}: {text}")),
+            // Bad, too large, or past the tenant's storage quota: the same content would be
+            // refused again.
+            400 | 413 | 422 => Save::Refused(format!("{status}: {text}")),
             503 => {
                 self.next_server(i);
                 Save::Failed(format!("{status}: {text}"))

@@ -401,6 +401,12 @@ impl Agent {
                     s.sent[i] = Some(r.end);
                     s.done[i] = r.done;
                 }
+                "full" => {
+                    if !s.refused {
+                        tracing::warn!(run = %run, "the tenant's storage quota is full: this run's output stays on this node until the retention");
+                    }
+                    s.refused = true;
+                }
                 _ => {
                     if !s.refused {
                         tracing::warn!(run = %run, "the server does not take this run's output: it stays on this node until the retention");

@@ -135,6 +135,10 @@ pub struct TenantView {
     pub weight: f64,
     pub quota: Quota,
     pub guarantee: Quota,
+    /// Bytes of checkpoints and task output the server keeps for the tenant now (counted
+    /// every few seconds), against `quota.storage_bytes`.
+    #[serde(default)]
+    pub storage_used_bytes: u64,
     pub created_ms: Millis,
 }
 
@@ -366,7 +370,8 @@ pub struct LogShipResponse {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LogShipResult {
     /// `ok`; `gap`: the server has only `end` bytes, resend from there; `unknown`: no such
-    /// run of that job (or it is no longer kept): stop shipping it.
+    /// run of that job (or it is no longer kept): stop shipping it; `full`: the tenant's
+    /// storage quota is used up, and the output stays on the node.
     pub state: String,
     /// The length the server holds of the stream.
     pub end: u64,

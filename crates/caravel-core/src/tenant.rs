@@ -19,6 +19,10 @@ pub struct Quota {
     /// Per accelerator model. A model not listed is unlimited.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub gpus: BTreeMap<String, u32>,
+    /// Bytes of checkpoints and task output the control plane keeps for the tenant. A cap
+    /// only: nothing is guaranteed storage, and the scheduler does not look at it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_bytes: Option<u64>,
 }
 
 /// Why a quota refuses: the resource, what is in use, the limit and what was asked.
@@ -31,7 +35,7 @@ pub struct QuotaExceeded {
 }
 
 impl Quota {
-    /// Parses "cpu=8,memory=32Gi,gpu/H100=8".
+    /// Parses "cpu=8,memory=32Gi,gpu/H100=8,storage=100Gi".
     pub fn parse(s: &str) -> Result<Quota, String> {
         let mut q = Quota::default();
         let mut seen = std::collections::BTreeSet::new();
@@ -48,9 +52,10 @@ impl Quota {
             match k {
                 "cpu" => q.cpu_milli = Some(parse_cpu_milli(v)?),
                 "memory" | "mem" => q.memory_bytes = Some(parse_bytes(v)?),
+                "storage" => q.storage_bytes = Some(parse_bytes(v)?),
                 _ => {
                     let model = k.strip_prefix("gpu/").ok_or_else(|| {
-                        format!("unknown quota key `{k}` (use cpu, memory or gpu/MODEL)")
+                        format!("unknown quota key `{k}` (use cpu, memory, storage or gpu/MODEL)")
                     })?;
                     validate_model(model)?;
                     let n: u32 = v
@@ -223,6 +228,13 @@ mod tests {
         assert_eq!(e.resource, "gpu/H100");
         assert_eq!(e.to_string(), "quota: gpu/H100 8 of 8 in use, 8 more asked");
         assert!(Quota::parse("disk=4").is_err());
+        let s = Quota::parse("storage=100Gi,cpu=2").unwrap();
+        assert_eq!(
+            (s.storage_bytes, s.cpu_milli),
+            (Some(100 << 30), Some(2000))
+        );
+        assert!(Quota::parse("storage=lots").is_err());
+        assert!(Quota::parse("storage=1Gi,storage=2Gi").is_err());
         assert!(Quota::parse("cpu").is_err());
         for twice in [
             "cpu=1,cpu=2",

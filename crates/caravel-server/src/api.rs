@@ -914,8 +914,15 @@ pub async fn undrain_node(
     Ok(StatusCode::NO_CONTENT)
 }
 
-fn tenant_view(t: &Tenant) -> TenantView {
+fn tenant_view(s: &Shared, t: &Tenant) -> TenantView {
     TenantView {
+        storage_used_bytes: s
+            .storage_used
+            .lock()
+            .expect("lock")
+            .get(&t.id)
+            .copied()
+            .unwrap_or(0),
         id: t.id,
         name: t.name.clone(),
         weight: t.weight,
@@ -938,7 +945,7 @@ pub async fn create_tenant(
     Ok((
         StatusCode::CREATED,
         Json(CreateTenantResponse {
-            tenant: tenant_view(&t),
+            tenant: tenant_view(&s, &t),
             token,
         }),
     )
@@ -958,7 +965,7 @@ pub async fn list_tenants(
                 Principal::Tenant(me) => t.id == me,
                 _ => true,
             })
-            .map(tenant_view)
+            .map(|t| tenant_view(&s, t))
             .collect(),
     ))
 }
@@ -1189,11 +1196,21 @@ pub async fn agent_logs(
     }
     // Which (job, run) pairs are real: runs held in memory, streams already kept (checked
     // when first shipped), and the store for the rest (runs that ended).
-    let (mut known, reader, ask) = {
+    let (mut known, reader, ask, (capped, mut room)) = {
         let core = s.core.lock().expect("core lock");
         let mut known = std::collections::HashMap::new();
         let mut ask = BTreeSet::new();
+        // The tenant of each job whose tenant has a storage cap, and what it may still
+        // store.
+        let mut capped = std::collections::HashMap::new();
+        let mut room = std::collections::HashMap::new();
         for (e, _, _) in &entries {
+            if let Some(j) = core.jobs.get(&e.job) {
+                if let Some((used, limit)) = crate::storage_left(&s, &core, j.rec.tenant) {
+                    capped.insert(e.job, j.rec.tenant);
+                    room.insert(j.rec.tenant, limit.saturating_sub(used));
+                }
+            }
             let newest = core
                 .jobs
                 .get(&e.job)
@@ -1207,7 +1224,7 @@ pub async fn agent_logs(
                 ask.insert(e.run);
             }
         }
-        (known, core.reader(), ask)
+        (known, core.reader(), ask, (capped, room))
     };
     if !ask.is_empty() {
         let found = reader
@@ -1235,12 +1252,30 @@ pub async fn agent_logs(
                 });
                 continue;
             }
+            // A tenant at its storage quota keeps what it has; new output stays on the
+            // node. A finishing mark with no new bytes still goes in.
+            let tenant = capped.get(&e.job).copied();
+            let left = tenant.and_then(|t| room.get(&t).copied());
+            if left.is_some_and(|left| left < data.len() as u64 || (left == 0 && !e.done)) {
+                out.push(LogShipResult {
+                    state: "full".into(),
+                    end: 0,
+                    done: false,
+                });
+                continue;
+            }
             match s2
                 .logs
                 .append((e.job, e.run, stream), e.offset, &data, e.skip, e.done)
             {
                 Ok(a) => {
                     s2.metrics.log_bytes_shipped.inc_by(a.taken);
+                    if let Some(t) = tenant {
+                        if let Some(left) = room.get_mut(&t) {
+                            *left = left.saturating_sub(a.taken);
+                        }
+                        *s2.storage_used.lock().expect("lock").entry(t).or_default() += a.taken;
+                    }
                     out.push(LogShipResult {
                         state: "ok".into(),
                         end: a.end,
@@ -1377,6 +1412,7 @@ pub async fn put_checkpoint(
         Err(e) => match e.code {
             ErrorCode::Conflict => "stale",
             ErrorCode::TooLarge => "too_large",
+            ErrorCode::ExceedsQuota => "over_quota",
             ErrorCode::MalformedRequest => "damaged",
             ErrorCode::InvalidArgument
                 if e.field.as_deref() == Some("body") || e.message.contains("damaged") =>
@@ -1431,14 +1467,27 @@ async fn save_checkpoint(
             format!("run {run} is not the current run of job {id} task {index}: it was stopped, lost or replaced, and its checkpoint is not kept"),
         )
     };
-    let index = {
+    let (index, tenant, storage) = {
         let core = s.core.lock().expect("core lock");
         let j = visible(&core, Principal::Admin, id)?;
         let index = parse_task_index(j, &index)?;
         if !is_current_run(&core, id, index, run) {
             return Err(not_current());
         }
-        index
+        let tenant = j.rec.tenant;
+        (index, tenant, crate::storage_left(&s, &core, tenant))
+    };
+    // A new version replaces the old one: only the difference counts against the quota.
+    let old = s.checkpoints.latest(id, index).map_or(0, |c| c.bytes);
+    let over_quota = |bytes: u64| {
+        storage.and_then(|(used, limit)| {
+            (used.saturating_sub(old).saturating_add(bytes) > limit).then(|| {
+                ApiError::new(
+                    ErrorCode::ExceedsQuota,
+                    format!("storage quota: {used} of {limit} bytes in use (checkpoints and task output), {bytes} asked for this checkpoint, which would replace {old}; the task keeps the checkpoint it has"),
+                )
+            })
+        })
     };
     let limit = s.checkpoints.max_bytes;
     let too_large = || {
@@ -1453,6 +1502,13 @@ async fn save_checkpoint(
         .is_some_and(|n| n > limit)
     {
         return Err(too_large());
+    }
+    if let Some(e) = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .and_then(over_quota)
+    {
+        return Err(e);
     }
     let internal = |e: String| ApiError::new(ErrorCode::Internal, e);
     let path = s
@@ -1504,6 +1560,9 @@ async fn save_checkpoint(
         .sync_all()
         .await
         .map_err(|e| internal(format!("{}: {e}", path.display())))?;
+    if let Some(e) = over_quota(bytes) {
+        return Err(e);
+    }
     let actual = hex::encode(hash.finalize());
     if actual != expected {
         return Err(ApiError::field(
@@ -1537,6 +1596,12 @@ async fn save_checkpoint(
     .await
     .map_err(|e| internal(e.to_string()))??;
     let saved = saved.ok_or_else(not_current)?;
+    // Counted now, not only at the next count: saves in quick succession see each other.
+    *s.storage_used
+        .lock()
+        .expect("lock")
+        .entry(tenant)
+        .or_default() += saved.bytes.saturating_sub(old);
     tracing::debug!(job = %id, task = index, run = %run, version = saved.version, bytes = saved.bytes, "checkpoint saved");
     Ok((StatusCode::CREATED, Json(checkpoint_view(index, &saved))))
 }

@@ -220,6 +220,15 @@ impl Checkpoints {
             .collect()
     }
 
+    /// Bytes of the newest checkpoints per job.
+    pub fn bytes_by_job(&self) -> std::collections::HashMap<JobId, u64> {
+        let mut out = std::collections::HashMap::new();
+        for ((j, _), s) in self.index.lock().expect("lock").iter() {
+            *out.entry(*j).or_default() += s.bytes;
+        }
+        out
+    }
+
     pub fn jobs(&self) -> Vec<JobId> {
         let mut v: Vec<JobId> = self
             .index

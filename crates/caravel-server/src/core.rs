@@ -443,6 +443,13 @@ impl Core {
             validate_model(m)
                 .map_err(|r| ValidationError::new(format!("guarantee.gpus.{m}"), r))?;
         }
+        if guarantee.storage_bytes.is_some() {
+            return Err(ValidationError::new(
+                "guarantee.storage_bytes",
+                "storage is a cap (set it in the quota), not something a tenant is guaranteed",
+            )
+            .into());
+        }
         let over = |g: Option<u64>, q: Option<u64>| matches!((g, q), (Some(g), Some(q)) if g > q);
         if over(guarantee.cpu_milli, quota.cpu_milli) {
             return Err(ValidationError::new(

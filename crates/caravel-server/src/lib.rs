@@ -324,6 +324,10 @@ pub struct Shared {
     pub ca_pem: Option<String>,
     pub checkpoints: checkpoints::Checkpoints,
     pub logs: logs::Logs,
+    /// Bytes of checkpoints and output kept per tenant, counted every few seconds by
+    /// `storage_loop` (and raised by each save in between): what storage quotas are
+    /// checked against.
+    pub storage_used: Mutex<std::collections::HashMap<caravel_core::TenantId, u64>>,
     /// Held open for the server's life: the data directory is this server's alone.
     _data_dir_lock: std::fs::File,
     /// Set (and `stopped` notified) when the server must stop: its store has another owner.
@@ -582,6 +586,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
             cfg.checkpoint_max_bytes,
         )?,
         logs: logs::Logs::open(cfg.log_root(), cfg.log_max_bytes)?,
+        storage_used: Mutex::new(std::collections::HashMap::new()),
         _data_dir_lock: data_dir_lock,
         superseded: Mutex::new(None),
         stopped: Notify::new(),
@@ -590,6 +595,8 @@ pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
     let live = tokio::spawn(liveness_loop(shared.clone()));
     let ctrl = tokio::spawn(gateway::controller_loop(shared.clone()));
     let sweep = tokio::spawn(retention_sweep_loop(shared.clone()));
+    count_storage(&shared);
+    let storage = tokio::spawn(storage_loop(shared.clone()));
     let app = router(shared.clone());
     let serve = match tls {
         Some(tls) => {
@@ -631,7 +638,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
         agent_token,
         ca,
         shared,
-        tasks: vec![sched, live, ctrl, sweep, serve],
+        tasks: vec![sched, live, ctrl, sweep, storage, serve],
     })
 }
 
@@ -920,6 +927,45 @@ async fn retention_sweep_loop(s: Arc<Shared>) {
         let every = s.cfg.checkpoint_retention_ms.min(s.cfg.log_retention_ms);
         tokio::time::sleep(Duration::from_secs(60).min(Duration::from_millis(every.max(1000))))
             .await;
+    }
+}
+
+/// Counts the bytes of checkpoints and task output each tenant has kept.
+pub fn count_storage(s: &Shared) {
+    let mut by_job = s.logs.bytes_by_job();
+    for (j, b) in s.checkpoints.bytes_by_job() {
+        *by_job.entry(j).or_default() += b;
+    }
+    let mut by_tenant = std::collections::HashMap::new();
+    {
+        let core = s.core.lock().expect("core lock");
+        for (j, b) in by_job {
+            if let Some(e) = core.jobs.get(&j) {
+                *by_tenant.entry(e.rec.tenant).or_default() += b;
+            }
+        }
+    }
+    *s.storage_used.lock().expect("lock") = by_tenant;
+}
+
+/// What a tenant may still store: `None` when its quota sets no storage cap.
+pub fn storage_left(s: &Shared, core: &Core, tenant: caravel_core::TenantId) -> Option<(u64, u64)> {
+    let limit = core.tenants.get(&tenant)?.quota.storage_bytes?;
+    let used = s
+        .storage_used
+        .lock()
+        .expect("lock")
+        .get(&tenant)
+        .copied()
+        .unwrap_or(0);
+    Some((used, limit))
+}
+
+async fn storage_loop(s: Arc<Shared>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let s2 = s.clone();
+        let _ = tokio::task::spawn_blocking(move || count_storage(&s2)).await;
     }
 }
 

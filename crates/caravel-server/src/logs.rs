@@ -369,6 +369,15 @@ impl Logs {
         v
     }
 
+    /// Bytes held per job.
+    pub fn bytes_by_job(&self) -> std::collections::HashMap<JobId, u64> {
+        let mut out = std::collections::HashMap::new();
+        for ((j, _, _), k) in self.index.lock().expect("lock").iter() {
+            *out.entry(*j).or_default() += k.end - k.first();
+        }
+        out
+    }
+
     /// Bytes held over all streams.
     pub fn stored_bytes(&self) -> u64 {
         self.index

@@ -45,7 +45,7 @@ pub fn document() -> Value {
     let u64s = json!({"type": "integer", "minimum": 0});
     // Apart: one json! holding everything passes the macro's recursion limit.
     let log_ship_request = json!({"type": "object", "required": ["entries"], "properties": {"entries": {"type": "array", "items": {"type": "object", "required": ["job", "index", "run", "stream", "offset"], "properties": {"job": {"type": "integer"}, "index": {"type": "integer"}, "run": {"type": "integer"}, "stream": {"type": "string", "enum": ["stdout", "stderr"]}, "offset": {"type": "integer"}, "data": {"type": "string", "format": "byte"}, "skip": {"type": "boolean"}, "done": {"type": "boolean"}}}}}});
-    let log_ship_response = json!({"type": "object", "required": ["limit", "results"], "properties": {"limit": {"type": "integer"}, "results": {"type": "array", "items": {"type": "object", "properties": {"state": {"type": "string", "enum": ["ok", "gap", "unknown"]}, "end": {"type": "integer"}, "done": {"type": "boolean"}}}}}});
+    let log_ship_response = json!({"type": "object", "required": ["limit", "results"], "properties": {"limit": {"type": "integer"}, "results": {"type": "array", "items": {"type": "object", "properties": {"state": {"type": "string", "enum": ["ok", "gap", "unknown", "full"]}, "end": {"type": "integer"}, "done": {"type": "boolean"}}}}}});
     json!({
         "openapi": "3.1.0",
         "info": {"title": "Caravel API", "version": "1", "description":
@@ -81,9 +81,9 @@ pub fn document() -> Value {
                     "message": {"type": "string"}, "pending_reasons": arr("PendingReason")}},
                 "JobDetail": {"allOf": [sref("JobSummary"), {"type": "object", "properties": {"spec": sref("JobSpec"), "task_list": {"type": "array", "items": {"type": "object"}}, "runs": {"type": "array", "items": {"type": "object"}}}}]},
                 "NodeView": {"type": "object", "properties": {"id": u64s, "name": {"type": "string"}, "state": {"type": "string", "enum": ["ready", "lost", "down"]}, "address": {"type": "string"}, "topology": {"type": "object"}, "labels": {"type": "object"}, "capacity": {"type": "object"}, "allocated_cpu_milli": u64s, "allocated_memory_bytes": u64s, "allocated_devices": {"type": "array", "items": u64s}, "running_tasks": u64s, "last_seen_ms": u64s}},
-                "Quota": {"type": "object", "additionalProperties": false, "properties": {"cpu_milli": u64s, "memory_bytes": u64s, "gpus": {"type": "object", "additionalProperties": {"type": "integer"}}}},
+                "Quota": {"type": "object", "additionalProperties": false, "properties": {"cpu_milli": u64s, "memory_bytes": u64s, "gpus": {"type": "object", "additionalProperties": {"type": "integer"}}, "storage_bytes": u64s}},
                 "CreateTenantRequest": {"type": "object", "additionalProperties": false, "required": ["name"], "properties": {"name": {"type": "string"}, "weight": {"type": "number", "exclusiveMinimum": 0}, "quota": sref("Quota"), "guarantee": sref("Quota")}},
-                "TenantView": {"type": "object", "properties": {"id": u64s, "name": {"type": "string"}, "weight": {"type": "number"}, "quota": sref("Quota"), "guarantee": sref("Quota"), "created_ms": u64s}},
+                "TenantView": {"type": "object", "properties": {"id": u64s, "name": {"type": "string"}, "weight": {"type": "number"}, "quota": sref("Quota"), "guarantee": sref("Quota"), "created_ms": u64s, "storage_used_bytes": u64s}},
                 "CreateTenantResponse": {"allOf": [sref("TenantView"), {"type": "object", "properties": {"token": {"type": "string", "description": "shown once"}}}]},
                 "UsageTotals": {"type": "object", "properties": {"tenant": {"type": "string"}, "job": u64s, "runs": u64s, "wall_ms": u64s, "cpu_milli_ms": u64s, "memory_byte_ms": u64s, "gpu_ms": {"type": "object", "additionalProperties": {"type": "integer"}}}},
                 "UsageResponse": {"type": "object", "properties": {"by_tenant": arr("UsageTotals"), "by_job": arr("UsageTotals")}},

@@ -285,7 +285,8 @@ enum TenantCmd {
         #[command(flatten)]
         conn: Conn,
         name: String,
-        /// The most the tenant may hold, borrowing included: cpu=8,memory=32Gi,gpu/H100=8
+        /// The most the tenant may hold, borrowing included: cpu=8,memory=32Gi,gpu/H100=8;
+        /// storage=100Gi caps the checkpoints and task output the server keeps for it
         #[arg(long)]
         quota: Option<String>,
         /// What the tenant is guaranteed (same form); work within it reclaims borrowed capacity.
@@ -1008,14 +1009,28 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
                 println!("{}", serde_json::to_string_pretty(&ts)?);
                 return Ok(0);
             }
-            let mut t = Table::new(&["NAME", "WEIGHT", "GUARANTEE", "QUOTA"]);
+            let mut t = Table::new(&["NAME", "WEIGHT", "GUARANTEE", "QUOTA", "STORAGE"]);
             for x in ts {
                 let g = if x.guarantee == Quota::default() {
                     "none".into()
                 } else {
                     quota_text(&x.guarantee)
                 };
-                t.row(vec![x.name, x.weight.to_string(), g, quota_text(&x.quota)]);
+                let storage = match x.quota.storage_bytes {
+                    Some(q) => format!(
+                        "{} of {}",
+                        format_bytes(x.storage_used_bytes),
+                        format_bytes(q)
+                    ),
+                    None => format_bytes(x.storage_used_bytes),
+                };
+                t.row(vec![
+                    x.name,
+                    x.weight.to_string(),
+                    g,
+                    quota_text(&x.quota),
+                    storage,
+                ]);
             }
             print!("{t}");
             Ok(0)
@@ -1104,6 +1119,9 @@ fn quota_text(q: &Quota) -> String {
     }
     for (m, c) in &q.gpus {
         v.push(format!("gpu/{m}={c}"));
+    }
+    if let Some(s) = q.storage_bytes {
+        v.push(format!("storage={}", format_bytes(s)));
     }
     if v.is_empty() {
         "unlimited".into()

@@ -298,3 +298,82 @@ fn bad_shipments_are_refused_whole_and_unknown_runs_and_gaps_are_answered() {
     assert_eq!(r1["results"][0]["end"], held + 2);
     assert_eq!(r2["results"][0]["end"], held + 2);
 }
+
+#[test]
+fn a_tenant_storage_quota_caps_its_checkpoints_and_output() {
+    let p = Pool::new("logquota", &[("a", &["--log-ship-every", "300ms"])]);
+    let (code, e) = p
+        .post(
+            &p.admin,
+            "/v1/tenants",
+            &json!({"name": "greedy", "guarantee": {"storage_bytes": 1000}}),
+        )
+        .unwrap_err();
+    assert_eq!(code, 400);
+    assert_eq!(e["error"]["field"], "guarantee.storage_bytes", "{e}");
+    let t = p
+        .post(
+            &p.admin,
+            "/v1/tenants",
+            &json!({"name": "small", "quota": {"storage_bytes": 100 << 10}}),
+        )
+        .unwrap();
+    let tok = t["token"].as_str().unwrap().to_string();
+    assert_eq!(t["storage_used_bytes"], 0);
+    // 60 KiB of checkpoint: kept, and counted.
+    let save = r#"head -c 61440 /dev/urandom > "$CARAVEL_CHECKPOINT_DIR/.w"; mv "$CARAVEL_CHECKPOINT_DIR/.w" "$CARAVEL_CHECKPOINT_DIR/w"; sleep 2"#;
+    let a = p.submit(&tok, json!({"command": "sh", "args": ["-c", save]}));
+    p.wait_state(a, &["succeeded"], Duration::from_secs(30));
+    let ck = p.get(&tok, &format!("/v1/jobs/{a}/checkpoints")).unwrap();
+    assert_eq!(ck.as_array().unwrap().len(), 1, "{ck}");
+    let used = |p: &Pool| {
+        p.get(&tok, "/v1/tenants").unwrap()[0]["storage_used_bytes"]
+            .as_u64()
+            .unwrap()
+    };
+    assert!(used(&p) >= 60 << 10, "{}", used(&p));
+    // Another 60 KiB would pass the quota: refused, and the job has none.
+    let b = p.submit(&tok, json!({"command": "sh", "args": ["-c", save]}));
+    p.wait_state(b, &["succeeded"], Duration::from_secs(30));
+    let ck = p.get(&tok, &format!("/v1/jobs/{b}/checkpoints")).unwrap();
+    assert_eq!(ck.as_array().unwrap().len(), 0, "{ck}");
+    let metrics = p.text("", "/metrics");
+    assert!(
+        metrics.contains("caravel_checkpoint_saves_total{outcome=\"over_quota\"} 1"),
+        "{metrics}"
+    );
+    // 60 KiB of output does not fit either: it stays on the node, and is read from there.
+    let c = p.submit(
+        &tok,
+        json!({"command": "sh", "args": ["-c", "head -c 61440 /dev/zero | tr '\\0' x"]}),
+    );
+    let j = p.wait_state(c, &["succeeded"], Duration::from_secs(30));
+    let dir = run_dir(&p, "a", &j["runs"][0]["id"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(dir.exists(), "the output the server would not take stays");
+    let (status, h, body) = p.raw(&format!("/v1/jobs/{c}/logs"));
+    assert_eq!(status, 200);
+    assert_eq!(body.len(), 61440);
+    assert_eq!(header(&h, "x-caravel-log-source"), "node");
+    assert!(used(&p) <= 100 << 10, "{}", used(&p));
+    // Other tenants are not held to it.
+    let d = p.submit(
+        &p.admin,
+        json!({"command": "sh", "args": ["-c", "head -c 61440 /dev/zero | tr '\\0' y"]}),
+    );
+    let j = p.wait_state(d, &["succeeded"], Duration::from_secs(30));
+    let dir = run_dir(&p, "a", &j["runs"][0]["id"]);
+    wait_for(
+        "the other tenant's run folder removed",
+        Duration::from_secs(20),
+        || (!dir.exists()).then_some(()),
+    );
+    let out = p.cli(&["tenants"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines().any(|l| l.starts_with("small")
+            && l.contains("storage=100Ki")
+            && l.contains(" of 100Ki")),
+        "{text}"
+    );
+}
