@@ -26,7 +26,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine;
 use caravel_core::api::{LogShip, LogShipRequest, LogShipResponse};
@@ -39,6 +39,11 @@ use crate::Agent;
 const SPARES: usize = 1024;
 /// What a spare folder keeps (emptied); anything else in a run folder is removed.
 const KEPT: [&str; 3] = ["stdout.log", "stderr.log", "run.json"];
+
+/// How long after the server acknowledged a run's output done the agent asks again, before
+/// it removes the node's copy. The server syncs its log disk every 2 s: an append it
+/// acknowledged and then lost in a machine crash shows as missing, and is sent again.
+const VERIFY_AFTER: Duration = Duration::from_secs(10);
 
 /// The most entries in one batch.
 const MAX_ENTRIES: usize = 2000;
@@ -67,11 +72,25 @@ pub struct Shipping {
     ended: Option<SystemTime>,
     /// The server does not know the run: nothing more is sent.
     refused: bool,
+    /// When the server last acknowledged both streams done.
+    done_at: Option<Instant>,
+    /// Each stream seen whole on the server again once a sync of its disk had to happen.
+    verified: [bool; 2],
 }
 
 impl Shipping {
     fn complete(&self) -> bool {
         self.done[0] && self.done[1]
+    }
+
+    /// Done, and long enough ago that the server must have synced it: time to check that
+    /// it still holds all of it before the node's copy goes.
+    fn due_for_check(&self, now: Instant) -> bool {
+        self.complete()
+            && !(self.verified[0] && self.verified[1])
+            && self
+                .done_at
+                .is_some_and(|t| now.duration_since(t) >= VERIFY_AFTER)
     }
 }
 
@@ -205,6 +224,8 @@ impl Agent {
                 done: [false, false],
                 ended: None,
                 refused: false,
+                done_at: None,
+                verified: [false, false],
             },
         );
     }
@@ -245,6 +266,8 @@ impl Agent {
                     done: [false, false],
                     ended: Some(ended),
                     refused: false,
+                    done_at: None,
+                    verified: [false, false],
                 },
             );
         }
@@ -291,12 +314,15 @@ impl Agent {
 
     /// Sends one batch; true when there was more than a batch could carry.
     async fn ship_once(self: &Arc<Self>) -> Result<bool, String> {
+        let now = Instant::now();
         let snapshot: Vec<(RunId, Shipping)> = self
             .ship
             .lock()
             .expect("lock")
             .iter()
-            .filter(|(_, s)| s.job.is_some() && !s.refused && !s.complete())
+            .filter(|(_, s)| {
+                s.job.is_some() && !s.refused && (!s.complete() || s.due_for_check(now))
+            })
             .map(|(r, s)| (*r, s.clone()))
             .collect();
         if snapshot.is_empty() {
@@ -315,12 +341,27 @@ impl Agent {
                     return (entries, keys, true);
                 }
                 let (job, index) = s.job.expect("filtered");
+                let check = s.due_for_check(now);
                 for (i, name) in STREAMS.iter().enumerate() {
-                    if s.done[i] {
-                        continue;
-                    }
                     let path = s.dir.join(format!("{name}.log"));
                     let len = len_of(&path);
+                    if s.done[i] {
+                        if check && !s.verified[i] {
+                            // Does the server still hold it all, and done?
+                            entries.push(LogShip {
+                                job,
+                                index,
+                                run,
+                                stream: name.to_string(),
+                                offset: 0,
+                                data: String::new(),
+                                skip: false,
+                                done: false,
+                            });
+                            keys.push((run, i, Some(len)));
+                        }
+                        continue;
+                    }
                     let Some(sent) = s.sent[i] else {
                         // What does the server hold already?
                         entries.push(LogShip {
@@ -333,7 +374,7 @@ impl Agent {
                             skip: false,
                             done: false,
                         });
-                        keys.push((run, i));
+                        keys.push((run, i, None));
                         continue;
                     };
                     let ended = s.ended.is_some();
@@ -373,7 +414,7 @@ impl Agent {
                         skip,
                         done,
                     });
-                    keys.push((run, i));
+                    keys.push((run, i, None));
                     if budget == 0 {
                         return (entries, keys, true);
                     }
@@ -392,16 +433,27 @@ impl Agent {
             .map_err(|(code, e)| format!("{code:?} {e}"))?;
         self.log_limit.store(resp.limit.max(1), Ordering::Relaxed);
         let mut ship = self.ship.lock().expect("lock");
-        for ((run, i), r) in keys.into_iter().zip(resp.results) {
+        let mut touched = Vec::new();
+        for ((run, i, check), r) in keys.into_iter().zip(resp.results) {
             let Some(s) = ship.get_mut(&run) else {
                 continue;
             };
-            match r.state.as_str() {
-                "ok" | "gap" => {
+            touched.push(run);
+            match (r.state.as_str(), check) {
+                // Holding more than the node has is holding all of it (the node's file was cut).
+                ("ok" | "gap", Some(len)) if r.done && r.end >= len => s.verified[i] = true,
+                ("ok" | "gap", Some(len)) => {
+                    tracing::warn!(run = %run, stream = STREAMS[i], held = r.end, len, "the server lost the end of this output (a crash before it reached its disk): sending it again");
+                    s.sent[i] = Some(r.end);
+                    s.done[i] = false;
+                    s.done_at = None;
+                    s.verified = [false, false];
+                }
+                ("ok" | "gap", None) => {
                     s.sent[i] = Some(r.end);
                     s.done[i] = r.done;
                 }
-                "full" => {
+                ("full", _) => {
                     if !s.refused {
                         tracing::warn!(run = %run, "the tenant's storage quota is full: this run's output stays on this node until the retention");
                     }
@@ -412,6 +464,13 @@ impl Agent {
                         tracing::warn!(run = %run, "the server does not take this run's output: it stays on this node until the retention");
                     }
                     s.refused = true;
+                }
+            }
+        }
+        for run in touched {
+            if let Some(s) = ship.get_mut(&run) {
+                if s.complete() && s.done_at.is_none() {
+                    s.done_at = Some(Instant::now());
                 }
             }
         }
@@ -429,7 +488,9 @@ impl Agent {
                 .filter(|(_, s)| {
                     s.ended.is_some_and(|t| {
                         now.duration_since(t).unwrap_or_default() >= retention
-                            || (s.complete() && empty_or_absent(&s.dir.join("checkpoint")))
+                            || (s.complete()
+                                && s.verified == [true, true]
+                                && empty_or_absent(&s.dir.join("checkpoint")))
                     })
                 })
                 .map(|(r, s)| (*r, s.dir.clone()))

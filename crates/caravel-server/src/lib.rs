@@ -961,11 +961,20 @@ pub fn storage_left(s: &Shared, core: &Core, tenant: caravel_core::TenantId) -> 
     Some((used, limit))
 }
 
+/// Every 2 s: counts each tenant's storage, and makes the output appended since the last
+/// time durable (`Logs::sync`; agents check a run's output is still whole 10 s after it
+/// was acknowledged, before they remove their copy).
 async fn storage_loop(s: Arc<Shared>) {
     loop {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let s2 = s.clone();
-        let _ = tokio::task::spawn_blocking(move || count_storage(&s2)).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Err(e) = s2.logs.sync() {
+                tracing::warn!("syncing task output to disk: {e}");
+            }
+            count_storage(&s2);
+        })
+        .await;
     }
 }
 

@@ -34,7 +34,7 @@ fn output_outlives_the_run_folder_and_the_node() {
     assert_eq!(j["state"], "succeeded", "{j}");
     let dir = run_dir(&p, "a", &j["runs"][0]["id"]);
     // Once the server holds all of a run's output, the node's copy goes.
-    wait_for("the run folder removed", Duration::from_secs(20), || {
+    wait_for("the run folder removed", Duration::from_secs(45), || {
         (!dir.exists()).then_some(())
     });
     let (status, h, body) = p.raw(&format!("/v1/jobs/{id}/logs"));
@@ -83,7 +83,7 @@ fn output_outlives_the_run_folder_and_the_node() {
         let dir2 = run_dir(&p, "a", &j2["runs"][0]["id"]);
         wait_for(
             "the second run folder removed",
-            Duration::from_secs(20),
+            Duration::from_secs(45),
             || (!dir2.exists()).then_some(()),
         );
         assert_eq!(p.logs(id2, 0, "stdout"), "2\n");
@@ -153,7 +153,7 @@ fn what_a_dead_node_shipped_is_readable_and_its_restarted_agent_ships_the_rest()
     p.start_agent("a", &["--log-ship-every", "300ms"]);
     wait_for(
         "the old run folder removed",
-        Duration::from_secs(30),
+        Duration::from_secs(45),
         || (!dir.exists()).then_some(()),
     );
     let (_, h, body) = p.raw(&format!("/v1/jobs/{id}/logs?run={run}"));
@@ -175,7 +175,7 @@ fn a_stream_beyond_the_server_limit_keeps_its_end() {
     let j = p.wait_state(id, &["succeeded", "failed"], Duration::from_secs(30));
     assert_eq!(j["state"], "succeeded", "{j}");
     let dir = run_dir(&p, "a", &j["runs"][0]["id"]);
-    wait_for("the run folder removed", Duration::from_secs(30), || {
+    wait_for("the run folder removed", Duration::from_secs(45), || {
         (!dir.exists()).then_some(())
     });
     let out = p.cli(&["logs", &id.to_string()]);
@@ -365,7 +365,7 @@ fn a_tenant_storage_quota_caps_its_checkpoints_and_output() {
     let dir = run_dir(&p, "a", &j["runs"][0]["id"]);
     wait_for(
         "the other tenant's run folder removed",
-        Duration::from_secs(20),
+        Duration::from_secs(45),
         || (!dir.exists()).then_some(()),
     );
     let out = p.cli(&["tenants"]);
@@ -376,4 +376,62 @@ fn a_tenant_storage_quota_caps_its_checkpoints_and_output() {
             && l.contains(" of 100Ki")),
         "{text}"
     );
+}
+
+#[test]
+fn output_shipped_across_a_server_crash_that_lost_appends_is_whole_and_not_doubled() {
+    let mut p = Pool::new("logcrash", &[("a", &["--log-ship-every", "200ms"])]);
+    let id = p.submit(
+        &p.admin,
+        json!({"command": "sh", "args": ["-c", "i=0; while [ $i -lt 100 ]; do i=$((i+1)); echo line $i; sleep 0.05; done"]}),
+    );
+    let j = p.wait_task_running(id, 0);
+    let run = j["runs"][0]["id"].clone();
+    let chunk = p
+        .data_dir()
+        .join("logs")
+        .join(id.to_string())
+        .join(format!("{run}.stdout.00000000000000000000.log"));
+    wait_for("line 10 shipped", Duration::from_secs(30), || {
+        let text = std::fs::read_to_string(&chunk).ok()?;
+        text.contains("line 10\n").then_some(())
+    });
+    p.kill9_server();
+    // As if the machine had died before the last appends reached the disk: the server
+    // comes back with less than the agent was told it holds, cut mid-line.
+    let len = std::fs::metadata(&chunk).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&chunk)
+        .unwrap()
+        .set_len(len / 2 + 3)
+        .unwrap();
+    p.start_server();
+    let j = p.wait_state(id, &["succeeded", "failed"], Duration::from_secs(60));
+    assert_eq!(j["state"], "succeeded", "{j}");
+    // Once more after the run ended and the server acknowledged all of its output: the
+    // agent keeps its copy until it has seen the server still hold all of it 10 s later.
+    let end = chunk.with_extension("end");
+    wait_for(
+        "the output acknowledged done",
+        Duration::from_secs(30),
+        || end.exists().then_some(()),
+    );
+    let dir = run_dir(&p, "a", &run);
+    assert!(dir.exists(), "the node's copy stays until it is checked");
+    p.kill9_server();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&end)
+        .unwrap()
+        .set_len(100)
+        .unwrap();
+    p.start_server();
+    wait_for("the run folder removed", Duration::from_secs(45), || {
+        (!dir.exists()).then_some(())
+    });
+    let expected: String = (1..=100).map(|i| format!("line {i}\n")).collect();
+    let (_, h, body) = p.raw(&format!("/v1/jobs/{id}/logs"));
+    assert_eq!(header(&h, "x-caravel-log-source"), "server");
+    assert_eq!(String::from_utf8_lossy(&body), expected);
 }
