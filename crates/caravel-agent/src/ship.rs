@@ -345,35 +345,27 @@ impl Agent {
                 for (i, name) in STREAMS.iter().enumerate() {
                     let path = s.dir.join(format!("{name}.log"));
                     let len = len_of(&path);
+                    // An empty entry from 0 asks what the server holds.
+                    let probe = LogShip {
+                        job,
+                        index,
+                        run,
+                        stream: name.to_string(),
+                        offset: 0,
+                        data: String::new(),
+                        skip: false,
+                        done: false,
+                    };
                     if s.done[i] {
                         if check && !s.verified[i] {
                             // Does the server still hold it all, and done?
-                            entries.push(LogShip {
-                                job,
-                                index,
-                                run,
-                                stream: name.to_string(),
-                                offset: 0,
-                                data: String::new(),
-                                skip: false,
-                                done: false,
-                            });
+                            entries.push(probe);
                             keys.push((run, i, Some(len)));
                         }
                         continue;
                     }
                     let Some(sent) = s.sent[i] else {
-                        // What does the server hold already?
-                        entries.push(LogShip {
-                            job,
-                            index,
-                            run,
-                            stream: name.to_string(),
-                            offset: 0,
-                            data: String::new(),
-                            skip: false,
-                            done: false,
-                        });
+                        entries.push(probe);
                         keys.push((run, i, None));
                         continue;
                     };
@@ -405,14 +397,11 @@ impl Agent {
                     }
                     budget -= data.len() as u64;
                     entries.push(LogShip {
-                        job,
-                        index,
-                        run,
-                        stream: name.to_string(),
                         offset: start,
                         data: base64::engine::general_purpose::STANDARD.encode(&data),
                         skip,
                         done,
+                        ..probe
                     });
                     keys.push((run, i, None));
                     if budget == 0 {
