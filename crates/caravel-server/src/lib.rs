@@ -499,6 +499,15 @@ pub fn refresh_gauges(s: &Shared) {
             .get_or_create(&vec![("state".to_string(), st.as_str().to_string())])
             .set(n as i64);
     }
+    // Lock order: core, then the storage count (as in the API's tenant views).
+    let used = s.storage_used.lock().expect("lock");
+    for t in core.tenants.values() {
+        s.metrics
+            .tenant_storage
+            .get_or_create(&vec![("tenant".to_string(), t.name.clone())])
+            .set(used.get(&t.id).copied().unwrap_or(0).min(i64::MAX as u64) as i64);
+    }
+    drop(used);
     let _ = RunState::Running;
 }
 

@@ -47,6 +47,8 @@ pub struct Metrics {
     pub log_bytes_shipped: Counter,
     /// Bytes of task output the server holds now.
     pub log_bytes_stored: Gauge,
+    /// Bytes of checkpoints and task output kept per tenant (what storage quotas cap).
+    pub tenant_storage: Family<Labels, Gauge>,
 }
 
 /// The writer thread's figures: how long each commit takes, how much it carries (group
@@ -193,7 +195,14 @@ impl Metrics {
             "Bytes of task output the server holds",
             log_bytes_stored.clone(),
         );
+        let tenant_storage = Family::<Labels, Gauge>::default();
+        registry.register(
+            "tenant_storage_bytes",
+            "Bytes of checkpoints and task output kept per tenant (counted every 2 s)",
+            tenant_storage.clone(),
+        );
         Metrics {
+            tenant_storage,
             log_bytes_shipped,
             log_bytes_stored,
             checkpoint_saves,

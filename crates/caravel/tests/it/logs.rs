@@ -368,6 +368,13 @@ fn a_tenant_storage_quota_caps_its_checkpoints_and_output() {
         Duration::from_secs(45),
         || (!dir.exists()).then_some(()),
     );
+    let metrics = p.text("", "/metrics");
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("caravel_tenant_storage_bytes{tenant=\"small\"}"))
+        .unwrap_or_else(|| panic!("{metrics}"));
+    let held: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!((60 << 10..=100 << 10).contains(&held), "{line}");
     let out = p.cli(&["tenants"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
