@@ -15,6 +15,8 @@ pub mod baselines;
 pub mod fair;
 pub mod fgd;
 mod index;
+mod lp;
+pub mod plan;
 pub mod preempt;
 mod reserve;
 mod shape;
@@ -355,6 +357,20 @@ pub struct Config {
     /// tests): each job that gets one is placed in the node-time map, later reservations
     /// and backfill work around it.
     pub reservations: usize,
+    /// With `fgd`: the plan GPU shares are placed by (`plan::SharePlan`). `None` builds
+    /// it from `fgd` when the scheduler is made (a few milliseconds on the openb traces);
+    /// callers that make a scheduler per pass for one workload pass it in to build it once.
+    pub share_plan: Option<std::sync::Arc<plan::SharePlan>>,
+    /// With a share plan: turn away this fraction of what the plan cannot afford
+    /// (`SharePlan::turn_away`) of each share size that would open a fresh GPU, for work that
+    /// will meet the pool's capacity. `None` (the default) places every task that fits.
+    /// The shares turned away are spread evenly over the arrivals of their size, and only
+    /// while GPUs are the scarcer resource (the GPU nodes' GPU use above their CPU use)
+    /// and every GPU task accepts every model (the plan counts GPUs as one kind). The FGD
+    /// experiment runs 0.9 (a scan of 0.8–1.0 on the openb traces, docs/simulator.md); the
+    /// server never sets it: there a share waits rather than is dropped, and waiting for
+    /// a pace would only delay it.
+    pub share_pacing: Option<f64>,
 }
 
 /// Discretised least-attained-service scheduling of batch work (Tiresias, NSDI'19): batch
@@ -396,6 +412,8 @@ impl Default for Config {
             explain_pending: true,
             las: None,
             reservations: 1,
+            share_plan: None,
+            share_pacing: None,
         }
     }
 }
@@ -695,6 +713,10 @@ pub struct Scheduler {
     pinned_pressure: HashMap<String, f64>,
     /// CPU the stranding term keeps per idle GPU thousandth (`fgd::kept_cpu_per_gpu`).
     cpu_per_gpu: f64,
+    /// How shares fill GPUs (`Config::share_plan`, built from `Config::fgd` if not given).
+    share_plan: Option<std::sync::Arc<plan::SharePlan>>,
+    /// `Config::share_pacing`, when it applies to this workload.
+    pacing: Option<Pacing>,
     /// The runs of every running gang: preempting one member stops them all, so the
     /// victim search frees them all.
     gangs: HashMap<JobId, Vec<caravel_core::RunId>>,
@@ -718,6 +740,25 @@ pub struct Scheduler {
     /// Tests: place every gang member tentatively, never counting room first.
     #[cfg(test)]
     place_gangs_tentatively: bool,
+}
+
+/// Shares of each size seen and turned away so far (`Config::share_pacing`).
+#[derive(Debug, Clone, Default)]
+struct Pacing {
+    factor: f64,
+    seen: BTreeMap<u32, u64>,
+    turned: BTreeMap<u32, u64>,
+}
+
+/// Where a share would go, in the plan's order of preference (`plan::SharePlan`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum OnPlan {
+    /// Onto a used GPU whose fill stays on the plan.
+    Joins,
+    /// Onto a fresh GPU, the size being on the plan.
+    Opens,
+    /// Anywhere else it fits.
+    Off,
 }
 
 /// Room held for a job that could not start: from `at` on, on these nodes.
@@ -747,6 +788,36 @@ impl Scheduler {
             .as_deref()
             .map(|t| fgd::kept_cpu_per_gpu(t, &nodes))
             .unwrap_or(0.0);
+        let share_plan = match (&cfg.share_plan, cfg.fgd.as_deref()) {
+            (Some(p), _) => Some(p.clone()),
+            (None, Some(types)) if cfg.policy == Policy::Caravel => {
+                plan::SharePlan::new(types).map(std::sync::Arc::new)
+            }
+            _ => None,
+        };
+        // The plan's budget counts every GPU as alike: with work pinned to some models, the
+        // GPUs a turned-away share leaves may be of a model nothing else can use.
+        let pacing = match (cfg.share_pacing, &share_plan, cfg.fgd.as_deref()) {
+            (Some(f), Some(p), Some(types)) if f > 0.0 && !p.turn_away.is_empty() => {
+                let mut models: Vec<&str> = nodes
+                    .iter()
+                    .flat_map(|n| n.capacity.devices.iter().map(|d| d.model.as_str()))
+                    .collect();
+                models.sort_unstable();
+                models.dedup();
+                let any = |t: &fgd::WorkloadType| {
+                    t.models.is_empty() || models.iter().all(|m| t.models.iter().any(|x| x == m))
+                };
+                types
+                    .iter()
+                    .all(|t| t.num_gpu == 0 || any(t))
+                    .then(|| Pacing {
+                        factor: f,
+                        ..Pacing::default()
+                    })
+            }
+            _ => None,
+        };
         let (mut models_ok, mut node_models_ok) = (Vec::new(), Vec::with_capacity(nodes.len()));
         if let Some(types) = cfg.fgd.as_deref() {
             let mut seen: HashMap<&str, u32> = HashMap::new();
@@ -766,6 +837,8 @@ impl Scheduler {
             zone_only: None,
             pinned_pressure,
             cpu_per_gpu,
+            share_plan,
+            pacing,
             gangs: HashMap::new(),
             held: Vec::new(),
             protected: Vec::new(),
@@ -983,7 +1056,10 @@ impl Scheduler {
         }
         if let Some(types) = &self.cfg.fgd {
             let cpu_per_gpu = self.cpu_per_gpu;
-            let mut best: Option<(f64, usize, Vec<u32>)> = None;
+            // Shares go where the plan prefers first, by fragmentation among those.
+            let mut best: Option<(OnPlan, f64, usize, Vec<u32>)> = None;
+            let share = r.gpu.as_ref().and_then(|g| g.milli);
+            let plan = self.share_plan.as_deref();
             let limit = self.cfg.fgd_max_candidates;
             let all: Box<dyn Iterator<Item = usize>> = if limit == 0 || self.nodes.len() <= limit {
                 Box::new(0..self.nodes.len())
@@ -1034,12 +1110,25 @@ impl Scheduler {
                                 * self.pinned_pressure.get(model).copied().unwrap_or(0.0);
                         }
                     }
-                    if best.as_ref().is_none_or(|b| d < b.0) {
-                        best = Some((d, i, devs));
+                    let class = match (share, plan) {
+                        (Some(m), Some(p)) => {
+                            let u = n.shared.get(&devs[0]).copied().unwrap_or(0);
+                            if u > 0 && p.on_plan(u) && p.on_plan(u + m) {
+                                OnPlan::Joins
+                            } else if u == 0 && p.on_plan(m) {
+                                OnPlan::Opens
+                            } else {
+                                OnPlan::Off
+                            }
+                        }
+                        _ => OnPlan::Joins,
+                    };
+                    if best.as_ref().is_none_or(|b| (class, d) < (b.0, b.1)) {
+                        best = Some((class, d, i, devs));
                     }
                 }
             }
-            return best.map(|(_, i, d)| (i, d));
+            return best.map(|(_, _, i, d)| (i, d));
         }
         for i in self.index.candidates(r) {
             if (!ignore_reservation && !self.allowed(i, end)) || self.off_zone(i) {
@@ -1050,6 +1139,40 @@ impl Scheduler {
             }
         }
         None
+    }
+
+    /// `Config::share_pacing`: counts a share of a paced size and says whether to turn it
+    /// away rather than open the fresh GPU `devs` on node `i`.
+    fn pace(&mut self, r: &TaskResources, i: usize, devs: &[u32]) -> Option<PendingReason> {
+        let share = r.gpu.as_ref()?.milli?;
+        let rate = *self.share_plan.as_ref()?.turn_away.get(&share)?;
+        let pacing = self.pacing.as_mut()?;
+        let seen = pacing.seen.entry(share).or_insert(0);
+        *seen += 1;
+        let owed = pacing.factor * rate * *seen as f64;
+        let turned = pacing.turned.get(&share).copied().unwrap_or(0);
+        let fresh = devs
+            .first()
+            .is_some_and(|d| !self.nodes[i].shared.contains_key(d));
+        if !fresh || turned as f64 >= owed || !gpus_scarcer_than_cpu(&self.nodes) {
+            return None;
+        }
+        let pacing = self.pacing.as_mut()?;
+        pacing.turned.insert(share, turned + 1);
+        let mut counts = BTreeMap::new();
+        counts.insert("share_milli".to_string(), share as u64);
+        counts.insert("turned_away".to_string(), turned + 1);
+        counts.insert("seen".to_string(), pacing.seen[&share]);
+        Some(PendingReason {
+            code: "paced".into(),
+            message: format!(
+                "a {share}-thousandth GPU share would open a fresh GPU and leave the rest of it to \
+                 shares the workload rarely asks for; the share plan turns away {:.1}% of these \
+                 while GPUs are the pool's scarce resource",
+                pacing.factor * rate * 100.0
+            ),
+            counts,
+        })
     }
 
     /// Which workload types accept node `i`'s GPU model (FGD placement only).
@@ -1925,7 +2048,14 @@ impl Scheduler {
                     self.zone_only = None;
                     p
                 });
-                match preferred.or_else(|| self.place_for(&job.resources, end, false)) {
+                let placed = preferred.or_else(|| self.place_for(&job.resources, end, false));
+                let paced = placed
+                    .as_ref()
+                    .and_then(|(ni, devs)| self.pace(&job.resources, *ni, devs));
+                match placed {
+                    Some(_) if paced.is_some() => {
+                        plan.pending.insert(job.id, paced.into_iter().collect());
+                    }
                     Some((ni, devs)) => {
                         self.allocate(ni, &job.resources, &devs);
                         let model = devs.first().and_then(|d| self.nodes[ni].model_of(*d));
@@ -2158,6 +2288,28 @@ fn reserved_reason(res: &Reservation, now: caravel_core::Millis) -> PendingReaso
         counts,
     }
 }
+
+/// Are the GPU nodes' GPUs clearly more used than their CPU (both as a share of
+/// capacity)? Only then does a GPU freed by pacing go to GPU work rather than wait for
+/// CPU. The share plan's budget counts GPUs alone, so where the two are about as used
+/// (a workload asking about as much CPU per GPU as the pool has) CPU may bind first and
+/// a turned-away share is lost; [`PACING_CPU_MARGIN`] keeps pacing off there.
+fn gpus_scarcer_than_cpu(nodes: &[NodeSnap]) -> bool {
+    let (mut cpu, mut cpu_used, mut gpu, mut gpu_used) = (0u64, 0u64, 0u64, 0u64);
+    for n in nodes.iter().filter(|n| !n.capacity.devices.is_empty()) {
+        cpu += n.capacity.cpu_milli;
+        cpu_used += n.used_cpu_milli.min(n.capacity.cpu_milli);
+        gpu += n.capacity.devices.len() as u64 * 1000;
+        gpu_used +=
+            n.used_devices.len() as u64 * 1000 + n.shared.values().map(|v| *v as u64).sum::<u64>();
+    }
+    let cpu_share = cpu_used as f64 / cpu.max(1) as f64;
+    let gpu_share = gpu_used as f64 / gpu.max(1) as f64;
+    cpu_share < gpu_share * (1.0 - PACING_CPU_MARGIN)
+}
+
+/// How much less used (relatively) CPU must be than GPUs for pacing to run: 5 %.
+const PACING_CPU_MARGIN: f64 = 0.05;
 
 /// Devices of the node held by no task, whole or in part.
 fn free_devices(n: &NodeSnap) -> u32 {

@@ -3020,3 +3020,186 @@ fn a_topology_gang_at_its_quota_cap_preempts_its_own_spot_work_when_one_rack_the
         .expect("a no_preemption reason");
     assert!(r.message.contains("in any one domain"), "{}", r.message);
 }
+
+// ---- the share plan ----
+
+fn share_job(id: u64, milli: u32, cpu: u64) -> JobReq {
+    let mut j = job(id, 1, cpu, Some(("T4", 1)), false);
+    j.resources.gpu.as_mut().unwrap().milli = Some(milli);
+    j
+}
+
+#[test]
+fn a_share_goes_where_the_plan_completes_a_gpu_not_where_it_fits_tightest() {
+    // The workload pairs 700s with 300s and stacks 200s five to a GPU. GPU 0 holds a 700,
+    // GPU 1 a 200. A 200 fits GPU 0 most tightly (900, best fit's pick), but 900 is no
+    // fill of the plan's and leaves 100 nothing asks for; on GPU 1 it makes 400, on the
+    // way to five 200s.
+    let types = vec![wt(1, 700, 0.25), wt(1, 300, 0.25), wt(1, 200, 0.5)];
+    let plan = plan::SharePlan::new(&types).unwrap();
+    assert!(
+        plan.on_plan(400) && plan.on_plan(700) && !plan.on_plan(900),
+        "{plan:?}"
+    );
+    let mut n = gpu_node(1, "T4", 4);
+    n.shared.insert(0, 700);
+    n.shared.insert(1, 200);
+    let mut s = Scheduler::new(fgd_cfg(types.clone()), vec![n.clone()]);
+    let placed = s.schedule(&mut HashMap::new(), &[share_job(1, 200, 100)]);
+    assert_eq!(placed.placements[0].devices, vec![1], "{placed:?}");
+    // Best fit, which knows no plan, takes GPU 0.
+    let cfg = Config {
+        policy: Policy::BestFit,
+        ..fgd_cfg(types)
+    };
+    let mut s = Scheduler::new(cfg, vec![n]);
+    let placed = s.schedule(&mut HashMap::new(), &[share_job(1, 200, 100)]);
+    assert_eq!(placed.placements[0].devices, vec![0]);
+}
+
+fn paced_cfg(types: Vec<fgd::WorkloadType>, factor: f64) -> Config {
+    Config {
+        share_pacing: Some(factor),
+        ..fgd_cfg(types)
+    }
+}
+
+fn paced(plan: &Plan) -> Vec<JobId> {
+    plan.pending
+        .iter()
+        .filter(|(_, r)| r.iter().any(|r| r.code == "paced"))
+        .map(|(j, _)| *j)
+        .collect()
+}
+
+#[test]
+fn pacing_turns_away_the_share_of_lone_shares_the_pool_cannot_afford() {
+    // A fifth of the work is 810-thousandth shares, each alone on a GPU. Planned for
+    // demand equal to capacity, the pool can afford 81 % of them (19 % turned away).
+    let types = vec![wt(1, 810, 0.2), wt(1, 1000, 0.8)];
+    let nodes: Vec<NodeSnap> = (0..40).map(|i| gpu_node(i, "T4", 4)).collect();
+    let jobs: Vec<JobReq> = (0..100).map(|i| share_job(i, 810, 100)).collect();
+    let mut s = Scheduler::new(paced_cfg(types.clone(), 1.0), nodes.clone());
+    let plan = s.schedule(&mut HashMap::new(), &jobs);
+    let turned = paced(&plan);
+    // The first share finds the pool unused (GPUs not yet scarcer than CPU) and goes in;
+    // from then on one in about five is turned away, spread over the arrivals.
+    assert!(
+        (18..=19).contains(&turned.len()),
+        "{} turned away",
+        turned.len()
+    );
+    assert_eq!(plan.placements.len() + turned.len(), 100);
+    assert!(turned.iter().any(|j| j.0 < 20) && turned.iter().any(|j| j.0 >= 80));
+    let r = &plan.pending[&turned[0]][0];
+    assert!(
+        r.message.contains("810") && r.message.contains("19.0%"),
+        "{}",
+        r.message
+    );
+    assert_eq!(r.counts["share_milli"], 810);
+    // Half the rate: half as many.
+    let mut s = Scheduler::new(paced_cfg(types.clone(), 0.5), nodes.clone());
+    let n = paced(&s.schedule(&mut HashMap::new(), &jobs)).len();
+    assert!((9..=10).contains(&n), "{n}");
+    // Without pacing every share that fits is placed.
+    let mut s = Scheduler::new(fgd_cfg(types), nodes);
+    assert_eq!(s.schedule(&mut HashMap::new(), &jobs).placements.len(), 100);
+}
+
+#[test]
+fn pacing_never_turns_away_a_share_that_joins_a_used_gpu() {
+    // 810s pair with the rare 100s; GPU 0 already holds a 100. The first 810 joins it and
+    // is placed although a turn-away is owed; the second would open a fresh GPU: paced.
+    let types = vec![wt(1, 810, 0.2), wt(1, 100, 0.01), wt(1, 1000, 0.79)];
+    let mut n = gpu_node(1, "T4", 4);
+    n.shared.insert(0, 100);
+    let mut s = Scheduler::new(paced_cfg(types, 1.0), vec![n, gpu_node(2, "T4", 4)]);
+    let first = s.schedule(&mut HashMap::new(), &[share_job(1, 810, 100)]);
+    assert_eq!(
+        (
+            first.placements[0].node,
+            first.placements[0].devices.clone()
+        ),
+        (NodeId(1), vec![0])
+    );
+    let second = s.schedule(&mut HashMap::new(), &[share_job(2, 810, 100)]);
+    assert_eq!(paced(&second), vec![JobId(2)], "{second:?}");
+}
+
+#[test]
+fn pacing_stays_off_where_its_budget_does_not_hold() {
+    let nodes: Vec<NodeSnap> = (0..40).map(|i| gpu_node(i, "T4", 4)).collect();
+    let jobs: Vec<JobReq> = (0..100).map(|i| share_job(i, 810, 100)).collect();
+    // Work pinned to one model: a GPU freed on another model may find no taker.
+    let mut pinned = wt(1, 1000, 0.8);
+    pinned.models = vec!["H100".into()];
+    let mut with_h100 = nodes.clone();
+    with_h100.push(gpu_node(99, "H100", 8));
+    let mut s = Scheduler::new(paced_cfg(vec![wt(1, 810, 0.2), pinned], 1.0), with_h100);
+    assert!(paced(&s.schedule(&mut HashMap::new(), &jobs)).is_empty());
+    // The pool's CPU is scarcer than its GPUs: a freed GPU would wait for CPU.
+    let hungry: Vec<JobReq> = (0..100).map(|i| share_job(i, 810, 40_000)).collect();
+    let mut s = Scheduler::new(
+        paced_cfg(vec![wt(1, 810, 0.2), wt(1, 1000, 0.8)], 1.0),
+        nodes,
+    );
+    let plan = s.schedule(&mut HashMap::new(), &hungry);
+    assert!(paced(&plan).is_empty(), "{plan:?}");
+    assert_eq!(plan.placements.len(), 40, "one per node, CPU bound");
+    // CPU a little less used than GPUs (12.5 of 16 cores per GPU an 810 fills, 96 % of
+    // its GPU share): too close for a GPU budget to hold.
+    let close: Vec<JobReq> = (0..100).map(|i| share_job(i, 810, 12_500)).collect();
+    let mut s = Scheduler::new(
+        paced_cfg(vec![wt(1, 810, 0.2), wt(1, 1000, 0.8)], 1.0),
+        (0..40).map(|i| gpu_node(i, "T4", 4)).collect(),
+    );
+    let plan = s.schedule(&mut HashMap::new(), &close);
+    assert!(paced(&plan).is_empty(), "{plan:?}");
+    assert_eq!(plan.placements.len(), 100);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(100))]
+
+    /// With pacing on, plans stay within capacity and repeat; only single shares of sizes
+    /// the plan cannot afford are turned away, and never more than the plan's rate owes.
+    #[test]
+    fn pacing_turns_away_only_planned_shares_and_no_more_than_owed(
+        w in arb_world(),
+        factor in 0.05f64..=1.0,
+    ) {
+        let types = world_types(&w);
+        let cfg = paced_cfg(types.clone(), factor);
+        let mut s = Scheduler::new(cfg.clone(), w.nodes.clone());
+        let plan = s.schedule(&mut w.tenants.clone(), &w.jobs);
+        let mut again = Scheduler::new(cfg, w.nodes.clone());
+        prop_assert_eq!(&plan, &again.schedule(&mut w.tenants.clone(), &w.jobs));
+        for n in s.nodes() {
+            prop_assert!(n.used_cpu_milli <= n.capacity.cpu_milli);
+            prop_assert!(n.shared.values().all(|u| *u <= 1000));
+            prop_assert!(n.shared.keys().all(|d| !n.used_devices.contains(d)));
+        }
+        let share_plan = plan::SharePlan::new(&types);
+        let mut by_size: BTreeMap<u32, u64> = BTreeMap::new();
+        for id in paced(&plan) {
+            let j = w.jobs.iter().find(|j| j.id == id).unwrap();
+            prop_assert!(!j.gang);
+            let milli = j.resources.gpu.as_ref().and_then(|g| g.milli);
+            prop_assert!(milli.is_some(), "only shares are paced");
+            let rate = share_plan.as_ref().and_then(|p| p.turn_away.get(&milli.unwrap()).copied());
+            prop_assert!(rate.is_some(), "only sizes the plan cannot afford");
+            *by_size.entry(milli.unwrap()).or_insert(0) += 1;
+        }
+        for (milli, n) in by_size {
+            let tasks: usize = w
+                .jobs
+                .iter()
+                .filter(|j| !j.gang && j.resources.gpu.as_ref().and_then(|g| g.milli) == Some(milli))
+                .map(|j| j.pending.len())
+                .sum();
+            let owed = factor * share_plan.as_ref().unwrap().turn_away[&milli] * tasks as f64;
+            prop_assert!(n as f64 <= owed.ceil(), "{n} turned away, {owed} owed");
+        }
+    }
+}
