@@ -120,6 +120,8 @@ pub struct Core {
     holding: bool,
     /// The expected workload of the last full pass, reused by the passes between.
     workload: Option<std::sync::Arc<Vec<caravel_sched::fgd::WorkloadType>>>,
+    /// How that workload's GPU shares should fill GPUs, solved once per workload.
+    share_plan: Option<std::sync::Arc<caravel_sched::plan::SharePlan>>,
     /// Least time between two full passes (see `set_full_pass_gap`).
     full_pass_gap_ms: Millis,
     /// Waiting single jobs that never started, by class (see `full_offer`).
@@ -214,6 +216,7 @@ impl Core {
             last_full_ms: None,
             holding: false,
             workload: None,
+            share_plan: None,
             full_pass_gap_ms: 0,
             classes: HashMap::new(),
             job_class: HashMap::new(),
@@ -1324,8 +1327,14 @@ impl Core {
         if full || self.workload_misses(&reqs) {
             // What a full pass left out still counts towards the workload's shape.
             self.workload = self.expected_workload(&reqs, &left_out_shapes);
+            self.share_plan = self
+                .workload
+                .as_deref()
+                .and_then(|w| caravel_sched::plan::SharePlan::new(w))
+                .map(std::sync::Arc::new);
         }
         cfg.fgd = self.workload.clone();
+        cfg.share_plan = self.share_plan.clone();
         let mut sched = caravel_sched::Scheduler::new(cfg, snaps);
         sched.set_zone_preferences(
             reqs.iter()
