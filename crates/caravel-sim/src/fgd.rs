@@ -29,6 +29,33 @@ use crate::rng::Rng;
 pub struct Curve {
     pub alloc_pct: Vec<f64>,
     pub frag_pct: Vec<f64>,
+    /// GPU asked by the pods share pacing turned away so far (they would have fit), % of
+    /// capacity; all 0 without pacing.
+    pub paced_pct: Vec<f64>,
+}
+
+/// The share pacing (`caravel_sched::Config::share_pacing`) Caravel's policy runs this
+/// protocol with: its pods are inflated to 130 % of the pool, so demand meets capacity by
+/// construction. 0.9 of the plan's rate, from a scan of 0.8–1.0 on
+/// `openb_pod_list_default` (docs/simulator.md).
+pub const PACING: f64 = 0.9;
+
+/// How a run is set up besides its seed and policy.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Setup {
+    /// Arrived load to reach, as a multiple of the pool's GPU capacity (1.3).
+    pub tune: f64,
+    /// Caravel's share pacing; the baselines place every pod that fits, as published.
+    pub pacing: Option<f64>,
+}
+
+impl Default for Setup {
+    fn default() -> Setup {
+        Setup {
+            tune: 1.3,
+            pacing: Some(PACING),
+        }
+    }
 }
 
 type Shape = (u64, u32, u32, Vec<String>);
@@ -140,15 +167,24 @@ fn round_half_even(x: f64) -> f64 {
     }
 }
 
-/// One logged row: after a pod, milli-GPU arrived and allocated, cluster fragmentation.
+/// One logged row: after a pod, milli-GPU arrived, allocated and turned away by pacing,
+/// cluster fragmentation.
 struct Row {
     arrived: u64,
     allocated: u64,
     frag: f64,
+    paced: u64,
 }
 
 /// Runs one seed of the protocol with `policy` and returns its curve.
-pub fn run(nodes: &[OpenbNode], pods: &[OpenbPod], seed: u64, tune: f64, policy: Policy) -> Curve {
+pub fn run(
+    nodes: &[OpenbNode],
+    pods: &[OpenbPod],
+    seed: u64,
+    policy: Policy,
+    setup: Setup,
+) -> Curve {
+    let Setup { tune, pacing } = setup;
     let total: u64 = nodes.iter().map(|n| n.gpus as u64 * 1000).sum();
     let mut models: Vec<String> = nodes
         .iter()
@@ -191,6 +227,9 @@ pub fn run(nodes: &[OpenbNode], pods: &[OpenbPod], seed: u64, tune: f64, policy:
         Policy::Caravel => task_types(pods),
         _ => typical.clone(),
     }));
+    if policy == Policy::Caravel {
+        cfg.share_pacing = pacing;
+    }
     // The artefact prefixes node names with a seeded permutation, which is the order its
     // scheduler meets them in (and keeps the first of equally scored nodes): shuffle the
     // same way. Node ids are then positions in this order.
@@ -200,7 +239,7 @@ pub fn run(nodes: &[OpenbNode], pods: &[OpenbPod], seed: u64, tune: f64, policy:
     let mut node_frags: Vec<f64> = s.nodes().iter().map(|n| node_frag(n, &typical)).collect();
     let mut frag_sum: f64 = node_frags.iter().sum();
     let mut tenants = HashMap::new();
-    let (mut arrived, mut allocated) = (0u64, 0u64);
+    let (mut arrived, mut allocated, mut paced) = (0u64, 0u64, 0u64);
     let mut rows = Vec::with_capacity(list.len());
     for (id, p) in list.into_iter().enumerate() {
         let req = JobReq {
@@ -224,11 +263,18 @@ pub fn run(nodes: &[OpenbNode], pods: &[OpenbPod], seed: u64, tune: f64, policy:
             let f = node_frag(&s.nodes()[i], &typical);
             frag_sum += f - node_frags[i];
             node_frags[i] = f;
+        } else if plan
+            .pending
+            .get(&req.id)
+            .is_some_and(|r| r.iter().any(|r| r.code == "paced"))
+        {
+            paced += p.gpu_total_milli();
         }
         rows.push(Row {
             arrived,
             allocated,
             frag: frag_sum,
+            paced,
         });
     }
     bin(&rows, total, max_pct)
@@ -237,42 +283,38 @@ pub fn run(nodes: &[OpenbNode], pods: &[OpenbPod], seed: u64, tune: f64, policy:
 /// The artefact's binning of logged rows into one value per whole percent of arrived load.
 fn bin(rows: &[Row], total: u64, max_pct: usize) -> Curve {
     let pct = |x: u64| x as f64 * 100.0 / total as f64;
-    let keyed: Vec<(i64, f64, f64)> = rows
-        .iter()
-        .map(|r| {
-            (
-                round_half_even(pct(r.arrived)) as i64,
-                (pct(r.allocated) * 100.0).round() / 100.0,
-                r.frag,
-            )
-        })
-        .collect();
-    let mut by: HashMap<i64, (f64, f64, u64)> = HashMap::new();
-    for (k, a, f) in &keyed {
-        let e = by.entry(*k).or_insert((0.0, 0.0, 0));
-        e.0 += a;
-        e.1 += f;
-        e.2 += 1;
+    let mut by: HashMap<i64, (f64, f64, f64, u64)> = HashMap::new();
+    for r in rows {
+        let e = by
+            .entry(round_half_even(pct(r.arrived)) as i64)
+            .or_insert((0.0, 0.0, 0.0, 0));
+        e.0 += (pct(r.allocated) * 100.0).round() / 100.0;
+        e.1 += r.frag;
+        e.2 += pct(r.paced);
+        e.3 += 1;
     }
     let mut curve = Curve {
         alloc_pct: Vec::with_capacity(max_pct + 1),
         frag_pct: Vec::with_capacity(max_pct + 1),
+        paced_pct: Vec::with_capacity(max_pct + 1),
     };
     for k in 0..=max_pct as i64 {
-        let (sa, sf, n) = match by.get(&k) {
+        let (sa, sf, sp, n) = match by.get(&k) {
             Some(v) => *v,
             None => (k - 1..=k + 1)
                 .filter_map(|j| by.get(&j))
-                .fold((0.0, 0.0, 0), |acc, v| {
-                    (acc.0 + v.0, acc.1 + v.1, acc.2 + v.2)
+                .fold((0.0, 0.0, 0.0, 0), |acc, v| {
+                    (acc.0 + v.0, acc.1 + v.1, acc.2 + v.2, acc.3 + v.3)
                 }),
         };
         if n == 0 {
             curve.alloc_pct.push(f64::NAN);
             curve.frag_pct.push(f64::NAN);
+            curve.paced_pct.push(f64::NAN);
         } else {
             curve.alloc_pct.push(sa / n as f64);
             curve.frag_pct.push(sf / n as f64 * 100.0 / total as f64);
+            curve.paced_pct.push(sp / n as f64);
         }
     }
     curve
@@ -308,7 +350,7 @@ mod tests {
         let nodes = vec![node("a", 4, "T4"), node("b", 4, "T4")];
         let pods = vec![pod(1, 1000); 8];
         for policy in Policy::ALL {
-            let c = run(&nodes, &pods, 42, 1.3, policy);
+            let c = run(&nodes, &pods, 42, policy, Setup::default());
             assert_eq!(c.alloc_pct.len(), 131);
             assert!((c.alloc_pct[50] - 50.0).abs() < 1e-9, "{policy:?}");
             assert!((c.alloc_pct[100] - 100.0).abs() < 1e-9, "{policy:?}");
@@ -328,8 +370,11 @@ mod tests {
         let nodes = vec![node("a", 2, "T4"), node("b", 2, "T4")];
         let pods = vec![pod(1, 600), pod(1, 1000), pod(1, 600), pod(2, 1000)];
         for policy in Policy::ALL {
-            let a = format!("{:?}", run(&nodes, &pods, 7, 1.3, policy));
-            assert_eq!(a, format!("{:?}", run(&nodes, &pods, 7, 1.3, policy)));
+            let a = format!("{:?}", run(&nodes, &pods, 7, policy, Setup::default()));
+            assert_eq!(
+                a,
+                format!("{:?}", run(&nodes, &pods, 7, policy, Setup::default()))
+            );
         }
         // One 600-milli task on a fresh GPU leaves 400 idle there: useless to every typical
         // type (the shares need 600, the others whole GPUs); the 2-GPU type (1/4) cannot
@@ -350,10 +395,12 @@ mod tests {
             arrived: a,
             allocated: b,
             frag: 0.0,
+            paced: a - b,
         });
         let c = bin(&rows, 1000, 60);
         assert_eq!(c.alloc_pct[10], 10.0);
         assert_eq!(c.alloc_pct[20], 15.0);
+        assert_eq!(c.paced_pct[20], 5.0);
         assert_eq!(c.alloc_pct[39], 30.0);
         assert!(c.alloc_pct[30].is_nan());
         assert!(c.alloc_pct[60].is_nan());

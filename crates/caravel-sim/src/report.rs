@@ -17,6 +17,8 @@ use crate::svg::{line_chart, Series};
 /// The curves of one policy, one per seed (in seed order).
 pub struct PolicyResult {
     pub policy: Policy,
+    /// The share pacing it ran with (Caravel's policy only; see `fgd::run`).
+    pub pacing: Option<f64>,
     pub curves: Vec<Curve>,
 }
 
@@ -27,7 +29,7 @@ pub fn run_all(
     pods: &[OpenbPod],
     policies: &[Policy],
     seeds: &[u64],
-    tune: f64,
+    setup: fgd::Setup,
     threads: usize,
     progress: &(dyn Fn(usize, usize) + Sync),
 ) -> Vec<PolicyResult> {
@@ -42,7 +44,7 @@ pub fn run_all(
             sc.spawn(|| loop {
                 let k = next.fetch_add(1, Ordering::SeqCst);
                 let Some(&(p, s)) = jobs.get(k) else { break };
-                let c = fgd::run(nodes, pods, seeds[s], tune, policies[p]);
+                let c = fgd::run(nodes, pods, seeds[s], policies[p], setup);
                 out.lock().expect("no panics while held")[k] = Some(c);
                 progress(done.fetch_add(1, Ordering::SeqCst) + 1, jobs.len());
             });
@@ -53,6 +55,7 @@ pub fn run_all(
         .iter()
         .map(|&policy| PolicyResult {
             policy,
+            pacing: setup.pacing.filter(|_| policy == Policy::Caravel),
             curves: (0..seeds.len())
                 .map(|_| curves.next().flatten().expect("every run finished"))
                 .collect(),
@@ -79,6 +82,13 @@ fn at(curves: &[Curve], k: usize, frag: bool) -> Vec<f64> {
             let v = if frag { &c.frag_pct } else { &c.alloc_pct };
             v.get(k).copied().unwrap_or(f64::NAN)
         })
+        .collect()
+}
+
+fn paced_at(curves: &[Curve], k: usize) -> Vec<f64> {
+    curves
+        .iter()
+        .map(|c| c.paced_pct.get(k).copied().unwrap_or(f64::NAN))
         .collect()
 }
 
@@ -109,11 +119,16 @@ pub fn summary(
     let (a100, a100sd) = mean_sd(&at(&r.curves, 100, false));
     let (a130, a130sd) = mean_sd(&at(&r.curves, last, false));
     let (f80, f80sd) = mean_sd(&at(&r.curves, 80, true));
+    let (p100, p100sd) = mean_sd(&paced_at(&r.curves, 100));
+    let (p130, p130sd) = mean_sd(&paced_at(&r.curves, last));
     let mut s = json!({
         "policy": r.policy.name(),
         "workload": workload,
         "seeds": seeds,
         "tune": tune,
+        "pacing": r.pacing,
+        "paced_pct_at_100_mean": num(p100), "paced_pct_at_100_sd": num(p100sd),
+        "paced_pct_at_130_mean": num(p130), "paced_pct_at_130_sd": num(p130sd),
         "allocated_pct_at_100_mean": num(a100), "allocated_pct_at_100_sd": num(a100sd),
         "unallocated_pct_at_100_mean": num(100.0 - a100), "unallocated_pct_at_100_sd": num(a100sd),
         "allocated_pct_at_130_mean": num(a130), "allocated_pct_at_130_sd": num(a130sd),
@@ -165,11 +180,20 @@ pub fn write(
         dir.join("summary.json"),
         serde_json::to_string_pretty(&top)? + "\n",
     )?;
-    let mut csv = String::from("policy,seed,arrived_pct,allocated_pct,frag_pct\n");
+    let mut csv = String::from("policy,seed,arrived_pct,allocated_pct,frag_pct,paced_pct\n");
     for r in results {
         for (seed, c) in seeds.iter().zip(&r.curves) {
-            for (k, (a, f)) in c.alloc_pct.iter().zip(&c.frag_pct).enumerate() {
-                csv.push_str(&format!("{},{seed},{k},{a:.4},{f:.4}\n", r.policy.name()));
+            for (k, ((a, f), p)) in c
+                .alloc_pct
+                .iter()
+                .zip(&c.frag_pct)
+                .zip(&c.paced_pct)
+                .enumerate()
+            {
+                csv.push_str(&format!(
+                    "{},{seed},{k},{a:.4},{f:.4},{p:.4}\n",
+                    r.policy.name()
+                ));
             }
         }
     }
@@ -246,7 +270,7 @@ fn text_table(workload: &str, seeds: &[u64], sums: &[Value]) -> String {
         seeds.len()
     );
     t.push_str(
-        "policy       alloc@100%      unalloc@100%  alloc@130%      frag@80%       artefact alloc@100  max|diff| pp\n",
+        "policy       alloc@100%      unalloc@100%  alloc@130%      frag@80%       paced@100%  artefact alloc@100  max|diff| pp\n",
     );
     for s in sums {
         let pm = |k: &str| {
@@ -257,12 +281,17 @@ fn text_table(workload: &str, seeds: &[u64], sums: &[Value]) -> String {
             )
         };
         t.push_str(&format!(
-            "{:<12} {:<15} {:<13} {:<15} {:<14} {:<19} {}\n",
+            "{:<12} {:<15} {:<13} {:<15} {:<14} {:<11} {:<19} {}\n",
             s["policy"].as_str().unwrap_or(""),
             pm("allocated_pct_at_100"),
             f(s, "unallocated_pct_at_100_mean"),
             pm("allocated_pct_at_130"),
             pm("frag_pct_at_80"),
+            if s["pacing"].is_null() {
+                "-".to_string()
+            } else {
+                f(s, "paced_pct_at_100_mean")
+            },
             f(&s["artefact"], "allocated_pct_at_100_mean"),
             f(&s["artefact"], "allocation_max_abs_diff_pp"),
         ));

@@ -28,6 +28,11 @@ pub enum SimCmd {
         /// Arrived load to reach, as a multiple of cluster GPU capacity.
         #[arg(long, default_value_t = 1.3)]
         tune: f64,
+        /// Caravel's share pacing: the fraction (above 0, at most 1) of the share plan's
+        /// turn-away rate to apply, or `off` to place every pod that fits. The baselines
+        /// never pace.
+        #[arg(long, default_value_t = fgd::PACING.to_string())]
+        pacing: String,
         /// The artefact's expected results folder (fgd-atc23-expected-results): compare
         /// every baseline with its published curve.
         #[arg(long)]
@@ -588,6 +593,7 @@ pub fn run(cmd: SimCmd) -> Result<i32> {
             policy,
             seeds,
             tune,
+            pacing,
             expected,
             threads,
             out,
@@ -596,6 +602,7 @@ pub fn run(cmd: SimCmd) -> Result<i32> {
             if !(1.0..=3.0).contains(&tune) {
                 bail!("--tune: must be 1.0 to 3.0");
             }
+            let pacing = parse_pacing(&pacing)?;
             if threads == Some(0) {
                 bail!("--threads: must be at least 1");
             }
@@ -636,7 +643,15 @@ pub fn run(cmd: SimCmd) -> Result<i32> {
                     eprintln!();
                 }
             };
-            let results = report::run_all(&n, &p, &policies, &seeds, tune, threads, &progress);
+            let results = report::run_all(
+                &n,
+                &p,
+                &policies,
+                &seeds,
+                fgd::Setup { tune, pacing },
+                threads,
+                &progress,
+            );
             let table = report::write(
                 &out,
                 &workload,
@@ -655,8 +670,30 @@ pub fn run(cmd: SimCmd) -> Result<i32> {
     }
 }
 
+/// `--pacing`: `off`, or a fraction in (0, 1].
+fn parse_pacing(s: &str) -> Result<Option<f64>> {
+    if s.trim() == "off" {
+        return Ok(None);
+    }
+    match s.trim().parse::<f64>() {
+        Ok(f) if f > 0.0 && f <= 1.0 => Ok(Some(f)),
+        _ => bail!("--pacing: `{s}` is neither `off` nor a fraction above 0 and at most 1"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn pacing() {
+        assert_eq!(super::parse_pacing("off").unwrap(), None);
+        assert_eq!(super::parse_pacing("0.9").unwrap(), Some(0.9));
+        assert_eq!(super::parse_pacing("1").unwrap(), Some(1.0));
+        for bad in ["0", "1.5", "-0.2", "nan", "half", ""] {
+            let e = super::parse_pacing(bad).unwrap_err().to_string();
+            assert!(e.contains("--pacing"), "{bad}: {e}");
+        }
+    }
+
     #[test]
     fn seeds() {
         assert_eq!(super::parse_seeds("42-44").unwrap(), vec![42, 43, 44]);
