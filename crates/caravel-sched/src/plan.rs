@@ -8,9 +8,8 @@
 //! combinations an optimal packing of the workload uses (470 + 470, 650 + 320, 810 + 160,
 //! 550 + 230 + 220 on the openb traces) and therefore which fill levels of a GPU lie on the
 //! way to one (470 does, 790 does not). Placement prefers GPUs whose fill stays on the
-//! plan, then a fresh GPU, and only then anything that fits (`Scheduler::place_for`). In a
-//! one-dimensional replay of the openb shares this cuts the waste of best fit from 0.91 %
-//! to 0.70 % of the pool against the LP's 0.60 % (docs/simulator.md).
+//! plan, then a fresh GPU, and only then anything that fits (`Scheduler::place_for`); what
+//! that gains on the openb traces is in docs/simulator.md.
 //!
 //! The plan has a second use, off unless `Config::share_pacing` asks for it. When the
 //! expected demand meets the pool's capacity, a share that must sit alone on a GPU (an
