@@ -81,6 +81,15 @@ pub enum PackError {
 /// `Changed` when the folder no longer matches `listing` after the read (a write went on
 /// meanwhile: the archive could mix two checkpoints).
 pub fn pack(dir: &Path, listing: &Listing, out: &Path) -> Result<(String, u64), PackError> {
+    pack_into(dir, listing, std::fs::File::create(out)?)
+}
+
+/// `pack` into an open file.
+pub fn pack_into(
+    dir: &Path,
+    listing: &Listing,
+    f: std::fs::File,
+) -> Result<(String, u64), PackError> {
     use sha2::Digest;
     struct Hashing<W> {
         w: W,
@@ -98,21 +107,39 @@ pub fn pack(dir: &Path, listing: &Listing, out: &Path) -> Result<(String, u64), 
             self.w.flush()
         }
     }
-    let f = std::fs::File::create(out)?;
     let mut b = tar::Builder::new(Hashing {
         w: std::io::BufWriter::with_capacity(1 << 16, f),
         h: sha2::Sha256::new(),
         n: 0,
     });
     b.mode(tar::HeaderMode::Deterministic);
+    // The folder is the task's, which may swap anything in it for a link while it is
+    // read: every file is opened below the folder with no link followed
+    // (`sandbox::open_beneath`), and a refusal means the folder changed.
+    let root = std::fs::File::open(dir)?;
     for (rel, (is_dir, ..)) in listing {
-        let p = dir.join(rel);
         let r = if *is_dir {
-            b.append_dir(rel, &p)
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Directory);
+            h.set_mode(0o755);
+            h.set_size(0);
+            h.set_mtime(0);
+            b.append_data(&mut h, rel, std::io::empty())
         } else {
-            match std::fs::File::open(&p) {
-                Ok(mut f) => b.append_file(rel, &mut f),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            match crate::sandbox::open_beneath(&root, rel) {
+                Ok(mut f) => {
+                    if !f.metadata()?.is_file() {
+                        return Err(PackError::Changed);
+                    }
+                    b.append_file(rel, &mut f)
+                }
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::NotFound
+                        || matches!(
+                            e.raw_os_error(),
+                            Some(libc::ELOOP) | Some(libc::EXDEV) | Some(libc::ENOTDIR)
+                        ) =>
+                {
                     return Err(PackError::Changed)
                 }
                 Err(e) => Err(e),
@@ -226,6 +253,7 @@ impl crate::Agent {
         a: &Assignment,
         dir: &Path,
         ckpt: &Path,
+        ident: Option<(u32, u32)>,
         stop: &mut tokio::sync::oneshot::Receiver<crate::Stop>,
     ) -> Restore {
         let tmp = dir.join(".checkpoint-restore.tar");
@@ -237,9 +265,17 @@ impl crate::Agent {
             match self.fetch_checkpoint(a, &tmp).await {
                 Ok(Some(version)) => {
                     let (t, c) = (tmp.clone(), ckpt.to_path_buf());
-                    let r = tokio::task::spawn_blocking(move || unpack(&t, &c))
-                        .await
-                        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+                    // Into a folder the task cannot touch yet (it has not started), then
+                    // handed to the task's uid.
+                    let r = tokio::task::spawn_blocking(move || {
+                        unpack(&t, &c)?;
+                        match ident {
+                            Some((u, g)) => crate::sandbox::chown_tree(&c, u, g),
+                            None => Ok(()),
+                        }
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
                     let _ = std::fs::remove_file(&tmp);
                     return match r {
                         Ok(()) => {
@@ -419,9 +455,12 @@ impl crate::Agent {
     ) -> Save {
         let tmp = dir.join(".checkpoint-upload.tar");
         let (c, l, t) = (ckpt.to_path_buf(), listing.clone(), tmp.clone());
-        let packed = tokio::task::spawn_blocking(move || pack(&c, &l, &t))
-            .await
-            .unwrap_or_else(|e| Err(PackError::Io(std::io::Error::other(e.to_string()))));
+        let packed = tokio::task::spawn_blocking(move || {
+            let out = std::fs::File::create(&t)?;
+            pack_into(&c, &l, out)
+        })
+        .await
+        .unwrap_or_else(|e| Err(PackError::Io(std::io::Error::other(e.to_string()))));
         let (sha, bytes) = match packed {
             Ok(x) => x,
             Err(PackError::Changed) => {

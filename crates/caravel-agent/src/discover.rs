@@ -52,8 +52,9 @@ pub fn short_model(name: &str) -> String {
     }
 }
 
-/// Lists NVIDIA GPUs through NVML, loaded at run time. `Err` says why there are none.
-pub fn nvml_devices() -> Result<Vec<Device>, String> {
+/// Lists NVIDIA GPUs through NVML, loaded at run time, each with the minor number of its
+/// device file (`/dev/nvidia<minor>`) when NVML tells it. `Err` says why there are none.
+pub fn nvml_devices() -> Result<Vec<(Device, Option<u32>)>, String> {
     type Ret = std::os::raw::c_int;
     type Handle = *mut std::ffi::c_void;
     // SAFETY: we load NVML by its documented soname and call its documented C functions
@@ -75,6 +76,8 @@ pub fn nvml_devices() -> Result<Vec<Device>, String> {
         > = lib.get(b"nvmlDeviceGetName\0").map_err(|e| e.to_string())?;
         let shutdown: libloading::Symbol<unsafe extern "C" fn() -> Ret> =
             lib.get(b"nvmlShutdown\0").map_err(|e| e.to_string())?;
+        let minor_fn: Option<libloading::Symbol<unsafe extern "C" fn(Handle, *mut u32) -> Ret>> =
+            lib.get(b"nvmlDeviceGetMinorNumber\0").ok();
         let r = init();
         if r != 0 {
             return Err(format!("nvmlInit failed with code {r} (no driver?)"));
@@ -98,10 +101,17 @@ pub fn nvml_devices() -> Result<Vec<Device>, String> {
             let name = std::ffi::CStr::from_ptr(buf.as_ptr())
                 .to_string_lossy()
                 .into_owned();
-            out.push(Device {
-                index: i,
-                model: short_model(&name),
-            });
+            let mut minor = 0u32;
+            let minor = minor_fn
+                .as_ref()
+                .and_then(|f| (f(h, &mut minor) == 0).then_some(minor));
+            out.push((
+                Device {
+                    index: i,
+                    model: short_model(&name),
+                },
+                minor,
+            ));
         }
         shutdown();
         Ok(out)

@@ -12,6 +12,7 @@ pub mod cgroups;
 pub mod checkpoint;
 use checkpoint::Restore;
 pub mod discover;
+pub mod sandbox;
 mod ship;
 pub mod spawn;
 
@@ -25,7 +26,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use caravel_core::api::*;
-use caravel_core::{Capacity, Device, Millis, NodeId, RunId, Topology};
+use caravel_core::{Capacity, Device, IsolationLevel, Millis, NodeId, RunId, Topology};
 use tokio::sync::{oneshot, Notify};
 
 pub fn now_ms() -> Millis {
@@ -69,7 +70,57 @@ pub struct AgentConfig {
     /// How long an ended run's folder may stay on this node: it goes as soon as the server
     /// holds all its output, and after this at the latest.
     pub run_retention: Duration,
+    /// Sandbox tasks where this agent can (root); false runs every task as the agent's
+    /// user, unconfined (isolation level `none`).
+    pub sandbox: bool,
+    /// The uids tasks run as, one per tenant.
+    pub task_uids: sandbox::UidRange,
+    /// Host paths every task gets (`--task-mount`).
+    pub task_mounts: Vec<sandbox::TaskMount>,
+    /// Ephemeral disk a task may fill when its job does not say.
+    pub task_disk_bytes: u64,
+    /// Most processes (and threads) one task may have at once.
+    pub task_pids: u64,
+    /// A device file for each GPU declared with `gpus`, in order (`--gpu-devices`).
+    pub gpu_devices: Vec<PathBuf>,
 }
+
+impl AgentConfig {
+    /// A configuration with every optional setting at its default.
+    pub fn new(server: String, token: String, name: String, work_dir: PathBuf) -> AgentConfig {
+        AgentConfig {
+            server,
+            token,
+            name,
+            topology: Topology::default(),
+            labels: BTreeMap::new(),
+            cpu_milli: None,
+            memory_bytes: None,
+            gpus: vec![],
+            work_dir,
+            listen: "0.0.0.0:0".parse().expect("addr"),
+            advertise: None,
+            use_cgroups: true,
+            cgroup_name: None,
+            ca: None,
+            ca_sha256: None,
+            log_ship_every: Duration::from_secs(2),
+            run_retention: Duration::from_secs(24 * 3600),
+            sandbox: true,
+            task_uids: sandbox::UidRange::DEFAULT,
+            task_mounts: vec![],
+            task_disk_bytes: DEFAULT_TASK_DISK,
+            task_pids: DEFAULT_TASK_PIDS,
+            gpu_devices: vec![],
+        }
+    }
+}
+
+/// Ephemeral disk per task by default.
+pub const DEFAULT_TASK_DISK: u64 = 10 << 30;
+/// Processes per task by default (OpenShift's pod default; a data loader with many
+/// workers and threads stays well below it, a fork bomb stops there).
+pub const DEFAULT_TASK_PIDS: u64 = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -91,6 +142,8 @@ pub enum AgentError {
     CaPin(caravel_tls::TlsError),
     #[error("TLS for the log endpoint: {0}")]
     Tls(caravel_tls::TlsError),
+    #[error("sandbox: {0}")]
+    Sandbox(String),
 }
 
 /// Why a run is stopped.
@@ -153,6 +206,10 @@ pub struct Agent {
     /// of a run, so none can still write to them).
     reuse_run_dirs: bool,
     spares: Mutex<ship::Spares>,
+    /// Set when tasks here are sandboxed.
+    sandbox: Option<sandbox::Runtime>,
+    /// What this node gives, as registered.
+    isolation: sandbox::Capability,
 }
 
 /// The URLs of `--server URL[,URL...]`, each checked.
@@ -224,6 +281,10 @@ impl Agent {
     pub fn cgroups(&self) -> &cgroups::Cgroups {
         &self.cgroups
     }
+
+    pub fn isolation(&self) -> &sandbox::Capability {
+        &self.isolation
+    }
 }
 
 /// Starts the agent: binds its log endpoint, then registers and serves forever.
@@ -263,14 +324,18 @@ pub async fn start(cfg: AgentConfig) -> Result<Arc<Agent>, AgentError> {
             "killed processes left by an earlier agent of this name"
         );
     }
-    let mut devices: Vec<Device> = match discover::nvml_devices() {
+    let (mut devices, nvidia): (Vec<Device>, Vec<(u32, u32)>) = match discover::nvml_devices() {
         Ok(d) => {
             tracing::info!(gpus = d.len(), "NVML found GPUs");
-            d
+            let minors = d
+                .iter()
+                .map(|(dev, m)| (dev.index, m.unwrap_or(dev.index)))
+                .collect();
+            (d.into_iter().map(|(dev, _)| dev).collect(), minors)
         }
         Err(why) => {
             tracing::info!("no NVIDIA GPUs discovered: {why}");
-            vec![]
+            (vec![], vec![])
         }
     };
     let mut next = devices.iter().map(|d| d.index + 1).max().unwrap_or(0);
@@ -283,7 +348,80 @@ pub async fn start(cfg: AgentConfig) -> Result<Arc<Agent>, AgentError> {
             next += 1;
         }
     }
+    let declared: Vec<u32> = devices
+        .iter()
+        .map(|d| d.index)
+        .filter(|i| !nvidia.iter().any(|(n, _)| n == i))
+        .collect();
+    if cfg.gpu_devices.len() > declared.len() {
+        return Err(AgentError::Sandbox(format!(
+            "--gpu-devices names {} files for {} declared GPUs",
+            cfg.gpu_devices.len(),
+            declared.len()
+        )));
+    }
+    let gpus = sandbox::devices::GpuDevices::discover(
+        &nvidia,
+        &declared
+            .iter()
+            .copied()
+            .zip(cfg.gpu_devices.iter().cloned())
+            .collect::<Vec<_>>(),
+    )
+    .map_err(AgentError::Sandbox)?;
+    let (sandbox_rt, isolation) = if !cfg.sandbox {
+        (
+            None,
+            sandbox::Capability {
+                level: IsolationLevel::None,
+                missing: vec!["sandboxing is off (--sandbox off)".into()],
+            },
+        )
+    } else {
+        match sandbox::Runtime::new(&cfg.work_dir, cfg.task_uids, cfg.task_mounts.clone(), gpus) {
+            Ok(rt) => match probe(&rt, &cfg.work_dir).await {
+                Ok(()) => {
+                    let mut missing = cg.missing();
+                    if !rt.seccomp {
+                        missing.push("a seccomp filter (none for this architecture)".into());
+                    }
+                    let level = if missing.is_empty() {
+                        IsolationLevel::Restricted
+                    } else {
+                        IsolationLevel::Sandboxed
+                    };
+                    (Some(rt), sandbox::Capability { level, missing })
+                }
+                Err(e) => (
+                    None,
+                    sandbox::Capability {
+                        level: IsolationLevel::None,
+                        missing: vec![format!("a sandbox: trying one failed: {e}")],
+                    },
+                ),
+            },
+            Err(e) => (
+                None,
+                sandbox::Capability {
+                    level: IsolationLevel::None,
+                    missing: vec![e],
+                },
+            ),
+        }
+    };
+    match isolation.level {
+        IsolationLevel::Restricted => tracing::info!(
+            uids = %cfg.task_uids,
+            "tasks run sandboxed (isolation restricted): a uid per tenant, own namespaces, no capabilities, seccomp, cgroup and disk limits"
+        ),
+        level => tracing::warn!(
+            "WARNING: tasks on this node get isolation `{level}`, missing: {}",
+            isolation.missing.join("; ")
+        ),
+    }
     let capacity = Capacity {
+        isolation: isolation.level,
+        images: false,
         cpu_milli: cfg.cpu_milli.unwrap_or_else(discover::cpus_milli),
         memory_bytes: cfg.memory_bytes.unwrap_or_else(discover::memory_bytes),
         devices,
@@ -374,6 +512,8 @@ pub async fn start(cfg: AgentConfig) -> Result<Arc<Agent>, AgentError> {
         log_limit: std::sync::atomic::AtomicU64::new(u64::MAX),
         reuse_run_dirs,
         spares: Mutex::new(ship::Spares::open(&cfg_runs)),
+        sandbox: sandbox_rt,
+        isolation,
     });
     agent.ship_recover(&agent.cfg.work_dir.join("runs"));
     let app = axum::Router::new()
@@ -559,6 +699,7 @@ impl Agent {
                 labels: self.cfg.labels.clone(),
                 capacity: self.capacity.clone(),
                 running,
+                isolation_missing: self.isolation.missing.clone(),
             };
             match self
                 .post::<_, RegisterResponse>("/v1/agent/register", &req)
@@ -835,6 +976,24 @@ impl Agent {
         }
     }
 
+    /// The uid a run's task gets here (`None`: unsandboxed, the agent's own), or why the
+    /// run cannot start on this node.
+    fn identity(&self, a: &Assignment) -> Result<Option<u32>, String> {
+        if let Some(want) = a.isolation {
+            if want > self.isolation.level {
+                return Err(format!(
+                    "the job asks for isolation {want}, and this node gives {} (missing: {})",
+                    self.isolation.level,
+                    self.isolation.missing.join("; ")
+                ));
+            }
+        }
+        match &self.sandbox {
+            Some(rt) => rt.uids.of(a.tenant).map(Some),
+            None => Ok(None),
+        }
+    }
+
     async fn run_task(self: Arc<Self>, a: Assignment, mut stop: oneshot::Receiver<Stop>) {
         let run = a.run;
         let dir = self.cfg.work_dir.join("runs").join(run.to_string());
@@ -847,6 +1006,35 @@ impl Agent {
         if let Err(e) = ship::write_meta(&dir, &meta) {
             let msg = format!("cannot make the run's folder {}: {e}", dir.display());
             tracing::warn!(run = %run, "{msg}");
+            self.never_started(run, "spawn_failed", msg);
+            return;
+        }
+        let uid = match self.identity(&a) {
+            Ok(u) => u,
+            Err(msg) => {
+                tracing::warn!(run = %run, "cannot start: {msg}");
+                let _ = std::fs::write(dir.join("stderr.log"), format!("caravel: {msg}\n"));
+                self.never_started(run, "spawn_failed", msg);
+                return;
+            }
+        };
+        let ident = uid.map(|u| (u, u));
+        // The task's own folders: its working directory, temp space and checkpoint
+        // folder, each its own (mode 0700) when it runs sandboxed.
+        let dirs = sandbox::RunDirs {
+            work: std::path::absolute(dir.join("work")).unwrap_or(dir.join("work")),
+            checkpoint: std::path::absolute(dir.join("checkpoint"))
+                .unwrap_or(dir.join("checkpoint")),
+            tmp: std::path::absolute(dir.join("tmp")).unwrap_or(dir.join("tmp")),
+        };
+        let made = [&dirs.work, &dirs.checkpoint, &dirs.tmp]
+            .into_iter()
+            .try_for_each(|d| match uid {
+                Some(u) => sandbox::own_dir(d, u, u),
+                None => std::fs::create_dir_all(d),
+            });
+        if let Err(e) = made {
+            let msg = format!("cannot make the run's folders in {}: {e}", dir.display());
             self.never_started(run, "spawn_failed", msg);
             return;
         }
@@ -865,12 +1053,13 @@ impl Agent {
             None
         };
         // The task's checkpoint folder, filled with its newest saved checkpoint first.
-        let ckpt = std::path::absolute(dir.join("checkpoint")).unwrap_or(dir.join("checkpoint"));
+        let ckpt = dirs.checkpoint.clone();
         let restored = match a.checkpoint {
-            None => std::fs::create_dir_all(&ckpt)
-                .map(|_| 0)
-                .map_err(|e| format!("creating {}: {e}", ckpt.display())),
-            Some(_) => match self.restore_checkpoint(&a, &dir, &ckpt, &mut stop).await {
+            None => Ok(0),
+            Some(_) => match self
+                .restore_checkpoint(&a, &dir, &ckpt, ident, &mut stop)
+                .await
+            {
                 Restore::Done(v) => Ok(v),
                 Restore::Failed(msg) => Err(msg),
                 Restore::Stopped => {
@@ -887,9 +1076,15 @@ impl Agent {
         let started = match (a.wants_port, port, restored) {
             (_, _, Err(msg)) => Err(msg),
             (true, None, _) => Err("no free port for the replica".to_string()),
-            (_, _, Ok(version)) => self.spawn(&a, &dir, port, &ckpt, version),
+            (_, _, Ok(version)) => self.spawn(&a, &dir, &dirs, port, version, uid),
         };
-        let (mut child, cg, pgid, t0) = match started {
+        let Launched {
+            mut child,
+            cg,
+            pgid,
+            t0,
+            mut status,
+        } = match started {
             Ok(x) => x,
             Err(msg) => {
                 tracing::warn!(run = %run, "cannot start: {msg}");
@@ -899,6 +1094,26 @@ impl Agent {
                 return;
             }
         };
+        // A sandbox says when the task's own program runs, or why it could not.
+        if let Some(st) = status.as_mut() {
+            let first = st.next().await;
+            if first != Some(sandbox::init::Status::Started) {
+                let msg = match first {
+                    Some(sandbox::init::Status::Failed(m)) => m,
+                    _ => "the sandbox ended before starting the task".to_string(),
+                };
+                tracing::warn!(run = %run, "cannot start: {msg}");
+                let _ = child.wait().await;
+                let cg2 = cg.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    cg2.kill_all();
+                    cg2.remove();
+                })
+                .await;
+                self.never_started(run, "spawn_failed", msg);
+                return;
+            }
+        }
         self.emit(RunEvent::Started {
             run,
             pid: pgid as u32,
@@ -919,7 +1134,16 @@ impl Agent {
             .max_runtime_ms
             .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
         let grace = Duration::from_millis(a.kill_grace_ms);
-        let (status, reason) = tokio::select! {
+        let disk_cap = a.disk_bytes.unwrap_or(self.cfg.task_disk_bytes);
+        let disk_paths = vec![
+            dirs.work.clone(),
+            dirs.tmp.clone(),
+            dirs.checkpoint.clone(),
+            dir.join("stdout.log"),
+            dir.join("stderr.log"),
+        ];
+        let mut disk_msg = String::new();
+        let (status_of_init, reason) = tokio::select! {
             s = child.wait() => (s, "exited"),
             _ = async {
                 match deadline {
@@ -927,6 +1151,10 @@ impl Agent {
                     None => std::future::pending().await,
                 }
             } => (terminate(&mut child, pgid, grace).await, "max_runtime"),
+            m = disk_guard(disk_paths, disk_cap) => {
+                disk_msg = m;
+                (terminate(&mut child, pgid, Duration::ZERO).await, "disk_exceeded")
+            }
             r = &mut stop => match r {
                 Ok(Stop::Asked) => (terminate(&mut child, pgid, grace).await, "killed"),
                 Ok(Stop::Fence) => (terminate(&mut child, pgid, Duration::ZERO).await, "fenced"),
@@ -960,6 +1188,17 @@ impl Agent {
             tracing::warn!(run = %run, "the checkpoint folder was not all saved; left in {}", ckpt.display());
         }
         use std::os::unix::process::ExitStatusExt;
+        // The task's own end, as its sandbox's init saw it; init's own when it was killed
+        // before it could say (SIGKILL after the grace kills it with the task).
+        let mut task_status = None;
+        if let Some(st) = status.as_mut() {
+            while let Some(line) = st.next().await {
+                if let sandbox::init::Status::Exited(w) = line {
+                    task_status = Some(std::process::ExitStatus::from_raw(w));
+                }
+            }
+        }
+        let status = status_of_init.map(|s| task_status.unwrap_or(s));
         let (code, sig) = match &status {
             Ok(s) => (s.code(), s.signal()),
             Err(_) => (None, None),
@@ -978,65 +1217,305 @@ impl Agent {
                 Ok(_) if reason == "fenced" => {
                     "fenced: its node could not reach the server for nearly the lost timeout, and its agent killed it so that no second copy would run".into()
                 }
+                Ok(_) if reason == "disk_exceeded" => disk_msg,
                 Ok(_) => String::new(),
             },
         });
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn spawn(
         &self,
         a: &Assignment,
         dir: &std::path::Path,
+        dirs: &sandbox::RunDirs,
         port: Option<u16>,
-        ckpt: &std::path::Path,
         ckpt_version: u64,
-    ) -> Result<(spawn::Child, cgroups::RunCgroup, i32, Millis), String> {
+        uid: Option<u32>,
+    ) -> Result<Launched, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         let out = std::fs::File::create(dir.join("stdout.log"))
             .map_err(|e| format!("stdout.log: {e}"))?;
         let err = std::fs::File::create(dir.join("stderr.log"))
             .map_err(|e| format!("stderr.log: {e}"))?;
+        let sandbox = self.sandbox.as_ref().zip(uid);
+        if let Some((_, u)) = sandbox {
+            for f in [&out, &err] {
+                std::os::unix::fs::fchown(f, Some(u), Some(u))
+                    .map_err(|e| format!("handing the log files to uid {u}: {e}"))?;
+            }
+        }
+        let nodes = sandbox
+            .map(|(rt, _)| rt.gpus.for_run(&a.devices))
+            .unwrap_or_default();
+        let limits = match sandbox {
+            Some(_) => cgroups::RunLimits {
+                pids_max: Some(self.cfg.task_pids),
+                devices: Some(sandbox::devices::rules(&nodes)),
+            },
+            None => cgroups::RunLimits::default(),
+        };
         let cg = self
             .cgroups
-            .create(a.run.0, a.cpu_milli, a.memory_bytes)
+            .create(a.run.0, a.cpu_milli, a.memory_bytes, &limits)
             .map_err(|e| format!("creating cgroup: {e}"))?;
         let procs = cg.procs_paths();
         let stdin = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
-        let mut env: BTreeMap<std::ffi::OsString, std::ffi::OsString> =
-            std::env::vars_os().collect();
+        let mut env: BTreeMap<std::ffi::OsString, std::ffi::OsString> = match sandbox {
+            Some(_) => sandbox::base_env().into_iter().collect(),
+            None => sandbox::unsandboxed_env().into_iter().collect(),
+        };
         env.extend(a.env.iter().map(|(k, v)| (k.into(), v.into())));
         env.insert("CUDA_DEVICE_ORDER".into(), "PCI_BUS_ID".into());
         if let Some(p) = port {
             env.insert("PORT".into(), p.to_string().into());
         }
-        env.insert("CARAVEL_CHECKPOINT_DIR".into(), ckpt.into());
+        env.insert(
+            "CARAVEL_CHECKPOINT_DIR".into(),
+            dirs.checkpoint.clone().into(),
+        );
         env.insert(
             "CARAVEL_CHECKPOINT_VERSION".into(),
             ckpt_version.to_string().into(),
         );
+        let fail = |cg: &cgroups::RunCgroup, e: std::io::Error| {
+            cg.remove();
+            format!("cannot start `{}`: {e}", a.command)
+        };
         // Taken before the clone, so the metered interval always covers the whole process
         // lifetime (the exit is observed after the process is gone).
         let t0 = now_ms();
-        let child = spawn::spawn(spawn::Spec {
-            program: &a.command,
-            args: &a.args,
-            env,
-            cwd: dir,
-            stdin: stdin.into(),
-            stdout: out.into(),
-            stderr: err.into(),
-            cgroup_procs: &procs,
-            new_process_group: true,
-            // Die with the agent: a stale copy must not outlive the process that would
-            // report it.
-            parent_death_signal: Some(libc::SIGKILL),
-        })
-        .map_err(|e| {
-            cg.remove();
-            format!("cannot start `{}`: {e}", a.command)
-        })?;
+        let (child, status) = match sandbox {
+            Some((rt, u)) => {
+                let env: Vec<(String, String)> = env
+                    .into_iter()
+                    .map(|(k, v)| {
+                        (
+                            k.to_string_lossy().into_owned(),
+                            v.to_string_lossy().into_owned(),
+                        )
+                    })
+                    .collect();
+                let launch = rt
+                    .launch(sandbox::TaskSpec {
+                        uid: u,
+                        dirs,
+                        cgroup_dirs: cg.controller_dirs(),
+                        devices: nodes,
+                        // Shared memory is the task's memory: as much as its limit, as
+                        // Kubernetes sizes a memory-backed emptyDir (Docker's 64 MiB
+                        // breaks PyTorch's data loaders).
+                        shm_bytes: a.memory_bytes,
+                        program: &a.command,
+                        args: &a.args,
+                        env,
+                        disk_bytes: Some(a.disk_bytes.unwrap_or(self.cfg.task_disk_bytes)),
+                        cgroup_procs: cg.dirs.iter().map(|d| d.join("cgroup.procs")).collect(),
+                    })
+                    .map_err(|e| fail(&cg, e))?;
+                use std::os::fd::AsRawFd;
+                let init_args = [sandbox::INIT_ARG.to_string()];
+                let child = spawn::spawn(spawn::Spec {
+                    program: "caravel",
+                    args: &init_args,
+                    env: BTreeMap::new(),
+                    cwd: std::path::Path::new("/"),
+                    stdin: stdin.into(),
+                    stdout: out.into(),
+                    stderr: err.into(),
+                    // Init joins them itself, once it has built the sandbox.
+                    cgroup_procs: &[],
+                    new_process_group: true,
+                    parent_death_signal: Some(libc::SIGKILL),
+                    namespaces: SANDBOX_NAMESPACES,
+                    extra_fds: &[
+                        (launch.config.as_raw_fd(), sandbox::CONFIG_FD),
+                        (launch.status_write.as_raw_fd(), sandbox::STATUS_FD),
+                    ],
+                    exec_fd: Some(rt.exe_fd()),
+                    detach: &[],
+                })
+                .map_err(|e| fail(&cg, e))?;
+                drop(launch.status_write);
+                let reader =
+                    sandbox::StatusReader::new(launch.status_read).map_err(|e| fail(&cg, e))?;
+                (child, Some(reader))
+            }
+            None => {
+                let child = spawn::spawn(spawn::Spec {
+                    program: &a.command,
+                    args: &a.args,
+                    env,
+                    cwd: &dirs.work,
+                    stdin: stdin.into(),
+                    stdout: out.into(),
+                    stderr: err.into(),
+                    cgroup_procs: &procs,
+                    new_process_group: true,
+                    // Die with the agent: a stale copy must not outlive the process that
+                    // would report it.
+                    parent_death_signal: Some(libc::SIGKILL),
+                    namespaces: 0,
+                    extra_fds: &[],
+                    exec_fd: None,
+                    detach: &[],
+                })
+                .map_err(|e| fail(&cg, e))?;
+                (child, None)
+            }
+        };
         let pid = child.id();
-        Ok((child, cg, pid, t0))
+        Ok(Launched {
+            child,
+            cg,
+            pgid: pid,
+            t0,
+            status,
+        })
+    }
+}
+
+/// The namespaces a sandboxed task gets (its network stays the node's).
+const SANDBOX_NAMESPACES: libc::c_int =
+    libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+
+/// A started task process.
+struct Launched {
+    child: spawn::Child,
+    cg: cgroups::RunCgroup,
+    pgid: i32,
+    t0: Millis,
+    /// Its sandbox's init's status lines, when sandboxed.
+    status: Option<sandbox::StatusReader>,
+}
+
+/// How often a run's disk use is walked: often enough that a writer cannot go far past its
+/// cap, rarely enough that a run with many files does not cost much.
+const DISK_CHECK_EVERY: Duration = Duration::from_secs(2);
+
+/// Files and folders a task may make (each costs the node an inode and the disk walk
+/// time).
+const MAX_TASK_FILES: u64 = 1_000_000;
+
+/// Resolves, with a message, once the run's files hold more than `cap`.
+async fn disk_guard(paths: Vec<PathBuf>, cap: u64) -> String {
+    loop {
+        let t = std::time::Instant::now();
+        let p = paths.clone();
+        let used = tokio::task::spawn_blocking(move || {
+            let refs: Vec<&std::path::Path> = p.iter().map(|p| p.as_path()).collect();
+            sandbox::disk::usage(&refs)
+        })
+        .await
+        .unwrap_or_default();
+        if used.bytes > cap {
+            return format!(
+                "used {} of disk, past its cap of {} (working directory, /tmp, checkpoint folder and output); stopped",
+                sandbox::disk::human(used.bytes),
+                sandbox::disk::human(cap)
+            );
+        }
+        if used.inodes > MAX_TASK_FILES {
+            return format!(
+                "made {} files and folders, past the most a task may ({MAX_TASK_FILES}); stopped",
+                used.inodes
+            );
+        }
+        if used.too_deep {
+            return format!(
+                "nested folders more than {} deep (what is below cannot be counted); stopped",
+                sandbox::disk::MAX_DEPTH
+            );
+        }
+        // A walk that took long (many files) waits longer before the next.
+        tokio::time::sleep(DISK_CHECK_EVERY.max(t.elapsed() * 10)).await;
+    }
+}
+
+/// Starts one sandboxed `true`, as the range's first uid (which no tenant has), to prove
+/// the machinery works on this machine before the node says it sandboxes.
+async fn probe(rt: &sandbox::Runtime, work_dir: &std::path::Path) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let base = work_dir.join("sandbox-probe");
+    let _ = std::fs::remove_dir_all(&base);
+    let dirs = sandbox::RunDirs {
+        work: base.join("work"),
+        checkpoint: base.join("checkpoint"),
+        tmp: base.join("tmp"),
+    };
+    let uid = rt.uids.first;
+    for d in [&dirs.work, &dirs.checkpoint, &dirs.tmp] {
+        sandbox::own_dir(d, uid, uid).map_err(|e| format!("{}: {e}", d.display()))?;
+    }
+    let env = sandbox::base_env()
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                k.to_string_lossy().into_owned(),
+                v.to_string_lossy().into_owned(),
+            )
+        })
+        .collect();
+    let launch = rt
+        .launch(sandbox::TaskSpec {
+            uid,
+            dirs: &dirs,
+            cgroup_dirs: vec![],
+            devices: vec![],
+            shm_bytes: 1 << 20,
+            program: "true",
+            args: &[],
+            env,
+            disk_bytes: None,
+            cgroup_procs: vec![],
+        })
+        .map_err(|e| e.to_string())?;
+    let null = |w: bool| -> Result<std::os::fd::OwnedFd, String> {
+        std::fs::OpenOptions::new()
+            .read(!w)
+            .write(w)
+            .open("/dev/null")
+            .map(Into::into)
+            .map_err(|e| e.to_string())
+    };
+    let init_args = [sandbox::INIT_ARG.to_string()];
+    let mut child = spawn::spawn(spawn::Spec {
+        program: "caravel",
+        args: &init_args,
+        env: BTreeMap::new(),
+        cwd: std::path::Path::new("/"),
+        stdin: null(false)?,
+        stdout: null(true)?,
+        stderr: null(true)?,
+        cgroup_procs: &[],
+        new_process_group: true,
+        parent_death_signal: Some(libc::SIGKILL),
+        namespaces: SANDBOX_NAMESPACES,
+        extra_fds: &[
+            (launch.config.as_raw_fd(), sandbox::CONFIG_FD),
+            (launch.status_write.as_raw_fd(), sandbox::STATUS_FD),
+        ],
+        exec_fd: Some(rt.exe_fd()),
+        detach: &[],
+    })
+    .map_err(|e| format!("starting the sandbox's init: {e}"))?;
+    drop(launch.status_write);
+    let mut st = sandbox::StatusReader::new(launch.status_read).map_err(|e| e.to_string())?;
+    let mut lines = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(l) = st.next().await {
+            lines.push(l);
+        }
+    })
+    .await;
+    let _ = child.wait().await;
+    let _ = std::fs::remove_dir_all(&base);
+    use sandbox::init::Status;
+    match (read, lines.as_slice()) {
+        (Ok(()), [Status::Started, Status::Exited(0)]) => Ok(()),
+        (Err(_), _) => Err("no answer from the sandbox within 20 s".into()),
+        (_, [.., Status::Failed(m)]) => Err(m.clone()),
+        (_, other) => Err(format!("the sandbox said {other:?}")),
     }
 }
 

@@ -41,16 +41,29 @@ pub struct Spec<'a> {
     pub new_process_group: bool,
     /// Signal the child gets when the agent thread that started it exits.
     pub parent_death_signal: Option<libc::c_int>,
+    /// Namespaces the child is made in (`CLONE_NEWNS | CLONE_NEWPID ...`; 0: the agent's).
+    pub namespaces: libc::c_int,
+    /// Descriptors the child gets at fixed numbers above stdio: (descriptor, number).
+    /// Each descriptor must be numbered above every target (`sandbox::high`).
+    pub extra_fds: &'a [(RawFd, RawFd)],
+    /// Execute this open file (`execveat(fd, "", AT_EMPTY_PATH)`) instead of looking
+    /// `program` up on the `PATH`; `program` is then only `argv[0]`.
+    pub exec_fd: Option<RawFd>,
+    /// Mounts the child detaches in its own mount namespace before it execs (needs
+    /// `CLONE_NEWNS` in `namespaces`).
+    pub detach: &'a [CString],
 }
 
 /// The steps the child can fail at, for the error message.
-const STEPS: [&str; 6] = [
+const STEPS: [&str; 8] = [
     "exec",
     "setpgid",
     "prctl(PR_SET_PDEATHSIG)",
     "redirecting stdio",
     "changing to the working directory",
     "the agent exited",
+    "passing descriptors",
+    "detaching a mount",
 ];
 
 /// Everything the child touches: prepared before the clone, read-only to it except `err`.
@@ -64,6 +77,11 @@ struct Prepared {
     new_process_group: bool,
     death_signal: libc::c_int,
     parent: libc::pid_t,
+    /// In a new PID namespace the parent is out of sight (`getppid` is 0).
+    new_pid_ns: bool,
+    extra: Vec<(RawFd, RawFd)>,
+    exec_fd: RawFd,
+    detach: Vec<*const libc::c_char>,
     err: AtomicI32,
     step: AtomicI32,
 }
@@ -140,7 +158,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 return fail(2);
             }
             // The agent may have gone before the request above took effect.
-            if libc::getppid() != p.parent {
+            if !p.new_pid_ns && libc::getppid() != p.parent {
                 *libc::__errno_location() = libc::ESRCH;
                 return fail(5);
             }
@@ -165,12 +183,33 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 return fail(3);
             }
         }
+        for &(fd, target) in &p.extra {
+            if libc::dup2(fd, target) != target {
+                return fail(6);
+            }
+        }
+        for &m in &p.detach {
+            if libc::umount2(m, libc::MNT_DETACH) != 0 {
+                return fail(7);
+            }
+        }
         if libc::chdir(p.cwd.as_ptr()) != 0 {
             return fail(4);
         }
         let mut none: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut none);
         libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+        if p.exec_fd >= 0 {
+            libc::syscall(
+                libc::SYS_execveat,
+                p.exec_fd,
+                c"".as_ptr(),
+                p.argv.as_ptr(),
+                p.envp.as_ptr(),
+                libc::AT_EMPTY_PATH,
+            );
+            return fail(0);
+        }
         // execvp's search: a directory that lacks it or cannot be searched is skipped,
         // EACCES is reported if nothing else worked, any other error stops the search.
         let mut eacces = false;
@@ -193,7 +232,21 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
 const STACK_BYTES: usize = 64 * 1024;
 
 pub fn spawn(spec: Spec<'_>) -> io::Result<Child> {
-    let candidates = candidates(spec.program, &spec.env)?;
+    let candidates = if spec.exec_fd.is_some() {
+        Vec::new()
+    } else {
+        candidates(spec.program, &spec.env)?
+    };
+    if spec
+        .extra_fds
+        .iter()
+        .any(|&(fd, _)| fd <= 2 || spec.extra_fds.iter().any(|&(_, target)| fd <= target))
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a descriptor passed to the child is numbered below a target",
+        ));
+    }
     let mut arg_store = Vec::with_capacity(spec.args.len() + 1);
     arg_store.push(cstring("the command", spec.program.as_bytes())?);
     for a in spec.args {
@@ -227,6 +280,10 @@ pub fn spawn(spec: Spec<'_>) -> io::Result<Child> {
         death_signal: spec.parent_death_signal.unwrap_or(0),
         // SAFETY: no preconditions.
         parent: unsafe { libc::getpid() },
+        new_pid_ns: spec.namespaces & libc::CLONE_NEWPID != 0,
+        extra: spec.extra_fds.to_vec(),
+        exec_fd: spec.exec_fd.unwrap_or(-1),
+        detach: spec.detach.iter().map(|c| c.as_ptr()).collect(),
         err: AtomicI32::new(0),
         step: AtomicI32::new(0),
     };
@@ -244,7 +301,7 @@ pub fn spawn(spec: Spec<'_>) -> io::Result<Child> {
         let pid = libc::clone(
             child_main,
             top,
-            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD | spec.namespaces,
             &prepared as *const Prepared as *mut libc::c_void,
         );
         let clone_err = io::Error::last_os_error();
@@ -410,6 +467,10 @@ mod tests {
                 cgroup_procs: &[],
                 new_process_group: true,
                 parent_death_signal: Some(libc::SIGKILL),
+                namespaces: 0,
+                extra_fds: &[],
+                exec_fd: None,
+                detach: &[],
             })
         }
         fn out(&self) -> String {
@@ -520,6 +581,10 @@ mod tests {
             cgroup_procs: &[],
             new_process_group: false,
             parent_death_signal: None,
+            namespaces: 0,
+            extra_fds: &[],
+            exec_fd: None,
+            detach: &[],
         })
         .err()
         .unwrap();

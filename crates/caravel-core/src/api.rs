@@ -110,6 +110,9 @@ pub struct NodeView {
     pub last_seen_ms: Millis,
     #[serde(default)]
     pub drained: bool,
+    /// What keeps the node's isolation (`capacity.isolation`) below `restricted`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub isolation_missing: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -196,6 +199,9 @@ pub struct RegisterRequest {
     /// Runs this agent is running right now (non-empty when it re-registers).
     #[serde(default)]
     pub running: Vec<RunId>,
+    /// What keeps the node's isolation (`capacity.isolation`) below `restricted`.
+    #[serde(default)]
+    pub isolation_missing: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -258,6 +264,27 @@ pub struct Assignment {
     /// agent fetches it into `CARAVEL_CHECKPOINT_DIR` before the task starts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<u64>,
+    /// The job's tenant: the agent runs the task as this tenant's uid.
+    #[serde(default = "no_tenant")]
+    pub tenant: TenantId,
+    /// `JobSpec::image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// `JobSpec::workdir`: fetched from the server and unpacked as the task's working
+    /// directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    /// `JobSpec::disk_bytes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bytes: Option<u64>,
+    /// `JobSpec::isolation`: the agent refuses to start the task with less.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isolation: Option<crate::IsolationLevel>,
+}
+
+/// A tenant id no tenant has: what an assignment from an older server carries.
+fn no_tenant() -> TenantId {
+    TenantId(0)
 }
 
 /// A task's newest checkpoint (`GET /v1/jobs/{id}/checkpoints`).

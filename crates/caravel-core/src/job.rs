@@ -111,10 +111,62 @@ pub struct JobSpec {
     /// lost the server for longer than the lost timeout.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub fence: bool,
+    /// Run the task in this OCI image's root filesystem (`[REGISTRY/]REPO[:TAG][@DIGEST]`)
+    /// instead of the node's own system directories.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// The task's working directory: an archive `caravel submit --workdir` uploaded
+    /// (`sha256:<hex>`); every task starts in a fresh copy of it on whatever node runs it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    /// Environment variables whose values no view, listing or log shows after submission:
+    /// only the job's own tasks read them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secret_env: BTreeMap<String, String>,
+    /// The least isolation the job's tasks accept: they wait (with a reason) rather than
+    /// run on a node that gives less.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isolation: Option<crate::IsolationLevel>,
+    /// Ephemeral disk per task (its working directory, temp space, checkpoint folder,
+    /// output and image layer changes): a task that writes more is stopped. Default: the
+    /// node's `--task-disk`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bytes: Option<u64>,
 }
+
+/// What views show in place of a secret value.
+pub const REDACTED: &str = "(secret)";
 
 fn one() -> u32 {
     1
+}
+
+/// Checks environment variable names and values (`env`, `secret_env`).
+pub fn validate_env(field: &str, env: &BTreeMap<String, String>) -> Result<(), ValidationError> {
+    for (k, v) in env {
+        let ok = !k.is_empty()
+            && !k.starts_with(|c: char| c.is_ascii_digit())
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !ok {
+            return Err(ValidationError::new(
+                format!("{field}.{k}"),
+                "is not a valid variable name (letters, digits and '_', not starting with a digit)",
+            ));
+        }
+        if k.starts_with("CARAVEL_") {
+            return Err(ValidationError::new(
+                format!("{field}.{k}"),
+                "CARAVEL_ variables are set by Caravel",
+            ));
+        }
+        if v.contains('\0') {
+            return Err(ValidationError::new(
+                format!("{field}.{k}"),
+                "must not contain NUL bytes",
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl JobSpec {
@@ -134,7 +186,35 @@ impl JobSpec {
             kill_grace_ms: None,
             min_runtime_ms: None,
             fence: false,
+            image: None,
+            workdir: None,
+            secret_env: BTreeMap::new(),
+            isolation: None,
+            disk_bytes: None,
         }
+    }
+
+    /// What the job's tasks need of a node besides room (`TaskResources::needs`).
+    pub fn needs(&self) -> crate::NodeNeeds {
+        crate::NodeNeeds {
+            isolation: self.isolation.unwrap_or_default(),
+            image: self.image.is_some(),
+        }
+    }
+
+    /// Fills in what the server derives from the rest of the spec (`resources.needs`): done
+    /// to every spec that enters the server, so two equal submissions compare equal.
+    pub fn normalize(&mut self) {
+        self.resources.needs = self.needs();
+    }
+
+    /// The spec as views show it: secret values replaced.
+    pub fn redacted(&self) -> JobSpec {
+        let mut s = self.clone();
+        for v in s.secret_env.values_mut() {
+            *v = REDACTED.to_string();
+        }
+        s
     }
 
     pub fn validate(&self) -> Result<(), ValidationError> {
@@ -156,27 +236,23 @@ impl JobSpec {
                 "must not contain NUL bytes",
             ));
         }
-        for (k, v) in &self.env {
-            let ok = !k.is_empty()
-                && !k.starts_with(|c: char| c.is_ascii_digit())
-                && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-            if !ok {
-                return Err(ValidationError::new(
-                    format!("env.{k}"),
-                    "is not a valid variable name (letters, digits and '_', not starting with a digit)",
-                ));
-            }
-            if k.starts_with("CARAVEL_") {
-                return Err(ValidationError::new(
-                    format!("env.{k}"),
-                    "CARAVEL_ variables are set by Caravel",
-                ));
-            }
-            if v.contains('\0') {
-                return Err(ValidationError::new(
-                    format!("env.{k}"),
-                    "must not contain NUL bytes",
-                ));
+        validate_env("env", &self.env)?;
+        validate_env("secret_env", &self.secret_env)?;
+        if let Some(k) = self.secret_env.keys().find(|k| self.env.contains_key(*k)) {
+            return Err(ValidationError::new(
+                format!("secret_env.{k}"),
+                "is also in env: give each variable once",
+            ));
+        }
+        if let Some(i) = &self.image {
+            crate::ImageRef::parse(i).map_err(|e| ValidationError::new("image", e))?;
+        }
+        if let Some(w) = &self.workdir {
+            crate::validate_digest("workdir", w)?;
+        }
+        if let Some(d) = self.disk_bytes {
+            if !(crate::MIN_DISK_BYTES..=crate::MAX_DISK_BYTES).contains(&d) {
+                return Err(ValidationError::new("disk_bytes", "must be 1 MiB to 1 PiB"));
             }
         }
         self.resources.validate("resources")?;

@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod error;
+pub mod isolation;
 pub mod job;
 pub mod node;
 pub mod quantity;
@@ -15,6 +16,7 @@ pub mod service;
 pub mod tenant;
 
 pub use error::{ErrorCode, ValidationError};
+pub use isolation::*;
 pub use job::*;
 pub use node::*;
 pub use resources::*;

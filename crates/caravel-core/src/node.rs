@@ -64,4 +64,7 @@ pub struct Node {
     /// service replicas move elsewhere (a replacement is ready before each one leaves).
     #[serde(default)]
     pub drained: bool,
+    /// What keeps the node's isolation below `restricted`, as its agent said.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub isolation_missing: Vec<String>,
 }

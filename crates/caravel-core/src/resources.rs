@@ -26,6 +26,12 @@ pub struct Capacity {
     pub memory_bytes: u64,
     #[serde(default)]
     pub devices: Vec<Device>,
+    /// How isolated the node keeps its tasks (what its agent found it can do).
+    #[serde(default)]
+    pub isolation: crate::IsolationLevel,
+    /// The node runs tasks in OCI images (its agent has an OCI runtime).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub images: bool,
 }
 
 impl Capacity {
@@ -149,6 +155,11 @@ pub struct TaskResources {
     pub memory_bytes: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu: Option<GpuRequest>,
+    /// What the task needs of its node besides room: set by the server from the job's
+    /// spec (`JobSpec::needs`), never written by users, so the scheduler's fit check and
+    /// its memos by request shape see it.
+    #[serde(skip)]
+    pub needs: crate::NodeNeeds,
 }
 
 fn default_cpu() -> u64 {
@@ -164,6 +175,7 @@ impl Default for TaskResources {
             cpu_milli: default_cpu(),
             memory_bytes: default_memory(),
             gpu: None,
+            needs: crate::NodeNeeds::default(),
         }
     }
 }
@@ -413,6 +425,7 @@ mod tests {
             cpu_milli: 500,
             memory_bytes: 10,
             gpu: Some(GpuRequest::whole("T4", 2)),
+            needs: Default::default(),
         };
         let mut s = ResourceSum::default();
         s.add_task(&r, 3);

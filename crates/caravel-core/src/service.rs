@@ -191,6 +191,18 @@ pub struct ServiceSpec {
     /// retried); a response that has started may stream for as long as it likes.
     #[serde(default = "five_minutes")]
     pub response_timeout_ms: u64,
+    /// As for jobs (`JobSpec::image`, `workdir`, `secret_env`, `isolation`,
+    /// `disk_bytes`): each replica runs so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secret_env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isolation: Option<crate::IsolationLevel>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bytes: Option<u64>,
 }
 
 fn ten() -> u32 {
@@ -212,6 +224,11 @@ fn minute() -> u64 {
 impl ServiceSpec {
     pub fn simple(name: &str, command: &str, args: &[&str]) -> ServiceSpec {
         ServiceSpec {
+            image: None,
+            workdir: None,
+            secret_env: Default::default(),
+            isolation: None,
+            disk_bytes: None,
             name: name.into(),
             command: command.into(),
             args: args.iter().map(|s| s.to_string()).collect(),
@@ -255,13 +272,27 @@ impl ServiceSpec {
             // A replica cut off from the server keeps serving: the gateway decides where
             // requests go, so two copies do no harm.
             fence: false,
+            image: self.image.clone(),
+            workdir: self.workdir.clone(),
+            secret_env: self.secret_env.clone(),
+            isolation: self.isolation,
+            disk_bytes: self.disk_bytes,
         }
+    }
+
+    /// The spec as views show it: secret values replaced.
+    pub fn redacted(&self) -> ServiceSpec {
+        let mut s = self.clone();
+        for v in s.secret_env.values_mut() {
+            *v = crate::REDACTED.to_string();
+        }
+        s
     }
 
     pub fn validate(&self) -> Result<(), ValidationError> {
         crate::tenant::validate_name("name", &self.name)?;
         self.replica_job().validate()?;
-        if self.env.contains_key("PORT") {
+        if self.env.contains_key("PORT") || self.secret_env.contains_key("PORT") {
             return Err(ValidationError::new(
                 "env.PORT",
                 "PORT is set by Caravel to the port the replica must listen on",

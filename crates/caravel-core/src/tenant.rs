@@ -216,6 +216,7 @@ mod tests {
         assert_eq!(q.cpu_milli, Some(4000));
         assert_eq!(q.gpus["H100"], 8);
         let req = TaskResources {
+            needs: Default::default(),
             cpu_milli: 1000,
             memory_bytes: 1 << 30,
             gpu: Some(GpuRequest::whole("H100", 8)),

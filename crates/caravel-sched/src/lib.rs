@@ -181,9 +181,15 @@ impl NodeSnap {
             })
     }
 
-    /// How many tasks of `r` this node could take now (0 when not ready).
+    /// Whether the node gives what a task needs besides room (isolation, an OCI runtime).
+    pub fn meets(&self, needs: caravel_core::NodeNeeds) -> bool {
+        self.capacity.isolation >= needs.isolation && (!needs.image || self.capacity.images)
+    }
+
+    /// How many tasks of `r` this node could take now (0 when not ready, or when it does
+    /// not give what the task needs).
     pub fn room_for(&self, r: &TaskResources) -> u64 {
-        if !self.ready {
+        if !self.ready || !self.meets(r.needs) {
             return 0;
         }
         let mut k =
@@ -422,6 +428,10 @@ impl Default for Config {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Lack {
     NotReady(&'static str),
+    /// Gives less isolation than the task asks for.
+    Isolation(caravel_core::IsolationLevel),
+    /// Has no OCI runtime, and the task runs in an image.
+    Images,
     GpuModel(String),
     Gpus(String),
     Cpu,
@@ -432,6 +442,8 @@ impl Lack {
     fn label(&self) -> String {
         match self {
             Lack::NotReady(why) => (*why).into(),
+            Lack::Isolation(l) => format!("lack isolation {l}"),
+            Lack::Images => "lack an OCI runtime".into(),
             Lack::GpuModel(m) => format!("lack gpu/{m}"),
             Lack::Gpus(m) => format!("lack free gpu/{m}"),
             Lack::Cpu => "lack cpu".into(),
@@ -445,6 +457,12 @@ impl Lack {
 pub(crate) fn fit(cfg: &Config, n: &NodeSnap, r: &TaskResources) -> Result<(u64, Vec<u32>), Lack> {
     if !n.ready {
         return Err(Lack::NotReady(n.not_ready));
+    }
+    if n.capacity.isolation < r.needs.isolation {
+        return Err(Lack::Isolation(r.needs.isolation));
+    }
+    if r.needs.image && !n.capacity.images {
+        return Err(Lack::Images);
     }
     let mut devices = Vec::new();
     let mut whole_taken = 0u64;

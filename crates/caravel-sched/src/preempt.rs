@@ -1015,6 +1015,8 @@ mod tests {
         NodeSnap::new(
             NodeId(1),
             Capacity {
+                isolation: Default::default(),
+                images: false,
                 cpu_milli: 8_000,
                 memory_bytes: mem_gib << 30,
                 devices: (0..n)
@@ -1029,6 +1031,7 @@ mod tests {
 
     fn ask(gpu: GpuRequest) -> TaskResources {
         TaskResources {
+            needs: Default::default(),
             cpu_milli: 1_000,
             memory_bytes: 2 << 30,
             gpu: Some(gpu),

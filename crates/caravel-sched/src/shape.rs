@@ -131,6 +131,7 @@ mod tests {
 
     fn ask(cpu: u64, gpu: Option<GpuRequest>) -> TaskResources {
         TaskResources {
+            needs: Default::default(),
             cpu_milli: cpu,
             memory_bytes: 1 << 30,
             gpu,

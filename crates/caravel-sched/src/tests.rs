@@ -6,6 +6,8 @@ fn cpu_node(id: u64, cpus: u64, gib: u64) -> NodeSnap {
     NodeSnap::new(
         NodeId(id),
         Capacity {
+            isolation: Default::default(),
+            images: false,
             cpu_milli: cpus * 1000,
             memory_bytes: gib << 30,
             devices: vec![],
@@ -17,6 +19,8 @@ fn gpu_node(id: u64, model: &str, n: u32) -> NodeSnap {
     NodeSnap::new(
         NodeId(id),
         Capacity {
+            isolation: Default::default(),
+            images: false,
             cpu_milli: 64_000,
             memory_bytes: 512 << 30,
             devices: (0..n)
@@ -36,6 +40,7 @@ fn job(id: u64, tasks: u32, cpu: u64, gpu: Option<(&str, u32)>, gang: bool) -> J
         priority: Priority::Batch,
         seq: id,
         resources: TaskResources {
+            needs: Default::default(),
             cpu_milli: cpu,
             memory_bytes: 1 << 30,
             gpu: gpu.map(|(m, c)| GpuRequest::whole(m, c)),
@@ -235,6 +240,8 @@ fn arb_world() -> impl Strategy<Value = World> {
                     NodeSnap::new(
                         NodeId(i as u64),
                         Capacity {
+                            isolation: Default::default(),
+                            images: false,
                             cpu_milli: c * 1000,
                             memory_bytes: m << 30,
                             devices: match g {
@@ -275,6 +282,7 @@ fn arb_world() -> impl Strategy<Value = World> {
                     priority: [Priority::Online, Priority::Batch, Priority::Spot][pr as usize],
                     seq: i as u64,
                     resources: TaskResources {
+                        needs: Default::default(),
                         cpu_milli: cpu,
                         memory_bytes: mem << 30,
                         // Whole devices, a fraction of one, or any of two models.
@@ -651,6 +659,7 @@ fn running(
         node: NodeId(node),
         priority: prio,
         resources: TaskResources {
+            needs: Default::default(),
             cpu_milli: 1000,
             memory_bytes: 1 << 30,
             gpu: None,
@@ -1330,6 +1339,7 @@ fn arb_reserve_world() -> impl Strategy<Value = (Vec<NodeSnap>, Vec<RunningTask>
                 .collect();
             // What each task asks: whole GPUs of a model, a share of one, or CPU only.
             let shape = |kind: usize, gc: u32, cpus: u64, salt: usize| TaskResources {
+                needs: Default::default(),
                 cpu_milli: cpus * 1000,
                 memory_bytes: 1 << 30,
                 gpu: match kind {
@@ -2018,7 +2028,7 @@ proptest! {
             }
         }
         let count = if req_milli.is_some() { 1 } else { req_count };
-        let r = TaskResources {
+        let r = TaskResources { needs: Default::default(),
             cpu_milli: req_cpu,
             memory_bytes: 1 << 20,
             gpu: Some(GpuRequest { milli: req_milli, ..GpuRequest::whole("A100", count) }),
@@ -2263,6 +2273,7 @@ fn gang_member(run: u64, node: u64, tenant: u64) -> RunningTask {
         node: NodeId(node),
         priority: Priority::Batch,
         resources: TaskResources {
+            needs: Default::default(),
             cpu_milli: 1000,
             memory_bytes: 1 << 30,
             gpu: Some(GpuRequest::whole("T4", 4)),
@@ -3200,6 +3211,125 @@ proptest! {
                 .sum();
             let owed = factor * share_plan.as_ref().unwrap().turn_away[&milli] * tasks as f64;
             prop_assert!(n as f64 <= owed.ceil(), "{n} turned away, {owed} owed");
+        }
+    }
+}
+
+fn isolated(mut n: NodeSnap, level: caravel_core::IsolationLevel, images: bool) -> NodeSnap {
+    let mut c = (*n.capacity).clone();
+    c.isolation = level;
+    c.images = images;
+    n.capacity = std::sync::Arc::new(c);
+    n
+}
+
+#[test]
+fn a_task_runs_only_where_the_node_gives_the_isolation_and_runtime_it_needs() {
+    use caravel_core::IsolationLevel as L;
+    // The tightest node gives no isolation: best fit alone would pick it.
+    let mut nodes = vec![
+        isolated(cpu_node(1, 2, 8), L::None, false),
+        isolated(cpu_node(2, 8, 32), L::Sandboxed, false),
+        isolated(cpu_node(3, 16, 64), L::Restricted, true),
+    ];
+    let mut t = HashMap::new();
+    let mut plain = job(1, 1, 1000, None, false);
+    let mut sandboxed = job(2, 1, 1000, None, false);
+    sandboxed.resources.needs.isolation = L::Sandboxed;
+    let mut restricted = job(3, 1, 1000, None, false);
+    restricted.resources.needs.isolation = L::Restricted;
+    let mut image = job(4, 1, 1000, None, false);
+    image.resources.needs.image = true;
+    plain.seq = 1;
+    let plan = schedule(
+        &Config::default(),
+        &mut nodes,
+        &mut t,
+        &[plain, sandboxed, restricted, image],
+    );
+    let on = |j: u64| {
+        plan.placements
+            .iter()
+            .find(|p| p.job == JobId(j))
+            .map(|p| p.node)
+    };
+    assert_eq!(on(1), Some(NodeId(1)));
+    assert_eq!(on(2), Some(NodeId(2)), "sandboxed is enough, and tighter");
+    assert_eq!(on(3), Some(NodeId(3)));
+    assert_eq!(on(4), Some(NodeId(3)), "only node 3 has an OCI runtime");
+}
+
+#[test]
+fn a_task_no_node_isolates_enough_waits_with_the_reason_counted() {
+    use caravel_core::IsolationLevel as L;
+    let mut nodes = vec![
+        isolated(cpu_node(1, 8, 32), L::None, false),
+        isolated(cpu_node(2, 8, 32), L::Sandboxed, false),
+        isolated(cpu_node(3, 1, 1), L::Restricted, false),
+    ];
+    let mut t = HashMap::new();
+    let mut j = job(1, 1, 2000, None, false);
+    j.resources.needs.isolation = L::Restricted;
+    let mut img = job(2, 2, 1000, None, true);
+    img.resources.needs.image = true;
+    let plan = schedule(&Config::default(), &mut nodes, &mut t, &[j, img]);
+    assert!(plan.placements.is_empty(), "{:?}", plan.placements);
+    let r = &plan.pending[&JobId(1)][0];
+    assert_eq!(r.code, "no_fit");
+    assert_eq!(r.counts["lack isolation restricted"], 2, "{r:?}");
+    assert_eq!(r.counts["lack cpu"], 1, "{r:?}");
+    assert!(
+        r.message.contains("2 nodes lack isolation restricted"),
+        "{}",
+        r.message
+    );
+    // A gang of image tasks: no node has a runtime, and the reason says so.
+    let r = &plan.pending[&JobId(2)][0];
+    assert!(
+        r.message.contains("OCI runtime") || r.code == "gang",
+        "{r:?}"
+    );
+    for n in &nodes {
+        assert_eq!(n.room_for(&img_res()), 0);
+    }
+}
+
+fn img_res() -> TaskResources {
+    let mut r = job(9, 1, 1000, None, false).resources;
+    r.needs.image = true;
+    r
+}
+
+proptest! {
+    /// Whatever the mix, no task lands on a node that gives less than it needs.
+    #[test]
+    fn placements_always_meet_the_needs(
+        levels in proptest::collection::vec((0u8..3, any::<bool>()), 1..8),
+        asks in proptest::collection::vec((0u8..3, any::<bool>(), 1u64..4, any::<bool>()), 1..12),
+    ) {
+        use caravel_core::IsolationLevel as L;
+        let lv = |x: u8| [L::None, L::Sandboxed, L::Restricted][x as usize];
+        let mut nodes: Vec<NodeSnap> = levels
+            .iter()
+            .enumerate()
+            .map(|(i, (l, img))| isolated(cpu_node(i as u64 + 1, 4, 16), lv(*l), *img))
+            .collect();
+        let jobs: Vec<JobReq> = asks
+            .iter()
+            .enumerate()
+            .map(|(i, (l, img, n, gang))| {
+                let mut j = job(i as u64 + 1, *n as u32, 1000, None, *gang);
+                j.resources.needs.isolation = lv(*l);
+                j.resources.needs.image = *img;
+                j
+            })
+            .collect();
+        let mut t = HashMap::new();
+        let plan = schedule(&Config::default(), &mut nodes, &mut t, &jobs);
+        for p in &plan.placements {
+            let j = &jobs[p.job.0 as usize - 1];
+            let n = nodes.iter().find(|n| n.id == p.node).unwrap();
+            prop_assert!(n.meets(j.resources.needs), "{p:?} on {:?}", n.capacity);
         }
     }
 }

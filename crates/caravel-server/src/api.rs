@@ -592,7 +592,7 @@ pub async fn get_job(
         .collect();
     Ok(Json(JobDetail {
         summary: summary(&core, j),
-        spec: j.rec.spec.clone(),
+        spec: j.rec.spec.redacted(),
         task_list,
         runs,
     }))
@@ -882,6 +882,7 @@ pub async fn list_nodes(
                 running_tasks: e.alloc.runs.len() as u32,
                 last_seen_ms: e.node.last_seen_ms,
                 drained: e.node.drained,
+                isolation_missing: e.node.isolation_missing.clone(),
             })
             .collect(),
     ))

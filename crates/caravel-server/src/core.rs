@@ -247,7 +247,8 @@ impl Core {
                 },
             );
         }
-        for j in snap.jobs {
+        for mut j in snap.jobs {
+            j.spec.normalize();
             core.next_job = core.next_job.max(j.id.0 + 1);
             if let (Some(s), false) = (&j.service, j.state.is_terminal()) {
                 core.service_jobs
@@ -629,10 +630,11 @@ impl Core {
     pub fn submit_idempotent(
         &mut self,
         tenant: TenantId,
-        spec: JobSpec,
+        mut spec: JobSpec,
         key: Option<String>,
         now: Millis,
     ) -> Result<(JobId, bool), ApiError> {
+        spec.normalize();
         let Some(key) = key else {
             return Ok((self.submit(tenant, spec, now)?, true));
         };
@@ -662,11 +664,12 @@ impl Core {
     fn submit_as(
         &mut self,
         tenant: TenantId,
-        spec: JobSpec,
+        mut spec: JobSpec,
         service: Option<ReplicaOf>,
         idempotency_key: Option<String>,
         now: Millis,
     ) -> Result<JobId, ApiError> {
+        spec.normalize();
         spec.validate()?;
         self.check_runnable(tenant, &spec)?;
         let id = JobId(self.next_job);
@@ -1940,6 +1943,14 @@ impl Core {
                 ValidationError::new("capacity", "a node needs some cpu and memory").into(),
             );
         }
+        if req.isolation_missing.len() > 16 || req.isolation_missing.iter().any(|m| m.len() > 1024)
+        {
+            return Err(ValidationError::new(
+                "isolation_missing",
+                "at most 16 entries of at most 1024 bytes",
+            )
+            .into());
+        }
         let running: BTreeSet<RunId> = req.running.iter().copied().collect();
         let existing = self.node_by_name.get(&req.name).copied();
         let id = existing.unwrap_or(NodeId(self.next_node));
@@ -1961,6 +1972,7 @@ impl Core {
             instance: req.instance,
             // An agent restart does not undo an operator's drain.
             drained: existing.is_some_and(|e| self.nodes[&e].node.drained),
+            isolation_missing: req.isolation_missing.clone(),
         };
         self.commit(&[Mutation::PutNode(node.clone())])?;
         if existing.is_none() {
@@ -2102,6 +2114,9 @@ impl Core {
     fn assignment(&self, j: &JobEntry, r: &RunRecord) -> Assignment {
         let s = &j.rec.spec;
         let mut env = s.env.clone();
+        // Secrets reach the agent only inside an assignment (its channel is the agent's
+        // authenticated sync), and from there only the task's environment.
+        env.extend(s.secret_env.iter().map(|(k, v)| (k.clone(), v.clone())));
         env.insert("CARAVEL_JOB_ID".into(), r.job.to_string());
         env.insert("CARAVEL_TASK_INDEX".into(), r.index.to_string());
         env.insert("CARAVEL_TASK_COUNT".into(), s.tasks.to_string());
@@ -2153,6 +2168,11 @@ impl Core {
             wants_port: j.rec.service.is_some(),
             fence: s.fence,
             checkpoint: None,
+            tenant: j.rec.tenant,
+            image: s.image.clone(),
+            workdir: s.workdir.clone(),
+            disk_bytes: s.disk_bytes,
+            isolation: s.isolation,
         }
     }
 

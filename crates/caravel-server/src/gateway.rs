@@ -1277,7 +1277,7 @@ pub fn reconcile(s: &Arc<Shared>, now: Millis) {
         svcs.retain(|k, _| live.contains(k));
         for (key, rec, reps) in &snapshot {
             let svc = svcs.entry(key.clone()).or_insert_with(|| Svc {
-                spec: rec.spec.clone(),
+                spec: rec.spec.redacted(),
                 version: rec.version,
                 replicas: HashMap::new(),
                 held: Arc::new(AtomicU64::new(0)),

@@ -522,6 +522,13 @@ pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
         source,
     };
     std::fs::create_dir_all(&cfg.data_dir).map_err(dd)?;
+    // Tokens, the database (job secrets among it), checkpoints and task output: nobody
+    // else on this machine reads any of it.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(dd)?;
+    }
     // Before anything reads or writes the store: it has exactly one owner.
     let mut data_dir_lock = datadir::lock(&cfg.data_dir)?;
     let (store, tokens) = {

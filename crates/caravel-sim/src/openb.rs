@@ -189,6 +189,8 @@ pub fn to_nodes(nodes: &[OpenbNode]) -> Vec<NodeSnap> {
             NodeSnap::new(
                 NodeId(i as u64),
                 Capacity {
+                    isolation: Default::default(),
+                    images: false,
                     cpu_milli: n.cpu_milli,
                     memory_bytes: n.memory_mib << 20,
                     devices: (0..n.gpus)
@@ -220,6 +222,7 @@ pub fn to_request(p: &OpenbPod, all_models: &[String]) -> TaskResources {
         }
     });
     TaskResources {
+        needs: Default::default(),
         // Pods of zero CPU exist in the trace; the scheduler counts at least one millicore.
         cpu_milli: p.cpu_milli.max(1),
         memory_bytes: (p.memory_mib << 20).max(1),

@@ -1262,6 +1262,8 @@ mod tests {
         NodeSnap::new(
             NodeId(i),
             Capacity {
+                isolation: Default::default(),
+                images: false,
                 cpu_milli: 32_000,
                 memory_bytes: 256 << 30,
                 devices: (0..gpus)
@@ -1276,6 +1278,7 @@ mod tests {
 
     fn gpus(n: u32) -> TaskResources {
         TaskResources {
+            needs: Default::default(),
             cpu_milli: 1000,
             memory_bytes: 1 << 30,
             gpu: Some(GpuRequest::whole("A100", n)),

@@ -137,6 +137,8 @@ fn gpu_node(i: usize, gpus: u32, model: &str, cpu: u64, mem_gib: u64) -> NodeSna
     NodeSnap::new(
         NodeId(i as u64),
         Capacity {
+            isolation: Default::default(),
+            images: false,
             cpu_milli: cpu * 1000,
             memory_bytes: mem_gib * GIB,
             devices: (0..gpus)
@@ -179,6 +181,7 @@ pub fn pool(spec: &Spec) -> Vec<NodeSnap> {
 
 fn res(cpu: u64, mem_gib: u64, gpu: Option<GpuRequest>) -> TaskResources {
     TaskResources {
+        needs: Default::default(),
         cpu_milli: cpu,
         memory_bytes: mem_gib * GIB,
         gpu,

@@ -200,6 +200,7 @@ pub fn split_gpus(n: u32, per_node: u32) -> (u32, u32) {
 
 fn gpu_task(shape: &TaskShape, g: u32) -> TaskResources {
     TaskResources {
+        needs: Default::default(),
         cpu_milli: shape.cpu_milli_per_gpu * g as u64,
         memory_bytes: shape.memory_per_gpu * g as u64,
         gpu: Some(GpuRequest {
@@ -485,6 +486,8 @@ fn node(i: usize, cpu_cores: u64, mem: u64, gpus: u32, model: &str) -> NodeSnap 
     NodeSnap::new(
         NodeId(i as u64),
         Capacity {
+            isolation: Default::default(),
+            images: false,
             cpu_milli: cpu_cores * 1000,
             memory_bytes: mem,
             devices: (0..gpus)
@@ -730,6 +733,7 @@ pub fn service_from(
         name: name.to_string(),
         tenant,
         resources: TaskResources {
+            needs: Default::default(),
             cpu_milli: 8_000,
             memory_bytes: 32 * GIB,
             gpu: Some(GpuRequest {

@@ -27,6 +27,7 @@ pub fn tenant(id: u64, name: &str) -> Tenant {
 
 pub fn node(id: u64, name: &str) -> Node {
     Node {
+        isolation_missing: vec![],
         id: NodeId(id),
         name: name.into(),
         address: "127.0.0.1".into(),
@@ -36,6 +37,8 @@ pub fn node(id: u64, name: &str) -> Node {
         topology: Topology::default(),
         labels: BTreeMap::new(),
         capacity: Capacity {
+            isolation: Default::default(),
+            images: false,
             cpu_milli: 4000,
             memory_bytes: 1 << 30,
             devices: vec![Device {

@@ -62,8 +62,35 @@ fn db(e: rusqlite::Error) -> StoreError {
     }
 }
 
+/// The database holds every job's spec, secrets included, and the token hashes: it and its
+/// WAL files are readable by their owner only (SQLite gives the WAL and shared-memory files
+/// the mode of the database file, so creating that one 0600 covers them).
+fn private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(path)?;
+    let mut names = vec![path.to_path_buf()];
+    for suffix in ["-wal", "-shm", "-journal"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        names.push(p.into());
+    }
+    for p in names {
+        match std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 impl SqliteStore {
     pub fn open(path: &Path, sync: Sync) -> Result<SqliteStore> {
+        private(path).map_err(|e| StoreError::Db(format!("{}: {e}", path.display())))?;
         let conn = Connection::open(path).map_err(db)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(db)?;
@@ -316,6 +343,30 @@ impl Store for SqliteStore {
             )
             .map_err(db)?;
         Ok(n > 0)
+    }
+}
+
+#[cfg(test)]
+mod private_tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_database_and_its_wal_are_owner_only_even_if_they_were_not() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("caravel.db");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        drop(SqliteStore::open(&p, Sync::Normal).unwrap());
+        assert_eq!(mode(&p), 0o600);
+        // A database left world-readable by an older version is tightened on open.
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let s = SqliteStore::open(&p, Sync::Normal).unwrap();
+        assert_eq!(mode(&p), 0o600);
+        let wal = d.path().join("caravel.db-wal");
+        if wal.exists() {
+            assert_eq!(mode(&wal), 0o600);
+        }
+        drop(s);
     }
 }
 

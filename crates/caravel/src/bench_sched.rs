@@ -30,6 +30,8 @@ fn cpu_node(id: u64, cpus: u64, gib: u64) -> NodeSnap {
     NodeSnap::new(
         NodeId(id),
         Capacity {
+            isolation: Default::default(),
+            images: false,
             cpu_milli: cpus * 1000,
             memory_bytes: gib << 30,
             devices: vec![],
@@ -41,6 +43,8 @@ fn gpu_node(id: u64, model: &str, gpus: u32, cpus: u64, gib: u64) -> NodeSnap {
     NodeSnap::new(
         NodeId(id),
         Capacity {
+            isolation: Default::default(),
+            images: false,
             cpu_milli: cpus * 1000,
             memory_bytes: gib << 30,
             devices: (0..gpus)
@@ -70,6 +74,7 @@ fn job(id: u64, tenant: u64, tasks: u32, r: TaskResources, gang: bool) -> JobReq
 
 fn res(cpu_milli: u64, mem: u64, gpu: Option<(&str, u32)>) -> TaskResources {
     TaskResources {
+        needs: Default::default(),
         cpu_milli,
         memory_bytes: mem,
         gpu: gpu.map(|(m, c)| GpuRequest::whole(m, c)),

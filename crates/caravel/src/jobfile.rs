@@ -55,6 +55,15 @@ pub struct JobFile {
     pub min_runtime: Option<String>,
     #[serde(default)]
     pub fence: bool,
+    /// An OCI image to run in.
+    pub image: Option<String>,
+    /// Environment values no view shows.
+    #[serde(default)]
+    pub secret_env: BTreeMap<String, String>,
+    /// The least isolation the tasks accept: none, sandboxed, restricted.
+    pub isolation: Option<caravel_core::IsolationLevel>,
+    /// Ephemeral disk per task: 20Gi.
+    pub disk: Option<NumOrStr>,
 }
 
 /// `H100:2`, `H100:0.25`, `H100|A100:1`.
@@ -99,6 +108,14 @@ impl JobFile {
     pub fn into_spec(self) -> Result<JobSpec> {
         let r = Self::resources_of(&self.resources)?;
         Ok(JobSpec {
+            image: self.image,
+            workdir: None,
+            secret_env: self.secret_env,
+            isolation: self.isolation,
+            disk_bytes: self
+                .disk
+                .map(|d| parse_bytes(&d.text()).map_err(|e| anyhow!("disk: {e}")))
+                .transpose()?,
             name: self.name,
             tasks: self.tasks.unwrap_or(1),
             command: self.command.ok_or_else(|| anyhow!("command: missing"))?,

@@ -464,6 +464,107 @@ struct AgentArgs {
     /// server holds all its output, and after this at the latest: 24h, 7d.
     #[arg(long, default_value = "24h", value_parser = dur)]
     run_retention: u64,
+    #[command(flatten)]
+    tasks: TaskArgs,
+}
+
+/// How an agent runs tasks (`caravel agent` and `caravel up`).
+#[derive(Args, Clone)]
+struct TaskArgs {
+    /// Sandbox tasks: `on` when the agent can (it must be root), `off` to run every task
+    /// as the agent's own user, unconfined (the node then reports isolation `none`).
+    #[arg(long, value_enum, default_value = "on")]
+    sandbox: OnOff,
+    /// The uids (and gids) tasks run as, one per tenant: FIRST-LAST. No account of the
+    /// machine may fall inside.
+    #[arg(long, default_value = "200000-299999", value_parser = uid_range)]
+    task_uids: caravel_agent::sandbox::UidRange,
+    /// A host path every task gets, HOST[:TASK][:ro|rw], read-only unless `rw`
+    /// (repeatable). Every tenant's tasks see it: share datasets, not secrets.
+    #[arg(long = "task-mount", value_name = "HOST[:TASK][:ro|rw]", value_parser = task_mount)]
+    task_mounts: Vec<caravel_agent::sandbox::TaskMount>,
+    /// Ephemeral disk a task may fill when its job does not say: 10Gi, 500Mi.
+    #[arg(long, default_value = "10Gi", value_parser = disk_size)]
+    task_disk: u64,
+    /// Most processes and threads a task may have at once.
+    #[arg(long, default_value_t = caravel_agent::DEFAULT_TASK_PIDS, value_parser = clap::value_parser!(u64).range(16..))]
+    task_pids: u64,
+    /// A device file for each GPU declared with --gpus, in order: PATH[,PATH...]. A
+    /// sandboxed task sees and may open only its own GPUs' files.
+    #[arg(long, value_delimiter = ',', value_name = "PATH[,PATH...]")]
+    gpu_devices: Vec<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum OnOff {
+    On,
+    Off,
+}
+
+impl TaskArgs {
+    /// The same settings as command-line arguments (for `up --detach`'s child).
+    fn to_args(&self) -> Vec<String> {
+        let mut v = vec![
+            "--sandbox".to_string(),
+            if self.sandbox == OnOff::On {
+                "on"
+            } else {
+                "off"
+            }
+            .to_string(),
+            "--task-uids".into(),
+            self.task_uids.to_string(),
+            "--task-disk".into(),
+            self.task_disk.to_string(),
+            "--task-pids".into(),
+            self.task_pids.to_string(),
+        ];
+        for m in &self.task_mounts {
+            v.push("--task-mount".into());
+            v.push(format!(
+                "{}:{}:{}",
+                m.host.display(),
+                m.task.display(),
+                if m.rw { "rw" } else { "ro" }
+            ));
+        }
+        if !self.gpu_devices.is_empty() {
+            v.push("--gpu-devices".into());
+            let paths: Vec<String> = self
+                .gpu_devices
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect();
+            v.push(paths.join(","));
+        }
+        v
+    }
+
+    fn apply(&self, c: &mut caravel_agent::AgentConfig) {
+        c.sandbox = self.sandbox == OnOff::On;
+        c.task_uids = self.task_uids;
+        c.task_mounts = self.task_mounts.clone();
+        c.task_disk_bytes = self.task_disk;
+        c.task_pids = self.task_pids;
+        c.gpu_devices = self.gpu_devices.clone();
+    }
+}
+
+fn isolation_level(s: &str) -> Result<caravel_core::IsolationLevel, String> {
+    caravel_core::IsolationLevel::parse(s)
+}
+fn uid_range(s: &str) -> Result<caravel_agent::sandbox::UidRange, String> {
+    caravel_agent::sandbox::UidRange::parse(s)
+}
+fn task_mount(s: &str) -> Result<caravel_agent::sandbox::TaskMount, String> {
+    caravel_agent::sandbox::TaskMount::parse(s)
+}
+fn disk_size(s: &str) -> Result<u64, String> {
+    let b = parse_bytes(s)?;
+    if !(caravel_core::MIN_DISK_BYTES..=caravel_core::MAX_DISK_BYTES).contains(&b) {
+        return Err("must be 1Mi to 1Pi".into());
+    }
+    Ok(b)
 }
 
 #[derive(Args)]
@@ -482,6 +583,8 @@ struct UpArgs {
     /// config so the commands here trust it).
     #[arg(long)]
     tls: bool,
+    #[command(flatten)]
+    tasks: TaskArgs,
 }
 
 #[derive(Args)]
@@ -540,6 +643,19 @@ struct SubmitArgs {
     /// KEY=VALUE (repeatable).
     #[arg(long = "env", short = 'e')]
     env: Vec<String>,
+    /// KEY=VALUE whose value no view, listing or log shows after submission; only the
+    /// job's tasks read it (repeatable).
+    #[arg(long = "secret-env", value_name = "KEY=VALUE")]
+    secret_env: Vec<String>,
+    /// Run in this OCI image: [REGISTRY/]REPO[:TAG][@sha256:DIGEST].
+    #[arg(long)]
+    image: Option<String>,
+    /// The least isolation the tasks accept (they wait for a node that gives it).
+    #[arg(long, value_parser = isolation_level)]
+    isolation: Option<caravel_core::IsolationLevel>,
+    /// Ephemeral disk per task (working directory, /tmp, checkpoints, output): 20Gi.
+    #[arg(long)]
+    disk: Option<String>,
     /// SIGTERM-to-SIGKILL grace on cancel, preemption and timeout (default 30s).
     #[arg(long)]
     kill_grace: Option<String>,
@@ -632,7 +748,22 @@ fn kv(s: &str) -> Result<(String, String), String> {
 }
 
 fn main() {
+    // A sandboxed task's first process: this binary, started by the agent inside the
+    // task's namespaces. Nothing else of the CLI runs.
+    if std::env::args_os().nth(1).as_deref()
+        == Some(std::ffi::OsStr::new(caravel_agent::sandbox::INIT_ARG))
+    {
+        caravel_agent::sandbox::init::main();
+    }
     let cli = Cli::parse();
+    if matches!(&cli.cmd, Cmd::Server(_) | Cmd::Agent(_) | Cmd::Up(_)) {
+        // What the control plane and agents write (tokens, the database, checkpoints,
+        // task output, run folders) is theirs alone unless they say otherwise.
+        // SAFETY: before any thread starts.
+        unsafe {
+            libc::umask(0o077);
+        }
+    }
     if !matches!(
         &cli.cmd,
         Cmd::Server(_) | Cmd::Agent(_) | Cmd::Up(_) | Cmd::Bench { .. }
@@ -921,9 +1052,32 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
                 return Ok(0);
             }
             let mut t = Table::new(&[
-                "NAME", "STATE", "CPU", "MEMORY", "GPUS", "TASKS", "ZONE", "RACK",
+                "NAME",
+                "STATE",
+                "CPU",
+                "MEMORY",
+                "GPUS",
+                "TASKS",
+                "ZONE",
+                "RACK",
+                "ISOLATION",
             ]);
+            // Below the table: what keeps each node's isolation below `restricted`.
+            let mut notes = Vec::new();
             for n in nodes {
+                if !n.isolation_missing.is_empty() {
+                    notes.push(format!(
+                        "{}: isolation {}; missing: {}",
+                        n.name,
+                        n.capacity.isolation,
+                        n.isolation_missing.join("; ")
+                    ));
+                }
+                let isolation = if n.capacity.images {
+                    format!("{},images", n.capacity.isolation)
+                } else {
+                    n.capacity.isolation.to_string()
+                };
                 let g = n.capacity.gpu_models();
                 let gpus = if g.is_empty() {
                     "-".into()
@@ -957,9 +1111,13 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
                     n.running_tasks.to_string(),
                     dash(&n.topology.zone),
                     dash(&n.topology.rack),
+                    isolation,
                 ]);
             }
             print!("{t}");
+            for line in notes {
+                println!("{line}");
+            }
             Ok(0)
         }
         Cmd::Tenant {
@@ -1173,29 +1331,25 @@ fn agent_config(a: AgentArgs) -> Result<caravel_agent::AgentConfig> {
     let work_dir = a
         .work_dir
         .unwrap_or_else(|| std::env::temp_dir().join(format!("caravel-agent-{name}")));
-    Ok(caravel_agent::AgentConfig {
-        server: a.server,
-        token: a.token,
-        name,
-        topology: Topology {
-            region: a.region,
-            zone: a.zone,
-            rack: a.rack,
-        },
-        labels: a.labels.into_iter().collect(),
-        cpu_milli: a.cpus,
-        memory_bytes: a.memory,
-        gpus: a.gpus.map(|g| g.0).unwrap_or_default(),
-        work_dir,
-        listen: a.listen,
-        advertise: a.advertise,
-        use_cgroups: !a.no_cgroups,
-        cgroup_name: None,
-        ca: a.ca,
-        ca_sha256: a.ca_sha256,
-        log_ship_every: Duration::from_millis(a.log_ship_every),
-        run_retention: Duration::from_millis(a.run_retention),
-    })
+    let mut c = caravel_agent::AgentConfig::new(a.server, a.token, name, work_dir);
+    c.topology = Topology {
+        region: a.region,
+        zone: a.zone,
+        rack: a.rack,
+    };
+    c.labels = a.labels.into_iter().collect();
+    c.cpu_milli = a.cpus;
+    c.memory_bytes = a.memory;
+    c.gpus = a.gpus.map(|g| g.0).unwrap_or_default();
+    c.listen = a.listen;
+    c.advertise = a.advertise;
+    c.use_cgroups = !a.no_cgroups;
+    c.ca = a.ca;
+    c.ca_sha256 = a.ca_sha256;
+    c.log_ship_every = Duration::from_millis(a.log_ship_every);
+    c.run_retention = Duration::from_millis(a.run_retention);
+    a.tasks.apply(&mut c);
+    Ok(c)
 }
 
 fn build_spec(a: &SubmitArgs) -> Result<JobSpec> {
@@ -1274,6 +1428,21 @@ fn build_spec(a: &SubmitArgs) -> Result<JobSpec> {
             .split_once('=')
             .ok_or_else(|| anyhow!("--env: `{e}` is not KEY=VALUE"))?;
         spec.env.insert(k.into(), v.into());
+    }
+    for e in &a.secret_env {
+        let (k, v) = e
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--secret-env: an argument is not KEY=VALUE (it is not shown here, in case it is the secret)"))?;
+        spec.secret_env.insert(k.into(), v.into());
+    }
+    if let Some(i) = &a.image {
+        spec.image = Some(i.clone());
+    }
+    if let Some(l) = a.isolation {
+        spec.isolation = Some(l);
+    }
+    if let Some(d) = &a.disk {
+        spec.disk_bytes = Some(parse_bytes(d).map_err(|e| anyhow!("--disk: {e}"))?);
     }
     spec.validate().map_err(|e| anyhow!("{e}"))?;
     Ok(spec)

@@ -5,7 +5,6 @@
 //! starting a second owner of the same store, and `down` signals the holder and waits for
 //! the lock to be let go, which happens only once that process is gone.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
@@ -14,7 +13,6 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Result};
 use caravel_core::api::NodeView;
 use caravel_core::quantity::parse_duration_ms;
-use caravel_core::Topology;
 use caravel_server::datadir;
 use tokio::signal::unix::Signal;
 
@@ -61,27 +59,20 @@ pub async fn up(a: UpArgs) -> Result<i32> {
         token: s.admin_token.clone(),
         ca: s.ca.clone(),
     })?;
-    let agent = caravel_agent::AgentConfig {
-        server: url.clone(),
-        token: s.agent_token.clone().unwrap_or_default(),
-        name: "local".into(),
-        topology: Topology::default(),
-        labels: BTreeMap::new(),
-        cpu_milli: None,
-        memory_bytes: None,
-        gpus: a.gpus.map(|g| g.0).unwrap_or_default(),
-        work_dir: data_dir.join("agent"),
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        advertise: Some("127.0.0.1".into()),
-        use_cgroups: true,
-        // Every pool's agent is called `local`; its cgroups are named after the data
-        // directory, so two pools on one machine do not kill each other's tasks.
-        cgroup_name: Some(local_cgroup_name(&data_dir)),
-        ca: s.ca.clone(),
-        ca_sha256: None,
-        log_ship_every: Duration::from_secs(2),
-        run_retention: Duration::from_secs(24 * 3600),
-    };
+    let mut agent = caravel_agent::AgentConfig::new(
+        url.clone(),
+        s.agent_token.clone().unwrap_or_default(),
+        "local".into(),
+        data_dir.join("agent"),
+    );
+    agent.gpus = a.gpus.map(|g| g.0).unwrap_or_default();
+    agent.listen = "127.0.0.1:0".parse().expect("addr");
+    agent.advertise = Some("127.0.0.1".into());
+    // Every pool's agent is called `local`; its cgroups are named after the data
+    // directory, so two pools on one machine do not kill each other's tasks.
+    agent.cgroup_name = Some(local_cgroup_name(&data_dir));
+    agent.ca = s.ca.clone();
+    a.tasks.apply(&mut agent);
     let agent = caravel_agent::start(agent).await?;
     tokio::spawn(agent.clone().main_loop());
     println!("caravel is up at {url}");
@@ -193,6 +184,7 @@ async fn detach(a: UpArgs) -> Result<i32> {
     if a.tls {
         cmd.arg("--tls");
     }
+    cmd.args(a.tasks.to_args());
     use std::os::unix::process::CommandExt;
     cmd.stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)

@@ -23,6 +23,7 @@ fn fixture() -> Fixture {
 
 fn reg(name: &str, cpus: u64, gpus: u32) -> RegisterRequest {
     RegisterRequest {
+        isolation_missing: vec![],
         name: name.into(),
         address: "127.0.0.1".into(),
         agent_url: "http://127.0.0.1:1".into(),
@@ -32,6 +33,8 @@ fn reg(name: &str, cpus: u64, gpus: u32) -> RegisterRequest {
         topology: Topology::default(),
         labels: Default::default(),
         capacity: Capacity {
+            isolation: Default::default(),
+            images: false,
             cpu_milli: cpus * 1000,
             memory_bytes: 64 << 30,
             devices: (0..gpus)
@@ -855,6 +858,7 @@ fn least_attained_service_preempts_a_long_job_for_a_new_one_and_remembers_servic
     let gpu_job = || {
         let mut s = JobSpec::simple("train", &[]);
         s.resources = TaskResources {
+            needs: Default::default(),
             cpu_milli: 1000,
             memory_bytes: 1 << 30,
             gpu: Some(caravel_core::GpuRequest::whole("H100", 1)),
@@ -1168,6 +1172,8 @@ fn only_the_agent_instance_that_runs_the_node_may_shut_it_down() {
 #[test]
 fn a_task_no_node_can_hold_is_refused_naming_what_is_short() {
     let cap = |cpus: u64, mem_gib: u64, gpus: u32| Capacity {
+        isolation: Default::default(),
+        images: false,
         cpu_milli: cpus * 1000,
         memory_bytes: mem_gib << 30,
         devices: (0..gpus)
@@ -1180,6 +1186,7 @@ fn a_task_no_node_can_hold_is_refused_naming_what_is_short() {
     // A big CPU node, and a small one with the GPUs.
     let caps = [cap(64, 512, 0), cap(8, 64, 2)];
     let ask = |cpu: u64, mem_gib: u64, gpu: Option<GpuRequest>| TaskResources {
+        needs: Default::default(),
         cpu_milli: cpu,
         memory_bytes: mem_gib << 30,
         gpu,

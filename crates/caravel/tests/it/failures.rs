@@ -13,16 +13,13 @@ fn usage_runs(p: &Pool) -> Vec<Value> {
 #[test]
 fn server_kill9_mid_run_readopts_tasks_and_loses_nothing() {
     let mut p = Pool::new("kill9", &[("a", &["--cpus", "8"])]);
-    let pidfile = p.file("long.pid");
     let long = p.submit(
         &p.admin,
-        json!({"command": "sh", "args": ["-c", format!("echo $$ > {}; sleep 3; echo finished", pidfile.display())],
+        json!({"command": "sh", "args": ["-c", "sleep 3; echo finished"],
                "resources": {"cpu_milli": 100}}),
     );
     p.wait_state(long, &["running"], Duration::from_secs(20));
-    let pid: i32 = wait_for("pid", Duration::from_secs(10), || {
-        std::fs::read_to_string(&pidfile).ok()?.trim().parse().ok()
-    });
+    let pid: i32 = wait_for("pid", Duration::from_secs(10), || p.task_pid(long, 0));
     // This one exits while the server is down: its report waits in the agent's outbox.
     let short = p.submit(
         &p.admin,
@@ -118,7 +115,7 @@ fn a_killed_agents_tasks_are_rescheduled_on_healthy_nodes() {
 #[test]
 fn an_agent_stopped_cleanly_hands_its_runs_back_and_they_run_again() {
     let mut p = Pool::new("agentterm", &[("a", &["--cpus", "2"])]);
-    let marks = p.file("marks");
+    let marks = p.shared("marks");
     // No retries: a run lost with its agent would fail the job; one handed back must not.
     let script = format!(
         "echo $CARAVEL_RUN_ID >> {}; trap 'echo term >> {}; exit 143' TERM; sleep 600 & wait",
@@ -178,18 +175,19 @@ fn an_agent_stopped_cleanly_hands_its_runs_back_and_they_run_again() {
 #[test]
 fn a_second_sigterm_stops_an_agent_at_once_and_its_run_ends_once() {
     let mut p = Pool::new("agentterm2", &[("a", &["--cpus", "2"])]);
-    let pidfile = p.file("task.pid");
-    let script = format!(
-        "trap '' TERM; echo $$ > {}; exec sleep 600",
-        pidfile.display()
-    );
+    let script = "trap '' TERM; exec sleep 600".to_string();
     let id = p.submit(
         &p.admin,
         json!({"command": "sh", "args": ["-c", script], "kill_grace_ms": 60_000,
                "resources": {"cpu_milli": 100}}),
     );
     let task: i32 = wait_for("the task's pid", Duration::from_secs(20), || {
-        std::fs::read_to_string(&pidfile).ok()?.trim().parse().ok()
+        // `exec sleep` done: the shell's trap set, SIGTERM ignored from here on.
+        let pid = p.task_pid(id, 0)?;
+        std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .ok()
+            .filter(|c| c.trim() == "sleep")
+            .map(|_| pid)
     });
     let agent = p.agent_pid("a");
     unsafe {
@@ -233,23 +231,15 @@ fn a_second_sigterm_stops_an_agent_at_once_and_its_run_ends_once() {
 #[test]
 fn a_partitioned_node_that_returns_has_its_stale_copy_killed() {
     let p = Pool::new("stale", &[("a", &["--cpus", "1"]), ("b", &["--cpus", "1"])]);
-    let dir = p.file("pids");
-    std::fs::create_dir_all(&dir).unwrap();
     let id = p.submit(
         &p.admin,
-        json!({"command": "sh", "args": ["-c", format!("echo $$ > {}/$CARAVEL_RUN_ID; exec sleep 300", dir.display())], "max_retries": 1}),
+        json!({"command": "sleep", "args": ["300"], "max_retries": 1}),
     );
     let j = p.wait_state(id, &["running"], Duration::from_secs(20));
     let run1 = j["runs"][0]["id"].as_u64().unwrap();
     let first = j["task_list"][0]["node"].as_str().unwrap().to_string();
     let victim = if first == p.node_name("a") { "a" } else { "b" };
-    let pid1: i32 = wait_for("pid", Duration::from_secs(10), || {
-        std::fs::read_to_string(dir.join(run1.to_string()))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
-    });
+    let pid1: i32 = wait_for("pid", Duration::from_secs(10), || p.run_pid(run1));
     // Freeze the agent (a partition as the server sees it); its task keeps running.
     let apid = p.agent_pid(victim);
     unsafe {
@@ -261,13 +251,7 @@ fn a_partitioned_node_that_returns_has_its_stale_copy_killed() {
             .then_some(j)
     });
     let run2 = j["runs"][1]["id"].as_u64().unwrap();
-    let pid2: i32 = wait_for("pid2", Duration::from_secs(10), || {
-        std::fs::read_to_string(dir.join(run2.to_string()))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
-    });
+    let pid2: i32 = wait_for("pid2", Duration::from_secs(10), || p.run_pid(run2));
     assert!(
         pid_alive(pid1),
         "the stale copy is still running during the partition"
@@ -302,18 +286,12 @@ fn a_partitioned_node_that_returns_has_its_stale_copy_killed() {
     );
 }
 
-/// The pid a task wrote to `dir/RUN_ID`.
-fn run_pid(dir: &std::path::Path, run: u64) -> i32 {
+/// The host pid of a run's process, once it runs.
+fn wait_run_pid(p: &Pool, run: u64) -> i32 {
     wait_for(
         &format!("pid of run {run}"),
         Duration::from_secs(10),
-        || {
-            std::fs::read_to_string(dir.join(run.to_string()))
-                .ok()?
-                .trim()
-                .parse()
-                .ok()
-        },
+        || p.run_pid(run),
     )
 }
 
@@ -334,7 +312,7 @@ fn a_fenced_job_never_runs_twice_across_a_real_partition() {
     p.start_agent("a", &["--cpus", "2"]);
     p.agent_server = None;
     p.wait_nodes_ready(1);
-    let dir = p.file("pids");
+    let dir = p.shared("pids");
     std::fs::create_dir_all(&dir).unwrap();
     let task = json!([
         "-c",
@@ -361,7 +339,7 @@ fn a_fenced_job_never_runs_twice_across_a_real_partition() {
             id == fenced,
             "{j}"
         );
-        first.push(run_pid(&dir, j["runs"][0]["id"].as_u64().unwrap()));
+        first.push(wait_run_pid(&p, j["runs"][0]["id"].as_u64().unwrap()));
     }
     let (fenced_pid, plain_pid) = (first[0], first[1]);
     // Somewhere for the work to go.
@@ -387,8 +365,8 @@ fn a_fenced_job_never_runs_twice_across_a_real_partition() {
         },
     );
     assert_eq!(f2["task_list"][0]["node"], p.node_name("b"));
-    let f2_pid = run_pid(&dir, f2["runs"][1]["id"].as_u64().unwrap());
-    let p2_pid = run_pid(&dir, p2["runs"][1]["id"].as_u64().unwrap());
+    let f2_pid = wait_run_pid(&p, f2["runs"][1]["id"].as_u64().unwrap());
+    let p2_pid = wait_run_pid(&p, p2["runs"][1]["id"].as_u64().unwrap());
     // The fenced job's old copy was gone before the new one started; the unfenced job's
     // old copy still runs beside its replacement until the node comes back.
     let died = fenced_died_ms.expect("the fenced copy died during the partition");

@@ -27,6 +27,9 @@ pub struct Pool {
     /// The pool CA, for a server started with `--tls-self-signed`: the harness's client,
     /// the agents and the CLI trust it.
     pub ca: Option<PathBuf>,
+    /// Agents start without the harness's task mounts (`shared/`, the test data and the
+    /// binary's folder): the isolation tests' nodes give tasks nothing of the host.
+    pub bare_agents: bool,
 }
 
 impl Drop for Pool {
@@ -112,8 +115,14 @@ impl Pool {
             agent_server: None,
             agent_names: vec![],
             http: reqwest::Client::new(),
+            bare_agents: false,
             dir,
         };
+        let shared = p.dir.path().join("shared");
+        std::fs::create_dir_all(&shared).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        // Tasks run as their tenant's uid: they write marks here.
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
         p.start_server();
         p
     }
@@ -207,12 +216,33 @@ impl Pool {
                     .iter()
                     .flat_map(|ca| [std::ffi::OsStr::new("--ca"), ca.as_os_str()]),
             )
+            .args(self.task_mounts())
             .args(extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .unwrap();
         self.agents.push((name.to_string(), child));
+    }
+
+    /// What the harness's agents give every task, unless `bare_agents`: the test's
+    /// `shared/` folder (read-write: tests and tasks leave marks there), the test data
+    /// (replica scripts) and the folder of the `caravel` binary (replicas run it), each at
+    /// its own path.
+    pub fn task_mounts(&self) -> Vec<String> {
+        if self.bare_agents {
+            return vec![];
+        }
+        let bin_dir = std::path::Path::new(BIN).parent().unwrap();
+        let data = format!("{}/tests/it/data", env!("CARGO_MANIFEST_DIR"));
+        vec![
+            "--task-mount".into(),
+            format!("{}:rw", self.dir.path().join("shared").display()),
+            "--task-mount".into(),
+            data,
+            "--task-mount".into(),
+            bin_dir.display().to_string(),
+        ]
     }
 
     pub fn agent_pid(&self, name: &str) -> i32 {
@@ -418,8 +448,86 @@ impl Pool {
     pub fn file(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
+
+    /// A path in the test's `shared/` folder, which tasks see at the same path (and may
+    /// write to).
+    pub fn shared(&self, name: &str) -> PathBuf {
+        self.dir.path().join("shared").join(name)
+    }
 }
 
+/// The host pids of processes whose environment has every one of `vars` and, with
+/// `cgroup`, whose cgroup path contains it (tests run many pools at once, each with its own
+/// job 1: a pool's agents name their cgroups after the pool's tag).
+pub fn pids_with(vars: &[String], cgroup: Option<&str>) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        let have: Vec<&[u8]> = env.split(|b| *b == 0).collect();
+        if !vars.iter().all(|v| have.contains(&v.as_bytes())) {
+            continue;
+        }
+        if let Some(c) = cgroup {
+            let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+            if !cg.contains(c) {
+                continue;
+            }
+        }
+        out.push(pid);
+    }
+    out.sort_unstable();
+    out
+}
+
+/// Of a task's processes, the first (the one its sandbox started): the one whose parent
+/// is not one of them.
+pub fn topmost(pids: &[i32]) -> Option<i32> {
+    pids.iter().copied().find(|p| {
+        let ppid = std::fs::read_to_string(format!("/proc/{p}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit(')')
+                    .next()?
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse::<i32>()
+                    .ok()
+            });
+        ppid.is_some_and(|pp| !pids.contains(&pp))
+    })
+}
+
+impl Pool {
+    /// The host pids of a job's task on this pool's agents (a sandboxed task's own pids
+    /// are those of its PID namespace).
+    pub fn task_pids(&self, job: u64, index: u32) -> Vec<i32> {
+        pids_with(
+            &[
+                format!("CARAVEL_JOB_ID={job}"),
+                format!("CARAVEL_TASK_INDEX={index}"),
+            ],
+            Some(&self.tag),
+        )
+    }
+
+    /// The host pid of a task's first process.
+    pub fn task_pid(&self, job: u64, index: u32) -> Option<i32> {
+        topmost(&self.task_pids(job, index))
+    }
+
+    /// The host pid of a run's first process.
+    pub fn run_pid(&self, run: u64) -> Option<i32> {
+        topmost(&pids_with(
+            &[format!("CARAVEL_RUN_ID={run}")],
+            Some(&self.tag),
+        ))
+    }
+}
 pub fn pid_alive(pid: i32) -> bool {
     // Zombies count as dead: read the state from /proc.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {

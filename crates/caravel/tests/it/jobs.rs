@@ -214,18 +214,18 @@ fn gang_is_placed_all_or_nothing_with_a_consistent_torchrun_contract() {
 #[test]
 fn cancel_terminates_the_process_group() {
     let p = Pool::new("cancel", &[("a", &["--cpus", "2"])]);
-    let pidfile = p.file("cancel.pid");
-    let script = format!(
-        "echo $$ > {}; trap 'echo got TERM; exit 143' TERM; sleep 300 & wait",
-        pidfile.display()
-    );
+    let script = "trap 'echo got TERM; exit 143' TERM; sleep 300 & wait".to_string();
     let id = p.submit(
         &p.admin,
         json!({"command": "sh", "args": ["-c", script], "kill_grace_ms": 5000}),
     );
     p.wait_state(id, &["running"], Duration::from_secs(20));
-    let pid: i32 = wait_for("pid file", Duration::from_secs(10), || {
-        std::fs::read_to_string(&pidfile).ok()?.trim().parse().ok()
+    let pid: i32 = wait_for("the task's pid", Duration::from_secs(10), || {
+        p.task_pid(id, 0)
+    });
+    // The shell has set its trap once its `sleep` runs.
+    wait_for("the task's sleep", Duration::from_secs(10), || {
+        (p.task_pids(id, 0).len() >= 2).then_some(())
     });
     let out = p.cli(&["cancel", &id.to_string()]);
     assert!(out.status.success(), "{out:?}");

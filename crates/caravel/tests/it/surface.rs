@@ -180,7 +180,22 @@ fn up_detach_has_one_owner_per_data_dir_and_down_hands_running_work_back() {
         (out.status.code(), text)
     };
     let d = data.to_str().unwrap();
-    let up = ["up", "--detach", "--listen", &listen, "--data-dir", d];
+    // Where tasks leave marks for the test (their sandbox shows nothing else of the host).
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let mount = format!("{}:rw", shared.display());
+    let up = [
+        "up",
+        "--detach",
+        "--listen",
+        &listen,
+        "--data-dir",
+        d,
+        "--task-mount",
+        &mount,
+    ];
     let (code, text) = run(&up);
     assert_eq!(code, Some(0), "{text}");
     assert!(text.contains("caravel is up at"), "{text}");
@@ -227,7 +242,7 @@ fn up_detach_has_one_owner_per_data_dir_and_down_hands_running_work_back() {
     assert_eq!(text.matches("Address already in use").count(), 1, "{text}");
 
     // Work running when the pool goes down is handed back and runs again after `up`.
-    let marks = dir.path().join("marks");
+    let marks = shared.join("marks");
     let script = format!("echo $CARAVEL_RUN_ID >> {}; sleep 600", marks.display());
     let (code, text) = run(&["submit", "--max-retries", "0", "--", "sh", "-c", &script]);
     assert_eq!(code, Some(0), "{text}");
@@ -257,15 +272,22 @@ fn up_detach_has_one_owner_per_data_dir_and_down_hands_running_work_back() {
 
     // A task that ignores SIGTERM holds the pool's stop up for its kill grace; `down`
     // kills the pool once its own timeout has passed, and the task dies with it.
-    let stubborn = dir.path().join("stubborn");
-    let script = format!(
-        "trap '' TERM; echo $$ > {}; exec sleep 600",
-        stubborn.display()
-    );
-    let (code, text) = run(&["submit", "--kill-grace", "60s", "--", "sh", "-c", &script]);
+    let script = "trap '' TERM; echo $CARAVEL_RUN_ID > /dev/null; exec sleep 600";
+    // Other tests' pools have a job 2 too: the stubborn task is the process that is new,
+    // and in this pool's cgroups (named after its data directory, `local-...`).
+    let before = pids_with(&["CARAVEL_JOB_ID=2".to_string()], Some("/caravel/local-"));
+    let (code, text) = run(&["submit", "--kill-grace", "60s", "--", "sh", "-c", script]);
     assert_eq!(code, Some(0), "{text}");
+    assert_eq!(text.trim(), "2", "{text}");
     let task: i32 = wait_for("the stubborn task's pid", Duration::from_secs(20), || {
-        std::fs::read_to_string(&stubborn).ok()?.trim().parse().ok()
+        let now = pids_with(&["CARAVEL_JOB_ID=2".to_string()], Some("/caravel/local-"));
+        let new: Vec<i32> = now.into_iter().filter(|p| !before.contains(p)).collect();
+        // `exec sleep` done: the trap is set.
+        let pid = topmost(&new)?;
+        std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .ok()
+            .filter(|c| c.trim() == "sleep")
+            .map(|_| pid)
     });
     let pid = caravel_server::datadir::holder(&data)
         .unwrap()
