@@ -193,6 +193,25 @@ impl Cgroups {
         }
     }
 
+    /// The names a run's cgroup folders have (`RunCgroup::controller_dirs`), for the
+    /// sandbox's mount points: every controller a sandboxed run may get.
+    pub fn controller_names(&self) -> Vec<String> {
+        match self {
+            Cgroups::V2 { .. } => vec![".".into()],
+            Cgroups::V1 { pids, devices, .. } => {
+                let mut v = vec!["cpu".to_string(), "memory".to_string()];
+                if pids.is_some() {
+                    v.push("pids".into());
+                }
+                if devices.is_some() {
+                    v.push("devices".into());
+                }
+                v
+            }
+            Cgroups::None { .. } => vec![],
+        }
+    }
+
     /// The resource controls runs get here, and those they do not, in words.
     pub fn missing(&self) -> Vec<String> {
         match self {

@@ -208,6 +208,8 @@ pub struct Agent {
     spares: Mutex<ship::Spares>,
     /// Set when tasks here are sandboxed.
     sandbox: Option<sandbox::Runtime>,
+    /// Where every task's process is started (never on the runtime's workers).
+    spawner: spawn::Spawner,
     /// What this node gives, as registered.
     isolation: sandbox::Capability,
 }
@@ -378,11 +380,17 @@ pub async fn start(cfg: AgentConfig) -> Result<Arc<Agent>, AgentError> {
             },
         )
     } else {
-        match sandbox::Runtime::new(&cfg.work_dir, cfg.task_uids, cfg.task_mounts.clone(), gpus) {
+        match sandbox::Runtime::new(
+            &cfg.work_dir,
+            cfg.task_uids,
+            cfg.task_mounts.clone(),
+            gpus,
+            &cg.controller_names(),
+        ) {
             Ok(rt) => match probe(&rt, &cfg.work_dir).await {
                 Ok(()) => {
                     let mut missing = cg.missing();
-                    if !rt.seccomp {
+                    if !rt.seccomp() {
                         missing.push("a seccomp filter (none for this architecture)".into());
                     }
                     let level = if missing.is_empty() {
@@ -514,6 +522,10 @@ pub async fn start(cfg: AgentConfig) -> Result<Arc<Agent>, AgentError> {
         spares: Mutex::new(ship::Spares::open(&cfg_runs)),
         sandbox: sandbox_rt,
         isolation,
+        // A sandboxed start spends most of its time asleep (unmounting the host's tree
+        // from the task's namespace waits for an RCU grace period): more threads than
+        // CPUs keep the CPUs busy.
+        spawner: spawn::Spawner::new(SPAWNER_THREADS),
     });
     agent.ship_recover(&agent.cfg.work_dir.join("runs"));
     let app = axum::Router::new()
@@ -1076,7 +1088,7 @@ impl Agent {
         let started = match (a.wants_port, port, restored) {
             (_, _, Err(msg)) => Err(msg),
             (true, None, _) => Err("no free port for the replica".to_string()),
-            (_, _, Ok(version)) => self.spawn(&a, &dir, &dirs, port, version, uid),
+            (_, _, Ok(version)) => self.spawn(&a, &dir, &dirs, port, version, uid).await,
         };
         let Launched {
             mut child,
@@ -1094,26 +1106,6 @@ impl Agent {
                 return;
             }
         };
-        // A sandbox says when the task's own program runs, or why it could not.
-        if let Some(st) = status.as_mut() {
-            let first = st.next().await;
-            if first != Some(sandbox::init::Status::Started) {
-                let msg = match first {
-                    Some(sandbox::init::Status::Failed(m)) => m,
-                    _ => "the sandbox ended before starting the task".to_string(),
-                };
-                tracing::warn!(run = %run, "cannot start: {msg}");
-                let _ = child.wait().await;
-                let cg2 = cg.clone();
-                let _ = tokio::task::spawn_blocking(move || {
-                    cg2.kill_all();
-                    cg2.remove();
-                })
-                .await;
-                self.never_started(run, "spawn_failed", msg);
-                return;
-            }
-        }
         self.emit(RunEvent::Started {
             run,
             pid: pgid as u32,
@@ -1192,10 +1184,8 @@ impl Agent {
         // before it could say (SIGKILL after the grace kills it with the task).
         let mut task_status = None;
         if let Some(st) = status.as_mut() {
-            while let Some(line) = st.next().await {
-                if let sandbox::init::Status::Exited(w) = line {
-                    task_status = Some(std::process::ExitStatus::from_raw(w));
-                }
+            while let Some(sandbox::Status::Exited(w)) = st.next().await {
+                task_status = Some(std::process::ExitStatus::from_raw(w));
             }
         }
         let status = status_of_init.map(|s| task_status.unwrap_or(s));
@@ -1223,8 +1213,7 @@ impl Agent {
         });
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn spawn(
+    async fn spawn(
         &self,
         a: &Assignment,
         dir: &std::path::Path,
@@ -1278,14 +1267,17 @@ impl Agent {
             "CARAVEL_CHECKPOINT_VERSION".into(),
             ckpt_version.to_string().into(),
         );
-        let fail = |cg: &cgroups::RunCgroup, e: std::io::Error| {
-            cg.remove();
-            format!("cannot start `{}`: {e}", a.command)
-        };
+        let program = a.command.clone();
+        let args = a.args.clone();
+        let (stdin, out, err): (
+            std::os::fd::OwnedFd,
+            std::os::fd::OwnedFd,
+            std::os::fd::OwnedFd,
+        ) = (stdin.into(), out.into(), err.into());
         // Taken before the clone, so the metered interval always covers the whole process
         // lifetime (the exit is observed after the process is gone).
         let t0 = now_ms();
-        let (child, status) = match sandbox {
+        let started = match sandbox {
             Some((rt, u)) => {
                 let env: Vec<(String, String)> = env
                     .into_iter()
@@ -1296,74 +1288,97 @@ impl Agent {
                         )
                     })
                     .collect();
-                let launch = rt
-                    .launch(sandbox::TaskSpec {
-                        uid: u,
-                        dirs,
-                        cgroup_dirs: cg.controller_dirs(),
-                        devices: nodes,
-                        // Shared memory is the task's memory: as much as its limit, as
-                        // Kubernetes sizes a memory-backed emptyDir (Docker's 64 MiB
-                        // breaks PyTorch's data loaders).
-                        shm_bytes: a.memory_bytes,
-                        program: &a.command,
-                        args: &a.args,
-                        env,
-                        disk_bytes: Some(a.disk_bytes.unwrap_or(self.cfg.task_disk_bytes)),
-                        cgroup_procs: cg.dirs.iter().map(|d| d.join("cgroup.procs")).collect(),
-                    })
-                    .map_err(|e| fail(&cg, e))?;
-                use std::os::fd::AsRawFd;
-                let init_args = [sandbox::INIT_ARG.to_string()];
-                let child = spawn::spawn(spawn::Spec {
-                    program: "caravel",
-                    args: &init_args,
-                    env: BTreeMap::new(),
-                    cwd: std::path::Path::new("/"),
-                    stdin: stdin.into(),
-                    stdout: out.into(),
-                    stderr: err.into(),
-                    // Init joins them itself, once it has built the sandbox.
-                    cgroup_procs: &[],
-                    new_process_group: true,
-                    parent_death_signal: Some(libc::SIGKILL),
-                    namespaces: SANDBOX_NAMESPACES,
-                    extra_fds: &[
-                        (launch.config.as_raw_fd(), sandbox::CONFIG_FD),
-                        (launch.status_write.as_raw_fd(), sandbox::STATUS_FD),
-                    ],
-                    exec_fd: Some(rt.exe_fd()),
-                    detach: &[],
-                })
-                .map_err(|e| fail(&cg, e))?;
-                drop(launch.status_write);
-                let reader =
-                    sandbox::StatusReader::new(launch.status_read).map_err(|e| fail(&cg, e))?;
-                (child, Some(reader))
-            }
-            None => {
-                let child = spawn::spawn(spawn::Spec {
-                    program: &a.command,
-                    args: &a.args,
+                let prep = match rt.prepare(sandbox::TaskSpec {
+                    dirs,
+                    cgroup_dirs: cg.controller_dirs(),
+                    devices: nodes,
+                    // Shared memory is the task's memory: as much as its limit, as
+                    // Kubernetes sizes a memory-backed emptyDir (Docker's 64 MiB breaks
+                    // PyTorch's data loaders).
+                    shm_bytes: a.memory_bytes,
                     env,
-                    cwd: &dirs.work,
-                    stdin: stdin.into(),
-                    stdout: out.into(),
-                    stderr: err.into(),
-                    cgroup_procs: &procs,
-                    new_process_group: true,
-                    // Die with the agent: a stale copy must not outlive the process that
-                    // would report it.
-                    parent_death_signal: Some(libc::SIGKILL),
-                    namespaces: 0,
-                    extra_fds: &[],
-                    exec_fd: None,
-                    detach: &[],
-                })
-                .map_err(|e| fail(&cg, e))?;
-                (child, None)
+                    disk_bytes: Some(a.disk_bytes.unwrap_or(self.cfg.task_disk_bytes)),
+                    cgroup_procs: cg.dirs.iter().map(|d| d.join("cgroup.procs")).collect(),
+                }) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        cg.remove();
+                        return Err(format!("sandbox: {e}"));
+                    }
+                };
+                let (reaper, last_cap, filter) = (rt.reaper_fd(), rt.last_cap, rt.filter.clone());
+                let sandbox::Prepared {
+                    plan,
+                    join,
+                    env,
+                    status_read,
+                    status_write,
+                } = prep;
+                let r = self
+                    .spawner
+                    .spawn(move || {
+                        use std::os::fd::AsRawFd;
+                        spawn::start(spawn::Spec {
+                            program: &program,
+                            args: &args,
+                            env: env.iter().map(|(k, v)| (k.into(), v.into())).collect(),
+                            cwd: std::path::Path::new("/"),
+                            stdin,
+                            stdout: out,
+                            stderr: err,
+                            cgroup_procs: &[],
+                            new_process_group: true,
+                            parent_death_signal: Some(libc::SIGKILL),
+                            namespaces: SANDBOX_NAMESPACES,
+                            extra_fds: &[],
+                            exec_fd: None,
+                            detach: &[],
+                            sandbox: Some(spawn::Sandbox {
+                                ops: &plan.ops,
+                                what: &plan.what,
+                                join: &join,
+                                uid: u,
+                                gid: u,
+                                last_cap,
+                                filter: &filter,
+                                reaper,
+                                status: status_write.as_raw_fd(),
+                            }),
+                        })
+                    })
+                    .await
+                    .and_then(|child| {
+                        sandbox::StatusReader::new(status_read).map(|r| (child, Some(r)))
+                    });
+                r
             }
+            // Unsandboxed: a plain start holds its thread for some 100 µs, less than the
+            // hop to a spawner thread would cost.
+            None => spawn::spawn(spawn::Spec {
+                program: &program,
+                args: &args,
+                env,
+                cwd: &dirs.work,
+                stdin,
+                stdout: out,
+                stderr: err,
+                cgroup_procs: &procs,
+                new_process_group: true,
+                // Die with the agent: a stale copy must not outlive the process that would
+                // report it (the runtime's workers live as long as the agent).
+                parent_death_signal: Some(libc::SIGKILL),
+                namespaces: 0,
+                extra_fds: &[],
+                exec_fd: None,
+                detach: &[],
+                sandbox: None,
+            })
+            .map(|child| (child, None)),
         };
+        let (child, status) = started.map_err(|e| {
+            cg.remove();
+            format!("cannot start `{}`: {e}", a.command)
+        })?;
         let pid = child.id();
         Ok(Launched {
             child,
@@ -1374,6 +1389,9 @@ impl Agent {
         })
     }
 }
+
+/// Threads that start sandboxed tasks (`spawn::Spawner`).
+const SPAWNER_THREADS: usize = 8;
 
 /// The namespaces a sandboxed task gets (its network stays the node's).
 const SANDBOX_NAMESPACES: libc::c_int =
@@ -1399,6 +1417,9 @@ const MAX_TASK_FILES: u64 = 1_000_000;
 
 /// Resolves, with a message, once the run's files hold more than `cap`.
 async fn disk_guard(paths: Vec<PathBuf>, cap: u64) -> String {
+    // Not at once: a task has written nothing yet, and most short ones end before the
+    // first look (each look is a thread of the blocking pool).
+    tokio::time::sleep(DISK_CHECK_EVERY).await;
     loop {
         let t = std::time::Instant::now();
         let p = paths.clone();
@@ -1444,6 +1465,7 @@ async fn probe(rt: &sandbox::Runtime, work_dir: &std::path::Path) -> Result<(), 
         tmp: base.join("tmp"),
     };
     let uid = rt.uids.first;
+    std::fs::create_dir_all(&base).map_err(|e| format!("{}: {e}", base.display()))?;
     for d in [&dirs.work, &dirs.checkpoint, &dirs.tmp] {
         sandbox::own_dir(d, uid, uid).map_err(|e| format!("{}: {e}", d.display()))?;
     }
@@ -1456,20 +1478,15 @@ async fn probe(rt: &sandbox::Runtime, work_dir: &std::path::Path) -> Result<(), 
             )
         })
         .collect();
-    let launch = rt
-        .launch(sandbox::TaskSpec {
-            uid,
-            dirs: &dirs,
-            cgroup_dirs: vec![],
-            devices: vec![],
-            shm_bytes: 1 << 20,
-            program: "true",
-            args: &[],
-            env,
-            disk_bytes: None,
-            cgroup_procs: vec![],
-        })
-        .map_err(|e| e.to_string())?;
+    let prep = rt.prepare(sandbox::TaskSpec {
+        dirs: &dirs,
+        cgroup_dirs: vec![],
+        devices: vec![],
+        shm_bytes: 1 << 20,
+        env,
+        disk_bytes: None,
+        cgroup_procs: vec![],
+    })?;
     let null = |w: bool| -> Result<std::os::fd::OwnedFd, String> {
         std::fs::OpenOptions::new()
             .read(!w)
@@ -1478,11 +1495,10 @@ async fn probe(rt: &sandbox::Runtime, work_dir: &std::path::Path) -> Result<(), 
             .map(Into::into)
             .map_err(|e| e.to_string())
     };
-    let init_args = [sandbox::INIT_ARG.to_string()];
     let mut child = spawn::spawn(spawn::Spec {
-        program: "caravel",
-        args: &init_args,
-        env: BTreeMap::new(),
+        program: "true",
+        args: &[],
+        env: prep.env.iter().map(|(k, v)| (k.into(), v.into())).collect(),
         cwd: std::path::Path::new("/"),
         stdin: null(false)?,
         stdout: null(true)?,
@@ -1491,31 +1507,31 @@ async fn probe(rt: &sandbox::Runtime, work_dir: &std::path::Path) -> Result<(), 
         new_process_group: true,
         parent_death_signal: Some(libc::SIGKILL),
         namespaces: SANDBOX_NAMESPACES,
-        extra_fds: &[
-            (launch.config.as_raw_fd(), sandbox::CONFIG_FD),
-            (launch.status_write.as_raw_fd(), sandbox::STATUS_FD),
-        ],
-        exec_fd: Some(rt.exe_fd()),
+        extra_fds: &[],
+        exec_fd: None,
         detach: &[],
+        sandbox: Some(spawn::Sandbox {
+            ops: &prep.plan.ops,
+            what: &prep.plan.what,
+            join: &[],
+            uid,
+            gid: uid,
+            last_cap: rt.last_cap,
+            filter: &rt.filter,
+            reaper: rt.reaper_fd(),
+            status: prep.status_write.as_raw_fd(),
+        }),
     })
-    .map_err(|e| format!("starting the sandbox's init: {e}"))?;
-    drop(launch.status_write);
-    let mut st = sandbox::StatusReader::new(launch.status_read).map_err(|e| e.to_string())?;
-    let mut lines = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(20), async {
-        while let Some(l) = st.next().await {
-            lines.push(l);
-        }
-    })
-    .await;
+    .map_err(|e| e.to_string())?;
+    drop(prep.status_write);
+    let mut st = sandbox::StatusReader::new(prep.status_read).map_err(|e| e.to_string())?;
+    let said = tokio::time::timeout(Duration::from_secs(20), st.next()).await;
     let _ = child.wait().await;
     let _ = std::fs::remove_dir_all(&base);
-    use sandbox::init::Status;
-    match (read, lines.as_slice()) {
-        (Ok(()), [Status::Started, Status::Exited(0)]) => Ok(()),
-        (Err(_), _) => Err("no answer from the sandbox within 20 s".into()),
-        (_, [.., Status::Failed(m)]) => Err(m.clone()),
-        (_, other) => Err(format!("the sandbox said {other:?}")),
+    match said {
+        Ok(Some(sandbox::Status::Exited(0))) => Ok(()),
+        Ok(other) => Err(format!("a sandboxed `true` ended with {other:?}")),
+        Err(_) => Err("no answer from the sandbox within 20 s".into()),
     }
 }
 

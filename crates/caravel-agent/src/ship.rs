@@ -149,8 +149,12 @@ impl Spares {
     }
 }
 
+/// Folders a spare keeps, emptied (a sandboxed task's own folders).
+const KEPT_DIRS: [&str; 3] = ["checkpoint", "work", "tmp"];
+
 /// Empties a finished run's folder down to what a spare keeps: empty log files and
-/// `run.json`, an empty `checkpoint` folder.
+/// `run.json`, empty `checkpoint`, `work` and `tmp` folders. (Their owner and mode are set
+/// again for the next run's tenant.)
 fn empty_for_reuse(dir: &Path) -> std::io::Result<()> {
     for e in std::fs::read_dir(dir)? {
         let e = e?;
@@ -162,7 +166,7 @@ fn empty_for_reuse(dir: &Path) -> std::io::Result<()> {
                 .write(true)
                 .open(e.path())?
                 .set_len(0)?;
-        } else if kind.is_dir() && name == "checkpoint" {
+        } else if kind.is_dir() && KEPT_DIRS.contains(&name.as_ref()) {
             crate::checkpoint::clear(&e.path())?;
         } else if kind.is_dir() {
             std::fs::remove_dir_all(e.path())?;

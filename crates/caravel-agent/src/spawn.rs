@@ -13,6 +13,15 @@
 //! async-signal-safe system calls on data prepared before the clone, and either execs
 //! (which resumes the agent) or stores `errno` where the agent reads it and exits.
 //! Completion is awaited on a pidfd, so no thread sits in `waitpid`.
+//!
+//! A sandboxed task (`Spec::sandbox`) is built the same way, without an exec in between:
+//! the child, made in new namespaces, runs the sandbox's prepared steps (mounts,
+//! `pivot_root`, limits), joins the run's cgroups, drops every privilege and installs the
+//! seccomp filter, then starts the task with a second `CLONE_VM | CLONE_VFORK` clone (the
+//! task is PID 2 of the namespace), and finally execs the reaper, a freestanding program
+//! of a few kilobytes, which stays PID 1. Every identity change is a raw system call:
+//! glibc's `setresuid` would signal the agent's threads to change theirs too, since the
+//! child shares their memory.
 
 use std::collections::BTreeMap;
 use std::ffi::{CString, OsString};
@@ -52,10 +61,83 @@ pub struct Spec<'a> {
     /// Mounts the child detaches in its own mount namespace before it execs (needs
     /// `CLONE_NEWNS` in `namespaces`).
     pub detach: &'a [CString],
+    /// Build a sandbox and run `program` in it (see the module's documentation). `cwd`
+    /// and `cgroup_procs` are then ignored: the sandbox's steps say where it starts and
+    /// which cgroups it joins.
+    pub sandbox: Option<Sandbox<'a>>,
+}
+
+/// One step of building a sandbox, run by the child before anything of the task runs.
+/// Prepared strings only: the child makes system calls and nothing else.
+pub enum Op {
+    Mount {
+        src: Option<CString>,
+        dst: CString,
+        fstype: Option<CString>,
+        flags: libc::c_ulong,
+        data: Option<CString>,
+    },
+    /// A folder, mode 0755; one that exists is fine.
+    Mkdir {
+        path: CString,
+    },
+    /// An empty file to mount a file on; one that exists is fine.
+    Touch {
+        path: CString,
+    },
+    Symlink {
+        target: CString,
+        link: CString,
+    },
+    /// A character device, mode 0666.
+    Mknod {
+        path: CString,
+        dev: libc::dev_t,
+    },
+    /// Sets a mode (a folder inside a read-only mount is left as it is).
+    Chmod {
+        path: CString,
+        mode: libc::mode_t,
+    },
+    /// Makes `root` the root (`pivot_root(".", ".")`, the old root detached).
+    Pivot {
+        root: CString,
+    },
+    Chdir {
+        path: CString,
+    },
+    Rlimit {
+        resource: libc::c_int,
+        value: u64,
+    },
+    Umask {
+        mask: libc::mode_t,
+    },
+}
+
+/// What a sandboxed start needs beyond the process itself.
+pub struct Sandbox<'a> {
+    pub ops: &'a [Op],
+    /// What each op does, in words, for the error when one fails.
+    pub what: &'a [String],
+    /// `cgroup.procs` files joined before anything else (the host's paths are gone once
+    /// the sandbox's root is in place). Building the sandbox costs the task's cgroups
+    /// next to nothing: the child shares the agent's memory.
+    pub join: &'a [CString],
+    pub uid: u32,
+    pub gid: u32,
+    /// The highest capability number the kernel knows (`/proc/sys/kernel/cap_last_cap`).
+    pub last_cap: u32,
+    /// The seccomp program (empty: none).
+    pub filter: &'a [libc::sock_filter],
+    /// The reaper's executable, open.
+    pub reaper: RawFd,
+    /// Where the reaper writes `exit <status>` (the child gets it as descriptor 4).
+    pub status: RawFd,
 }
 
 /// The steps the child can fail at, for the error message.
-const STEPS: [&str; 8] = [
+const STEPS: [&str; 15] = [
     "exec",
     "setpgid",
     "prctl(PR_SET_PDEATHSIG)",
@@ -64,7 +146,39 @@ const STEPS: [&str; 8] = [
     "the agent exited",
     "passing descriptors",
     "detaching a mount",
+    "sandbox: ",
+    "sandbox: joining the run's cgroups",
+    "sandbox: dropping privileges",
+    "sandbox: installing the seccomp filter",
+    "sandbox: starting the task",
+    "sandbox: passing the status pipe",
+    "sandbox: starting its reaper",
 ];
+const STEP_OP: i32 = 8;
+const STEP_JOIN: i32 = 9;
+const STEP_PRIV: i32 = 10;
+const STEP_SECCOMP: i32 = 11;
+const STEP_TASK: i32 = 12;
+const STEP_STATUS: i32 = 13;
+const STEP_REAPER: i32 = 14;
+
+/// The sandbox part of `Prepared`.
+struct SandboxPrepared {
+    ops: *const Op,
+    n_ops: usize,
+    join: Vec<*const libc::c_char>,
+    uid: u32,
+    gid: u32,
+    last_cap: u32,
+    fprog: libc::sock_fprog,
+    reaper: RawFd,
+    status: RawFd,
+    reaper_argv: [*const libc::c_char; 3],
+    /// Where the task's pid is written, as text, for the reaper's `argv[1]`.
+    pid_text: *mut u8,
+    /// The task's stack (the second clone's).
+    stack_top: *mut libc::c_void,
+}
 
 /// Everything the child touches: prepared before the clone, read-only to it except `err`.
 struct Prepared {
@@ -82,8 +196,13 @@ struct Prepared {
     extra: Vec<(RawFd, RawFd)>,
     exec_fd: RawFd,
     detach: Vec<*const libc::c_char>,
+    sandbox: Option<SandboxPrepared>,
     err: AtomicI32,
     step: AtomicI32,
+    /// With `STEP_OP`: which op failed.
+    op: AtomicI32,
+    /// The task's exec error (0: it exec'd), written by the second clone.
+    task_err: AtomicI32,
 }
 
 fn cstring(what: &str, s: &[u8]) -> io::Result<CString> {
@@ -193,6 +312,9 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 return fail(7);
             }
         }
+        if let Some(sb) = &p.sandbox {
+            return sandboxed(p, sb);
+        }
         if libc::chdir(p.cwd.as_ptr()) != 0 {
             return fail(4);
         }
@@ -228,10 +350,355 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     }
 }
 
+/// Records the errno of a failed step and exits the child.
+///
+/// # Safety
+/// In the child only.
+unsafe fn fail_at(p: &Prepared, step: i32) -> libc::c_int {
+    // SAFETY: see the function's contract.
+    unsafe {
+        p.err.store(*libc::__errno_location(), Ordering::Relaxed);
+        p.step.store(step, Ordering::Relaxed);
+        libc::_exit(127)
+    }
+}
+
+/// One op; false with `errno` set when it failed.
+///
+/// # Safety
+/// Every string is NUL-terminated. Async-signal-safe: system calls only.
+pub(crate) unsafe fn run_op(op: &Op) -> bool {
+    // SAFETY: see the function's contract.
+    unsafe {
+        let opt = |c: &Option<CString>| c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+        match op {
+            Op::Mount {
+                src,
+                dst,
+                fstype,
+                flags,
+                data,
+            } => {
+                libc::syscall(
+                    libc::SYS_mount,
+                    opt(src),
+                    dst.as_ptr(),
+                    opt(fstype),
+                    *flags,
+                    opt(data),
+                ) == 0
+            }
+            Op::Mkdir { path } => {
+                libc::syscall(libc::SYS_mkdirat, libc::AT_FDCWD, path.as_ptr(), 0o755) == 0
+                    || *libc::__errno_location() == libc::EEXIST
+            }
+            Op::Touch { path } => {
+                let fd = libc::syscall(
+                    libc::SYS_openat,
+                    libc::AT_FDCWD,
+                    path.as_ptr(),
+                    libc::O_RDONLY | libc::O_CREAT | libc::O_CLOEXEC,
+                    0o644,
+                );
+                if fd < 0 {
+                    return false;
+                }
+                libc::syscall(libc::SYS_close, fd);
+                true
+            }
+            Op::Symlink { target, link } => {
+                libc::syscall(
+                    libc::SYS_symlinkat,
+                    target.as_ptr(),
+                    libc::AT_FDCWD,
+                    link.as_ptr(),
+                ) == 0
+            }
+            Op::Mknod { path, dev } => {
+                libc::syscall(
+                    libc::SYS_mknodat,
+                    libc::AT_FDCWD,
+                    path.as_ptr(),
+                    libc::S_IFCHR | 0o666,
+                    *dev,
+                ) == 0
+            }
+            Op::Pivot { root } => {
+                let dot = c".".as_ptr();
+                libc::syscall(libc::SYS_chdir, root.as_ptr()) == 0
+                    && libc::syscall(libc::SYS_pivot_root, dot, dot) == 0
+                    && libc::syscall(libc::SYS_umount2, dot, libc::MNT_DETACH) == 0
+                    && libc::syscall(libc::SYS_chdir, c"/".as_ptr()) == 0
+            }
+            Op::Chdir { path } => libc::syscall(libc::SYS_chdir, path.as_ptr()) == 0,
+            // A folder in a read-only mount was not made here: its mode is the host's.
+            Op::Chmod { path, mode } => {
+                libc::syscall(libc::SYS_fchmodat, libc::AT_FDCWD, path.as_ptr(), *mode) == 0
+                    || *libc::__errno_location() == libc::EROFS
+            }
+            Op::Rlimit { resource, value } => {
+                let l = libc::rlimit64 {
+                    rlim_cur: *value,
+                    rlim_max: *value,
+                };
+                libc::syscall(
+                    libc::SYS_prlimit64,
+                    0,
+                    *resource,
+                    &l as *const libc::rlimit64,
+                    std::ptr::null_mut::<libc::rlimit64>(),
+                ) == 0
+            }
+            Op::Umask { mask } => {
+                libc::syscall(libc::SYS_umask, *mask);
+                true
+            }
+        }
+    }
+}
+
+/// The sandboxed rest of `child_main`: build, join, drop, filter, start the task, become
+/// the reaper. Never returns on success (the reaper's exec resumes the agent).
+///
+/// # Safety
+/// In the child only, on data prepared before the clone.
+unsafe fn sandboxed(p: &Prepared, sb: &SandboxPrepared) -> libc::c_int {
+    // SAFETY: see the function's contract.
+    unsafe {
+        // The status pipe at 4, close-on-exec for now: the task must not inherit it (a line
+        // it wrote would be believed); the reaper gets it below.
+        if libc::syscall(libc::SYS_dup3, sb.status, 4, libc::O_CLOEXEC) != 4 {
+            return fail_at(p, STEP_STATUS);
+        }
+        for &procs in &sb.join {
+            let fd = libc::syscall(
+                libc::SYS_openat,
+                libc::AT_FDCWD,
+                procs,
+                libc::O_WRONLY | libc::O_CLOEXEC,
+            );
+            if fd < 0 || libc::syscall(libc::SYS_write, fd, b"0".as_ptr(), 1) != 1 {
+                return fail_at(p, STEP_JOIN);
+            }
+            libc::syscall(libc::SYS_close, fd);
+        }
+        for i in 0..sb.n_ops {
+            if !run_op(&*sb.ops.add(i)) {
+                p.op.store(i as i32, Ordering::Relaxed);
+                return fail_at(p, STEP_OP);
+            }
+        }
+        // Every capability out of the bounding and ambient sets, the tenant's ids (raw calls:
+        // see the module's documentation), every set emptied, no_new_privs.
+        for cap in 0..=sb.last_cap {
+            if libc::syscall(
+                libc::SYS_prctl,
+                libc::PR_CAPBSET_DROP,
+                cap as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return fail_at(p, STEP_PRIV);
+            }
+        }
+        if libc::syscall(
+            libc::SYS_prctl,
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        ) != 0
+            || libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) != 0
+            || libc::syscall(libc::SYS_setresgid, sb.gid, sb.gid, sb.gid) != 0
+            || libc::syscall(libc::SYS_setresuid, sb.uid, sb.uid, sb.uid) != 0
+        {
+            return fail_at(p, STEP_PRIV);
+        }
+        #[repr(C)]
+        struct CapHeader {
+            version: u32,
+            pid: i32,
+        }
+        let mut h = CapHeader {
+            version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+            pid: 0,
+        };
+        let none = [0u32; 6];
+        if libc::syscall(libc::SYS_capset, &mut h as *mut CapHeader, none.as_ptr()) != 0
+            || libc::syscall(libc::SYS_prctl, libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+            // Changing uid cleared the parent-death signal: the sandbox must still die with
+            // the agent, so that no copy of the task outlives what would report it.
+            || libc::syscall(libc::SYS_prctl, libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0
+            || libc::syscall(libc::SYS_getuid) == 0
+        {
+            return fail_at(p, STEP_PRIV);
+        }
+        if sb.fprog.len > 0
+            && libc::syscall(
+                libc::SYS_prctl,
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                &sb.fprog as *const libc::sock_fprog,
+                0,
+                0,
+            ) != 0
+        {
+            return fail_at(p, STEP_SECCOMP);
+        }
+        // The task: PID 2 of the namespace, a child of this process.
+        let pid = libc::clone(
+            task_main,
+            sb.stack_top,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            p as *const Prepared as *mut libc::c_void,
+        );
+        if pid < 0 {
+            return fail_at(p, STEP_TASK);
+        }
+        let e = p.task_err.load(Ordering::Relaxed);
+        if e != 0 {
+            *libc::__errno_location() = e;
+            return fail_at(p, 0);
+        }
+        // The reaper's argv[1]: the task's pid, in decimal.
+        let mut digits = [0u8; 12];
+        let (mut k, mut v) = (0, pid as u32);
+        loop {
+            digits[k] = b'0' + (v % 10) as u8;
+            k += 1;
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        for i in 0..k {
+            *sb.pid_text.add(i) = digits[k - 1 - i];
+        }
+        *sb.pid_text.add(k) = 0;
+        if libc::syscall(libc::SYS_fcntl, 4, libc::F_SETFD, 0) != 0 {
+            return fail_at(p, STEP_STATUS);
+        }
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+        let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+        libc::syscall(
+            libc::SYS_execveat,
+            sb.reaper,
+            c"".as_ptr(),
+            sb.reaper_argv.as_ptr(),
+            envp.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        );
+        fail_at(p, STEP_REAPER)
+    }
+}
+
+/// The task's own process: runs in the sandbox the first clone built, on its own stack,
+/// sharing memory with it (and the agent) until it execs.
+extern "C" fn task_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the `Prepared` of `child_main`, alive and untouched until this
+    // process has exec'd or exited.
+    unsafe {
+        let p = &*(arg as *const Prepared);
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+        let mut eacces = false;
+        for c in &p.candidates {
+            libc::syscall(
+                libc::SYS_execve,
+                c.as_ptr(),
+                p.argv.as_ptr(),
+                p.envp.as_ptr(),
+            );
+            match *libc::__errno_location() {
+                libc::EACCES => eacces = true,
+                libc::ENOENT | libc::ENOTDIR | libc::ESTALE | libc::ENODEV | libc::ETIMEDOUT => {}
+                e => {
+                    p.task_err.store(e, Ordering::Relaxed);
+                    libc::_exit(127);
+                }
+            }
+        }
+        p.task_err.store(
+            if eacces { libc::EACCES } else { libc::ENOENT },
+            Ordering::Relaxed,
+        );
+        libc::_exit(127)
+    }
+}
+
 /// Size of the child's stack: it runs a handful of system calls in one frame.
 const STACK_BYTES: usize = 64 * 1024;
 
 pub fn spawn(spec: Spec<'_>) -> io::Result<Child> {
+    start(spec).map(Child::new)
+}
+
+/// Threads that start processes, so that the agent's async workers never block in a
+/// `clone`: a sandboxed start holds its calling thread for the better part of a
+/// millisecond (the child builds the sandbox while sharing that thread's memory), and a
+/// burst of hundreds of starts on the runtime's workers stalled everything else the agent
+/// does (exits waited half a second to be reported). They live as long as the agent: a
+/// started process is sent SIGKILL when the thread that started it ends.
+pub struct Spawner {
+    tx: std::sync::Mutex<std::sync::mpsc::Sender<Job>>,
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+impl Spawner {
+    pub fn new(threads: usize) -> Spawner {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
+        for i in 0..threads.max(1) {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("caravel-spawn-{i}"))
+                .spawn(move || loop {
+                    let job = rx.lock().expect("lock").recv();
+                    match job {
+                        Ok(job) => job(),
+                        // The agent is gone; so are the processes this thread started.
+                        Err(_) => return,
+                    }
+                })
+                .expect("starting a spawner thread");
+        }
+        Spawner {
+            tx: std::sync::Mutex::new(tx),
+        }
+    }
+
+    /// Starts a process with `make`'s spec on a spawner thread, and waits for it without
+    /// blocking the caller's thread.
+    pub async fn spawn<F>(&self, make: F) -> io::Result<Child>
+    where
+        F: FnOnce() -> io::Result<libc::pid_t> + Send + 'static,
+    {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move || {
+            let _ = done.send(make());
+        });
+        self.tx
+            .lock()
+            .expect("lock")
+            .send(job)
+            .map_err(|_| io::Error::other("the spawner threads are gone"))?;
+        let pid = wait
+            .await
+            .map_err(|_| io::Error::other("a spawner thread ended"))??;
+        Ok(Child::new(pid))
+    }
+}
+
+/// `spawn` without the waiting part: starts the process and returns its pid, which
+/// `Child::new` (in an async context) then waits for.
+pub fn start(spec: Spec<'_>) -> io::Result<libc::pid_t> {
     let candidates = if spec.exec_fd.is_some() {
         Vec::new()
     } else {
@@ -265,6 +732,48 @@ pub fn spawn(spec: Spec<'_>) -> io::Result<Child> {
             .chain(std::iter::once(std::ptr::null()))
             .collect::<Vec<_>>()
     };
+    let mut task_stack: Vec<u128> = Vec::new();
+    let mut pid_text = [0u8; 16];
+    let reaper_name = c"caravel-reaper";
+    let sandbox = match &spec.sandbox {
+        None => None,
+        Some(sb) => {
+            if sb.what.len() != sb.ops.len()
+                || sb.status <= 4
+                || sb.filter.len() > u16::MAX as usize
+            {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "a sandbox's steps and descriptions differ, or its status pipe is numbered 4 or below",
+                ));
+            }
+            task_stack.reserve_exact(STACK_BYTES / 16);
+            Some(SandboxPrepared {
+                ops: sb.ops.as_ptr(),
+                n_ops: sb.ops.len(),
+                join: sb.join.iter().map(|c| c.as_ptr()).collect(),
+                uid: sb.uid,
+                gid: sb.gid,
+                last_cap: sb.last_cap,
+                fprog: libc::sock_fprog {
+                    len: sb.filter.len() as u16,
+                    filter: sb.filter.as_ptr() as *mut libc::sock_filter,
+                },
+                reaper: sb.reaper,
+                status: sb.status,
+                reaper_argv: [
+                    reaper_name.as_ptr(),
+                    pid_text.as_mut_ptr() as *const libc::c_char,
+                    std::ptr::null(),
+                ],
+                pid_text: pid_text.as_mut_ptr(),
+                // SAFETY: the end of the reserved buffer, which outlives the clone.
+                stack_top: unsafe {
+                    task_stack.as_mut_ptr().add(task_stack.capacity()) as *mut libc::c_void
+                },
+            })
+        }
+    };
     let prepared = Prepared {
         candidates,
         argv: ptrs(&arg_store),
@@ -284,8 +793,11 @@ pub fn spawn(spec: Spec<'_>) -> io::Result<Child> {
         extra: spec.extra_fds.to_vec(),
         exec_fd: spec.exec_fd.unwrap_or(-1),
         detach: spec.detach.iter().map(|c| c.as_ptr()).collect(),
+        sandbox,
         err: AtomicI32::new(0),
         step: AtomicI32::new(0),
+        op: AtomicI32::new(0),
+        task_err: AtomicI32::new(0),
     };
     let mut stack: Vec<u128> = Vec::with_capacity(STACK_BYTES / 16);
     // SAFETY: the child runs `child_main` on `stack` (16-byte aligned, growing down from its
@@ -309,23 +821,28 @@ pub fn spawn(spec: Spec<'_>) -> io::Result<Child> {
         (pid, clone_err)
     };
     drop(stack);
+    drop(task_stack);
     if pid < 0 {
         return Err(clone_err);
     }
     let err = prepared.err.load(Ordering::Relaxed);
     if err != 0 {
         reap(pid)?;
-        let step = STEPS[prepared.step.load(Ordering::Relaxed) as usize];
+        let n = prepared.step.load(Ordering::Relaxed);
+        let step = STEPS[n as usize];
         let e = io::Error::from_raw_os_error(err);
-        return Err(if step == "exec" {
-            e
-        } else {
-            io::Error::new(e.kind(), format!("{step}: {e}"))
+        return Err(match (n, &spec.sandbox) {
+            (0, _) => e,
+            (STEP_OP, Some(sb)) => {
+                let what = &sb.what[prepared.op.load(Ordering::Relaxed) as usize];
+                io::Error::new(e.kind(), format!("{step}{what}: {e}"))
+            }
+            _ => io::Error::new(e.kind(), format!("{step}: {e}")),
         });
     }
     drop(arg_store);
     drop(env_store);
-    Ok(Child::new(pid))
+    Ok(pid)
 }
 
 /// Waits for a child that is known to have exited or to be about to.
@@ -359,7 +876,7 @@ pub struct Child {
 }
 
 impl Child {
-    fn new(pid: libc::pid_t) -> Child {
+    pub fn new(pid: libc::pid_t) -> Child {
         // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as RawFd;
         let waiter = if fd >= 0 {
@@ -471,6 +988,7 @@ mod tests {
                 extra_fds: &[],
                 exec_fd: None,
                 detach: &[],
+                sandbox: None,
             })
         }
         fn out(&self) -> String {
@@ -585,6 +1103,7 @@ mod tests {
             extra_fds: &[],
             exec_fd: None,
             detach: &[],
+            sandbox: None,
         })
         .err()
         .unwrap();

@@ -44,6 +44,10 @@ pub enum BenchCmd {
         /// fsync every SQLite commit (the server's `--sync-full`).
         #[arg(long)]
         sync_full: bool,
+        /// Sandboxed tasks (`on`, the agent's default), unsandboxed (`off`), or both
+        /// one after the other on fresh pools (`both`), to show what the sandbox costs.
+        #[arg(long, value_enum, default_value = "both")]
+        sandbox: SandboxMode,
     },
     /// The tinylm example service through the gateway: cold start, reaction to load steps,
     /// and platform errors over a long run with scale-up, scale-down and rolling updates.
@@ -87,6 +91,13 @@ pub enum BenchCmd {
     },
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SandboxMode {
+    On,
+    Off,
+    Both,
+}
+
 struct Procs(Vec<Child>);
 
 impl Drop for Procs {
@@ -127,14 +138,15 @@ pub struct BenchPool {
 }
 
 pub async fn start_pool(dir: &std::path::Path, no_cgroups: bool) -> Result<BenchPool> {
-    start_pool_with(dir, no_cgroups, &[]).await
+    start_pool_with(dir, no_cgroups, &[], &[]).await
 }
 
-/// `start_pool` with extra `caravel server` arguments.
+/// `start_pool` with extra `caravel server` and `caravel agent` arguments.
 pub async fn start_pool_with(
     dir: &std::path::Path,
     no_cgroups: bool,
     server_args: &[String],
+    agent_args: &[String],
 ) -> Result<BenchPool> {
     let exe = std::env::current_exe()?;
     let port = free_port()?;
@@ -188,6 +200,7 @@ pub async fn start_pool_with(
         ])
         .arg("--work-dir")
         .arg(dir.join("agent"))
+        .args(agent_args)
         .env("CARAVEL_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
@@ -239,12 +252,50 @@ pub async fn run(cmd: BenchCmd) -> Result<i32> {
             dir,
             datastore,
             sync_full,
+            sandbox,
         } => {
             let mut server_args = vec!["--datastore".to_string(), datastore];
             if sync_full {
                 server_args.push("--sync-full".into());
             }
-            e2e(jobs, clients.max(1), light, no_cgroups, dir, &server_args).await
+            let modes: &[bool] = match sandbox {
+                SandboxMode::On => &[true],
+                SandboxMode::Off => &[false],
+                SandboxMode::Both => &[true, false],
+            };
+            let mut results = Vec::new();
+            let mut code = 0;
+            for &on in modes {
+                eprintln!(
+                    "-- tasks {}",
+                    if on {
+                        "sandboxed"
+                    } else {
+                        "unsandboxed (--sandbox off)"
+                    }
+                );
+                let (c, r) = e2e(
+                    jobs,
+                    clients.max(1),
+                    light,
+                    no_cgroups,
+                    dir.clone(),
+                    &server_args,
+                    on,
+                )
+                .await?;
+                code = code.max(c);
+                results.push(r);
+            }
+            if results.len() == 1 {
+                println!("{}", results[0]);
+            } else {
+                println!(
+                    "{}",
+                    serde_json::json!({"bench": "e2e", "sandboxed": results[0], "unsandboxed": results[1]})
+                );
+            }
+            Ok(code)
         }
         BenchCmd::Gateway {
             concurrency,
@@ -289,6 +340,7 @@ async fn wait_all(c: &Client, n_expected: usize, timeout: Duration) -> Result<Ve
     }
 }
 
+/// One e2e run on a fresh pool: its exit code and its figures.
 async fn e2e(
     jobs: usize,
     clients: usize,
@@ -296,12 +348,26 @@ async fn e2e(
     no_cgroups: bool,
     parent: Option<std::path::PathBuf>,
     server_args: &[String],
-) -> Result<i32> {
+    sandbox: bool,
+) -> Result<(i32, serde_json::Value)> {
     let dir = match parent {
         Some(p) => tempfile::tempdir_in(p)?,
         None => tempfile::tempdir()?,
     };
-    let pool = start_pool_with(dir.path(), no_cgroups, server_args).await?;
+    let agent_args = [
+        "--sandbox".to_string(),
+        if sandbox { "on" } else { "off" }.to_string(),
+    ];
+    let pool = start_pool_with(dir.path(), no_cgroups, server_args, &agent_args).await?;
+    if sandbox {
+        let nodes: Vec<NodeView> = Client::new(&pool.url, &pool.admin).get("/v1/nodes").await?;
+        if nodes[0].capacity.isolation == caravel_core::IsolationLevel::None {
+            bail!(
+                "the agent cannot sandbox here ({}); run as root, or --sandbox off",
+                nodes[0].isolation_missing.join("; ")
+            );
+        }
+    }
     let c = Client::new(&pool.url, &pool.admin);
     let mut spec = JobSpec::simple("true", &[]);
     spec.resources.cpu_milli = 100;
@@ -363,10 +429,11 @@ async fn e2e(
     eprintln!("jobs: {jobs} ({ok} succeeded) in {elapsed:.2}s: {jobs_per_s:.0} jobs/s end to end (submits took {submit_s:.2}s)");
     eprintln!("submit->start at light load ({light} jobs, one at a time): p50 {lp50:.1} ms, p99 {lp99:.1} ms");
     eprintln!("submit->start under the burst: p50 {hp50:.1} ms, p99 {hp99:.1} ms");
-    println!(
-        "{}",
+    Ok((
+        if ok == jobs { 0 } else { 1 },
         serde_json::json!({
             "bench": "e2e",
+            "sandbox": sandbox,
             "jobs": jobs,
             "succeeded": ok,
             "elapsed_s": elapsed,
@@ -377,7 +444,6 @@ async fn e2e(
             "burst_submit_to_start_p99_ms": hp99,
             "clients": clients,
             "cgroups": !no_cgroups,
-        })
-    );
-    Ok(if ok == jobs { 0 } else { 1 })
+        }),
+    ))
 }

@@ -266,7 +266,7 @@ pub async fn run(
     } else {
         vec![]
     };
-    let pool = start_pool_with(dir.path(), false, &server_args).await?;
+    let pool = start_pool_with(dir.path(), false, &server_args, &[]).await?;
     let c = Client::with_ca(&pool.url, &pool.admin, pool.ca.as_deref())?;
     let exe = std::env::current_exe()?;
     let args: &[&str] = if grpc {

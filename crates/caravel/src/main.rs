@@ -748,13 +748,6 @@ fn kv(s: &str) -> Result<(String, String), String> {
 }
 
 fn main() {
-    // A sandboxed task's first process: this binary, started by the agent inside the
-    // task's namespaces. Nothing else of the CLI runs.
-    if std::env::args_os().nth(1).as_deref()
-        == Some(std::ffi::OsStr::new(caravel_agent::sandbox::INIT_ARG))
-    {
-        caravel_agent::sandbox::init::main();
-    }
     let cli = Cli::parse();
     if matches!(&cli.cmd, Cmd::Server(_) | Cmd::Agent(_) | Cmd::Up(_)) {
         // What the control plane and agents write (tokens, the database, checkpoints,
@@ -762,6 +755,19 @@ fn main() {
         // SAFETY: before any thread starts.
         unsafe {
             libc::umask(0o077);
+        }
+    }
+    let sandboxing = match &cli.cmd {
+        Cmd::Agent(a) => a.tasks.sandbox == OnOff::On,
+        Cmd::Up(a) => a.tasks.sandbox == OnOff::On,
+        _ => false,
+    };
+    // SAFETY: geteuid has no preconditions.
+    if sandboxing && unsafe { libc::geteuid() } == 0 {
+        // Before any thread starts: the whole process moves, and the sandbox template the
+        // agent mounts then lives and dies with it.
+        if let Err(e) = caravel_agent::sandbox::private_mount_namespace() {
+            eprintln!("warning: {e}; the sandbox template is mounted where the host sees it");
         }
     }
     if !matches!(
@@ -789,6 +795,11 @@ fn main() {
         .init();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Short blocking jobs (a run's cgroup removed, its folder emptied) come in bursts
+        // as runs end: a small pool whose threads stay is cheaper than hundreds started
+        // and stopped (each new thread's allocator start costs more than the job).
+        .max_blocking_threads(64)
+        .thread_keep_alive(Duration::from_secs(60))
         .build()
         .expect("tokio runtime");
     let code = match rt.block_on(dispatch(cli.cmd)) {

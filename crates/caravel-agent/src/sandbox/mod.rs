@@ -21,7 +21,7 @@
 
 pub mod devices;
 pub mod disk;
-pub mod init;
+pub mod plan;
 pub mod seccomp;
 
 use std::ffi::OsString;
@@ -31,12 +31,9 @@ use std::path::{Path, PathBuf};
 use caravel_core::{IsolationLevel, TenantId};
 use serde::{Deserialize, Serialize};
 
-/// Where init finds its configuration and writes its status (`init`).
-pub const CONFIG_FD: RawFd = 3;
-pub const STATUS_FD: RawFd = 4;
-
-/// The argument that makes the `caravel` binary run as a sandbox's init.
-pub const INIT_ARG: &str = "__sandbox-init";
+/// The reaper: PID 1 of every sandboxed task once the task runs (`reaper/reaper.rs`,
+/// built by `build.rs`).
+static REAPER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/caravel-reaper"));
 
 /// The search path a sandboxed task starts with.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -204,6 +201,10 @@ pub enum MountSpec {
     ReadOnly {
         dst: PathBuf,
     },
+    /// A folder for a later mount to go on.
+    Dir {
+        dst: PathBuf,
+    },
     Proc,
     Dev,
 }
@@ -214,28 +215,6 @@ pub struct DevNode {
     pub name: String,
     pub major: u32,
     pub minor: u32,
-}
-
-/// What init needs, passed through a memfd (never argv or the environment, which other
-/// users of the machine could read in `/proc`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct InitConfig {
-    pub uid: u32,
-    pub gid: u32,
-    pub staging: PathBuf,
-    pub mounts: Vec<MountSpec>,
-    pub devices: Vec<DevNode>,
-    pub shm_bytes: u64,
-    pub cwd: String,
-    pub program: String,
-    pub args: Vec<String>,
-    pub env: Vec<(String, String)>,
-    pub file_size_limit: Option<u64>,
-    pub seccomp: bool,
-    /// `cgroup.procs` files init joins once the sandbox is built, just before it drops
-    /// root: what it used to build it is the agent's to pay, not the task's (a task with a
-    /// 1 MiB memory limit still starts).
-    pub cgroup_procs: Vec<PathBuf>,
 }
 
 /// The node's system directories, as a task sees them: each top-level entry that is a
@@ -267,9 +246,12 @@ pub fn system_layout(host_root: &Path) -> Vec<MountSpec> {
             });
         }
     }
+    // Only those that are mount points (each bind is three steps of every task's start).
+    let mounted = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     for f in ["etc/resolv.conf", "etc/hosts", "etc/hostname"] {
         let p = host_root.join(f);
-        if std::fs::metadata(&p).is_ok_and(|m| m.is_file()) {
+        let is_mount = mounted.lines().any(|l| l.split(' ').nth(4) == p.to_str());
+        if is_mount && std::fs::metadata(&p).is_ok_and(|m| m.is_file()) {
             out.push(MountSpec::Bind {
                 src: p,
                 dst: Path::new("/").join(f),
@@ -287,12 +269,13 @@ pub struct RunDirs {
     pub tmp: PathBuf,
 }
 
-/// The whole mount list of one task. `cgroup_dirs` are the run's own cgroup folders,
-/// shown read-only under `/sys/fs/cgroup/<name>` so a runtime can read its limits.
-pub fn task_layout(
+/// What every task's root shares, built once (`plan::Plan::template`): the system
+/// folders, `/sys` read-only with an empty cgroup tree (folders for the run's own cgroups
+/// to go on, by controller name) and no firmware tables, the operator's mounts (those not
+/// below `/tmp`, which is each task's own), and the folders each task's mounts go on.
+pub fn template_layout(
     system: &[MountSpec],
-    dirs: &RunDirs,
-    cgroup_dirs: &[(String, PathBuf)],
+    cgroup_names: &[String],
     extra: &[TaskMount],
 ) -> Vec<MountSpec> {
     let mut m: Vec<MountSpec> = system.to_vec();
@@ -301,18 +284,16 @@ pub fn task_layout(
         dst: "/sys".into(),
         rw: false,
     });
-    // The cgroup tree would show every other run's usage and names: hide it, then show
-    // only this run's folders.
+    // The cgroup tree would show every other run's usage and names: hide it; each task
+    // then shows its own folders on these.
     m.push(MountSpec::Tmpfs {
         dst: "/sys/fs/cgroup".into(),
         bytes: 4096,
         rw: true,
     });
-    for (name, dir) in cgroup_dirs {
-        m.push(MountSpec::Bind {
-            src: dir.clone(),
+    for name in cgroup_names.iter().filter(|n| *n != ".") {
+        m.push(MountSpec::Dir {
             dst: Path::new("/sys/fs/cgroup").join(name),
-            rw: false,
         });
     }
     m.push(MountSpec::ReadOnly {
@@ -325,24 +306,10 @@ pub fn task_layout(
             rw: false,
         });
     }
-    m.push(MountSpec::Proc);
-    m.push(MountSpec::Dev);
-    m.push(MountSpec::Bind {
-        src: dirs.work.clone(),
-        dst: TASK_WORKDIR.into(),
-        rw: true,
-    });
-    m.push(MountSpec::Bind {
-        src: dirs.checkpoint.clone(),
-        dst: TASK_CHECKPOINT_DIR.into(),
-        rw: true,
-    });
-    m.push(MountSpec::Bind {
-        src: dirs.tmp.clone(),
-        dst: "/tmp".into(),
-        rw: true,
-    });
-    for e in extra {
+    for d in ["/proc", "/dev", "/tmp", TASK_WORKDIR, TASK_CHECKPOINT_DIR] {
+        m.push(MountSpec::Dir { dst: d.into() });
+    }
+    for e in extra.iter().filter(|e| !e.task.starts_with("/tmp")) {
         m.push(MountSpec::Bind {
             src: e.host.clone(),
             dst: e.task.clone(),
@@ -350,6 +317,98 @@ pub fn task_layout(
         });
     }
     m
+}
+
+/// What one task mounts onto the template: its `/proc` and `/dev`, its own folders, its
+/// cgroup folders (read-only, so a runtime can read its limits), and the operator's
+/// mounts below `/tmp`.
+pub fn task_layout(
+    dirs: &RunDirs,
+    cgroup_dirs: &[(String, PathBuf)],
+    extra: &[TaskMount],
+) -> Vec<MountSpec> {
+    let mut m = vec![
+        MountSpec::Proc,
+        MountSpec::Dev,
+        MountSpec::Bind {
+            src: dirs.work.clone(),
+            dst: TASK_WORKDIR.into(),
+            rw: true,
+        },
+        MountSpec::Bind {
+            src: dirs.checkpoint.clone(),
+            dst: TASK_CHECKPOINT_DIR.into(),
+            rw: true,
+        },
+        MountSpec::Bind {
+            src: dirs.tmp.clone(),
+            dst: "/tmp".into(),
+            rw: true,
+        },
+    ];
+    for (name, dir) in cgroup_dirs {
+        let dst = if name == "." {
+            PathBuf::from("/sys/fs/cgroup")
+        } else {
+            Path::new("/sys/fs/cgroup").join(name)
+        };
+        m.push(MountSpec::Bind {
+            src: dir.clone(),
+            dst,
+            rw: false,
+        });
+    }
+    for e in extra.iter().filter(|e| e.task.starts_with("/tmp")) {
+        m.push(MountSpec::Bind {
+            src: e.host.clone(),
+            dst: e.task.clone(),
+            rw: e.rw,
+        });
+    }
+    m
+}
+
+/// Moves this whole process into a mount namespace of its own, whose mounts the host's
+/// changes reach but whose own never reach the host: the agent's sandbox template lives
+/// there and vanishes with the process, however it ends. Must be called before the process
+/// has threads (a namespace change applies to the calling thread only). Returns why not,
+/// where it cannot (not root): the agent then cannot sandbox anyway.
+pub fn private_mount_namespace() -> Result<(), String> {
+    // SAFETY: unshare and mount with constant arguments.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNS) != 0 {
+            return Err(format!(
+                "a mount namespace of its own: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        if libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_SLAVE,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(format!(
+                "making its mounts its own: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Detaches whatever is mounted on `p` (a template an earlier life of the agent left, in
+/// a namespace it shared with the host).
+fn unmount_all(p: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else {
+        return;
+    };
+    // SAFETY: umount2 with a NUL-terminated path; stops at the first failure (nothing
+    // mounted there any more).
+    unsafe { while libc::umount2(c.as_ptr(), libc::MNT_DETACH) == 0 {} }
 }
 
 /// The environment a sandboxed task starts from, before the job's own and Caravel's:
@@ -375,13 +434,13 @@ pub fn unsandboxed_env() -> Vec<(OsString, OsString)> {
         .collect()
 }
 
-/// Makes a memfd holding `data` (sealed: the child reads exactly what was written), at a
-/// descriptor number above the ones the child's are moved to.
-pub fn memfd_with(data: &[u8]) -> std::io::Result<OwnedFd> {
+/// A sealed memfd holding `data`, executable (the reaper runs from it, so no file on disk
+/// is needed, and nothing can change it).
+fn exec_memfd(data: &[u8]) -> std::io::Result<OwnedFd> {
     // SAFETY: memfd_create with a NUL-terminated name; we own the returned descriptor.
     let fd = unsafe {
         libc::memfd_create(
-            c"caravel-sandbox".as_ptr(),
+            c"caravel-reaper".as_ptr(),
             libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
         )
     };
@@ -392,7 +451,12 @@ pub fn memfd_with(data: &[u8]) -> std::io::Result<OwnedFd> {
     let f = unsafe { OwnedFd::from_raw_fd(fd) };
     let mut file = std::fs::File::from(f);
     std::io::Write::write_all(&mut file, data)?;
-    std::io::Seek::rewind(&mut file)?;
+    // Executable, not readable: the kernel makes a process that execs a file it may not
+    // read undumpable, so the task (which runs as the same uid) cannot ptrace its
+    // sandbox's reaper, not even in the moment between the reaper's exec and its first
+    // instruction. (A reaper it could stop would never report the task's end.)
+    use std::os::unix::fs::PermissionsExt;
+    file.set_permissions(std::fs::Permissions::from_mode(0o111))?;
     // SAFETY: fcntl on our descriptor.
     unsafe {
         libc::fcntl(
@@ -419,7 +483,7 @@ pub fn high(fd: OwnedFd) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(n) })
 }
 
-/// A pipe for init's status lines: (read end, non-blocking, for the agent; write end).
+/// A pipe for the reaper's status lines: (read end, non-blocking, for the agent; write end).
 pub fn status_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
     // SAFETY: pipe2 fills the array with two new descriptors we own.
@@ -489,13 +553,18 @@ pub fn open_beneath(dir: &std::fs::File, rel: &Path) -> std::io::Result<std::fs:
     Ok(unsafe { std::fs::File::from_raw_fd(fd) })
 }
 
-/// Makes `dir` (and its parents) and hands it to `uid`:`gid` with mode 0700. An existing
-/// folder (a reused one) is handed over as well, with what is in it.
+/// Makes `dir` (its parent must exist) and hands it to `uid`:`gid` with mode 0700. An
+/// existing folder (a reused, emptied one) is handed over as well, with what is in it.
 pub fn own_dir(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(dir)?;
-    chown_tree(dir, uid, gid)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => std::os::unix::fs::lchown(dir, Some(uid), Some(gid)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            chown_tree(dir, uid, gid)?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Hands a tree to `uid`:`gid` without following links.
@@ -534,33 +603,40 @@ pub fn can_sandbox() -> Result<(), String> {
 /// A node's means to sandbox tasks, set up once at agent start.
 pub struct Runtime {
     pub uids: UidRange,
-    /// This agent's own executable, which runs as each sandbox's init.
-    exe: std::fs::File,
-    /// An empty folder each task's root is built on (in the task's own mount namespace).
+    /// The reaper, in a sealed memfd.
+    reaper: OwnedFd,
+    /// The template every task's root is built on (read-only, mounted in the agent's
+    /// mount namespace, copied into each task's).
     staging: PathBuf,
-    system: Vec<MountSpec>,
+    /// The folders the template holds.
+    template_dirs: std::collections::HashSet<PathBuf>,
     mounts: Vec<TaskMount>,
     pub gpus: devices::GpuDevices,
-    /// The machine's architecture has a seccomp filter in this build.
-    pub seccomp: bool,
+    /// The seccomp program (empty where this build has none for the architecture).
+    pub filter: Vec<libc::sock_filter>,
+    pub last_cap: u32,
 }
 
+// SAFETY: `sock_filter` is plain data; the program is read-only after start.
+unsafe impl Send for Runtime {}
+// SAFETY: as above.
+unsafe impl Sync for Runtime {}
+
 /// What one sandboxed start needs besides the process spec.
-pub struct Launch {
-    pub config: OwnedFd,
+pub struct Prepared {
+    pub plan: plan::Plan,
+    pub join: Vec<std::ffi::CString>,
+    pub env: Vec<(String, String)>,
     pub status_read: OwnedFd,
     pub status_write: OwnedFd,
 }
 
 /// What a sandboxed task is started with.
 pub struct TaskSpec<'a> {
-    pub uid: u32,
     pub dirs: &'a RunDirs,
     pub cgroup_dirs: Vec<(String, PathBuf)>,
     pub devices: Vec<DevNode>,
     pub shm_bytes: u64,
-    pub program: &'a str,
-    pub args: &'a [String],
     pub env: Vec<(String, String)>,
     pub disk_bytes: Option<u64>,
     pub cgroup_procs: Vec<PathBuf>,
@@ -573,8 +649,12 @@ impl Runtime {
         uids: UidRange,
         mounts: Vec<TaskMount>,
         gpus: devices::GpuDevices,
+        cgroup_names: &[String],
     ) -> Result<Runtime, String> {
         can_sandbox()?;
+        if REAPER.is_empty() {
+            return Err("this build has no sandbox reaper for this architecture".into());
+        }
         let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
         let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
         let clash = uids.clashes(&passwd, &group);
@@ -590,63 +670,105 @@ impl Runtime {
             }
         }
         let staging = work_dir.join("sandbox-root");
+        unmount_all(&staging);
         std::fs::create_dir_all(&staging).map_err(|e| format!("{}: {e}", staging.display()))?;
-        if !init::staging_ok(&staging) {
-            return Err(format!(
-                "{} must be an empty folder (a mount left on it?)",
-                staging.display()
-            ));
+        if !std::fs::read_dir(&staging).is_ok_and(|mut d| d.next().is_none()) {
+            return Err(format!("{} must be an empty folder", staging.display()));
         }
-        let exe = std::fs::File::open("/proc/self/exe")
-            .map_err(|e| format!("opening this agent's executable: {e}"))?;
+        let layout = template_layout(&system_layout(Path::new("/")), cgroup_names, &mounts);
+        let template = plan::Plan::template(&staging, &layout)?;
+        for (op, what) in template.ops.iter().zip(&template.what) {
+            // SAFETY: prepared strings; the steps mount only on the template's folder.
+            if !unsafe { crate::spawn::run_op(op) } {
+                let e = std::io::Error::last_os_error();
+                unmount_all(&staging);
+                return Err(format!("building the sandbox template: {what}: {e}"));
+            }
+        }
+        let template_dirs = plan::Plan::template_dirs(&layout)?;
+        let reaper = exec_memfd(REAPER).map_err(|e| format!("loading the reaper: {e}"))?;
+        let last_cap = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(40);
         Ok(Runtime {
             uids,
-            exe,
+            reaper,
             staging,
-            system: system_layout(Path::new("/")),
+            template_dirs,
             mounts,
             gpus,
-            seccomp: seccomp::supported(),
+            filter: seccomp::program(),
+            last_cap,
         })
     }
 
-    pub fn exe_fd(&self) -> RawFd {
-        self.exe.as_raw_fd()
+    pub fn reaper_fd(&self) -> RawFd {
+        self.reaper.as_raw_fd()
     }
 
-    /// The configuration for one task, in a memfd, and its status pipe.
-    pub fn launch(&self, t: TaskSpec<'_>) -> std::io::Result<Launch> {
+    pub fn seccomp(&self) -> bool {
+        !self.filter.is_empty()
+    }
+
+    /// One task's sandbox: its steps, the cgroups it joins, its environment and its
+    /// status pipe.
+    pub fn prepare(&self, t: TaskSpec<'_>) -> Result<Prepared, String> {
         let mut env = t.env;
         // The task reads its own folders at fixed places, wherever the node keeps them.
         env.retain(|(k, _)| k != "CARAVEL_CHECKPOINT_DIR");
         env.push(("CARAVEL_CHECKPOINT_DIR".into(), TASK_CHECKPOINT_DIR.into()));
-        let cfg = InitConfig {
-            uid: t.uid,
-            gid: t.uid,
-            staging: self.staging.clone(),
-            mounts: task_layout(&self.system, t.dirs, &t.cgroup_dirs, &self.mounts),
-            devices: t.devices,
+        let mounts = task_layout(t.dirs, &t.cgroup_dirs, &self.mounts);
+        let plan = plan::Plan::task(&plan::Shape {
+            staging: &self.staging,
+            mounts: &mounts,
+            devices: &t.devices,
             shm_bytes: t.shm_bytes,
-            cwd: TASK_WORKDIR.into(),
-            program: t.program.to_string(),
-            args: t.args.to_vec(),
-            env,
+            cwd: TASK_WORKDIR,
             file_size_limit: t.disk_bytes,
-            seccomp: self.seccomp,
-            cgroup_procs: t.cgroup_procs,
-        };
-        let json = serde_json::to_vec(&cfg).map_err(std::io::Error::other)?;
-        let config = memfd_with(&json)?;
-        let (status_read, status_write) = status_pipe()?;
-        Ok(Launch {
-            config,
+            known: &self.template_dirs,
+        })?;
+        use std::os::unix::ffi::OsStrExt;
+        let join = t
+            .cgroup_procs
+            .iter()
+            .map(|p| std::ffi::CString::new(p.as_os_str().as_bytes()))
+            .collect::<Result<_, _>>()
+            .map_err(|_| "a cgroup path contains a NUL byte".to_string())?;
+        let (status_read, status_write) = status_pipe().map_err(|e| format!("a pipe: {e}"))?;
+        Ok(Prepared {
+            plan,
+            join,
+            env,
             status_read,
             status_write,
         })
     }
 }
 
-/// Reads init's status lines (`init::Status`) as they come.
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        unmount_all(&self.staging);
+    }
+}
+
+/// A line of the reaper's, read by the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    /// The task's process ended with this wait status.
+    Exited(i32),
+}
+
+impl Status {
+    pub fn parse(line: &str) -> Option<Status> {
+        line.trim_end()
+            .strip_prefix("exit ")
+            .and_then(|s| s.parse().ok())
+            .map(Status::Exited)
+    }
+}
+
+/// Reads the reaper's status lines as they come.
 pub struct StatusReader {
     rx: tokio::net::unix::pipe::Receiver,
     buf: Vec<u8>,
@@ -660,13 +782,13 @@ impl StatusReader {
         })
     }
 
-    /// The next line; `None` once init has closed its end.
-    pub async fn next(&mut self) -> Option<init::Status> {
+    /// The next line; `None` once the reaper has closed its end.
+    pub async fn next(&mut self) -> Option<Status> {
         use tokio::io::AsyncReadExt;
         loop {
             if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
                 let line: Vec<u8> = self.buf.drain(..=i).collect();
-                if let Some(s) = init::Status::parse(&String::from_utf8_lossy(&line)) {
+                if let Some(s) = Status::parse(&String::from_utf8_lossy(&line)) {
                     return Some(s);
                 }
                 continue;
@@ -683,6 +805,13 @@ impl StatusReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_lines_parse() {
+        assert_eq!(Status::parse("exit 256\n"), Some(Status::Exited(256)));
+        assert_eq!(Status::parse("exit x"), None);
+        assert_eq!(Status::parse("hello"), None);
+    }
 
     #[test]
     fn uid_ranges_are_checked_and_map_one_uid_per_tenant() {
@@ -761,7 +890,8 @@ mod tests {
             dst: "/usr".into(),
             rw: false
         }));
-        assert!(l.iter().any(
+        // Not a mount point here: it comes with /etc, and is not bound again.
+        assert!(!l.iter().any(
             |m| matches!(m, MountSpec::Bind { dst, .. } if dst == Path::new("/etc/resolv.conf"))
         ));
         assert!(

@@ -142,12 +142,128 @@ fn jump(code: u16, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
     libc::sock_filter { code, jt, jf, k }
 }
 
-/// The filter program. Every test jumps at most a few instructions forward and each
-/// outcome returns in place, so no jump offset can overflow whatever the list's length;
-/// the kernel (5.11 and later) caches the answer of calls whose outcome never depends on
-/// their arguments, so the length costs nothing after a call's first use.
+/// What the filter does with one system call number.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Rule {
+    Allow,
+    /// `clone`: allowed without namespace flags.
+    Clone,
+    /// `clone3`: ENOSYS.
+    Clone3,
+    /// `socket`: every family but `AF_VSOCK`.
+    Socket,
+    /// `personality`: the listed values.
+    Personality,
+}
+
+/// The code for one rule, the syscall number already matched; every path returns.
+fn rule_code(r: Rule) -> Vec<libc::sock_filter> {
+    match r {
+        Rule::Allow => vec![stmt(RET_K, RET_ALLOW)],
+        Rule::Clone3 => vec![stmt(RET_K, ret_errno(ENOSYS))],
+        Rule::Clone => vec![
+            stmt(LD_W_ABS, OFF_ARG0_LO),
+            jump(JMP_JSET_K, NAMESPACE_FLAGS, 0, 1),
+            stmt(RET_K, ret_errno(EPERM)),
+            stmt(RET_K, RET_ALLOW),
+        ],
+        Rule::Socket => vec![
+            stmt(LD_W_ABS, OFF_ARG0_LO),
+            jump(JMP_JEQ_K, AF_VSOCK, 0, 1),
+            stmt(RET_K, ret_errno(EPERM)),
+            stmt(RET_K, RET_ALLOW),
+        ],
+        Rule::Personality => {
+            let mut v = vec![stmt(LD_W_ABS, OFF_ARG0_LO)];
+            for p in PERSONALITIES {
+                v.push(jump(JMP_JEQ_K, p, 0, 1));
+                v.push(stmt(RET_K, RET_ALLOW));
+            }
+            v.push(stmt(RET_K, ret_errno(EPERM)));
+            v
+        }
+    }
+}
+
+/// A run of numbers that get the same rule (`Allow` runs are merged; the others are one
+/// number each).
+#[derive(Clone, Copy, Debug)]
+struct Segment {
+    lo: u32,
+    hi: u32,
+    rule: Rule,
+}
+
+/// Sorted numbers with their rules, as segments.
+fn segments(mut rules: Vec<(u32, Rule)>) -> Vec<Segment> {
+    rules.sort_unstable_by_key(|r| r.0);
+    rules.dedup_by_key(|r| r.0);
+    let mut out: Vec<Segment> = Vec::new();
+    for (nr, rule) in rules {
+        match out.last_mut() {
+            Some(last) if rule == Rule::Allow && last.rule == Rule::Allow && last.hi + 1 == nr => {
+                last.hi = nr
+            }
+            _ => out.push(Segment {
+                lo: nr,
+                hi: nr,
+                rule,
+            }),
+        }
+    }
+    out
+}
+
+/// A decision tree over the sorted segments: a call's number is found in about log2(n)
+/// comparisons, not n. It matters twice: at every call the kernel's cache does not answer,
+/// and when the filter is installed, since the kernel then runs the filter once for every
+/// system call number to fill that cache — with a linear list of some 300 numbers that was
+/// the largest single cost of starting a sandboxed task.
+///
+/// Layout: a node is `jge k` then a long jump (`ja`, no 255-instruction limit) over the
+/// left subtree to the right one; leaves test their few segments in turn, and every
+/// outcome returns where it is decided.
+fn tree(segs: &[Segment]) -> Vec<libc::sock_filter> {
+    const JMP_JA: u16 = BPF_JMP; // BPF_JA = 0x00
+    const JMP_JGT_K: u16 = BPF_JMP | 0x20 | BPF_K;
+    if segs.len() <= 3 {
+        let mut v = Vec::new();
+        for s in segs {
+            let code = rule_code(s.rule);
+            let n = code.len() as u8;
+            if s.lo == s.hi {
+                v.push(jump(JMP_JEQ_K, s.lo, 0, n));
+            } else {
+                v.push(jump(JMP_JGE_K, s.lo, 0, n + 1));
+                v.push(jump(JMP_JGT_K, s.hi, n, 0));
+            }
+            v.extend(code);
+        }
+        v.push(stmt(RET_K, ret_errno(EPERM)));
+        return v;
+    }
+    let mid = segs.len() / 2;
+    let left = tree(&segs[..mid]);
+    let right = tree(&segs[mid..]);
+    let mut v = vec![
+        jump(JMP_JGE_K, segs[mid].lo, 0, 1),
+        stmt(JMP_JA, left.len() as u32),
+    ];
+    v.extend(left);
+    v.extend(right);
+    v
+}
+
+/// The filter program: the architecture checked, other ABIs refused, then the tree.
 #[cfg(target_arch = "x86_64")]
 pub fn program() -> Vec<libc::sock_filter> {
+    let mut rules: Vec<(u32, Rule)> = ALLOWED.iter().map(|(_, nr)| (*nr, Rule::Allow)).collect();
+    rules.extend([
+        (libc::SYS_clone as u32, Rule::Clone),
+        (libc::SYS_clone3 as u32, Rule::Clone3),
+        (libc::SYS_socket as u32, Rule::Socket),
+        (libc::SYS_personality as u32, Rule::Personality),
+    ]);
     let mut p = vec![
         stmt(LD_W_ABS, OFF_ARCH),
         jump(JMP_JEQ_K, AUDIT_ARCH, 1, 0),
@@ -156,42 +272,7 @@ pub fn program() -> Vec<libc::sock_filter> {
         jump(JMP_JGE_K, X32_BIT, 0, 1),
         stmt(RET_K, ret_errno(EPERM)),
     ];
-    // clone: allowed only with no namespace flag set.
-    p.extend([
-        jump(JMP_JEQ_K, libc::SYS_clone as u32, 0, 4),
-        stmt(LD_W_ABS, OFF_ARG0_LO),
-        jump(JMP_JSET_K, NAMESPACE_FLAGS, 0, 1),
-        stmt(RET_K, ret_errno(EPERM)),
-        stmt(RET_K, RET_ALLOW),
-    ]);
-    p.extend([
-        jump(JMP_JEQ_K, libc::SYS_clone3 as u32, 0, 1),
-        stmt(RET_K, ret_errno(ENOSYS)),
-    ]);
-    // socket: every family but AF_VSOCK.
-    p.extend([
-        jump(JMP_JEQ_K, libc::SYS_socket as u32, 0, 4),
-        stmt(LD_W_ABS, OFF_ARG0_LO),
-        jump(JMP_JEQ_K, AF_VSOCK, 0, 1),
-        stmt(RET_K, ret_errno(EPERM)),
-        stmt(RET_K, RET_ALLOW),
-    ]);
-    // personality: the listed values only.
-    let n = PERSONALITIES.len() as u8;
-    p.push(jump(JMP_JEQ_K, libc::SYS_personality as u32, 0, 2 * n + 2));
-    p.push(stmt(LD_W_ABS, OFF_ARG0_LO));
-    for v in PERSONALITIES {
-        p.push(jump(JMP_JEQ_K, v, 0, 1));
-        p.push(stmt(RET_K, RET_ALLOW));
-    }
-    p.push(stmt(RET_K, ret_errno(EPERM)));
-    // The argument loads above changed the accumulator only on their own branches, each
-    // of which returned; the syscall number is still loaded here.
-    for (_, nr) in ALLOWED {
-        p.push(jump(JMP_JEQ_K, *nr, 0, 1));
-        p.push(stmt(RET_K, RET_ALLOW));
-    }
-    p.push(stmt(RET_K, ret_errno(EPERM)));
+    p.extend(tree(&segments(rules)));
     p
 }
 
@@ -282,10 +363,12 @@ mod tests {
             match i.code {
                 LD_W_ABS => acc = data(i.k),
                 RET_K => return i.k,
-                JMP_JEQ_K | JMP_JGE_K | JMP_JSET_K => {
+                BPF_JMP => pc += i.k as usize,
+                JMP_JEQ_K | JMP_JGE_K | JMP_JSET_K | 0x25 => {
                     let t = match i.code {
                         JMP_JEQ_K => acc == i.k,
                         JMP_JGE_K => acc >= i.k,
+                        0x25 => acc > i.k,
                         _ => acc & i.k != 0,
                     };
                     pc += if t { i.jt } else { i.jf } as usize;
@@ -346,6 +429,59 @@ mod tests {
                                                              // Other ABIs.
         assert!(!allow((X32_BIT | libc::SYS_read as u32) as i64, 0));
         assert_eq!(run(&p, 3, 0x4000_0003, 0), ret_errno(EPERM), "i386");
+    }
+
+    #[test]
+    fn the_tree_answers_every_number_as_the_list_says_in_few_steps() {
+        let p = program();
+        let allowed: std::collections::HashSet<u32> = ALLOWED.iter().map(|(_, n)| *n).collect();
+        for nr in 0..600u32 {
+            let want = if allowed.contains(&nr)
+                || nr == libc::SYS_clone as u32
+                || nr == libc::SYS_socket as u32
+            {
+                RET_ALLOW
+            } else if nr == libc::SYS_clone3 as u32 {
+                ret_errno(ENOSYS)
+            } else if nr == libc::SYS_personality as u32 {
+                RET_ALLOW // argument 0 is PER_LINUX
+            } else {
+                ret_errno(EPERM)
+            };
+            assert_eq!(run(&p, nr, AUDIT_ARCH, 0), want, "syscall {nr}");
+        }
+        // The kernel interprets it once per number at install: keep that short.
+        let longest = (0..600u32).map(|nr| steps(&p, nr)).max().unwrap();
+        assert!(longest < 40, "{longest} instructions for one call");
+        assert!(p.len() < 400, "{} instructions", p.len());
+    }
+
+    /// Instructions executed for one call (argument 0 zero).
+    fn steps(p: &[libc::sock_filter], nr: u32) -> usize {
+        let (mut pc, mut acc, mut n) = (0usize, 0u32, 0);
+        loop {
+            let i = p[pc];
+            pc += 1;
+            n += 1;
+            match i.code {
+                LD_W_ABS => {
+                    acc = if i.k == OFF_NR {
+                        nr
+                    } else if i.k == OFF_ARCH {
+                        AUDIT_ARCH
+                    } else {
+                        0
+                    }
+                }
+                RET_K => return n,
+                BPF_JMP => pc += i.k as usize,
+                JMP_JEQ_K => pc += if acc == i.k { i.jt } else { i.jf } as usize,
+                JMP_JGE_K => pc += if acc >= i.k { i.jt } else { i.jf } as usize,
+                0x25 => pc += if acc > i.k { i.jt } else { i.jf } as usize,
+                JMP_JSET_K => pc += if acc & i.k != 0 { i.jt } else { i.jf } as usize,
+                c => panic!("opcode {c:#x}"),
+            }
+        }
     }
 
     #[test]
