@@ -15,6 +15,7 @@ pub mod discover;
 pub mod sandbox;
 mod ship;
 pub mod spawn;
+mod workdir;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -210,6 +211,8 @@ pub struct Agent {
     sandbox: Option<sandbox::Runtime>,
     /// Where every task's process is started (never on the runtime's workers).
     spawner: spawn::Spawner,
+    /// Shipped working directories being fetched.
+    workdirs: workdir::Cache,
     /// What this node gives, as registered.
     isolation: sandbox::Capability,
 }
@@ -526,6 +529,7 @@ pub async fn start(cfg: AgentConfig) -> Result<Arc<Agent>, AgentError> {
         // from the task's namespace waits for an RCU grace period): more threads than
         // CPUs keep the CPUs busy.
         spawner: spawn::Spawner::new(SPAWNER_THREADS),
+        workdirs: Default::default(),
     });
     agent.ship_recover(&agent.cfg.work_dir.join("runs"));
     let app = axum::Router::new()
@@ -1047,6 +1051,12 @@ impl Agent {
             });
         if let Err(e) = made {
             let msg = format!("cannot make the run's folders in {}: {e}", dir.display());
+            self.never_started(run, "spawn_failed", msg);
+            return;
+        }
+        if let Err(msg) = self.prepare_workdir(&a, &dirs.work, uid).await {
+            tracing::warn!(run = %run, "cannot start: {msg}");
+            let _ = std::fs::write(dir.join("stderr.log"), format!("caravel: {msg}\n"));
             self.never_started(run, "spawn_failed", msg);
             return;
         }

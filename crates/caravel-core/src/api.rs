@@ -287,6 +287,14 @@ fn no_tenant() -> TenantId {
     TenantId(0)
 }
 
+/// A working directory a tenant uploaded (`PUT /v1/workdirs/{digest}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkdirView {
+    /// `sha256:<hex>` of the tar archive.
+    pub digest: String,
+    pub bytes: u64,
+}
+
 /// A task's newest checkpoint (`GET /v1/jobs/{id}/checkpoints`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckpointView {

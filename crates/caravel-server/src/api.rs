@@ -234,6 +234,7 @@ pub async fn submit(
         ),
         None => None,
     };
+    uploaded_workdir(&s, tenant, spec.workdir.as_deref())?;
     let (id, created) = core.submit_idempotent(tenant, spec, key, now_ms())?;
     drop(core);
     if !created {
@@ -252,6 +253,25 @@ pub async fn submit(
 
 /// The tenant a write acts as: a tenant token acts as itself (naming another is refused);
 /// the admin names one, or gets the default tenant.
+/// A job or service names a working directory its tenant uploaded: checked (a digest of
+/// another tenant's, or one never sent, is refused) and marked used.
+fn uploaded_workdir(s: &Shared, tenant: TenantId, workdir: Option<&str>) -> Res<()> {
+    let Some(w) = workdir else { return Ok(()) };
+    // A malformed one is refused by the spec's own checks, naming the field.
+    if crate::workdirs::hex_of(w).is_none() {
+        return Ok(());
+    }
+    if s.workdirs.has(tenant, w).is_none() {
+        return Err(ApiError::field(
+            ErrorCode::InvalidArgument,
+            "workdir",
+            format!("`{w}` was not uploaded by this tenant (`caravel submit --workdir DIR` uploads it; PUT /v1/workdirs/{w})"),
+        ));
+    }
+    s.workdirs.touch(tenant, w, now_ms());
+    Ok(())
+}
+
 fn acting_tenant(core: &Core, p: Principal, named: Option<&str>) -> Res<TenantId> {
     match p {
         Principal::Tenant(t) => {
@@ -355,6 +375,7 @@ pub async fn deploy_service(
     let mut core = s.core.lock().expect("core lock");
     let tenant = acting_tenant(&core, p, q.tenant.as_deref())?;
     let existed = core.services.contains_key(&(tenant, spec.name.clone()));
+    uploaded_workdir(&s, tenant, spec.workdir.as_deref())?;
     let (rec, changed) = core.deploy_service(tenant, spec, now_ms())?;
     let view = service_view(&s, &mut core, &(tenant, rec.spec.name.clone()), changed);
     let code = if existed {
@@ -1648,6 +1669,209 @@ pub async fn get_checkpoint(
     h.insert("x-caravel-checkpoint-run", HeaderValue::from(saved.run.0));
     if let Ok(v) = HeaderValue::from_str(&saved.sha256) {
         h.insert("x-caravel-sha256", v);
+    }
+    Ok(resp)
+}
+
+// ---- working directories ----
+
+fn workdir_digest(d: &str) -> Res<&str> {
+    crate::workdirs::hex_of(d).map(|_| d).ok_or_else(|| {
+        ApiError::field(
+            ErrorCode::InvalidArgument,
+            "digest",
+            format!("`{d}` is not sha256:<64 lowercase hex>"),
+        )
+    })
+}
+
+/// `HEAD /v1/workdirs/{digest}`: 200 when the caller's tenant has uploaded this archive
+/// (its size in `content-length`), 404 otherwise. It says nothing of other tenants'.
+pub async fn has_workdir(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(q): Query<TenantQuery>,
+    Path(digest): Path<String>,
+) -> Res<Response> {
+    let p = user_only(authenticate(&s, &headers)?)?;
+    let tenant = acting_tenant(&s.core.lock().expect("core lock"), p, q.tenant.as_deref())?;
+    let digest = workdir_digest(&digest)?;
+    match s.workdirs.has(tenant, digest) {
+        Some(n) => Ok((
+            StatusCode::OK,
+            [(axum::http::header::CONTENT_LENGTH, n.to_string())],
+        )
+            .into_response()),
+        None => Err(ApiError::not_found(format!("working directory {digest}"))),
+    }
+}
+
+/// `PUT /v1/workdirs/{digest}`: uploads a working directory (a tar archive whose SHA-256
+/// is `digest`) for the caller's tenant. 201 when stored, 200 when it was already there.
+pub async fn put_workdir(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(q): Query<TenantQuery>,
+    Path(digest): Path<String>,
+    body: axum::body::Body,
+) -> Res<(StatusCode, Json<WorkdirView>)> {
+    use http_body_util::BodyExt;
+    use sha2::Digest;
+    use tokio::io::AsyncWriteExt;
+    let p = user_only(authenticate(&s, &headers)?)?;
+    let (tenant, storage) = {
+        let core = s.core.lock().expect("core lock");
+        let t = acting_tenant(&core, p, q.tenant.as_deref())?;
+        (t, crate::storage_left(&s, &core, t))
+    };
+    let digest = workdir_digest(&digest)?.to_string();
+    if let Some(bytes) = s.workdirs.has(tenant, &digest) {
+        s.workdirs.touch(tenant, &digest, now_ms());
+        return Ok((StatusCode::OK, Json(WorkdirView { digest, bytes })));
+    }
+    let limit = s.workdirs.max_bytes;
+    let too_large = || {
+        ApiError::new(
+            ErrorCode::TooLarge,
+            format!("the working directory is larger than this server's limit of {limit} bytes (caravel server --workdir-max-size); leave out what the tasks do not need with .caravelignore"),
+        )
+    };
+    let over_quota = |bytes: u64| {
+        storage.and_then(|(used, cap)| {
+            (used.saturating_add(bytes) > cap).then(|| {
+                ApiError::new(
+                    ErrorCode::ExceedsQuota,
+                    format!("storage quota: {used} of {cap} bytes in use (checkpoints, task output and working directories), {bytes} more asked"),
+                )
+            })
+        })
+    };
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    if let Some(e) = declared.and_then(over_quota) {
+        return Err(e);
+    }
+    let internal = |e: String| ApiError::new(ErrorCode::Internal, e);
+    let path = s
+        .workdirs
+        .upload_path(tenant)
+        .map_err(|e| internal(e.to_string()))?;
+    struct Upload(std::path::PathBuf);
+    impl Drop for Upload {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let upload = Upload(path.clone());
+    let mut file = tokio::io::BufWriter::with_capacity(
+        1 << 20,
+        tokio::fs::File::create(&path)
+            .await
+            .map_err(|e| internal(format!("{}: {e}", path.display())))?,
+    );
+    let mut hash = sha2::Sha256::new();
+    let mut bytes = 0u64;
+    let mut body = body;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            ApiError::new(
+                ErrorCode::MalformedRequest,
+                format!("the upload was cut off: {e}"),
+            )
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        bytes += data.len() as u64;
+        if bytes > limit {
+            return Err(too_large());
+        }
+        hash.update(&data);
+        file.write_all(&data)
+            .await
+            .map_err(|e| internal(format!("{}: {e}", path.display())))?;
+    }
+    file.flush()
+        .await
+        .map_err(|e| internal(format!("{}: {e}", path.display())))?;
+    file.into_inner()
+        .sync_all()
+        .await
+        .map_err(|e| internal(format!("{}: {e}", path.display())))?;
+    if let Some(e) = over_quota(bytes) {
+        return Err(e);
+    }
+    let actual = format!("sha256:{}", hex::encode(hash.finalize()));
+    if actual != digest {
+        return Err(ApiError::field(
+            ErrorCode::InvalidArgument,
+            "digest",
+            format!("the body's SHA-256 is {actual}, not {digest}: it was damaged on the way, or the name is wrong"),
+        ));
+    }
+    let s2 = s.clone();
+    let d2 = digest.clone();
+    let bytes = tokio::task::spawn_blocking(move || {
+        s2.workdirs
+            .commit(tenant, &d2, &upload.0, now_ms())
+            .map_err(|e| match e {
+                crate::workdirs::WorkdirError::Archive(m) => {
+                    ApiError::field(ErrorCode::InvalidArgument, "body", m)
+                }
+                e => ApiError::new(ErrorCode::Internal, e.to_string()),
+            })
+    })
+    .await
+    .map_err(|e| internal(e.to_string()))??;
+    *s.storage_used
+        .lock()
+        .expect("lock")
+        .entry(tenant)
+        .or_default() += bytes;
+    Ok((StatusCode::CREATED, Json(WorkdirView { digest, bytes })))
+}
+
+/// `GET /v1/jobs/{id}/workdir`: the working directory the job names (agents fetch it for
+/// each task they start; its owner may too).
+pub async fn get_job_workdir(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Res<Response> {
+    let p = authenticate(&s, &headers)?;
+    let id = parse_job_id(&id)?;
+    let (tenant, digest) =
+        {
+            let core = s.core.lock().expect("core lock");
+            let j = visible(&core, p, id)?;
+            let d =
+                j.rec.spec.workdir.clone().ok_or_else(|| {
+                    ApiError::not_found(format!("job {id} has no working directory"))
+                })?;
+            (j.rec.tenant, d)
+        };
+    let (file, bytes) = s.workdirs.open_archive(tenant, &digest).ok_or_else(|| {
+        ApiError::not_found(format!(
+            "working directory {digest} of job {id} (removed past its retention?)"
+        ))
+    })?;
+    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
+        tokio::fs::File::from_std(file),
+        1 << 20,
+    ));
+    let mut resp = Response::new(body);
+    let h = resp.headers_mut();
+    h.insert(
+        axum::http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-tar"),
+    );
+    h.insert(axum::http::header::CONTENT_LENGTH, HeaderValue::from(bytes));
+    if let Ok(v) = HeaderValue::from_str(&digest) {
+        h.insert("x-caravel-digest", v);
     }
     Ok(resp)
 }

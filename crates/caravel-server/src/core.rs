@@ -2111,6 +2111,23 @@ impl Core {
         (version, ids, out)
     }
 
+    /// The working directories live jobs (not finished) and services name, by tenant: the
+    /// store keeps these whatever their age.
+    pub fn workdirs_in_use(&self) -> std::collections::HashSet<(TenantId, String)> {
+        let mut out = std::collections::HashSet::new();
+        for j in self.jobs.values() {
+            if let (false, Some(w)) = (j.rec.state.is_terminal(), &j.rec.spec.workdir) {
+                out.insert((j.rec.tenant, w.clone()));
+            }
+        }
+        for ((t, _), svc) in &self.services {
+            if let Some(w) = &svc.spec.workdir {
+                out.insert((*t, w.clone()));
+            }
+        }
+        out
+    }
+
     fn assignment(&self, j: &JobEntry, r: &RunRecord) -> Assignment {
         let s = &j.rec.spec;
         let mut env = s.env.clone();

@@ -16,6 +16,7 @@ pub mod gateway;
 pub mod logs;
 pub mod metrics;
 pub mod openapi;
+pub mod workdirs;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -180,6 +181,12 @@ pub struct ServerConfig {
     pub log_max_bytes: u64,
     /// How long a finished job's output is kept.
     pub log_retention_ms: u64,
+    /// Where shipped working directories are kept (`None`: `DATA_DIR/workdirs`).
+    pub workdir_dir: Option<PathBuf>,
+    /// The largest working directory archive a tenant may upload, in bytes.
+    pub workdir_max_bytes: u64,
+    /// How long an archive no live job or service names is kept after its last use.
+    pub workdir_retention_ms: u64,
 }
 
 /// Where the server's certificate comes from.
@@ -217,6 +224,9 @@ impl ServerConfig {
             log_dir: None,
             log_max_bytes: 64 << 20,
             log_retention_ms: 7 * 24 * 3_600_000,
+            workdir_dir: None,
+            workdir_max_bytes: 256 << 20,
+            workdir_retention_ms: 7 * 24 * 3_600_000,
         }
     }
 
@@ -224,6 +234,12 @@ impl ServerConfig {
         self.log_dir
             .clone()
             .unwrap_or_else(|| self.data_dir.join("logs"))
+    }
+
+    pub fn workdir_root(&self) -> PathBuf {
+        self.workdir_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("workdirs"))
     }
 
     pub fn checkpoint_root(&self) -> PathBuf {
@@ -302,6 +318,8 @@ pub enum ServerError {
     Checkpoints(#[from] checkpoints::CheckpointError),
     #[error(transparent)]
     Logs(#[from] logs::LogError),
+    #[error(transparent)]
+    Workdirs(#[from] workdirs::WorkdirError),
 }
 
 pub struct Shared {
@@ -324,6 +342,7 @@ pub struct Shared {
     pub ca_pem: Option<String>,
     pub checkpoints: checkpoints::Checkpoints,
     pub logs: logs::Logs,
+    pub workdirs: workdirs::Workdirs,
     /// Bytes of checkpoints and output kept per tenant, counted every few seconds by
     /// `storage_loop` (and raised by each save in between): what storage quotas are
     /// checked against.
@@ -388,6 +407,15 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/jobs/{id}/cancel", post(api::cancel_job))
         .route("/v1/jobs/{id}/logs", get(api::job_logs))
         .route("/v1/jobs/{id}/checkpoints", get(api::list_checkpoints))
+        .route("/v1/jobs/{id}/workdir", get(api::get_job_workdir))
+        .route(
+            "/v1/workdirs/{digest}",
+            axum::routing::head(api::has_workdir)
+                .put(api::put_workdir)
+                // The limit is the server's own (`--workdir-max-size`), checked as the
+                // body streams in.
+                .layer(axum::extract::DefaultBodyLimit::disable()),
+        )
         .route(
             "/v1/jobs/{id}/tasks/{index}/checkpoint",
             get(api::get_checkpoint).put(api::put_checkpoint),
@@ -602,6 +630,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
             cfg.checkpoint_max_bytes,
         )?,
         logs: logs::Logs::open(cfg.log_root(), cfg.log_max_bytes)?,
+        workdirs: workdirs::Workdirs::open(cfg.workdir_root(), cfg.workdir_max_bytes)?,
         storage_used: Mutex::new(std::collections::HashMap::new()),
         _data_dir_lock: data_dir_lock,
         superseded: Mutex::new(None),
@@ -940,19 +969,32 @@ async fn retention_sweep_loop(s: Arc<Shared>) {
             tracing::info!(job = %j, "removing the output of a job past its retention");
             s.logs.remove_job(j);
         }
+        // Working directories: kept while a live job or a service names one, and for the
+        // retention after their last use.
+        let keep = {
+            let core = s.core.lock().expect("core lock");
+            core.workdirs_in_use()
+        };
+        let gone = s
+            .workdirs
+            .collect(&keep, now_ms(), s.cfg.workdir_retention_ms);
+        if gone > 0 {
+            tracing::info!(gone, "removed working directories past their retention");
+        }
         let every = s.cfg.checkpoint_retention_ms.min(s.cfg.log_retention_ms);
         tokio::time::sleep(Duration::from_secs(60).min(Duration::from_millis(every.max(1000))))
             .await;
     }
 }
 
-/// Counts the bytes of checkpoints and task output each tenant has kept.
+/// Counts the bytes of checkpoints, task output and working directories each tenant has
+/// kept.
 pub fn count_storage(s: &Shared) {
     let mut by_job = s.logs.bytes_by_job();
     for (j, b) in s.checkpoints.bytes_by_job() {
         *by_job.entry(j).or_default() += b;
     }
-    let mut by_tenant = std::collections::HashMap::new();
+    let mut by_tenant = s.workdirs.bytes_by_tenant();
     {
         let core = s.core.lock().expect("core lock");
         for (j, b) in by_job {

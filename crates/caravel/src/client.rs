@@ -326,6 +326,40 @@ impl Client {
         Ok(())
     }
 
+    /// The status of a HEAD request (any answer, success or not; only an unreachable
+    /// server is an error).
+    pub async fn head_status(&self, path: &str) -> Result<u16> {
+        let r = self.send(|b| self.http.head(format!("{b}{path}"))).await?;
+        Ok(r.status().as_u16())
+    }
+
+    /// PUTs a file as the body (streamed, its length declared), with no overall time
+    /// limit: an upload of hundreds of MiB may take a while.
+    pub async fn put_file<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        file: &std::path::Path,
+        content_type: &str,
+    ) -> Result<T> {
+        let len = std::fs::metadata(file)?.len();
+        let r = self
+            .send(|b| {
+                let f = std::fs::File::open(file).expect("checked above");
+                let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(
+                    tokio::fs::File::from_std(f),
+                    1 << 20,
+                ));
+                self.http
+                    .put(format!("{b}{path}"))
+                    .timeout(std::time::Duration::from_secs(7 * 86_400))
+                    .header(reqwest::header::CONTENT_TYPE, content_type)
+                    .header(reqwest::header::CONTENT_LENGTH, len)
+                    .body(body)
+            })
+            .await?;
+        Ok(Self::check(r).await?.json().await?)
+    }
+
     pub async fn post_empty(&self, path: &str) -> Result<()> {
         self.no_body(reqwest::Method::POST, path).await
     }

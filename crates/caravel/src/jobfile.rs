@@ -16,7 +16,7 @@ pub enum NumOrStr {
 }
 
 impl NumOrStr {
-    fn text(&self) -> String {
+    pub fn text(&self) -> String {
         match self {
             NumOrStr::Num(n) => n.to_string(),
             NumOrStr::Str(s) => s.clone(),
@@ -57,6 +57,8 @@ pub struct JobFile {
     pub fence: bool,
     /// An OCI image to run in.
     pub image: Option<String>,
+    /// A folder shipped as every task's working directory, relative to the file.
+    pub workdir: Option<String>,
     /// Environment values no view shows.
     #[serde(default)]
     pub secret_env: BTreeMap<String, String>,

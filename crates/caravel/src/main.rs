@@ -18,9 +18,10 @@ mod raw_codec;
 mod servicefile;
 mod sim;
 mod table;
+mod workdir;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -405,6 +406,14 @@ struct ServerArgs {
     /// How long the output of a finished job is kept.
     #[arg(long, default_value = "7d", value_parser = dur)]
     log_retention: u64,
+    /// The largest working directory (`caravel submit --workdir`) a tenant may upload:
+    /// 256Mi, 1Gi.
+    #[arg(long, default_value = "256Mi", value_parser = checkpoint_size)]
+    workdir_max_size: u64,
+    /// How long an uploaded working directory that no waiting or running job and no
+    /// service names is kept after its last use: 7d.
+    #[arg(long, default_value = "7d", value_parser = dur)]
+    workdir_retention: u64,
 }
 
 #[derive(Args)]
@@ -650,6 +659,10 @@ struct SubmitArgs {
     /// Run in this OCI image: [REGISTRY/]REPO[:TAG][@sha256:DIGEST].
     #[arg(long)]
     image: Option<String>,
+    /// Ship this folder as every task's working directory (what .gitignore and
+    /// .caravelignore name is left out; an unchanged folder is not uploaded again).
+    #[arg(long, value_name = "DIR")]
+    workdir: Option<PathBuf>,
     /// The least isolation the tasks accept (they wait for a node that gives it).
     #[arg(long, value_parser = isolation_level)]
     isolation: Option<caravel_core::IsolationLevel>,
@@ -873,6 +886,8 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
             cfg.log_dir = a.log_dir;
             cfg.log_max_bytes = a.log_max_size;
             cfg.log_retention_ms = a.log_retention;
+            cfg.workdir_max_bytes = a.workdir_max_size;
+            cfg.workdir_retention_ms = a.workdir_retention;
             cfg.tls = match (a.tls_cert, a.tls_key) {
                 (Some(cert), Some(key)) => Some(caravel_server::Tls::Files { cert, key }),
                 _ if a.tls_self_signed => {
@@ -1363,7 +1378,10 @@ fn agent_config(a: AgentArgs) -> Result<caravel_agent::AgentConfig> {
     Ok(c)
 }
 
-fn build_spec(a: &SubmitArgs) -> Result<JobSpec> {
+/// The spec, and the folder to ship as its working directory (`--workdir`, or the job
+/// file's `workdir`, relative to the file).
+fn build_spec(a: &SubmitArgs) -> Result<(JobSpec, Option<PathBuf>)> {
+    let mut workdir = None;
     let mut spec = match &a.file {
         Some(f) => {
             let text =
@@ -1372,6 +1390,10 @@ fn build_spec(a: &SubmitArgs) -> Result<JobSpec> {
             if !a.command.is_empty() {
                 jf.command = Some(a.command[0].clone());
                 jf.args = a.command[1..].to_vec();
+            }
+            if let Some(w) = jf.workdir.take() {
+                let base = f.parent().unwrap_or(Path::new("."));
+                workdir = Some(base.join(w));
             }
             jf.into_spec()?
         }
@@ -1455,17 +1477,23 @@ fn build_spec(a: &SubmitArgs) -> Result<JobSpec> {
     if let Some(d) = &a.disk {
         spec.disk_bytes = Some(parse_bytes(d).map_err(|e| anyhow!("--disk: {e}"))?);
     }
+    if let Some(w) = &a.workdir {
+        workdir = Some(w.clone());
+    }
     spec.validate().map_err(|e| anyhow!("{e}"))?;
-    Ok(spec)
+    Ok((spec, workdir))
 }
 
 async fn submit(a: SubmitArgs) -> Result<i32> {
-    let spec = build_spec(&a)?;
+    let (mut spec, workdir) = build_spec(&a)?;
     let c = Client::resolve(
         a.conn.server.clone(),
         a.conn.token.clone(),
         a.conn.ca.clone(),
     )?;
+    if let Some(dir) = &workdir {
+        spec.workdir = Some(workdir::ship(&c, dir, a.tenant.as_deref()).await?);
+    }
     let path = match &a.tenant {
         Some(t) => format!("/v1/jobs?tenant={t}"),
         None => "/v1/jobs".into(),
@@ -2010,9 +2038,16 @@ async fn service_cmd(cmd: ServiceCmd) -> Result<i32> {
             let base = std::fs::canonicalize(&file)
                 .ok()
                 .and_then(|p| p.parent().map(|d| d.to_path_buf()));
-            let spec = servicefile::ServiceFile::parse(&text, &file.display().to_string())?
-                .into_spec_at(base.as_deref())?;
+            let sf = servicefile::ServiceFile::parse(&text, &file.display().to_string())?;
+            let shipped = sf
+                .workdir
+                .clone()
+                .map(|w| file.parent().unwrap_or(std::path::Path::new(".")).join(w));
+            let mut spec = sf.into_spec_at(base.as_deref())?;
             let c = Client::resolve(conn.server, conn.token, conn.ca)?;
+            if let Some(dir) = &shipped {
+                spec.workdir = Some(workdir::ship(&c, dir, tenant.as_deref()).await?);
+            }
             let v: ServiceView = c
                 .post(&format!("/v1/services{}", tenant_query(&tenant)), &spec)
                 .await?;

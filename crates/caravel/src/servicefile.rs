@@ -49,6 +49,14 @@ pub struct ServiceFile {
     pub kill_grace: Option<String>,
     pub drain_timeout: Option<String>,
     pub response_timeout: Option<String>,
+    /// As in job files: an OCI image, a folder to ship (relative to the file), values
+    /// no view shows, the least isolation, ephemeral disk per replica.
+    pub image: Option<String>,
+    pub workdir: Option<String>,
+    #[serde(default)]
+    pub secret_env: BTreeMap<String, String>,
+    pub isolation: Option<caravel_core::IsolationLevel>,
+    pub disk: Option<crate::jobfile::NumOrStr>,
 }
 
 fn dur(v: &Option<String>, field: &str) -> Result<Option<u64>> {
@@ -91,8 +99,11 @@ impl ServiceFile {
             }
         };
         let mut me = self;
-        me.command = me.command.map(rel);
-        me.args = me.args.into_iter().map(rel).collect();
+        // With a shipped working directory, paths are the folder's own.
+        if me.workdir.is_none() {
+            me.command = me.command.map(rel);
+            me.args = me.args.into_iter().map(rel).collect();
+        }
         me.into_spec()
     }
 
@@ -128,6 +139,15 @@ impl ServiceFile {
             dur(&self.drain_timeout, "drain_timeout")?.unwrap_or(s.drain_timeout_ms);
         s.response_timeout_ms =
             dur(&self.response_timeout, "response_timeout")?.unwrap_or(s.response_timeout_ms);
+        s.image = self.image;
+        s.secret_env = self.secret_env;
+        s.isolation = self.isolation;
+        s.disk_bytes = self
+            .disk
+            .map(|d| {
+                caravel_core::quantity::parse_bytes(&d.text()).map_err(|e| anyhow!("disk: {e}"))
+            })
+            .transpose()?;
         // The server validates again; checking here names the field before any round trip.
         s.validate().map_err(|e| anyhow!("{e}"))?;
         Ok(s)

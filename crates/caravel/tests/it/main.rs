@@ -14,3 +14,4 @@ mod services;
 mod sim;
 mod surface;
 mod tls;
+mod workdirs;
