@@ -12,6 +12,7 @@ pub mod cgroups;
 pub mod checkpoint;
 use checkpoint::Restore;
 pub mod discover;
+pub mod oci;
 pub mod sandbox;
 mod ship;
 pub mod spawn;
@@ -84,6 +85,13 @@ pub struct AgentConfig {
     pub task_pids: u64,
     /// A device file for each GPU declared with `gpus`, in order (`--gpu-devices`).
     pub gpu_devices: Vec<PathBuf>,
+    /// The OCI runtime for tasks in images: `auto` (crun, runc or youki, the first
+    /// found), `none`, a name on the `PATH` or a path.
+    pub oci_runtime: String,
+    /// How much unpacked image layers the node keeps.
+    pub image_cache_bytes: u64,
+    /// Registries reached over plain HTTP besides loopback ones.
+    pub insecure_registries: Vec<String>,
 }
 
 impl AgentConfig {
@@ -113,9 +121,15 @@ impl AgentConfig {
             task_disk_bytes: DEFAULT_TASK_DISK,
             task_pids: DEFAULT_TASK_PIDS,
             gpu_devices: vec![],
+            oci_runtime: "auto".into(),
+            image_cache_bytes: DEFAULT_IMAGE_CACHE,
+            insecure_registries: vec![],
         }
     }
 }
+
+/// Unpacked image layers a node keeps by default.
+pub const DEFAULT_IMAGE_CACHE: u64 = 20 << 30;
 
 /// Ephemeral disk per task by default.
 pub const DEFAULT_TASK_DISK: u64 = 10 << 30;
@@ -215,6 +229,8 @@ pub struct Agent {
     workdirs: workdir::Cache,
     /// What this node gives, as registered.
     isolation: sandbox::Capability,
+    /// Set when tasks may run in images here.
+    images: Option<(Arc<oci::Images>, oci::runtime::OciRuntime)>,
 }
 
 /// The URLs of `--server URL[,URL...]`, each checked.
@@ -420,6 +436,26 @@ pub async fn start(cfg: AgentConfig) -> Result<Arc<Agent>, AgentError> {
             ),
         }
     };
+    let mut isolation = isolation;
+    let images = match &sandbox_rt {
+        None => None,
+        Some(_) if cfg.oci_runtime == "none" => {
+            isolation
+                .missing
+                .push("tasks in images (--oci-runtime none)".into());
+            None
+        }
+        Some(_) => match image_support(&cfg, &cg).await {
+            Ok(x) => Some(x),
+            Err(e) => {
+                isolation.missing.push(format!("tasks in images: {e}"));
+                None
+            }
+        },
+    };
+    if let Some((_, rt)) = &images {
+        tracing::info!(runtime = %rt.describe(), "tasks may run in OCI images");
+    }
     match isolation.level {
         IsolationLevel::Restricted => tracing::info!(
             uids = %cfg.task_uids,
@@ -432,7 +468,7 @@ pub async fn start(cfg: AgentConfig) -> Result<Arc<Agent>, AgentError> {
     }
     let capacity = Capacity {
         isolation: isolation.level,
-        images: false,
+        images: images.is_some(),
         cpu_milli: cfg.cpu_milli.unwrap_or_else(discover::cpus_milli),
         memory_bytes: cfg.memory_bytes.unwrap_or_else(discover::memory_bytes),
         devices,
@@ -530,6 +566,7 @@ pub async fn start(cfg: AgentConfig) -> Result<Arc<Agent>, AgentError> {
         // CPUs keep the CPUs busy.
         spawner: spawn::Spawner::new(SPAWNER_THREADS),
         workdirs: Default::default(),
+        images,
     });
     agent.ship_recover(&agent.cfg.work_dir.join("runs"));
     let app = axum::Router::new()
@@ -1060,6 +1097,34 @@ impl Agent {
             self.never_started(run, "spawn_failed", msg);
             return;
         }
+        // The image's layers, in the node's cache and held there while the task runs.
+        let image = match (&a.image, &self.images) {
+            (None, _) => None,
+            (Some(_), None) => {
+                let msg = "this node cannot run tasks in images (see `caravel nodes`)".to_string();
+                let _ = std::fs::write(dir.join("stderr.log"), format!("caravel: {msg}\n"));
+                self.never_started(run, "spawn_failed", msg);
+                return;
+            }
+            (Some(img), Some((store, _))) => {
+                let pulled = tokio::select! {
+                    r = store.pull(a.tenant, img, a.image_auth.as_ref()) => r,
+                    _ = &mut stop => {
+                        self.never_started(run, "killed", "stopped before it started, while its image was pulled".into());
+                        return;
+                    }
+                };
+                match pulled {
+                    Ok(p) => Some(p),
+                    Err(msg) => {
+                        tracing::warn!(run = %run, "cannot start: {msg}");
+                        let _ = std::fs::write(dir.join("stderr.log"), format!("caravel: {msg}\n"));
+                        self.never_started(run, "spawn_failed", msg);
+                        return;
+                    }
+                }
+            }
+        };
         // A service replica listens on a port the agent found free (the kernel picks it;
         // the window until the replica binds it is the same one Nomad and Kubernetes'
         // hostPort allocation live with).
@@ -1098,7 +1163,7 @@ impl Agent {
         let started = match (a.wants_port, port, restored) {
             (_, _, Err(msg)) => Err(msg),
             (true, None, _) => Err("no free port for the replica".to_string()),
-            (_, _, Ok(version)) => self.spawn(&a, &dir, &dirs, port, version, uid).await,
+            (_, _, Ok(version)) => self.spawn(&a, &dir, &dirs, port, version, uid, image).await,
         };
         let Launched {
             mut child,
@@ -1106,6 +1171,7 @@ impl Agent {
             pgid,
             t0,
             mut status,
+            image,
         } = match started {
             Ok(x) => x,
             Err(msg) => {
@@ -1137,13 +1203,16 @@ impl Agent {
             .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
         let grace = Duration::from_millis(a.kill_grace_ms);
         let disk_cap = a.disk_bytes.unwrap_or(self.cfg.task_disk_bytes);
-        let disk_paths = vec![
+        let mut disk_paths = vec![
             dirs.work.clone(),
             dirs.tmp.clone(),
             dirs.checkpoint.clone(),
             dir.join("stdout.log"),
             dir.join("stderr.log"),
         ];
+        if let Some(i) = &image {
+            disk_paths.push(i.rootfs.upper.clone());
+        }
         let mut disk_msg = String::new();
         let (status_of_init, reason) = tokio::select! {
             s = child.wait() => (s, "exited"),
@@ -1199,6 +1268,14 @@ impl Agent {
             }
         }
         let status = status_of_init.map(|s| task_status.unwrap_or(s));
+        if let Some(mut i) = image {
+            // Detaching is immediate; the runtime's state is left only by a runtime that
+            // was killed.
+            i.rootfs.unmount();
+            if let Some((_, rt)) = &self.images {
+                rt.delete(&i.id);
+            }
+        }
         let (code, sig) = match &status {
             Ok(s) => (s.code(), s.signal()),
             Err(_) => (None, None),
@@ -1223,6 +1300,7 @@ impl Agent {
         });
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn spawn(
         &self,
         a: &Assignment,
@@ -1231,6 +1309,7 @@ impl Agent {
         port: Option<u16>,
         ckpt_version: u64,
         uid: Option<u32>,
+        image: Option<(Arc<oci::Resolved>, oci::Pinned)>,
     ) -> Result<Launched, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         let out = std::fs::File::create(dir.join("stdout.log"))
@@ -1287,6 +1366,41 @@ impl Agent {
         // Taken before the clone, so the metered interval always covers the whole process
         // lifetime (the exit is observed after the process is gone).
         let t0 = now_ms();
+        if let (Some((_, u)), Some((resolved, pinned)), Some((_, oci_rt))) =
+            (sandbox, image, self.images.as_ref())
+        {
+            let started = self
+                .spawn_in_image(ImageStart {
+                    a,
+                    dir,
+                    dirs,
+                    env,
+                    uid: u,
+                    nodes,
+                    cg: &cg,
+                    oci: oci_rt,
+                    resolved,
+                    pinned,
+                    stdin,
+                    out,
+                    err,
+                })
+                .await;
+            return match started {
+                Ok((child, status, image)) => Ok(Launched {
+                    pgid: child.id(),
+                    child,
+                    cg,
+                    t0,
+                    status: Some(status),
+                    image: Some(image),
+                }),
+                Err(e) => {
+                    cg.remove();
+                    Err(e)
+                }
+            };
+        }
         let started = match sandbox {
             Some((rt, u)) => {
                 let env: Vec<(String, String)> = env
@@ -1343,6 +1457,7 @@ impl Agent {
                             extra_fds: &[],
                             exec_fd: None,
                             detach: &[],
+                            umask: None,
                             sandbox: Some(spawn::Sandbox {
                                 ops: &plan.ops,
                                 what: &plan.what,
@@ -1381,6 +1496,7 @@ impl Agent {
                 extra_fds: &[],
                 exec_fd: None,
                 detach: &[],
+                umask: None,
                 sandbox: None,
             })
             .map(|child| (child, None)),
@@ -1396,8 +1512,293 @@ impl Agent {
             pgid: pid,
             t0,
             status,
+            image: None,
         })
     }
+
+    /// Starts a task in its image: mounts its root, writes the bundle and starts the OCI
+    /// runtime in the run's cgroups.
+    async fn spawn_in_image(
+        &self,
+        s: ImageStart<'_>,
+    ) -> Result<(spawn::Child, sandbox::StatusReader, ImageRun), String> {
+        let ImageStart {
+            a,
+            dir,
+            dirs,
+            mut env,
+            uid,
+            nodes,
+            cg,
+            oci: oci_rt,
+            resolved,
+            pinned,
+            stdin,
+            out,
+            err,
+        } = s;
+        let id = format!("caravel-run-{}", a.run);
+        oci_rt.delete(&id);
+        let lower = pinned.lower_dirs();
+        let dir2 = dir.to_path_buf();
+        let rootfs =
+            tokio::task::spawn_blocking(move || oci::runtime::Rootfs::mount(&dir2, &lower))
+                .await
+                .map_err(|e| e.to_string())??;
+        // The image's environment, below the job's and Caravel's own.
+        let cfg = &resolved.config;
+        for kv in cfg.env.iter().flatten() {
+            if let Some((k, v)) = kv.split_once('=') {
+                let set_by_job = a.env.contains_key(k)
+                    || k.starts_with("CARAVEL_")
+                    || k == "PORT"
+                    || k == "CUDA_DEVICE_ORDER";
+                if !set_by_job {
+                    env.insert(k.into(), v.into());
+                }
+            }
+        }
+        env.insert(
+            "CARAVEL_CHECKPOINT_DIR".into(),
+            sandbox::TASK_CHECKPOINT_DIR.into(),
+        );
+        let env: Vec<(String, String)> = env
+            .into_iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string_lossy().into_owned(),
+                    v.to_string_lossy().into_owned(),
+                )
+            })
+            .collect();
+        let mut argv = oci::argv(&a.command, &a.args, cfg)?;
+        let path = env
+            .iter()
+            .find(|(k, _)| k == "PATH")
+            .map(|(_, v)| v.as_str())
+            .unwrap_or(sandbox::DEFAULT_PATH);
+        argv[0] = oci::runtime::resolve_program(&rootfs.rootfs, &argv[0], path)?;
+        // The shipped folder is where it starts; without one, the image's own.
+        let cwd = match (&a.workdir, cfg.working_dir.as_deref()) {
+            (None, Some(w)) if w.starts_with('/') => w.to_string(),
+            _ => sandbox::TASK_WORKDIR.to_string(),
+        };
+        let cgroups_path = (oci_rt.kind == oci::runtime::Kind::Runc)
+            .then(|| cg.dirs.first().map(|d| cgroup_relative(d)))
+            .flatten();
+        let config = oci::runtime::config(&oci::runtime::TaskConfig {
+            argv: &argv,
+            env: &env,
+            cwd: &cwd,
+            uid,
+            dirs,
+            cgroup_dirs: &cg.controller_dirs(),
+            cgroups_path,
+            devices: &nodes,
+            shm_bytes: a.memory_bytes,
+            disk_bytes: Some(a.disk_bytes.unwrap_or(self.cfg.task_disk_bytes)),
+            mounts: &self.cfg.task_mounts,
+            init: oci_rt.init_path(),
+            hostname: &self.cfg.name,
+        });
+        std::fs::write(
+            rootfs.bundle.join("config.json"),
+            serde_json::to_vec(&config).expect("json"),
+        )
+        .map_err(|e| format!("writing the bundle: {e}"))?;
+        let (status_read, status_write) =
+            sandbox::status_pipe().map_err(|e| format!("a pipe: {e}"))?;
+        let args = oci_rt.run_args(&rootfs.bundle, &id);
+        let program = oci_rt.binary.to_string_lossy().into_owned();
+        let procs = cg.procs_paths();
+        let detach: Vec<std::ffi::CString> = oci_rt.detach().to_vec();
+        let bundle = rootfs.bundle.clone();
+        let child = self
+            .spawner
+            .spawn(move || {
+                use std::os::fd::AsRawFd;
+                spawn::start(spawn::Spec {
+                    program: &program,
+                    args: &args,
+                    env: [("PATH".into(), sandbox::DEFAULT_PATH.into())]
+                        .into_iter()
+                        .collect(),
+                    cwd: &bundle,
+                    stdin,
+                    stdout: out,
+                    stderr: err,
+                    cgroup_procs: &procs,
+                    new_process_group: true,
+                    parent_death_signal: Some(libc::SIGKILL),
+                    namespaces: if detach.is_empty() {
+                        0
+                    } else {
+                        libc::CLONE_NEWNS
+                    },
+                    extra_fds: &[(status_write.as_raw_fd(), 3)],
+                    exec_fd: None,
+                    detach: &detach,
+                    // The folders the runtime makes for mount points (`/caravel`,
+                    // `/.caravel`) must be open to the task's uid.
+                    umask: Some(0o022),
+                    sandbox: None,
+                })
+            })
+            .await
+            .map_err(|e| {
+                format!(
+                    "cannot start the OCI runtime {program}: {e}",
+                    program = oci_rt.binary.display()
+                )
+            })?;
+        let status = sandbox::StatusReader::new(status_read).map_err(|e| e.to_string())?;
+        Ok((
+            child,
+            status,
+            ImageRun {
+                id,
+                rootfs,
+                _pinned: pinned,
+            },
+        ))
+    }
+}
+
+/// What `spawn_in_image` is given.
+struct ImageStart<'a> {
+    a: &'a Assignment,
+    dir: &'a std::path::Path,
+    dirs: &'a sandbox::RunDirs,
+    env: BTreeMap<std::ffi::OsString, std::ffi::OsString>,
+    uid: u32,
+    nodes: Vec<sandbox::DevNode>,
+    cg: &'a cgroups::RunCgroup,
+    oci: &'a oci::runtime::OciRuntime,
+    resolved: Arc<oci::Resolved>,
+    pinned: oci::Pinned,
+    stdin: std::os::fd::OwnedFd,
+    out: std::os::fd::OwnedFd,
+    err: std::os::fd::OwnedFd,
+}
+
+/// A task running in an image: what to undo when it ends.
+struct ImageRun {
+    id: String,
+    rootfs: oci::runtime::Rootfs,
+    _pinned: oci::Pinned,
+}
+
+/// A run's cgroup relative to its hierarchy's root (`/caravel/<agent>/run-<id>`), the
+/// last three parts of its folder.
+fn cgroup_relative(d: &std::path::Path) -> String {
+    let parts: Vec<_> = d.components().rev().take(3).collect();
+    let mut out = String::new();
+    for p in parts.iter().rev() {
+        out.push('/');
+        out.push_str(&p.as_os_str().to_string_lossy());
+    }
+    out
+}
+
+/// Finds the OCI runtime, opens the image store and runs one container to prove both.
+async fn image_support(
+    cfg: &AgentConfig,
+    _cg: &cgroups::Cgroups,
+) -> Result<(Arc<oci::Images>, oci::runtime::OciRuntime), String> {
+    let rt =
+        oci::runtime::OciRuntime::find(&cfg.oci_runtime, &cfg.work_dir, sandbox::reaper_bytes())?
+            .ok_or("no OCI runtime found (install crun, runc or youki)")?;
+    let store = oci::Images::open(
+        cfg.work_dir.join("images"),
+        cfg.image_cache_bytes,
+        cfg.insecure_registries.clone(),
+    )?;
+    probe_runtime(&rt, cfg).await?;
+    Ok((Arc::new(store), rt))
+}
+
+/// Runs the reaper alone in an empty root through the runtime, with every control a task
+/// gets: proof that the runtime works on this machine.
+async fn probe_runtime(rt: &oci::runtime::OciRuntime, cfg: &AgentConfig) -> Result<(), String> {
+    let base = cfg.work_dir.join("oci-probe");
+    let _ = std::fs::remove_dir_all(&base);
+    let uid = cfg.task_uids.first;
+    let dirs = sandbox::RunDirs {
+        work: base.join("work"),
+        checkpoint: base.join("checkpoint"),
+        tmp: base.join("tmp"),
+    };
+    let rootfs = base.join("bundle").join("rootfs");
+    std::fs::create_dir_all(&rootfs).map_err(|e| format!("{}: {e}", rootfs.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&rootfs, std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| format!("{}: {e}", rootfs.display()))?;
+    for d in [&dirs.work, &dirs.checkpoint, &dirs.tmp] {
+        sandbox::own_dir(d, uid, uid).map_err(|e| format!("{}: {e}", d.display()))?;
+    }
+    let config = oci::runtime::config(&oci::runtime::TaskConfig {
+        argv: &[],
+        env: &[("PATH".into(), sandbox::DEFAULT_PATH.into())],
+        cwd: sandbox::TASK_WORKDIR,
+        uid,
+        dirs: &dirs,
+        cgroup_dirs: &[],
+        cgroups_path: None,
+        devices: &[],
+        shm_bytes: 1 << 20,
+        disk_bytes: Some(1 << 20),
+        mounts: &[],
+        init: rt.init_path(),
+        hostname: "caravel-probe",
+    });
+    let bundle = base.join("bundle");
+    std::fs::write(
+        bundle.join("config.json"),
+        serde_json::to_vec(&config).expect("json"),
+    )
+    .map_err(|e| e.to_string())?;
+    let mut cmd = tokio::process::Command::new(&rt.binary);
+    cmd.args(rt.run_args(&bundle, "caravel-probe"))
+        .current_dir(&bundle)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let detach = rt.detach().to_vec();
+    // SAFETY: unshare and umount2 are async-signal-safe; only prepared strings are used.
+    unsafe {
+        cmd.pre_exec(move || {
+            if !detach.is_empty() {
+                if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                for d in &detach {
+                    libc::umount2(d.as_ptr(), libc::MNT_DETACH);
+                }
+            }
+            libc::umask(0o022);
+            // --preserve-fds 1: descriptor 3 must exist.
+            if libc::fcntl(3, libc::F_GETFD) < 0 {
+                libc::dup2(0, 3);
+            }
+            Ok(())
+        });
+    }
+    let out = tokio::time::timeout(Duration::from_secs(20), cmd.output())
+        .await
+        .map_err(|_| "the runtime's probe took over 20 s".to_string())?
+        .map_err(|e| format!("{}: {e}", rt.binary.display()))?;
+    rt.delete("caravel-probe");
+    let _ = std::fs::remove_dir_all(&base);
+    if !out.status.success() {
+        return Err(format!(
+            "{} could not run a container here ({}): {}",
+            rt.binary.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
 }
 
 /// Threads that start sandboxed tasks (`spawn::Spawner`).
@@ -1415,6 +1816,7 @@ struct Launched {
     t0: Millis,
     /// Its sandbox's init's status lines, when sandboxed.
     status: Option<sandbox::StatusReader>,
+    image: Option<ImageRun>,
 }
 
 /// How often a run's disk use is walked: often enough that a writer cannot go far past its
@@ -1520,6 +1922,7 @@ async fn probe(rt: &sandbox::Runtime, work_dir: &std::path::Path) -> Result<(), 
         extra_fds: &[],
         exec_fd: None,
         detach: &[],
+        umask: None,
         sandbox: Some(spawn::Sandbox {
             ops: &prep.plan.ops,
             what: &prep.plan.what,

@@ -61,6 +61,8 @@ pub struct Spec<'a> {
     /// Mounts the child detaches in its own mount namespace before it execs (needs
     /// `CLONE_NEWNS` in `namespaces`).
     pub detach: &'a [CString],
+    /// The child's umask (`None`: the agent's, 0077 where it runs as root).
+    pub umask: Option<libc::mode_t>,
     /// Build a sandbox and run `program` in it (see the module's documentation). `cwd`
     /// and `cgroup_procs` are then ignored: the sandbox's steps say where it starts and
     /// which cgroups it joins.
@@ -196,6 +198,8 @@ struct Prepared {
     extra: Vec<(RawFd, RawFd)>,
     exec_fd: RawFd,
     detach: Vec<*const libc::c_char>,
+    /// `u32::MAX`: keep the agent's.
+    umask: u32,
     sandbox: Option<SandboxPrepared>,
     err: AtomicI32,
     step: AtomicI32,
@@ -311,6 +315,9 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             if libc::umount2(m, libc::MNT_DETACH) != 0 {
                 return fail(7);
             }
+        }
+        if p.umask != u32::MAX {
+            libc::umask(p.umask as libc::mode_t);
         }
         if let Some(sb) = &p.sandbox {
             return sandboxed(p, sb);
@@ -793,6 +800,7 @@ pub fn start(spec: Spec<'_>) -> io::Result<libc::pid_t> {
         extra: spec.extra_fds.to_vec(),
         exec_fd: spec.exec_fd.unwrap_or(-1),
         detach: spec.detach.iter().map(|c| c.as_ptr()).collect(),
+        umask: spec.umask.unwrap_or(u32::MAX),
         sandbox,
         err: AtomicI32::new(0),
         step: AtomicI32::new(0),
@@ -988,6 +996,7 @@ mod tests {
                 extra_fds: &[],
                 exec_fd: None,
                 detach: &[],
+                umask: None,
                 sandbox: None,
             })
         }
@@ -1103,6 +1112,7 @@ mod tests {
             extra_fds: &[],
             exec_fd: None,
             detach: &[],
+            umask: None,
             sandbox: None,
         })
         .err()

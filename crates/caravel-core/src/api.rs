@@ -280,11 +280,29 @@ pub struct Assignment {
     /// `JobSpec::isolation`: the agent refuses to start the task with less.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub isolation: Option<crate::IsolationLevel>,
+    /// The tenant's credentials for `image`'s registry, when it stored some.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_auth: Option<crate::RegistryCredential>,
 }
 
 /// A tenant id no tenant has: what an assignment from an older server carries.
 fn no_tenant() -> TenantId {
     TenantId(0)
+}
+
+/// `PUT /v1/registries/{host}`: a tenant's credentials for one registry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryLogin {
+    pub username: String,
+    pub password: String,
+}
+
+/// What `GET /v1/registries` shows of a stored credential: never the password.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistryView {
+    pub registry: String,
+    pub username: String,
 }
 
 /// A working directory a tenant uploaded (`PUT /v1/workdirs/{digest}`).

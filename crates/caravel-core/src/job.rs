@@ -78,6 +78,9 @@ pub struct JobSpec {
     /// Number of tasks.
     #[serde(default = "one")]
     pub tasks: u32,
+    /// What runs. With an `image`, it may be left out (empty): the image's entrypoint and
+    /// command then run, `args` replacing the command when given.
+    #[serde(default)]
     pub command: String,
     #[serde(default)]
     pub args: Vec<String>,
@@ -227,8 +230,13 @@ impl JobSpec {
                 format!("must be 1 to {MAX_TASKS}"),
             ));
         }
-        if self.command.trim().is_empty() {
-            return Err(ValidationError::new("command", "must not be empty"));
+        // In an image, no command means the image's own (its entrypoint, and its command
+        // unless `args` replace it), as Kubernetes reads a container's.
+        if self.command.trim().is_empty() && (self.image.is_none() || !self.command.is_empty()) {
+            return Err(ValidationError::new(
+                "command",
+                "must not be empty (it may be left out only with an image)",
+            ));
         }
         if self.command.contains('\0') || self.args.iter().any(|a| a.contains('\0')) {
             return Err(ValidationError::new(

@@ -184,6 +184,24 @@ pub struct Tenant {
     #[serde(default)]
     pub guarantee: Quota,
     pub created_ms: Millis,
+    /// Credentials for OCI registries, by registry host (`caravel registry login`): given
+    /// to agents with the assignments of the tenant's jobs whose images are there, never
+    /// shown by any view.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub registries: BTreeMap<String, RegistryCredential>,
+}
+
+/// A user name and password (or token) for one OCI registry.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistryCredential {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for RegistryCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RegistryCredential({}, <password>)", self.username)
+    }
 }
 
 pub fn validate_name(field: &str, s: &str) -> Result<(), crate::ValidationError> {

@@ -1673,6 +1673,104 @@ pub async fn get_checkpoint(
     Ok(resp)
 }
 
+// ---- registry credentials ----
+
+fn registry_host(r: &str) -> Res<&str> {
+    let ok = !r.is_empty()
+        && r.len() <= 255
+        && r.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b));
+    if ok {
+        Ok(r)
+    } else {
+        Err(ApiError::field(
+            ErrorCode::InvalidArgument,
+            "registry",
+            format!("`{r}` is not a registry host (HOST[:PORT], as in an image reference)"),
+        ))
+    }
+}
+
+/// `PUT /v1/registries/{registry}`: stores the caller's tenant's credentials for an OCI
+/// registry; its jobs' images there are pulled with them. Never shown back.
+pub async fn put_registry(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(q): Query<TenantQuery>,
+    Path(registry): Path<String>,
+    body: Bytes,
+) -> Res<StatusCode> {
+    let p = user_only(authenticate(&s, &headers)?)?;
+    let registry = registry_host(&registry)?.to_string();
+    let login: RegistryLogin = parse_json(&body)?;
+    for (field, v) in [("username", &login.username), ("password", &login.password)] {
+        if v.is_empty() || v.len() > 4096 || v.contains('\0') {
+            return Err(ApiError::field(
+                ErrorCode::InvalidArgument,
+                field,
+                "must be 1 to 4096 bytes, without NUL",
+            ));
+        }
+    }
+    let mut core = s.core.lock().expect("core lock");
+    let tenant = acting_tenant(&core, p, q.tenant.as_deref())?;
+    let created = core.set_registry_credential(
+        tenant,
+        &registry,
+        Some(RegistryCredential {
+            username: login.username,
+            password: login.password,
+        }),
+    )?;
+    Ok(if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    })
+}
+
+/// `DELETE /v1/registries/{registry}`: forgets the caller's tenant's credentials.
+pub async fn delete_registry(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(q): Query<TenantQuery>,
+    Path(registry): Path<String>,
+) -> Res<StatusCode> {
+    let p = user_only(authenticate(&s, &headers)?)?;
+    let registry = registry_host(&registry)?.to_string();
+    let mut core = s.core.lock().expect("core lock");
+    let tenant = acting_tenant(&core, p, q.tenant.as_deref())?;
+    if !core.set_registry_credential(tenant, &registry, None)? {
+        return Err(ApiError::not_found(format!("credentials for {registry}")));
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /v1/registries`: the registries the caller's tenant has credentials for, with
+/// the user names (never the passwords).
+pub async fn list_registries(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(q): Query<TenantQuery>,
+) -> Res<Json<Vec<RegistryView>>> {
+    let p = user_only(authenticate(&s, &headers)?)?;
+    let core = s.core.lock().expect("core lock");
+    let tenant = acting_tenant(&core, p, q.tenant.as_deref())?;
+    let t = core
+        .tenants
+        .get(&tenant)
+        .ok_or_else(|| ApiError::not_found("tenant"))?;
+    Ok(Json(
+        t.registries
+            .iter()
+            .map(|(r, c)| RegistryView {
+                registry: r.clone(),
+                username: c.username.clone(),
+            })
+            .collect(),
+    ))
+}
+
 // ---- working directories ----
 
 fn workdir_digest(d: &str) -> Res<&str> {

@@ -381,6 +381,7 @@ mod tests {
     fn put(i: u64) -> Vec<Mutation> {
         vec![Mutation::PutTenant {
             tenant: Tenant {
+                registries: Default::default(),
                 id: TenantId(i),
                 name: format!("t{i}"),
                 weight: 1.0,

@@ -504,6 +504,7 @@ impl Core {
             quota,
             guarantee,
             created_ms: now,
+            registries: Default::default(),
         };
         self.commit(&[Mutation::PutTenant {
             tenant: t.clone(),
@@ -514,6 +515,36 @@ impl Core {
         self.tenant_by_token.insert(hash, t.id);
         self.tenants.insert(t.id, t.clone());
         Ok((t, token))
+    }
+
+    /// Stores (`Some`) or forgets (`None`) a tenant's credentials for a registry.
+    pub fn set_registry_credential(
+        &mut self,
+        tenant: TenantId,
+        registry: &str,
+        cred: Option<RegistryCredential>,
+    ) -> Result<bool, ApiError> {
+        let mut t = self
+            .tenants
+            .get(&tenant)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found("tenant"))?;
+        let changed = match cred {
+            Some(c) => t.registries.insert(registry.to_string(), c).is_none(),
+            None => t.registries.remove(registry).is_some(),
+        };
+        let token_hash = self
+            .tenant_by_token
+            .iter()
+            .find(|(_, id)| **id == tenant)
+            .map(|(h, _)| h.clone())
+            .ok_or_else(|| ApiError::new(ErrorCode::Internal, "the tenant has no token"))?;
+        self.commit(&[Mutation::PutTenant {
+            tenant: t.clone(),
+            token_hash,
+        }])?;
+        self.tenants.insert(tenant, t);
+        Ok(changed)
     }
 
     pub fn tenant_by_token_hash(&self, h: &str) -> Option<TenantId> {
@@ -2190,6 +2221,14 @@ impl Core {
             workdir: s.workdir.clone(),
             disk_bytes: s.disk_bytes,
             isolation: s.isolation,
+            image_auth: s.image.as_deref().and_then(|i| {
+                let r = caravel_core::ImageRef::parse(i).ok()?;
+                self.tenants
+                    .get(&j.rec.tenant)?
+                    .registries
+                    .get(&r.registry)
+                    .cloned()
+            }),
         }
     }
 

@@ -408,6 +408,11 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/jobs/{id}/logs", get(api::job_logs))
         .route("/v1/jobs/{id}/checkpoints", get(api::list_checkpoints))
         .route("/v1/jobs/{id}/workdir", get(api::get_job_workdir))
+        .route("/v1/registries", get(api::list_registries))
+        .route(
+            "/v1/registries/{registry}",
+            axum::routing::put(api::put_registry).delete(api::delete_registry),
+        )
         .route(
             "/v1/workdirs/{digest}",
             axum::routing::head(api::has_workdir)

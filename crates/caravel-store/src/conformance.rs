@@ -16,6 +16,7 @@ pub trait StoreFactory {
 
 pub fn tenant(id: u64, name: &str) -> Tenant {
     Tenant {
+        registries: Default::default(),
         id: TenantId(id),
         name: name.into(),
         weight: 1.0,

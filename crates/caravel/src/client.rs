@@ -360,6 +360,15 @@ impl Client {
         Ok(Self::check(r).await?.json().await?)
     }
 
+    /// A PUT of a JSON body whose answer has none (201 or 200).
+    pub async fn put_json<B: Serialize>(&self, path: &str, body: &B) -> Result<()> {
+        let r = self
+            .send(|b| self.http.put(format!("{b}{path}")).json(body))
+            .await?;
+        Self::check(r).await?;
+        Ok(())
+    }
+
     pub async fn post_empty(&self, path: &str) -> Result<()> {
         self.no_body(reqwest::Method::POST, path).await
     }

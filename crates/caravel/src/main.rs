@@ -156,6 +156,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: CheckpointCmd,
     },
+    /// Credentials for the OCI registries your jobs' images come from (kept by the
+    /// server for your tenant, given to agents with your tasks, never shown back).
+    Registry {
+        #[command(subcommand)]
+        cmd: RegistryCmd,
+    },
     /// Drain a node (no new work; service replicas move elsewhere) or undrain it.
     Node {
         #[command(subcommand)]
@@ -223,6 +229,44 @@ enum CheckpointCmd {
         /// Unpack the archive into this folder (made if need be).
         #[arg(long, value_name = "DIR")]
         extract: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum RegistryCmd {
+    /// Store a user name and password (or access token) for a registry, HOST[:PORT] as
+    /// in image references (docker.io's is registry-1.docker.io). The password is read
+    /// from standard input, never from the command line.
+    Login {
+        #[command(flatten)]
+        conn: Conn,
+        registry: String,
+        #[arg(short, long)]
+        username: String,
+        /// Read the password from standard input (required: a password in the command
+        /// line would show in `ps` and the shell's history).
+        #[arg(long)]
+        password_stdin: bool,
+        /// Admin only: for this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Forget the credentials for a registry.
+    Logout {
+        #[command(flatten)]
+        conn: Conn,
+        registry: String,
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// The registries you have credentials for, with the user names.
+    Ls {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
     },
 }
 
@@ -502,6 +546,18 @@ struct TaskArgs {
     /// sandboxed task sees and may open only its own GPUs' files.
     #[arg(long, value_delimiter = ',', value_name = "PATH[,PATH...]")]
     gpu_devices: Vec<PathBuf>,
+    /// The OCI runtime for tasks in images: auto (crun, runc or youki, the first found),
+    /// none, a name on the PATH or a path.
+    #[arg(long, default_value = "auto", value_name = "auto|none|NAME|PATH")]
+    oci_runtime: String,
+    /// How much unpacked image layers the node keeps (the layers used longest ago go
+    /// first): 20Gi, 500Mi.
+    #[arg(long, default_value = "20Gi", value_parser = parse_bytes)]
+    image_cache: u64,
+    /// A registry (HOST[:PORT]) reached over plain HTTP (repeatable); loopback ones always
+    /// are. Only on a network you trust: nothing checks who answers.
+    #[arg(long = "insecure-registry", value_name = "HOST[:PORT]", value_parser = registry_host)]
+    insecure_registries: Vec<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -546,6 +602,14 @@ impl TaskArgs {
                 .collect();
             v.push(paths.join(","));
         }
+        v.push("--oci-runtime".into());
+        v.push(self.oci_runtime.clone());
+        v.push("--image-cache".into());
+        v.push(self.image_cache.to_string());
+        for r in &self.insecure_registries {
+            v.push("--insecure-registry".into());
+            v.push(r.clone());
+        }
         v
     }
 
@@ -556,6 +620,86 @@ impl TaskArgs {
         c.task_disk_bytes = self.task_disk;
         c.task_pids = self.task_pids;
         c.gpu_devices = self.gpu_devices.clone();
+        c.oci_runtime = self.oci_runtime.clone();
+        c.image_cache_bytes = self.image_cache;
+        c.insecure_registries = self.insecure_registries.clone();
+    }
+}
+
+async fn registry_cmd(cmd: RegistryCmd) -> Result<i32> {
+    match cmd {
+        RegistryCmd::Login {
+            conn,
+            registry,
+            username,
+            password_stdin,
+            tenant,
+        } => {
+            registry_host(&registry).map_err(anyhow::Error::msg)?;
+            if !password_stdin {
+                anyhow::bail!("give the password on standard input with --password-stdin (`echo $TOKEN | caravel registry login {registry} -u {username} --password-stdin`)");
+            }
+            let mut password = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut password)?;
+            let password = password.trim_end_matches(['\n', '\r']).to_string();
+            if password.is_empty() {
+                anyhow::bail!("no password on standard input");
+            }
+            let c = Client::resolve(conn.server, conn.token, conn.ca)?;
+            c.put_json(
+                &format!("/v1/registries/{registry}{}", tenant_query(&tenant)),
+                &caravel_core::api::RegistryLogin { username, password },
+            )
+            .await?;
+            println!("credentials for {registry} stored");
+            Ok(0)
+        }
+        RegistryCmd::Logout {
+            conn,
+            registry,
+            tenant,
+        } => {
+            registry_host(&registry).map_err(anyhow::Error::msg)?;
+            let c = Client::resolve(conn.server, conn.token, conn.ca)?;
+            c.delete(&format!(
+                "/v1/registries/{registry}{}",
+                tenant_query(&tenant)
+            ))
+            .await?;
+            println!("credentials for {registry} forgotten");
+            Ok(0)
+        }
+        RegistryCmd::Ls {
+            conn,
+            tenant,
+            output,
+        } => {
+            let c = Client::resolve(conn.server, conn.token, conn.ca)?;
+            let list: Vec<caravel_core::api::RegistryView> = c
+                .get(&format!("/v1/registries{}", tenant_query(&tenant)))
+                .await?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!("{:<40} USERNAME", "REGISTRY");
+                for r in &list {
+                    println!("{:<40} {}", r.registry, r.username);
+                }
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn registry_host(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 255
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b));
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!("`{s}` is not HOST[:PORT]"))
     }
 }
 
@@ -974,6 +1118,7 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
         }
         Cmd::Service { cmd } => service_cmd(cmd).await,
         Cmd::Checkpoint { cmd } => checkpoint_cmd(cmd).await,
+        Cmd::Registry { cmd } => registry_cmd(cmd).await,
         Cmd::Node { cmd } => {
             let (conn, name, verb) = match cmd {
                 NodeCmd::Drain { conn, name } => (conn, name, "drain"),
@@ -1398,13 +1543,14 @@ fn build_spec(a: &SubmitArgs) -> Result<(JobSpec, Option<PathBuf>)> {
             jf.into_spec()?
         }
         None => {
-            if a.command.is_empty() {
+            if a.command.is_empty() && a.image.is_none() {
                 bail!("command: missing; use `caravel submit [flags] -- CMD ARGS...` or `-f job.toml`");
             }
-            JobSpec::simple(&a.command[0], &[])
+            // With an image and no command, the image's entrypoint and command run.
+            JobSpec::simple(a.command.first().map(String::as_str).unwrap_or(""), &[])
         }
     };
-    if a.file.is_none() {
+    if a.file.is_none() && !a.command.is_empty() {
         spec.args = a.command[1..].to_vec();
     }
     if let Some(n) = &a.name {

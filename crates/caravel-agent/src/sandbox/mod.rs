@@ -35,6 +35,11 @@ use serde::{Deserialize, Serialize};
 /// built by `build.rs`).
 static REAPER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/caravel-reaper"));
 
+/// The reaper's executable (empty where this build has none).
+pub fn reaper_bytes() -> &'static [u8] {
+    REAPER
+}
+
 /// The search path a sandboxed task starts with.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 

@@ -85,7 +85,7 @@ fn owner(p: &Path) -> u32 {
 
 /// A pool of one restricted node with two stand-in GPUs and the hostile program at
 /// `/probe` in every task (read-only), nothing else of the host.
-fn hostile_pool(tag: &str) -> Pool {
+pub fn hostile_pool(tag: &str) -> Pool {
     let mut p = Pool::server_only(tag);
     p.bare_agents = true;
     let probe = p.file("probe");
@@ -129,10 +129,26 @@ fn hostile_pool(tag: &str) -> Pool {
 #[test]
 fn a_hostile_tenant_is_refused_everything_and_the_other_tenants_job_finishes_untouched() {
     let p = hostile_pool("hostile");
+    hostile_suite(&p, None);
+}
+
+/// Tenant B attacks tenant A's running job, the agent and the server, from a task of its
+/// own (in `image` when given), and is refused everything; A's job ends untouched.
+pub fn hostile_suite(p: &Pool, image: Option<&str>) {
+    // Every job of the suite, in the image when there is one.
+    let spec = |mut v: Value| {
+        if let Some(i) = image {
+            v["image"] = json!(i);
+        }
+        v
+    };
     let node = &p.get(&p.admin, "/v1/nodes").unwrap()[0];
     assert_eq!(node["capacity"]["isolation"], "restricted", "{node}");
-    let (a_id, a_tok) = tenant(&p, "tenanta");
-    let (b_id, b_tok) = tenant(&p, "tenantb");
+    if image.is_some() {
+        assert_eq!(node["capacity"]["images"], true, "{node}");
+    }
+    let (a_id, a_tok) = tenant(p, "tenanta");
+    let (b_id, b_tok) = tenant(p, "tenantb");
     assert_ne!(a_id, b_id);
 
     // Tenant A: a secret in its environment, files in every folder it has, then a wait
@@ -147,8 +163,8 @@ cat "$CARAVEL_CHECKPOINT_DIR/state" w /tmp/t
 echo "a uid $(id -u)""#;
     let a_job = p.submit(
         &a_tok,
-        json!({"command": "sh", "args": ["-c", a_script], "secret_env": {"A_API_KEY": "a-secret-7f3c"},
-               "resources": {"cpu_milli": 200, "memory_bytes": 64 << 20, "gpu": {"model": "T4", "count": 1}}}),
+        spec(json!({"command": "sh", "args": ["-c", a_script], "secret_env": {"A_API_KEY": "a-secret-7f3c"},
+               "resources": {"cpu_milli": 200, "memory_bytes": 64 << 20, "gpu": {"model": "T4", "count": 1}}})),
     );
     let j = p.wait_task_running(a_job, 0);
     let a_run = j["runs"][0]["id"].as_u64().unwrap();
@@ -210,8 +226,8 @@ echo "a uid $(id -u)""#;
     attacks.push("euid".into());
     let b_job = p.submit(
         &b_tok,
-        json!({"command": "sh", "args": ["-c", script],
-               "resources": {"cpu_milli": 200, "memory_bytes": 64 << 20, "gpu": {"model": "T4", "count": 1}}}),
+        spec(json!({"command": "sh", "args": ["-c", script],
+               "resources": {"cpu_milli": 200, "memory_bytes": 64 << 20, "gpu": {"model": "T4", "count": 1}}})),
     );
     let j = p.wait_state(b_job, &["succeeded", "failed"], Duration::from_secs(30));
     let out = p.logs(b_job, 0, "stdout");
@@ -241,14 +257,21 @@ echo "a uid $(id -u)""#;
         r["euid"].contains(&format!("euid {}", 200_000 + b_id)),
         "{out}"
     );
+    // The node's system folders are read-only; an image's are root's (the task may
+    // write only where its uid may, and its writes stay in its own layer).
+    let system = if image.is_some() {
+        "Permission denied"
+    } else {
+        "Read-only file system"
+    };
     for (a, errno) in [
         ("mount", "Operation not permitted"),
         ("unshare", "Operation not permitted"),
         ("setuid", "Operation not permitted"),
         ("raw", "Operation not permitted"),
         ("module", "Operation not permitted"),
-        ("write:/etc/caravel-planted", "Read-only file system"),
-        ("write:/usr/bin/caravel-planted", "Read-only file system"),
+        ("write:/etc/caravel-planted", system),
+        ("write:/usr/bin/caravel-planted", system),
         ("ptrace:1", "Operation not permitted"),
     ] {
         assert!(r[a].contains(errno), "{a}: {}", r[a]);
@@ -261,7 +284,7 @@ echo "a uid $(id -u)""#;
     // A fork bomb stops at the task's process limit, inside its own cgroup.
     let bomb = p.submit(
         &b_tok,
-        json!({"command": h, "args": ["forkbomb:100000"], "resources": {"cpu_milli": 200, "memory_bytes": 256 << 20}}),
+        spec(json!({"command": h, "args": ["forkbomb:100000"], "resources": {"cpu_milli": 200, "memory_bytes": 256 << 20}})),
     );
     p.wait_state(bomb, &["succeeded", "failed"], Duration::from_secs(60));
     let out = p.logs(bomb, 0, "stdout");
@@ -276,8 +299,10 @@ echo "a uid $(id -u)""#;
     // Filling the disk past its cap stops the task with a clear reason.
     let fill = p.submit(
         &b_tok,
-        json!({"command": h, "args": ["fill:64"], "disk_bytes": 8 << 20,
+        spec(
+            json!({"command": h, "args": ["fill:64"], "disk_bytes": 8 << 20,
                "resources": {"cpu_milli": 200, "memory_bytes": 64 << 20}}),
+        ),
     );
     let j = p.wait_state(fill, &["succeeded", "failed"], Duration::from_secs(30));
     assert_eq!(j["state"], "failed", "{j}");
