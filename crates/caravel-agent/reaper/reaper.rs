@@ -8,9 +8,11 @@
 //! SIGTERM reaches the task, not this.
 //!
 //! In an OCI container (`argv[1]` is `--`) it is the container's init and starts the task
-//! itself: it forks, and the child execs `argv[2..]` (an absolute path, resolved by the
-//! agent) with the signal mask cleared and descriptor 3 closed. Its status descriptor is
-//! then 3 (the runtime passes it with `--preserve-fds 1`), and it forwards the signals a
+//! itself: it says `ready` on its status descriptor (3), waits for a byte on descriptor 4
+//! (the agent moves it into the run's cgroups meanwhile: the runtime's own work is not
+//! the task's to pay for), then forks, and the child execs `argv[2..]` (an absolute path,
+//! resolved by the agent) with the signal mask cleared and descriptor 3 closed. The
+//! runtime passes both with `--preserve-fds 2`. It forwards the signals a
 //! runtime relays (`HUP`, `INT`, `QUIT`, `USR1`, `USR2`, `TERM`) to every other process
 //! of the container, read from a signalfd: a namespace's init that ignored them would
 //! leave the task to be killed at the end of its grace period. `--` alone exits 0 (the
@@ -100,6 +102,8 @@ const EINTR: isize = 4;
 const STATUS_FD: usize = 4;
 /// The status descriptor in a container.
 const OCI_STATUS_FD: usize = 3;
+/// Where a container's init waits for the agent's go (one byte) before it starts the task.
+const OCI_GO_FD: usize = 4;
 const SIGCHLD: usize = 17;
 const WNOHANG: usize = 1;
 /// Signals forwarded in a container, as a mask (bit `n - 1` for signal `n`).
@@ -211,6 +215,21 @@ unsafe fn cstr_eq(p: *const u8, s: &[u8]) -> bool {
 /// A container's init: starts `argv[2..]` and stays, forwarding signals and reaping.
 unsafe fn container_init(argc: usize, argv: *const *const u8) -> ! {
     let envp = argv.add(argc + 1);
+    // The runtime did its work outside the run's cgroups; the agent now moves this
+    // process into them and says go. Nothing of the task runs before.
+    syscall4(nr::WRITE, OCI_STATUS_FD, b"ready\n".as_ptr() as usize, 6, 0);
+    let mut go = 0u8;
+    loop {
+        let n = syscall4(nr::READ, OCI_GO_FD, &mut go as *mut u8 as usize, 1, 0);
+        if n == -EINTR {
+            continue;
+        }
+        if n != 1 {
+            exit(127);
+        }
+        break;
+    }
+    syscall4(nr::CLOSE, OCI_GO_FD, 0, 0, 0);
     let mask: u64 = FORWARDED | (1 << (SIGCHLD - 1));
     // Blocked before the fork: a child that ends at once still leaves its SIGCHLD
     // pending, for the signalfd made after.

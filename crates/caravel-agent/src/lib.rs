@@ -1608,9 +1608,19 @@ impl Agent {
         .map_err(|e| format!("writing the bundle: {e}"))?;
         let (status_read, status_write) =
             sandbox::status_pipe().map_err(|e| format!("a pipe: {e}"))?;
+        // The init's go: its read end in the container, ours written once it is in the
+        // run's cgroups.
+        let (go_read, go_write) = sandbox::status_pipe().map_err(|e| format!("a pipe: {e}"))?;
+        let go_read = sandbox::high(go_read).map_err(|e| format!("a pipe: {e}"))?;
+        // The init blocks on it.
+        // SAFETY: fcntl on our descriptor.
+        unsafe {
+            use std::os::fd::AsRawFd;
+            let fl = libc::fcntl(go_read.as_raw_fd(), libc::F_GETFL);
+            libc::fcntl(go_read.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK);
+        }
         let args = oci_rt.run_args(&rootfs.bundle, &id);
         let program = oci_rt.binary.to_string_lossy().into_owned();
-        let procs = cg.procs_paths();
         let detach: Vec<std::ffi::CString> = oci_rt.detach().to_vec();
         let bundle = rootfs.bundle.clone();
         let child = self
@@ -1627,7 +1637,8 @@ impl Agent {
                     stdin,
                     stdout: out,
                     stderr: err,
-                    cgroup_procs: &procs,
+                    // The runtime's work is the node's, not the task's (see `oci::runtime`).
+                    cgroup_procs: &[],
                     new_process_group: true,
                     parent_death_signal: Some(libc::SIGKILL),
                     namespaces: if detach.is_empty() {
@@ -1635,7 +1646,7 @@ impl Agent {
                     } else {
                         libc::CLONE_NEWNS
                     },
-                    extra_fds: &[(status_write.as_raw_fd(), 3)],
+                    extra_fds: &[(status_write.as_raw_fd(), 3), (go_read.as_raw_fd(), 4)],
                     exec_fd: None,
                     detach: &detach,
                     // The folders the runtime makes for mount points (`/caravel`,
@@ -1651,7 +1662,37 @@ impl Agent {
                     program = oci_rt.binary.display()
                 )
             })?;
-        let status = sandbox::StatusReader::new(status_read).map_err(|e| e.to_string())?;
+        let mut status = sandbox::StatusReader::new(status_read).map_err(|e| e.to_string())?;
+        // Until the init is ready, an ended runtime is a start that failed; what it said
+        // is in the task's stderr.
+        let ready = tokio::time::timeout(Duration::from_secs(60), status.next()).await;
+        let stderr_tail = || {
+            let t = std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default();
+            let t = t.trim();
+            let mut from = t.len().saturating_sub(400);
+            while !t.is_char_boundary(from) {
+                from += 1;
+            }
+            t[from..].to_string()
+        };
+        match ready {
+            Ok(Some(sandbox::Status::Ready)) => {}
+            Ok(_) => {
+                return Err(format!(
+                    "the OCI runtime could not start the container: {}",
+                    stderr_tail()
+                ))
+            }
+            Err(_) => return Err("the OCI runtime did not start the container within 60 s".into()),
+        }
+        let pid = container_init_pid(child.id())
+            .ok_or("the OCI runtime's container process cannot be found")?;
+        for d in &cg.dirs {
+            std::fs::write(d.join("cgroup.procs"), pid.to_string())
+                .map_err(|e| format!("moving the container into {}: {e}", d.display()))?;
+        }
+        write_all(&go_write, b"g").map_err(|e| format!("starting the task: {e}"))?;
+        drop(go_write);
         Ok((
             child,
             status,
@@ -1662,6 +1703,25 @@ impl Agent {
             },
         ))
     }
+}
+
+/// The container's init: the runtime's child whose command line is the reaper's (crun and
+/// runc start it as their own child; the pid file comes only later).
+fn container_init_pid(runtime: i32) -> Option<i32> {
+    let kids = std::fs::read_to_string(format!("/proc/{runtime}/task/{runtime}/children")).ok()?;
+    kids.split_whitespace()
+        .filter_map(|k| k.parse::<i32>().ok())
+        .find(|k| {
+            std::fs::read(format!("/proc/{k}/cmdline"))
+                .is_ok_and(|c| c.starts_with(oci::runtime::INIT_PATH.as_bytes()))
+        })
+}
+
+/// Writes `b` to a pipe.
+fn write_all(fd: &std::os::fd::OwnedFd, b: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::from(fd.try_clone()?);
+    f.write_all(b)
 }
 
 /// What `spawn_in_image` is given.
@@ -1765,6 +1825,13 @@ async fn probe_runtime(rt: &oci::runtime::OciRuntime, cfg: &AgentConfig) -> Resu
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
     let detach = rt.detach().to_vec();
+    // A pipe already holding the go byte, whose read end is the init's descriptor 4; the
+    // init's own lines go to a pipe nobody reads (it is big enough for them).
+    let (go_r, go_w) = sandbox::status_pipe().map_err(|e| e.to_string())?;
+    write_all(&go_w, b"g").map_err(|e| e.to_string())?;
+    let (lines_r, lines_w) = sandbox::status_pipe().map_err(|e| e.to_string())?;
+    use std::os::fd::AsRawFd;
+    let (gr, gw) = (go_r.as_raw_fd(), lines_w.as_raw_fd());
     // SAFETY: unshare and umount2 are async-signal-safe; only prepared strings are used.
     unsafe {
         cmd.pre_exec(move || {
@@ -1777,10 +1844,10 @@ async fn probe_runtime(rt: &oci::runtime::OciRuntime, cfg: &AgentConfig) -> Resu
                 }
             }
             libc::umask(0o022);
-            // --preserve-fds 1: descriptor 3 must exist.
-            if libc::fcntl(3, libc::F_GETFD) < 0 {
-                libc::dup2(0, 3);
-            }
+            // --preserve-fds 2: descriptor 3 takes the init's lines, 4 gives it its go
+            // at once.
+            libc::dup2(gw, 3);
+            libc::dup2(gr, 4);
             Ok(())
         });
     }
@@ -1788,6 +1855,7 @@ async fn probe_runtime(rt: &oci::runtime::OciRuntime, cfg: &AgentConfig) -> Resu
         .await
         .map_err(|_| "the runtime's probe took over 20 s".to_string())?
         .map_err(|e| format!("{}: {e}", rt.binary.display()))?;
+    drop((go_r, go_w, lines_r, lines_w));
     rt.delete("caravel-probe");
     let _ = std::fs::remove_dir_all(&base);
     if !out.status.success() {

@@ -82,6 +82,19 @@ pub enum BenchCmd {
         #[arg(long)]
         dir: Option<std::path::PathBuf>,
     },
+    /// Tasks in OCI images: the start of a task in a cached image against one without,
+    /// and how often each layer is downloaded when a burst of tasks starts an uncached
+    /// image (a local docker-registry and a busybox image).
+    Image {
+        /// Jobs timed per case, one at a time.
+        #[arg(long, default_value_t = 50)]
+        jobs: usize,
+        /// Tasks of the burst.
+        #[arg(long, default_value_t = 100)]
+        tasks: u32,
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+    },
     /// The replica of the gateway benches and tests (reads PORT); not for direct use.
     #[command(hide = true)]
     Backend {
@@ -244,6 +257,7 @@ pub fn pct(v: &mut [f64], p: f64) -> f64 {
 pub async fn run(cmd: BenchCmd) -> Result<i32> {
     match cmd {
         BenchCmd::Sched { scenario } => crate::bench_sched::bench(&scenario),
+        BenchCmd::Image { jobs, tasks, dir } => crate::bench_image::bench(jobs, tasks, dir).await,
         BenchCmd::E2e {
             jobs,
             clients,

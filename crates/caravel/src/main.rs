@@ -10,6 +10,7 @@ mod backend;
 mod bench;
 mod bench_autoscale;
 mod bench_gateway;
+mod bench_image;
 mod bench_sched;
 mod client;
 mod jobfile;

@@ -7,10 +7,13 @@
 //! run's GPUs only, its own folders at `/caravel/work`, `/caravel/checkpoint` and `/tmp`,
 //! the operator's `--task-mount`s, and the run's cgroup folders read-only.
 //!
-//! The runtime is started inside the run's cgroups, and crun is told to leave cgroups
-//! alone (`--cgroup-manager=disabled`): the task is held by the limits the agent already
-//! set, devices included. runc has no such switch; it is pointed at the run's own cgroup
-//! (`cgroupsPath`), where it finds the limits in place. PID 1 of the container is the
+//! The runtime works outside the run's cgroups (parsing the config and compiling the
+//! seccomp filter take tens of milliseconds of CPU, which a task limited to a tenth of a
+//! CPU would wait seconds for), and crun is told to leave cgroups alone
+//! (`--cgroup-manager=disabled`): the container's init says `ready`, the agent moves it
+//! into the run's cgroups (the limits the agent set, devices included) and says go, and
+//! only then does the init start the task. runc has no such switch; it is pointed at the
+//! run's own cgroup (`cgroupsPath`), where it finds the limits in place. PID 1 of the container is the
 //! agent's reaper (`reaper/reaper.rs`, bound in read-only and execute-only, so the task
 //! cannot trace it): it forwards the stop signal to the task and reports its exact end.
 
@@ -172,7 +175,8 @@ impl OciRuntime {
         &self.detach
     }
 
-    /// The command line that runs the bundle `bundle` as container `id`.
+    /// The command line that runs the bundle `bundle` as container `id` (its init's pid
+    /// written to `bundle/pid`).
     pub fn run_args(&self, bundle: &Path, id: &str) -> Vec<String> {
         let mut a = vec![
             "--root".to_string(),
@@ -186,8 +190,10 @@ impl OciRuntime {
                 "run",
                 "--bundle",
                 &bundle.to_string_lossy(),
+                "--pid-file",
+                &bundle.join("pid").to_string_lossy(),
                 "--preserve-fds",
-                "1",
+                "2",
                 "--no-new-keyring",
                 id,
             ]

@@ -762,12 +762,17 @@ impl Drop for Runtime {
 pub enum Status {
     /// The task's process ended with this wait status.
     Exited(i32),
+    /// A container's init waits for the agent's go.
+    Ready,
 }
 
 impl Status {
     pub fn parse(line: &str) -> Option<Status> {
-        line.trim_end()
-            .strip_prefix("exit ")
+        let line = line.trim_end();
+        if line == "ready" {
+            return Some(Status::Ready);
+        }
+        line.strip_prefix("exit ")
             .and_then(|s| s.parse().ok())
             .map(Status::Exited)
     }

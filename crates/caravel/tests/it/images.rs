@@ -260,7 +260,15 @@ echo saved > "$CARAVEL_CHECKPOINT_DIR/state"
         &p.admin,
         json!({"image": missing, "command": "true", "resources": {"cpu_milli": 100}}),
     );
-    for j in [j2, j3, j4, j5] {
+    // The run's cgroups hold the task (the runtime worked outside them): its memory
+    // limit is the job's.
+    let j6 = p.submit(
+        &p.admin,
+        json!({"image": image, "command": "sh", "args": ["-c",
+               "grep -c /run- /proc/self/cgroup; cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null || cat /sys/fs/cgroup/memory.max"],
+               "resources": {"cpu_milli": 100, "memory_bytes": 64 << 20}}),
+    );
+    for j in [j2, j3, j4, j5, j6] {
         p.wait_state(j, &["succeeded", "failed"], Duration::from_secs(60));
     }
     assert!(p
@@ -270,6 +278,13 @@ echo saved > "$CARAVEL_CHECKPOINT_DIR/state"
         p.logs(j3, 0, "stdout"),
         "/bin/sh from-image\n/.caravel/init -- /bin/sh -c echo $0 $IMG_VAR; cat /proc/1/cmdline | tr '\\0' ' ' "
     );
+    let out = p.logs(j6, 0, "stdout");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[0].parse::<u32>().unwrap() >= 1,
+        "in no run cgroup: {out}"
+    );
+    assert_eq!(lines[1], (64u64 << 20).to_string(), "{out}");
     let j = p.job(&p.admin, j4);
     assert_eq!(j["state"], "failed");
     let msg = j["runs"][0]["message"].as_str().unwrap_or_default();

@@ -83,6 +83,52 @@ fn logs_follow_streams_until_the_task_ends() {
     );
 }
 
+/// A torch.distributed-style rendezvous in plain Python: rank 0 listens on
+/// MASTER_ADDR:MASTER_PORT, every other rank connects and sends its rank, rank 0 answers
+/// everyone with the sum (an all-reduce of one number, over TCP).
+const RENDEZVOUS: &str = r#"
+import os, socket, time
+rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+if rank == 0:
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", port)); s.listen(world)
+    peers = [s.accept()[0] for _ in range(world - 1)]
+    total = rank + sum(int(c.recv(16)) for c in peers)
+    for c in peers: c.sendall(str(total).encode()); c.close()
+else:
+    for _ in range(300):
+        try: c = socket.create_connection((addr, port)); break
+        except OSError: time.sleep(0.1)
+    c.sendall(str(rank).encode()); total = int(c.recv(16))
+print(f"rank {rank} of {world} uid {os.getuid()} sum {total}")
+"#;
+
+#[test]
+fn a_sandboxed_gang_meets_at_its_master_over_tcp() {
+    let p = Pool::new(
+        "rendezvous",
+        &[("a", &["--cpus", "2"]), ("b", &["--cpus", "2"])],
+    );
+    let id = p.submit(
+        &p.admin,
+        json!({"command": "python3", "args": ["-c", RENDEZVOUS], "tasks": 3, "gang": true,
+               "isolation": "restricted", "resources": {"cpu_milli": 1000}}),
+    );
+    let j = p.wait_state(id, &["succeeded", "failed"], Duration::from_secs(60));
+    assert_eq!(j["state"], "succeeded", "{j} {}", p.logs(id, 0, "stderr"));
+    let nodes: std::collections::BTreeSet<&str> = (0..3)
+        .map(|t| j["task_list"][t]["node"].as_str().unwrap())
+        .collect();
+    assert_eq!(nodes.len(), 2, "the gang spans both nodes: {j}");
+    for t in 0..3u32 {
+        let out = p.logs(id, t, "stdout");
+        // Each rank ran as the tenant's uid (the admin's tenant is tenant 1), and all
+        // got 0 + 1 + 2.
+        assert_eq!(out, format!("rank {t} of 3 uid 200001 sum 3\n"), "{out}");
+    }
+}
+
 #[test]
 fn gang_is_placed_all_or_nothing_with_a_consistent_torchrun_contract() {
     let p = Pool::new(
