@@ -135,6 +135,8 @@ impl Probe {
 #[serde(deny_unknown_fields)]
 pub struct ServiceSpec {
     pub name: String,
+    /// With an `image`, may be left out: the image's entrypoint and command run.
+    #[serde(default)]
     pub command: String,
     #[serde(default)]
     pub args: Vec<String>,

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 use caravel_core::quantity::{parse_bytes, parse_cpu_milli, parse_duration_ms};
 use caravel_core::{GpuRequest, JobSpec, Priority, TaskResources};
 use serde::Deserialize;
@@ -109,6 +109,12 @@ impl JobFile {
 
     pub fn into_spec(self) -> Result<JobSpec> {
         let r = Self::resources_of(&self.resources)?;
+        // With an image, no command runs the image's own.
+        let command = match (self.command, &self.image) {
+            (Some(c), _) => c,
+            (None, Some(_)) => String::new(),
+            (None, None) => bail!("command: missing (it may be left out only with an image)"),
+        };
         Ok(JobSpec {
             image: self.image,
             workdir: None,
@@ -120,7 +126,7 @@ impl JobFile {
                 .transpose()?,
             name: self.name,
             tasks: self.tasks.unwrap_or(1),
-            command: self.command.ok_or_else(|| anyhow!("command: missing"))?,
+            command,
             args: self.args,
             env: self.env,
             resources: r,
@@ -199,6 +205,14 @@ gpu = "H100:1"
             .into_spec()
             .unwrap_err()
             .to_string();
-        assert_eq!(e, "command: missing");
+        assert_eq!(
+            e,
+            "command: missing (it may be left out only with an image)"
+        );
+        let s = JobFile::parse("image = \"busybox\"\nargs = [\"-x\"]\n", "j")
+            .unwrap()
+            .into_spec()
+            .unwrap();
+        assert_eq!((s.command.as_str(), s.args.len()), ("", 1));
     }
 }

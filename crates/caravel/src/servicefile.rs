@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 use caravel_core::quantity::parse_duration_ms;
 use caravel_core::{Probe, ServiceSpec};
 use serde::Deserialize;
@@ -109,7 +109,11 @@ impl ServiceFile {
 
     pub fn into_spec(self) -> Result<ServiceSpec> {
         let name = self.name.ok_or_else(|| anyhow!("name: missing"))?;
-        let command = self.command.ok_or_else(|| anyhow!("command: missing"))?;
+        let command = match (self.command, &self.image) {
+            (Some(c), _) => c,
+            (None, Some(_)) => String::new(),
+            (None, None) => bail!("command: missing (it may be left out only with an image)"),
+        };
         // Resources read exactly as a job file reads them.
         let resources = JobFile::resources_of(&self.resources)?;
         let mut s = ServiceSpec::simple(&name, &command, &[]);

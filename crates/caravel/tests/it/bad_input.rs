@@ -117,11 +117,12 @@ fn every_bad_input_gets_a_clear_error_and_creates_nothing() {
             "malformed_request",
             Some("topology"),
         ),
+        // A command may be left out only with an image (whose own then runs).
         (
             json!({"args": ["no command"]}),
             400,
-            "malformed_request",
-            None,
+            "invalid_argument",
+            Some("command"),
         ),
     ];
     for (body, status, code, field) in &cases {
