@@ -219,9 +219,10 @@ impl Cgroups {
                 vec![format!("cpu, memory, process and device limits ({why})")]
             }
             Cgroups::V2 { pids, .. } => {
-                let mut m = vec![
-                    "device limits (this agent has no device filter for cgroup v2)".to_string(),
-                ];
+                let mut m = Vec::new();
+                if let Err(e) = crate::devfilter::load(&STANDARD_DEVICES) {
+                    m.push(format!("device limits (the cgroup v2 device filter: {e})"));
+                }
                 if !pids {
                     m.push(
                         "process limits (the cgroup v2 pids controller is not available)".into(),
@@ -284,6 +285,10 @@ impl Cgroups {
                     let _ = write(&d.join("memory.swap.max"), "0");
                     if let (true, Some(n)) = (pids, limits.pids_max) {
                         write(&d.join("pids.max"), &n.to_string())?;
+                    }
+                    if let Some(rules) = &limits.devices {
+                        // Before any of the run's processes joins.
+                        crate::devfilter::limit(&d, rules).map_err(std::io::Error::other)?;
                     }
                     Ok(())
                 };

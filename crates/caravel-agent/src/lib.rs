@@ -10,6 +10,7 @@
 
 pub mod cgroups;
 pub mod checkpoint;
+pub mod devfilter;
 use checkpoint::Restore;
 pub mod discover;
 pub mod oci;
