@@ -466,3 +466,66 @@ fn isolation_and_image_fields_are_checked_at_submit() {
         "a secret is never echoed: {err}"
     );
 }
+
+#[test]
+fn a_pool_started_by_a_user_who_is_not_root_works_at_the_level_it_can_give() {
+    // Everything as `nobody`, in a folder of its own.
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).unwrap();
+    let port = free_port();
+    let data = dir.path().join("data");
+    let as_nobody = |args: &[&str]| {
+        std::process::Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--inh-caps=-all",
+                BIN,
+            ])
+            .args(args)
+            .env("HOME", dir.path())
+            .env_remove("CARAVEL_SERVER")
+            .env_remove("CARAVEL_TOKEN")
+            .env_remove("CARAVEL_CONFIG")
+            .current_dir(dir.path())
+            .output()
+            .unwrap()
+    };
+    let listen = format!("127.0.0.1:{port}");
+    let data_arg = data.to_str().unwrap();
+    let out = as_nobody(&[
+        "up",
+        "--detach",
+        "--data-dir",
+        data_arg,
+        "--listen",
+        &listen,
+    ]);
+    struct Down<'a>(&'a dyn Fn(&[&str]) -> std::process::Output, String);
+    impl Drop for Down<'_> {
+        fn drop(&mut self) {
+            (self.0)(&["down", "--data-dir", &self.1]);
+        }
+    }
+    let _down = Down(&as_nobody, data_arg.to_string());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = as_nobody(&["submit", "--wait", "--", "id", "-u"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.lines().any(|l| l == "65534"), "{text}");
+    let out = as_nobody(&["nodes"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(" none") && text.contains("the agent is not root"),
+        "{text}"
+    );
+}
