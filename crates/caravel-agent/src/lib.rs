@@ -1706,12 +1706,19 @@ impl Agent {
     }
 }
 
-/// The container's init: the runtime's child whose command line is the reaper's (crun and
-/// runc start it as their own child; the pid file comes only later).
+/// The container's init: the runtime's child whose command line is the reaper's. crun
+/// starts it as its own child; runc's reaches it as a reparented child of one of its
+/// threads (it is their subreaper). crun's pid file comes only later.
 fn container_init_pid(runtime: i32) -> Option<i32> {
-    let kids = std::fs::read_to_string(format!("/proc/{runtime}/task/{runtime}/children")).ok()?;
-    kids.split_whitespace()
-        .filter_map(|k| k.parse::<i32>().ok())
+    let tasks = std::fs::read_dir(format!("/proc/{runtime}/task")).ok()?;
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|kids| {
+            kids.split_whitespace()
+                .filter_map(|k| k.parse::<i32>().ok())
+                .collect::<Vec<_>>()
+        })
         .find(|k| {
             std::fs::read(format!("/proc/{k}/cmdline"))
                 .is_ok_and(|c| c.starts_with(oci::runtime::INIT_PATH.as_bytes()))

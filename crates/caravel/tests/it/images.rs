@@ -147,9 +147,19 @@ fn agent_layers(p: &Pool, agent: &str) -> Vec<String> {
 
 #[test]
 fn a_task_runs_in_its_image_with_the_images_entrypoint_environment_and_layers() {
-    let mut p = Pool::server_only("image");
+    in_image_with("image", "auto");
+}
+
+/// The same through runc (crun is what `auto` finds first).
+#[test]
+fn runc_runs_tasks_in_images_the_same_way() {
+    in_image_with("imagerunc", "runc");
+}
+
+fn in_image_with(tag: &str, runtime: &str) {
+    let mut p = Pool::server_only(tag);
     p.bare_agents = true;
-    p.start_agent("a", &["--cpus", "4"]);
+    p.start_agent("a", &["--cpus", "4", "--oci-runtime", runtime]);
     p.wait_nodes_ready(1);
     let node = &p.get(&p.admin, "/v1/nodes").unwrap()[0];
     assert_eq!(node["capacity"]["images"], true, "{node}");
