@@ -35,6 +35,36 @@ pub fn clear(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// What of `listing` is the task's own: everything but the files restored from other ranks'
+/// parts of a gang's checkpoint (`foreign`) that are still as they were unpacked.
+pub fn own(listing: Listing, foreign: &Listing) -> Listing {
+    if foreign.is_empty() {
+        return listing;
+    }
+    listing
+        .into_iter()
+        .filter(|(p, fp)| foreign.get(p) != Some(fp))
+        .collect()
+}
+
+/// `list`, less what is not the task's own (`own`).
+pub fn list_own(dir: &Path, foreign: &Listing) -> std::io::Result<Listing> {
+    Ok(own(list(dir)?, foreign))
+}
+
+/// A run's checkpoint folder as the agent last saved or restored it.
+#[derive(Debug, Default, Clone)]
+pub struct Part {
+    pub dir: PathBuf,
+    /// The version of the task's own part that the server holds and that the folder held
+    /// when last saved or restored (0: nothing of its own yet).
+    pub version: u64,
+    /// The task's own files then.
+    pub saved: Listing,
+    /// Files unpacked from other ranks' parts of a gang's cut, as unpacked.
+    pub foreign: Listing,
+}
+
 pub fn list(dir: &Path) -> std::io::Result<Listing> {
     let mut out = Listing::new();
     let mut stack = vec![PathBuf::new()];
@@ -81,13 +111,15 @@ pub enum PackError {
 /// `Changed` when the folder no longer matches `listing` after the read (a write went on
 /// meanwhile: the archive could mix two checkpoints).
 pub fn pack(dir: &Path, listing: &Listing, out: &Path) -> Result<(String, u64), PackError> {
-    pack_into(dir, listing, std::fs::File::create(out)?)
+    pack_into(dir, listing, &Listing::new(), std::fs::File::create(out)?)
 }
 
-/// `pack` into an open file.
+/// `pack` into an open file; `listing` is of the task's own files (`list_own` with
+/// `foreign`).
 pub fn pack_into(
     dir: &Path,
     listing: &Listing,
+    foreign: &Listing,
     f: std::fs::File,
 ) -> Result<(String, u64), PackError> {
     use sha2::Digest;
@@ -159,16 +191,17 @@ pub fn pack_into(
     // Not synced: the archive is read back at once to be sent, and only the server's copy
     // has to survive a crash.
     w.w.into_inner().map_err(|e| e.into_error())?;
-    if &list(dir)? != listing {
+    if &list_own(dir, foreign)? != listing {
         return Err(PackError::Changed);
     }
     Ok((hex::encode(w.h.finalize()), w.n))
 }
 
-/// Unpacks a saved archive into `dir` (made if need be). Only plain files and folders under
-/// relative paths are taken.
-pub fn unpack(archive: &Path, dir: &Path) -> std::io::Result<()> {
+/// Unpacks a saved archive into `dir` (made if need be) and returns the paths it held.
+/// Only plain files and folders under relative paths are taken.
+pub fn unpack(archive: &Path, dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir)?;
+    let mut paths = Vec::new();
     let mut ar = tar::Archive::new(std::io::BufReader::new(std::fs::File::open(archive)?));
     ar.set_preserve_permissions(false);
     for e in ar.entries()? {
@@ -188,10 +221,33 @@ pub fn unpack(archive: &Path, dir: &Path) -> std::io::Result<()> {
                 ),
             ));
         }
+        // A file another rank's part put here (a gang's cut): replaced, not written
+        // through, so the new content is a new inode.
+        if kind.is_file() {
+            let _ = std::fs::remove_file(dir.join(&rel));
+        }
         // unpack_in also refuses to write through a link or outside `dir`.
         e.unpack_in(dir)?;
+        paths.push(rel);
     }
-    Ok(())
+    Ok(paths)
+}
+
+/// Unpacks the parts of a gang's cut into `dir`, the highest rank first, so that where
+/// two parts hold the same path the lower rank's wins; returns what of the folder came
+/// from other ranks than `own` (the files the task did not write itself).
+pub fn unpack_cut(parts: &[(u32, PathBuf)], own: u32, dir: &Path) -> std::io::Result<Listing> {
+    let mut from: BTreeMap<PathBuf, u32> = BTreeMap::new();
+    let mut order: Vec<&(u32, PathBuf)> = parts.iter().collect();
+    order.sort_by_key(|(r, _)| std::cmp::Reverse(*r));
+    for (rank, archive) in order {
+        for p in unpack(archive, dir)? {
+            from.insert(p, *rank);
+        }
+    }
+    let mut foreign = list(dir)?;
+    foreign.retain(|p, _| from.get(p) != Some(&own));
+    Ok(foreign)
 }
 
 /// SHA-256 of a file, hex.
@@ -312,18 +368,144 @@ impl crate::Agent {
         }
     }
 
+    /// Fetches every part of the gang's cut and unpacks them all into `ckpt` (the lower
+    /// rank's file wins where two parts hold the same path), retrying while the server
+    /// cannot be reached. Returns the folder as restored, and what of it is the task's own.
+    pub(crate) async fn restore_cut(
+        &self,
+        a: &Assignment,
+        cut: &caravel_core::api::GangCut,
+        dir: &Path,
+        ckpt: &Path,
+        ident: Option<(u32, u32)>,
+        stop: &mut tokio::sync::oneshot::Receiver<crate::Stop>,
+    ) -> Result<Part, Restore> {
+        if let Err(e) = std::fs::create_dir_all(dir) {
+            return Err(Restore::Failed(format!("creating {}: {e}", dir.display())));
+        }
+        let mut delay = std::time::Duration::from_millis(200);
+        let tmps: Vec<(u32, PathBuf)> = cut
+            .parts
+            .iter()
+            .map(|p| {
+                (
+                    p.task,
+                    dir.join(format!(".checkpoint-restore-{}.tar", p.task)),
+                )
+            })
+            .collect();
+        let clean = || {
+            for (_, t) in &tmps {
+                let _ = std::fs::remove_file(t);
+            }
+        };
+        loop {
+            // All parts at once: with one rank per node they come from the server side by
+            // side.
+            let got = futures_util::future::join_all(
+                cut.parts
+                    .iter()
+                    .zip(&tmps)
+                    .map(|(p, (_, t))| self.fetch_part(a.job, p.task, Some(p.version), t)),
+            )
+            .await;
+            let mut retry = None;
+            for (r, p) in got.into_iter().zip(&cut.parts) {
+                match r {
+                    Ok(Some(_)) => {}
+                    // The server no longer keeps it: a newer cut replaced it meanwhile,
+                    // which this run was not given. Fail the start; the retry gets the new one.
+                    Ok(None) => {
+                        clean();
+                        return Err(Restore::Failed(format!(
+                            "task {}'s part (version {}) of checkpoint cut {} is gone from the server",
+                            p.task, p.version, cut.cut
+                        )));
+                    }
+                    Err(Fetch::Local(e)) => {
+                        clean();
+                        return Err(Restore::Failed(format!(
+                            "fetching the gang's checkpoint: {e}"
+                        )));
+                    }
+                    Err(Fetch::Retry(e)) => retry = Some(e),
+                }
+            }
+            let Some(e) = retry else { break };
+            tracing::warn!(run = %a.run, "cannot fetch the gang's checkpoint yet: {e}");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = &mut *stop => {
+                    clean();
+                    return Err(Restore::Stopped);
+                }
+            }
+            delay = (delay * 2).min(std::time::Duration::from_secs(5));
+        }
+        let (c, own, parts) = (ckpt.to_path_buf(), a.index, tmps.clone());
+        let r = tokio::task::spawn_blocking(move || {
+            let foreign = unpack_cut(&parts, own, &c)?;
+            if let Some((u, g)) = ident {
+                crate::sandbox::chown_tree(&c, u, g)?;
+            }
+            // Listed after the chown, which changes no time or inode.
+            let foreign = {
+                let now = list(&c)?;
+                foreign
+                    .into_keys()
+                    .filter_map(|p| now.get(&p).map(|f| (p, *f)))
+                    .collect::<Listing>()
+            };
+            let saved = list_own(&c, &foreign)?;
+            Ok::<_, std::io::Error>((foreign, saved))
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+        clean();
+        match r {
+            Ok((foreign, saved)) => {
+                let version = cut
+                    .parts
+                    .iter()
+                    .find(|p| p.task == a.index)
+                    .map_or(0, |p| p.version);
+                tracing::info!(run = %a.run, cut = cut.cut, parts = cut.parts.len(), "gang checkpoint restored");
+                Ok(Part {
+                    dir: ckpt.to_path_buf(),
+                    version,
+                    saved,
+                    foreign,
+                })
+            }
+            Err(e) => Err(Restore::Failed(format!(
+                "cannot unpack checkpoint cut {} into {}: {e}",
+                cut.cut,
+                ckpt.display()
+            ))),
+        }
+    }
+
     /// One try: `Ok(None)` when the server has no checkpoint for the task.
     async fn fetch_checkpoint(&self, a: &Assignment, tmp: &Path) -> Result<Option<u64>, Fetch> {
+        self.fetch_part(a.job, a.index, None, tmp).await
+    }
+
+    /// One try at a task's newest checkpoint, or at the version named.
+    async fn fetch_part(
+        &self,
+        job: JobId,
+        index: u32,
+        version: Option<u64>,
+        tmp: &Path,
+    ) -> Result<Option<u64>, Fetch> {
         use tokio::io::AsyncWriteExt;
         use Fetch::{Local, Retry};
         let (i, server) = self.server();
-        let mut resp = match self
-            .bulk
-            .get(self.checkpoint_url(server, a.job, a.index))
-            .bearer_auth(&self.cfg.token)
-            .send()
-            .await
-        {
+        let mut url = self.checkpoint_url(server, job, index);
+        if let Some(v) = version {
+            url = format!("{url}?version={v}");
+        }
+        let mut resp = match self.bulk.get(url).bearer_auth(&self.cfg.token).send().await {
             Ok(r) => r,
             Err(e) => {
                 self.next_server(i);
@@ -382,68 +564,86 @@ impl crate::Agent {
 
     /// Saves the checkpoint folder whenever it changed and then stayed still for a scan,
     /// until `done` turns; then, if `done` says so, once more for what the task wrote last
-    /// (on SIGTERM, say). True when the server ends up with everything the folder holds,
-    /// so the node's copy may go.
-    #[allow(clippy::too_many_arguments)]
+    /// (on SIGTERM, say). Returns the version the server then holds of everything the
+    /// folder holds of the task's own (so the node's copy may go), or `None`.
     pub(crate) async fn watch_checkpoint(
         self: std::sync::Arc<Self>,
         job: JobId,
         index: u32,
         run: RunId,
         dir: PathBuf,
-        ckpt: PathBuf,
-        mut saved: Listing,
+        part: std::sync::Arc<std::sync::Mutex<Part>>,
         mut done: tokio::sync::watch::Receiver<bool>,
-    ) -> bool {
+    ) -> Option<u64> {
+        let (ckpt, foreign, mut saved) = {
+            let p = part.lock().expect("lock");
+            (p.dir.clone(), p.foreign.clone(), p.saved.clone())
+        };
         let mut prev: Option<Listing> = None;
         let mut refused: Option<Listing> = None;
+        let keep = |v: u64, l: &Listing| {
+            let mut p = part.lock().expect("lock");
+            p.version = v;
+            p.saved = l.clone();
+        };
         let final_save = loop {
             tokio::select! {
                 _ = tokio::time::sleep(SCAN) => {}
                 r = done.changed() => break r.is_ok() && *done.borrow(),
             }
-            let Ok(now) = list(&ckpt) else { continue };
+            let Ok(now) = list_own(&ckpt, &foreign) else {
+                continue;
+            };
             let still = prev.as_ref() == Some(&now);
             prev = Some(now.clone());
             if !still || now == saved || refused.as_ref() == Some(&now) {
                 continue;
             }
             match self
-                .save_checkpoint(job, index, run, &dir, &ckpt, &now)
+                .save_checkpoint(job, index, run, &dir, &ckpt, &foreign, &now)
                 .await
             {
-                Save::Saved(_) => saved = now,
-                Save::NotCurrent => return false,
+                Save::Saved(v) => {
+                    keep(v, &now);
+                    saved = now;
+                }
+                Save::NotCurrent => return None,
                 Save::Refused(_) => refused = Some(now),
                 Save::Changed | Save::Failed(_) => {}
             }
         };
         if !final_save {
-            return false;
+            return None;
         }
         // Bounded: a node cut off from the server must still report the exit when it can.
         for _ in 0..3 {
-            let Ok(now) = list(&ckpt) else { return false };
+            let Ok(now) = list_own(&ckpt, &foreign) else {
+                return None;
+            };
             if now == saved {
-                return true;
+                return Some(part.lock().expect("lock").version);
             }
             if refused.as_ref() == Some(&now) {
-                return false;
+                return None;
             }
             match self
-                .save_checkpoint(job, index, run, &dir, &ckpt, &now)
+                .save_checkpoint(job, index, run, &dir, &ckpt, &foreign, &now)
                 .await
             {
-                Save::Saved(_) => return true,
-                Save::NotCurrent | Save::Refused(_) => return false,
+                Save::Saved(v) => {
+                    keep(v, &now);
+                    return Some(v);
+                }
+                Save::NotCurrent | Save::Refused(_) => return None,
                 Save::Changed | Save::Failed(_) => {
                     tokio::time::sleep(std::time::Duration::from_millis(500)).await
                 }
             }
         }
-        false
+        None
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn save_checkpoint(
         &self,
         job: JobId,
@@ -451,13 +651,19 @@ impl crate::Agent {
         run: RunId,
         dir: &Path,
         ckpt: &Path,
+        foreign: &Listing,
         listing: &Listing,
     ) -> Save {
         let tmp = dir.join(".checkpoint-upload.tar");
-        let (c, l, t) = (ckpt.to_path_buf(), listing.clone(), tmp.clone());
+        let (c, l, t, f) = (
+            ckpt.to_path_buf(),
+            listing.clone(),
+            tmp.clone(),
+            foreign.clone(),
+        );
         let packed = tokio::task::spawn_blocking(move || {
             let out = std::fs::File::create(&t)?;
-            pack_into(&c, &l, out)
+            pack_into(&c, &l, &f, out)
         })
         .await
         .unwrap_or_else(|e| Err(PackError::Io(std::io::Error::other(e.to_string()))));
@@ -576,6 +782,78 @@ mod tests {
             vec![7u8; 100_000]
         );
         assert!(!dst.join(".ckpt.tmp").exists() && !dst.join("link").exists());
+    }
+
+    fn part(t: &Path, name: &str, files: &[(&str, &[u8])]) -> PathBuf {
+        let src = t.join(format!("src-{name}"));
+        for (f, data) in files {
+            let p = src.join(f);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, data).unwrap();
+        }
+        let out = t.join(format!("{name}.tar"));
+        pack(&src, &list(&src).unwrap(), &out).unwrap();
+        out
+    }
+
+    #[test]
+    fn a_cut_unpacks_every_ranks_part_with_the_lower_rank_winning_and_only_own_files_saved() {
+        let t = tempfile::tempdir().unwrap();
+        let r0 = part(
+            t.path(),
+            "r0",
+            &[
+                ("ckpt.json", b"rank 0 model"),
+                ("step-80/metadata.json", b"80"),
+                ("step-80/shard-0", b"s0"),
+                ("same", b"from 0"),
+            ],
+        );
+        let r1 = part(
+            t.path(),
+            "r1",
+            &[("step-80/shard-1", b"s1"), ("same", b"from 1")],
+        );
+        let dir = t.path().join("ckpt");
+        let foreign = unpack_cut(&[(0, r0), (1, r1)], 1, &dir).unwrap();
+        assert_eq!(
+            std::fs::read(dir.join("ckpt.json")).unwrap(),
+            b"rank 0 model"
+        );
+        assert_eq!(std::fs::read(dir.join("same")).unwrap(), b"from 0");
+        assert_eq!(std::fs::read(dir.join("step-80/shard-1")).unwrap(), b"s1");
+        let own_files = |l: &Listing| -> Vec<String> {
+            l.iter()
+                .filter(|(_, v)| !v.0)
+                .map(|(p, _)| p.to_string_lossy().into_owned())
+                .collect()
+        };
+        // Rank 1's own part is what it wrote; what came from rank 0 is not saved again by
+        // rank 1 (it would bring rank 0's old copy back over rank 0's newer one).
+        let own_now = list_own(&dir, &foreign).unwrap();
+        assert_eq!(own_files(&own_now), vec!["step-80/shard-1"]);
+        // Until rank 1 writes over it: then it is rank 1's.
+        std::fs::write(dir.join(".tmp"), b"rank 1 wrote this").unwrap();
+        std::fs::rename(dir.join(".tmp"), dir.join("ckpt.json")).unwrap();
+        let own_now = list_own(&dir, &foreign).unwrap();
+        assert_eq!(own_files(&own_now), vec!["ckpt.json", "step-80/shard-1"]);
+        // And a pack with the foreign files left out checks against the same listing.
+        let out = t.path().join("own.tar");
+        pack_into(
+            &dir,
+            &own_now,
+            &foreign,
+            std::fs::File::create(&out).unwrap(),
+        )
+        .unwrap();
+        let back = t.path().join("back");
+        let names: Vec<String> = unpack(&out, &back)
+            .unwrap()
+            .into_iter()
+            .map(|p| p.to_string_lossy().into_owned())
+            .filter(|p| !back.join(p).is_dir())
+            .collect();
+        assert_eq!(names, vec!["ckpt.json", "step-80/shard-1"]);
     }
 
     #[test]

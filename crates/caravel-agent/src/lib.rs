@@ -93,6 +93,8 @@ pub struct AgentConfig {
     pub image_cache_bytes: u64,
     /// Registries reached over plain HTTP besides loopback ones.
     pub insecure_registries: Vec<String>,
+    /// The ports a gang's rank 0 may listen on (`SyncRequest::free_ports`).
+    pub master_ports: (u16, u16),
 }
 
 impl AgentConfig {
@@ -125,6 +127,7 @@ impl AgentConfig {
             oci_runtime: "auto".into(),
             image_cache_bytes: DEFAULT_IMAGE_CACHE,
             insecure_registries: vec![],
+            master_ports: (29500, 31499),
         }
     }
 }
@@ -228,6 +231,11 @@ pub struct Agent {
     spawner: spawn::Spawner,
     /// Shipped working directories being fetched.
     workdirs: workdir::Cache,
+    /// Gang runs' checkpoint folders as last saved or restored, for the server's
+    /// questions (`SyncResponse::confirm`).
+    parts: Mutex<HashMap<RunId, Arc<Mutex<checkpoint::Part>>>>,
+    /// Answers to send with the next sync.
+    still: Mutex<Vec<CheckpointStill>>,
     /// What this node gives, as registered.
     isolation: sandbox::Capability,
     /// Set when tasks may run in images here.
@@ -567,6 +575,8 @@ pub async fn start(cfg: AgentConfig) -> Result<Arc<Agent>, AgentError> {
         // CPUs keep the CPUs busy.
         spawner: spawn::Spawner::new(SPAWNER_THREADS),
         workdirs: Default::default(),
+        parts: Default::default(),
+        still: Default::default(),
         images,
     });
     agent.ship_recover(&agent.cfg.work_dir.join("runs"));
@@ -917,12 +927,15 @@ impl Agent {
                 running,
                 known_version: known,
                 wait_ms: if first { 0 } else { 30_000 },
+                still: std::mem::take(&mut *self.still.lock().expect("lock")),
+                free_ports: free_ports(self.cfg.master_ports, 8),
             };
             match self.post::<_, SyncResponse>("/v1/agent/sync", &req).await {
                 Ok(resp) => {
                     first = false;
                     known = resp.version;
                     self.reconcile(resp.desired, resp.assignments);
+                    self.confirm(&resp.confirm);
                 }
                 Err((Some(404 | 409), body)) => {
                     tracing::warn!(
@@ -978,6 +991,24 @@ impl Agent {
             .retain(|r| want.contains(r) || running.contains(r) || outbox.contains(r));
     }
 
+    /// Answers the server's gang checkpoint questions for the runs whose folder still holds
+    /// exactly what was last saved or restored; the others are asked again.
+    fn confirm(&self, questions: &[CheckpointConfirm]) {
+        for q in questions {
+            let Some(part) = self.parts.lock().expect("lock").get(&q.run).cloned() else {
+                continue;
+            };
+            let p = part.lock().expect("lock").clone();
+            if checkpoint::list_own(&p.dir, &p.foreign).is_ok_and(|now| now == p.saved) {
+                self.still.lock().expect("lock").push(CheckpointStill {
+                    run: q.run,
+                    round: q.round,
+                    version: p.version,
+                });
+            }
+        }
+    }
+
     /// Reports the end of a run whose process never started.
     fn never_started(&self, run: RunId, reason: &str, message: String) {
         self.st.lock().expect("lock").running.remove(&run);
@@ -990,6 +1021,7 @@ impl Agent {
             signal: None,
             reason: reason.into(),
             message,
+            checkpoint: None,
         });
     }
 
@@ -1140,15 +1172,40 @@ impl Agent {
         } else {
             None
         };
-        // The task's checkpoint folder, filled with its newest saved checkpoint first.
+        // The task's checkpoint folder, filled with its newest saved checkpoint first (a
+        // gang's: the whole cut).
         let ckpt = dirs.checkpoint.clone();
-        let restored = match a.checkpoint {
-            None => Ok(0),
-            Some(_) => match self
+        let fresh = |version: u64| checkpoint::Part {
+            dir: ckpt.clone(),
+            version,
+            saved: checkpoint::list(&ckpt).unwrap_or_default(),
+            foreign: Default::default(),
+        };
+        let restored = match (&a.gang_cut, a.checkpoint) {
+            (Some(cut), _) if !cut.parts.is_empty() => {
+                match self
+                    .restore_cut(&a, cut, &dir, &ckpt, ident, &mut stop)
+                    .await
+                {
+                    Ok(part) => Ok((cut.cut, part)),
+                    Err(Restore::Failed(msg)) => Err(msg),
+                    Err(Restore::Done(_)) => Err("restoring the gang's checkpoint".into()),
+                    Err(Restore::Stopped) => {
+                        self.never_started(
+                            run,
+                            "killed",
+                            "stopped before it started, while its checkpoint was fetched".into(),
+                        );
+                        return;
+                    }
+                }
+            }
+            (Some(_), _) | (None, None) => Ok((0, fresh(0))),
+            (None, Some(_)) => match self
                 .restore_checkpoint(&a, &dir, &ckpt, ident, &mut stop)
                 .await
             {
-                Restore::Done(v) => Ok(v),
+                Restore::Done(v) => Ok((v, fresh(v))),
                 Restore::Failed(msg) => Err(msg),
                 Restore::Stopped => {
                     self.never_started(
@@ -1160,7 +1217,13 @@ impl Agent {
                 }
             },
         };
-        let baseline = checkpoint::list(&ckpt).unwrap_or_default();
+        let (restored, part) = match restored {
+            Ok((v, part)) => (Ok(v), Arc::new(Mutex::new(part))),
+            Err(m) => (Err(m), Arc::new(Mutex::new(fresh(0)))),
+        };
+        if a.gang_cut.is_some() {
+            self.parts.lock().expect("lock").insert(run, part.clone());
+        }
         let started = match (a.wants_port, port, restored) {
             (_, _, Err(msg)) => Err(msg),
             (true, None, _) => Err("no free port for the replica".to_string()),
@@ -1195,8 +1258,7 @@ impl Agent {
             a.index,
             run,
             dir.clone(),
-            ckpt.clone(),
-            baseline,
+            part,
             watch_rx,
         ));
         let deadline = a
@@ -1253,7 +1315,9 @@ impl Agent {
         let _ = watch_stop.send(reason != "fenced");
         // The server holds what the folder held: the node's copy is only disk used.
         // Otherwise it stays in the run's directory for whoever wants it by hand.
-        if watcher.await.unwrap_or(false) {
+        let final_version = watcher.await.ok().flatten();
+        self.parts.lock().expect("lock").remove(&run);
+        if final_version.is_some() {
             let c = ckpt.clone();
             let _ = tokio::task::spawn_blocking(move || checkpoint::clear(&c)).await;
         } else if checkpoint::list(&ckpt).is_ok_and(|l| !l.is_empty()) {
@@ -1298,6 +1362,7 @@ impl Agent {
                 Ok(_) if reason == "disk_exceeded" => disk_msg,
                 Ok(_) => String::new(),
             },
+            checkpoint: final_version,
         });
     }
 
@@ -2045,9 +2110,46 @@ async fn terminate(
     }
 }
 
+/// Up to `n` ports of `range`, picked at random, that nothing listens on here now: the
+/// server gives a gang's rank 0 one of them as MASTER_PORT (another process may still
+/// take it before rank 0 binds it, the window torchrun's own free-port pick has too).
+fn free_ports(range: (u16, u16), n: usize) -> Vec<u16> {
+    let span = u32::from(range.1 - range.0) + 1;
+    let mut out = Vec::new();
+    for _ in 0..n * 2 {
+        let mut r = [0u8; 4];
+        if getrandom::fill(&mut r).is_err() {
+            break;
+        }
+        let port = range.0 + (u32::from_le_bytes(r) % span) as u16;
+        if !out.contains(&port) && std::net::TcpListener::bind(("0.0.0.0", port)).is_ok() {
+            out.push(port);
+            if out.len() == n {
+                break;
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod server_list_tests {
     use super::*;
+
+    #[test]
+    fn free_ports_are_in_the_range_distinct_and_not_listened_on() {
+        let taken = std::net::TcpListener::bind(("0.0.0.0", 0)).unwrap();
+        let p = taken.local_addr().unwrap().port();
+        // A range of one port that is taken, then of one beside it.
+        assert_eq!(free_ports((p, p), 4), Vec::<u16>::new());
+        let got = free_ports((p.saturating_sub(20).max(1024), p), 8);
+        assert!(!got.contains(&p), "{got:?}");
+        let mut d = got.clone();
+        d.sort();
+        d.dedup();
+        assert_eq!(d.len(), got.len());
+        assert!(got.iter().all(|x| *x <= p && *x >= p.saturating_sub(20)));
+    }
 
     #[test]
     fn a_server_list_is_split_checked_and_trimmed() {

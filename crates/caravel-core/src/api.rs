@@ -225,6 +225,49 @@ pub struct SyncRequest {
     pub known_version: u64,
     /// How long the server may hold the request when nothing changed.
     pub wait_ms: u64,
+    /// Answers to `SyncResponse::confirm`: these gang runs' checkpoint folders still hold
+    /// exactly the version named, checked after the question arrived.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub still: Vec<CheckpointStill>,
+    /// Ports of the agent's `--master-ports` it found free just now: a gang whose rank 0
+    /// is placed here gets one as MASTER_PORT.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub free_ports: Vec<u16>,
+}
+
+/// A question of the server's gang checkpoint protocol (docs/checkpoints.md): does run
+/// `run`'s folder still hold what it last saved or restored? Asked in round `round`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointConfirm {
+    pub run: RunId,
+    pub round: u64,
+}
+
+/// Yes to a `CheckpointConfirm`: the folder holds version `version` of the task's own
+/// part (0: nothing of its own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointStill {
+    pub run: RunId,
+    pub round: u64,
+    pub version: u64,
+}
+
+/// The consistent cut of a gang's checkpoint that a run restores: every rank's part,
+/// each unpacked into every rank's folder (docs/checkpoints.md).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GangCut {
+    /// 1, 2, ... one more with each cut the server commits; 0 before the first.
+    pub cut: u64,
+    pub parts: Vec<CutPart>,
+}
+
+/// One rank's part of a `GangCut`: `GET /v1/jobs/{id}/tasks/{task}/checkpoint?version=V`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CutPart {
+    pub task: u32,
+    pub version: u64,
+    pub bytes: u64,
+    pub sha256: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -236,6 +279,10 @@ pub struct SyncResponse {
     /// Full specs of the desired runs the agent did not list as running: the others it
     /// already has, and re-sending them would make every sync as large as the node's load.
     pub assignments: Vec<Assignment>,
+    /// Gang runs here whose checkpoint folder the server wants confirmed unchanged before
+    /// it commits a cut of their gang's checkpoint.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub confirm: Vec<CheckpointConfirm>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -264,6 +311,10 @@ pub struct Assignment {
     /// agent fetches it into `CARAVEL_CHECKPOINT_DIR` before the task starts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<u64>,
+    /// Set for a gang of more than one task: its checkpoint is the gang's, every rank
+    /// restores the whole cut, and the agent answers the server's confirmations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gang_cut: Option<GangCut>,
     /// The job's tenant: the agent runs the task as this tenant's uid.
     #[serde(default = "no_tenant")]
     pub tenant: TenantId,
@@ -348,6 +399,11 @@ pub enum RunEvent {
         /// (killed by its agent, cut off from the server).
         reason: String,
         message: String,
+        /// The version of the task's own checkpoint part that its folder held at the end,
+        /// every change saved (0: nothing of its own); `None` when the last state could
+        /// not all be saved.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        checkpoint: Option<u64>,
     },
 }
 

@@ -1098,13 +1098,17 @@ pub async fn agent_sync(
     let mut rx = {
         let mut core = s.core.lock().expect("core lock");
         core.heartbeat(req.node_id, &req.instance, now_ms())?;
+        core.set_free_ports(req.node_id, req.free_ports.clone());
+        gang_answers(&s, &core, req.node_id, &req.still);
         let (version, desired, assignments) = core.desired(req.node_id, &known);
-        if version != req.known_version || req.wait_ms == 0 {
+        let confirm = gang_questions(&s, &core, &known);
+        if version != req.known_version || req.wait_ms == 0 || !confirm.is_empty() {
             drop(core);
             return Ok(Json(SyncResponse {
                 version,
                 desired,
                 assignments: with_checkpoints(&s, assignments),
+                confirm,
             }));
         }
         core.nodes[&req.node_id].version.subscribe()
@@ -1116,18 +1120,77 @@ pub async fn agent_sync(
     let mut core = s.core.lock().expect("core lock");
     core.heartbeat(req.node_id, &req.instance, now_ms())?;
     let (version, desired, assignments) = core.desired(req.node_id, &known);
+    let confirm = gang_questions(&s, &core, &known);
     drop(core);
     Ok(Json(SyncResponse {
         version,
         desired,
         assignments: with_checkpoints(&s, assignments),
+        confirm,
     }))
+}
+
+/// Records an agent's answers to the gang checkpoint protocol's questions, and commits
+/// the cuts they complete.
+fn gang_answers(s: &Shared, core: &Core, node: NodeId, still: &[CheckpointStill]) {
+    let mut jobs = BTreeSet::new();
+    for a in still {
+        let Some(r) = core.runs.get(&a.run).filter(|r| r.node == node) else {
+            continue;
+        };
+        if is_current_run(core, r.job, r.index, a.run)
+            && s.checkpoints
+                .answer(r.job, r.index, a.run, a.round, a.version)
+        {
+            jobs.insert(r.job);
+        }
+    }
+    for job in jobs {
+        try_cut(s, core, job);
+    }
+}
+
+/// Commits a new cut of the gang's checkpoint if what the server knows allows one.
+fn try_cut(s: &Shared, core: &Core, job: JobId) {
+    let Some(ranks) = core.gang_ranks(job) else {
+        return;
+    };
+    match s.checkpoints.try_cut(job, &ranks) {
+        Ok(Some(c)) => {
+            tracing::info!(job = %job, cut = c.id, parts = ?c.parts.iter().map(|(i, p)| (*i, p.version)).collect::<Vec<_>>(), "gang checkpoint cut committed")
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(job = %job, "cannot commit the gang's checkpoint cut: {e}"),
+    }
+}
+
+/// The open rounds of the gang checkpoint protocol that runs on this node have not
+/// answered.
+fn gang_questions(s: &Shared, core: &Core, running: &BTreeSet<RunId>) -> Vec<CheckpointConfirm> {
+    let mut out = Vec::new();
+    for run in running {
+        let Some(r) = core.runs.get(run) else {
+            continue;
+        };
+        if let Some(round) = s.checkpoints.question(r.job, r.index, *run) {
+            if core.gang_ranks(r.job).is_some() {
+                out.push(CheckpointConfirm { run: *run, round });
+            }
+        }
+    }
+    out
 }
 
 /// Tells the agent which runs have a checkpoint to fetch before they start.
 fn with_checkpoints(s: &Shared, mut assignments: Vec<Assignment>) -> Vec<Assignment> {
     for a in &mut assignments {
-        a.checkpoint = s.checkpoints.latest(a.job, a.index).map(|c| c.version);
+        if a.gang_cut.is_some() {
+            let cut = s.checkpoints.gang_cut(a.job);
+            a.checkpoint = (cut.cut > 0).then_some(cut.cut);
+            a.gang_cut = Some(cut);
+        } else {
+            a.checkpoint = s.checkpoints.latest(a.job, a.index).map(|c| c.version);
+        }
     }
     assignments
 }
@@ -1165,6 +1228,23 @@ pub async fn agent_events(
         core.begin_group();
         let mut res = Ok(());
         for ev in req.events {
+            // A gang rank's end is known to the checkpoint protocol before the gang can
+            // restart (settled by `apply_event`), so the restart restores the newest cut.
+            if let RunEvent::Exited {
+                run, checkpoint, ..
+            } = &ev
+            {
+                if let Some(r) = core.runs.get(run).filter(|r| {
+                    r.node == req.node_id && is_current_run(&core, r.job, r.index, *run)
+                }) {
+                    if core.gang_ranks(r.job).is_some() {
+                        s.checkpoints
+                            .record_end(r.job, r.index, *run, r.attempt, *checkpoint);
+                        let job = r.job;
+                        try_cut(&s, &core, job);
+                    }
+                }
+            }
             res = core.apply_event(req.node_id, ev, now_ms());
             if res.is_err() {
                 break;
@@ -1618,6 +1698,16 @@ async fn save_checkpoint(
     .await
     .map_err(|e| internal(e.to_string()))??;
     let saved = saved.ok_or_else(not_current)?;
+    {
+        // A gang's save is part of its checkpoint only once a cut holds it: ask the
+        // other ranks' agents to confirm what their folders hold (module checkpoints).
+        let mut core = s.core.lock().expect("core lock");
+        if core.gang_ranks(id).is_some() {
+            s.checkpoints.open_round(id);
+            try_cut(&s, &core, id);
+            core.wake_job_nodes(id);
+        }
+    }
     // Counted now, not only at the next count: saves in quick succession see each other.
     *s.storage_used
         .lock()
@@ -1628,12 +1718,20 @@ async fn save_checkpoint(
     Ok((StatusCode::CREATED, Json(checkpoint_view(index, &saved))))
 }
 
-/// `GET /v1/jobs/{id}/tasks/{index}/checkpoint`: the task's newest checkpoint, a tar
-/// archive (headers `x-caravel-checkpoint-version`, `-run` and `x-caravel-sha256`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointGet {
+    version: Option<u64>,
+}
+
+/// `GET /v1/jobs/{id}/tasks/{index}/checkpoint[?version=V]`: the task's newest checkpoint,
+/// or the version named (one a gang's cut holds), a tar archive (headers
+/// `x-caravel-checkpoint-version`, `-run` and `x-caravel-sha256`).
 pub async fn get_checkpoint(
     State(s): State<Arc<Shared>>,
     headers: HeaderMap,
     Path((id, index)): Path<(String, String)>,
+    Query(q): Query<CheckpointGet>,
 ) -> Res<Response> {
     let p = authenticate(&s, &headers)?;
     let id = parse_job_id(&id)?;
@@ -1641,10 +1739,17 @@ pub async fn get_checkpoint(
         let core = s.core.lock().expect("core lock");
         parse_task_index(visible(&core, p, id)?, &index)?
     };
-    let (saved, file) = s.checkpoints.open_latest(id, index).ok_or_else(|| {
+    let found = match q.version {
+        None => s.checkpoints.open_latest(id, index),
+        Some(v) => s.checkpoints.open_version(id, index, v),
+    };
+    let (saved, file) = found.ok_or_else(|| {
         ApiError::new(
             ErrorCode::NotFound,
-            format!("job {id} task {index} has no checkpoint"),
+            match q.version {
+                None => format!("job {id} task {index} has no checkpoint"),
+                Some(v) => format!("job {id} task {index} keeps no checkpoint version {v} (only its newest and the one its gang's cut holds)"),
+            },
         )
     })?;
     let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
@@ -1990,4 +2095,25 @@ pub async fn list_checkpoints(
             .map(|(i, c)| checkpoint_view(*i, c))
             .collect(),
     ))
+}
+
+/// `GET /v1/jobs/{id}/checkpoint-cut`: the gang's committed checkpoint cut, the parts every
+/// rank of its next attempt restores (`cut` 0 and no parts before the first).
+pub async fn checkpoint_cut(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Res<Json<GangCut>> {
+    let p = authenticate(&s, &headers)?;
+    let id = parse_job_id(&id)?;
+    let core = s.core.lock().expect("core lock");
+    visible(&core, p, id)?;
+    if core.gang_ranks(id).is_none() {
+        return Err(ApiError::new(
+            ErrorCode::NotFound,
+            format!("job {id} is not a gang of more than one task: each of its tasks has its own checkpoint (GET /v1/jobs/{id}/checkpoints)"),
+        ));
+    }
+    drop(core);
+    Ok(Json(s.checkpoints.gang_cut(id)))
 }

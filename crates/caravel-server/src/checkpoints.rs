@@ -9,6 +9,24 @@
 //! new one, never a half-written one that counts. Only the newest version is kept.
 //!
 //! Layout: `ROOT/<job>/<task index>/v<version>.r<run>.t<saved ms>.<sha256>.tar`.
+//!
+//! A gang's checkpoint is the job's, not each task's: every rank restores every rank's
+//! part, and the parts restored together must form a consistent cut (no rank's part may
+//! reflect a step another rank's part does not). Each rank still saves its own part as
+//! above; a *cut* names one version per rank and is committed only when the server knows
+//! of one instant at which every rank's folder held exactly that version:
+//!
+//! - a rank whose run has ended with everything saved (`RunEvent::Exited::checkpoint`)
+//!   holds its final version from then on;
+//! - for a running rank the server opens a *round* after each save of the gang, and asks
+//!   each running rank's agent whether its folder still holds what it last saved or
+//!   restored. An agent answers only after the question arrived, and a rank's version
+//!   counts only if it was saved before the round opened. Every folder then held its
+//!   version from its save (before the round opened) to its answer (after), so all held
+//!   them together at the moment the round opened.
+//!
+//! The committed cut is `ROOT/<job>/cut.json`, replaced atomically; the versions it names
+//! are kept on disk beside each task's newest.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -19,7 +37,7 @@ use caravel_core::{JobId, Millis, RunId};
 use serde::Serialize;
 
 /// A task's saved checkpoint.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Saved {
     pub version: u64,
     pub run: RunId,
@@ -45,10 +63,53 @@ pub enum CheckpointError {
     Archive(String),
 }
 
+/// A gang's committed cut: the part of each rank that every rank restores.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Cut {
+    pub id: u64,
+    pub parts: BTreeMap<u32, Saved>,
+}
+
+/// What the server knows of one rank of a gang right now (from the job's tasks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rank {
+    /// The task's newest attempt number.
+    pub attempts: u32,
+    pub current: Option<RunId>,
+}
+
+struct Round {
+    id: u64,
+    /// The newest version of each rank when the round opened: a newer one was saved
+    /// after the instant the round vouches for.
+    limit: BTreeMap<u32, u64>,
+    answers: BTreeMap<u32, (RunId, u64)>,
+}
+
+/// A rank whose run ended with its folder all saved: it holds `version` for good.
+struct Final {
+    run: RunId,
+    attempt: u32,
+    version: u64,
+}
+
+#[derive(Default)]
+struct Gangs {
+    /// A copy of `Checkpoints::index`, so that the gang protocol, which runs under the
+    /// core lock, never takes the index lock (a save takes the core lock under it).
+    latest: BTreeMap<(JobId, u32), Saved>,
+    cuts: BTreeMap<JobId, Cut>,
+    rounds: std::collections::HashMap<JobId, Round>,
+    finals: std::collections::HashMap<(JobId, u32), Final>,
+    next_round: u64,
+}
+
 pub struct Checkpoints {
     root: PathBuf,
     pub max_bytes: u64,
     index: Mutex<BTreeMap<(JobId, u32), Saved>>,
+    /// Locked after `index` where both are.
+    gangs: Mutex<Gangs>,
     /// Bumped by every change to the index: the scheduler's copy of when each run last
     /// saved is refreshed only when this moved.
     generation: std::sync::atomic::AtomicU64,
@@ -149,7 +210,16 @@ impl Checkpoints {
     /// and versions a crash left behind their successor, and indexes what is there.
     pub fn open(root: PathBuf, max_bytes: u64) -> Result<Checkpoints, CheckpointError> {
         let mut index = BTreeMap::new();
+        let mut gangs = Gangs::default();
         for (job_id, jdir) in crate::datadir::job_dirs(&root).map_err(io(&root))? {
+            let cut_file = jdir.join("cut.json");
+            let cut: Option<Cut> = match std::fs::read(&cut_file) {
+                Ok(b) => Some(serde_json::from_slice(&b).map_err(|e| {
+                    CheckpointError::Archive(format!("{}: {e}", cut_file.display()))
+                })?),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => return Err(io(&cut_file)(e)),
+            };
             for task in std::fs::read_dir(&jdir).map_err(io(&jdir))? {
                 let task = task.map_err(io(&jdir))?;
                 let Some(ix) = task
@@ -174,18 +244,29 @@ impl Checkpoints {
                     }
                 }
                 found.sort_by_key(|(s, _)| s.version);
+                let in_cut = cut
+                    .as_ref()
+                    .and_then(|c| c.parts.get(&ix))
+                    .map(|s| s.version);
                 if let Some((newest, _)) = found.pop() {
-                    for (_, old) in found {
-                        let _ = std::fs::remove_file(old);
+                    for (s, old) in found {
+                        if Some(s.version) != in_cut {
+                            let _ = std::fs::remove_file(old);
+                        }
                     }
                     index.insert((job_id, ix), newest);
                 }
             }
+            if let Some(c) = cut {
+                gangs.cuts.insert(job_id, c);
+            }
         }
+        gangs.latest = index.clone();
         Ok(Checkpoints {
             root,
             max_bytes,
             index: Mutex::new(index),
+            gangs: Mutex::new(gangs),
             generation: std::sync::atomic::AtomicU64::new(1),
         })
     }
@@ -220,11 +301,20 @@ impl Checkpoints {
             .collect()
     }
 
-    /// Bytes of the newest checkpoints per job.
+    /// Bytes of the checkpoints kept per job (the newest of each task, and the parts of a
+    /// gang's cut that are older).
     pub fn bytes_by_job(&self) -> std::collections::HashMap<JobId, u64> {
         let mut out = std::collections::HashMap::new();
-        for ((j, _), s) in self.index.lock().expect("lock").iter() {
+        let ix = self.index.lock().expect("lock");
+        for ((j, _), s) in ix.iter() {
             *out.entry(*j).or_default() += s.bytes;
+        }
+        for (j, c) in self.gangs.lock().expect("lock").cuts.iter() {
+            for (i, s) in &c.parts {
+                if ix.get(&(*j, *i)).map(|l| l.version) != Some(s.version) {
+                    *out.entry(*j).or_default() += s.bytes;
+                }
+            }
         }
         out
     }
@@ -252,6 +342,211 @@ impl Checkpoints {
             }
         }
         None
+    }
+
+    /// A kept version of the task's checkpoint (the newest, or the one its gang's cut
+    /// names), opened.
+    pub fn open_version(
+        &self,
+        job: JobId,
+        index: u32,
+        version: u64,
+    ) -> Option<(Saved, std::fs::File)> {
+        let s = self
+            .latest(job, index)
+            .filter(|s| s.version == version)
+            .or_else(|| {
+                self.cut(job)
+                    .and_then(|c| c.parts.get(&index).cloned())
+                    .filter(|s| s.version == version)
+            })?;
+        let f = std::fs::File::open(self.task_dir(job, index).join(file_name(&s))).ok()?;
+        Some((s, f))
+    }
+
+    fn in_cut(&self, job: JobId, index: u32, version: u64) -> bool {
+        self.gangs
+            .lock()
+            .expect("lock")
+            .cuts
+            .get(&job)
+            .and_then(|c| c.parts.get(&index))
+            .is_some_and(|s| s.version == version)
+    }
+
+    /// The gang's committed cut.
+    pub fn cut(&self, job: JobId) -> Option<Cut> {
+        self.gangs.lock().expect("lock").cuts.get(&job).cloned()
+    }
+
+    /// The cut a starting run of the gang restores.
+    pub fn gang_cut(&self, job: JobId) -> caravel_core::api::GangCut {
+        match self.cut(job) {
+            None => caravel_core::api::GangCut::default(),
+            Some(c) => caravel_core::api::GangCut {
+                cut: c.id,
+                parts: c
+                    .parts
+                    .iter()
+                    .map(|(i, s)| caravel_core::api::CutPart {
+                        task: *i,
+                        version: s.version,
+                        bytes: s.bytes,
+                        sha256: s.sha256.clone(),
+                    })
+                    .collect(),
+            },
+        }
+    }
+
+    /// Opens a round of confirmations for the gang (after one of its ranks saved), in
+    /// place of any round open: returns its id.
+    pub fn open_round(&self, job: JobId) -> u64 {
+        let mut g = self.gangs.lock().expect("lock");
+        let limit = g
+            .latest
+            .range((job, 0)..=(job, u32::MAX))
+            .map(|((_, i), s)| (*i, s.version))
+            .collect();
+        g.next_round += 1;
+        let id = g.next_round;
+        g.rounds.insert(
+            job,
+            Round {
+                id,
+                limit,
+                answers: BTreeMap::new(),
+            },
+        );
+        id
+    }
+
+    /// The open round that task `index` (now run `run`) has not answered yet.
+    pub fn question(&self, job: JobId, index: u32, run: RunId) -> Option<u64> {
+        let g = self.gangs.lock().expect("lock");
+        let r = g.rounds.get(&job)?;
+        (r.answers.get(&index).map(|a| a.0) != Some(run)).then_some(r.id)
+    }
+
+    /// Records an agent's answer; false when it is not one for the open round or names a
+    /// version saved after the round opened.
+    pub fn answer(&self, job: JobId, index: u32, run: RunId, round: u64, version: u64) -> bool {
+        let mut g = self.gangs.lock().expect("lock");
+        let Some(r) = g.rounds.get_mut(&job) else {
+            return false;
+        };
+        if r.id != round || version > r.limit.get(&index).copied().unwrap_or(0) {
+            return false;
+        }
+        r.answers.insert(index, (run, version));
+        true
+    }
+
+    /// Records how a gang rank's run ended: with its folder all saved at `version`, or
+    /// (`None`) not.
+    pub fn record_end(
+        &self,
+        job: JobId,
+        index: u32,
+        run: RunId,
+        attempt: u32,
+        version: Option<u64>,
+    ) {
+        let mut g = self.gangs.lock().expect("lock");
+        match version {
+            Some(version) => {
+                g.finals.insert(
+                    (job, index),
+                    Final {
+                        run,
+                        attempt,
+                        version,
+                    },
+                );
+            }
+            None => {
+                g.finals.remove(&(job, index));
+            }
+        }
+    }
+
+    /// Commits a new cut of the gang when every rank's version is known for one instant
+    /// (see the module's comment), and returns it; `None` when not (yet) or when it
+    /// would be the cut already committed.
+    pub fn try_cut(&self, job: JobId, ranks: &[Rank]) -> Result<Option<Cut>, CheckpointError> {
+        let mut g = self.gangs.lock().expect("lock");
+        let mut versions = BTreeMap::new();
+        for (r, now) in ranks.iter().enumerate() {
+            let r = r as u32;
+            let fin = g.finals.get(&(job, r)).filter(|f| {
+                now.current == Some(f.run) || (now.current.is_none() && f.attempt == now.attempts)
+            });
+            let v = match (fin, g.rounds.get(&job).and_then(|x| x.answers.get(&r))) {
+                (Some(f), _) => f.version,
+                (None, Some((run, v))) if now.current == Some(*run) => *v,
+                _ => return Ok(None),
+            };
+            versions.insert(r, v);
+        }
+        let old = g.cuts.get(&job).cloned();
+        let mut parts = BTreeMap::new();
+        for (r, v) in versions {
+            if v == 0 {
+                continue;
+            }
+            let s = match g.latest.get(&(job, r)) {
+                Some(s) if s.version == v => s.clone(),
+                _ => match old.as_ref().and_then(|c| c.parts.get(&r)) {
+                    Some(s) if s.version == v => s.clone(),
+                    // Not kept (a version no round vouched for): no cut from these.
+                    _ => return Ok(None),
+                },
+            };
+            parts.insert(r, s);
+        }
+        // Ranks beyond the gang's size now (a smaller restart) keep their parts.
+        if let Some(o) = &old {
+            for (r, s) in &o.parts {
+                if *r as usize >= ranks.len() {
+                    parts.insert(*r, s.clone());
+                }
+            }
+        }
+        g.rounds.remove(&job);
+        if old.as_ref().map(|c| &c.parts) == Some(&parts) || (old.is_none() && parts.is_empty()) {
+            return Ok(None);
+        }
+        let cut = Cut {
+            id: old.as_ref().map_or(1, |c| c.id + 1),
+            parts,
+        };
+        let jdir = self.root.join(job.0.to_string());
+        std::fs::create_dir_all(&jdir).map_err(io(&jdir))?;
+        let tmp = jdir.join(".cut.json.tmp");
+        let dest = jdir.join("cut.json");
+        let body = serde_json::to_vec(&cut).expect("serializable");
+        std::fs::File::create(&tmp)
+            .and_then(|mut f| {
+                std::io::Write::write_all(&mut f, &body)?;
+                f.sync_all()
+            })
+            .map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
+        fsync_dir(&jdir)?;
+        // Parts of the old cut that neither the new one nor a task's newest names.
+        if let Some(o) = old {
+            for (r, s) in o.parts {
+                let kept = cut.parts.get(&r).map(|n| n.version) == Some(s.version)
+                    || g.latest.get(&(job, r)).map(|n| n.version) == Some(s.version);
+                if !kept {
+                    let _ = std::fs::remove_file(self.task_dir(job, r).join(file_name(&s)));
+                }
+            }
+        }
+        g.cuts.insert(job, cut.clone());
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Ok(Some(cut))
     }
 
     /// A fresh hidden file for an upload of the task's checkpoint.
@@ -297,9 +592,16 @@ impl Checkpoints {
         std::fs::rename(upload, &dest).map_err(io(&dest))?;
         fsync_dir(&dir)?;
         if let Some(p) = prev {
-            let _ = std::fs::remove_file(dir.join(file_name(&p)));
+            if !self.in_cut(job, index, p.version) {
+                let _ = std::fs::remove_file(dir.join(file_name(&p)));
+            }
         }
         ix.insert((job, index), saved.clone());
+        self.gangs
+            .lock()
+            .expect("lock")
+            .latest
+            .insert((job, index), saved.clone());
         self.generation
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         Ok(Some(saved))
@@ -314,6 +616,13 @@ impl Checkpoints {
             .collect();
         for k in keys {
             ix.remove(&k);
+        }
+        {
+            let mut g = self.gangs.lock().expect("lock");
+            g.cuts.remove(&job);
+            g.latest.retain(|(j, _), _| *j != job);
+            g.rounds.remove(&job);
+            g.finals.retain(|(j, _), _| *j != job);
         }
         self.generation
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
@@ -421,6 +730,157 @@ mod tests {
         assert_eq!(r, None);
         assert!(!up.exists(), "the refused upload is removed");
         assert_eq!(c.latest(JobId(7), 0).unwrap().run, RunId(3));
+    }
+
+    fn save(c: &Checkpoints, dir: &Path, task: u32, run: u64, data: &[u8]) -> Saved {
+        let a = archive(dir, &[("ckpt", data)]);
+        let up = c.upload_path(JobId(9), task, RunId(run)).unwrap();
+        std::fs::rename(&a, &up).unwrap();
+        let sha = sha256_file(&up).unwrap();
+        c.commit(JobId(9), task, &up, made(run, sha), || true)
+            .unwrap()
+            .unwrap()
+    }
+
+    fn ranks(runs: &[Option<u64>]) -> Vec<Rank> {
+        runs.iter()
+            .map(|r| Rank {
+                attempts: 1,
+                current: r.map(RunId),
+            })
+            .collect()
+    }
+
+    fn parts(c: &Cut) -> Vec<(u32, u64)> {
+        c.parts.iter().map(|(i, s)| (*i, s.version)).collect()
+    }
+
+    #[test]
+    fn a_gang_cut_needs_every_rank_to_confirm_after_the_round_opened_and_survives_a_reopen() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("ck");
+        let c = Checkpoints::open(root.clone(), 1 << 20).unwrap();
+        let now = ranks(&[Some(10), Some(11)]);
+        save(&c, t.path(), 0, 10, b"step 40");
+        let round = c.open_round(JobId(9));
+        assert_eq!(c.question(JobId(9), 1, RunId(11)), Some(round));
+        assert!(c.answer(JobId(9), 0, RunId(10), round, 1));
+        assert_eq!(
+            c.try_cut(JobId(9), &now).unwrap(),
+            None,
+            "rank 1 has not answered"
+        );
+        // An answer to another round, or from a run that is not rank 1's, counts for nothing.
+        assert!(!c.answer(JobId(9), 1, RunId(11), round + 1, 0));
+        assert!(c.answer(JobId(9), 1, RunId(99), round, 0));
+        assert_eq!(
+            c.try_cut(JobId(9), &now).unwrap(),
+            None,
+            "run 99 is not rank 1's"
+        );
+        assert!(c.answer(JobId(9), 1, RunId(11), round, 0));
+        assert_eq!(c.question(JobId(9), 1, RunId(11)), None, "answered");
+        let cut = c.try_cut(JobId(9), &now).unwrap().expect("a cut");
+        assert_eq!((cut.id, parts(&cut)), (1, vec![(0, 1)]));
+        assert_eq!(c.gang_cut(JobId(9)).cut, 1);
+        let c = Checkpoints::open(root, 1 << 20).unwrap();
+        assert_eq!(c.cut(JobId(9)), Some(cut));
+    }
+
+    #[test]
+    fn a_version_saved_after_the_round_opened_is_not_vouched_for() {
+        let t = tempfile::tempdir().unwrap();
+        let c = Checkpoints::open(t.path().join("ck"), 1 << 20).unwrap();
+        save(&c, t.path(), 0, 10, b"step 40");
+        save(&c, t.path(), 1, 11, b"shard 40");
+        let round = c.open_round(JobId(9));
+        // Rank 1 saved again after the round opened: its folder may reflect a step rank 0's
+        // answer does not.
+        save(&c, t.path(), 1, 11, b"shard 80");
+        assert!(c.answer(JobId(9), 0, RunId(10), round, 1));
+        assert!(!c.answer(JobId(9), 1, RunId(11), round, 2));
+        assert!(c.answer(JobId(9), 1, RunId(11), round, 1));
+        // Version 1 of rank 1 is gone (it was neither its newest nor in a cut).
+        assert_eq!(
+            c.try_cut(JobId(9), &ranks(&[Some(10), Some(11)])).unwrap(),
+            None
+        );
+        let round = c.open_round(JobId(9));
+        assert!(c.answer(JobId(9), 0, RunId(10), round, 1));
+        assert!(c.answer(JobId(9), 1, RunId(11), round, 2));
+        let cut = c
+            .try_cut(JobId(9), &ranks(&[Some(10), Some(11)]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(parts(&cut), vec![(0, 1), (1, 2)]);
+    }
+
+    #[test]
+    fn ranks_that_ended_all_saved_make_a_cut_and_a_lost_rank_keeps_the_last_one() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("ck");
+        let c = Checkpoints::open(root.clone(), 1 << 20).unwrap();
+        let s1 = save(&c, t.path(), 0, 10, b"step 40");
+        c.record_end(JobId(9), 0, RunId(10), 1, Some(1));
+        c.record_end(JobId(9), 1, RunId(11), 1, Some(0));
+        // The gang has stopped (no current runs); both ended with everything saved.
+        let cut = c.try_cut(JobId(9), &ranks(&[None, None])).unwrap().unwrap();
+        assert_eq!(parts(&cut), vec![(0, 1)]);
+        // Attempt 2: rank 0 saves twice, then rank 1's node is lost (no end recorded
+        // for run 21) while rank 0 ends all saved.
+        let now = vec![
+            Rank {
+                attempts: 2,
+                current: Some(RunId(20)),
+            },
+            Rank {
+                attempts: 2,
+                current: Some(RunId(21)),
+            },
+        ];
+        save(&c, t.path(), 0, 20, b"step 80");
+        save(&c, t.path(), 0, 20, b"step 120");
+        c.record_end(JobId(9), 0, RunId(20), 2, Some(3));
+        assert_eq!(c.try_cut(JobId(9), &now).unwrap(), None);
+        let stopped = vec![
+            Rank {
+                attempts: 2,
+                current: None,
+            };
+            2
+        ];
+        assert_eq!(
+            c.try_cut(JobId(9), &stopped).unwrap(),
+            None,
+            "rank 1's end from attempt 1 does not speak for attempt 2"
+        );
+        assert_eq!(c.cut(JobId(9)).unwrap().parts[&0], s1);
+        // The cut's version is kept on disk beside the newest, and after a reopen too.
+        let (got, _) = c.open_version(JobId(9), 0, 1).expect("version 1 kept");
+        assert_eq!(got, s1);
+        assert!(
+            c.open_version(JobId(9), 0, 2).is_none(),
+            "version 2 is gone"
+        );
+        let c = Checkpoints::open(root.clone(), 1 << 20).unwrap();
+        assert!(c.open_version(JobId(9), 0, 1).is_some());
+        assert_eq!(c.latest(JobId(9), 0).unwrap().version, 3);
+        // A later cut that moves on frees version 1.
+        c.record_end(JobId(9), 0, RunId(30), 3, Some(3));
+        c.record_end(JobId(9), 1, RunId(31), 3, Some(0));
+        let cut = c
+            .try_cut(
+                JobId(9),
+                &[Rank {
+                    attempts: 3,
+                    current: None,
+                }; 2],
+            )
+            .unwrap()
+            .unwrap();
+        assert_eq!((cut.id, parts(&cut)), (2, vec![(0, 3)]));
+        assert!(c.open_version(JobId(9), 0, 1).is_none());
+        assert_eq!(std::fs::read_dir(root.join("9/0")).unwrap().count(), 1);
     }
 
     #[test]

@@ -31,6 +31,9 @@ pub struct NodeEntry {
     pub alloc: NodeAlloc,
     /// Bumped whenever this node's desired runs change; agents long-poll on it.
     pub version: tokio::sync::watch::Sender<u64>,
+    /// Ports the agent found free at its last sync (`SyncRequest::free_ports`), less those
+    /// given out since.
+    pub free_ports: Vec<u16>,
 }
 
 pub struct JobEntry {
@@ -244,6 +247,7 @@ impl Core {
                     node: n,
                     alloc: NodeAlloc::default(),
                     version: tokio::sync::watch::Sender::new(1),
+                    free_ports: Vec::new(),
                 },
             );
         }
@@ -1454,9 +1458,14 @@ impl Core {
         }
         let mut seen_job_node: HashMap<(JobId, NodeId), u32> = HashMap::new();
         let mut master: HashMap<JobId, String> = HashMap::new();
+        let mut master_port: HashMap<JobId, u16> = HashMap::new();
         for p in &plan.placements {
             if p.index == 0 {
                 master.insert(p.job, self.nodes[&p.node].node.address.clone());
+                if self.jobs[&p.job].rec.spec.gang {
+                    let port = self.master_port_on(p.node, p.job);
+                    master_port.insert(p.job, port);
+                }
             }
         }
         let mut new_runs = Vec::with_capacity(plan.placements.len());
@@ -1497,11 +1506,7 @@ impl Core {
                 } else {
                     None
                 },
-                master_port: if j.rec.spec.gang {
-                    Some(job_port(p.job))
-                } else {
-                    None
-                },
+                master_port: master_port.get(&p.job).copied(),
                 port: None,
                 preempted_for: None,
                 state: RunState::Assigned,
@@ -1781,6 +1786,69 @@ impl Core {
         }
     }
 
+    /// A MASTER_PORT for a gang whose rank 0 goes to `node`: one the agent found free and
+    /// no other run there was given, or (from an agent that does not say) the job's
+    /// default port, moved on past any other run's there.
+    fn master_port_on(&mut self, node: NodeId, job: JobId) -> u16 {
+        let used: BTreeSet<u16> = self
+            .runs
+            .values()
+            .filter(|r| r.node == node)
+            .filter_map(|r| r.master_port)
+            .collect();
+        let n = self.nodes.get_mut(&node).expect("placed on a known node");
+        n.free_ports.retain(|p| !used.contains(p));
+        if !n.free_ports.is_empty() {
+            return n.free_ports.remove(0);
+        }
+        let mut port = job_port(job);
+        while used.contains(&port) {
+            port = if port >= 49_499 { 29_500 } else { port + 1 };
+        }
+        port
+    }
+
+    /// Records the ports the node's agent found free.
+    pub fn set_free_ports(&mut self, node: NodeId, ports: Vec<u16>) {
+        if let Some(n) = self.nodes.get_mut(&node) {
+            if !ports.is_empty() {
+                n.free_ports = ports;
+            }
+        }
+    }
+
+    /// What the gang checkpoint protocol needs of each rank of a gang of more than one
+    /// task; `None` for any other job.
+    pub fn gang_ranks(&self, job: JobId) -> Option<Vec<crate::checkpoints::Rank>> {
+        let j = self.jobs.get(&job)?;
+        (j.rec.spec.gang && j.rec.spec.tasks > 1).then(|| {
+            j.tasks
+                .iter()
+                .map(|t| crate::checkpoints::Rank {
+                    attempts: t.attempts,
+                    current: t.current_run,
+                })
+                .collect()
+        })
+    }
+
+    /// Wakes the long polls of the nodes that run the job's current runs.
+    pub fn wake_job_nodes(&mut self, job: JobId) {
+        let nodes: BTreeSet<NodeId> = self
+            .jobs
+            .get(&job)
+            .map(|j| {
+                j.tasks
+                    .iter()
+                    .filter_map(|t| self.runs.get(&t.current_run?).map(|r| r.node))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for n in nodes {
+            self.bump(n);
+        }
+    }
+
     fn bump(&mut self, node: NodeId) {
         if let Some(n) = self.nodes.get(&node) {
             n.version.send_modify(|v| *v += 1);
@@ -2019,6 +2087,7 @@ impl Core {
                         node,
                         alloc: NodeAlloc::default(),
                         version: tokio::sync::watch::Sender::new(1),
+                        free_ports: Vec::new(),
                     },
                 );
             }
@@ -2202,6 +2271,8 @@ impl Core {
             );
         }
         Assignment {
+            // Filled in by the API as the assignment goes out (`with_checkpoints`).
+            gang_cut: (s.gang && s.tasks > 1).then(caravel_core::api::GangCut::default),
             run: r.id,
             job: r.job,
             index: r.index,

@@ -407,6 +407,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/jobs/{id}/cancel", post(api::cancel_job))
         .route("/v1/jobs/{id}/logs", get(api::job_logs))
         .route("/v1/jobs/{id}/checkpoints", get(api::list_checkpoints))
+        .route("/v1/jobs/{id}/checkpoint-cut", get(api::checkpoint_cut))
         .route("/v1/jobs/{id}/workdir", get(api::get_job_workdir))
         .route("/v1/registries", get(api::list_registries))
         .route(

@@ -559,6 +559,23 @@ struct TaskArgs {
     /// are. Only on a network you trust: nothing checks who answers.
     #[arg(long = "insecure-registry", value_name = "HOST[:PORT]", value_parser = registry_host)]
     insecure_registries: Vec<String>,
+    /// The ports a gang's rank 0 may be given as MASTER_PORT on this node: FIRST-LAST.
+    /// The agent tells the server which of them it finds free.
+    #[arg(long, default_value = "29500-31499", value_parser = port_range)]
+    master_ports: (u16, u16),
+}
+
+fn port_range(s: &str) -> Result<(u16, u16), String> {
+    let bad = || format!("`{s}` is not a port range FIRST-LAST (1024-65535, FIRST <= LAST)");
+    let (a, b) = s.split_once('-').ok_or_else(bad)?;
+    let (a, b): (u16, u16) = (
+        a.trim().parse().map_err(|_| bad())?,
+        b.trim().parse().map_err(|_| bad())?,
+    );
+    if a < 1024 || a > b {
+        return Err(bad());
+    }
+    Ok((a, b))
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -611,6 +628,8 @@ impl TaskArgs {
             v.push("--insecure-registry".into());
             v.push(r.clone());
         }
+        v.push("--master-ports".into());
+        v.push(format!("{}-{}", self.master_ports.0, self.master_ports.1));
         v
     }
 
@@ -624,6 +643,7 @@ impl TaskArgs {
         c.oci_runtime = self.oci_runtime.clone();
         c.image_cache_bytes = self.image_cache;
         c.insecure_registries = self.insecure_registries.clone();
+        c.master_ports = self.master_ports;
     }
 }
 

@@ -77,6 +77,7 @@ fn exited(c: &mut Core, node: NodeId, run: RunId, start: Millis, at: Millis, cod
             signal: None,
             reason: "exited".into(),
             message: String::new(),
+            checkpoint: None,
         },
         at,
     )
@@ -195,6 +196,7 @@ fn gang_member_failure_restarts_the_whole_gang() {
                 signal: Some(15),
                 reason: "killed".into(),
                 message: String::new(),
+                checkpoint: None,
             },
             70,
         )
@@ -239,6 +241,7 @@ fn cancel_stops_running_and_pending_tasks() {
             signal: Some(15),
             reason: "killed".into(),
             message: String::new(),
+            checkpoint: None,
         },
         9,
     )
@@ -557,6 +560,7 @@ fn borrowed_capacity_is_reclaimed_by_preemption_without_using_retries() {
                 signal: None,
                 reason: "killed".into(),
                 message: String::new(),
+                checkpoint: None,
             },
             200,
         )
@@ -888,6 +892,7 @@ fn least_attained_service_preempts_a_long_job_for_a_new_one_and_remembers_servic
             signal: None,
             reason: "killed".into(),
             message: String::new(),
+            checkpoint: None,
         },
         100_500,
     )
@@ -1107,6 +1112,7 @@ fn a_node_shut_down_cleanly_hands_its_runs_back_without_using_retries() {
             signal: Some(15),
             reason: "killed".into(),
             message: String::new(),
+            checkpoint: None,
         },
         2_000,
     )
@@ -1247,6 +1253,7 @@ fn a_gang_with_a_member_on_a_node_shut_down_cleanly_restarts_whole_without_using
                 signal: Some(15),
                 reason: "killed".into(),
                 message: String::new(),
+                checkpoint: None,
             },
             at,
         )

@@ -5,6 +5,7 @@ mod harness;
 mod bad_input;
 mod checkpoints;
 mod failures;
+mod gangs;
 mod images;
 mod isolation;
 mod jobs;

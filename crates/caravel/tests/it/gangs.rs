@@ -1,0 +1,209 @@
+//! Training that survives, unmodified: a gang restarted after a node died, after it was
+//! preempted, or after one rank's process was killed resumes every rank from the same
+//! checkpoint (one consistent cut across the gang), for the three ways training scripts
+//! checkpoint (`data/gang_trainer.py`).
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::harness::{wait_for, Pool};
+
+const TRAINER: &str = include_str!("data/gang_trainer.py");
+const STEPS: u32 = 240;
+
+/// What an uninterrupted run of the trainer ends with.
+fn expected(pattern: &str, world: u32) -> String {
+    let out = std::process::Command::new("python3")
+        .args(["-c", TRAINER])
+        .env("EXPECT", "1")
+        .env("PATTERN", pattern)
+        .env("WORLD_SIZE", world.to_string())
+        .env("STEPS", STEPS.to_string())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn token(p: &Pool, args: &[&str]) -> String {
+    let out = p.cli(args);
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("token: "))
+        .unwrap()
+        .to_string()
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Failure {
+    /// A guarantee owner takes the capacity back.
+    Preempted,
+    /// One rank's process is killed with SIGKILL.
+    RankKilled,
+    /// The node of rank 1 dies: its agent and its processes, SIGKILL.
+    NodeDied,
+}
+
+struct Tenants {
+    owner: String,
+    borrower: String,
+}
+
+/// Runs a gang of `world` ranks of the trainer, does `how` to it once a checkpoint cut
+/// holds a few steps, and checks that it finishes with every rank resumed from the same
+/// step and the result of an uninterrupted run.
+fn survives(p: &mut Pool, t: &Tenants, pattern: &str, world: u32, how: Failure) {
+    let want = expected(pattern, world);
+    let id = p.submit(
+        &t.borrower,
+        json!({"command": "python3", "args": ["-c", TRAINER], "tasks": world, "gang": true,
+               "max_retries": 4, "kill_grace_ms": 3000,
+               "resources": {"cpu_milli": 1000},
+               "env": {"PATTERN": pattern, "STEPS": STEPS.to_string(), "EVERY": "40",
+                       "PAUSE": "0.05"}}),
+    );
+    for r in 0..world as usize {
+        p.wait_task_running(id, r);
+    }
+    // Rank 0 has saved twice (steps 40 and 80): the restart must go back to a checkpoint,
+    // not to step 0. (Read per task, which a server without gang cuts also answers.)
+    wait_for("two saves of rank 0", Duration::from_secs(60), || {
+        let l = p
+            .get(&t.borrower, &format!("/v1/jobs/{id}/checkpoints"))
+            .ok()?;
+        let v0 = l.as_array()?.iter().find(|x| x["task"] == 0)?["version"].as_u64()?;
+        (v0 >= 2).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let cut = p
+        .get(&t.borrower, &format!("/v1/jobs/{id}/checkpoint-cut"))
+        .unwrap_or_else(|e| e.1);
+    let j = p.job(&p.admin, id);
+    assert_eq!(j["state"], "running", "{j}");
+    match how {
+        Failure::Preempted => {
+            let o = p.submit(
+                &t.owner,
+                json!({"command": "sleep", "args": ["1"], "tasks": 5,
+                       "resources": {"cpu_milli": 1000}}),
+            );
+            let jo = p.wait_state(o, &["succeeded", "failed"], Duration::from_secs(30));
+            assert_eq!(jo["state"], "succeeded", "{jo}");
+        }
+        Failure::RankKilled => {
+            let pid = p.task_pid(id, 1).expect("rank 1's process");
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+        Failure::NodeDied => {
+            let node = j["task_list"][1]["node"].as_str().unwrap().to_string();
+            let name = ["a", "b", "c", "d"]
+                .into_iter()
+                .find(|n| p.node_name(n) == node)
+                .unwrap();
+            let pids = p.task_pids(id, 1);
+            p.kill9_agent(name);
+            for pid in pids {
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+            // Its replacement joins, as a repaired node would.
+            p.start_agent("d", &["--cpus", "2"]);
+        }
+    }
+    let j = p.wait_state(id, &["succeeded", "failed"], Duration::from_secs(150));
+    let out: Vec<String> = (0..world).map(|r| p.logs(id, r, "stdout")).collect();
+    let err: Vec<String> = (0..world).map(|r| p.logs(id, r, "stderr")).collect();
+    assert_eq!(
+        j["state"], "succeeded",
+        "{pattern} after {how:?}: {j}\ncut before: {cut}\nstdout: {out:?}\nstderr: {err:?}"
+    );
+    let runs = j["runs"].as_array().unwrap();
+    assert!(
+        runs.len() > world as usize,
+        "{how:?}: the gang ran again: {j}"
+    );
+    let start = |o: &str| -> u32 {
+        o.lines()
+            .filter_map(|l| l.strip_prefix("START "))
+            .next_back()
+            .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("step=")))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no START line: {o}"))
+    };
+    let s0 = start(&out[0]);
+    assert!(
+        s0 >= 40,
+        "{pattern} after {how:?}: the last attempt resumed from step {s0}, not from the cut ({cut}): {out:?}"
+    );
+    for (r, o) in out.iter().enumerate() {
+        assert_eq!(
+            start(o),
+            s0,
+            "{pattern} after {how:?}: rank {r} resumed elsewhere: {out:?}"
+        );
+        assert!(
+            o.contains(&format!("FINAL rank={r} step={STEPS} value={want} ")),
+            "{pattern} after {how:?}: rank {r} ends with another result than an uninterrupted run ({want}): {o}"
+        );
+    }
+}
+
+fn pool(tag: &str) -> (Pool, Tenants) {
+    let p = Pool::new(
+        tag,
+        &[
+            ("a", &["--cpus", "2"]),
+            ("b", &["--cpus", "2"]),
+            ("c", &["--cpus", "2"]),
+        ],
+    );
+    let t = Tenants {
+        owner: token(&p, &["tenant", "create", "owner", "--guarantee", "cpu=5"]),
+        borrower: token(&p, &["tenant", "create", "trainer"]),
+    };
+    (p, t)
+}
+
+fn every_failure(tag: &str, pattern: &str, world: u32) {
+    let (mut p, t) = pool(tag);
+    for how in [Failure::Preempted, Failure::RankKilled, Failure::NodeDied] {
+        survives(&mut p, &t, pattern, world, how);
+    }
+}
+
+#[test]
+fn a_gang_whose_rank_0_saves_one_file_resumes_every_rank_from_it() {
+    every_failure("gangckpta", "a", 2);
+}
+
+#[test]
+fn a_gang_saving_sharded_checkpoints_resumes_from_one_consistent_step() {
+    every_failure("gangckptb", "b", 3);
+}
+
+#[test]
+fn a_gang_writing_trainer_checkpoint_folders_resumes_from_the_newest_complete_one() {
+    every_failure("gangckptc", "c", 2);
+}
+
+#[test]
+fn the_cut_of_a_job_that_is_not_a_gang_is_refused() {
+    let p = Pool::server_only("gangcutnot");
+    let id = p.submit(&p.admin, json!({"command": "true", "tasks": 2}));
+    let (code, e): (u16, Value) = p
+        .get(&p.admin, &format!("/v1/jobs/{id}/checkpoint-cut"))
+        .unwrap_err();
+    assert_eq!(code, 404);
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not a gang"),
+        "{e}"
+    );
+}
