@@ -1224,6 +1224,7 @@ impl Agent {
         if a.gang_cut.is_some() {
             self.parts.lock().expect("lock").insert(run, part.clone());
         }
+        let restored_version = *restored.as_ref().unwrap_or(&0);
         let started = match (a.wants_port, port, restored) {
             (_, _, Err(msg)) => Err(msg),
             (true, None, _) => Err("no free port for the replica".to_string()),
@@ -1251,6 +1252,7 @@ impl Agent {
             pid: pgid as u32,
             at_ms: t0,
             port,
+            checkpoint: Some(restored_version),
         });
         let (watch_stop, watch_rx) = tokio::sync::watch::channel(false);
         let watcher = tokio::spawn(self.clone().watch_checkpoint(

@@ -80,6 +80,9 @@ pub struct RunView {
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
     pub message: String,
+    /// The checkpoint it started from (a task's version, a gang's cut; 0: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -388,6 +391,9 @@ pub enum RunEvent {
         /// The port the agent chose for a service replica.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         port: Option<u16>,
+        /// The checkpoint restored before the start (`CARAVEL_CHECKPOINT_VERSION`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        checkpoint: Option<u64>,
     },
     Exited {
         run: RunId,

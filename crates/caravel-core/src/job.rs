@@ -508,6 +508,10 @@ pub struct RunRecord {
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
     pub message: String,
+    /// The checkpoint the run started from (`CARAVEL_CHECKPOINT_VERSION`: a task's
+    /// version, a gang's cut), as its agent reported; `None` until it started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<u64>,
 }
 
 /// One metering record: a run held these resources from `start_ms` to `end_ms`.

@@ -593,6 +593,7 @@ pub async fn get_job(
             exit_code: r.exit_code,
             signal: r.signal,
             message: r.message,
+            checkpoint: r.checkpoint,
         })
         .collect();
     let task_list = j

@@ -1517,6 +1517,7 @@ impl Core {
                 exit_code: None,
                 signal: None,
                 message: String::new(),
+                checkpoint: None,
             };
             next_run += 1;
             t.current_run = Some(run.id);
@@ -2336,6 +2337,7 @@ impl Core {
                 pid: _,
                 at_ms,
                 port,
+                checkpoint,
                 ..
             } => {
                 let r = self.runs.get_mut(&rid).expect("active");
@@ -2345,6 +2347,7 @@ impl Core {
                 r.state = RunState::Running;
                 r.started_ms = Some(at_ms);
                 r.port = port;
+                r.checkpoint = checkpoint;
                 let r = r.clone();
                 // A running task may be preempted; one that was only assigned may not.
                 self.full_needed = true;

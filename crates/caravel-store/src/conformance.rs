@@ -111,6 +111,7 @@ pub fn run(id: u64, job: u64, state: RunState) -> RunRecord {
         exit_code: None,
         signal: None,
         message: String::new(),
+        checkpoint: None,
     }
 }
 

@@ -114,6 +114,14 @@ enum Cmd {
         /// Only the last N lines (then, with --follow, what comes after).
         #[arg(short = 'n', long, value_name = "N")]
         tail: Option<u64>,
+        /// The output of this run of the task (its id, as `job show` lists the runs)
+        /// instead of the newest.
+        #[arg(long, value_name = "RUN", conflicts_with = "all_runs")]
+        run: Option<u64>,
+        /// The output of every run of the task, oldest first, each line prefixed with
+        /// `[run ID attempt N]`.
+        #[arg(long, conflicts_with_all = ["follow", "tail"])]
+        all_runs: bool,
     },
     /// Cancel a job: SIGTERM, then SIGKILL after its grace period.
     Cancel {
@@ -1216,7 +1224,15 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
             stderr,
             follow,
             tail,
-        } => logs(conn, &id, task, stderr, follow, tail).await,
+            run,
+            all_runs,
+        } => {
+            if all_runs {
+                all_run_logs(conn, &id, task, stderr).await
+            } else {
+                logs(conn, &id, task, stderr, follow, tail, run).await
+            }
+        }
         Cmd::Cancel { conn, id } => {
             let c = Client::resolve(conn.server, conn.token, conn.ca)?;
             let j: JobSummary = c
@@ -1871,9 +1887,11 @@ async fn tail_start(
     task: u32,
     stream: &str,
     n: u64,
+    run_q: &str,
 ) -> Result<(u64, u64, Option<String>)> {
-    let path =
-        |offset: u64| format!("/v1/jobs/{id}/logs?task={task}&stream={stream}&offset={offset}");
+    let path = |offset: u64| {
+        format!("/v1/jobs/{id}/logs?task={task}&stream={stream}&offset={offset}{run_q}")
+    };
     let head = |resp: &reqwest::Response, k: &str| {
         resp.headers()
             .get(k)
@@ -1931,6 +1949,67 @@ async fn tail_start(
     }
 }
 
+/// The runs of a job's task, oldest first; an error naming the task when it has none.
+async fn task_runs(c: &Client, id: u64, task: u32) -> Result<Vec<caravel_core::api::RunView>> {
+    let j: JobDetail = c.get(&format!("/v1/jobs/{id}")).await?;
+    if task >= j.summary.tasks {
+        anyhow::bail!(
+            "--task {task}: job {id} has tasks 0 to {}",
+            j.summary.tasks.saturating_sub(1)
+        );
+    }
+    let mut runs: Vec<_> = j.runs.into_iter().filter(|r| r.index == task).collect();
+    runs.sort_by_key(|r| (r.attempt, r.id));
+    Ok(runs)
+}
+
+/// `logs --all-runs`: every run's output of the task, each line prefixed by its run.
+async fn all_run_logs(conn: Conn, id: &str, task: u32, stderr: bool) -> Result<i32> {
+    use std::io::Write;
+    let c = Client::resolve(conn.server, conn.token, conn.ca)?;
+    let id = job_id(id)?;
+    let stream = if stderr { "stderr" } else { "stdout" };
+    let runs = task_runs(&c, id, task).await?;
+    if runs.is_empty() {
+        eprintln!("caravel: job {id} task {task} has not run yet");
+        return Ok(0);
+    }
+    let mut out = std::io::stdout().lock();
+    for r in runs {
+        let prefix = format!("[run {} attempt {}] ", r.id, r.attempt);
+        let mut offset = 0u64;
+        let mut pending = Vec::new();
+        loop {
+            let resp = c
+                .get_raw(&format!(
+                    "/v1/jobs/{id}/logs?task={task}&stream={stream}&offset={offset}&run={}",
+                    r.id
+                ))
+                .await?;
+            let next: u64 = resp
+                .headers()
+                .get("x-caravel-next-offset")
+                .and_then(|v| v.to_str().ok()?.parse().ok())
+                .unwrap_or(offset);
+            let body = resp.bytes().await?;
+            if body.is_empty() {
+                break;
+            }
+            pending.extend_from_slice(&body);
+            offset = next;
+        }
+        for line in pending.split_inclusive(|b| *b == b'\n') {
+            out.write_all(prefix.as_bytes())?;
+            out.write_all(line)?;
+            if !line.ends_with(b"\n") {
+                out.write_all(b"\n")?;
+            }
+        }
+    }
+    out.flush()?;
+    Ok(0)
+}
+
 async fn logs(
     conn: Conn,
     id: &str,
@@ -1938,18 +2017,36 @@ async fn logs(
     stderr: bool,
     follow: bool,
     tail: Option<u64>,
+    only_run: Option<u64>,
 ) -> Result<i32> {
     use std::io::Write;
     let c = Client::resolve(conn.server, conn.token, conn.ca)?;
     let id = job_id(id)?;
     let stream = if stderr { "stderr" } else { "stdout" };
+    if let Some(r) = only_run {
+        let runs = task_runs(&c, id, task).await?;
+        if !runs.iter().any(|x| x.id.0 == r) {
+            anyhow::bail!(
+                "--run {r}: not a run of job {id} task {task} (its runs: {})",
+                if runs.is_empty() {
+                    "none yet".to_string()
+                } else {
+                    runs.iter()
+                        .map(|x| x.id.0.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            );
+        }
+    }
+    let run_q = only_run.map(|r| format!("&run={r}")).unwrap_or_default();
     let mut offset = 0u64;
     let mut run: Option<String> = None;
     // Without --follow, --tail prints the last lines as of now, not what comes after.
     let mut stop_at = u64::MAX;
     if let Some(n) = tail {
         let end;
-        (offset, end, run) = tail_start(&c, id, task, stream, n).await?;
+        (offset, end, run) = tail_start(&c, id, task, stream, n, &run_q).await?;
         if !follow {
             stop_at = end;
         }
@@ -1960,7 +2057,7 @@ async fn logs(
         }
         let resp = c
             .get_raw(&format!(
-                "/v1/jobs/{id}/logs?task={task}&stream={stream}&offset={offset}"
+                "/v1/jobs/{id}/logs?task={task}&stream={stream}&offset={offset}{run_q}"
             ))
             .await?;
         let h = |k: &str| {
@@ -2077,7 +2174,7 @@ fn show_job(j: &JobDetail) {
     print!("{t}");
     if !j.runs.is_empty() {
         let mut t = Table::new(&[
-            "RUN", "TASK", "ATTEMPT", "NODE", "DEVICES", "STATE", "DURATION", "MESSAGE",
+            "RUN", "TASK", "ATTEMPT", "NODE", "DEVICES", "STATE", "DURATION", "FROM", "MESSAGE",
         ]);
         for r in &j.runs {
             let dur = match (r.started_ms, r.ended_ms) {
@@ -2101,6 +2198,12 @@ fn show_job(j: &JobDetail) {
                 },
                 r.state.as_str().into(),
                 dur,
+                // The checkpoint it started from (a gang's: its cut).
+                match r.checkpoint {
+                    Some(0) => "start".into(),
+                    Some(v) => format!("ckpt {v}"),
+                    None => "-".into(),
+                },
                 r.message.clone(),
             ]);
         }

@@ -60,6 +60,7 @@ fn started(c: &mut Core, node: NodeId, run: RunId, at: Millis) {
             pid: 1,
             at_ms: at,
             port: None,
+            checkpoint: None,
         },
         at,
     )

@@ -135,6 +135,48 @@ fn survives(p: &mut Pool, t: &Tenants, pattern: &str, world: u32, how: Failure) 
             .and_then(|s| s.parse().ok())
             .unwrap_or_else(|| panic!("no START line: {o}"))
     };
+    // Every attempt is visible: the run each rank's last attempt started from is the same
+    // cut, `job show` says which, and the first attempt's output is still there.
+    let last: Vec<&Value> = (0..world)
+        .map(|r| {
+            runs.iter()
+                .filter(|x| x["index"] == r)
+                .max_by_key(|x| x["attempt"].as_u64())
+                .unwrap()
+        })
+        .collect();
+    let from = last[0]["checkpoint"].as_u64().unwrap_or(0);
+    assert!(from > 0, "{how:?}: the last attempt restored no cut: {j}");
+    assert!(last.iter().all(|x| x["checkpoint"] == from), "{j}");
+    let first = runs
+        .iter()
+        .find(|x| x["index"] == 0 && x["attempt"] == 1)
+        .unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    let idt = id.to_string();
+    let cli = |args: &[&str]| {
+        let o = p.cli_as(&t.borrower, args);
+        assert!(o.status.success(), "{args:?}: {o:?}");
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let all = cli(&["logs", &idt, "--task", "0", "--all-runs"]);
+    assert!(
+        all.contains(&format!("[run {first} attempt 1] START rank=0 step=0 ")),
+        "{all}"
+    );
+    assert!(
+        all.contains(&format!(
+            "[run {} attempt {}] FINAL rank=0",
+            last[0]["id"], last[0]["attempt"]
+        )),
+        "{all}"
+    );
+    let one = cli(&["logs", &idt, "--task", "0", "--run", &first.to_string()]);
+    assert!(one.starts_with("START rank=0 step=0 "), "{one}");
+    assert!(!one.contains("FINAL"), "run {first} was cut off: {one}");
+    let show = cli(&["job", "show", &idt]);
+    assert!(show.contains(&format!("ckpt {from}")), "{show}");
     let s0 = start(&out[0]);
     assert!(
         s0 >= 40,
