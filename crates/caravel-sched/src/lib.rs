@@ -2376,5 +2376,55 @@ pub fn fits_when_empty(nodes: &[Capacity], r: &TaskResources) -> bool {
     })
 }
 
+/// How many tasks of `r` one empty node of capacity `c` holds.
+pub fn tasks_when_empty(c: &Capacity, r: &TaskResources) -> u64 {
+    let mut n = u64::MAX;
+    if r.cpu_milli > 0 {
+        n = n.min(c.cpu_milli / r.cpu_milli);
+    }
+    if r.memory_bytes > 0 {
+        n = n.min(c.memory_bytes / r.memory_bytes);
+    }
+    if let Some(g) = &r.gpu {
+        let per_model = g
+            .models()
+            .iter()
+            .map(|m| {
+                let devs = c.gpu_count(m) as u64;
+                match g.milli {
+                    Some(ml) if ml > 0 => devs * (1000 / u64::from(ml)),
+                    _ if g.count == 0 => u64::MAX,
+                    _ => devs / u64::from(g.count),
+                }
+            })
+            .max()
+            .unwrap_or(0);
+        n = n.min(per_model);
+    }
+    n
+}
+
+/// The most tasks of `r` that one domain at `level` (none: the whole pool) holds when its
+/// nodes are empty: a gang of more can never be placed. Used at submit time, like
+/// `fits_when_empty`. Nodes are (capacity, topology, id).
+pub fn gang_room_when_empty(
+    nodes: &[(Capacity, Topology, NodeId)],
+    r: &TaskResources,
+    level: Option<TopologyLevel>,
+) -> u64 {
+    let mut per_domain: BTreeMap<(&str, &str, &str, u64), u64> = BTreeMap::new();
+    for (c, t, id) in nodes {
+        let key = match level {
+            None => ("", "", "", 0),
+            Some(TopologyLevel::Node) => (&*t.region, &*t.zone, &*t.rack, id.0),
+            Some(TopologyLevel::Rack) => (&*t.region, &*t.zone, &*t.rack, 0),
+            Some(TopologyLevel::Zone) => (&*t.region, &*t.zone, "", 0),
+        };
+        let e = per_domain.entry(key).or_default();
+        *e = e.saturating_add(tasks_when_empty(c, r));
+    }
+    per_domain.values().copied().max().unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests;

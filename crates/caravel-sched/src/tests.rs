@@ -3333,3 +3333,71 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn gang_room_when_empty_counts_whole_tasks_per_domain() {
+    use caravel_core::{Capacity, NodeId, Topology, TopologyLevel};
+    let node = |id: u64, rack: &str, cpus: u64, gpus: u32| {
+        let mut c = Capacity {
+            cpu_milli: cpus * 1000,
+            memory_bytes: 64 << 30,
+            ..Default::default()
+        };
+        for i in 0..gpus {
+            c.devices.push(caravel_core::Device {
+                index: i,
+                model: "H100".into(),
+            });
+        }
+        (
+            c,
+            Topology {
+                region: "r".into(),
+                zone: "z".into(),
+                rack: rack.into(),
+            },
+            NodeId(id),
+        )
+    };
+    let nodes = vec![node(1, "a", 4, 2), node(2, "a", 3, 0), node(3, "b", 8, 8)];
+    let cpu = TaskResources {
+        cpu_milli: 1500,
+        memory_bytes: 1 << 30,
+        gpu: None,
+        ..Default::default()
+    };
+    // 4/1.5 = 2 and 3/1.5 = 2 in rack a, 8/1.5 = 5 in rack b.
+    assert_eq!(
+        gang_room_when_empty(&nodes, &cpu, Some(TopologyLevel::Node)),
+        5
+    );
+    assert_eq!(
+        gang_room_when_empty(&nodes, &cpu, Some(TopologyLevel::Rack)),
+        5
+    );
+    assert_eq!(
+        gang_room_when_empty(&nodes, &cpu, Some(TopologyLevel::Zone)),
+        9
+    );
+    assert_eq!(gang_room_when_empty(&nodes, &cpu, None), 9);
+    let gpu = TaskResources {
+        cpu_milli: 500,
+        memory_bytes: 1 << 30,
+        gpu: Some(caravel_core::GpuRequest {
+            model: "H100".into(),
+            any_of: vec![],
+            count: 2,
+            milli: None,
+        }),
+        ..Default::default()
+    };
+    assert_eq!(
+        gang_room_when_empty(&nodes, &gpu, Some(TopologyLevel::Rack)),
+        4
+    );
+    assert_eq!(
+        gang_room_when_empty(&nodes[..2], &gpu, Some(TopologyLevel::Rack)),
+        1
+    );
+    assert_eq!(gang_room_when_empty(&[], &cpu, None), 0);
+}

@@ -610,6 +610,26 @@ impl Core {
             if !caravel_sched::fits_when_empty(&caps, &spec.resources) {
                 return Err(too_large(&caps, &spec.resources));
             }
+            if let (true, Some(level)) = (spec.gang, spec.topology) {
+                let nodes: Vec<_> = self
+                    .nodes
+                    .values()
+                    .map(|n| (n.node.capacity.clone(), n.node.topology.clone(), n.node.id))
+                    .collect();
+                let room =
+                    caravel_sched::gang_room_when_empty(&nodes, &spec.resources, Some(level));
+                if room < u64::from(spec.tasks) {
+                    return Err(ApiError::field(
+                        ErrorCode::Unschedulable,
+                        "topology",
+                        format!(
+                            "no {} could ever hold this gang: it needs all {} tasks in one {0}, and the largest {0} holds {room} of them even with nothing else running",
+                            level.as_str(),
+                            spec.tasks
+                        ),
+                    ));
+                }
+            }
         }
         let all_at_once = if spec.gang { spec.tasks as u64 } else { 1 };
         // With several acceptable models the job is fine if one of them could hold it.

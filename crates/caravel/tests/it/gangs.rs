@@ -249,3 +249,38 @@ fn the_cut_of_a_job_that_is_not_a_gang_is_refused() {
         "{e}"
     );
 }
+
+#[test]
+fn a_gang_no_topology_domain_could_hold_is_refused_at_submit() {
+    let p = Pool::new(
+        "gangtopo",
+        &[
+            ("a", &["--cpus", "2", "--zone", "z1", "--rack", "r1"]),
+            ("b", &["--cpus", "2", "--zone", "z1", "--rack", "r2"]),
+        ],
+    );
+    let gang = |tasks: u32, topology: &str| {
+        json!({"command": "true", "tasks": tasks, "gang": true, "topology": topology,
+               "resources": {"cpu_milli": 1000}})
+    };
+    // Each rack holds two such tasks, the zone four.
+    for (tasks, level) in [(3, "rack"), (3, "node"), (5, "zone")] {
+        let (code, e) = p
+            .post(&p.admin, "/v1/jobs", &gang(tasks, level))
+            .unwrap_err();
+        assert_eq!(code, 422, "{tasks} in one {level}: {e}");
+        assert_eq!(e["error"]["field"], "topology", "{e}");
+        let m = e["error"]["message"].as_str().unwrap();
+        assert!(
+            m.contains(&format!("no {level} could ever hold this gang"))
+                && m.contains(&format!("all {tasks} tasks")),
+            "{m}"
+        );
+    }
+    let ok = p.submit(&p.admin, gang(4, "zone"));
+    let j = p.wait_state(ok, &["succeeded", "failed"], Duration::from_secs(30));
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let ok = p.submit(&p.admin, gang(2, "rack"));
+    let j = p.wait_state(ok, &["succeeded", "failed"], Duration::from_secs(30));
+    assert_eq!(j["state"], "succeeded", "{j}");
+}
