@@ -2379,11 +2379,11 @@ pub fn fits_when_empty(nodes: &[Capacity], r: &TaskResources) -> bool {
 /// How many tasks of `r` one empty node of capacity `c` holds.
 pub fn tasks_when_empty(c: &Capacity, r: &TaskResources) -> u64 {
     let mut n = u64::MAX;
-    if r.cpu_milli > 0 {
-        n = n.min(c.cpu_milli / r.cpu_milli);
+    if let Some(k) = c.cpu_milli.checked_div(r.cpu_milli) {
+        n = n.min(k);
     }
-    if r.memory_bytes > 0 {
-        n = n.min(c.memory_bytes / r.memory_bytes);
+    if let Some(k) = c.memory_bytes.checked_div(r.memory_bytes) {
+        n = n.min(k);
     }
     if let Some(g) = &r.gpu {
         let per_model = g
