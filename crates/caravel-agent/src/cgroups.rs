@@ -447,6 +447,28 @@ impl RunCgroup {
     pub fn is_empty(&self) -> bool {
         self.dirs.is_empty()
     }
+
+    /// CPU time the run's processes used so far, in ns (`cpuacct.usage` on v1, `cpu.stat`
+    /// on v2), when a controller here counts it.
+    pub fn cpu_ns(&self) -> Option<u64> {
+        for d in &self.dirs {
+            if let Ok(s) = std::fs::read_to_string(d.join("cpuacct.usage")) {
+                if let Ok(n) = s.trim().parse() {
+                    return Some(n);
+                }
+            }
+            if let Ok(s) = std::fs::read_to_string(d.join("cpu.stat")) {
+                if let Some(us) = s
+                    .lines()
+                    .find_map(|l| l.strip_prefix("usage_usec "))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                {
+                    return Some(us * 1000);
+                }
+            }
+        }
+        None
+    }
 }
 
 #[cfg(test)]

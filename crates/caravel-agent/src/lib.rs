@@ -1279,6 +1279,20 @@ impl Agent {
             disk_paths.push(i.rootfs.upper.clone());
         }
         let mut disk_msg = String::new();
+        let mut hang_msg = String::new();
+        let hang = a.hang_timeout_ms.map(|ms| {
+            hang_guard(
+                Duration::from_millis(ms),
+                cg.clone(),
+                pgid,
+                vec![
+                    dir.join("stdout.log"),
+                    dir.join("stderr.log"),
+                    ckpt.join(HEARTBEAT),
+                ],
+                ckpt.clone(),
+            )
+        });
         let (status_of_init, reason) = tokio::select! {
             s = child.wait() => (s, "exited"),
             _ = async {
@@ -1290,6 +1304,25 @@ impl Agent {
             m = disk_guard(disk_paths, disk_cap) => {
                 disk_msg = m;
                 (terminate(&mut child, pgid, Duration::ZERO).await, "disk_exceeded")
+            }
+            m = async {
+                match hang {
+                    Some(h) => h.await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                hang_msg = m;
+                // A stopped process could not act on SIGTERM (and save its checkpoint).
+                for p in cg.pids() {
+                    // SAFETY: plain syscall on a pid read from the run's own cgroup.
+                    unsafe {
+                        libc::kill(p, libc::SIGCONT);
+                    }
+                }
+                unsafe {
+                    libc::kill(-pgid, libc::SIGCONT);
+                }
+                (terminate(&mut child, pgid, grace).await, "hung")
             }
             r = &mut stop => match r {
                 Ok(Stop::Asked) => (terminate(&mut child, pgid, grace).await, "killed"),
@@ -1362,6 +1395,7 @@ impl Agent {
                     "fenced: its node could not reach the server for nearly the lost timeout, and its agent killed it so that no second copy would run".into()
                 }
                 Ok(_) if reason == "disk_exceeded" => disk_msg,
+                Ok(_) if reason == "hung" => hang_msg,
                 Ok(_) => String::new(),
             },
             checkpoint: final_version,
@@ -1423,6 +1457,11 @@ impl Agent {
         env.insert(
             "CARAVEL_CHECKPOINT_VERSION".into(),
             ckpt_version.to_string().into(),
+        );
+        // Touching it counts as progress for `hang_timeout` (hidden: never checkpointed).
+        env.insert(
+            "CARAVEL_HEARTBEAT_FILE".into(),
+            dirs.checkpoint.join(HEARTBEAT).into(),
         );
         let program = a.command.clone();
         let args = a.args.clone();
@@ -2112,6 +2151,154 @@ async fn terminate(
     }
 }
 
+/// The file under the checkpoint folder whose touch counts as progress (`hang_guard`).
+const HEARTBEAT: &str = ".caravel-heartbeat";
+
+/// What progress a run shows: its CPU time, and the size and time of its output, its
+/// heartbeat file and every file of its checkpoint folder.
+#[derive(PartialEq)]
+struct Progress {
+    cpu_ns: Option<u64>,
+    files: Vec<(u64, i64, i64)>,
+    checkpoint: Option<checkpoint::Listing>,
+}
+
+fn progress(
+    cg: &cgroups::RunCgroup,
+    pgid: i32,
+    files: &[PathBuf],
+    ckpt: &std::path::Path,
+) -> Progress {
+    use std::os::unix::fs::MetadataExt;
+    Progress {
+        cpu_ns: cg.cpu_ns().or_else(|| {
+            if cg.is_empty() {
+                proc_cpu_ns(pgid)
+            } else {
+                threads_cpu_ns(&cg.pids())
+            }
+        }),
+        files: files
+            .iter()
+            .map(|f| {
+                std::fs::metadata(f).map_or((0, 0, 0), |m| (m.len(), m.mtime(), m.mtime_nsec()))
+            })
+            .collect(),
+        checkpoint: checkpoint::list(ckpt).ok(),
+    }
+}
+
+/// CPU time, in ns, of every thread of these processes now (`/proc/*/task/*/schedstat`):
+/// where the run's cgroup does not count it (cgroup v1 without `cpuacct` beside `cpu`).
+fn threads_cpu_ns(pids: &[i32]) -> Option<u64> {
+    let mut total = None;
+    for p in pids {
+        let Ok(rd) = std::fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for t in rd.flatten() {
+            if let Some(ns) = std::fs::read_to_string(t.path().join("schedstat"))
+                .ok()
+                .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+            {
+                *total.get_or_insert(0u64) += ns;
+            }
+        }
+    }
+    total
+}
+
+/// CPU time of a process and its waited-for children, from /proc (runs without cgroups).
+fn proc_cpu_ns(pid: i32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let f: Vec<&str> = s.rsplit_once(')')?.1.split_whitespace().collect();
+    // utime, stime, cutime, cstime: fields 14 to 17, here 11 to 14 after the state.
+    let ticks: u64 = f
+        .get(11..15)?
+        .iter()
+        .filter_map(|v| v.parse::<u64>().ok())
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some(ticks * 1_000_000_000 / hz)
+}
+
+/// Returns why the run is hung once it has shown no progress (`Progress`) for `timeout`:
+/// a process frozen (SIGSTOP), asleep for good, or blocked on a peer that is.
+async fn hang_guard(
+    timeout: Duration,
+    cg: cgroups::RunCgroup,
+    pgid: i32,
+    files: Vec<PathBuf>,
+    ckpt: PathBuf,
+) -> String {
+    let every = (timeout / 5).clamp(Duration::from_millis(200), Duration::from_secs(10));
+    let look = {
+        let cg = cg.clone();
+        move || {
+            let (cg, files, ckpt) = (cg.clone(), files.clone(), ckpt.clone());
+            async move {
+                tokio::task::spawn_blocking(move || progress(&cg, pgid, &files, &ckpt))
+                    .await
+                    .ok()
+            }
+        }
+    };
+    let stopped_of = |pids: &[i32]| {
+        pids.iter()
+            .filter(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/stat"))
+                    .ok()
+                    .and_then(|s| {
+                        s.rsplit_once(')')
+                            .and_then(|(_, r)| r.split_whitespace().next().map(|x| x == "T"))
+                    })
+                    .unwrap_or(false)
+            })
+            .count()
+    };
+    let pids_of = |cg: &cgroups::RunCgroup| if cg.is_empty() { vec![pgid] } else { cg.pids() };
+    let mut last = look().await;
+    let mut since = tokio::time::Instant::now();
+    let (stopped, pids) = loop {
+        tokio::time::sleep(every).await;
+        let now = look().await;
+        if now != last {
+            since = tokio::time::Instant::now();
+            last = now;
+            continue;
+        }
+        if since.elapsed() < timeout {
+            continue;
+        }
+        let pids = pids_of(&cg);
+        let stopped = stopped_of(&pids);
+        // A frozen rank's peers block on it and stop making progress a moment later: a
+        // run that is only waiting gets two looks more, so that the frozen one is the
+        // one caught (and blamed) first when both are on watch.
+        if stopped > 0 || since.elapsed() >= timeout + 2 * every {
+            break (stopped, pids);
+        }
+    };
+    format!(
+        "hung: no progress for {} (no CPU time, output, checkpoint change or touch of $CARAVEL_HEARTBEAT_FILE; hang_timeout){}",
+        {
+            let ms = timeout.as_millis();
+            match ms {
+                _ if ms.is_multiple_of(3_600_000) => format!("{} h", ms / 3_600_000),
+                _ if ms.is_multiple_of(60_000) => format!("{} min", ms / 60_000),
+                _ if ms.is_multiple_of(1000) => format!("{} s", ms / 1000),
+                _ => format!("{ms} ms"),
+            }
+        },
+        if stopped > 0 {
+            format!("; {stopped} of its {} processes were stopped (SIGSTOP)", pids.len())
+        } else {
+            String::new()
+        }
+    )
+}
+
 /// Up to `n` ports of `range`, picked at random, that nothing listens on here now: the
 /// server gives a gang's rank 0 one of them as MASTER_PORT (another process may still
 /// take it before rank 0 binds it, the window torchrun's own free-port pick has too).
@@ -2135,8 +2322,54 @@ fn free_ports(range: (u16, u16), n: usize) -> Vec<u16> {
 }
 
 #[cfg(test)]
-mod server_list_tests {
+mod helper_tests {
     use super::*;
+
+    #[tokio::test]
+    async fn touching_the_heartbeat_file_is_progress_and_stopping_is_a_hang() {
+        let t = tempfile::tempdir().unwrap();
+        let ckpt = t.path().join("ckpt");
+        std::fs::create_dir_all(&ckpt).unwrap();
+        let hb = ckpt.join(HEARTBEAT);
+        // A process that uses no CPU and writes nothing.
+        let mut child = std::process::Command::new("sleep")
+            .arg("100")
+            .spawn()
+            .unwrap();
+        let cg = cgroups::RunCgroup {
+            dirs: vec![],
+            names: vec![],
+        };
+        let hb2 = hb.clone();
+        let beat = tokio::spawn(async move {
+            for _ in 0..8 {
+                std::fs::write(&hb2, b"").unwrap();
+                let f = std::fs::File::options().write(true).open(&hb2).unwrap();
+                f.set_modified(std::time::SystemTime::now()).unwrap();
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        });
+        let t0 = std::time::Instant::now();
+        let m = hang_guard(
+            Duration::from_secs(1),
+            cg,
+            child.id() as i32,
+            vec![hb.clone()],
+            ckpt.clone(),
+        )
+        .await;
+        let took = t0.elapsed();
+        let _ = child.kill();
+        let _ = child.wait();
+        beat.await.unwrap();
+        assert!(m.starts_with("hung: no progress for 1 s"), "{m}");
+        // Two seconds of heartbeats, then the timeout (and the waiting run's two more
+        // looks): not caught while it beat.
+        assert!(
+            took >= Duration::from_millis(2_800) && took < Duration::from_secs(6),
+            "{took:?}"
+        );
+    }
 
     #[test]
     fn free_ports_are_in_the_range_distinct_and_not_listened_on() {

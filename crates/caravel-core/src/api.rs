@@ -303,6 +303,9 @@ pub struct Assignment {
     pub devices: Vec<u32>,
     pub max_runtime_ms: Option<u64>,
     pub kill_grace_ms: u64,
+    /// `JobSpec::hang_timeout_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hang_timeout_ms: Option<u64>,
     /// A service replica: the agent picks a free port, passes it as `PORT` and reports it.
     #[serde(default)]
     pub wants_port: bool,

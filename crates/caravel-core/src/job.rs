@@ -92,6 +92,10 @@ pub struct JobSpec {
     pub priority: Priority,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_runtime_ms: Option<u64>,
+    /// A run that makes no progress (no CPU time, output, checkpoint change or heartbeat)
+    /// for this long is counted hung, stopped, and (a gang: the whole gang) retried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hang_timeout_ms: Option<u64>,
     #[serde(default)]
     pub max_retries: u32,
     /// All tasks start together or none do.
@@ -183,6 +187,7 @@ impl JobSpec {
             resources: TaskResources::default(),
             priority: Priority::Batch,
             max_runtime_ms: None,
+            hang_timeout_ms: None,
             max_retries: 0,
             gang: false,
             topology: None,
@@ -269,6 +274,14 @@ impl JobSpec {
                 return Err(ValidationError::new(
                     "max_runtime_ms",
                     "must be 1 ms to 365 days",
+                ));
+            }
+        }
+        if let Some(ms) = self.hang_timeout_ms {
+            if !(1_000..=MAX_RUNTIME_MS).contains(&ms) {
+                return Err(ValidationError::new(
+                    "hang_timeout_ms",
+                    "must be 1 s to 365 days (progress is looked at about every fifth of it)",
                 ));
             }
         }

@@ -266,6 +266,8 @@ impl ServiceSpec {
             resources: self.resources.clone(),
             priority: crate::Priority::Online,
             max_runtime_ms: None,
+            // Replicas have health checks for that.
+            hang_timeout_ms: None,
             max_retries: 0,
             gang: false,
             topology: None,

@@ -2304,6 +2304,7 @@ impl Core {
             memory_bytes: s.resources.memory_bytes,
             devices: r.devices.clone(),
             max_runtime_ms: s.max_runtime_ms,
+            hang_timeout_ms: s.hang_timeout_ms,
             kill_grace_ms: s.kill_grace(),
             wants_port: j.rec.service.is_some(),
             fence: s.fence,
@@ -2399,6 +2400,9 @@ impl Core {
                     // Its node lost the server: the same outcome as the node counted lost
                     // (requeued within the retry budget), reported by the agent itself.
                     "fenced" => RunState::Lost,
+                    // Stopped by its agent for making no progress: a failure, whatever
+                    // the process's own exit (it may exit 0 on SIGTERM).
+                    "hung" => RunState::Failed,
                     _ if matches!(stop, Some(StopReason::Preempt | StopReason::Shutdown)) => {
                         RunState::Preempted
                     }

@@ -47,6 +47,7 @@ pub struct JobFile {
     pub resources: FileResources,
     pub priority: Option<Priority>,
     pub max_runtime: Option<String>,
+    pub hang_timeout: Option<String>,
     pub max_retries: Option<u32>,
     #[serde(default)]
     pub gang: bool,
@@ -134,6 +135,10 @@ impl JobFile {
             max_runtime_ms: self
                 .max_runtime
                 .map(|d| parse_duration_ms(&d).map_err(|e| anyhow!("max_runtime: {e}")))
+                .transpose()?,
+            hang_timeout_ms: self
+                .hang_timeout
+                .map(|d| parse_duration_ms(&d).map_err(|e| anyhow!("hang_timeout: {e}")))
                 .transpose()?,
             max_retries: self.max_retries.unwrap_or(0),
             gang: self.gang,

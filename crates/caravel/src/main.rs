@@ -810,6 +810,11 @@ struct SubmitArgs {
     /// Max runtime: 90s, 30m, 2h.
     #[arg(long, short = 't', visible_alias = "time")]
     max_runtime: Option<String>,
+    /// Stop and retry a run (a gang: the whole gang) that makes no progress for this
+    /// long: no CPU time, output, checkpoint change or touch of $CARAVEL_HEARTBEAT_FILE.
+    /// 10m, 90s. Off by default.
+    #[arg(long, value_name = "DURATION")]
+    hang_timeout: Option<String>,
     #[arg(long)]
     max_retries: Option<u32>,
     /// All tasks start together or none do (sets RANK, WORLD_SIZE, MASTER_ADDR...).
@@ -1615,6 +1620,10 @@ fn build_spec(a: &SubmitArgs) -> Result<(JobSpec, Option<PathBuf>)> {
     if let Some(t) = &a.max_runtime {
         spec.max_runtime_ms =
             Some(parse_duration_ms(t).map_err(|e| anyhow!("--max-runtime: {e}"))?);
+    }
+    if let Some(t) = &a.hang_timeout {
+        spec.hang_timeout_ms =
+            Some(parse_duration_ms(t).map_err(|e| anyhow!("--hang-timeout: {e}"))?);
     }
     if let Some(r) = a.max_retries {
         spec.max_retries = r;

@@ -284,3 +284,103 @@ fn a_gang_no_topology_domain_could_hold_is_refused_at_submit() {
     let j = p.wait_state(ok, &["succeeded", "failed"], Duration::from_secs(30));
     assert_eq!(j["state"], "succeeded", "{j}");
 }
+
+/// A gang with `hang_timeout` whose rank 1 hangs (`sigstop`: frozen by SIGSTOP; else asleep
+/// for good at step 100) is stopped within the timeout, says why, and resumes.
+fn hung_rank_is_caught(tag: &str, sigstop: bool) {
+    let p = Pool::new(tag, &[("a", &["--cpus", "2"]), ("b", &["--cpus", "2"])]);
+    let want = expected("a", 2);
+    let mut env = json!({"PATTERN": "a", "STEPS": STEPS.to_string(), "EVERY": "40",
+                         "PAUSE": "0.05"});
+    if !sigstop {
+        env["HANG_AT"] = json!("100");
+    }
+    let id = p.submit(
+        &p.admin,
+        json!({"command": "python3", "args": ["-c", TRAINER], "tasks": 2, "gang": true,
+               "max_retries": 2, "kill_grace_ms": 2000, "hang_timeout_ms": 3000,
+               "resources": {"cpu_milli": 1000}, "env": env}),
+    );
+    p.wait_task_running(id, 1);
+    wait_for("two saves of rank 0", Duration::from_secs(60), || {
+        let l = p
+            .get(&p.admin, &format!("/v1/jobs/{id}/checkpoints"))
+            .ok()?;
+        let v0 = l.as_array()?.iter().find(|x| x["task"] == 0)?["version"].as_u64()?;
+        (v0 >= 2).then_some(())
+    });
+    let t0 = std::time::Instant::now();
+    if sigstop {
+        for pid in p.task_pids(id, 1) {
+            unsafe {
+                libc::kill(pid, libc::SIGSTOP);
+            }
+        }
+    }
+    // The gang's second attempt starts within the timeout (3 s), a look (0.6 s), the kill
+    // grace (2 s) and the restart.
+    wait_for("the gang restarted", Duration::from_secs(40), || {
+        let j = p.job(&p.admin, id);
+        j["runs"]
+            .as_array()?
+            .iter()
+            .any(|r| r["attempt"] == 2)
+            .then_some(())
+    });
+    if sigstop {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "caught after {:?}",
+            t0.elapsed()
+        );
+    }
+    let j = p.wait_state(id, &["succeeded", "failed"], Duration::from_secs(90));
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let runs = j["runs"].as_array().unwrap();
+    let hung: Vec<&Value> = runs
+        .iter()
+        .filter(|r| {
+            r["message"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("hung: no progress for 3 s")
+        })
+        .collect();
+    assert!(!hung.is_empty(), "no run says it hung: {j}");
+    // Frozen, rank 1 is the one caught (its peer only waits for it, and gets a little
+    // longer); asleep, either may be (both just wait), and the other is stopped with the
+    // gang.
+    if sigstop {
+        let rank1 = runs
+            .iter()
+            .find(|r| r["index"] == 1 && r["attempt"] == 1)
+            .unwrap();
+        assert_eq!(rank1["state"], "failed", "{j}");
+        let m = rank1["message"].as_str().unwrap();
+        assert!(
+            m.starts_with("hung:") && m.contains("stopped (SIGSTOP)"),
+            "{rank1}"
+        );
+    }
+    assert!(
+        hung.iter()
+            .all(|r| r["state"] == "failed" && r["attempt"] == 1),
+        "{j}"
+    );
+    let out = p.logs(id, 0, "stdout");
+    assert!(out.contains(&format!("value={want} ")), "{out}");
+    assert!(
+        !out.contains("step=0 attempt=2"),
+        "resumed from its cut: {out}"
+    );
+}
+
+#[test]
+fn a_rank_frozen_by_sigstop_is_caught_and_the_gang_resumes() {
+    hung_rank_is_caught("ganghangstop", true);
+}
+
+#[test]
+fn a_rank_asleep_for_good_is_caught_and_the_gang_resumes() {
+    hung_rank_is_caught("ganghangsleep", false);
+}

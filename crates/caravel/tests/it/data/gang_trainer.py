@@ -25,6 +25,8 @@ pattern = os.environ["PATTERN"]
 STEPS = int(os.environ.get("STEPS", "300"))
 EVERY = int(os.environ.get("EVERY", "40"))
 PAUSE = float(os.environ.get("PAUSE", "0.05"))
+# Rank 1 of the first attempt falls asleep for good at this step (a hung rank).
+HANG_AT = int(os.environ.get("HANG_AT", "-1"))
 
 
 def next_x(x, step, mines):
@@ -222,6 +224,8 @@ def complete(step):
 
 pending = None
 while step < STEPS:
+    if rank == 1 and step == HANG_AT and os.environ.get("CARAVEL_ATTEMPT") == "1":
+        time.sleep(10**9)
     answer = exchange({"step": step, "x": x, "mine": mine})
     if pending is not None:
         complete(pending)
