@@ -200,9 +200,14 @@ pub fn pack_into(
 /// Unpacks a saved archive into `dir` (made if need be) and returns the paths it held.
 /// Only plain files and folders under relative paths are taken.
 pub fn unpack(archive: &Path, dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    unpack_from(std::io::BufReader::new(std::fs::File::open(archive)?), dir)
+}
+
+/// `unpack` from any reader (a download as it arrives).
+pub fn unpack_from(r: impl Read, dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir)?;
     let mut paths = Vec::new();
-    let mut ar = tar::Archive::new(std::io::BufReader::new(std::fs::File::open(archive)?));
+    let mut ar = tar::Archive::new(r);
     ar.set_preserve_permissions(false);
     for e in ar.entries()? {
         let mut e = e?;
@@ -221,11 +226,6 @@ pub fn unpack(archive: &Path, dir: &Path) -> std::io::Result<Vec<PathBuf>> {
                 ),
             ));
         }
-        // A file another rank's part put here (a gang's cut): replaced, not written
-        // through, so the new content is a new inode.
-        if kind.is_file() {
-            let _ = std::fs::remove_file(dir.join(&rel));
-        }
         // unpack_in also refuses to write through a link or outside `dir`.
         e.unpack_in(dir)?;
         paths.push(rel);
@@ -233,21 +233,52 @@ pub fn unpack(archive: &Path, dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(paths)
 }
 
-/// Unpacks the parts of a gang's cut into `dir`, the highest rank first, so that where
-/// two parts hold the same path the lower rank's wins; returns what of the folder came
-/// from other ranks than `own` (the files the task did not write itself).
-pub fn unpack_cut(parts: &[(u32, PathBuf)], own: u32, dir: &Path) -> std::io::Result<Listing> {
+/// Moves the parts of a gang's cut, each unpacked into its own staging folder (rank,
+/// folder, the paths it held), into `dir`: the highest rank first, so that where two
+/// parts hold the same path the lower rank's wins. Returns what of the folder came from
+/// other ranks than `own` (the files the task did not write itself).
+pub fn merge_cut(
+    staged: &[(u32, PathBuf, Vec<PathBuf>)],
+    own: u32,
+    dir: &Path,
+) -> std::io::Result<Listing> {
+    std::fs::create_dir_all(dir)?;
     let mut from: BTreeMap<PathBuf, u32> = BTreeMap::new();
-    let mut order: Vec<&(u32, PathBuf)> = parts.iter().collect();
-    order.sort_by_key(|(r, _)| std::cmp::Reverse(*r));
-    for (rank, archive) in order {
-        for p in unpack(archive, dir)? {
-            from.insert(p, *rank);
+    let mut order: Vec<&(u32, PathBuf, Vec<PathBuf>)> = staged.iter().collect();
+    order.sort_by_key(|(r, ..)| std::cmp::Reverse(*r));
+    for (rank, stage, paths) in order {
+        for p in paths {
+            let (src, dst) = (stage.join(p), dir.join(p));
+            if src.is_dir() {
+                std::fs::create_dir_all(&dst)?;
+            } else {
+                if let Some(parent) = dst.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                // A rename replaces what a higher rank put there: a new inode.
+                std::fs::rename(&src, &dst)?;
+            }
+            from.insert(p.clone(), *rank);
         }
     }
     let mut foreign = list(dir)?;
     foreign.retain(|p, _| from.get(p) != Some(&own));
     Ok(foreign)
+}
+
+/// `merge_cut` of archives (rank, archive) unpacked beside `dir` first.
+pub fn unpack_cut(parts: &[(u32, PathBuf)], own: u32, dir: &Path) -> std::io::Result<Listing> {
+    let mut staged = Vec::new();
+    for (rank, archive) in parts {
+        let stage = dir.with_extension(format!("part-{rank}"));
+        let paths = unpack(archive, &stage)?;
+        staged.push((*rank, stage, paths));
+    }
+    let r = merge_cut(&staged, own, dir);
+    for (_, stage, _) in staged {
+        let _ = std::fs::remove_dir_all(stage);
+    }
+    r
 }
 
 /// SHA-256 of a file, hex.
@@ -264,6 +295,20 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
         h.update(&buf[..n]);
     }
     Ok(hex::encode(h.finalize()))
+}
+
+/// A reader that hashes what passes through it.
+struct Hashing<R> {
+    r: R,
+    h: sha2::Sha256,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.r.read(buf)?;
+        sha2::Digest::update(&mut self.h, &buf[..n]);
+        Ok(n)
+    }
 }
 
 /// How fetching a run's checkpoint before its start ended.
@@ -384,54 +429,54 @@ impl crate::Agent {
             return Err(Restore::Failed(format!("creating {}: {e}", dir.display())));
         }
         let mut delay = std::time::Duration::from_millis(200);
-        let tmps: Vec<(u32, PathBuf)> = cut
+        // Each part is unpacked as it arrives (no archive on disk first) into a staging
+        // folder of its own, all parts at once, then moved into place in rank order.
+        let stages: Vec<PathBuf> = cut
             .parts
             .iter()
-            .map(|p| {
-                (
-                    p.task,
-                    dir.join(format!(".checkpoint-restore-{}.tar", p.task)),
-                )
-            })
+            .map(|p| dir.join(format!(".checkpoint-part-{}", p.task)))
             .collect();
         let clean = || {
-            for (_, t) in &tmps {
-                let _ = std::fs::remove_file(t);
+            for st in &stages {
+                let _ = std::fs::remove_dir_all(st);
             }
         };
-        loop {
-            // All parts at once: with one rank per node they come from the server side by
-            // side.
+        let mut tries = 0;
+        let staged = loop {
+            clean();
             let got = futures_util::future::join_all(
                 cut.parts
                     .iter()
-                    .zip(&tmps)
-                    .map(|(p, (_, t))| self.fetch_part(a.job, p.task, Some(p.version), t)),
+                    .zip(&stages)
+                    .map(|(p, st)| self.stream_part(a.job, p, st)),
             )
             .await;
             let mut retry = None;
-            for (r, p) in got.into_iter().zip(&cut.parts) {
+            let mut staged = Vec::new();
+            for (r, (p, st)) in got.into_iter().zip(cut.parts.iter().zip(&stages)) {
                 match r {
-                    Ok(Some(_)) => {}
+                    Ok(paths) => staged.push((p.task, st.clone(), paths)),
                     // The server no longer keeps it: a newer cut replaced it meanwhile,
                     // which this run was not given. Fail the start; the retry gets the new one.
-                    Ok(None) => {
-                        clean();
-                        return Err(Restore::Failed(format!(
-                            "task {}'s part (version {}) of checkpoint cut {} is gone from the server",
-                            p.task, p.version, cut.cut
-                        )));
-                    }
                     Err(Fetch::Local(e)) => {
                         clean();
                         return Err(Restore::Failed(format!(
-                            "fetching the gang's checkpoint: {e}"
+                            "fetching task {}'s part (version {}) of checkpoint cut {}: {e}",
+                            p.task, p.version, cut.cut
                         )));
                     }
                     Err(Fetch::Retry(e)) => retry = Some(e),
                 }
             }
-            let Some(e) = retry else { break };
+            let Some(e) = retry else { break staged };
+            tries += 1;
+            if tries >= 8 {
+                clean();
+                return Err(Restore::Failed(format!(
+                    "fetching the gang's checkpoint cut {} failed {tries} times: {e}",
+                    cut.cut
+                )));
+            }
             tracing::warn!(run = %a.run, "cannot fetch the gang's checkpoint yet: {e}");
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
@@ -441,10 +486,10 @@ impl crate::Agent {
                 }
             }
             delay = (delay * 2).min(std::time::Duration::from_secs(5));
-        }
-        let (c, own, parts) = (ckpt.to_path_buf(), a.index, tmps.clone());
+        };
+        let (c, own) = (ckpt.to_path_buf(), a.index);
         let r = tokio::task::spawn_blocking(move || {
-            let foreign = unpack_cut(&parts, own, &c)?;
+            let foreign = merge_cut(&staged, own, &c)?;
             if let Some((u, g)) = ident {
                 crate::sandbox::chown_tree(&c, u, g)?;
             }
@@ -483,6 +528,72 @@ impl crate::Agent {
                 ckpt.display()
             ))),
         }
+    }
+
+    /// One try at one part of a gang's cut: downloaded and unpacked into `stage` as it
+    /// arrives, its SHA-256 checked at the end (a damaged one is thrown away and fetched
+    /// again). Returns the paths it held.
+    async fn stream_part(
+        &self,
+        job: JobId,
+        part: &caravel_core::api::CutPart,
+        stage: &Path,
+    ) -> Result<Vec<PathBuf>, Fetch> {
+        use futures_util::TryStreamExt;
+        use Fetch::{Local, Retry};
+        let (i, server) = self.server();
+        let url = format!(
+            "{}?version={}",
+            self.checkpoint_url(server, job, part.task),
+            part.version
+        );
+        let resp = match self.bulk.get(url).bearer_auth(&self.cfg.token).send().await {
+            Ok(r) => r,
+            Err(e) => {
+                self.next_server(i);
+                return Err(Retry(e.to_string()));
+            }
+        };
+        let status = resp.status();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Err(Local("the server no longer keeps it".into()));
+        }
+        if !status.is_success() {
+            if status == reqwest::StatusCode::SERVICE_UNAVAILABLE {
+                self.next_server(i);
+            }
+            return Err(Retry(format!(
+                "{status}: {}",
+                resp.text().await.unwrap_or_default()
+            )));
+        }
+        let body =
+            tokio_util::io::StreamReader::new(resp.bytes_stream().map_err(std::io::Error::other));
+        let (stage, want) = (stage.to_path_buf(), part.sha256.clone());
+        let handle = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            let _guard = handle.enter();
+            let mut r = Hashing {
+                r: std::io::BufReader::with_capacity(
+                    1 << 20,
+                    tokio_util::io::SyncIoBridge::new(body),
+                ),
+                h: <sha2::Sha256 as sha2::Digest>::new(),
+            };
+            // An error here may be the network's or the disk's: either way, another try.
+            let paths = unpack_from(&mut r, &stage).map_err(|e| Retry(e.to_string()))?;
+            // The end-of-archive blocks and padding count in the hash too.
+            std::io::copy(&mut r, &mut std::io::sink()).map_err(|e| Retry(e.to_string()))?;
+            let got = hex::encode(sha2::Digest::finalize(r.h));
+            if got != want {
+                return Err(Retry(format!(
+                    "the checkpoint arrived damaged (SHA-256 {got}, not {want})"
+                )));
+            }
+            Ok(paths)
+        })
+        .await
+        .unwrap_or_else(|e| Err(Retry(e.to_string())))
     }
 
     /// One try: `Ok(None)` when the server has no checkpoint for the task.
