@@ -521,6 +521,31 @@ pub struct ServiceView {
     /// On deploy: whether the spec changed (a new version rolls out).
     #[serde(default)]
     pub changed: bool,
+    /// The rolling update in progress, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutView>,
+    /// What happened lately (rollouts, scaling, crashes), oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<ServiceEvent>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutView {
+    pub version: u64,
+    /// `progressing` or `stuck`.
+    pub state: String,
+    pub started_ms: Millis,
+    /// When it last moved (a new replica ready, an old one gone).
+    pub progress_ms: Millis,
+    /// Why it is stuck, and what it does about it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceEvent {
+    pub at_ms: Millis,
+    pub message: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -182,6 +182,13 @@ pub struct ServiceSpec {
     /// Rolling update: ready replicas the update may take below the wanted count.
     #[serde(default)]
     pub max_unavailable: u32,
+    /// A rolling update that makes no progress (no new replica ready, no old one gone)
+    /// for this long is `stuck`: `service show` says why, and `on_stuck` applies.
+    #[serde(default = "ten_minutes")]
+    pub progress_deadline_ms: u64,
+    /// What a stuck rolling update does.
+    #[serde(default)]
+    pub on_stuck: OnStuck,
     /// SIGTERM to SIGKILL when a drained replica stops.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kill_grace_ms: Option<u64>,
@@ -213,6 +220,18 @@ fn ten() -> u32 {
 fn one() -> u32 {
     1
 }
+/// What a rolling update past its `progress_deadline_ms` does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnStuck {
+    /// Keep waiting (and saying why): availability is never traded for progress.
+    #[default]
+    Wait,
+    /// Replace in place: take one old replica more out of service than `max_unavailable`
+    /// allows, so that its room holds a new one, then carry on.
+    Replace,
+}
+
 fn five_minutes() -> u64 {
     300_000
 }
@@ -249,6 +268,8 @@ impl ServiceSpec {
             rate_limit_rps: None,
             max_surge: one(),
             max_unavailable: 0,
+            progress_deadline_ms: ten_minutes(),
+            on_stuck: OnStuck::Wait,
             kill_grace_ms: None,
             drain_timeout_ms: five_minutes(),
             response_timeout_ms: five_minutes(),
@@ -334,6 +355,7 @@ impl ServiceSpec {
             ("cold_start_timeout_ms", self.cold_start_timeout_ms, 100),
             ("drain_timeout_ms", self.drain_timeout_ms, 1_000),
             ("response_timeout_ms", self.response_timeout_ms, 100),
+            ("progress_deadline_ms", self.progress_deadline_ms, 1_000),
         ] {
             if v < lo || v > day {
                 return Err(ValidationError::new(

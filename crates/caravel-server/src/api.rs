@@ -361,6 +361,27 @@ fn service_view(
         created_ms: rec.created_ms,
         updated_ms: rec.updated_ms,
         changed,
+        rollout: svc.and_then(|v| v.rollout.as_ref()).map(|r| RolloutView {
+            version: r.version,
+            state: if r.stuck.is_some() {
+                "stuck"
+            } else {
+                "progressing"
+            }
+            .into(),
+            started_ms: r.started_ms,
+            progress_ms: r.progress_ms,
+            message: r.stuck.clone().unwrap_or_default(),
+        }),
+        events: svc.map_or_else(Vec::new, |v| {
+            v.events
+                .iter()
+                .map(|(at, m)| ServiceEvent {
+                    at_ms: *at,
+                    message: m.clone(),
+                })
+                .collect()
+        }),
     }
 }
 

@@ -163,6 +163,8 @@ pub struct ReplicaInfo {
     pub stopping: bool,
     /// Runs on a node an operator drained: to be replaced, then drained.
     pub evict: bool,
+    /// Not placed yet: why (`[code] message`, the job's first pending reason).
+    pub pending: Option<String>,
 }
 
 fn job_port(job: JobId) -> u16 {
@@ -949,6 +951,14 @@ impl Core {
                     .unwrap_or_default(),
                 stopping: e.rec.cancel_requested || run.is_some_and(|r| r.stop.is_some()),
                 evict: node.is_some_and(|n| n.node.drained),
+                pending: run
+                    .is_none()
+                    .then(|| {
+                        e.reasons
+                            .first()
+                            .map(|r| format!("[{}] {}", r.code, r.message))
+                    })
+                    .flatten(),
             });
         }
         out

@@ -114,6 +114,141 @@ pub struct Svc {
     /// back off exponentially with it (a crash loop must not churn the pool).
     pub failures: u32,
     start_after: Option<Instant>,
+    /// The rolling update in progress, if any.
+    pub rollout: Option<Rollout>,
+    /// What happened to the service lately, oldest first (`service show`).
+    pub events: std::collections::VecDeque<(Millis, String)>,
+}
+
+/// A rolling update's progress, kept by the controller.
+#[derive(Debug, Clone)]
+pub struct Rollout {
+    pub version: u64,
+    pub started_ms: Millis,
+    /// When it last moved: a new replica became ready or an old one left.
+    pub progress_ms: Millis,
+    /// (new replicas ready, old replicas left) when it last moved.
+    progress: (usize, usize),
+    /// Why it has not moved for its progress deadline.
+    pub stuck: Option<String>,
+    /// It was stuck with `on_stuck = "replace"`: it goes on replacing in place, one old
+    /// replica at a time, until it completes.
+    pub replacing: bool,
+}
+
+/// How many events a service keeps.
+const EVENTS: usize = 32;
+
+impl Svc {
+    fn event(&mut self, now: Millis, msg: String) {
+        if self.events.len() == EVENTS {
+            self.events.pop_front();
+        }
+        self.events.push_back((now, msg));
+    }
+
+    /// Follows the rolling update (if one is in progress) and says when it is stuck and
+    /// why. `pending` has why each replica not placed yet waits.
+    fn track_rollout(&mut self, now: Millis, pending: &HashMap<JobId, String>) {
+        let v = self.version;
+        let new_ready = self
+            .replicas
+            .values()
+            .filter(|r| r.version == v && r.ready && !r.draining)
+            .count();
+        let old_left = self
+            .replicas
+            .values()
+            .filter(|r| (r.version != v || r.evict) && !r.stopped)
+            .count();
+        if old_left == 0 {
+            if let Some(r) = self.rollout.take() {
+                if r.version == v {
+                    let secs = (now - r.started_ms) as f64 / 1000.0;
+                    self.event(now, format!("rollout of v{v} complete in {secs:.1} s"));
+                }
+            }
+            return;
+        }
+        if self.rollout.as_ref().is_none_or(|r| r.version != v) {
+            self.event(
+                now,
+                format!("rollout of v{v} started: {old_left} old replicas to replace"),
+            );
+            self.rollout = Some(Rollout {
+                version: v,
+                started_ms: now,
+                progress_ms: now,
+                progress: (new_ready, old_left),
+                stuck: None,
+                replacing: false,
+            });
+        }
+        let deadline = self.spec.progress_deadline_ms as i64;
+        let why = self.stuck_because(pending);
+        let on_stuck = self.spec.on_stuck;
+        let r = self.rollout.as_mut().expect("set above");
+        if new_ready > r.progress.0 || old_left < r.progress.1 {
+            r.progress_ms = now;
+        }
+        r.progress = (new_ready, old_left);
+        let mut say = None;
+        if now - r.progress_ms >= deadline {
+            let msg = format!(
+                "rollout of v{v} stuck: no progress for {} s: {why}{}",
+                (now - r.progress_ms) / 1000,
+                match on_stuck {
+                    caravel_core::OnStuck::Wait => "; waiting (on_stuck = \"wait\"; set on_stuck = \"replace\" to replace old replicas in place, raise max_unavailable, or free room)",
+                    caravel_core::OnStuck::Replace => "; replacing an old replica in place (on_stuck = \"replace\")",
+                }
+            );
+            if r.stuck.is_none() {
+                say = Some(msg.clone());
+            }
+            r.stuck = Some(msg);
+            r.replacing |= on_stuck == caravel_core::OnStuck::Replace;
+        } else if r.stuck.take().is_some() {
+            say = Some(format!("rollout of v{v} moving again"));
+        }
+        if let Some(m) = say {
+            tracing::warn!(service = %self.spec.name, "{m}");
+            self.event(now, m);
+        }
+    }
+
+    fn stuck_because(&self, pending: &HashMap<JobId, String>) -> String {
+        let v = self.version;
+        let new: Vec<&Replica> = self
+            .replicas
+            .values()
+            .filter(|r| r.version == v && !r.draining)
+            .collect();
+        if let Some(r) = new.iter().find(|r| r.addr.is_none()) {
+            return format!(
+                "new replica {} cannot be placed: {}",
+                r.job,
+                pending
+                    .get(&r.job)
+                    .map_or("not scheduled yet", |s| s.as_str())
+            );
+        }
+        if let Some(r) = new.iter().find(|r| !r.ready) {
+            return format!(
+                "new replica {} is not ready: its readiness check ({}) does not pass",
+                r.job, self.spec.readiness.path
+            );
+        }
+        if self.failures > 0 {
+            return format!(
+                "new replicas keep ending on their own ({} in a row)",
+                self.failures
+            );
+        }
+        if new.is_empty() && self.spec.max_surge == 0 && self.spec.max_unavailable == 0 {
+            return "max_surge and max_unavailable are both 0".into();
+        }
+        "no room for a new replica within max_surge and max_unavailable".into()
+    }
 }
 
 /// Wait before starting a replica after `failures` crashes in a row: 0.5 s doubling to
@@ -1287,6 +1422,8 @@ pub fn reconcile(s: &Arc<Shared>, now: Millis) {
                 bucket: (rec.spec.rate_limit_rps.unwrap_or(0) as f64, Instant::now()),
                 failures: 0,
                 start_after: None,
+                rollout: None,
+                events: Default::default(),
             });
             svc.spec = rec.spec.clone();
             svc.version = rec.version;
@@ -1366,6 +1503,23 @@ pub fn reconcile(s: &Arc<Shared>, now: Millis) {
                     .filter(|r| r.ready && !r.draining)
                     .count() as i64,
             );
+            let pending: HashMap<JobId, String> = reps
+                .iter()
+                .filter_map(|r| Some((r.job, r.pending.clone()?)))
+                .collect();
+            svc.track_rollout(now, &pending);
+            if wanted != before {
+                svc.event(now, format!("scaled from {before} to {wanted} replicas"));
+            }
+            if crashed > 0 {
+                svc.event(
+                    now,
+                    format!(
+                        "{crashed} replica(s) ended on their own ({} in a row)",
+                        svc.failures
+                    ),
+                );
+            }
             let (start, stop) = plan(svc, wanted);
             for j in stop {
                 if let Some(r) = svc.replicas.get_mut(&j) {
@@ -1465,7 +1619,15 @@ fn plan(svc: &Svc, wanted: u32) -> (u32, Vec<JobId>) {
     }
     let ready_cur = cur.iter().filter(|r| r.ready).count();
     let mut ready_old = old.iter().filter(|r| r.ready).count();
-    let floor = wanted_n.saturating_sub(unavailable);
+    let mut floor = wanted_n.saturating_sub(unavailable);
+    // Stuck, and told to replace in place: one old replica more may go, so that its room
+    // holds a new one (once that is ready the floor holds again).
+    if svc.spec.on_stuck == caravel_core::OnStuck::Replace
+        && svc.rollout.as_ref().is_some_and(|r| r.replacing)
+        && ready_cur < wanted_n
+    {
+        floor = floor.saturating_sub(1);
+    }
     let mut o = old.clone();
     o.sort_by_key(|r| (r.ready, r.in_flight.load(Ordering::Relaxed)));
     for r in o {
@@ -1594,7 +1756,44 @@ mod tests {
             bucket: (0.0, Instant::now()),
             failures: 0,
             start_after: None,
+            rollout: None,
+            events: Default::default(),
         }
+    }
+
+    #[test]
+    fn a_stuck_rollout_told_to_replace_takes_one_old_replica_more_out() {
+        // Two old ready replicas, wanted 2, no room for the surge one (it never appears).
+        let mut s = svc(2, &[(1, 1, true), (2, 1, true)]);
+        assert_eq!(plan(&s, 2), (1, vec![]), "waits for the surge replica");
+        s.spec.on_stuck = caravel_core::OnStuck::Replace;
+        assert_eq!(plan(&s, 2), (1, vec![]), "not stuck yet");
+        let mut pending = HashMap::new();
+        pending.insert(JobId(9), "[no_fit] 1 node lacks cpu".to_string());
+        s.spec.progress_deadline_ms = 1000;
+        s.track_rollout(10_000, &pending);
+        assert!(s.rollout.as_ref().unwrap().stuck.is_none());
+        s.track_rollout(11_000, &pending);
+        let msg = s.rollout.as_ref().unwrap().stuck.clone().unwrap();
+        assert!(
+            msg.starts_with("rollout of v2 stuck: no progress for 1 s"),
+            "{msg}"
+        );
+        let (start, stop) = plan(&s, 2);
+        assert_eq!(
+            (start, stop.len()),
+            (1, 1),
+            "one old replica goes to make room"
+        );
+        // With a new replica not ready yet, no second old one goes.
+        s.replicas.get_mut(&stop[0]).unwrap().draining = true;
+        let fresh = svc(2, &[(3, 2, false)]).replicas.remove(&JobId(3)).unwrap();
+        s.replicas.insert(JobId(3), fresh);
+        let (_, stop2) = plan(&s, 2);
+        assert!(stop2.is_empty(), "{stop2:?}");
+        let kinds: Vec<&str> = s.events.iter().map(|e| e.1.as_str()).collect();
+        assert!(kinds[0].starts_with("rollout of v2 started"), "{kinds:?}");
+        assert!(kinds[1].starts_with("rollout of v2 stuck"), "{kinds:?}");
     }
 
     #[test]

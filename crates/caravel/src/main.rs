@@ -2275,6 +2275,18 @@ fn show_service(s: &ServiceView) {
         "readiness {check} every {} ms, out after {} failures",
         r.period_ms, r.failure_threshold
     );
+    if let Some(ro) = &s.rollout {
+        if ro.state == "stuck" {
+            println!("rollout   STUCK: {}", ro.message);
+        } else {
+            println!(
+                "rollout   v{} progressing (started {} ago, last moved {} ago)",
+                ro.version,
+                age(caravel_server::now_ms() - ro.started_ms),
+                age(caravel_server::now_ms() - ro.progress_ms)
+            );
+        }
+    }
     if !s.replicas.is_empty() {
         let mut t = Table::new(&[
             "JOB",
@@ -2301,6 +2313,13 @@ fn show_service(s: &ServiceView) {
             ]);
         }
         print!("{t}");
+    }
+    if !s.events.is_empty() {
+        println!("events");
+        let now = caravel_server::now_ms();
+        for e in s.events.iter().rev().take(10).rev() {
+            println!("  {:>8} ago  {}", age(now - e.at_ms), e.message);
+        }
     }
 }
 

@@ -46,6 +46,8 @@ pub struct ServiceFile {
     pub rate_limit_rps: Option<u32>,
     pub max_surge: Option<u32>,
     pub max_unavailable: Option<u32>,
+    pub progress_deadline: Option<String>,
+    pub on_stuck: Option<caravel_core::OnStuck>,
     pub kill_grace: Option<String>,
     pub drain_timeout: Option<String>,
     pub response_timeout: Option<String>,
@@ -138,6 +140,9 @@ impl ServiceFile {
         s.rate_limit_rps = self.rate_limit_rps;
         s.max_surge = self.max_surge.unwrap_or(s.max_surge);
         s.max_unavailable = self.max_unavailable.unwrap_or(s.max_unavailable);
+        s.progress_deadline_ms =
+            dur(&self.progress_deadline, "progress_deadline")?.unwrap_or(s.progress_deadline_ms);
+        s.on_stuck = self.on_stuck.unwrap_or(s.on_stuck);
         s.kill_grace_ms = dur(&self.kill_grace, "kill_grace")?;
         s.drain_timeout_ms =
             dur(&self.drain_timeout, "drain_timeout")?.unwrap_or(s.drain_timeout_ms);

@@ -693,3 +693,85 @@ fn a_replica_that_does_not_answer_in_time_gets_a_504_and_the_next_request_goes_t
         (show(&p, "slow")["in_flight"] == 0).then_some(())
     });
 }
+
+#[test]
+fn a_rollout_that_cannot_surge_says_it_is_stuck_and_on_stuck_replace_gets_it_through() {
+    // One CPU, two replicas of half a CPU: no room for a surge replica.
+    let p = Pool::new("svc-stuck", &[("a", &["--cpus", "1"])]);
+    let full = |extra: Value| {
+        let mut s = spec(
+            "full",
+            json!({"resources": {"cpu_milli": 500, "memory_bytes": 67108864},
+                   "min_replicas": 2, "max_replicas": 2, "progress_deadline_ms": 2000}),
+        );
+        for (k, v) in extra.as_object().unwrap() {
+            s[k] = v.clone();
+        }
+        s
+    };
+    p.post(&p.admin, "/v1/services", &full(json!({}))).unwrap();
+    wait_for("2 ready replicas", Duration::from_secs(30), || {
+        (ready(&show(&p, "full")).len() == 2).then_some(())
+    });
+    let r = p
+        .post(&p.admin, "/v1/services", &full(json!({"env": {"V": "2"}})))
+        .unwrap();
+    assert_eq!(r["version"], 2);
+    let v = wait_for("the rollout stuck", Duration::from_secs(30), || {
+        let v = show(&p, "full");
+        (v["rollout"]["state"] == "stuck").then_some(v)
+    });
+    let m = v["rollout"]["message"].as_str().unwrap();
+    assert!(
+        m.starts_with("rollout of v2 stuck: no progress for ")
+            && m.contains("cannot be placed: [no_fit]")
+            && m.contains("on_stuck = \"replace\""),
+        "{m}"
+    );
+    // Availability is not traded away: both old replicas still serve.
+    assert_eq!(ready(&v).len(), 2, "{v}");
+    assert!(ready(&v).iter().all(|r| r["version"] == 1), "{v}");
+    let out = p.cli(&["service", "show", "full"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("rollout   STUCK: rollout of v2 stuck"),
+        "{text}"
+    );
+    assert!(text.contains("rollout of v2 started"), "{text}");
+
+    // Told to replace in place, the next version goes through, one replica at a time.
+    let r = p
+        .post(
+            &p.admin,
+            "/v1/services",
+            &full(json!({"env": {"V": "3"}, "on_stuck": "replace"})),
+        )
+        .unwrap();
+    assert_eq!(r["version"], 3);
+    let v = wait_for("v3 rolled out", Duration::from_secs(60), || {
+        let v = show(&p, "full");
+        let reps = v["replicas"].as_array()?;
+        (v.get("rollout").is_none()
+            && reps.len() == 2
+            && reps
+                .iter()
+                .all(|r| r["version"] == 3 && r["state"] == "ready"))
+        .then_some(v)
+    });
+    let events: Vec<&str> = v["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["message"].as_str().unwrap())
+        .collect();
+    assert!(
+        events.iter().any(|e| e.starts_with("rollout of v3 stuck")),
+        "{events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e.starts_with("rollout of v3 complete in ")),
+        "{events:?}"
+    );
+}
