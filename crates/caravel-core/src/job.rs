@@ -75,9 +75,13 @@ impl TopologyLevel {
 pub struct JobSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    /// Number of tasks.
+    /// Number of tasks (an elastic gang: the most it grows to).
     #[serde(default = "one")]
     pub tasks: u32,
+    /// An elastic gang (`tasks = "MIN:MAX"`): it starts once `min_tasks` fit, grows towards
+    /// `tasks` when room appears and shrinks instead of waiting, never below this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_tasks: Option<u32>,
     /// What runs. With an `image`, it may be left out (empty): the image's entrypoint and
     /// command then run, `args` replacing the command when given.
     #[serde(default)]
@@ -186,6 +190,7 @@ impl JobSpec {
             env: BTreeMap::new(),
             resources: TaskResources::default(),
             priority: Priority::Batch,
+            min_tasks: None,
             max_runtime_ms: None,
             hang_timeout_ms: None,
             max_retries: 0,
@@ -285,6 +290,20 @@ impl JobSpec {
                 ));
             }
         }
+        if let Some(min) = self.min_tasks {
+            if !self.gang {
+                return Err(ValidationError::new(
+                    "min_tasks",
+                    "only gang jobs are elastic (MIN:MAX tasks); other jobs' tasks start one by one anyway",
+                ));
+            }
+            if min == 0 || min > self.tasks {
+                return Err(ValidationError::new(
+                    "min_tasks",
+                    format!("must be 1 to tasks ({})", self.tasks),
+                ));
+            }
+        }
         if self.max_retries > MAX_RETRIES {
             return Err(ValidationError::new(
                 "max_retries",
@@ -379,13 +398,16 @@ pub enum TaskState {
     Succeeded,
     Failed,
     Cancelled,
+    /// A task of an elastic gang that the gang's current attempt does not use (it runs
+    /// with fewer ranks); pending again when the gang restarts.
+    Skipped,
 }
 
 impl TaskState {
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled
+            TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled | TaskState::Skipped
         )
     }
     pub fn as_str(self) -> &'static str {
@@ -396,6 +418,7 @@ impl TaskState {
             TaskState::Succeeded => "succeeded",
             TaskState::Failed => "failed",
             TaskState::Cancelled => "cancelled",
+            TaskState::Skipped => "skipped",
         }
     }
 }
@@ -525,6 +548,10 @@ pub struct RunRecord {
     /// version, a gang's cut), as its agent reported; `None` until it started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<u64>,
+    /// A gang member: how many ranks its attempt has (`WORLD_SIZE`; an elastic gang's
+    /// may be fewer than its tasks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub world_size: Option<u32>,
 }
 
 /// One metering record: a run held these resources from `start_ms` to `end_ms`.
@@ -585,6 +612,27 @@ pub struct PendingReason {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn elastic_gangs_and_hang_timeouts_are_checked() {
+        let mut s = JobSpec::simple("train", &[]);
+        s.tasks = 4;
+        s.min_tasks = Some(2);
+        let e = s.validate().unwrap_err();
+        assert_eq!(e.field, "min_tasks", "only gangs are elastic");
+        s.gang = true;
+        s.validate().unwrap();
+        for bad in [0, 5] {
+            s.min_tasks = Some(bad);
+            assert_eq!(s.validate().unwrap_err().field, "min_tasks", "{bad}");
+        }
+        s.min_tasks = Some(4);
+        s.validate().unwrap();
+        s.hang_timeout_ms = Some(999);
+        assert_eq!(s.validate().unwrap_err().field, "hang_timeout_ms");
+        s.hang_timeout_ms = Some(600_000);
+        s.validate().unwrap();
+    }
 
     #[test]
     fn spec_validation_names_fields() {

@@ -281,6 +281,7 @@ impl ServiceSpec {
         crate::JobSpec {
             name: Some(self.name.clone()),
             tasks: 1,
+            min_tasks: None,
             command: self.command.clone(),
             args: self.args.clone(),
             env: self.env.clone(),

@@ -276,6 +276,9 @@ pub struct JobReq {
     pub seq: u64,
     pub resources: TaskResources,
     pub gang: bool,
+    /// An elastic gang: placed with as many of `pending` as fit together, if at least
+    /// this many (the first ones); `None`: all or nothing.
+    pub min_tasks: Option<u32>,
     /// Indices of the tasks to place. For a gang this is every task.
     pub pending: Vec<u32>,
     /// For gangs: the domain every member must share.
@@ -1411,14 +1414,22 @@ impl Scheduler {
             e.1.push(i);
         }
         let best_room = domains.values().map(|d| d.0).max().unwrap_or(0);
+        // An elastic gang takes any domain that holds its minimum, the roomiest first (it
+        // wants as many ranks as it can get); a fixed one the tightest that holds it all.
+        let least = job.min_tasks.map_or(need, |m| u64::from(m).min(need));
         let mut fitting: Vec<(u64, Vec<usize>)> =
-            domains.into_values().filter(|d| d.0 >= need).collect();
+            domains.into_values().filter(|d| d.0 >= least).collect();
         // Stable sort: equal rooms keep the domain key order, so the choice is deterministic.
-        fitting.sort_by_key(|d| d.0);
-        for (_, members) in fitting {
+        if job.min_tasks.is_some() {
+            fitting.sort_by_key(|d| std::cmp::Reverse(d.0));
+        } else {
+            fitting.sort_by_key(|d| d.0);
+        }
+        for (room, members) in fitting {
             let mut placed = Vec::new();
             let mut ok = true;
-            for &idx in &job.pending {
+            let take = room.min(need) as usize;
+            for &idx in &job.pending[..take] {
                 // Tightest node of the domain first.
                 let mut best: Option<(u64, usize, Vec<u32>)> = None;
                 for &i in &members {
@@ -1434,7 +1445,7 @@ impl Scheduler {
                         placed.push((i, devs, idx));
                     }
                     None => {
-                        ok = false;
+                        ok = placed.len() as u64 >= least;
                         break;
                     }
                 }
@@ -1498,21 +1509,28 @@ impl Scheduler {
         let count_first = self.cfg.policy != Policy::Random;
         #[cfg(test)]
         let count_first = count_first && !self.place_gangs_tentatively;
+        // An elastic gang is placed with as many members as fit, if at least its minimum.
+        let least = job.min_tasks.map_or(need, |m| (m as usize).min(need));
+        let mut take = need;
         if count_first {
             let room = self.gang_room(&job.resources, end, need as u64);
-            if room < need as u64 && (room == 0 || !self.cfg.explain_pending) {
+            if room < least as u64 && (room == 0 || !self.cfg.explain_pending) {
                 let lacks = self.lacks_if_explained(&job.resources);
                 let nowhere = room == 0 && !self.fits_in_reserved_room(&job.resources);
                 return Err(failed(&lacks, room as usize, self.nodes.len(), nowhere));
             }
+            if job.min_tasks.is_some() {
+                take = (room as usize).clamp(least, need);
+            }
         }
         let mut tentative: Vec<(usize, Vec<u32>, u32)> = Vec::new();
-        for &idx in &job.pending {
+        for &idx in &job.pending[..take] {
             match self.place_for(&job.resources, end, false) {
                 Some((ni, devs)) => {
                     self.allocate(ni, &job.resources, &devs);
                     tentative.push((ni, devs, idx));
                 }
+                None if tentative.len() >= least => break,
                 None => {
                     // Counted now, while the members placed so far are still held: the
                     // reason must describe the pool the last member saw.

@@ -1046,6 +1046,7 @@ mod tests {
             seq: id,
             resources: ask(gpu),
             gang: false,
+            min_tasks: None,
             pending: vec![0],
             topology: None,
             max_runtime_ms: None,

@@ -46,6 +46,7 @@ fn job(id: u64, tasks: u32, cpu: u64, gpu: Option<(&str, u32)>, gang: bool) -> J
             gpu: gpu.map(|(m, c)| GpuRequest::whole(m, c)),
         },
         gang,
+        min_tasks: None,
         pending: (0..tasks).collect(),
         topology: None,
         max_runtime_ms: None,
@@ -300,6 +301,7 @@ fn arb_world() -> impl Strategy<Value = World> {
                         },
                     },
                     gang,
+                    min_tasks: None,
                     pending: (0..tasks).collect(),
                     topology: None,
                     max_runtime_ms: None,
@@ -3400,4 +3402,41 @@ fn gang_room_when_empty_counts_whole_tasks_per_domain() {
         1
     );
     assert_eq!(gang_room_when_empty(&[], &cpu, None), 0);
+}
+
+#[test]
+fn an_elastic_gang_takes_as_many_ranks_as_fit_but_never_fewer_than_its_minimum() {
+    let nodes = vec![cpu_node(1, 2, 64), cpu_node(2, 1, 64)];
+    let mut t = HashMap::new();
+    // Room for 3 of 1 CPU: an elastic 2:4 gang gets 3 (its first three tasks).
+    let mut g = job(1, 4, 1000, None, true);
+    g.min_tasks = Some(2);
+    let mut s = Scheduler::new(Config::default(), nodes.clone());
+    let plan = s.schedule(&mut t, std::slice::from_ref(&g));
+    let mut placed: Vec<u32> = plan.placements.iter().map(|p| p.index).collect();
+    placed.sort();
+    assert_eq!(placed, vec![0, 1, 2], "{plan:?}");
+    // The same gang all or nothing waits.
+    let mut fixed = g.clone();
+    fixed.min_tasks = None;
+    let mut s = Scheduler::new(Config::default(), nodes.clone());
+    let plan = s.schedule(&mut t, &[fixed]);
+    assert!(plan.placements.is_empty(), "{plan:?}");
+    assert_eq!(plan.pending[&JobId(1)][0].code, "gang");
+    // Below its minimum (4 of 4 needed, 3 fit) it waits too.
+    let mut big = g.clone();
+    big.min_tasks = Some(4);
+    let mut s = Scheduler::new(Config::default(), nodes.clone());
+    assert!(s.schedule(&mut t, &[big]).placements.is_empty());
+    // Inside a topology domain: the roomiest domain that holds the minimum.
+    let racked_nodes: Vec<NodeSnap> = vec![racked(1, "z1", "a", 2), racked(2, "z1", "b", 8)];
+    let mut tg = topo_gang(3, 12, 1, TopologyLevel::Rack);
+    tg.min_tasks = Some(4);
+    let mut s = Scheduler::new(Config::default(), racked_nodes.clone());
+    let plan = s.schedule(&mut t, &[tg]);
+    assert_eq!(plan.placements.len(), 8, "{plan:?}");
+    assert!(plan
+        .placements
+        .iter()
+        .all(|p| rack_of(&racked_nodes, p.node) == "b"));
 }

@@ -1124,7 +1124,7 @@ pub async fn agent_sync(
         gang_answers(&s, &core, req.node_id, &req.still);
         let (version, desired, assignments) = core.desired(req.node_id, &known);
         let confirm = gang_questions(&s, &core, &known);
-        if version != req.known_version || req.wait_ms == 0 || !confirm.is_empty() {
+        if version != req.known_version || req.wait_ms == 0 {
             drop(core);
             return Ok(Json(SyncResponse {
                 version,

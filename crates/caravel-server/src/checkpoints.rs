@@ -76,6 +76,9 @@ pub struct Rank {
     /// The task's newest attempt number.
     pub attempts: u32,
     pub current: Option<RunId>,
+    /// An elastic gang's rank the current attempt does not use: its part of the last cut
+    /// is kept as it is, and nothing is asked of it.
+    pub sits_out: bool,
 }
 
 struct Round {
@@ -476,8 +479,16 @@ impl Checkpoints {
     pub fn try_cut(&self, job: JobId, ranks: &[Rank]) -> Result<Option<Cut>, CheckpointError> {
         let mut g = self.gangs.lock().expect("lock");
         let mut versions = BTreeMap::new();
+        let old = g.cuts.get(&job).cloned();
+        let mut kept = BTreeMap::new();
         for (r, now) in ranks.iter().enumerate() {
             let r = r as u32;
+            if now.sits_out {
+                if let Some(s) = old.as_ref().and_then(|c| c.parts.get(&r)) {
+                    kept.insert(r, s.clone());
+                }
+                continue;
+            }
             let fin = g.finals.get(&(job, r)).filter(|f| {
                 now.current == Some(f.run) || (now.current.is_none() && f.attempt == now.attempts)
             });
@@ -488,8 +499,7 @@ impl Checkpoints {
             };
             versions.insert(r, v);
         }
-        let old = g.cuts.get(&job).cloned();
-        let mut parts = BTreeMap::new();
+        let mut parts = kept;
         for (r, v) in versions {
             if v == 0 {
                 continue;
@@ -747,6 +757,7 @@ mod tests {
             .map(|r| Rank {
                 attempts: 1,
                 current: r.map(RunId),
+                sits_out: false,
             })
             .collect()
     }
@@ -832,10 +843,12 @@ mod tests {
             Rank {
                 attempts: 2,
                 current: Some(RunId(20)),
+                sits_out: false,
             },
             Rank {
                 attempts: 2,
                 current: Some(RunId(21)),
+                sits_out: false,
             },
         ];
         save(&c, t.path(), 0, 20, b"step 80");
@@ -846,6 +859,7 @@ mod tests {
             Rank {
                 attempts: 2,
                 current: None,
+                sits_out: false,
             };
             2
         ];
@@ -874,6 +888,7 @@ mod tests {
                 &[Rank {
                     attempts: 3,
                     current: None,
+                    sits_out: false,
                 }; 2],
             )
             .unwrap()

@@ -100,6 +100,8 @@ pub struct Core {
     /// A job that has waited this long without ever starting has nodes drained for it,
     /// oldest first, one job at a time (`Scheduler::protect`); 0: never.
     pub starvation_ms: u64,
+    /// An elastic gang grows (restarts bigger) only once its attempt has run this long.
+    pub elastic_grow_after_ms: u64,
     /// Set when a commit failed after memory changed; the server reloads from the store.
     needs_reload: bool,
     group: Option<Vec<Mutation>>,
@@ -211,6 +213,7 @@ impl Core {
             history_at: None,
             fair_share_half_life_ms: 3_600_000,
             starvation_ms: 0,
+            elastic_grow_after_ms: 60_000,
             needs_reload: false,
             group: None,
             services: BTreeMap::new(),
@@ -620,20 +623,26 @@ impl Core {
                     .collect();
                 let room =
                     caravel_sched::gang_room_when_empty(&nodes, &spec.resources, Some(level));
-                if room < u64::from(spec.tasks) {
+                let least = spec.min_tasks.unwrap_or(spec.tasks);
+                if room < u64::from(least) {
                     return Err(ApiError::field(
                         ErrorCode::Unschedulable,
                         "topology",
                         format!(
                             "no {} could ever hold this gang: it needs all {} tasks in one {0}, and the largest {0} holds {room} of them even with nothing else running",
                             level.as_str(),
-                            spec.tasks
+                            least
                         ),
                     ));
                 }
             }
         }
-        let all_at_once = if spec.gang { spec.tasks as u64 } else { 1 };
+        // An elastic gang needs only its minimum at once.
+        let all_at_once = if spec.gang {
+            spec.min_tasks.unwrap_or(spec.tasks) as u64
+        } else {
+            1
+        };
         // With several acceptable models the job is fine if one of them could hold it.
         let models: Vec<Option<&str>> = match &spec.resources.gpu {
             Some(g) => g.models().into_iter().map(Some).collect(),
@@ -1085,7 +1094,11 @@ impl Core {
         let new_state = if all_done {
             if j.rec.cancel_requested {
                 JobState::Cancelled
-            } else if j.tasks.iter().all(|t| t.state == TaskState::Succeeded) {
+            } else if j
+                .tasks
+                .iter()
+                .all(|t| matches!(t.state, TaskState::Succeeded | TaskState::Skipped))
+            {
                 JobState::Succeeded
             } else {
                 JobState::Failed
@@ -1345,6 +1358,7 @@ impl Core {
                 seq: j.rec.seq,
                 resources: j.rec.spec.resources.clone(),
                 gang: j.rec.spec.gang,
+                min_tasks: j.rec.spec.min_tasks,
                 pending: j
                     .tasks
                     .iter()
@@ -1483,8 +1497,10 @@ impl Core {
 
         // Build runs; gang members learn their local rank and rank 0's address.
         let mut per_job_node: HashMap<(JobId, NodeId), u32> = HashMap::new();
+        let mut per_job: HashMap<JobId, u32> = HashMap::new();
         for p in &plan.placements {
             *per_job_node.entry((p.job, p.node)).or_insert(0) += 1;
+            *per_job.entry(p.job).or_insert(0) += 1;
         }
         let mut seen_job_node: HashMap<(JobId, NodeId), u32> = HashMap::new();
         let mut master: HashMap<JobId, String> = HashMap::new();
@@ -1548,6 +1564,7 @@ impl Core {
                 signal: None,
                 message: String::new(),
                 checkpoint: None,
+                world_size: j.rec.spec.gang.then(|| per_job[&p.job]),
             };
             next_run += 1;
             t.current_run = Some(run.id);
@@ -1558,6 +1575,17 @@ impl Core {
                 touched_jobs.insert(p.job);
             }
             new_runs.push(run);
+        }
+        // An elastic gang placed with fewer ranks than its tasks: the others sit this
+        // attempt out (pending again when the gang restarts, to grow or shrink).
+        for (id, n) in &per_job {
+            let j = self.jobs.get_mut(id).expect("exists");
+            if j.rec.spec.min_tasks.is_some() && *n < j.rec.spec.tasks {
+                for t in j.tasks.iter_mut().filter(|t| t.state == TaskState::Pending) {
+                    t.state = TaskState::Skipped;
+                    batch.push(Mutation::PutTask(t.clone()));
+                }
+            }
         }
         for id in &touched_jobs {
             batch.push(Mutation::PutJob(self.jobs[id].rec.clone()));
@@ -1848,6 +1876,103 @@ impl Core {
         }
     }
 
+    /// Grows elastic gangs: one running with fewer ranks than it may have, whose attempt
+    /// has run `elastic_grow_after_ms`, is stopped (preempted: no retry used, its
+    /// checkpoint saved at exit) when idle room holds more of its ranks and no other job
+    /// waits for it; it is then placed again with as many ranks as fit. Topology-bound
+    /// gangs do not grow (the room would have to be in their domain).
+    pub fn grow_elastic(&mut self, now: Millis) -> Result<u32, ApiError> {
+        let mut grown = 0;
+        let candidates: Vec<JobId> = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| {
+                j.rec.spec.min_tasks.is_some()
+                    && j.rec.spec.topology.is_none()
+                    && !j.rec.state.is_terminal()
+                    && !j.rec.cancel_requested
+                    && !j.active_runs.is_empty()
+                    && (j.active_runs.len() as u32) < j.rec.spec.tasks
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in candidates {
+            if self.pending.iter().any(|p| *p != id) {
+                break;
+            }
+            let j = &self.jobs[&id];
+            let runs: Vec<&RunRecord> = j
+                .active_runs
+                .iter()
+                .filter_map(|r| self.runs.get(r))
+                .collect();
+            // Every rank still at work: a gang some of whose ranks have finished is ending,
+            // not worth a restart.
+            if runs
+                .iter()
+                .any(|r| r.state != RunState::Running || r.stop.is_some())
+                || j.tasks
+                    .iter()
+                    .any(|t| !matches!(t.state, TaskState::Running | TaskState::Skipped))
+            {
+                continue;
+            }
+            let started = runs
+                .iter()
+                .filter_map(|r| r.started_ms)
+                .max()
+                .unwrap_or(now);
+            if now - started < self.elastic_grow_after_ms as i64 {
+                continue;
+            }
+            let res = j.rec.spec.resources.clone();
+            let room: u64 = self
+                .nodes
+                .values()
+                .filter(|e| e.node.state == NodeState::Ready && !e.node.drained)
+                .map(|e| {
+                    let cap = &e.node.capacity;
+                    let free = Capacity {
+                        cpu_milli: cap.cpu_milli.saturating_sub(e.alloc.cpu_milli),
+                        memory_bytes: cap.memory_bytes.saturating_sub(e.alloc.memory_bytes),
+                        devices: cap
+                            .devices
+                            .iter()
+                            .filter(|d| {
+                                !e.alloc.devices.contains(&d.index)
+                                    && !e.alloc.shared.contains_key(&d.index)
+                            })
+                            .cloned()
+                            .collect(),
+                        ..cap.clone()
+                    };
+                    caravel_sched::tasks_when_empty(&free, &res)
+                })
+                .sum();
+            if room == 0 {
+                continue;
+            }
+            let k = runs.len();
+            let ids: Vec<RunId> = runs.iter().map(|r| r.id).collect();
+            let mut batch = Vec::new();
+            let mut nodes = BTreeSet::new();
+            for rid in ids {
+                let r = self.runs.get_mut(&rid).expect("active");
+                r.stop = Some(StopReason::Preempt);
+                r.message = format!("stopped to grow from {k} ranks: room for {room} more");
+                batch.push(Mutation::PutRun(r.clone()));
+                nodes.insert(r.node);
+            }
+            self.commit(&batch)?;
+            for n in nodes {
+                self.bump(n);
+            }
+            tracing::info!(job = %id, ranks = k, room, "growing an elastic gang: stopping it to place it again bigger");
+            grown += 1;
+        }
+        Ok(grown)
+    }
+
     /// What the gang checkpoint protocol needs of each rank of a gang of more than one
     /// task; `None` for any other job.
     pub fn gang_ranks(&self, job: JobId) -> Option<Vec<crate::checkpoints::Rank>> {
@@ -1858,6 +1983,7 @@ impl Core {
                 .map(|t| crate::checkpoints::Rank {
                     attempts: t.attempts,
                     current: t.current_run,
+                    sits_out: t.state == TaskState::Skipped,
                 })
                 .collect()
         })
@@ -2285,7 +2411,10 @@ impl Core {
         }
         if s.gang {
             env.insert("RANK".into(), r.index.to_string());
-            env.insert("WORLD_SIZE".into(), s.tasks.to_string());
+            env.insert(
+                "WORLD_SIZE".into(),
+                r.world_size.unwrap_or(s.tasks).to_string(),
+            );
             env.insert("LOCAL_RANK".into(), r.local_rank.to_string());
             env.insert("LOCAL_WORLD_SIZE".into(), r.local_world_size.to_string());
             env.insert(
@@ -2432,6 +2561,11 @@ impl Core {
                 };
                 let msg = if state == RunState::TimedOut {
                     format!("exceeded max runtime; {msg}")
+                } else if state == RunState::Preempted
+                    && stop == Some(StopReason::Preempt)
+                    && self.runs[&rid].preempted_for.is_none()
+                {
+                    format!("stopped to grow its elastic gang; {msg}")
                 } else if state == RunState::Preempted && stop == Some(StopReason::Shutdown) {
                     let name = self.nodes.get(&on).map(|e| e.node.name.as_str());
                     format!("node {} shut down; {msg}", name.unwrap_or("?"))

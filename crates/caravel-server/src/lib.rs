@@ -162,6 +162,8 @@ pub struct ServerConfig {
     pub reservations: usize,
     /// Drain nodes for a job that has waited this long without starting (0: never).
     pub starvation_ms: u64,
+    /// An elastic gang's attempt runs this long before it may restart bigger.
+    pub elastic_grow_after_ms: u64,
     /// HTTPS on the listener (the API and the gateway); plain HTTP when `None`.
     pub tls: Option<Tls>,
     /// Domains under which the gateway routes by host name (`SERVICE[--TENANT].DOMAIN`).
@@ -216,6 +218,7 @@ impl ServerConfig {
             las: None,
             reservations: 1,
             starvation_ms: 0,
+            elastic_grow_after_ms: 60_000,
             tls: None,
             gateway_domains: vec![],
             checkpoint_dir: None,
@@ -579,6 +582,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
     core.sched_cfg.las = cfg.las.clone();
     core.sched_cfg.reservations = cfg.reservations;
     core.starvation_ms = cfg.starvation_ms;
+    core.elastic_grow_after_ms = cfg.elastic_grow_after_ms;
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| ServerError::Listen {
@@ -746,14 +750,22 @@ async fn scheduling_loop(s: Arc<Shared>) {
         let t0 = Instant::now();
         // Read before the core lock: a save holds the checkpoint index's lock while it
         // asks the core whether its run is still current.
-        let saved = (s.core.lock().expect("core lock").saved.0 != s.checkpoints.generation())
-            .then(|| s.checkpoints.saved_by_run());
+        // Two statements: a temporary guard in one expression would live until its end,
+        // holding the core lock while `saved_by_run` waits for the index lock, which a
+        // save holds while it waits for the core lock (a deadlock seen in the gang tests).
+        let stale = s.core.lock().expect("core lock").saved.0 != s.checkpoints.generation();
+        let saved = stale.then(|| s.checkpoints.saved_by_run());
         let (res, needs_reload, due) = {
             let mut core = s.core.lock().expect("core lock");
             if let Some(saved) = saved {
                 core.saved = saved;
             }
             let r = core.schedule(now_ms());
+            if r.is_ok() {
+                if let Err(e) = core.grow_elastic(now_ms()) {
+                    tracing::warn!("growing elastic gangs: {e}");
+                }
+            }
             if let Ok(st) = &r {
                 if st.full {
                     let gap = t0.elapsed() * FULL_PASS_GAP_FACTOR;
@@ -935,6 +947,7 @@ fn reload(s: &Shared) {
             c.sched_cfg.las = s.cfg.las.clone();
             c.sched_cfg.reservations = s.cfg.reservations;
             c.starvation_ms = s.cfg.starvation_ms;
+            c.elastic_grow_after_ms = s.cfg.elastic_grow_after_ms;
             let d = c.durability();
             let mut core = s.core.lock().expect("core lock");
             *core = c;

@@ -249,6 +249,7 @@ pub fn run(
             seq: id as u64,
             resources: to_request(p, &models),
             gang: false,
+            min_tasks: None,
             pending: vec![0],
             topology: None,
             max_runtime_ms: None,

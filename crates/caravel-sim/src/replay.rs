@@ -886,6 +886,7 @@ impl Engine<'_> {
             seq: sp.seq,
             resources: sp.resources.clone(),
             gang: sp.gang,
+            min_tasks: None,
             pending: self.jobs[j].pending.iter().copied().collect(),
             topology: sp.topology,
             max_runtime_ms: sp.max_runtime_ms,

@@ -112,6 +112,7 @@ pub fn run(id: u64, job: u64, state: RunState) -> RunRecord {
         signal: None,
         message: String::new(),
         checkpoint: None,
+        world_size: None,
     }
 }
 

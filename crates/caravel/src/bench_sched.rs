@@ -65,6 +65,7 @@ fn job(id: u64, tenant: u64, tasks: u32, r: TaskResources, gang: bool) -> JobReq
         seq: id,
         resources: r,
         gang,
+        min_tasks: None,
         pending: (0..tasks).collect(),
         topology: None,
         max_runtime_ms: None,

@@ -37,7 +37,8 @@ pub struct FileResources {
 #[serde(deny_unknown_fields)]
 pub struct JobFile {
     pub name: Option<String>,
-    pub tasks: Option<u32>,
+    /// N, or "MIN:MAX" for an elastic gang.
+    pub tasks: Option<NumOrStr>,
     pub command: Option<String>,
     #[serde(default)]
     pub args: Vec<String>,
@@ -116,6 +117,13 @@ impl JobFile {
             (None, Some(_)) => String::new(),
             (None, None) => bail!("command: missing (it may be left out only with an image)"),
         };
+        let tasks = match &self.tasks {
+            None => (None, 1),
+            Some(NumOrStr::Num(n)) if n.fract() == 0.0 && *n >= 0.0 && *n <= u32::MAX as f64 => {
+                (None, *n as u32)
+            }
+            Some(t) => crate::task_count(&t.text()).map_err(|e| anyhow!("tasks: {e}"))?,
+        };
         Ok(JobSpec {
             image: self.image,
             workdir: None,
@@ -126,7 +134,8 @@ impl JobFile {
                 .map(|d| parse_bytes(&d.text()).map_err(|e| anyhow!("disk: {e}")))
                 .transpose()?,
             name: self.name,
-            tasks: self.tasks.unwrap_or(1),
+            tasks: tasks.1,
+            min_tasks: tasks.0,
             command,
             args: self.args,
             env: self.env,
@@ -191,6 +200,23 @@ gpu = "H100:1"
         assert_eq!(s.max_runtime_ms, Some(7_200_000));
         assert_eq!(s.priority, Priority::Online);
         assert!(s.fence && s.gang);
+    }
+
+    #[test]
+    fn tasks_may_be_a_range_for_an_elastic_gang() {
+        let spec = |t: &str| {
+            JobFile::parse(&format!("command = \"x\"\ngang = true\ntasks = {t}\n"), "j")
+                .unwrap()
+                .into_spec()
+        };
+        let s = spec("\"2:4\"").unwrap();
+        assert_eq!((s.min_tasks, s.tasks), (Some(2), 4));
+        let s = spec("3").unwrap();
+        assert_eq!((s.min_tasks, s.tasks), (None, 3));
+        for bad in ["\"4:2\"", "\"0:2\"", "\"a:b\"", "2.5"] {
+            let e = spec(bad).unwrap_err().to_string();
+            assert!(e.starts_with("tasks: "), "{bad}: {e}");
+        }
     }
 
     #[test]

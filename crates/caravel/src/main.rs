@@ -399,6 +399,10 @@ struct ServerArgs {
     /// started. Bounds the wait of large gangs at some cost; off (`0s`) by default.
     #[arg(long, default_value = "0s", value_parser = dur)]
     starvation: u64,
+    /// How long an elastic gang's attempt runs before the gang may restart bigger when
+    /// idle room holds more of its ranks (each growth is a restart from its checkpoint).
+    #[arg(long, default_value = "60s", value_parser = dur)]
+    elastic_grow_after: u64,
     /// How many waiting jobs hold a backfill reservation at once, in queue order. 1 is EASY
     /// backfill (only the head-of-line job's start is protected); more protects the starts
     /// of the next jobs too, so large gangs behind the head are not overtaken without end.
@@ -571,6 +575,25 @@ struct TaskArgs {
     /// The agent tells the server which of them it finds free.
     #[arg(long, default_value = "29500-31499", value_parser = port_range)]
     master_ports: (u16, u16),
+}
+
+/// `N` or `MIN:MAX` (an elastic gang).
+pub fn task_count(s: &str) -> Result<(Option<u32>, u32), String> {
+    let num = |v: &str| {
+        v.trim()
+            .parse::<u32>()
+            .map_err(|_| format!("`{s}` is not a task count: N, or MIN:MAX for an elastic gang"))
+    };
+    match s.split_once(':') {
+        None => Ok((None, num(s)?)),
+        Some((a, b)) => {
+            let (min, max) = (num(a)?, num(b)?);
+            if min == 0 || min > max {
+                return Err(format!("`{s}`: MIN:MAX needs 1 <= MIN <= MAX"));
+            }
+            Ok((Some(min), max))
+        }
+    }
 }
 
 fn port_range(s: &str) -> Result<(u16, u16), String> {
@@ -793,9 +816,10 @@ struct SubmitArgs {
     file: Option<PathBuf>,
     #[arg(long, short = 'J')]
     name: Option<String>,
-    /// Number of tasks.
-    #[arg(short = 'n', long)]
-    tasks: Option<u32>,
+    /// Number of tasks; MIN:MAX for an elastic gang (with --gang): it starts once MIN
+    /// fit and grows towards MAX.
+    #[arg(short = 'n', long, value_name = "N|MIN:MAX", value_parser = task_count)]
+    tasks: Option<(Option<u32>, u32)>,
     /// CPUs per task: 2, 0.5, 500m.
     #[arg(short = 'c', long)]
     cpus: Option<String>,
@@ -1054,6 +1078,7 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
                 None => None,
             };
             cfg.starvation_ms = a.starvation;
+            cfg.elastic_grow_after_ms = a.elastic_grow_after;
             cfg.reservations = a.reservations;
             cfg.zone = a.zone;
             cfg.region = a.region;
@@ -1598,8 +1623,9 @@ fn build_spec(a: &SubmitArgs) -> Result<(JobSpec, Option<PathBuf>)> {
     if let Some(n) = &a.name {
         spec.name = Some(n.clone());
     }
-    if let Some(n) = a.tasks {
+    if let Some((min, n)) = a.tasks {
         spec.tasks = n;
+        spec.min_tasks = min;
     }
     if let Some(c) = &a.cpus {
         spec.resources.cpu_milli = parse_cpu_milli(c).map_err(|e| anyhow!("--cpus: {e}"))?;

@@ -14,12 +14,17 @@ const STEPS: u32 = 240;
 
 /// What an uninterrupted run of the trainer ends with.
 fn expected(pattern: &str, world: u32) -> String {
+    expected_at(pattern, world, STEPS)
+}
+
+/// `expected` after `steps` steps.
+fn expected_at(pattern: &str, world: u32, steps: u32) -> String {
     let out = std::process::Command::new("python3")
         .args(["-c", TRAINER])
         .env("EXPECT", "1")
         .env("PATTERN", pattern)
         .env("WORLD_SIZE", world.to_string())
-        .env("STEPS", STEPS.to_string())
+        .env("STEPS", steps.to_string())
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
@@ -383,4 +388,114 @@ fn a_rank_frozen_by_sigstop_is_caught_and_the_gang_resumes() {
 #[test]
 fn a_rank_asleep_for_good_is_caught_and_the_gang_resumes() {
     hung_rank_is_caught("ganghangsleep", false);
+}
+
+#[test]
+fn an_elastic_gang_starts_small_grows_when_nodes_join_shrinks_when_one_dies_and_finishes() {
+    let mut p = Pool::with_server_args(
+        "gangelastic",
+        &["--elastic-grow-after", "2s"],
+        &[("a", &["--cpus", "2"])],
+    );
+    let want = expected_at("a", 2, 600);
+    let id = p.submit(
+        &p.admin,
+        json!({"command": "python3", "args": ["-c", TRAINER], "tasks": 4, "min_tasks": 2,
+               "gang": true, "max_retries": 3, "kill_grace_ms": 2000,
+               "resources": {"cpu_milli": 1000},
+               "env": {"PATTERN": "a", "STEPS": "600", "EVERY": "40", "PAUSE": "0.05"}}),
+    );
+    // Two ranks fit on the one node: it starts with two, the others sit out.
+    p.wait_task_running(id, 1);
+    let j = p.job(&p.admin, id);
+    assert_eq!(j["task_list"][2]["state"], "skipped", "{j}");
+    assert_eq!(j["task_list"][3]["state"], "skipped", "{j}");
+    wait_for(
+        "rank 0 started with world 2",
+        Duration::from_secs(30),
+        || p.logs(id, 0, "stdout").contains("world=2").then_some(()),
+    );
+    let cut_part0 = |p: &Pool| -> u64 {
+        p.get(&p.admin, &format!("/v1/jobs/{id}/checkpoint-cut"))
+            .ok()
+            .and_then(|c| {
+                c["parts"].as_array()?.iter().find(|x| x["task"] == 0)?["version"].as_u64()
+            })
+            .unwrap_or(0)
+    };
+    wait_for("a first cut", Duration::from_secs(30), || {
+        (cut_part0(&p) >= 1).then_some(())
+    });
+    // A node joins: the gang restarts with four ranks, from its checkpoint.
+    p.start_agent("b", &["--cpus", "2"]);
+    let j = wait_for("four ranks running", Duration::from_secs(60), || {
+        let j = p.job(&p.admin, id);
+        let running = j["task_list"]
+            .as_array()?
+            .iter()
+            .filter(|t| t["state"] == "running")
+            .count();
+        (running == 4).then_some(j)
+    });
+    let grew = j["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["state"] == "preempted")
+        .count();
+    assert_eq!(
+        grew, 2,
+        "the two ranks were stopped to grow, no retry used: {j}"
+    );
+    assert!(
+        j["task_list"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["retries_used"] == 0),
+        "{j}"
+    );
+    wait_for(
+        "rank 3 started with world 4",
+        Duration::from_secs(30),
+        || p.logs(id, 3, "stdout").contains("world=4").then_some(()),
+    );
+    let before = cut_part0(&p);
+    wait_for("a cut of the four ranks", Duration::from_secs(30), || {
+        (cut_part0(&p) > before).then_some(())
+    });
+    // The new node dies: the gang shrinks back to what fits instead of waiting.
+    let on_b: Vec<u32> = (0..4)
+        .filter(|t| j["task_list"][*t as usize]["node"] == p.node_name("b").as_str())
+        .collect();
+    assert!(!on_b.is_empty(), "{j}");
+    let pids: Vec<i32> = on_b.iter().flat_map(|t| p.task_pids(id, *t)).collect();
+    p.kill9_agent("b");
+    for pid in pids {
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
+    let j = p.wait_state(id, &["succeeded", "failed"], Duration::from_secs(120));
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let out = p.logs(id, 0, "stdout");
+    assert!(out.contains("world=2"), "{out}");
+    assert!(
+        out.contains(&format!("FINAL rank=0 step=600 value={want} ")),
+        "{out}"
+    );
+    let resumed: u32 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("START rank=0 step="))
+        .and_then(|l| l.split(' ').next()?.parse().ok())
+        .unwrap();
+    assert!(
+        resumed > 0,
+        "the last attempt resumed from its checkpoint: {out}"
+    );
+    let tasks = j["task_list"].as_array().unwrap();
+    assert_eq!(tasks[0]["state"], "succeeded");
+    assert_eq!(tasks[1]["state"], "succeeded");
+    assert_eq!(tasks[2]["state"], "skipped", "{j}");
+    assert_eq!(tasks[3]["state"], "skipped", "{j}");
 }

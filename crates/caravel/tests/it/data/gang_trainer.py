@@ -46,7 +46,10 @@ def next_mine(mine, step, rank):
 
 
 def result(x, mines):
-    return sum(mines) % P if pattern == "b" else x
+    if pattern == "b":
+        # Resumed at the last step: no step was taken to gather the shards.
+        return sum(mines) % P if mines else "unknown"
+    return x
 
 
 if os.environ.get("EXPECT"):
@@ -121,7 +124,8 @@ else:
             fail(3, f"checkpoint-{n}: rng state of step {r['step']} beside a model of step {m['step']}")
         step, x, mine = m["step"], m["x"], r["rng"]
 resumed = step
-print(f"START rank={rank} step={step} attempt={os.environ.get('CARAVEL_ATTEMPT')}", flush=True)
+print(f"START rank={rank} step={step} attempt={os.environ.get('CARAVEL_ATTEMPT')} world={world}",
+      flush=True)
 
 # ---- rendezvous
 addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
@@ -223,6 +227,7 @@ def complete(step):
 
 
 pending = None
+mines = []  # every rank's state as of the last step (rank 0's answer)
 while step < STEPS:
     if rank == 1 and step == HANG_AT and os.environ.get("CARAVEL_ATTEMPT") == "1":
         time.sleep(10**9)
