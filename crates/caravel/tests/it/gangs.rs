@@ -499,3 +499,77 @@ fn an_elastic_gang_starts_small_grows_when_nodes_join_shrinks_when_one_dies_and_
     assert_eq!(tasks[2]["state"], "skipped", "{j}");
     assert_eq!(tasks[3]["state"], "skipped", "{j}");
 }
+
+#[test]
+fn an_elastic_gang_on_borrowed_capacity_shrinks_when_its_owner_reclaims_it() {
+    let p = Pool::with_server_args(
+        "gangreclaim",
+        &["--elastic-grow-after", "2s"],
+        &[("a", &["--cpus", "2"]), ("b", &["--cpus", "2"])],
+    );
+    let owner = token(&p, &["tenant", "create", "owner", "--guarantee", "cpu=2"]);
+    let trainer = token(&p, &["tenant", "create", "trainer"]);
+    let want = expected_at("a", 2, 500);
+    let id = p.submit(
+        &trainer,
+        json!({"command": "python3", "args": ["-c", TRAINER], "tasks": 4, "min_tasks": 2,
+               "gang": true, "max_retries": 3, "kill_grace_ms": 2000,
+               "resources": {"cpu_milli": 1000},
+               "env": {"PATTERN": "a", "STEPS": "500", "EVERY": "40", "PAUSE": "0.05"}}),
+    );
+    // It takes the whole idle pool, all borrowed.
+    for r in 0..4 {
+        p.wait_task_running(id, r);
+    }
+    wait_for("a first cut", Duration::from_secs(30), || {
+        let c = p
+            .get(&trainer, &format!("/v1/jobs/{id}/checkpoint-cut"))
+            .ok()?;
+        (!c["parts"].as_array()?.is_empty()).then_some(())
+    });
+    // The owner takes its two CPUs back: the gang goes on with two ranks meanwhile.
+    let o = p.submit(
+        &owner,
+        json!({"command": "sleep", "args": ["6"], "tasks": 2, "resources": {"cpu_milli": 1000}}),
+    );
+    p.wait_task_running(o, 1);
+    let j = wait_for(
+        "the gang running with two ranks",
+        Duration::from_secs(30),
+        || {
+            let j = p.job(&p.admin, id);
+            let running = j["task_list"]
+                .as_array()?
+                .iter()
+                .filter(|t| t["state"] == "running")
+                .count();
+            (running == 2 && j["task_list"][3]["state"] == "skipped").then_some(j)
+        },
+    );
+    assert_eq!(p.job(&owner, o)["state"], "running", "{j}");
+    let preempted = j["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["state"] == "preempted")
+        .count();
+    // The victims are preempted, their mates stopped with the gang.
+    assert!(
+        preempted >= 1,
+        "reclaimed by preemption, no retry used: {j}"
+    );
+    assert!(j["task_list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|t| t["retries_used"] == 0));
+    let jo = p.wait_state(o, &["succeeded", "failed"], Duration::from_secs(30));
+    assert_eq!(jo["state"], "succeeded", "{jo}");
+    let j = p.wait_state(id, &["succeeded", "failed"], Duration::from_secs(120));
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let out = p.logs(id, 0, "stdout");
+    assert!(
+        out.contains(&format!("FINAL rank=0 step=500 value={want} ")),
+        "{out}"
+    );
+}
