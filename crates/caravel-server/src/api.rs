@@ -905,12 +905,44 @@ pub async fn list_nodes(
     State(s): State<Arc<Shared>>,
     headers: HeaderMap,
 ) -> Res<Json<Vec<NodeView>>> {
-    user_only(authenticate(&s, &headers)?)?;
+    let p = user_only(authenticate(&s, &headers)?)?;
     let core = s.core.lock().expect("core lock");
+    // A tenant sees what it runs on each node, never what other tenants run there.
+    let own = |e: &crate::core::NodeEntry, t: TenantId| {
+        let mut a = crate::core::NodeAlloc::default();
+        for r in e.alloc.runs.iter().filter_map(|r| core.runs.get(r)) {
+            if r.tenant != t {
+                continue;
+            }
+            let res = &core.jobs[&r.job].rec.spec.resources;
+            a.cpu_milli += res.cpu_milli;
+            a.memory_bytes += res.memory_bytes;
+            match res.gpu.as_ref().and_then(|g| g.milli) {
+                Some(m) => {
+                    for d in &r.devices {
+                        *a.shared.entry(*d).or_default() += m;
+                    }
+                }
+                None => a.devices.extend(r.devices.iter().copied()),
+            }
+            a.runs.insert(r.id);
+        }
+        a
+    };
     Ok(Json(
         core.nodes
             .values()
-            .map(|e| NodeView {
+            .map(|e| {
+                (
+                    e,
+                    if let Principal::Tenant(t) = p {
+                        own(e, t)
+                    } else {
+                        e.alloc.clone()
+                    },
+                )
+            })
+            .map(|(e, alloc)| NodeView {
                 id: e.node.id,
                 name: e.node.name.clone(),
                 state: e.node.state,
@@ -918,11 +950,11 @@ pub async fn list_nodes(
                 topology: e.node.topology.clone(),
                 labels: e.node.labels.clone(),
                 capacity: e.node.capacity.clone(),
-                allocated_cpu_milli: e.alloc.cpu_milli,
-                allocated_memory_bytes: e.alloc.memory_bytes,
-                allocated_devices: e.alloc.devices.iter().copied().collect(),
-                shared_devices: e.alloc.shared.clone(),
-                running_tasks: e.alloc.runs.len() as u32,
+                allocated_cpu_milli: alloc.cpu_milli,
+                allocated_memory_bytes: alloc.memory_bytes,
+                allocated_devices: alloc.devices.iter().copied().collect(),
+                shared_devices: alloc.shared.clone(),
+                running_tasks: alloc.runs.len() as u32,
                 last_seen_ms: e.node.last_seen_ms,
                 drained: e.node.drained,
                 isolation_missing: e.node.isolation_missing.clone(),
@@ -1425,7 +1457,12 @@ pub async fn agent_logs(
     }))
 }
 
-pub async fn metrics(State(s): State<Arc<Shared>>) -> Response {
+/// `GET /metrics` (admin token): tenants' and services' names are in the labels, so
+/// scraping needs the admin token, as the Kubernetes API server's and Nomad's need theirs.
+pub async fn metrics(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    if let Err(e) = authenticate(&s, &headers).and_then(require_admin) {
+        return e.into_response();
+    }
     crate::refresh_gauges(&s);
     (
         [(

@@ -736,7 +736,19 @@ async fn proxy(
     req: Request,
 ) -> Response {
     let t0 = Instant::now();
-    let label = format!("{tenant}/{service}");
+    // Only services that exist get a label of their own: what strangers send must not grow
+    // the metrics' cardinality.
+    let label = if s
+        .gateway
+        .routes
+        .lock()
+        .expect("gateway lock")
+        .contains_key(&(tenant.clone(), service.clone()))
+    {
+        format!("{tenant}/{service}")
+    } else {
+        "(none)".to_string()
+    };
     let grpc = is_grpc(req.headers());
     let resp = proxy_inner(&s, &tenant, &service, &rest, via_path, req, t0, &label).await;
     if resp.extensions().get::<Proxied>().is_none() {
@@ -812,6 +824,12 @@ fn as_grpc(resp: Response) -> Response {
     out
 }
 
+/// The one answer for a service that does not exist and for a private one the caller may
+/// not use.
+fn not_found(tenant: &str, service: &str) -> String {
+    format!("service {tenant}/{service} not found (a private service answers only its own tenant's token)")
+}
+
 #[derive(Clone)]
 struct Proxied;
 
@@ -871,19 +889,11 @@ async fn proxy_inner(
     } else {
         let core = s.core.lock().expect("core lock");
         let Some(tid) = core.tenant_id(tenant) else {
-            return err(
-                ErrorCode::NotFound,
-                format!("service {tenant}/{service} not found"),
-            );
+            return err(ErrorCode::NotFound, not_found(tenant, service));
         };
         match core.services.get(&(tid, service.to_string())) {
             Some(r) => Route::of(tid, &r.spec),
-            None => {
-                return err(
-                    ErrorCode::NotFound,
-                    format!("service {tenant}/{service} not found"),
-                )
-            }
+            None => return err(ErrorCode::NotFound, not_found(tenant, service)),
         }
     };
     let (tid, cold_ms, protocol) = (route.tenant, route.cold_ms, route.protocol);
@@ -891,14 +901,9 @@ async fn proxy_inner(
         match authenticate(s, &parts.headers) {
             Ok(Principal::Admin) => {}
             Ok(Principal::Tenant(t)) if t == tid => {}
-            // Another tenant learns nothing about what exists.
-            Ok(_) => {
-                return err(
-                    ErrorCode::NotFound,
-                    format!("service {tenant}/{service} not found"),
-                )
-            }
-            Err(e) => return e.into_response(),
+            // Another tenant, or a caller without a (valid) token, learns nothing about
+            // what exists: the same answer as for a service that does not.
+            Ok(_) | Err(_) => return err(ErrorCode::NotFound, not_found(tenant, service)),
         }
     }
     let key = (tid, service.to_string());
@@ -944,10 +949,7 @@ async fn proxy_inner(
                             .services
                             .contains_key(&key)
                     {
-                        return err(
-                            ErrorCode::NotFound,
-                            format!("service {tenant}/{service} not found"),
-                        );
+                        return err(ErrorCode::NotFound, not_found(tenant, service));
                     }
                     let left = (t0 + Duration::from_millis(cold_ms))
                         .saturating_duration_since(Instant::now());

@@ -93,7 +93,7 @@ fn output_outlives_the_run_folder_and_the_node() {
     let out = p.cli(&["logs", &id.to_string()]);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "one\ntwo\nno newline");
-    let metrics = p.text("", "/metrics");
+    let metrics = p.text(&p.admin, "/metrics");
     let shipped: u64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("caravel_log_shipped_bytes_total "))
@@ -337,7 +337,7 @@ fn a_tenant_storage_quota_caps_its_checkpoints_and_output() {
     p.wait_state(b, &["succeeded"], Duration::from_secs(30));
     let ck = p.get(&tok, &format!("/v1/jobs/{b}/checkpoints")).unwrap();
     assert_eq!(ck.as_array().unwrap().len(), 0, "{ck}");
-    let metrics = p.text("", "/metrics");
+    let metrics = p.text(&p.admin, "/metrics");
     assert!(
         metrics.contains("caravel_checkpoint_saves_total{outcome=\"over_quota\"} 1"),
         "{metrics}"
@@ -368,7 +368,7 @@ fn a_tenant_storage_quota_caps_its_checkpoints_and_output() {
         Duration::from_secs(45),
         || (!dir.exists()).then_some(()),
     );
-    let metrics = p.text("", "/metrics");
+    let metrics = p.text(&p.admin, "/metrics");
     let line = metrics
         .lines()
         .find(|l| l.starts_with("caravel_tenant_storage_bytes{tenant=\"small\"}"))

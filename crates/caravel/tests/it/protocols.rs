@@ -201,7 +201,10 @@ fn grpc_calls_stream_both_ways_through_the_gateway_and_replicas_are_health_check
         let mut nope = HealthClient::with_interceptor(channel.clone(), route("default/nope"));
         let e = nope.check(HealthCheckRequest::default()).await.unwrap_err();
         assert_eq!(e.code(), Code::NotFound, "{e:?}");
-        assert_eq!(e.message(), "service default/nope not found");
+        assert_eq!(
+            e.message(),
+            "service default/nope not found (a private service answers only its own tenant's token)"
+        );
         assert_eq!(e.metadata().get("caravel-error-code").unwrap(), "not_found");
         let mut stranger = HealthClient::with_interceptor(
             channel.clone(),
@@ -214,7 +217,12 @@ fn grpc_calls_stream_both_ways_through_the_gateway_and_replicas_are_health_check
             .check(HealthCheckRequest::default())
             .await
             .unwrap_err();
-        assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+        // A bad token learns nothing about whether the service exists.
+        assert_eq!(e.code(), Code::NotFound, "{e:?}");
+        assert!(
+            e.message().starts_with("service default/g not found"),
+            "{e:?}"
+        );
 
         // The service whose health check never passes: held, then UNAVAILABLE (503).
         let mut never = HealthClient::with_interceptor(channel.clone(), route("default/never"));
@@ -232,7 +240,8 @@ fn grpc_calls_stream_both_ways_through_the_gateway_and_replicas_are_health_check
     });
     // The request counter carries each call's gRPC status (the HTTP status is 200 for all):
     // from the trailers (the aborted chat), from a trailers-only answer (the replica's
-    // NOT_FOUND), or the gateway's own refusal (UNAUTHENTICATED).
+    // NOT_FOUND), or the gateway's own refusal (NOT_FOUND for a bad token, as if the service
+    // did not exist).
     let m = p.text(&p.admin, "/metrics");
     let calls = |status: &str| -> f64 {
         m.lines()
@@ -245,8 +254,8 @@ fn grpc_calls_stream_both_ways_through_the_gateway_and_replicas_are_health_check
             .sum()
     };
     assert_eq!(calls("10"), 1.0, "{m}");
-    assert_eq!(calls("5"), 1.0, "{m}");
-    assert_eq!(calls("16"), 1.0, "{m}");
+    assert_eq!(calls("5"), 2.0, "{m}");
+    assert_eq!(calls("16"), 0.0, "{m}");
     assert!(calls("0") >= 2.0, "{m}");
     assert_eq!(ready_replicas(&p, "never"), 0);
     // The replica of `never` runs: only its health check fails.

@@ -262,9 +262,52 @@ fn crashed_replica_is_replaced_and_tenants_are_isolated() {
     let url = format!("{}/s/acme/private/work", p.url);
     let (st, body) = call(&c, &url, Some(&acme));
     assert_eq!(st, 200, "{body}");
-    // Another tenant cannot tell the service exists; no token is unauthenticated.
-    assert_eq!(call(&c, &url, Some(&other)).0, 404);
-    assert_eq!(call(&c, &url, None).0, 401);
+    // Neither another tenant nor a caller without a token can tell the service exists:
+    // the same answer as for one that does not.
+    let (st, other_body) = call(&c, &url, Some(&other));
+    assert_eq!(st, 404);
+    let (st, anon_body) = call(&c, &url, None);
+    assert_eq!(st, 404);
+    let missing = format!("{}/s/acme/nosuch/work", p.url);
+    let (st, missing_body) = call(&c, &missing, None);
+    assert_eq!(st, 404);
+    let msg = |b: &str| -> String {
+        serde_json::from_str::<Value>(b).unwrap()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .replace("nosuch", "private")
+    };
+    assert_eq!(
+        msg(&anon_body),
+        msg(&missing_body),
+        "{anon_body} {missing_body}"
+    );
+    assert_eq!(msg(&other_body), msg(&missing_body));
+    // What strangers send does not become metric labels; scraping needs the admin token.
+    for i in 0..20 {
+        call(&c, &format!("{}/s/t{i}/s{i}/", p.url), None);
+    }
+    let m = p.text(&p.admin, "/metrics");
+    assert!(!m.contains("service=\"t7/s7\""), "{m}");
+    assert!(m.contains("service=\"(none)\""), "{m}");
+    assert_eq!(call(&c, &format!("{}/metrics", p.url), None).0, 401);
+    assert_eq!(call(&c, &format!("{}/metrics", p.url), Some(&acme)).0, 403);
+    // Node listings show a tenant its own work only.
+    let used = |token: &str| -> (u64, u64) {
+        let n = &p.get(token, "/v1/nodes").unwrap()[0];
+        (
+            n["running_tasks"].as_u64().unwrap(),
+            n["allocated_cpu_milli"].as_u64().unwrap(),
+        )
+    };
+    assert_eq!(
+        used(&other),
+        (0, 0),
+        "another tenant sees none of acme's work"
+    );
+    let mine = used(&acme);
+    assert!(mine.0 >= 1 && mine.1 >= 100, "{mine:?}");
+    assert!(used(&p.admin).0 >= mine.0);
     // A tenant's listing shows only its own services.
     let mine = p.get(&other, "/v1/services").unwrap();
     assert_eq!(mine.as_array().unwrap().len(), 0);

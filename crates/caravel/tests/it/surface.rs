@@ -12,7 +12,7 @@ fn metrics_openapi_and_agent_cgroup_limits() {
         json!({"command": "sh", "args": ["-c", "cat /proc/self/cgroup"], "resources": {"cpu_milli": 500, "memory_bytes": 67108864}}),
     );
     p.wait_state(id, &["succeeded"], Duration::from_secs(20));
-    let m = p.text("", "/metrics");
+    let m = p.text(&p.admin, "/metrics");
     for name in [
         "caravel_queue_depth",
         "caravel_running_tasks",
