@@ -72,19 +72,19 @@ fn survives(p: &mut Pool, t: &Tenants, pattern: &str, world: u32, how: Failure) 
     for r in 0..world as usize {
         p.wait_task_running(id, r);
     }
-    // Rank 0 has saved twice (steps 40 and 80): the restart must go back to a checkpoint,
-    // not to step 0. (Read per task, which a server without gang cuts also answers.)
-    wait_for("two saves of rank 0", Duration::from_secs(60), || {
-        let l = p
-            .get(&t.borrower, &format!("/v1/jobs/{id}/checkpoints"))
+    // A cut holding a save of rank 0 (step 40 or later): the restart must go back to it,
+    // not to step 0. (On the code before gang cuts this test waited instead for rank 0's
+    // own second save, and failed as reported in issue 29.)
+    let cut = wait_for("a checkpoint cut", Duration::from_secs(60), || {
+        let c = p
+            .get(&t.borrower, &format!("/v1/jobs/{id}/checkpoint-cut"))
             .ok()?;
-        let v0 = l.as_array()?.iter().find(|x| x["task"] == 0)?["version"].as_u64()?;
-        (v0 >= 2).then_some(())
+        c["parts"]
+            .as_array()?
+            .iter()
+            .any(|x| x["task"] == 0)
+            .then_some(c)
     });
-    std::thread::sleep(Duration::from_millis(1500));
-    let cut = p
-        .get(&t.borrower, &format!("/v1/jobs/{id}/checkpoint-cut"))
-        .unwrap_or_else(|e| e.1);
     let j = p.job(&p.admin, id);
     assert_eq!(j["state"], "running", "{j}");
     match how {
