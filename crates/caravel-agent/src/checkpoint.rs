@@ -696,6 +696,11 @@ impl crate::Agent {
             let mut p = part.lock().expect("lock");
             p.version = v;
             p.saved = l.clone();
+            drop(p);
+            // A gang's save: the server has opened a round for it; answer it now.
+            if self.parts.lock().expect("lock").contains_key(&run) {
+                self.sync_wake.notify_one();
+            }
         };
         let final_save = loop {
             tokio::select! {

@@ -206,6 +206,9 @@ pub struct Agent {
     instance: String,
     st: Mutex<State_>,
     outbox_wake: Notify,
+    /// A gang run saved its checkpoint: sync now rather than at the end of the long poll,
+    /// so the run answers the question its own save raised (see `confirm`) at once.
+    pub(crate) sync_wake: Notify,
     /// The id the server gave this agent at its last registration.
     node: Mutex<Option<NodeId>>,
     /// Shutting down: start nothing new.
@@ -557,6 +560,7 @@ pub async fn start(cfg: AgentConfig) -> Result<Arc<Agent>, AgentError> {
             outbox: Vec::new(),
         }),
         outbox_wake: Notify::new(),
+        sync_wake: Notify::new(),
         node: Mutex::new(None),
         closing: std::sync::atomic::AtomicBool::new(false),
         capacity,
@@ -930,7 +934,16 @@ impl Agent {
                 still: std::mem::take(&mut *self.still.lock().expect("lock")),
                 free_ports: free_ports(self.cfg.master_ports, 8),
             };
-            match self.post::<_, SyncResponse>("/v1/agent/sync", &req).await {
+            let sent = tokio::select! {
+                r = self.post::<_, SyncResponse>("/v1/agent/sync", &req) => Some(r),
+                // Only a long poll is cut short, and its answers go again with the next.
+                _ = self.sync_wake.notified(), if req.wait_ms > 0 => None,
+            };
+            let Some(sent) = sent else {
+                self.still.lock().expect("lock").extend(req.still);
+                continue;
+            };
+            match sent {
                 Ok(resp) => {
                     first = false;
                     known = resp.version;
