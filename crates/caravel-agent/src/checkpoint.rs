@@ -267,6 +267,7 @@ pub fn merge_cut(
 }
 
 /// `merge_cut` of archives (rank, archive) unpacked beside `dir` first.
+#[cfg(test)]
 pub fn unpack_cut(parts: &[(u32, PathBuf)], own: u32, dir: &Path) -> std::io::Result<Listing> {
     let mut staged = Vec::new();
     for (rank, archive) in parts {

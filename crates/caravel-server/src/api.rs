@@ -1223,13 +1223,12 @@ fn try_cut(s: &Shared, core: &Core, job: JobId) {
 fn gang_questions(s: &Shared, core: &Core, running: &BTreeSet<RunId>) -> Vec<CheckpointConfirm> {
     let mut out = Vec::new();
     for run in running {
-        let Some(r) = core.runs.get(run) else {
+        // Most runs are not in a gang: they cost no checkpoint lock.
+        let Some(r) = core.runs.get(run).filter(|r| core.is_gang_of_many(r.job)) else {
             continue;
         };
         if let Some(round) = s.checkpoints.question(r.job, r.index, *run) {
-            if core.gang_ranks(r.job).is_some() {
-                out.push(CheckpointConfirm { run: *run, round });
-            }
+            out.push(CheckpointConfirm { run: *run, round });
         }
     }
     out
@@ -1291,7 +1290,7 @@ pub async fn agent_events(
                 if let Some(r) = core.runs.get(run).filter(|r| {
                     r.node == req.node_id && is_current_run(&core, r.job, r.index, *run)
                 }) {
-                    if core.gang_ranks(r.job).is_some() {
+                    if core.is_gang_of_many(r.job) {
                         s.checkpoints
                             .record_end(r.job, r.index, *run, r.attempt, *checkpoint);
                         let job = r.job;
@@ -1761,7 +1760,7 @@ async fn save_checkpoint(
         // A gang's save is part of its checkpoint only once a cut holds it: ask the
         // other ranks' agents to confirm what their folders hold (module checkpoints).
         let mut core = s.core.lock().expect("core lock");
-        if core.gang_ranks(id).is_some() {
+        if core.is_gang_of_many(id) {
             s.checkpoints.open_round(id);
             try_cut(&s, &core, id);
             core.wake_job_nodes(id);
@@ -2167,7 +2166,7 @@ pub async fn checkpoint_cut(
     let id = parse_job_id(&id)?;
     let core = s.core.lock().expect("core lock");
     visible(&core, p, id)?;
-    if core.gang_ranks(id).is_none() {
+    if !core.is_gang_of_many(id) {
         return Err(ApiError::new(
             ErrorCode::NotFound,
             format!("job {id} is not a gang of more than one task: each of its tasks has its own checkpoint (GET /v1/jobs/{id}/checkpoints)"),

@@ -1849,11 +1849,11 @@ impl Core {
     /// no other run there was given, or (from an agent that does not say) the job's
     /// default port, moved on past any other run's there.
     fn master_port_on(&mut self, node: NodeId, job: JobId) -> u16 {
-        let used: BTreeSet<u16> = self
+        let used: BTreeSet<u16> = self.nodes[&node]
+            .alloc
             .runs
-            .values()
-            .filter(|r| r.node == node)
-            .filter_map(|r| r.master_port)
+            .iter()
+            .filter_map(|r| self.runs.get(r)?.master_port)
             .collect();
         let n = self.nodes.get_mut(&node).expect("placed on a known node");
         n.free_ports.retain(|p| !used.contains(p));
@@ -1973,11 +1973,18 @@ impl Core {
         Ok(grown)
     }
 
+    /// Whether the job is a gang of more than one task (its checkpoint is the gang's).
+    pub fn is_gang_of_many(&self, job: JobId) -> bool {
+        self.jobs
+            .get(&job)
+            .is_some_and(|j| j.rec.spec.gang && j.rec.spec.tasks > 1)
+    }
+
     /// What the gang checkpoint protocol needs of each rank of a gang of more than one
     /// task; `None` for any other job.
     pub fn gang_ranks(&self, job: JobId) -> Option<Vec<crate::checkpoints::Rank>> {
         let j = self.jobs.get(&job)?;
-        (j.rec.spec.gang && j.rec.spec.tasks > 1).then(|| {
+        self.is_gang_of_many(job).then(|| {
             j.tasks
                 .iter()
                 .map(|t| crate::checkpoints::Rank {
