@@ -13,6 +13,7 @@ pub mod checkpoint;
 pub mod devfilter;
 use checkpoint::Restore;
 pub mod discover;
+pub mod fence;
 pub mod oci;
 pub mod sandbox;
 mod ship;
@@ -95,6 +96,10 @@ pub struct AgentConfig {
     pub insecure_registries: Vec<String>,
     /// The ports a gang's rank 0 may listen on (`SyncRequest::free_ports`).
     pub master_ports: (u16, u16),
+    /// The program that enforces fenced runs' deadline when the agent cannot (see
+    /// `fence`): run as `EXE __fence-watchdog DIR`. None: only the agent's own loop
+    /// fences (a frozen agent's fenced runs outlive the deadline).
+    pub watchdog_exe: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -128,6 +133,7 @@ impl AgentConfig {
             image_cache_bytes: DEFAULT_IMAGE_CACHE,
             insecure_registries: vec![],
             master_ports: (29500, 31499),
+            watchdog_exe: None,
         }
     }
 }
@@ -243,6 +249,8 @@ pub struct Agent {
     isolation: sandbox::Capability,
     /// Set when tasks may run in images here.
     images: Option<(Arc<oci::Images>, oci::runtime::OciRuntime)>,
+    /// The lease and targets the fence watchdog enforces (None: no watchdog runs).
+    fence: Option<Arc<fence::Fence>>,
 }
 
 /// The URLs of `--server URL[,URL...]`, each checked.
@@ -515,6 +523,22 @@ pub async fn start(cfg: AgentConfig) -> Result<Arc<Agent>, AgentError> {
     } else {
         None
     };
+    let fence = match &cfg.watchdog_exe {
+        Some(exe) => {
+            let f = Arc::new(fence::Fence::open(&cfg.work_dir.join("fence")).map_err(wd)?);
+            match f.start_watchdog(exe) {
+                Ok(child) => {
+                    fence::supervise(f.clone(), exe.clone(), child);
+                    Some(f)
+                }
+                Err(e) => {
+                    tracing::warn!("fence: cannot start the watchdog {}: {e}; fenced runs depend on this process alone", exe.display());
+                    None
+                }
+            }
+        }
+        None => None,
+    };
     let mut http = reqwest::Client::builder()
         .timeout(Duration::from_secs(40))
         // A server whose machine vanished answers nothing: move on to the next soon.
@@ -582,6 +606,7 @@ pub async fn start(cfg: AgentConfig) -> Result<Arc<Agent>, AgentError> {
         parts: Default::default(),
         still: Default::default(),
         images,
+        fence,
     });
     agent.ship_recover(&agent.cfg.work_dir.join("runs"));
     let app = axum::Router::new()
@@ -739,6 +764,7 @@ impl Agent {
                 *c = Some(sent);
             }
         }
+        self.renew_fence(sent);
         if status == StatusCode::NO_CONTENT {
             return serde_json::from_str("null").map_err(|e| (None, e.to_string()));
         }
@@ -777,6 +803,10 @@ impl Agent {
                     tracing::info!(node_id = %r.node_id, "registered with {}", self.server().1);
                     self.lost_after_ms
                         .store(r.lost_after_ms, std::sync::atomic::Ordering::Relaxed);
+                    let contact = *self.contact.lock().expect("lock");
+                    if let Some(c) = contact {
+                        self.renew_fence(c);
+                    }
                     *self.node.lock().expect("lock") = Some(r.node_id);
                     return r.node_id;
                 }
@@ -861,6 +891,21 @@ impl Agent {
     /// itself and for the two machines' clocks running at slightly different rates.
     fn fence_margin_ms(lost_after_ms: u64) -> u64 {
         (lost_after_ms / 4).min(1000)
+    }
+
+    /// Moves the watchdog's deadline to the lost timeout less the margin after `sent`
+    /// (when a request the server answered was sent).
+    fn renew_fence(&self, sent: std::time::Instant) {
+        let Some(f) = &self.fence else { return };
+        let lost_after = self
+            .lost_after_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if lost_after == 0 {
+            return;
+        }
+        let limit_ns = (lost_after - Self::fence_margin_ms(lost_after)) as i64 * 1_000_000;
+        let sent_boot = fence::boottime_ns() - sent.elapsed().as_nanos() as i64;
+        f.renew(sent_boot + limit_ns);
     }
 
     /// Kills fenced runs (`Assignment::fence`) once this agent has not reached a server
@@ -1254,12 +1299,22 @@ impl Agent {
             Ok(x) => x,
             Err(msg) => {
                 tracing::warn!(run = %run, "cannot start: {msg}");
+                if let Some(f) = &self.fence {
+                    f.release(run.0);
+                }
                 let _ = std::fs::create_dir_all(&dir);
                 let _ = std::fs::write(dir.join("stderr.log"), format!("caravel: {msg}\n"));
                 self.never_started(run, "spawn_failed", msg);
                 return;
             }
         };
+        if a.fence {
+            if let Some(f) = &self.fence {
+                if let Err(e) = f.guard(run.0, Some(pgid), &cg.dirs) {
+                    tracing::warn!(run = %run, "fence: cannot name the run's process group to the watchdog: {e}");
+                }
+            }
+        }
         self.emit(RunEvent::Started {
             run,
             pid: pgid as u32,
@@ -1306,7 +1361,7 @@ impl Agent {
                 ckpt.clone(),
             )
         });
-        let (status_of_init, reason) = tokio::select! {
+        let (status_of_init, mut reason) = tokio::select! {
             s = child.wait() => (s, "exited"),
             _ = async {
                 match deadline {
@@ -1344,6 +1399,10 @@ impl Agent {
             }
         };
         let at = now_ms();
+        if a.fence && self.fence.as_ref().is_some_and(|f| f.release(run.0)) {
+            tracing::warn!(run = %run, "fencing: the watchdog killed the run (this agent could not act in time)");
+            reason = "fenced";
+        }
         // Children that left the process group still sit in the cgroup.
         if !cg.is_empty() {
             let cg2 = cg.clone();
@@ -1452,6 +1511,18 @@ impl Agent {
             .cgroups
             .create(a.run.0, a.cpu_milli, a.memory_bytes, &limits)
             .map_err(|e| format!("creating cgroup: {e}"))?;
+        if a.fence {
+            // Under the watchdog before the task's first instruction: a fenced run never
+            // runs without a deadline something other than this process enforces.
+            if let Some(f) = &self.fence {
+                if let Err(e) = f.guard(a.run.0, None, &cg.dirs) {
+                    cg.remove();
+                    return Err(format!(
+                        "fence: cannot register the run with the watchdog: {e}"
+                    ));
+                }
+            }
+        }
         let procs = cg.procs_paths();
         let stdin = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
         let mut env: BTreeMap<std::ffi::OsString, std::ffi::OsString> = match sandbox {

@@ -963,6 +963,19 @@ fn kv(s: &str) -> Result<(String, String), String> {
 }
 
 fn main() {
+    // The fence watchdog an agent starts (`caravel_agent::fence`): not a user's command.
+    let mut args = std::env::args_os();
+    if args
+        .nth(1)
+        .is_some_and(|a| a == caravel_agent::fence::WATCHDOG_ARG)
+    {
+        let dir = PathBuf::from(args.next().unwrap_or_default());
+        if let Err(e) = caravel_agent::fence::watchdog_main(&dir) {
+            eprintln!("caravel fence watchdog: {}: {e}", dir.display());
+            std::process::exit(1);
+        }
+        return;
+    }
     let cli = Cli::parse();
     if matches!(&cli.cmd, Cmd::Server(_) | Cmd::Agent(_) | Cmd::Up(_)) {
         // What the control plane and agents write (tokens, the database, checkpoints,
@@ -1587,6 +1600,7 @@ fn agent_config(a: AgentArgs) -> Result<caravel_agent::AgentConfig> {
     c.log_ship_every = Duration::from_millis(a.log_ship_every);
     c.run_retention = Duration::from_millis(a.run_retention);
     a.tasks.apply(&mut c);
+    c.watchdog_exe = std::env::current_exe().ok();
     Ok(c)
 }
 

@@ -73,6 +73,7 @@ pub async fn up(a: UpArgs) -> Result<i32> {
     agent.cgroup_name = Some(local_cgroup_name(&data_dir));
     agent.ca = s.ca.clone();
     a.tasks.apply(&mut agent);
+    agent.watchdog_exe = std::env::current_exe().ok();
     let agent = caravel_agent::start(agent).await?;
     tokio::spawn(agent.clone().main_loop());
     println!("caravel is up at {url}");

@@ -409,6 +409,110 @@ fn a_fenced_job_never_runs_twice_across_a_real_partition() {
     );
 }
 
+/// Every heartbeat line of `file` (`RUN MILLIS`), grouped by run.
+fn heartbeats(file: &std::path::Path) -> std::collections::BTreeMap<u64, Vec<i64>> {
+    let mut by_run = std::collections::BTreeMap::<u64, Vec<i64>>::new();
+    for line in std::fs::read_to_string(file).unwrap_or_default().lines() {
+        let mut w = line.split_whitespace();
+        if let (Some(r), Some(t)) = (w.next(), w.next()) {
+            if let (Ok(r), Ok(t)) = (r.parse(), t.parse::<i64>()) {
+                by_run.entry(r).or_default().push(t / 1_000_000);
+            }
+        }
+    }
+    by_run
+}
+
+#[test]
+fn a_fenced_job_never_runs_twice_while_its_agent_is_frozen() {
+    // The agent is SIGSTOPped for longer than the lost timeout: it can neither fence nor
+    // report, and the server replaces its runs. The fenced task must be dead before its
+    // replacement starts, which only the watchdog (another process) can see to.
+    let mut p = Pool::new("fencestop", &[("a", &["--cpus", "2"])]);
+    let beats = p.shared("beats");
+    let task = json!([
+        "-c",
+        format!(
+            "while true; do echo \"$CARAVEL_RUN_ID $(date +%s%N)\" >> {}; sleep 0.05; done",
+            beats.display()
+        )
+    ]);
+    let fenced = p.submit(
+        &p.admin,
+        json!({"command": "sh", "args": task, "max_retries": 1, "fence": true,
+               "resources": {"cpu_milli": 1000}}),
+    );
+    let j = p.wait_state(fenced, &["running"], Duration::from_secs(20));
+    let run0 = j["runs"][0]["id"].as_u64().unwrap();
+    wait_for(
+        "the first copy's heartbeats",
+        Duration::from_secs(10),
+        || (heartbeats(&beats).get(&run0).map_or(0, |b| b.len()) >= 3).then_some(()),
+    );
+    p.start_agent("b", &["--cpus", "2"]);
+    p.wait_nodes_ready(2);
+    let agent = p.agent_pid("a");
+    // SAFETY: signalling the test's own child.
+    unsafe {
+        libc::kill(agent, libc::SIGSTOP);
+    }
+    let frozen_at = std::time::Instant::now();
+    let j2 = wait_for(
+        "the job running again on b",
+        Duration::from_secs(20),
+        || {
+            let j = p.job(&p.admin, fenced);
+            (j["runs"].as_array().unwrap().len() == 2 && j["task_list"][0]["state"] == "running")
+                .then_some(j)
+        },
+    );
+    assert_eq!(j2["task_list"][0]["node"], p.node_name("b"), "{j2}");
+    let run1 = j2["runs"][1]["id"].as_u64().unwrap();
+    wait_for(
+        "the replacement's heartbeats",
+        Duration::from_secs(10),
+        || (heartbeats(&beats).get(&run1).map_or(0, |b| b.len()) >= 5).then_some(()),
+    );
+    // Frozen well past the lost timeout (2 s) before it may act again.
+    std::thread::sleep(Duration::from_secs(6).saturating_sub(frozen_at.elapsed()));
+    let b = heartbeats(&beats);
+    let (old, new) = (&b[&run0], &b[&run1]);
+    let old_last = *old.iter().max().unwrap();
+    let new_first = *new.iter().min().unwrap();
+    assert!(
+        old_last < new_first,
+        "two copies ran together: the old one beat at {old_last}, the new one from {new_first}"
+    );
+    // SAFETY: as above.
+    unsafe {
+        libc::kill(agent, libc::SIGCONT);
+    }
+    let log = std::fs::read_to_string(p.file("agent-a.log")).unwrap();
+    assert!(
+        log.contains(&format!("caravel fence watchdog: killed run {run0}")),
+        "{log}"
+    );
+    // Thawed, the agent reports the end it finds, and the new copy goes on.
+    wait_for("node a back", Duration::from_secs(20), || {
+        let nodes = p.get(&p.admin, "/v1/nodes").unwrap();
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["state"] == "ready")
+            .then_some(())
+    });
+    let j = p.job(&p.admin, fenced);
+    assert_eq!(j["runs"].as_array().unwrap().len(), 2, "{j}");
+    assert_eq!(j["task_list"][0]["state"], "running", "{j}");
+    let after = heartbeats(&beats);
+    assert_eq!(
+        after[&run0].len(),
+        old.len(),
+        "the old copy never beat again"
+    );
+}
+
 #[test]
 fn server_killed_repeatedly_during_a_stream_of_jobs_loses_and_duplicates_nothing() {
     // fsync per commit: a wider window between a change and its commit for a kill to hit.
