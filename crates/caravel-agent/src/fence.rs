@@ -131,13 +131,14 @@ impl Fence {
         std::fs::remove_file(fenced).is_ok()
     }
 
-    /// Starts the watchdog: `exe __fence-watchdog DIR`, in a process group of its own (a
+    /// Starts the watchdog: `exe __fence-watchdog DIR AGENT_PID`, in a process group of its own (a
     /// signal to the agent's group does not reach it).
     pub fn start_watchdog(&self, exe: &Path) -> io::Result<std::process::Child> {
         use std::os::unix::process::CommandExt;
         std::process::Command::new(exe)
             .arg(WATCHDOG_ARG)
             .arg(&self.dir)
+            .arg(std::process::id().to_string())
             .stdin(std::process::Stdio::null())
             .process_group(0)
             .spawn()
@@ -254,18 +255,16 @@ fn turn(dir: &Path, lease: &std::fs::File) -> (Vec<String>, i64) {
     (fence_all(dir), now - deadline)
 }
 
-/// The watchdog's main loop (`caravel __fence-watchdog DIR`). Returns when the agent that
-/// started it is gone or `DIR` is.
-pub fn watchdog_main(dir: &Path) -> io::Result<()> {
-    // SAFETY: getppid has no preconditions.
-    let parent = unsafe { libc::getppid() };
+/// The watchdog's main loop (`caravel __fence-watchdog DIR AGENT_PID`). Returns when the
+/// agent that started it is gone (this process is no longer its child) or `DIR` is.
+pub fn watchdog_main(dir: &Path, agent: i32) -> io::Result<()> {
     let lease = std::fs::File::open(dir.join("lease"))?;
     loop {
-        std::thread::sleep(Duration::from_millis(100));
-        // SAFETY: as above.
-        if unsafe { libc::getppid() } != parent || !dir.exists() {
+        // SAFETY: getppid has no preconditions.
+        if unsafe { libc::getppid() } != agent || !dir.exists() {
             return Ok(());
         }
+        std::thread::sleep(Duration::from_millis(100));
         let (fenced, late) = turn(dir, &lease);
         for run in &fenced {
             eprintln!(

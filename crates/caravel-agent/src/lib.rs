@@ -523,24 +523,11 @@ pub async fn start(cfg: AgentConfig) -> Result<Arc<Agent>, AgentError> {
     } else {
         None
     };
-    let fence = match &cfg.watchdog_exe {
-        Some(exe) => {
-            let f = Arc::new(fence::Fence::open(&cfg.work_dir.join("fence")).map_err(wd)?);
-            match f.start_watchdog(exe) {
-                Ok(child) => {
-                    fence::supervise(f.clone(), exe.clone(), child);
-                    Some(f)
-                }
-                Err(e) => {
-                    tracing::warn!("fence: cannot start the watchdog {}: {e}; fenced runs depend on this process alone", exe.display());
-                    None
-                }
-            }
-        }
-        None => None,
-    };
     let mut http = reqwest::Client::builder()
         .timeout(Duration::from_secs(40))
+        // Well inside the server's idle timeout (`--header-timeout`, 15 s): a connection
+        // is never reused just as the server closes it.
+        .pool_idle_timeout(Duration::from_secs(5))
         // A server whose machine vanished answers nothing: move on to the next soon.
         .connect_timeout(Duration::from_secs(3));
     let mut bulk = reqwest::Client::builder()
@@ -560,6 +547,22 @@ pub async fn start(cfg: AgentConfig) -> Result<Arc<Agent>, AgentError> {
         http = http.tls_certs_only(certs());
         bulk = bulk.tls_certs_only(certs());
     }
+    let fence = match &cfg.watchdog_exe {
+        Some(exe) => {
+            let f = Arc::new(fence::Fence::open(&cfg.work_dir.join("fence")).map_err(wd)?);
+            match f.start_watchdog(exe) {
+                Ok(child) => {
+                    fence::supervise(f.clone(), exe.clone(), child);
+                    Some(f)
+                }
+                Err(e) => {
+                    tracing::warn!("fence: cannot start the watchdog {}: {e}; fenced runs depend on this process alone", exe.display());
+                    None
+                }
+            }
+        }
+        None => None,
+    };
     let agent = Arc::new(Agent {
         agent_url: format!(
             "{}://{address}:{port}",

@@ -35,6 +35,8 @@ pub enum ErrorCode {
     /// The request body is larger than the server accepts (a checkpoint past
     /// `--checkpoint-max-size`).
     TooLarge,
+    /// The path exists but not with this method.
+    MethodNotAllowed,
     Internal,
 }
 
@@ -52,6 +54,7 @@ impl ErrorCode {
             ErrorCode::UpstreamFailed => 502,
             ErrorCode::UpstreamTimeout => 504,
             ErrorCode::TooLarge => 413,
+            ErrorCode::MethodNotAllowed => 405,
             ErrorCode::Internal => 500,
         }
     }
@@ -71,6 +74,7 @@ impl ErrorCode {
             ErrorCode::UpstreamFailed => "upstream_failed",
             ErrorCode::UpstreamTimeout => "upstream_timeout",
             ErrorCode::TooLarge => "too_large",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::Internal => "internal",
         }
     }

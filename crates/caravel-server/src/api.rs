@@ -35,13 +35,14 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Res<T> {
         let path = e.path().to_string();
         let inner = e.into_inner();
         let field = if path == "." {
-            None
+            // A missing or unknown field at the top is named only in the message.
+            crate::edge::field_named(&inner.to_string())
         } else {
             Some(path.clone())
         };
         let msg = match &field {
-            Some(f) => format!("{f}: {inner}"),
-            None => inner.to_string(),
+            Some(f) if path != "." => format!("{f}: {inner}"),
+            _ => inner.to_string(),
         };
         ApiError {
             code: ErrorCode::MalformedRequest,

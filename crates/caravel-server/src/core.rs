@@ -64,6 +64,8 @@ pub const FULL_PASS_EVERY_MS: Millis = 5_000;
 
 pub struct Core {
     store: Committer,
+    /// The store's ownership lease, where it has one (PostgreSQL): see `caravel_store::Lease`.
+    pub lease: Option<std::sync::Arc<caravel_store::Lease>>,
     pub tenants: BTreeMap<TenantId, Tenant>,
     tenant_by_name: HashMap<String, TenantId>,
     tenant_by_token: HashMap<String, TenantId>,
@@ -189,7 +191,9 @@ impl Core {
         stats: crate::metrics::CommitStats,
     ) -> Result<Core, ApiError> {
         let snap = store.load()?;
+        let lease = store.lease();
         let mut core = Core {
+            lease,
             store: Committer::start(store, stats),
             tenants: BTreeMap::new(),
             tenant_by_name: HashMap::new(),
@@ -409,7 +413,20 @@ impl Core {
     /// Set when a commit failed after memory changed: the server rebuilds memory from the
     /// store.
     pub fn needs_reload(&self) -> bool {
-        self.needs_reload || self.store.durability().failed().is_some()
+        self.needs_reload
+            || self.store.durability().failed().is_some()
+            || self.lease.as_ref().is_some_and(|l| l.lost())
+    }
+
+    /// Every ready node counts as heard from at `now` (in memory only): nobody could reach
+    /// this server while it was not answering (its store lease not yet valid), so no node
+    /// may be counted lost for that time.
+    pub fn forgive_silence(&mut self, now: Millis) {
+        for e in self.nodes.values_mut() {
+            if e.node.state == NodeState::Ready {
+                e.node.last_seen_ms = e.node.last_seen_ms.max(now);
+            }
+        }
     }
 
     /// Closes the store after writing what is queued (a PostgreSQL store ends its session,

@@ -399,15 +399,8 @@ fn forwarded_headers(
     )];
     let peer = parts
         .extensions
-        .get::<axum::extract::ConnectInfo<crate::Peer>>()
-        .map(|c| c.0 .0)
-        .or_else(|| {
-            let c = parts
-                .extensions
-                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()?;
-            Some(c.0)
-        })
-        .map(|a| a.ip().to_string());
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip().to_string());
     let earlier: Vec<&str> = parts
         .headers
         .get_all("x-forwarded-for")
@@ -786,6 +779,7 @@ fn grpc_code(c: ErrorCode) -> u16 {
         | ErrorCode::TooLarge => 8,
         ErrorCode::Conflict => 9,
         ErrorCode::Internal => 13,
+        ErrorCode::MethodNotAllowed => 12,
         ErrorCode::Unavailable | ErrorCode::UpstreamFailed => 14,
         ErrorCode::UpstreamTimeout => 4,
         ErrorCode::Unauthenticated => 16,

@@ -11,11 +11,13 @@ pub mod checkpoints;
 pub mod committer;
 pub mod core;
 pub mod datadir;
+pub mod edge;
 pub mod error;
 pub mod gateway;
 pub mod logs;
 pub mod metrics;
 pub mod openapi;
+pub mod serve;
 pub mod workdirs;
 
 use std::net::SocketAddr;
@@ -28,7 +30,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::Router;
-use caravel_core::{Millis, NodeState, RunState};
+use caravel_core::{Millis, NodeState};
 use caravel_store::{PgStore, SqliteStore, Store, Sync};
 use tokio::sync::Notify;
 
@@ -189,7 +191,26 @@ pub struct ServerConfig {
     pub workdir_max_bytes: u64,
     /// How long an archive no live job or service names is kept after its last use.
     pub workdir_retention_ms: u64,
+    /// Timeouts and the connection cap (`serve`).
+    pub conn_limits: serve::ConnLimits,
+    /// API requests per tenant token, and per address for callers without a valid token.
+    /// The admin and agent tokens are not limited (the control loop must never wait).
+    pub tenant_rate: serve::Rate,
+    pub anonymous_rate: serve::Rate,
 }
+
+/// A tenant's API calls: 100 a second, 200 at once (a CLI user makes a few a second; a
+/// script that loops on `GET` without pause is slowed, not refused outright).
+pub const DEFAULT_TENANT_RATE: serve::Rate = serve::Rate {
+    per_s: 100.0,
+    burst: 200.0,
+};
+/// Calls without a valid token, per address: health checks and the CA certificate, and
+/// strangers guessing tokens.
+pub const DEFAULT_ANONYMOUS_RATE: serve::Rate = serve::Rate {
+    per_s: 20.0,
+    burst: 40.0,
+};
 
 /// Where the server's certificate comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -230,6 +251,9 @@ impl ServerConfig {
             workdir_dir: None,
             workdir_max_bytes: 256 << 20,
             workdir_retention_ms: 7 * 24 * 3_600_000,
+            conn_limits: serve::ConnLimits::default(),
+            tenant_rate: DEFAULT_TENANT_RATE,
+            anonymous_rate: DEFAULT_ANONYMOUS_RATE,
         }
     }
 
@@ -355,6 +379,12 @@ pub struct Shared {
     /// Set (and `stopped` notified) when the server must stop: its store has another owner.
     superseded: Mutex<Option<String>>,
     stopped: Notify,
+    /// The store's ownership lease (PostgreSQL), replaced with the core at a reload:
+    /// while it is not valid the server answers nothing but 503.
+    pub lease: Mutex<Option<Arc<caravel_store::Lease>>>,
+    /// Open connections (`serve`).
+    pub conns: Arc<Mutex<serve::Registry>>,
+    pub rate: serve::RateLimiter,
 }
 
 /// A running server.
@@ -467,6 +497,15 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/openapi.json", get(api::openapi))
         .layer(axum::middleware::from_fn_with_state(
             shared.clone(),
+            edge::limit,
+        ))
+        .layer(axum::middleware::from_fn(edge::json_errors))
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            owner_gate,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
             count_requests,
         ))
         // After the layer: gateway traffic is counted per service, not as API requests.
@@ -480,6 +519,31 @@ pub fn router(shared: Arc<Shared>) -> Router {
             gateway::route_by_header,
         ))
         .with_state(shared)
+}
+
+impl Shared {
+    /// Whether this server may answer as the store's owner now (see `caravel_store::Lease`).
+    pub fn answers(&self) -> bool {
+        self.lease
+            .lock()
+            .expect("lease lock")
+            .as_ref()
+            .is_none_or(|l| l.valid())
+    }
+}
+
+/// Answers 503 to everything (health checks, reads, agents' syncs) while this server
+/// cannot be sure it still owns its store: another server may, and it must never be two
+/// answering. Agents and clients given both servers move on to the next one.
+async fn owner_gate(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    if s.answers() {
+        return next.run(req).await;
+    }
+    error::ApiError::new(
+        caravel_core::ErrorCode::Unavailable,
+        "this server cannot confirm that it owns its store (its database session may have ended, or it has just taken the store over): another server may be the owner; retry, or use the next server",
+    )
+    .into_response()
 }
 
 /// Holds every API answer until what the request saw and changed is durable (group
@@ -545,7 +609,9 @@ pub fn refresh_gauges(s: &Shared) {
             .set(used.get(&t.id).copied().unwrap_or(0).min(i64::MAX as u64) as i64);
     }
     drop(used);
-    let _ = RunState::Running;
+    drop(core);
+    let open = s.conns.lock().expect("registry lock").open();
+    s.metrics.connections_open.set(open as i64);
 }
 
 /// Opens the data directory and store, binds the listener and starts serving, scheduling
@@ -610,7 +676,13 @@ pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
         }
     };
     datadir::record_url(&mut data_dir_lock, &format!("{}://{addr}", cfg.scheme())).map_err(dd)?;
+    let metrics_conn = (
+        metrics.connections_evicted.clone(),
+        metrics.connections_refused.clone(),
+        metrics.api_rate_limited.clone(),
+    );
     let shared = Arc::new(Shared {
+        lease: Mutex::new(core.lease.clone()),
         durability: Mutex::new(core.durability()),
         core: Mutex::new(core),
         metrics,
@@ -645,6 +717,11 @@ pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
         _data_dir_lock: data_dir_lock,
         superseded: Mutex::new(None),
         stopped: Notify::new(),
+        conns: Arc::new(Mutex::new(serve::Registry::new(
+            metrics_conn.0,
+            metrics_conn.1,
+        ))),
+        rate: serve::RateLimiter::new(metrics_conn.2),
     });
     let sched = tokio::spawn(scheduling_loop(shared.clone()));
     let live = tokio::spawn(liveness_loop(shared.clone()));
@@ -653,6 +730,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
     count_storage(&shared);
     let storage = tokio::spawn(storage_loop(shared.clone()));
     let app = router(shared.clone());
+    let (limits, conns) = (cfg.conn_limits.clone(), shared.conns.clone());
     let serve = match tls {
         Some(tls) => {
             // Handshakes off the accept loop, no Nagle (as below), plain HTTP answered.
@@ -662,29 +740,16 @@ pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
                     source,
                 }
             })?;
-            tokio::spawn(async move {
-                if let Err(e) =
-                    axum::serve(listener, app.into_make_service_with_connect_info::<Peer>()).await
-                {
-                    tracing::error!(error = %e, "server stopped");
-                }
-            })
+            tokio::spawn(serve::serve(listener, app, limits, conns))
         }
-        None => tokio::spawn(async move {
+        None => {
             // No Nagle: an HTTP/2 answer goes out as several small frames (headers, data,
             // trailers), and a frame held back for the peer's delayed ACK costs 40 ms.
             let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
                 let _ = tcp.set_nodelay(true);
             });
-            if let Err(e) = axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .await
-            {
-                tracing::error!(error = %e, "server stopped");
-            }
-        }),
+            tokio::spawn(serve::serve(listener, app, limits, conns))
+        }
     };
     tracing::info!(%addr, scheme = cfg.scheme(), data_dir = %cfg.data_dir.display(), datastore = %cfg.datastore.redacted(), "caravel server listening");
     Ok(Server {
@@ -695,21 +760,6 @@ pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
         shared,
         tasks: vec![sched, live, ctrl, sweep, storage, serve],
     })
-}
-
-/// The address of the caller at the other end of a TLS connection, as `ConnectInfo<Peer>`
-/// on each request (plain connections carry axum's `ConnectInfo<SocketAddr>`).
-#[derive(Debug, Clone, Copy)]
-pub struct Peer(pub SocketAddr);
-
-impl
-    axum::extract::connect_info::Connected<
-        axum::serve::IncomingStream<'_, caravel_tls::TlsListener>,
-    > for Peer
-{
-    fn connect_info(stream: axum::serve::IncomingStream<'_, caravel_tls::TlsListener>) -> Self {
-        Peer(*stream.remote_addr())
-    }
 }
 
 /// The names a self-signed server certificate covers: the operator's, the gateway domains
@@ -781,7 +831,7 @@ async fn scheduling_loop(s: Arc<Shared>) {
             .unwrap_or(Duration::from_secs(1));
         if needs_reload && res.is_ok() {
             tracing::error!("a commit failed earlier; reloading state from the store");
-            reload(&s);
+            reload_off_runtime(&s).await;
         }
         match res {
             Ok(st) if st.considered_jobs > 0 => {
@@ -796,7 +846,7 @@ async fn scheduling_loop(s: Arc<Shared>) {
             Ok(_) => {}
             Err(e) => {
                 tracing::error!(error = %e, "scheduling cycle failed; reloading state from the store");
-                reload(&s);
+                reload_off_runtime(&s).await;
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
@@ -919,6 +969,15 @@ fn open_store(cfg: &ServerConfig) -> Result<Box<dyn Store>, caravel_store::Store
     })
 }
 
+/// `reload` on a blocking thread: reopening may wait seconds for the store's lock, and a
+/// runtime worker blocked that long strands the requests queued on it (a task in a
+/// worker's LIFO slot cannot be stolen), so a server that should answer 503 at once
+/// would hang its callers instead.
+async fn reload_off_runtime(s: &Arc<Shared>) {
+    let s = s.clone();
+    let _ = tokio::task::spawn_blocking(move || reload(&s)).await;
+}
+
 /// After a failed commit memory may be ahead of the store (and a PostgreSQL connection
 /// may be gone): close the store, open it again and rebuild memory from it. Until that
 /// succeeds writes are refused and the next cycle tries again.
@@ -949,8 +1008,10 @@ fn reload(s: &Shared) {
             c.starvation_ms = s.cfg.starvation_ms;
             c.elastic_grow_after_ms = s.cfg.elastic_grow_after_ms;
             let d = c.durability();
+            let lease = c.lease.clone();
             let mut core = s.core.lock().expect("core lock");
             *core = c;
+            *s.lease.lock().expect("lease lock") = lease;
             // Swapped while the core lock is held, so a request that saw the old core
             // finds the old committer and is refused (see `settle_writes`).
             *s.durability.lock().expect("durability lock") = d;
@@ -1057,8 +1118,19 @@ async fn storage_loop(s: Arc<Shared>) {
 
 async fn liveness_loop(s: Arc<Shared>) {
     let period = Duration::from_millis((s.cfg.lost_after_ms / 4).clamp(50, 1000));
+    let mut answering = true;
     loop {
         tokio::time::sleep(period).await;
+        // Not answering (store lease not valid): agents could not report here.
+        if !s.answers() {
+            answering = false;
+            continue;
+        }
+        if !answering {
+            answering = true;
+            s.core.lock().expect("core lock").forgive_silence(now_ms());
+            continue;
+        }
         let res = s
             .core
             .lock()

@@ -49,6 +49,13 @@ pub struct Metrics {
     pub log_bytes_stored: Gauge,
     /// Bytes of checkpoints and task output kept per tenant (what storage quotas cap).
     pub tenant_storage: Family<Labels, Gauge>,
+    /// Open connections; those closed to make room for others, and newcomers refused
+    /// (see `serve`).
+    pub connections_open: Gauge,
+    pub connections_evicted: Counter,
+    pub connections_refused: Counter,
+    /// API requests answered 429.
+    pub api_rate_limited: Counter,
 }
 
 /// The writer thread's figures: how long each commit takes, how much it carries (group
@@ -195,6 +202,30 @@ impl Metrics {
             "Bytes of task output the server holds",
             log_bytes_stored.clone(),
         );
+        let connections_open = Gauge::default();
+        let connections_evicted = Counter::default();
+        let connections_refused = Counter::default();
+        let api_rate_limited = Counter::default();
+        registry.register(
+            "connections_open",
+            "Connections open",
+            connections_open.clone(),
+        );
+        registry.register(
+            "connections_evicted",
+            "Connections closed to make room (the oldest without a valid token, of the address holding the most)",
+            connections_evicted.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections refused at the cap (every open one had shown a valid token)",
+            connections_refused.clone(),
+        );
+        registry.register(
+            "api_rate_limited",
+            "API requests answered 429 (past the per-token or per-address rate)",
+            api_rate_limited.clone(),
+        );
         let tenant_storage = Family::<Labels, Gauge>::default();
         registry.register(
             "tenant_storage_bytes",
@@ -203,6 +234,10 @@ impl Metrics {
         );
         Metrics {
             tenant_storage,
+            connections_open,
+            connections_evicted,
+            connections_refused,
+            api_rate_limited,
             log_bytes_shipped,
             log_bytes_stored,
             checkpoint_saves,

@@ -92,13 +92,119 @@ pub struct Snapshot {
     pub services: Vec<ServiceRecord>,
 }
 
+#[cfg(test)]
+mod lease_tests {
+    use super::Lease;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_lease_is_valid_from_one_duration_after_the_lock_to_one_after_the_last_round_trip() {
+        let t0 = Instant::now();
+        let d = Duration::from_millis(2000);
+        let l = Lease::new(t0, d);
+        // Not before a duration has passed since the lock was taken: an owner whose
+        // session just ended may still be answering.
+        assert!(!l.valid_at(t0));
+        assert!(!l.valid_at(t0 + Duration::from_millis(1999)));
+        // Nor after, without a round trip.
+        assert!(!l.valid_at(t0 + Duration::from_millis(2000)));
+        l.renew(t0 + Duration::from_millis(1500));
+        assert!(l.valid_at(t0 + Duration::from_millis(2000)));
+        assert!(l.valid_at(t0 + Duration::from_millis(3499)));
+        assert!(!l.valid_at(t0 + Duration::from_millis(3500)));
+        // An older round trip finishing late moves nothing back.
+        l.renew(t0 + Duration::from_millis(100));
+        assert!(l.valid_at(t0 + Duration::from_millis(3000)));
+        l.lose();
+        assert!(!l.valid_at(t0 + Duration::from_millis(2500)));
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct UsageFilter {
     pub tenant: Option<caravel_core::TenantId>,
     pub job: Option<JobId>,
 }
 
+/// How a store whose ownership can be lost without a write noticing (PostgreSQL's session
+/// lock) tells its server whether it may still answer as the owner.
+///
+/// The store renews the lease at the *start* of every round trip that succeeds (a commit,
+/// a read, or a ping when idle): the session, and so the lock, was alive then. The server
+/// answers only while `valid()`: from `duration` after the lock was taken until `duration`
+/// after the start of the newest successful round trip. Whoever takes the lock after this
+/// session ended takes it after that session's last successful round trip started, and
+/// waits `duration` before answering: by then this server has stopped. So no two servers
+/// answer as owner at the same instant, without a write to notice it.
+#[derive(Debug)]
+pub struct Lease {
+    epoch: std::time::Instant,
+    duration: std::time::Duration,
+    /// Milliseconds since `epoch`.
+    valid_from: std::sync::atomic::AtomicU64,
+    valid_until: std::sync::atomic::AtomicU64,
+    /// The session is known to be gone.
+    lost: std::sync::atomic::AtomicBool,
+}
+
+impl Lease {
+    /// A lease for a lock taken at `taken`.
+    pub fn new(taken: std::time::Instant, duration: std::time::Duration) -> Lease {
+        let l = Lease {
+            epoch: taken,
+            duration,
+            valid_from: Default::default(),
+            valid_until: Default::default(),
+            lost: Default::default(),
+        };
+        let d = duration.as_millis() as u64;
+        l.valid_from.store(d, std::sync::atomic::Ordering::SeqCst);
+        l.valid_until.store(d, std::sync::atomic::Ordering::SeqCst);
+        l
+    }
+
+    fn ms(&self, t: std::time::Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    /// A round trip that started at `started` succeeded.
+    pub fn renew(&self, started: std::time::Instant) {
+        let until = self.ms(started) + self.duration.as_millis() as u64;
+        self.valid_until
+            .fetch_max(until, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The session is gone: never valid again.
+    pub fn lose(&self) {
+        self.lost.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn lost(&self) -> bool {
+        self.lost.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn valid_at(&self, now: std::time::Instant) -> bool {
+        let n = self.ms(now);
+        !self.lost()
+            && n >= self.valid_from.load(std::sync::atomic::Ordering::SeqCst)
+            && n < self.valid_until.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn valid(&self) -> bool {
+        self.valid_at(std::time::Instant::now())
+    }
+
+    pub fn duration(&self) -> std::time::Duration {
+        self.duration
+    }
+}
+
 pub trait Store: Send {
+    /// Set for a store whose ownership can end unnoticed (see `Lease`); None: this
+    /// server owns the store for as long as it has it open (SQLite: a file it locks).
+    fn lease(&self) -> Option<std::sync::Arc<Lease>> {
+        None
+    }
     fn load(&mut self) -> Result<Snapshot>;
     /// Applies every mutation in one transaction.
     fn apply(&mut self, batch: &[Mutation]) -> Result<()>;

@@ -27,7 +27,11 @@ use caravel_core::{JobId, RunId, RunRecord, ServiceRecord, Tenant, UsageRecord};
 use postgres::{Client, NoTls};
 use serde::de::DeserializeOwned;
 
-use crate::{from_json, to_json, Mutation, Result, Snapshot, Store, StoreError, UsageFilter};
+use std::sync::Arc;
+
+use crate::{
+    from_json, to_json, Lease, Mutation, Result, Snapshot, Store, StoreError, UsageFilter,
+};
 
 const SCHEMA_VERSION: i32 = 2;
 
@@ -61,7 +65,16 @@ type Call = Box<dyn FnOnce(&mut Conn) + Send>;
 pub struct PgStore {
     calls: Option<mpsc::Sender<Call>>,
     thread: Option<JoinHandle<()>>,
+    lease: Arc<Lease>,
 }
+
+/// How long after its last successful round trip a server still answers as owner, and
+/// how long a server that takes the lock waits before it answers (see `Lease`). A
+/// failover therefore takes at least this long; an owner whose session was ended behind
+/// its back stops answering within it.
+pub const LEASE: Duration = Duration::from_secs(2);
+/// An idle connection is pinged this often, so the lease is renewed without writes.
+const PING_EVERY: Duration = Duration::from_millis(400);
 
 fn db(e: postgres::Error) -> StoreError {
     match e.code() {
@@ -204,7 +217,7 @@ impl PgStore {
             .keepalives_retries(6);
         cfg.application_name("caravel");
         let owner = owner.to_string();
-        let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<()>>(1);
+        let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<Arc<Lease>>>(1);
         let (calls, rx) = mpsc::channel::<Call>();
         let thread = std::thread::Builder::new()
             .name("caravel-pg".into())
@@ -232,13 +245,31 @@ impl PgStore {
                     let _ = ready_tx.send(Err(e));
                     return;
                 }
-                let _ = ready_tx.send(Ok(()));
+                // Taken just now (after the statement that took it returned: later is
+                // the safe side).
+                let lease = Arc::new(Lease::new(Instant::now(), LEASE));
+                let _ = ready_tx.send(Ok(lease.clone()));
                 let mut conn = Conn {
                     client,
                     writes: Default::default(),
                 };
-                while let Ok(call) = rx.recv() {
-                    call(&mut conn);
+                loop {
+                    match rx.recv_timeout(PING_EVERY) {
+                        Ok(call) => call(&mut conn),
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            // Idle: is the session (and the lock) still ours?
+                            let t = Instant::now();
+                            match conn.client.simple_query("SELECT 1") {
+                                Ok(_) => lease.renew(t),
+                                Err(e) if conn.client.is_closed() => {
+                                    tracing::error!("the database session that holds this server's lock is gone ({e}): another server may own the store now");
+                                    lease.lose();
+                                }
+                                Err(_) => {}
+                            }
+                        }
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
                 }
                 // Dropping the client ends the session, which releases the lock.
             })
@@ -246,9 +277,15 @@ impl PgStore {
         let mut s = PgStore {
             calls: Some(calls),
             thread: Some(thread),
+            // Replaced by the thread's once the lock is held; never valid meanwhile.
+            lease: Arc::new(Lease::new(Instant::now(), LEASE)),
         };
+        s.lease.lose();
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok(s),
+            Ok(Ok(lease)) => {
+                s.lease = lease;
+                Ok(s)
+            }
             Ok(Err(e)) => {
                 s.close();
                 Err(e)
@@ -291,13 +328,20 @@ impl PgStore {
     ) -> Result<R> {
         let gone = || StoreError::Unavailable("the database connection is closed".into());
         let (tx, rx) = mpsc::sync_channel(1);
+        let lease = self.lease.clone();
         self.calls
             .as_ref()
             .ok_or_else(gone)?
             .send(Box::new(move |c: &mut Conn| {
                 // Once the session is gone so is the lock: never open another one behind
                 // it. The server reopens the store, which takes the lock again or fails.
+                let t = Instant::now();
                 let r = if c.is_closed() { Err(gone()) } else { f(c) };
+                if c.is_closed() {
+                    lease.lose();
+                } else if r.is_ok() {
+                    lease.renew(t);
+                }
                 let _ = tx.send(r);
             }))
             .map_err(|_| gone())?;
@@ -616,6 +660,10 @@ fn unzip3<A, B, C>(v: Vec<(A, B, C)>) -> (Vec<A>, Vec<B>, Vec<C>) {
 }
 
 impl Store for PgStore {
+    fn lease(&self) -> Option<Arc<Lease>> {
+        Some(self.lease.clone())
+    }
+
     fn load(&mut self) -> Result<Snapshot> {
         self.call(|c| {
             // One snapshot of the whole state, not seven moments of it.

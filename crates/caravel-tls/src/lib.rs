@@ -558,6 +558,9 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// TLS handshakes in progress at once (see `TlsListener::new`).
+const MAX_HANDSHAKES: usize = 1024;
+
 /// The answer to a plain-HTTP request on a TLS port, in the API's error shape.
 fn plain_http_answer() -> Vec<u8> {
     let body = "{\"error\":{\"code\":\"invalid_argument\",\"message\":\"this port speaks HTTPS and the client sent plain HTTP: use an https:// URL\"}}\n";
@@ -573,6 +576,9 @@ impl TlsListener {
         let local = tcp.local_addr()?;
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+        // Handshakes in progress at once: a flood of connections that never finish theirs
+        // holds at most this many descriptors (each for HANDSHAKE_TIMEOUT at most).
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         let accept = tokio::spawn(async move {
             loop {
                 let conn = tokio::select! {
@@ -589,10 +595,15 @@ impl TlsListener {
                         continue;
                     }
                 };
+                let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                    drop(stream);
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 let acceptor = acceptor.clone();
                 let tx = tx.clone();
                 tokio::spawn(async move {
+                    let _permit = permit;
                     let done = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
                         let mut first = [0u8; 1];
                         let n = stream.peek(&mut first).await.ok()?;

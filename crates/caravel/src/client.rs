@@ -216,14 +216,33 @@ impl Client {
         }
         let n = self.bases.len();
         let start = self.current.load(std::sync::atomic::Ordering::Relaxed);
-        for k in 0..n {
+        // Past the server's rate limit: wait as it says (Retry-After), a few times, as
+        // kubectl's client-side throttle would have.
+        let mut throttled = 0;
+        let mut k = 0;
+        while k < n {
             let i = (start + k) % n;
             match make(&self.bases[i]).bearer_auth(&self.token).send().await {
+                Ok(r) if r.status() == reqwest::StatusCode::TOO_MANY_REQUESTS && throttled < 5 => {
+                    throttled += 1;
+                    let secs = r
+                        .headers()
+                        .get(reqwest::header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .unwrap_or(1)
+                        .clamp(1, 10);
+                    tokio::time::sleep(Duration::from_secs(secs)).await;
+                    continue;
+                }
                 Ok(r) => {
                     self.current.store(i, std::sync::atomic::Ordering::Relaxed);
                     return Ok(r);
                 }
-                Err(e) if e.is_connect() && k + 1 < n => continue,
+                Err(e) if e.is_connect() && k + 1 < n => {
+                    k += 1;
+                    continue;
+                }
                 Err(e) => {
                     let hint = tls_hint(&e, &self.bases[i]);
                     let err = anyhow::Error::new(e).context(format!(

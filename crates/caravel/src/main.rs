@@ -471,6 +471,38 @@ struct ServerArgs {
     /// service names is kept after its last use: 7d.
     #[arg(long, default_value = "7d", value_parser = dur)]
     workdir_retention: u64,
+    /// Close a connection that has not sent a whole request head within this long of
+    /// opening or of its previous answer (also the idle keep-alive timeout).
+    #[arg(long, default_value = "15s", value_parser = dur)]
+    header_timeout: u64,
+    /// Fail a request whose body sends nothing for this long.
+    #[arg(long, default_value = "30s", value_parser = dur)]
+    body_timeout: u64,
+    /// The most connections open at once. Past it, a newcomer closes the oldest
+    /// connection that has not shown a valid token, from the address holding the most.
+    #[arg(long, default_value_t = 4096, value_parser = at_least_one)]
+    max_connections: usize,
+    /// The most connections one address may hold before it shows a valid token.
+    #[arg(long, default_value_t = 256, value_parser = at_least_one)]
+    max_connections_per_client: usize,
+    /// API calls per tenant token: `RPS` or `RPS:BURST`, or `off`. The admin and agent
+    /// tokens are not limited. Past it: 429 with Retry-After.
+    #[arg(long, default_value = "100:200", value_parser = rate)]
+    rate_limit: caravel_server::serve::Rate,
+    /// API calls per address from callers without a valid token (`RPS[:BURST]`, `off`).
+    #[arg(long, default_value = "20:40", value_parser = rate)]
+    rate_limit_anonymous: caravel_server::serve::Rate,
+}
+
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("`{s}`: expected a whole number of at least 1")),
+    }
+}
+
+fn rate(s: &str) -> Result<caravel_server::serve::Rate, String> {
+    caravel_server::serve::Rate::parse(s)
 }
 
 #[derive(Args)]
@@ -970,7 +1002,11 @@ fn main() {
         .is_some_and(|a| a == caravel_agent::fence::WATCHDOG_ARG)
     {
         let dir = PathBuf::from(args.next().unwrap_or_default());
-        if let Err(e) = caravel_agent::fence::watchdog_main(&dir) {
+        let agent: i32 = args
+            .next()
+            .and_then(|a| a.to_str()?.parse().ok())
+            .unwrap_or(0);
+        if let Err(e) = caravel_agent::fence::watchdog_main(&dir, agent) {
             eprintln!("caravel fence watchdog: {}: {e}", dir.display());
             std::process::exit(1);
         }
@@ -1104,6 +1140,17 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
             cfg.log_retention_ms = a.log_retention;
             cfg.workdir_max_bytes = a.workdir_max_size;
             cfg.workdir_retention_ms = a.workdir_retention;
+            if a.header_timeout == 0 || a.body_timeout == 0 {
+                bail!("--header-timeout and --body-timeout: must be more than 0");
+            }
+            cfg.conn_limits = caravel_server::serve::ConnLimits {
+                header_timeout: Duration::from_millis(a.header_timeout),
+                body_timeout: Duration::from_millis(a.body_timeout),
+                max_connections: a.max_connections,
+                max_connections_per_client: a.max_connections_per_client,
+            };
+            cfg.tenant_rate = a.rate_limit;
+            cfg.anonymous_rate = a.rate_limit_anonymous;
             cfg.tls = match (a.tls_cert, a.tls_key) {
                 (Some(cert), Some(key)) => Some(caravel_server::Tls::Files { cert, key }),
                 _ if a.tls_self_signed => {

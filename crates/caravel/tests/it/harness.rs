@@ -180,6 +180,21 @@ impl Pool {
                 .build()
                 .unwrap();
         }
+        // Listening is not yet serving: a server on PostgreSQL answers only once its
+        // store lease is valid (a lease after it took the lock).
+        self.wait_healthy(Duration::from_secs(20));
+    }
+
+    /// Waits until `/healthz` answers 200.
+    pub fn wait_healthy(&self, limit: Duration) {
+        let url = format!("{}/healthz", self.url);
+        let http = self.http.clone();
+        wait_for("the server to serve (/healthz 200)", limit, || {
+            Self::rt().block_on(async {
+                let r = http.get(&url).send().await.ok()?;
+                (r.status().as_u16() == 200).then_some(())
+            })
+        });
     }
 
     pub fn kill9_server(&mut self) {
@@ -291,7 +306,7 @@ impl Pool {
         });
     }
 
-    fn rt() -> tokio::runtime::Runtime {
+    pub fn rt() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -4,6 +4,7 @@ mod harness;
 
 mod bad_input;
 mod checkpoints;
+mod edges;
 mod failures;
 mod gangs;
 mod images;

@@ -306,9 +306,7 @@ fn a_standby_takes_over_when_the_server_dies_and_agents_follow() {
     p.server = Some(standby);
     p.url = surl;
     p.port = sport;
-    wait_for("the standby to serve", Duration::from_secs(30), || {
-        std::net::TcpStream::connect(("127.0.0.1", sport)).ok()
-    });
+    p.wait_healthy(Duration::from_secs(30));
     eprintln!("the standby served {:?} after the kill", t0.elapsed());
     let j = p.wait_state(long, &["succeeded", "failed"], Duration::from_secs(40));
     assert_eq!(j["state"], "succeeded", "{j}");
@@ -411,6 +409,7 @@ fn a_server_that_lost_its_store_to_a_standby_stops() {
     // The standby owns the store and takes work.
     p.url = format!("http://127.0.0.1:{sport}");
     p.port = sport;
+    p.wait_healthy(Duration::from_secs(30));
     // The pool's admin token works on the new owner.
     let id = p.submit(&p.admin, job_spec("echo to the new owner"));
     assert_eq!(p.job(&p.admin, id)["state"], "pending");
@@ -447,6 +446,105 @@ fn a_server_that_lost_its_store_to_a_standby_stops() {
         !stray.join("agent.token").exists(),
         "a refused start left a token file behind"
     );
+}
+
+/// The owner's database session is ended while it writes nothing (item 10 of #30): it
+/// must stop answering before the standby starts to, the agent must follow the standby,
+/// and the running task must survive the handover.
+#[test]
+fn an_owner_whose_idle_session_is_ended_stops_answering_before_the_standby_starts() {
+    let Some(base) = test_pg() else { return };
+    let schema = PgSchema::create(&base);
+    let url = schema.url();
+    let mut p = Pool::server_only_with("pgidle", &["--datastore", &url]);
+    let sdir = p.dir.path().join("standby");
+    let sport = free_port();
+    let surl = format!("http://127.0.0.1:{sport}");
+    let standby = Command::new(BIN)
+        .args(["server", "--listen", &format!("127.0.0.1:{sport}")])
+        .args(["--lost-after", "2s", "--heartbeat", "500ms", "--standby"])
+        .args(["--datastore", &url, "--data-dir"])
+        .arg(&sdir)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(p.dir.path().join("standby.log")).unwrap())
+        .spawn()
+        .unwrap();
+    p.agent_server = Some(format!("{},{surl}", p.url));
+    p.start_agent("a", &["--cpus", "8"]);
+    p.wait_nodes_ready(1);
+    let job = p.submit(&p.admin, job_spec("sleep 40; echo survived"));
+    p.wait_state(job, &["running"], Duration::from_secs(20));
+    let old_url = p.url.clone();
+    let health = |u: &str| {
+        Pool::rt().block_on(async {
+            match reqwest::Client::new()
+                .get(format!("{u}/healthz"))
+                .timeout(Duration::from_millis(500))
+                .send()
+                .await
+            {
+                Ok(r) => r.status().as_u16(),
+                Err(_) => 0,
+            }
+        })
+    };
+    assert_eq!(health(&old_url), 200);
+    // Nothing is written now (the job sleeps): the owner learns of it only by itself. It
+    // may take its lock back before the standby polls for it (also correct: one owner);
+    // then its session is ended again, until the standby wins a round.
+    let mut standby = Some(standby);
+    let mut took_over = false;
+    for round in 0..6 {
+        schema.admin(&format!(
+            "SELECT pg_terminate_backend(session) FROM {}.caravel_owner",
+            schema.name()
+        ));
+        let t0 = Instant::now();
+        let (mut old_stopped_ms, mut new_started_ms, mut old_back_ms) = (None, None, None);
+        while t0.elapsed() < Duration::from_secs(5) {
+            let (a, b) = (health(&old_url), health(&surl));
+            assert!(
+                !(a == 200 && b == 200),
+                "round {round}: both servers answered as owner {:?} after the session ended",
+                t0.elapsed()
+            );
+            let ms = t0.elapsed().as_millis();
+            match (old_stopped_ms, a == 200) {
+                (None, false) => old_stopped_ms = Some(ms),
+                (Some(_), true) if old_back_ms.is_none() => old_back_ms = Some(ms),
+                _ => {}
+            }
+            if b == 200 && new_started_ms.is_none() {
+                new_started_ms = Some(ms);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let stopped = old_stopped_ms.expect("the old owner never stopped answering");
+        if let Some(started) = new_started_ms {
+            eprintln!("round {round}: the old owner stopped answering after {stopped} ms, the standby answered after {started} ms");
+            assert!(stopped < started && old_back_ms.is_none());
+            took_over = true;
+            break;
+        }
+        eprintln!("round {round}: the old owner stopped answering after {stopped} ms and answered again after {old_back_ms:?} ms with its store taken back");
+        assert!(old_back_ms.is_some(), "neither server answers");
+    }
+    assert!(took_over, "the standby never took over in six rounds");
+    let mut old = p.server.replace(standby.take().unwrap()).unwrap();
+    exit_within(
+        &mut old,
+        Duration::from_secs(30),
+        "the old owner kept running after losing its store",
+    );
+    p.url = surl;
+    p.port = sport;
+    // The task was never stopped: one run, to the end, on the node that had it.
+    let j = p.wait_state(job, &["succeeded", "failed"], Duration::from_secs(40));
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(j["runs"].as_array().unwrap().len(), 1, "{j}");
+    assert_eq!(p.logs(job, 0, "stdout"), "survived\n");
+    let nodes = p.get(&p.admin, "/v1/nodes").unwrap();
+    assert_eq!(nodes[0]["state"], "ready", "{nodes}");
 }
 
 /// Flags that only make sense on one store are refused before anything is created.
