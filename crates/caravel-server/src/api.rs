@@ -249,7 +249,10 @@ pub async fn submit(
     }
     s.metrics.jobs_submitted.inc();
     s.sched_wake.notify_one();
-    Ok((StatusCode::CREATED, Json(SubmitResponse { id })).into_response())
+    let mut r = (StatusCode::CREATED, Json(SubmitResponse { id })).into_response();
+    r.extensions_mut()
+        .insert(crate::fault::Points(vec!["submit"]));
+    Ok(r)
 }
 
 /// The tenant a write acts as: a tenant token acts as itself (naming another is refused);
@@ -646,7 +649,7 @@ pub async fn cancel_job(
     State(s): State<Arc<Shared>>,
     headers: HeaderMap,
     Path(id): Path<String>,
-) -> Res<Json<JobSummary>> {
+) -> Res<Response> {
     let p = user_only(authenticate(&s, &headers)?)?;
     let id = parse_job_id(&id)?;
     let mut core = s.core.lock().expect("core lock");
@@ -656,7 +659,10 @@ pub async fn cancel_job(
     let out = summary(&core, j);
     drop(core);
     s.sched_wake.notify_one();
-    Ok(Json(out))
+    let mut r = Json(out).into_response();
+    r.extensions_mut()
+        .insert(crate::fault::Points(vec!["cancel"]));
+    Ok(r)
 }
 
 #[derive(Deserialize)]
@@ -1271,9 +1277,24 @@ pub async fn agent_events(
     State(s): State<Arc<Shared>>,
     headers: HeaderMap,
     body: Bytes,
-) -> Res<StatusCode> {
+) -> Res<Response> {
     require_agent(authenticate(&s, &headers)?)?;
     let req: EventsRequest = parse_json(&body)?;
+    let mut points = crate::fault::Points::default();
+    if req
+        .events
+        .iter()
+        .any(|e| matches!(e, RunEvent::Started { .. }))
+    {
+        points.0.push("start");
+    }
+    if req
+        .events
+        .iter()
+        .any(|e| matches!(e, RunEvent::Exited { .. }))
+    {
+        points.0.push("exit");
+    }
     {
         let mut core = s.core.lock().expect("core lock");
         if !core.nodes.contains_key(&req.node_id) {
@@ -1309,7 +1330,9 @@ pub async fn agent_events(
         flushed?;
     }
     s.sched_wake.notify_one();
-    Ok(StatusCode::NO_CONTENT)
+    let mut r = StatusCode::NO_CONTENT.into_response();
+    r.extensions_mut().insert(points);
+    Ok(r)
 }
 
 /// Output shipped by an agent: appended to what the server keeps of each run's stream.
@@ -1561,7 +1584,7 @@ pub async fn put_checkpoint(
     State(s): State<Arc<Shared>>,
     headers: HeaderMap,
     Path((id, index)): Path<(String, String)>,
-    Query(q): Query<CheckpointPut>,
+    q: Result<Query<CheckpointPut>, axum::extract::rejection::QueryRejection>,
     body: axum::body::Body,
 ) -> Res<(StatusCode, Json<CheckpointView>)> {
     let r = save_checkpoint(s.clone(), headers, id, index, q, body).await;
@@ -1600,13 +1623,22 @@ async fn save_checkpoint(
     headers: HeaderMap,
     id: String,
     index: String,
-    q: CheckpointPut,
+    q: Result<Query<CheckpointPut>, axum::extract::rejection::QueryRejection>,
     body: axum::body::Body,
 ) -> Res<(StatusCode, Json<CheckpointView>)> {
     use http_body_util::BodyExt;
     use sha2::Digest;
     use tokio::io::AsyncWriteExt;
     require_agent(authenticate(&s, &headers)?)?;
+    // Checked after the caller: a stranger learns nothing about what a valid request is.
+    let Query(q) = q.map_err(|e| {
+        let text = e.body_text();
+        ApiError {
+            code: ErrorCode::MalformedRequest,
+            field: crate::edge::field_named(&text),
+            message: text,
+        }
+    })?;
     let id = parse_job_id(&id)?;
     let run = RunId(q.run);
     let expected = headers

@@ -13,6 +13,7 @@ pub mod core;
 pub mod datadir;
 pub mod edge;
 pub mod error;
+pub mod fault;
 pub mod gateway;
 pub mod logs;
 pub mod metrics;
@@ -432,58 +433,200 @@ impl Server {
     }
 }
 
-pub fn router(shared: Arc<Shared>) -> Router {
-    Router::new()
-        .route("/v1/whoami", get(api::whoami))
-        .route("/v1/jobs", post(api::submit).get(api::list_jobs))
-        .route("/v1/jobs/{id}", get(api::get_job))
-        .route("/v1/jobs/{id}/cancel", post(api::cancel_job))
-        .route("/v1/jobs/{id}/logs", get(api::job_logs))
-        .route("/v1/jobs/{id}/checkpoints", get(api::list_checkpoints))
-        .route("/v1/jobs/{id}/checkpoint-cut", get(api::checkpoint_cut))
-        .route("/v1/jobs/{id}/workdir", get(api::get_job_workdir))
-        .route("/v1/registries", get(api::list_registries))
-        .route(
+/// Who may call a route (see `route_rules`; the authorisation matrix test holds every
+/// route to its rule with every kind of caller).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Anyone, without a token.
+    Public,
+    /// Any valid token: a tenant's, the admin's or an agent's (agents fetch checkpoints
+    /// and working directories for the tasks they start).
+    Any,
+    /// A tenant or the admin; agent tokens are refused.
+    User,
+    /// The admin alone.
+    Admin,
+    /// An agent or the admin.
+    Agent,
+    /// The gateway: a service's own access rules (public, or its tenant's tokens).
+    Gateway,
+}
+
+/// One method of one route and who may call it.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteRule {
+    pub method: &'static str,
+    pub path: &'static str,
+    pub access: Access,
+}
+
+/// Routes with their rules: a route is added only with a rule for each of its methods.
+struct Routes {
+    router: Router<Arc<Shared>>,
+    rules: Vec<RouteRule>,
+}
+
+impl Routes {
+    fn new() -> Routes {
+        Routes {
+            router: Router::new(),
+            rules: Vec::new(),
+        }
+    }
+
+    fn add(
+        mut self,
+        path: &'static str,
+        mr: axum::routing::MethodRouter<Arc<Shared>>,
+        rules: &[(&'static str, Access)],
+    ) -> Routes {
+        self.router = self.router.route(path, mr);
+        self.rules
+            .extend(rules.iter().map(|&(method, access)| RouteRule {
+                method,
+                path,
+                access,
+            }));
+        self
+    }
+}
+
+use Access::*;
+
+/// The API proper: answered only once what it saw and changed is durable.
+fn api_routes() -> Routes {
+    Routes::new()
+        .add("/v1/whoami", get(api::whoami), &[("GET", Any)])
+        .add(
+            "/v1/jobs",
+            post(api::submit).get(api::list_jobs),
+            &[("POST", User), ("GET", User)],
+        )
+        .add("/v1/jobs/{id}", get(api::get_job), &[("GET", User)])
+        .add(
+            "/v1/jobs/{id}/cancel",
+            post(api::cancel_job),
+            &[("POST", User)],
+        )
+        .add("/v1/jobs/{id}/logs", get(api::job_logs), &[("GET", User)])
+        .add(
+            "/v1/jobs/{id}/checkpoints",
+            get(api::list_checkpoints),
+            &[("GET", Any)],
+        )
+        .add(
+            "/v1/jobs/{id}/checkpoint-cut",
+            get(api::checkpoint_cut),
+            &[("GET", Any)],
+        )
+        .add(
+            "/v1/jobs/{id}/workdir",
+            get(api::get_job_workdir),
+            &[("GET", Any)],
+        )
+        .add(
+            "/v1/registries",
+            get(api::list_registries),
+            &[("GET", User)],
+        )
+        .add(
             "/v1/registries/{registry}",
             axum::routing::put(api::put_registry).delete(api::delete_registry),
+            &[("PUT", User), ("DELETE", User)],
         )
-        .route(
+        .add(
             "/v1/workdirs/{digest}",
             axum::routing::head(api::has_workdir)
                 .put(api::put_workdir)
                 // The limit is the server's own (`--workdir-max-size`), checked as the
                 // body streams in.
                 .layer(axum::extract::DefaultBodyLimit::disable()),
+            &[("HEAD", User), ("PUT", User)],
         )
-        .route(
+        .add(
             "/v1/jobs/{id}/tasks/{index}/checkpoint",
             get(api::get_checkpoint).put(api::put_checkpoint),
+            &[("GET", Any), ("PUT", Agent)],
         )
-        .route("/v1/nodes", get(api::list_nodes))
-        .route("/v1/nodes/{name}/drain", post(api::drain_node))
-        .route("/v1/nodes/{name}/undrain", post(api::undrain_node))
-        .route(
+        .add("/v1/nodes", get(api::list_nodes), &[("GET", User)])
+        .add(
+            "/v1/nodes/{name}/drain",
+            post(api::drain_node),
+            &[("POST", Admin)],
+        )
+        .add(
+            "/v1/nodes/{name}/undrain",
+            post(api::undrain_node),
+            &[("POST", Admin)],
+        )
+        .add(
             "/v1/tenants",
             post(api::create_tenant).get(api::list_tenants),
+            &[("POST", Admin), ("GET", User)],
         )
-        .route("/v1/usage", get(api::usage))
-        .route("/v1/agent/register", post(api::agent_register))
-        .route("/v1/agent/sync", post(api::agent_sync))
-        .route("/v1/agent/events", post(api::agent_events))
-        .route("/v1/agent/shutdown", post(api::agent_shutdown))
+        .add("/v1/usage", get(api::usage), &[("GET", User)])
+        .add(
+            "/v1/agent/register",
+            post(api::agent_register),
+            &[("POST", Agent)],
+        )
+        .add("/v1/agent/sync", post(api::agent_sync), &[("POST", Agent)])
+        .add(
+            "/v1/agent/events",
+            post(api::agent_events),
+            &[("POST", Agent)],
+        )
+        .add(
+            "/v1/agent/shutdown",
+            post(api::agent_shutdown),
+            &[("POST", Agent)],
+        )
         // A batch carries up to 4 MiB of output, base64.
-        .route(
+        .add(
             "/v1/agent/logs",
             post(api::agent_logs).layer(axum::extract::DefaultBodyLimit::max(8 << 20)),
+            &[("POST", Agent)],
         )
-        .route(
+        .add(
             "/v1/services",
             post(api::deploy_service).get(api::list_services),
+            &[("POST", User), ("GET", User)],
         )
-        .route(
+        .add(
             "/v1/services/{name}",
             get(api::get_service).delete(api::delete_service),
+            &[("GET", User), ("DELETE", User)],
         )
+}
+
+/// Routes that show no stored state and must answer while the store is down.
+fn open_routes() -> Routes {
+    Routes::new()
+        .add("/healthz", get(api::healthz), &[("GET", Public)])
+        .add("/v1/tls/ca.pem", get(api::ca_pem), &[("GET", Public)])
+        .add("/metrics", get(api::metrics), &[("GET", Admin)])
+        .add("/v1/openapi.json", get(api::openapi), &[("GET", Public)])
+}
+
+fn gateway_routes() -> Routes {
+    const ANY: &[(&str, Access)] = &[("ANY", Gateway)];
+    Routes::new()
+        .add("/s/{tenant}/{service}", any(gateway::route_root), ANY)
+        .add("/s/{tenant}/{service}/", any(gateway::route_root), ANY)
+        .add("/s/{tenant}/{service}/{*rest}", any(gateway::route), ANY)
+}
+
+/// Every route the server has, each method with who may call it.
+pub fn route_rules() -> Vec<RouteRule> {
+    let mut v = api_routes().rules;
+    v.extend(open_routes().rules);
+    v.extend(gateway_routes().rules);
+    v
+}
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    api_routes()
+        .router
         .fallback(api::fallback)
         .layer(axum::middleware::from_fn_with_state(
             shared.clone(),
@@ -491,10 +634,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         ))
         // After that layer: these do not show stored state, and must answer while the
         // store is down.
-        .route("/healthz", get(api::healthz))
-        .route("/v1/tls/ca.pem", get(api::ca_pem))
-        .route("/metrics", get(api::metrics))
-        .route("/v1/openapi.json", get(api::openapi))
+        .merge(open_routes().router)
         .layer(axum::middleware::from_fn_with_state(
             shared.clone(),
             edge::limit,
@@ -509,9 +649,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
             count_requests,
         ))
         // After the layer: gateway traffic is counted per service, not as API requests.
-        .route("/s/{tenant}/{service}", any(gateway::route_root))
-        .route("/s/{tenant}/{service}/", any(gateway::route_root))
-        .route("/s/{tenant}/{service}/{*rest}", any(gateway::route))
+        .merge(gateway_routes().router)
         // Outermost: a request that names its service in a header goes to it whatever
         // its path (gRPC methods live at the root).
         .layer(axum::middleware::from_fn_with_state(
@@ -564,7 +702,14 @@ async fn settle_writes(State(s): State<Arc<Shared>>, req: Request, next: Next) -
         ))
     };
     match settled {
-        Ok(()) => resp,
+        Ok(()) => {
+            if let Some(points) = resp.extensions().get::<fault::Points>() {
+                for p in &points.0 {
+                    fault::after_commit(p);
+                }
+            }
+            resp
+        }
         Err(e) => {
             // Wake the scheduling loop: it reloads memory from the store.
             s.sched_wake.notify_one();
@@ -805,12 +950,14 @@ async fn scheduling_loop(s: Arc<Shared>) {
         // save holds while it waits for the core lock (a deadlock seen in the gang tests).
         let stale = s.core.lock().expect("core lock").saved.0 != s.checkpoints.generation();
         let saved = stale.then(|| s.checkpoints.saved_by_run());
+        let placed_now;
         let (res, needs_reload, due) = {
             let mut core = s.core.lock().expect("core lock");
             if let Some(saved) = saved {
                 core.saved = saved;
             }
             let r = core.schedule(now_ms());
+            placed_now = matches!(&r, Ok(st) if st.placed > 0);
             if r.is_ok() {
                 if let Err(e) = core.grow_elastic(now_ms()) {
                     tracing::warn!("growing elastic gangs: {e}");
@@ -829,6 +976,12 @@ async fn scheduling_loop(s: Arc<Shared>) {
         wait = due
             .map(|d| Duration::from_millis((d - now_ms()).clamp(1, 1000) as u64))
             .unwrap_or(Duration::from_secs(1));
+        if placed_now && fault::armed() {
+            let d = s.durability.lock().expect("durability lock").clone();
+            if d.settle(d.high()).await.is_ok() {
+                fault::after_commit("schedule");
+            }
+        }
         if needs_reload && res.is_ok() {
             tracing::error!("a commit failed earlier; reloading state from the store");
             reload_off_runtime(&s).await;

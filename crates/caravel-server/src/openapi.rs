@@ -46,7 +46,7 @@ pub fn document() -> Value {
     // Apart: one json! holding everything passes the macro's recursion limit.
     let log_ship_request = json!({"type": "object", "required": ["entries"], "properties": {"entries": {"type": "array", "items": {"type": "object", "required": ["job", "index", "run", "stream", "offset"], "properties": {"job": {"type": "integer"}, "index": {"type": "integer"}, "run": {"type": "integer"}, "stream": {"type": "string", "enum": ["stdout", "stderr"]}, "offset": {"type": "integer"}, "data": {"type": "string", "format": "byte"}, "skip": {"type": "boolean"}, "done": {"type": "boolean"}}}}}});
     let log_ship_response = json!({"type": "object", "required": ["limit", "results"], "properties": {"limit": {"type": "integer"}, "results": {"type": "array", "items": {"type": "object", "properties": {"state": {"type": "string", "enum": ["ok", "gap", "unknown", "full"]}, "end": {"type": "integer"}, "done": {"type": "boolean"}}}}}});
-    json!({
+    let mut doc = json!({
         "openapi": "3.1.0",
         "info": {"title": "Caravel API", "version": "1", "description":
             "The Caravel control plane. Every endpoint under /v1 takes `Authorization: Bearer TOKEN`. Errors are JSON `{error: {code, message, field}}` with a stable `code`."},
@@ -55,7 +55,7 @@ pub fn document() -> Value {
             "responses": {"Error": {"description": "error", "content": {"application/json": {"schema": sref("Error")}}}},
             "schemas": {
                 "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "object", "required": ["code", "message"], "properties": {
-                    "code": {"type": "string", "enum": ["invalid_argument", "malformed_request", "unauthenticated", "permission_denied", "not_found", "conflict", "unschedulable", "exceeds_quota", "unavailable", "rate_limited", "upstream_failed", "upstream_timeout", "too_large", "internal"]},
+                    "code": {"type": "string", "enum": ["invalid_argument", "malformed_request", "unauthenticated", "permission_denied", "not_found", "conflict", "unschedulable", "exceeds_quota", "unavailable", "rate_limited", "upstream_failed", "upstream_timeout", "too_large", "method_not_allowed", "internal"]},
                     "message": {"type": "string"}, "field": {"type": "string"}}}}},
                 "GpuRequest": {"type": "object", "additionalProperties": false, "required": ["model"], "properties": {"model": {"type": "string"}, "any_of": {"type": "array", "items": {"type": "string"}, "description": "other acceptable models, in order"}, "count": {"type": "integer", "minimum": 1, "default": 1}, "milli": {"type": "integer", "minimum": 1, "maximum": 999, "description": "a share of one device in thousandths; count must be 1"}}},
                 "TaskResources": {"type": "object", "additionalProperties": false, "properties": {
@@ -101,7 +101,7 @@ pub fn document() -> Value {
         "security": [{"bearer": []}],
         "paths": {
             "/healthz": {"get": {"summary": "liveness of the server", "security": [], "responses": {"200": {"description": "ok"}}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics", "security": [], "responses": {"200": {"description": "OpenMetrics text"}}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics (admin token)", "responses": {"200": {"description": "OpenMetrics text"}, "401": {"$ref": "#/components/responses/Error"}, "403": {"$ref": "#/components/responses/Error"}}}},
             "/v1/tls/ca.pem": {"get": {"summary": "the pool CA of a server started with --tls-self-signed (agents joining with --ca-sha256 check it by its SHA-256); 404 otherwise", "security": [], "responses": {"200": {"description": "PEM"}, "404": {"description": "no pool CA"}}}},
             "/v1/openapi.json": {"get": {"summary": "this document", "security": [], "responses": {"200": {"description": "OpenAPI"}}}},
             "/v1/whoami": {"get": {"summary": "the caller's role", "responses": ok(json!({"type": "object"}), "200")}},
@@ -133,5 +133,43 @@ pub fn document() -> Value {
             "/v1/agent/events": {"post": {"summary": "agent: report runs started and exited (idempotent)", "requestBody": body("EventsRequest"), "responses": {"204": {"description": "applied"}}}},
             "/v1/agent/shutdown": {"post": {"summary": "agent: leaving cleanly; stop and requeue the node's runs (the node is down until it registers again)", "requestBody": body("ShutdownRequest"), "responses": ok(sref("ShutdownResponse"), "200")}}
         }
-    })
+    });
+    more_paths(&mut doc);
+    doc
+}
+
+fn path_param(name: &str, ty: &str) -> Value {
+    json!({"name": name, "in": "path", "required": true, "schema": {"type": ty}})
+}
+
+/// The routes added after the first document (apart: one `json!` holding everything
+/// passes the macro's recursion limit).
+fn more_paths(doc: &mut Value) {
+    let obj = json!({"type": "object"});
+    let paths = &mut doc["paths"];
+    paths["/v1/jobs/{id}/checkpoint-cut"] = json!({"get": {"summary": "a gang's committed checkpoint cut: the version of each rank's part", "parameters": [id_param()], "responses": ok(obj.clone(), "200")}});
+    paths["/v1/jobs/{id}/workdir"] = json!({"get": {"summary": "the working directory archive the job was submitted with (tar.gz)", "parameters": [id_param()], "responses": {"200": {"description": "tar.gz", "content": {"application/gzip": {}}}, "404": {"$ref": "#/components/responses/Error"}}}});
+    paths["/v1/registries"] = json!({"get": {"summary": "the caller's image registry credentials (names only, never secrets)", "parameters": [q("tenant", "string", "admin only")], "responses": ok(json!({"type": "array", "items": obj.clone()}), "200")}});
+    paths["/v1/registries/{registry}"] = json!({
+        "put": {"summary": "set the caller's credentials for a registry", "parameters": [path_param("registry", "string"), q("tenant", "string", "admin only")], "requestBody": {"required": true, "content": {"application/json": {"schema": obj.clone()}}}, "responses": ok(obj.clone(), "200")},
+        "delete": {"summary": "remove the caller's credentials for a registry", "parameters": [path_param("registry", "string"), q("tenant", "string", "admin only")], "responses": {"204": {"description": "removed"}, "404": {"$ref": "#/components/responses/Error"}}}
+    });
+    paths["/v1/workdirs/{digest}"] = json!({
+        "head": {"summary": "whether the caller has uploaded this working directory archive (by SHA-256)", "parameters": [path_param("digest", "string"), q("tenant", "string", "admin only")], "responses": {"200": {"description": "held"}, "404": {"description": "not held"}}},
+        "put": {"summary": "upload a working directory archive (tar.gz, checked against its SHA-256 and --workdir-max-size)", "parameters": [path_param("digest", "string"), q("tenant", "string", "admin only")], "requestBody": {"required": true, "content": {"application/gzip": {}}}, "responses": ok(obj.clone(), "201")}
+    });
+    paths["/v1/nodes/{name}/drain"] = json!({"post": {"summary": "admin: start nothing new on the node; running work finishes", "parameters": [path_param("name", "string")], "responses": ok(sref("NodeView"), "200")}});
+    paths["/v1/nodes/{name}/undrain"] = json!({"post": {"summary": "admin: the node takes work again", "parameters": [path_param("name", "string")], "responses": ok(sref("NodeView"), "200")}});
+    paths["/v1/services"] = json!({
+        "post": {"summary": "deploy or update a service (docs/services.md)", "parameters": [q("tenant", "string", "admin only")], "requestBody": {"required": true, "content": {"application/json": {"schema": obj.clone()}}}, "responses": ok(obj.clone(), "200")},
+        "get": {"summary": "list services (a tenant sees its own)", "responses": ok(json!({"type": "array", "items": obj.clone()}), "200")}
+    });
+    paths["/v1/services/{name}"] = json!({
+        "get": {"summary": "a service with its replicas, rollout and events", "parameters": [path_param("name", "string"), q("tenant", "string", "admin only")], "responses": ok(obj.clone(), "200")},
+        "delete": {"summary": "delete a service and stop its replicas", "parameters": [path_param("name", "string"), q("tenant", "string", "admin only")], "responses": ok(obj.clone(), "200")}
+    });
+    let gateway = |what: &str| json!({"get": {"summary": format!("the gateway ({what}): any method, proxied to a ready replica of the service; a private service answers only its tenant's token, and answers exactly as a missing one otherwise"), "security": [], "parameters": [path_param("tenant", "string"), path_param("service", "string")], "responses": {"200": {"description": "the replica's answer"}, "404": {"$ref": "#/components/responses/Error"}, "429": {"$ref": "#/components/responses/Error"}, "502": {"$ref": "#/components/responses/Error"}, "503": {"$ref": "#/components/responses/Error"}, "504": {"$ref": "#/components/responses/Error"}}}});
+    paths["/s/{tenant}/{service}"] = gateway("root");
+    paths["/s/{tenant}/{service}/"] = gateway("root");
+    paths["/s/{tenant}/{service}/{rest}"] = gateway("a path under the service");
 }

@@ -177,6 +177,12 @@ pub async fn start_pool_with(
             ])
             .arg(dir.join("server"))
             .args(server_args)
+            // A/B runs of the server's own settings (`--rate-limit off ...`).
+            .args(
+                std::env::var("CARAVEL_BENCH_SERVER_ARGS")
+                    .unwrap_or_default()
+                    .split_whitespace(),
+            )
             .env("CARAVEL_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

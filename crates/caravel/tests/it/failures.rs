@@ -648,3 +648,134 @@ fn cli_submit_rides_out_a_server_restart_and_a_repeat_never_submits_twice() {
         "{err}"
     );
 }
+
+/// Waits for the server process to end by itself (a fault-injected SIGKILL).
+fn server_dies(p: &mut Pool, what: &str) {
+    let s = p.server.as_mut().unwrap();
+    let t0 = std::time::Instant::now();
+    loop {
+        if let Some(st) = s.try_wait().unwrap() {
+            use std::os::unix::process::ExitStatusExt;
+            assert_eq!(st.signal(), Some(libc::SIGKILL), "{what}: {st:?}");
+            p.server = None;
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{what}: the server did not die at the commit boundary"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A POST whose answer may never come: the status, or None when the connection died.
+fn post_maybe(p: &Pool, path: &str, key: Option<&str>, body: &Value) -> Option<(u16, Value)> {
+    Pool::rt().block_on(async {
+        let mut r = reqwest::Client::new()
+            .post(format!("{}{path}", p.url))
+            .bearer_auth(&p.admin)
+            .json(body);
+        if let Some(k) = key {
+            r = r.header("idempotency-key", k);
+        }
+        let resp = r.send().await.ok()?;
+        let status = resp.status().as_u16();
+        Some((status, resp.json().await.unwrap_or(Value::Null)))
+    })
+}
+
+/// Item 8 of #30: the server killed between each kind of commit and anyone hearing of it
+/// (`CARAVEL_FAULT_KILL`, see `caravel_server::fault`). Each case recovers with nothing
+/// lost or doubled: one job per submission, one run per task, one usage record per run.
+#[test]
+fn a_kill_between_each_commit_and_its_answer_loses_and_doubles_nothing() {
+    for point in ["submit", "schedule", "start", "exit", "cancel"] {
+        let mut p = Pool::new(&format!("crash-{point}"), &[("a", &["--cpus", "4"])]);
+        // The same server, armed: it kills itself after the first commit of `point`.
+        p.kill9_server();
+        p.server_env = vec![("CARAVEL_FAULT_KILL".into(), format!("{point}:1"))];
+        p.start_server();
+        p.wait_nodes_ready(1);
+        let cmd = if point == "cancel" {
+            "sleep 300"
+        } else {
+            "echo once"
+        };
+        let spec = json!({"command": "sh", "args": ["-c", cmd], "resources": {"cpu_milli": 100}});
+        let key = format!("crash-{point}");
+        let first = post_maybe(&p, "/v1/jobs", Some(&key), &spec);
+        // The submit's answer may be lost too when a later boundary comes first (the
+        // placement is committed and the server dies before the answer is out): the
+        // client then repeats it with its key, as for `submit`.
+        let id = first.as_ref().map(|(status, v)| {
+            assert_eq!(*status, 201, "{v}");
+            v["id"].as_u64().unwrap()
+        });
+        if point == "submit" {
+            assert!(first.is_none(), "the submit was answered: {first:?}");
+        }
+        if point == "cancel" {
+            let id = id.unwrap();
+            // Started on the node (not only placed): its run is metered when it ends.
+            wait_for("the run started", Duration::from_secs(20), || {
+                let j = p.job(&p.admin, id);
+                j["runs"][0]["started_ms"].as_i64().map(|_| ())
+            });
+            let r = post_maybe(&p, &format!("/v1/jobs/{id}/cancel"), None, &json!({}));
+            assert!(r.is_none(), "the cancel was answered: {r:?}");
+        }
+        server_dies(&mut p, point);
+        let log = std::fs::read_to_string(p.file("server.log")).unwrap();
+        assert!(
+            log.contains(&format!(
+                "fault injection: killed after the commit of {point}"
+            )),
+            "{point}: {log}"
+        );
+        p.server_env.clear();
+        p.start_server();
+        // What the client does next: repeat what got no answer.
+        let id = match (point, id) {
+            ("submit", _) | (_, None) => {
+                let (status, v) = post_maybe(&p, "/v1/jobs", Some(&key), &spec).unwrap();
+                assert_eq!(status, 200, "the repeat replays the committed submit: {v}");
+                v["id"].as_u64().unwrap()
+            }
+            ("cancel", Some(id)) => {
+                let (status, v) =
+                    post_maybe(&p, &format!("/v1/jobs/{id}/cancel"), None, &json!({})).unwrap();
+                assert!(status == 200 || status == 409, "{status} {v}");
+                id
+            }
+            (_, Some(id)) => id,
+        };
+        let want = if point == "cancel" {
+            "cancelled"
+        } else {
+            "succeeded"
+        };
+        let j = p.wait_state(id, &[want], Duration::from_secs(30));
+        let jobs = p.get(&p.admin, "/v1/jobs").unwrap();
+        assert_eq!(
+            jobs.as_array().unwrap().len(),
+            1,
+            "{point}: one job: {jobs}"
+        );
+        assert_eq!(
+            j["runs"].as_array().unwrap().len(),
+            1,
+            "{point}: one run: {j}"
+        );
+        if point != "cancel" {
+            assert_eq!(p.logs(id, 0, "stdout"), "once\n", "{point}");
+        }
+        let usage = wait_for("the run's usage", Duration::from_secs(20), || {
+            let u = p.get(&p.admin, &format!("/v1/usage?job={id}")).unwrap();
+            (u["by_job"].as_array().is_some_and(|b| !b.is_empty())).then_some(u)
+        });
+        assert_eq!(
+            usage["by_job"][0]["runs"], 1,
+            "{point}: metered once: {usage}"
+        );
+    }
+}

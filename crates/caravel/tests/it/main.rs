@@ -2,6 +2,7 @@
 
 mod harness;
 
+mod authz;
 mod bad_input;
 mod checkpoints;
 mod edges;
