@@ -4,7 +4,8 @@
 A real `caravel server` and one agent on loopback. For DURATION seconds (default 60), at
 once:
 
-  flood       opens up to 20,000 connections that send half a request head and stall
+  flood       opens up to 20,000 connections (this process's descriptor limit less
+              1,000) that send half a request head and stall
   slowloris   50 connections that trickle one header byte a second
   badtoken    requests with wrong tokens, as fast as one thread can send them
   cardinality requests to /s/t$i/s$i/ for ever new i (metric label growth)
@@ -134,7 +135,9 @@ def sampler():
 
 def flood():
     held = []
-    while not stop.is_set() and len(held) < 20000:
+    # The flood's sockets are this process's descriptors too: leave the rest of the
+    # script (the honest client, the other attackers) a thousand.
+    while not stop.is_set() and len(held) < min(20000, hard - 1000):
         try:
             s = socket.create_connection(addr, timeout=2)
             s.sendall(b"GET /v1/jobs HTTP/1.1\r\nHost: x\r\n")
@@ -216,6 +219,7 @@ for t in threads:
     t.start()
 honest = []
 honest_failures = 0
+failure_kinds = {}
 jobs = []
 t_end = time.time() + duration
 while time.time() < t_end:
@@ -230,10 +234,13 @@ while time.time() < t_end:
         honest.append((time.time() - t0) * 1000)
     except urllib.error.HTTPError as e:
         honest_failures += 1
+        failure_kinds[f"http {e.code}"] = failure_kinds.get(f"http {e.code}", 0) + 1
         if e.code >= 500:
             stats["server_5xx"] += 1
-    except Exception:
+    except Exception as e:
         honest_failures += 1
+        k = type(e).__name__ + ": " + str(getattr(e, "reason", e))[:60]
+        failure_kinds[k] = failure_kinds.get(k, 0) + 1
     time.sleep(max(0, 0.5 - (time.time() - t0)))
 stop.set()
 for t in threads:
@@ -257,14 +264,21 @@ peak_rss = 0
 for line in open(f"/proc/{server.pid}/status"):
     if line.startswith("VmHWM:"):
         peak_rss = int(line.split()[1]) * 1024
-for p in procs:
+# The agent first: a server killed first would leave it a failed sync to log.
+for p in reversed(procs):
     p.kill()
     p.wait()
 logs = open(os.path.join(work, "server.log")).read() + open(os.path.join(work, "agent.log")).read()
 agent_log = open(os.path.join(work, "agent.log")).read()
+for line in agent_log.splitlines():
+    if "server unreachable" in line or "cannot report" in line:
+        print(line, file=sys.stderr)
 honest.sort()
 p99 = honest[min(len(honest) - 1, int(len(honest) * 0.99))] if honest else None
-shutil.rmtree(work, ignore_errors=True)
+if not os.environ.get("KEEP"):
+    shutil.rmtree(work, ignore_errors=True)
+else:
+    print(work, file=sys.stderr)
 print(json.dumps({
     "duration_s": duration,
     "requests": stats["requests"],
@@ -275,6 +289,7 @@ print(json.dumps({
     "honest_submits": len(honest),
     "honest_p99_ms": round(p99, 1) if p99 is not None else None,
     "honest_failures": honest_failures,
+    "honest_failure_kinds": failure_kinds,
     "honest_unfinished": unfinished,
     "agent_sync_failures": agent_log.count("server unreachable") + agent_log.count("cannot report"),
     "metrics_bytes": len(metrics),

@@ -55,16 +55,23 @@ impl Default for ConnLimits {
     }
 }
 
-/// Set on a connection once a request on it shows a valid token (a request extension).
+/// What a connection has shown (a request extension): a valid token (`trusted`), and a
+/// whole request head (`started`).
 #[derive(Clone, Default)]
-pub struct ConnMark(Arc<AtomicBool>);
+pub struct ConnMark(Arc<(AtomicBool, AtomicBool)>);
 
 impl ConnMark {
     pub fn trust(&self) {
-        self.0.store(true, Ordering::Relaxed);
+        self.0 .0.store(true, Ordering::Relaxed);
     }
     pub fn trusted(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.0 .0.load(Ordering::Relaxed)
+    }
+    fn start(&self) {
+        self.0 .1.store(true, Ordering::Relaxed);
+    }
+    fn started(&self) -> bool {
+        self.0 .1.load(Ordering::Relaxed)
     }
 }
 
@@ -105,7 +112,15 @@ impl Registry {
         let Some(v) = self.by_ip.get_mut(&ip) else {
             return false;
         };
-        let Some(e) = v.iter_mut().find(|e| !e.mark.trusted() && e.kill.is_some()) else {
+        // A connection that never sent a whole request head goes first (a slowloris, or
+        // a flood's), oldest first; one that did (an honest client mid-request) only
+        // when there is no other.
+        let evictable = |e: &Entry| !e.mark.trusted() && e.kill.is_some();
+        let i = v
+            .iter()
+            .position(|e| evictable(e) && !e.mark.started())
+            .or_else(|| v.iter().position(evictable));
+        let Some(e) = i.map(|i| &mut v[i]) else {
             return false;
         };
         // The connection's task removes its entry when it ends.
@@ -244,6 +259,7 @@ where
             let svc = hyper::service::service_fn(
                 move |req: axum::http::Request<hyper::body::Incoming>| {
                     started2.store(true, Ordering::Relaxed);
+                    mark.start();
                     let (mut parts, body) = req.into_parts();
                     parts.extensions.insert(ConnectInfo(peer));
                     parts.extensions.insert(mark.clone());
@@ -494,6 +510,23 @@ mod tests {
         assert!(b1k.try_recv().is_err() && b2k.try_recv().is_err() && b3k.try_recv().is_err());
         assert_eq!(r.evicted.get(), 3);
         assert_eq!(r.open(), 4);
+    }
+
+    #[test]
+    fn a_connection_that_sent_a_request_outlives_newer_stalled_ones() {
+        let l = limits(100, 3);
+        let mut r = Registry::default();
+        let ip: IpAddr = "10.0.0.9".parse().unwrap();
+        let (_, honest, mut hk) = r.admit(ip, &l).unwrap();
+        honest.start();
+        let (_, _, mut s1) = r.admit(ip, &l).unwrap();
+        let (_, _, mut s2) = r.admit(ip, &l).unwrap();
+        // At its cap: the stalled ones go, oldest first, before the honest one.
+        r.admit(ip, &l).unwrap();
+        assert!(s1.try_recv().is_ok());
+        r.admit(ip, &l).unwrap();
+        assert!(s2.try_recv().is_ok());
+        assert!(hk.try_recv().is_err());
     }
 
     #[test]

@@ -266,7 +266,10 @@ pub async fn run(
     } else {
         vec![]
     };
-    let pool = start_pool_with(dir.path(), false, &server_args, &[]).await?;
+    // The backend replica is this binary, which a sandboxed task cannot see (its root
+    // holds only what the node mounts for tasks): the gateway is measured, not the sandbox.
+    let agent_args = ["--sandbox".to_string(), "off".to_string()];
+    let pool = start_pool_with(dir.path(), false, &server_args, &agent_args).await?;
     let c = Client::with_ca(&pool.url, &pool.admin, pool.ca.as_deref())?;
     let exe = std::env::current_exe()?;
     let args: &[&str] = if grpc {
