@@ -362,7 +362,7 @@ impl crate::Agent {
         if let Err(e) = std::fs::create_dir_all(dir) {
             return Restore::Failed(format!("creating {}: {e}", dir.display()));
         }
-        let mut delay = std::time::Duration::from_millis(200);
+        let mut delays = crate::retry_delays(200, 5_000);
         loop {
             match self.fetch_checkpoint(a, &tmp).await {
                 Ok(Some(version)) => {
@@ -407,10 +407,9 @@ impl crate::Agent {
                 }
             }
             tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
+                _ = tokio::time::sleep(delays.next().expect("endless")) => {}
                 _ = &mut *stop => return Restore::Stopped,
             }
-            delay = (delay * 2).min(std::time::Duration::from_secs(5));
         }
     }
 
@@ -429,7 +428,7 @@ impl crate::Agent {
         if let Err(e) = std::fs::create_dir_all(dir) {
             return Err(Restore::Failed(format!("creating {}: {e}", dir.display())));
         }
-        let mut delay = std::time::Duration::from_millis(200);
+        let mut delays = crate::retry_delays(200, 5_000);
         // Each part is unpacked as it arrives (no archive on disk first) into a staging
         // folder of its own, all parts at once, then moved into place in rank order.
         let stages: Vec<PathBuf> = cut
@@ -480,13 +479,12 @@ impl crate::Agent {
             }
             tracing::warn!(run = %a.run, "cannot fetch the gang's checkpoint yet: {e}");
             tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
+                _ = tokio::time::sleep(delays.next().expect("endless")) => {}
                 _ = &mut *stop => {
                     clean();
                     return Err(Restore::Stopped);
                 }
             }
-            delay = (delay * 2).min(std::time::Duration::from_secs(5));
         };
         let (c, own) = (ckpt.to_path_buf(), a.index);
         let r = tokio::task::spawn_blocking(move || {

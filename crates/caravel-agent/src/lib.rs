@@ -253,6 +253,19 @@ pub struct Agent {
     fence: Option<Arc<fence::Fence>>,
 }
 
+/// Delays for a retry loop: from `min_ms`, doubling to `max_ms`, each with up to as much
+/// again of random jitter, so agents cut off together do not come back in step (a
+/// restarted server would otherwise meet every agent's retry at the same instants).
+pub(crate) fn retry_delays(min_ms: u64, max_ms: u64) -> backon::ExponentialBackoff {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(min_ms))
+        .with_max_delay(Duration::from_millis(max_ms))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
 /// The URLs of `--server URL[,URL...]`, each checked.
 pub fn server_urls(list: &str) -> Result<Vec<String>, AgentError> {
     let urls: Vec<String> = list
@@ -274,7 +287,7 @@ async fn pinned_ca(
     servers: &[String],
     pin: &str,
 ) -> Result<Vec<caravel_tls::rustls::pki_types::CertificateDer<'static>>, AgentError> {
-    let mut delay = Duration::from_millis(100);
+    let mut delays = retry_delays(100, 2_000);
     loop {
         for s in servers {
             match caravel_tls::fetch_pinned_ca(s, pin).await {
@@ -286,8 +299,7 @@ async fn pinned_ca(
                 Err(e) => tracing::warn!("cannot fetch the pool CA yet: {e}"),
             }
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(2));
+        tokio::time::sleep(delays.next().expect("endless")).await;
     }
 }
 
@@ -775,7 +787,7 @@ impl Agent {
     }
 
     async fn register(&self) -> NodeId {
-        let mut delay = Duration::from_millis(100);
+        let mut delays = retry_delays(100, 2_000);
         loop {
             let running: Vec<RunId> = self
                 .st
@@ -820,8 +832,7 @@ impl Agent {
                 }
                 Err((_, e)) => tracing::warn!("cannot register yet: {e}"),
             }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(2));
+            tokio::time::sleep(delays.next().expect("endless")).await;
         }
     }
 
@@ -963,6 +974,8 @@ impl Agent {
         tokio::spawn(self.clone().ship_loop());
         let mut known = 0u64;
         let mut first = true;
+        // After a failed sync: 100 ms doubling to 500 ms, jittered (see `retry_delays`).
+        let mut failing = retry_delays(100, 500);
         loop {
             let id = *node.lock().expect("lock");
             let running: Vec<RunId> = self
@@ -994,6 +1007,7 @@ impl Agent {
             match sent {
                 Ok(resp) => {
                     first = false;
+                    failing = retry_delays(100, 500);
                     known = resp.version;
                     self.reconcile(resp.desired, resp.assignments);
                     self.confirm(&resp.confirm);
@@ -1008,7 +1022,7 @@ impl Agent {
                 }
                 Err((code, e)) => {
                     tracing::warn!(?code, "server unreachable, tasks keep running: {e}");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    tokio::time::sleep(failing.next().expect("endless")).await;
                     first = true;
                 }
             }
@@ -1092,6 +1106,7 @@ impl Agent {
     }
 
     async fn report_loop(self: Arc<Self>, node: Arc<Mutex<NodeId>>) {
+        let mut failing = retry_delays(100, 500);
         loop {
             let batch: Vec<RunEvent> = {
                 let st = self.st.lock().expect("lock");
@@ -1111,13 +1126,14 @@ impl Agent {
                 .await
             {
                 Ok(_) => {
+                    failing = retry_delays(100, 500);
                     let mut st = self.st.lock().expect("lock");
                     let n = batch.len().min(st.outbox.len());
                     st.outbox.drain(..n);
                 }
                 Err((code, e)) => {
                     tracing::warn!(?code, "cannot report {} events yet: {e}", batch.len());
-                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    tokio::time::sleep(failing.next().expect("endless")).await;
                 }
             }
         }

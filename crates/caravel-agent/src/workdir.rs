@@ -119,7 +119,7 @@ impl crate::Agent {
         }
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let tmp = dir.join(format!(".{hex}.{}", a.run.0));
-        let mut delay = std::time::Duration::from_millis(200);
+        let mut delays = crate::retry_delays(200, 5_000);
         let mut last = String::new();
         for _ in 0..8 {
             match self.fetch_workdir(a, &tmp).await {
@@ -152,8 +152,7 @@ impl crate::Agent {
                     last = e;
                 }
             }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(std::time::Duration::from_secs(5));
+            tokio::time::sleep(delays.next().expect("endless")).await;
         }
         Err(format!("fetching it failed: {last}"))
     }

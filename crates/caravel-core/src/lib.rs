@@ -5,6 +5,8 @@
 //! This crate must not depend on any I/O, async runtime or clock: the pure scheduler and
 //! the simulator build on it.
 
+#![forbid(unsafe_code)]
+
 pub mod api;
 pub mod error;
 pub mod isolation;

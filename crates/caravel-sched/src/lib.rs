@@ -11,6 +11,8 @@
 //! each rejection counted by reason), score the survivors (best fit), select the best.
 //! Gangs are placed tentatively and rolled back unless every member fits.
 
+#![forbid(unsafe_code)]
+
 pub mod baselines;
 pub mod fair;
 pub mod fgd;
@@ -19,6 +21,7 @@ mod lp;
 pub mod plan;
 pub mod preempt;
 mod reserve;
+pub mod rng;
 mod shape;
 
 pub use baselines::Policy;
@@ -722,7 +725,7 @@ pub struct Scheduler {
     /// run then may not start there. Rebuilt whenever `reservations` changes.
     reserved_from: HashMap<usize, caravel_core::Millis>,
     /// SplitMix64 state for the baselines' random tie-breaks: seeded, so runs repeat.
-    rng: std::cell::Cell<u64>,
+    rng: std::cell::Cell<rng::SplitMix64>,
     /// Running tasks that could ever be preempted, kept with `running`.
     victims: preempt::Victims,
     /// Jobs whose tasks should land in a given zone when one there fits (service replicas
@@ -873,7 +876,7 @@ impl Scheduler {
             now: None,
             reservations: Vec::new(),
             reserved_from: HashMap::new(),
-            rng: std::cell::Cell::new(cfg.seed ^ 0x9E37_79B9_7F4A_7C15),
+            rng: std::cell::Cell::new(rng::SplitMix64::new(cfg.seed)),
             victims: preempt::Victims::default(),
             lazy_explain: false,
             preempt_cursor: 0,
@@ -1203,11 +1206,9 @@ impl Scheduler {
 
     /// Uniform in 0..n (n > 0) from the scheduler's seeded generator.
     fn below(&self, n: u64) -> u64 {
-        let mut x = self.rng.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
-        self.rng.set(x);
-        x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        x ^= x >> 31;
+        let mut g = self.rng.get();
+        let x = g.next_u64();
+        self.rng.set(g);
         ((x as u128 * n as u128) >> 64) as u64
     }
 

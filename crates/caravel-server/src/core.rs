@@ -1,6 +1,9 @@
 //! The control plane's state machine. Every operation takes the current time as an
-//! argument, computes the mutations it implies, commits them to the store in one batch and
-//! only then updates memory, so memory never runs ahead of what is durable.
+//! argument, computes the mutations it implies, updates memory and queues the mutations
+//! for the store's writer thread in the same order (`committer`). Memory may run ahead of
+//! the store for the length of a commit; no answer does: every request waits for the
+//! changes it saw and made to be durable (`settle_writes`), and a failed commit makes the
+//! server rebuild memory from the store.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -2596,7 +2599,6 @@ impl Core {
                 } else {
                     msg
                 };
-                let _ = now;
                 self.finish_run(rid, state, at_ms, exit_code, signal, msg, started_ms)?;
             }
         }

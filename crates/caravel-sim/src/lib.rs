@@ -5,6 +5,8 @@
 //! crate must never touch the network, read a wall clock inside an experiment, or depend on
 //! the server.
 
+#![forbid(unsafe_code)]
+
 pub mod artefact;
 pub mod fgd;
 pub mod openb;

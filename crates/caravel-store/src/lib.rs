@@ -12,6 +12,9 @@
 //! This crate must not depend on the server or the scheduler, and its API is blocking: the
 //! PostgreSQL client's own runtime stays on a thread of its own (see `pg`).
 
+#![forbid(unsafe_code)]
+
+#[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 mod pg;
 mod sqlite;

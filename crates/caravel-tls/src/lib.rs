@@ -14,6 +14,8 @@
 //! One crypto provider workspace-wide: rustls' default (aws-lc-rs), the one reqwest's
 //! `rustls` feature uses.
 
+#![forbid(unsafe_code)]
+
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -301,7 +301,17 @@ impl Client {
         patience: Duration,
     ) -> Result<T> {
         let deadline = tokio::time::Instant::now() + patience;
-        let mut delay = Duration::from_millis(200);
+        // 200 ms doubling to 2 s, jittered: clients cut off by a restart do not all
+        // come back at the same instants.
+        let mut delays = {
+            use backon::BackoffBuilder;
+            backon::ExponentialBuilder::new()
+                .with_min_delay(Duration::from_millis(200))
+                .with_max_delay(Duration::from_secs(2))
+                .with_jitter()
+                .without_max_times()
+                .build()
+        };
         loop {
             let sent = self
                 .send(|b| {
@@ -328,11 +338,11 @@ impl Client {
                 }
                 Ok(_) => false,
             };
+            let delay = delays.next().expect("endless");
             if !retry || tokio::time::Instant::now() + delay > deadline {
                 return Ok(Self::check(sent?).await?.json().await?);
             }
             tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(2));
         }
     }
 
