@@ -1406,6 +1406,7 @@ impl Agent {
                         libc::kill(p, libc::SIGCONT);
                     }
                 }
+                // SAFETY: kill(2) on the run's own process group, which this agent started.
                 unsafe {
                     libc::kill(-pgid, libc::SIGCONT);
                 }
@@ -2246,6 +2247,7 @@ async fn terminate(
     match tokio::time::timeout(grace, child.wait()).await {
         Ok(s) => s,
         Err(_) => {
+            // SAFETY: kill(2) on the run's own process group, which this agent started.
             unsafe {
                 libc::kill(-pgid, libc::SIGKILL);
             }

@@ -190,6 +190,7 @@ fn a_second_sigterm_stops_an_agent_at_once_and_its_run_ends_once() {
             .map(|_| pid)
     });
     let agent = p.agent_pid("a");
+    // SAFETY: kill(2) on a process this test started or found as its own; no memory is touched.
     unsafe {
         libc::kill(agent, libc::SIGTERM);
     }
@@ -242,6 +243,7 @@ fn a_partitioned_node_that_returns_has_its_stale_copy_killed() {
     let pid1: i32 = wait_for("pid", Duration::from_secs(10), || p.run_pid(run1));
     // Freeze the agent (a partition as the server sees it); its task keeps running.
     let apid = p.agent_pid(victim);
+    // SAFETY: kill(2) on a process this test started or found as its own; no memory is touched.
     unsafe {
         libc::kill(apid, libc::SIGSTOP);
     }
@@ -256,6 +258,7 @@ fn a_partitioned_node_that_returns_has_its_stale_copy_killed() {
         pid_alive(pid1),
         "the stale copy is still running during the partition"
     );
+    // SAFETY: kill(2) on a process this test started or found as its own; no memory is touched.
     unsafe {
         libc::kill(apid, libc::SIGCONT);
     }

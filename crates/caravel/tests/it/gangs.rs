@@ -99,6 +99,7 @@ fn survives(p: &mut Pool, t: &Tenants, pattern: &str, world: u32, how: Failure) 
         }
         Failure::RankKilled => {
             let pid = p.task_pid(id, 1).expect("rank 1's process");
+            // SAFETY: kill(2) on a process this test started or found as its own; no memory is touched.
             unsafe {
                 libc::kill(pid, libc::SIGKILL);
             }
@@ -112,6 +113,7 @@ fn survives(p: &mut Pool, t: &Tenants, pattern: &str, world: u32, how: Failure) 
             let pids = p.task_pids(id, 1);
             p.kill9_agent(name);
             for pid in pids {
+                // SAFETY: kill(2) on a process this test started or found as its own; no memory is touched.
                 unsafe {
                     libc::kill(pid, libc::SIGKILL);
                 }
@@ -317,6 +319,7 @@ fn hung_rank_is_caught(tag: &str, sigstop: bool) {
     let t0 = std::time::Instant::now();
     if sigstop {
         for pid in p.task_pids(id, 1) {
+            // SAFETY: kill(2) on a process this test started or found as its own; no memory is touched.
             unsafe {
                 libc::kill(pid, libc::SIGSTOP);
             }
@@ -472,6 +475,7 @@ fn an_elastic_gang_starts_small_grows_when_nodes_join_shrinks_when_one_dies_and_
     let pids: Vec<i32> = on_b.iter().flat_map(|t| p.task_pids(id, *t)).collect();
     p.kill9_agent("b");
     for pid in pids {
+        // SAFETY: kill(2) on a process this test started or found as its own; no memory is touched.
         unsafe {
             libc::kill(pid, libc::SIGKILL);
         }

@@ -274,6 +274,7 @@ impl Pool {
     pub fn kill9_agent(&mut self, name: &str) {
         let i = self.agents.iter().position(|(n, _)| n == name).unwrap();
         let (_, mut c) = self.agents.remove(i);
+        // SAFETY: kill(2) on a process this test started or found as its own; no memory is touched.
         unsafe {
             libc::kill(c.id() as i32, libc::SIGKILL);
         }
@@ -284,6 +285,7 @@ impl Pool {
     pub fn term_agent(&mut self, name: &str, timeout: Duration) -> std::process::ExitStatus {
         let i = self.agents.iter().position(|(n, _)| n == name).unwrap();
         let (_, mut c) = self.agents.remove(i);
+        // SAFETY: kill(2) on a process this test started or found as its own; no memory is touched.
         unsafe {
             libc::kill(c.id() as i32, libc::SIGTERM);
         }

@@ -48,6 +48,7 @@ fn metrics_openapi_and_agent_cgroup_limits() {
     // cpu and memory cgroups with the requested limits.
     let v1 = std::path::Path::new("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").exists()
         && std::path::Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists()
+        // SAFETY: geteuid has no preconditions.
         && unsafe { libc::geteuid() } == 0;
     let cg = p.logs(id, 0, "stdout");
     let agent_log = std::fs::read_to_string(p.file("agent-a.log")).unwrap();
@@ -143,6 +144,7 @@ impl Drop for Holders {
     fn drop(&mut self) {
         for d in &self.0 {
             if let Ok(Some(Some(pid))) = caravel_server::datadir::holder(d) {
+                // SAFETY: kill(2) on a process this test started or found as its own; no memory is touched.
                 unsafe {
                     libc::kill(pid as i32, libc::SIGKILL);
                 }
