@@ -448,6 +448,18 @@ fn a_server_that_lost_its_store_to_a_standby_stops() {
     );
 }
 
+/// A child process killed when dropped (a test that fails must not leave it running).
+struct KillOnDrop(Option<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// The owner's database session is ended while it writes nothing (item 10 of #30): it
 /// must stop answering before the standby starts to, the agent must follow the standby,
 /// and the running task must survive the handover.
@@ -492,7 +504,8 @@ fn an_owner_whose_idle_session_is_ended_stops_answering_before_the_standby_start
     // Nothing is written now (the job sleeps): the owner learns of it only by itself. It
     // may take its lock back before the standby polls for it (also correct: one owner);
     // then its session is ended again, until the standby wins a round.
-    let mut standby = Some(standby);
+    // Killed if the test fails before the pool takes it over.
+    let mut standby = KillOnDrop(Some(standby));
     let mut took_over = false;
     for round in 0..6 {
         schema.admin(&format!(
@@ -530,7 +543,7 @@ fn an_owner_whose_idle_session_is_ended_stops_answering_before_the_standby_start
         assert!(old_back_ms.is_some(), "neither server answers");
     }
     assert!(took_over, "the standby never took over in six rounds");
-    let mut old = p.server.replace(standby.take().unwrap()).unwrap();
+    let mut old = p.server.replace(standby.0.take().unwrap()).unwrap();
     exit_within(
         &mut old,
         Duration::from_secs(30),
