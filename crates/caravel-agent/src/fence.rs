@@ -84,10 +84,6 @@ impl Fence {
         })
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Moves the deadline to `deadline` (boot-time ns) if that is later than the one
     /// written. Written in place (the watchdog reads the same file), 16 bytes at offset 0.
     pub fn renew(&self, deadline: i64) {

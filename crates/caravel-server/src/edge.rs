@@ -10,7 +10,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use caravel_core::ErrorCode;
 
-use crate::auth::{hash_token, Principal};
+use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::serve::{ConnMark, RateKey};
 use crate::Shared;
@@ -32,15 +32,7 @@ pub async fn limit(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Re
     }
     let (key, rate, who) = match principal {
         Some(Principal::Admin | Principal::Agent) => return next.run(req).await,
-        Some(Principal::Tenant(_)) => {
-            let token = bearer(&req).unwrap_or_default();
-            let hash = hash_token(token);
-            let mut k = [0u8; 16];
-            for (i, b) in hash.as_bytes().iter().take(16).enumerate() {
-                k[i] = *b;
-            }
-            (RateKey::Token(k), s.cfg.tenant_rate, "this token")
-        }
+        Some(Principal::Tenant(t)) => (RateKey::Tenant(t), s.cfg.tenant_rate, "this token"),
         None => {
             let Some(ip) = req
                 .extensions()
@@ -75,15 +67,6 @@ pub async fn limit(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Re
             resp
         }
     }
-}
-
-fn bearer(req: &Request) -> Option<&str> {
-    req.headers()
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::trim)
 }
 
 /// Turns any error answer that is not already Caravel's JSON error (axum's rejections of

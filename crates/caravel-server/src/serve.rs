@@ -254,11 +254,9 @@ where
             let _leave = leave;
             // Until its first request, a connection is in the protocol detection of
             // hyper's auto builder, which has no timeout of its own.
-            let started = Arc::new(AtomicBool::new(false));
-            let started2 = started.clone();
+            let first_mark = mark.clone();
             let svc = hyper::service::service_fn(
                 move |req: axum::http::Request<hyper::body::Incoming>| {
-                    started2.store(true, Ordering::Relaxed);
                     mark.start();
                     let (mut parts, body) = req.into_parts();
                     parts.extensions.insert(ConnectInfo(peer));
@@ -272,7 +270,7 @@ where
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
             let first_request = async {
                 tokio::time::sleep(header_timeout).await;
-                if started.load(Ordering::Relaxed) {
+                if first_mark.started() {
                     std::future::pending::<()>().await;
                 }
             };
@@ -359,8 +357,8 @@ pub struct RateLimiter {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RateKey {
-    /// A tenant's token (its hash's first bytes).
-    Token([u8; 16]),
+    /// A tenant (one token each).
+    Tenant(caravel_core::TenantId),
     /// A caller without a valid token, by address (IPv6 by /64).
     Address(IpAddr),
 }
