@@ -17,7 +17,9 @@ use crate::Shared;
 
 /// Rate-limits API calls: per tenant token, or per address for callers without a valid
 /// token (a wrong token counts against its address, so guessing is slowed). The admin
-/// and agent tokens, and `/healthz`, are not limited. A connection that shows a valid token is trusted.
+/// and agent tokens, and `/healthz`, are not limited. A connection that shows the admin or
+/// an agent token is trusted (never evicted); a tenant's is not, or one tenant could hold
+/// the whole connection cap with idle connections its token made unevictable.
 pub async fn limit(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Response {
     // Health checks cost nothing (no lock, no store), and a load balancer told 429 would
     // count the server as down.
@@ -25,7 +27,7 @@ pub async fn limit(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Re
         return next.run(req).await;
     }
     let principal = crate::api::authenticate(&s, req.headers()).ok();
-    if principal.is_some() {
+    if matches!(principal, Some(Principal::Admin | Principal::Agent)) {
         if let Some(m) = req.extensions().get::<ConnMark>() {
             m.trust();
         }

@@ -8,10 +8,11 @@
 //!   long while its handler waits for it fails (the handler answers 400 in the usual
 //!   error shape, and the connection closes).
 //! - **Connection cap** (`--max-connections`, 4,096) with per-client fairness: at most
-//!   `--max-connections-per-client` (256) connections of one address that have not yet
-//!   shown a valid token. A connection *earns trust* when a request on it authenticates
-//!   (`ConnMark::trust`); trusted connections (agents' long polls, clients' pools) are
-//!   never closed to make room. When a newcomer finds the cap full, the oldest untrusted
+//!   `--max-connections-per-client` (256) untrusted connections of one address. A
+//!   connection *earns trust* when a request on it shows the admin or an agent token
+//!   (`ConnMark::trust`); trusted connections (agents' long polls) are never closed to
+//!   make room. Tenants' connections are not trusted (a tenant could otherwise hold the
+//!   cap), but one that has sent a whole request goes after every stalled one. When a newcomer finds the cap full, the oldest untrusted
 //!   connection of the address holding the most untrusted ones is closed; a flood from
 //!   one address evicts its own connections, not its neighbours'. With nothing untrusted
 //!   left to close, the newcomer is refused.

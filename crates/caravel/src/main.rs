@@ -479,10 +479,11 @@ struct ServerArgs {
     #[arg(long, default_value = "30s", value_parser = dur)]
     body_timeout: u64,
     /// The most connections open at once. Past it, a newcomer closes the oldest
-    /// connection that has not shown a valid token, from the address holding the most.
+    /// untrusted connection (not the admin's or an agent's), from the address holding the most.
     #[arg(long, default_value_t = 4096, value_parser = at_least_one)]
     max_connections: usize,
-    /// The most connections one address may hold before it shows a valid token.
+    /// The most connections one address may hold that have not shown the admin or an
+    /// agent token (tenants' connections count here too).
     #[arg(long, default_value_t = 256, value_parser = at_least_one)]
     max_connections_per_client: usize,
     /// API calls per tenant token: `RPS` or `RPS:BURST`, or `off`. The admin and agent
