@@ -307,13 +307,14 @@ fn now_ms() -> i64 {
 
 #[test]
 fn a_fenced_job_never_runs_twice_across_a_real_partition() {
-    // Agent `a` reaches the server through a relay the test cuts: both processes keep
-    // running, only the network between them goes.
-    let mut p = Pool::server_only("fence");
-    let relay = Relay::new(p.port);
-    p.agent_server = Some(relay.url());
+    // Agent `a` runs in a network namespace of its own, joined to the server's by a veth
+    // pair the test takes down: both processes keep running and their connections stay
+    // open, only the packets stop. (Declared first: dropped after the pool's processes.)
+    let ns = NetNs::new();
+    let mut p = Pool::server_only_on("fence", &ns.host_ip, &[]);
+    p.agent_netns = Some((ns.name.clone(), ns.ns_ip.clone()));
     p.start_agent("a", &["--cpus", "2"]);
-    p.agent_server = None;
+    p.agent_netns = None;
     p.wait_nodes_ready(1);
     let dir = p.shared("pids");
     std::fs::create_dir_all(&dir).unwrap();
@@ -349,7 +350,7 @@ fn a_fenced_job_never_runs_twice_across_a_real_partition() {
     p.start_agent("b", &["--cpus", "2"]);
     p.wait_nodes_ready(2);
 
-    relay.cut();
+    ns.cut();
     // Watch the fenced copy die, and the replacements start on `b`.
     let mut fenced_died_ms = None;
     let (f2, p2) = wait_for(
@@ -386,7 +387,7 @@ fn a_fenced_job_never_runs_twice_across_a_real_partition() {
     let agent_log = std::fs::read_to_string(p.file("agent-a.log")).unwrap();
     assert!(agent_log.contains("fencing"), "{agent_log}");
 
-    relay.heal();
+    ns.heal();
     wait_for(
         "a's stale unfenced copy killed",
         Duration::from_secs(20),

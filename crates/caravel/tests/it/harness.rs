@@ -22,6 +22,12 @@ pub struct Pool {
     pub server_args: Vec<String>,
     /// What agents get as `--server` (default: `url`).
     pub agent_server: Option<String>,
+    /// The address the server listens on (loopback unless a test gave it the host end of
+    /// a `NetNs`).
+    pub host: String,
+    /// Agents start inside this network namespace (its name and the address they listen
+    /// on) until it is set back to `None`.
+    pub agent_netns: Option<(String, String)>,
     /// Environment for every `caravel server` this pool starts (fault injection).
     pub server_env: Vec<(String, String)>,
     agent_names: Vec<String>,
@@ -101,11 +107,18 @@ impl Pool {
 
     /// `server_only` with extra server arguments.
     pub fn server_only_with(tag: &str, server_args: &[&str]) -> Pool {
+        Pool::server_only_on(tag, "127.0.0.1", server_args)
+    }
+
+    /// `server_only_with` listening on `host` (an address of this machine).
+    pub fn server_only_on(tag: &str, host: &str, server_args: &[&str]) -> Pool {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let tls = server_args.contains(&"--tls-self-signed");
         let mut p = Pool {
-            url: format!("{}://127.0.0.1:{port}", if tls { "https" } else { "http" }),
+            url: format!("{}://{host}:{port}", if tls { "https" } else { "http" }),
+            host: host.to_string(),
+            agent_netns: None,
             ca: tls.then(|| dir.path().join("server").join("tls").join("ca.pem")),
             port,
             admin: String::new(),
@@ -154,7 +167,11 @@ impl Pool {
             .open(self.dir.path().join("server.log"))
             .unwrap();
         let child = Command::new(BIN)
-            .args(["server", "--listen", &format!("127.0.0.1:{}", self.port)])
+            .args([
+                "server",
+                "--listen",
+                &format!("{}:{}", self.host, self.port),
+            ])
             .args(["--lost-after", "2s", "--heartbeat", "500ms", "--data-dir"])
             .arg(self.data_dir())
             .args(&self.server_args)
@@ -172,7 +189,7 @@ impl Pool {
         });
         self.admin = admin;
         self.agent_token = agent;
-        let addr = format!("127.0.0.1:{}", self.port);
+        let addr = format!("{}:{}", self.host, self.port);
         wait_for("server to answer", Duration::from_secs(20), || {
             std::net::TcpStream::connect(&addr).ok()
         });
@@ -221,7 +238,18 @@ impl Pool {
         let full = self.node_name(name);
         self.agent_names.push(full.clone());
         let log = std::fs::File::create(self.dir.path().join(format!("agent-{name}.log"))).unwrap();
-        let child = Command::new(BIN)
+        let (program, prefix, listen) = match &self.agent_netns {
+            // nsenter, not `ip netns exec`: that also mounts a fresh /sys, which hides
+            // the cgroup hierarchies from the agent.
+            Some((ns, ip)) => (
+                "nsenter",
+                vec![format!("--net=/run/netns/{ns}"), BIN.into()],
+                format!("{ip}:0"),
+            ),
+            None => (BIN, vec![], "127.0.0.1:0".to_string()),
+        };
+        let child = Command::new(program)
+            .args(prefix)
             .args([
                 "agent",
                 "--server",
@@ -231,7 +259,7 @@ impl Pool {
                 "--name",
                 &full,
             ])
-            .args(["--listen", "127.0.0.1:0", "--work-dir"])
+            .args(["--listen", &listen, "--work-dir"])
             .arg(self.dir.path().join(format!("agent-{name}")))
             .args(
                 self.ca
@@ -565,85 +593,93 @@ pub fn pid_alive(pid: i32) -> bool {
     }
 }
 
-/// A TCP relay on loopback in front of `upstream`, which a test can cut and heal: a
-/// network partition between the agents that connect through it and the server, with
-/// both processes running.
-pub struct Relay {
-    pub port: u16,
-    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+/// A network namespace joined to this one by a veth pair, for partitions with real
+/// packets: the host end holds `host_ip`, the namespace's end `ns_ip` (a /30 of
+/// 10.231.0.0/16 picked from the test's pid). `cut` takes the link down, so every packet
+/// either way is lost while the processes on both sides keep running and their
+/// connections stay open, as when a switch port or cable fails. Needs root.
+pub struct NetNs {
+    pub name: String,
+    host_dev: String,
+    pub host_ip: String,
+    pub ns_ip: String,
 }
 
-impl Relay {
-    pub fn new(upstream: u16) -> Relay {
-        use std::sync::atomic::Ordering;
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.set_nonblocking(true).unwrap();
-        let r = Relay {
-            port: l.local_addr().unwrap().port(),
-            cut: Default::default(),
-            stop: Default::default(),
-            conns: Default::default(),
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip(8)");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl NetNs {
+    pub fn new() -> NetNs {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let pid = std::process::id();
+        // Interface names hold at most 15 bytes.
+        let id = format!("{}{n}", pid % 1_000_000);
+        let subnet = (pid * 4 + n) % 16_384;
+        let (hi, lo) = (subnet / 64, (subnet % 64) * 4);
+        let ns = NetNs {
+            name: format!("caravel-test-{id}"),
+            host_dev: format!("cvh{id}"),
+            host_ip: format!("10.231.{hi}.{}", lo + 1),
+            ns_ip: format!("10.231.{hi}.{}", lo + 2),
         };
-        let (cut, stop, conns) = (r.cut.clone(), r.stop.clone(), r.conns.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                let client = match l.accept() {
-                    Ok((c, _)) => c,
-                    Err(_) => {
-                        std::thread::sleep(Duration::from_millis(5));
-                        continue;
-                    }
-                };
-                // Cut: connections are taken and closed at once, nothing gets through.
-                if cut.load(Ordering::Relaxed) {
-                    let _ = client.shutdown(std::net::Shutdown::Both);
-                    continue;
-                }
-                client.set_nonblocking(false).unwrap();
-                let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else {
-                    continue;
-                };
-                {
-                    let mut c = conns.lock().unwrap();
-                    c.push(client.try_clone().unwrap());
-                    c.push(server.try_clone().unwrap());
-                }
-                for (mut from, mut to) in [
-                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                    (server, client),
-                ] {
-                    std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
-                        let _ = to.shutdown(std::net::Shutdown::Both);
-                    });
-                }
-            }
-        });
-        r
+        let peer = format!("cvp{id}");
+        ip(&["netns", "add", &ns.name]);
+        ip(&[
+            "link",
+            "add",
+            &ns.host_dev,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &peer,
+        ]);
+        ip(&["link", "set", &peer, "netns", &ns.name]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/30", ns.host_ip),
+            "dev",
+            &ns.host_dev,
+        ]);
+        ip(&["link", "set", &ns.host_dev, "up"]);
+        let inside = |args: &[&str]| {
+            let mut a = vec!["netns", "exec", &ns.name, "ip"];
+            a.extend_from_slice(args);
+            ip(&a);
+        };
+        inside(&["addr", "add", &format!("{}/30", ns.ns_ip), "dev", &peer]);
+        inside(&["link", "set", &peer, "up"]);
+        inside(&["link", "set", "lo", "up"]);
+        ns
     }
 
-    pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    /// Closes every connection through the relay and refuses new ones until `heal`.
+    /// Takes the link down: nothing passes either way until `heal`.
     pub fn cut(&self) {
-        self.cut.store(true, std::sync::atomic::Ordering::Relaxed);
-        for c in self.conns.lock().unwrap().drain(..) {
-            let _ = c.shutdown(std::net::Shutdown::Both);
-        }
+        ip(&["link", "set", &self.host_dev, "down"]);
     }
 
     pub fn heal(&self) {
-        self.cut.store(false, std::sync::atomic::Ordering::Relaxed);
+        ip(&["link", "set", &self.host_dev, "up"]);
     }
 }
 
-impl Drop for Relay {
+impl Drop for NetNs {
     fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.cut();
+        // Deleting one end of a veth pair deletes both.
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_dev])
+            .output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
