@@ -11,12 +11,12 @@ use crate::{
 };
 
 /// The body of every error response.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     pub error: ErrorDetail,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorDetail {
     pub code: ErrorCode,
     pub message: String,
@@ -24,19 +24,36 @@ pub struct ErrorDetail {
     pub field: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitRequest {
     #[serde(flatten)]
     pub spec: JobSpec,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// `GET /v1/whoami`: who the caller's token makes it.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct WhoAmI {
+    pub role: Role,
+    /// The tenant's name, for `role: tenant`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Admin,
+    Agent,
+    Tenant,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SubmitResponse {
     pub id: JobId,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobSummary {
     pub id: JobId,
     pub tenant: String,
@@ -55,7 +72,7 @@ pub struct JobSummary {
     pub pending_reasons: Vec<PendingReason>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TaskView {
     pub index: u32,
     pub state: TaskState,
@@ -66,7 +83,7 @@ pub struct TaskView {
     pub node: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RunView {
     pub id: RunId,
     pub index: u32,
@@ -85,7 +102,7 @@ pub struct RunView {
     pub checkpoint: Option<u64>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobDetail {
     #[serde(flatten)]
     pub summary: JobSummary,
@@ -94,7 +111,7 @@ pub struct JobDetail {
     pub runs: Vec<RunView>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeView {
     pub id: NodeId,
     pub name: String,
@@ -118,7 +135,7 @@ pub struct NodeView {
     pub isolation_missing: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateTenantRequest {
     pub name: String,
@@ -134,7 +151,7 @@ fn default_weight() -> f64 {
     1.0
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TenantView {
     pub id: TenantId,
     pub name: String,
@@ -148,7 +165,7 @@ pub struct TenantView {
     pub created_ms: Millis,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CreateTenantResponse {
     #[serde(flatten)]
     pub tenant: TenantView,
@@ -158,7 +175,7 @@ pub struct CreateTenantResponse {
 
 /// Usage totals for one tenant or one job. Products are u128: a day of a 64 GiB task is
 /// already past i64 byte-milliseconds.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct UsageTotals {
     pub tenant: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -174,7 +191,7 @@ pub struct UsageTotals {
     pub wall_ms_by_priority: BTreeMap<String, u64>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct UsageResponse {
     pub by_tenant: Vec<UsageTotals>,
     pub by_job: Vec<UsageTotals>,
@@ -182,7 +199,7 @@ pub struct UsageResponse {
 
 // ---- agent protocol ----
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterRequest {
     pub name: String,
@@ -207,7 +224,7 @@ pub struct RegisterRequest {
     pub isolation_missing: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RegisterResponse {
     pub node_id: NodeId,
     pub heartbeat_ms: u64,
@@ -218,7 +235,7 @@ pub struct RegisterResponse {
     pub lost_after_ms: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SyncRequest {
     pub node_id: NodeId,
@@ -240,7 +257,7 @@ pub struct SyncRequest {
 
 /// A question of the server's gang checkpoint protocol (docs/checkpoints.md): does run
 /// `run`'s folder still hold what it last saved or restored? Asked in round `round`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CheckpointConfirm {
     pub run: RunId,
     pub round: u64,
@@ -248,7 +265,7 @@ pub struct CheckpointConfirm {
 
 /// Yes to a `CheckpointConfirm`: the folder holds version `version` of the task's own
 /// part (0: nothing of its own).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CheckpointStill {
     pub run: RunId,
     pub round: u64,
@@ -257,7 +274,7 @@ pub struct CheckpointStill {
 
 /// The consistent cut of a gang's checkpoint that a run restores: every rank's part,
 /// each unpacked into every rank's folder (docs/checkpoints.md).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GangCut {
     /// 1, 2, ... one more with each cut the server commits; 0 before the first.
     pub cut: u64,
@@ -265,7 +282,7 @@ pub struct GangCut {
 }
 
 /// One rank's part of a `GangCut`: `GET /v1/jobs/{id}/tasks/{task}/checkpoint?version=V`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CutPart {
     pub task: u32,
     pub version: u64,
@@ -273,7 +290,7 @@ pub struct CutPart {
     pub sha256: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SyncResponse {
     pub version: u64,
     /// Every run that should be running on this node. Anything else the agent runs is stale
@@ -288,7 +305,7 @@ pub struct SyncResponse {
     pub confirm: Vec<CheckpointConfirm>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Assignment {
     pub run: RunId,
     pub job: JobId,
@@ -348,7 +365,7 @@ fn no_tenant() -> TenantId {
 }
 
 /// `PUT /v1/registries/{host}`: a tenant's credentials for one registry.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegistryLogin {
     pub username: String,
@@ -356,14 +373,14 @@ pub struct RegistryLogin {
 }
 
 /// What `GET /v1/registries` shows of a stored credential: never the password.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RegistryView {
     pub registry: String,
     pub username: String,
 }
 
 /// A working directory a tenant uploaded (`PUT /v1/workdirs/{digest}`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WorkdirView {
     /// `sha256:<hex>` of the tar archive.
     pub digest: String,
@@ -371,7 +388,7 @@ pub struct WorkdirView {
 }
 
 /// A task's newest checkpoint (`GET /v1/jobs/{id}/checkpoints`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CheckpointView {
     pub task: u32,
     /// 1 for the task's first checkpoint, one more with each save.
@@ -384,7 +401,7 @@ pub struct CheckpointView {
     pub sha256: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum RunEvent {
     Started {
@@ -425,20 +442,20 @@ impl RunEvent {
 }
 
 /// `POST /v1/agent/shutdown`: the agent is stopping cleanly; stop and requeue its runs.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ShutdownRequest {
     pub node_id: NodeId,
     pub instance: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ShutdownResponse {
     /// Runs told to stop; each is reported back as it exits.
     pub stopping: u32,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EventsRequest {
     pub node_id: NodeId,
@@ -447,13 +464,13 @@ pub struct EventsRequest {
 
 /// Output an agent ships to the control plane: each entry is bytes of one run's stdout
 /// or stderr from `offset` on (`POST /v1/agent/logs`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LogShipRequest {
     pub entries: Vec<LogShip>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LogShip {
     pub job: JobId,
@@ -477,7 +494,7 @@ pub struct LogShip {
     pub done: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LogShipResponse {
     /// The most bytes the server keeps per stream of a run.
     pub limit: u64,
@@ -485,7 +502,7 @@ pub struct LogShipResponse {
     pub results: Vec<LogShipResult>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LogShipResult {
     /// `ok`; `gap`: the server has only `end` bytes, resend from there; `unknown`: no such
     /// run of that job (or it is no longer kept): stop shipping it; `full`: the tenant's
@@ -497,7 +514,7 @@ pub struct LogShipResult {
 }
 
 /// A service as `caravel services` / `service show` see it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ServiceView {
     pub tenant: String,
     pub name: String,
@@ -529,7 +546,7 @@ pub struct ServiceView {
     pub events: Vec<ServiceEvent>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RolloutView {
     pub version: u64,
     /// `progressing` or `stuck`.
@@ -542,13 +559,13 @@ pub struct RolloutView {
     pub message: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ServiceEvent {
     pub at_ms: Millis,
     pub message: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReplicaView {
     pub job: JobId,
     pub version: u64,

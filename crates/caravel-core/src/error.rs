@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Stable, machine-readable error codes. Clients switch on these, never on messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// A field has a value that is malformed or out of range.

@@ -12,7 +12,18 @@ use crate::ValidationError;
 /// How isolated a node's tasks are, weakest first. A job that asks for a level runs only
 /// on nodes that give at least that much (`JobSpec::isolation`).
 #[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
 )]
 #[serde(rename_all = "snake_case")]
 pub enum IsolationLevel {

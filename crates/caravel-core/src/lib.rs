@@ -42,6 +42,7 @@ macro_rules! id_type {
             Hash,
             serde::Serialize,
             serde::Deserialize,
+            utoipa::ToSchema,
         )]
         #[serde(transparent)]
         pub struct $name(pub u64);

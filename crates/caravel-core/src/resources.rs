@@ -11,7 +11,9 @@ use crate::ValidationError;
 
 /// One accelerator on a node: its index as the driver numbers it, and its model name
 /// normalised to a short form ("H100", "A100", "T4").
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(deny_unknown_fields)]
 pub struct Device {
     pub index: u32,
@@ -19,7 +21,7 @@ pub struct Device {
 }
 
 /// What a node offers.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Capacity {
     pub cpu_milli: u64,
@@ -50,7 +52,7 @@ impl Capacity {
 
 /// A request for accelerators: `count` whole devices, or a fraction (`milli`, 250 = a
 /// quarter) of one device, of `model` or any of `any_of`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GpuRequest {
     pub model: String,
@@ -146,7 +148,7 @@ pub fn parse_gpu_request(s: &str) -> Result<GpuRequest, String> {
 }
 
 /// What one task of a job asks for.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TaskResources {
     #[serde(default = "default_cpu")]
@@ -279,7 +281,7 @@ pub fn validate_model(m: &str) -> Result<(), String> {
 }
 
 /// A sum of held resources, used for quota accounting and totals.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ResourceSum {
     pub cpu_milli: u64,
     pub memory_bytes: u64,

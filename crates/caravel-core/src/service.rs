@@ -10,7 +10,7 @@ use crate::{Millis, TaskResources, TenantId, ValidationError};
 pub const MAX_REPLICAS: u32 = 1000;
 
 /// How the gateway talks to a service's replicas.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     /// HTTP/1.1 (WebSocket and other upgrades pass through).
@@ -31,7 +31,7 @@ impl Protocol {
 /// A probe of one replica: GET `path` on its port (any 2xx passes), or with `grpc` set, a
 /// `grpc.health.v1.Health/Check` of that service name (`""`: the whole server), which
 /// passes when it answers SERVING — what Kubernetes' `grpc` probe does.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Probe {
     #[serde(default = "root")]
@@ -131,7 +131,7 @@ impl Probe {
 
 /// What a user deploys. Durations are milliseconds in the JSON API; the service file
 /// (`caravel service deploy -f`) takes "30s", "5m".
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceSpec {
     pub name: String,
@@ -221,7 +221,7 @@ fn one() -> u32 {
     1
 }
 /// What a rolling update past its `progress_deadline_ms` does.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum OnStuck {
     /// Keep waiting (and saying why): availability is never traded for progress.
@@ -381,7 +381,7 @@ impl ServiceSpec {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ServiceRecord {
     pub tenant: TenantId,
     pub spec: ServiceSpec,
@@ -393,7 +393,7 @@ pub struct ServiceRecord {
 }
 
 /// A replica job's link to its service.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReplicaOf {
     pub service: String,
     pub version: u64,

@@ -9,7 +9,7 @@ use crate::quantity::{parse_bytes, parse_cpu_milli};
 use crate::resources::{validate_model, ResourceSum, TaskResources};
 use crate::{Millis, TenantId};
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Quota {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -172,7 +172,7 @@ impl std::fmt::Display for QuotaExceeded {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Tenant {
     pub id: TenantId,
     pub name: String,
@@ -192,7 +192,7 @@ pub struct Tenant {
 }
 
 /// A user name and password (or token) for one OCI registry.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RegistryCredential {
     pub username: String,
     pub password: String,

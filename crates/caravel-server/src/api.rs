@@ -179,14 +179,32 @@ fn node_name(core: &Core, id: NodeId) -> String {
         .unwrap_or_else(|| id.to_string())
 }
 
+/// Raw bytes (an archive, a log) as the OpenAPI document describes a body of them.
+pub struct Binary;
+
+impl utoipa::PartialSchema for Binary {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::{schema::Type, KnownFormat, ObjectBuilder, SchemaFormat};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Binary)))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Binary {}
+
 // ---- jobs ----
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitQuery {
+    /// admin only: submit for this tenant (default `default`)
     tenant: Option<String>,
 }
 
+#[utoipa::path(post, path = "/v1/jobs", summary = "submit a job", params(SubmitQuery, ("Idempotency-Key" = Option<String>, Header, description = "1-255 visible ASCII characters; makes the request safe to repeat: a key this tenant used before for the same spec answers the job it made (200, `Idempotent-Replayed: true`)")), request_body = JobSpec, responses((status = 201, description = "accepted", body = SubmitResponse), (status = 200, description = "a replay of an earlier submission with the same Idempotency-Key", body = SubmitResponse)))]
 pub async fn submit(
     State(s): State<Arc<Shared>>,
     headers: HeaderMap,
@@ -303,9 +321,11 @@ fn acting_tenant(core: &Core, p: Principal, named: Option<&str>) -> Res<TenantId
 
 // ---- services ----
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct TenantQuery {
+    /// admin only: act for this tenant
     tenant: Option<String>,
 }
 
@@ -389,6 +409,7 @@ fn service_view(
     }
 }
 
+#[utoipa::path(post, path = "/v1/services", summary = "deploy or update a service (docs/services.md)", params(TenantQuery), request_body = ServiceSpec, responses((status = 201, description = "created", body = ServiceView), (status = 200, description = "updated (or unchanged)", body = ServiceView)))]
 pub async fn deploy_service(
     State(s): State<Arc<Shared>>,
     headers: HeaderMap,
@@ -411,6 +432,7 @@ pub async fn deploy_service(
     Ok((code, Json(view)).into_response())
 }
 
+#[utoipa::path(get, path = "/v1/services", summary = "services (a tenant sees its own)", params(TenantQuery), responses((status = 200, description = "services", body = Vec<ServiceView>)))]
 pub async fn list_services(
     State(s): State<Arc<Shared>>,
     headers: HeaderMap,
@@ -446,6 +468,7 @@ fn service_key(
     Ok(key)
 }
 
+#[utoipa::path(get, path = "/v1/services/{name}", summary = "a service with its replicas, rollout and events", params(("name" = String, Path, description = "the service"), TenantQuery), responses((status = 200, description = "the service", body = ServiceView)))]
 pub async fn get_service(
     State(s): State<Arc<Shared>>,
     headers: HeaderMap,
@@ -458,6 +481,7 @@ pub async fn get_service(
     Ok(Json(service_view(&s, &mut core, &key, false)))
 }
 
+#[utoipa::path(delete, path = "/v1/services/{name}", summary = "delete a service and stop its replicas", params(("name" = String, Path, description = "the service"), TenantQuery), responses((status = 204, description = "deleted")))]
 pub async fn delete_service(
     State(s): State<Arc<Shared>>,
     headers: HeaderMap,
@@ -475,14 +499,19 @@ pub async fn delete_service(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
+    /// comma list of states (pending, running, succeeded, failed, cancelled), or `active`
     state: Option<String>,
+    /// admin only: this tenant's jobs
     tenant: Option<String>,
+    /// newest N (default 1000)
     limit: Option<usize>,
 }
 
+#[utoipa::path(get, path = "/v1/jobs", summary = "list jobs, newest first (a tenant sees its own)", params(ListQuery), responses((status = 200, description = "jobs", body = Vec<JobSummary>)))]
 pub async fn list_jobs(
     State(s): State<Arc<Shared>>,
     headers: HeaderMap,
@@ -594,6 +623,7 @@ fn merge_runs(core: &Core, job: JobId, runs: Vec<RunRecord>) -> Vec<RunRecord> {
     out
 }
 
+#[utoipa::path(get, path = "/v1/jobs/{id}", summary = "a job with its tasks, runs and pending reasons", params(("id" = u64, Path, description = "the job")), responses((status = 200, description = "the job", body = JobDetail)))]
 pub async fn get_job(
     State(s): State<Arc<Shared>>,
     headers: HeaderMap,
@@ -645,6 +675,7 @@ pub async fn get_job(
     }))
 }
 
+#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", summary = "cancel a job: SIGTERM, then SIGKILL after its grace period", params(("id" = u64, Path, description = "the job")), responses((status = 200, description = "the job as cancelled", body = JobSummary)))]
 pub async fn cancel_job(
     State(s): State<Arc<Shared>>,
     headers: HeaderMap,
@@ -665,15 +696,21 @@ pub async fn cancel_job(
     Ok(r)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct LogQuery {
+    /// task index (default 0)
     task: Option<u32>,
+    /// `stdout` (default) or `stderr`
     stream: Option<String>,
+    /// byte offset to start from (default 0)
     offset: Option<u64>,
+    /// one run (attempt) of the task (default: the newest)
     run: Option<u64>,
 }
 
+#[utoipa::path(get, path = "/v1/jobs/{id}/logs", summary = "a task's stdout or stderr from byte `offset`", params(("id" = u64, Path, description = "the job"), LogQuery), responses((status = 200, description = "the bytes; headers x-caravel-next-offset and x-caravel-done", body = Binary, content_type = "application/octet-stream")))]
 pub async fn job_logs(
     State(s): State<Arc<Shared>>,
     headers: HeaderMap,
@@ -908,6 +945,7 @@ async fn node_log(
 
 // ---- nodes, tenants, usage ----
 
+#[utoipa::path(get, path = "/v1/nodes", summary = "nodes with their capacity (a tenant sees what it can use, not what others run)", responses((status = 200, description = "nodes", body = Vec<NodeView>)))]
 pub async fn list_nodes(
     State(s): State<Arc<Shared>>,
     headers: HeaderMap,
@@ -970,6 +1008,7 @@ pub async fn list_nodes(
     ))
 }
 
+#[utoipa::path(post, path = "/v1/nodes/{name}/drain", summary = "admin: start nothing new on the node; running work finishes", params(("name" = String, Path, description = "the node")), responses((status = 204, description = "drained")))]
 /// `POST /v1/nodes/{name}/drain` and `/undrain` (admin): stop or resume placing work on a
 /// node. Running batch tasks finish where they are (Slurm's DRAIN); service replicas are
 /// replaced elsewhere, each leaving only once its replacement is ready.
@@ -983,6 +1022,7 @@ pub async fn drain_node(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(post, path = "/v1/nodes/{name}/undrain", summary = "admin: the node takes work again", params(("name" = String, Path, description = "the node")), responses((status = 204, description = "undrained")))]
 pub async fn undrain_node(
     State(s): State<Arc<Shared>>,
     headers: HeaderMap,
@@ -1015,6 +1055,7 @@ fn tenant_view(s: &Shared, t: &Tenant) -> TenantView {
     }
 }
 
+#[utoipa::path(post, path = "/v1/tenants", summary = "admin: create a tenant; its token is returned once", request_body = CreateTenantRequest, responses((status = 201, description = "created", body = CreateTenantResponse)))]
 pub async fn create_tenant(
     State(s): State<Arc<Shared>>,
     headers: HeaderMap,
@@ -1035,6 +1076,7 @@ pub async fn create_tenant(
         .into_response())
 }
 
+#[utoipa::path(get, path = "/v1/tenants", summary = "tenants (a tenant sees itself)", responses((status = 200, description = "tenants", body = Vec<TenantView>)))]
 pub async fn list_tenants(
     State(s): State<Arc<Shared>>,
     headers: HeaderMap,
@@ -1053,13 +1095,17 @@ pub async fn list_tenants(
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct UsageQuery {
+    /// admin only: this tenant
     tenant: Option<String>,
+    /// one job
     job: Option<u64>,
 }
 
+#[utoipa::path(get, path = "/v1/usage", summary = "metered usage totals per tenant and per job", params(UsageQuery), responses((status = 200, description = "totals", body = UsageResponse)))]
 pub async fn usage(
     State(s): State<Arc<Shared>>,
     headers: HeaderMap,
@@ -1113,23 +1159,21 @@ pub async fn usage(
     }))
 }
 
-pub async fn whoami(
-    State(s): State<Arc<Shared>>,
-    headers: HeaderMap,
-) -> Res<Json<serde_json::Value>> {
+#[utoipa::path(get, path = "/v1/whoami", summary = "the caller's role (`admin`, `agent`, or `tenant` with its name)", responses((status = 200, description = "the role", body = WhoAmI)))]
+pub async fn whoami(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Res<Json<WhoAmI>> {
     let p = authenticate(&s, &headers)?;
     let core = s.core.lock().expect("core lock");
-    Ok(Json(match p {
-        Principal::Admin => serde_json::json!({"role": "admin"}),
-        Principal::Agent => serde_json::json!({"role": "agent"}),
-        Principal::Tenant(t) => {
-            serde_json::json!({"role": "tenant", "tenant": core.tenant_name(t)})
-        }
-    }))
+    let (role, tenant) = match p {
+        Principal::Admin => (Role::Admin, None),
+        Principal::Agent => (Role::Agent, None),
+        Principal::Tenant(t) => (Role::Tenant, Some(core.tenant_name(t))),
+    };
+    Ok(Json(WhoAmI { role, tenant }))
 }
 
 // ---- agent protocol ----
 
+#[utoipa::path(post, path = "/v1/agent/register", summary = "agent: register a node", request_body = RegisterRequest, responses((status = 200, description = "registered", body = RegisterResponse)))]
 pub async fn agent_register(
     State(s): State<Arc<Shared>>,
     headers: HeaderMap,
@@ -1148,6 +1192,7 @@ pub async fn agent_register(
     }))
 }
 
+#[utoipa::path(post, path = "/v1/agent/sync", summary = "agent: heartbeat and long poll for the node's desired runs", request_body = SyncRequest, responses((status = 200, description = "the desired state", body = SyncResponse)))]
 pub async fn agent_sync(
     State(s): State<Arc<Shared>>,
     headers: HeaderMap,
@@ -1255,6 +1300,7 @@ fn with_checkpoints(s: &Shared, mut assignments: Vec<Assignment>) -> Vec<Assignm
     assignments
 }
 
+#[utoipa::path(post, path = "/v1/agent/shutdown", summary = "agent: leaving cleanly; stop and requeue the node's runs", request_body = ShutdownRequest, responses((status = 200, description = "stopping", body = ShutdownResponse)))]
 /// `POST /v1/agent/shutdown` (agent token): the agent is leaving cleanly.
 pub async fn agent_shutdown(
     State(s): State<Arc<Shared>>,
@@ -1273,6 +1319,7 @@ pub async fn agent_shutdown(
     Ok(Json(ShutdownResponse { stopping }))
 }
 
+#[utoipa::path(post, path = "/v1/agent/events", summary = "agent: report runs started and exited (idempotent)", request_body = EventsRequest, responses((status = 204, description = "applied")))]
 pub async fn agent_events(
     State(s): State<Arc<Shared>>,
     headers: HeaderMap,
@@ -1335,6 +1382,7 @@ pub async fn agent_events(
     Ok(r)
 }
 
+#[utoipa::path(post, path = "/v1/agent/logs", summary = "agent: ship runs' stdout and stderr by offset (a resend is taken once)", request_body = LogShipRequest, responses((status = 200, description = "per entry: taken, a gap, unknown or over quota", body = LogShipResponse)))]
 /// Output shipped by an agent: appended to what the server keeps of each run's stream.
 /// Entries are answered one by one (a gap or an unknown run does not fail the batch); a
 /// malformed entry fails the whole batch, naming it, and nothing of it is kept.
@@ -1480,6 +1528,7 @@ pub async fn agent_logs(
     }))
 }
 
+#[utoipa::path(get, path = "/metrics", summary = "Prometheus metrics (admin token)", responses((status = 200, description = "OpenMetrics text", body = String, content_type = "application/openmetrics-text")))]
 /// `GET /metrics` (admin token): tenants' and services' names are in the labels, so
 /// scraping needs the admin token, as the Kubernetes API server's and Nomad's need theirs.
 pub async fn metrics(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
@@ -1497,14 +1546,17 @@ pub async fn metrics(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Respon
         .into_response()
 }
 
+#[utoipa::path(get, path = "/v1/openapi.json", summary = "this document", security(()), responses((status = 200, description = "OpenAPI 3.1", body = Object)))]
 pub async fn openapi() -> Json<serde_json::Value> {
     Json(crate::openapi::document())
 }
 
+#[utoipa::path(get, path = "/healthz", summary = "whether this server serves now (503 while it may not own its store)", security(()), responses((status = 200, description = "serving", body = String, content_type = "text/plain")))]
 pub async fn healthz() -> &'static str {
     "ok"
 }
 
+#[utoipa::path(get, path = "/v1/tls/ca.pem", summary = "the pool CA of a server started with --tls-self-signed (agents joining with --ca-sha256 check it by its SHA-256)", security(()), responses((status = 200, description = "PEM", body = String, content_type = "application/x-pem-file")))]
 /// The pool CA, to anyone: it is public, and a joining agent checks it against the
 /// fingerprint it was given before trusting it.
 pub async fn ca_pem(State(s): State<Arc<Shared>>) -> Res<Response> {
@@ -1570,12 +1622,15 @@ fn is_current_run(core: &Core, job: JobId, index: u32, run: RunId) -> bool {
         .is_some_and(|t| t.current_run == Some(run))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointPut {
+    /// the run saving it: kept only from the task's current run
     run: u64,
 }
 
+#[utoipa::path(put, path = "/v1/jobs/{id}/tasks/{index}/checkpoint", summary = "agent: save a task's checkpoint (header x-caravel-sha256); kept only from the task's current run", params(("id" = u64, Path, description = "the job"), ("index" = u32, Path, description = "the task index"), CheckpointPut), request_body(content = Binary, content_type = "application/x-tar"), responses((status = 201, description = "saved", body = CheckpointView)))]
 /// `PUT /v1/jobs/{id}/tasks/{index}/checkpoint?run=R` (agent token): the body is a tar
 /// archive of the task's checkpoint folder, header `x-caravel-sha256` its SHA-256. Kept
 /// as the task's newest checkpoint when it arrives whole and `R` is still the task's
@@ -1809,12 +1864,15 @@ async fn save_checkpoint(
     Ok((StatusCode::CREATED, Json(checkpoint_view(index, &saved))))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointGet {
+    /// an older version (default: the newest)
     version: Option<u64>,
 }
 
+#[utoipa::path(get, path = "/v1/jobs/{id}/tasks/{index}/checkpoint", summary = "a task's newest checkpoint (or `version`): a tar archive of its CARAVEL_CHECKPOINT_DIR", params(("id" = u64, Path, description = "the job"), ("index" = u32, Path, description = "the task index"), CheckpointGet), responses((status = 200, description = "tar archive; headers x-caravel-checkpoint-version, x-caravel-checkpoint-run, x-caravel-sha256", body = Binary, content_type = "application/x-tar")))]
 /// `GET /v1/jobs/{id}/tasks/{index}/checkpoint[?version=V]`: the task's newest checkpoint,
 /// or the version named (one a gang's cut holds), a tar archive (headers
 /// `x-caravel-checkpoint-version`, `-run` and `x-caravel-sha256`).
@@ -1887,6 +1945,7 @@ fn registry_host(r: &str) -> Res<&str> {
     }
 }
 
+#[utoipa::path(put, path = "/v1/registries/{registry}", summary = "set the caller's credentials for a registry", params(("registry" = String, Path, description = "registry host, e.g. ghcr.io"), TenantQuery), request_body = RegistryLogin, responses((status = 201, description = "set"), (status = 200, description = "replaced")))]
 /// `PUT /v1/registries/{registry}`: stores the caller's tenant's credentials for an OCI
 /// registry; its jobs' images there are pulled with them. Never shown back.
 pub async fn put_registry(
@@ -1925,6 +1984,7 @@ pub async fn put_registry(
     })
 }
 
+#[utoipa::path(delete, path = "/v1/registries/{registry}", summary = "remove the caller's credentials for a registry", params(("registry" = String, Path, description = "registry host, e.g. ghcr.io"), TenantQuery), responses((status = 204, description = "removed")))]
 /// `DELETE /v1/registries/{registry}`: forgets the caller's tenant's credentials.
 pub async fn delete_registry(
     State(s): State<Arc<Shared>>,
@@ -1942,6 +2002,7 @@ pub async fn delete_registry(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(get, path = "/v1/registries", summary = "the caller's image registry credentials (names only, never secrets)", params(TenantQuery), responses((status = 200, description = "registries", body = Vec<RegistryView>)))]
 /// `GET /v1/registries`: the registries the caller's tenant has credentials for, with
 /// the user names (never the passwords).
 pub async fn list_registries(
@@ -1979,6 +2040,7 @@ fn workdir_digest(d: &str) -> Res<&str> {
     })
 }
 
+#[utoipa::path(head, path = "/v1/workdirs/{digest}", summary = "whether the caller has uploaded this working directory archive", params(("digest" = String, Path, description = "SHA-256 of the archive, 64 hex digits"), TenantQuery), responses((status = 200, description = "held; Content-Length is its size")))]
 /// `HEAD /v1/workdirs/{digest}`: 200 when the caller's tenant has uploaded this archive
 /// (its size in `content-length`), 404 otherwise. It says nothing of other tenants'.
 pub async fn has_workdir(
@@ -2000,6 +2062,7 @@ pub async fn has_workdir(
     }
 }
 
+#[utoipa::path(put, path = "/v1/workdirs/{digest}", summary = "upload a working directory archive (checked against its SHA-256 and --workdir-max-size)", params(("digest" = String, Path, description = "SHA-256 of the archive, 64 hex digits"), TenantQuery), request_body(content = Binary, content_type = "application/gzip"), responses((status = 201, description = "stored", body = WorkdirView)))]
 /// `PUT /v1/workdirs/{digest}`: uploads a working directory (a tar archive whose SHA-256
 /// is `digest`) for the caller's tenant. 201 when stored, 200 when it was already there.
 pub async fn put_workdir(
@@ -2129,6 +2192,7 @@ pub async fn put_workdir(
     Ok((StatusCode::CREATED, Json(WorkdirView { digest, bytes })))
 }
 
+#[utoipa::path(get, path = "/v1/jobs/{id}/workdir", summary = "the working directory archive the job was submitted with", params(("id" = u64, Path, description = "the job")), responses((status = 200, description = "tar.gz", body = Binary, content_type = "application/gzip")))]
 /// `GET /v1/jobs/{id}/workdir`: the working directory the job names (agents fetch it for
 /// each task they start; its owner may too).
 pub async fn get_job_workdir(
@@ -2170,6 +2234,7 @@ pub async fn get_job_workdir(
     Ok(resp)
 }
 
+#[utoipa::path(get, path = "/v1/jobs/{id}/checkpoints", summary = "each task's newest checkpoint", params(("id" = u64, Path, description = "the job")), responses((status = 200, description = "checkpoints", body = Vec<CheckpointView>)))]
 /// `GET /v1/jobs/{id}/checkpoints`: each task's newest checkpoint.
 pub async fn list_checkpoints(
     State(s): State<Arc<Shared>>,
@@ -2188,6 +2253,7 @@ pub async fn list_checkpoints(
     ))
 }
 
+#[utoipa::path(get, path = "/v1/jobs/{id}/checkpoint-cut", summary = "a gang's committed checkpoint cut: the version of each rank's part", params(("id" = u64, Path, description = "the job")), responses((status = 200, description = "the cut", body = GangCut)))]
 /// `GET /v1/jobs/{id}/checkpoint-cut`: the gang's committed checkpoint cut, the parts every
 /// rank of its next attempt restores (`cut` 0 and no parts before the first).
 pub async fn checkpoint_cut(

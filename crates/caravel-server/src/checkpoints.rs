@@ -37,7 +37,7 @@ use caravel_core::{JobId, Millis, RunId};
 use serde::Serialize;
 
 /// A task's saved checkpoint.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Saved {
     pub version: u64,
     pub run: RunId,
@@ -64,7 +64,7 @@ pub enum CheckpointError {
 }
 
 /// A gang's committed cut: the part of each rank that every rank restores.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Cut {
     pub id: u64,
     pub parts: BTreeMap<u32, Saved>,

@@ -602,6 +602,7 @@ impl Drop for InFlight {
     }
 }
 
+#[utoipa::path(method(get, post, put, delete, patch, head, options), path = "/s/{tenant}/{service}", summary = "the gateway: any method, proxied to a ready replica of the service; a private service answers only its tenant's token, and exactly as a missing one to anyone else", security(()), params(("tenant" = String, Path), ("service" = String, Path)), responses((status = 200, description = "the replica's answer, whatever its status")))]
 pub async fn route_root(
     State(s): State<Arc<Shared>>,
     Path((tenant, service)): Path<(String, String)>,
@@ -610,6 +611,16 @@ pub async fn route_root(
     proxy(s, tenant, service, String::new(), true, req).await
 }
 
+#[utoipa::path(method(get, post, put, delete, patch, head, options), path = "/s/{tenant}/{service}/", summary = "the gateway: the service's root (as `/s/{tenant}/{service}`)", security(()), params(("tenant" = String, Path), ("service" = String, Path)), responses((status = 200, description = "the replica's answer, whatever its status")))]
+pub async fn route_root_slash(
+    state: State<Arc<Shared>>,
+    path: Path<(String, String)>,
+    req: Request,
+) -> Response {
+    route_root(state, path, req).await
+}
+
+#[utoipa::path(method(get, post, put, delete, patch, head, options), path = "/s/{tenant}/{service}/{*rest}", summary = "the gateway, a path under the service (as `/s/{tenant}/{service}`)", security(()), params(("tenant" = String, Path), ("service" = String, Path), ("rest" = String, Path, description = "the path the replica sees")), responses((status = 200, description = "the replica's answer, whatever its status")))]
 pub async fn route(
     State(s): State<Arc<Shared>>,
     Path((tenant, service, _)): Path<(String, String, String)>,

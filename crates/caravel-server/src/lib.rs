@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get, post};
+use axum::routing::any;
 use axum::Router;
 use caravel_core::{Millis, NodeState};
 use caravel_store::{PgStore, SqliteStore, Store, Sync};
@@ -453,17 +453,42 @@ pub enum Access {
 }
 
 /// One method of one route and who may call it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RouteRule {
     pub method: &'static str,
-    pub path: &'static str,
+    /// As the router has it (`{*rest}` for a wildcard).
+    pub path: String,
     pub access: Access,
 }
 
-/// Routes with their rules: a route is added only with a rule for each of its methods.
+/// Routes with their rules and their OpenAPI description, all three from one place: a
+/// route is added only as a handler's `#[utoipa::path]` (its method, path, parameters,
+/// bodies and answers, with the wire types' own schemas) together with a rule for each
+/// of the methods it documents. Routing, authorisation and documentation cannot drift
+/// apart: a method documented without a rule, or ruled without being documented, stops
+/// the server from building its router (and every test with it).
 struct Routes {
     router: Router<Arc<Shared>>,
     rules: Vec<RouteRule>,
+    doc: utoipa::openapi::OpenApi,
+}
+
+/// The methods a documented path has, upper case.
+fn documented_methods(item: &utoipa::openapi::path::PathItem) -> Vec<&'static str> {
+    [
+        ("GET", &item.get),
+        ("PUT", &item.put),
+        ("POST", &item.post),
+        ("DELETE", &item.delete),
+        ("OPTIONS", &item.options),
+        ("HEAD", &item.head),
+        ("PATCH", &item.patch),
+        ("TRACE", &item.trace),
+    ]
+    .into_iter()
+    .filter(|(_, op)| op.is_some())
+    .map(|(m, _)| m)
+    .collect()
 }
 
 impl Routes {
@@ -471,130 +496,127 @@ impl Routes {
         Routes {
             router: Router::new(),
             rules: Vec::new(),
+            doc: utoipa::openapi::OpenApiBuilder::new().build(),
         }
     }
 
+    /// A route from `routes!(handler, ...)` (one path), who may call each of its methods.
     fn add(
-        mut self,
-        path: &'static str,
-        mr: axum::routing::MethodRouter<Arc<Shared>>,
+        self,
+        route: utoipa_axum::router::UtoipaMethodRouter<Arc<Shared>>,
         rules: &[(&'static str, Access)],
     ) -> Routes {
-        self.router = self.router.route(path, mr);
-        self.rules
-            .extend(rules.iter().map(|&(method, access)| RouteRule {
+        self.add_with(route, rules, |mr| mr)
+    }
+
+    /// `add`, with the method router changed first (a body limit, a catch-all).
+    fn add_with(
+        mut self,
+        (schemas, paths, mr): utoipa_axum::router::UtoipaMethodRouter<Arc<Shared>>,
+        rules: &[(&'static str, Access)],
+        change: impl FnOnce(
+            axum::routing::MethodRouter<Arc<Shared>>,
+        ) -> axum::routing::MethodRouter<Arc<Shared>>,
+    ) -> Routes {
+        assert_eq!(
+            paths.paths.len(),
+            1,
+            "one path per route: {:?}",
+            paths.paths.keys()
+        );
+        let (path, item) = paths.paths.into_iter().next().expect("one path");
+        let mut documented = documented_methods(&item);
+        let mut ruled: Vec<&str> = rules.iter().map(|(m, _)| *m).collect();
+        documented.sort_unstable();
+        ruled.sort_unstable();
+        // A catch-all (the gateway) is ruled once as ANY and documented method by method.
+        let any = ruled == ["ANY"];
+        assert!(
+            any || documented == ruled,
+            "{path}: documented methods {documented:?}, ruled methods {ruled:?}"
+        );
+        self.router = self.router.route(&path, change(mr));
+        for &(method, access) in rules {
+            self.rules.push(RouteRule {
                 method,
-                path,
+                path: path.clone(),
                 access,
-            }));
+            });
+        }
+        // OpenAPI names a wildcard segment like any other.
+        let doc_path = path.replace("{*", "{");
+        self.doc.paths.paths.insert(doc_path, item);
+        self.doc
+            .components
+            .get_or_insert_with(utoipa::openapi::Components::new)
+            .schemas
+            .extend(schemas);
+        self
+    }
+
+    fn merge(mut self, other: Routes) -> Routes {
+        self.router = self.router.merge(other.router);
+        self.rules.extend(other.rules);
+        self.doc.merge(other.doc);
         self
     }
 }
 
+use utoipa_axum::routes;
 use Access::*;
 
 /// The API proper: answered only once what it saw and changed is durable.
 fn api_routes() -> Routes {
     Routes::new()
-        .add("/v1/whoami", get(api::whoami), &[("GET", Any)])
+        .add(routes!(api::whoami), &[("GET", Any)])
         .add(
-            "/v1/jobs",
-            post(api::submit).get(api::list_jobs),
+            routes!(api::submit, api::list_jobs),
             &[("POST", User), ("GET", User)],
         )
-        .add("/v1/jobs/{id}", get(api::get_job), &[("GET", User)])
+        .add(routes!(api::get_job), &[("GET", User)])
+        .add(routes!(api::cancel_job), &[("POST", User)])
+        .add(routes!(api::job_logs), &[("GET", User)])
+        .add(routes!(api::list_checkpoints), &[("GET", Any)])
+        .add(routes!(api::checkpoint_cut), &[("GET", Any)])
+        .add(routes!(api::get_job_workdir), &[("GET", Any)])
+        .add(routes!(api::list_registries), &[("GET", User)])
         .add(
-            "/v1/jobs/{id}/cancel",
-            post(api::cancel_job),
-            &[("POST", User)],
-        )
-        .add("/v1/jobs/{id}/logs", get(api::job_logs), &[("GET", User)])
-        .add(
-            "/v1/jobs/{id}/checkpoints",
-            get(api::list_checkpoints),
-            &[("GET", Any)],
-        )
-        .add(
-            "/v1/jobs/{id}/checkpoint-cut",
-            get(api::checkpoint_cut),
-            &[("GET", Any)],
-        )
-        .add(
-            "/v1/jobs/{id}/workdir",
-            get(api::get_job_workdir),
-            &[("GET", Any)],
-        )
-        .add(
-            "/v1/registries",
-            get(api::list_registries),
-            &[("GET", User)],
-        )
-        .add(
-            "/v1/registries/{registry}",
-            axum::routing::put(api::put_registry).delete(api::delete_registry),
+            routes!(api::put_registry, api::delete_registry),
             &[("PUT", User), ("DELETE", User)],
         )
-        .add(
-            "/v1/workdirs/{digest}",
-            axum::routing::head(api::has_workdir)
-                .put(api::put_workdir)
-                // The limit is the server's own (`--workdir-max-size`), checked as the
-                // body streams in.
-                .layer(axum::extract::DefaultBodyLimit::disable()),
+        .add_with(
+            routes!(api::has_workdir, api::put_workdir),
             &[("HEAD", User), ("PUT", User)],
+            // The limit is the server's own (`--workdir-max-size`), checked as the body
+            // streams in.
+            |mr| mr.layer(axum::extract::DefaultBodyLimit::disable()),
         )
         .add(
-            "/v1/jobs/{id}/tasks/{index}/checkpoint",
-            get(api::get_checkpoint).put(api::put_checkpoint),
+            routes!(api::get_checkpoint, api::put_checkpoint),
             &[("GET", Any), ("PUT", Agent)],
         )
-        .add("/v1/nodes", get(api::list_nodes), &[("GET", User)])
+        .add(routes!(api::list_nodes), &[("GET", User)])
+        .add(routes!(api::drain_node), &[("POST", Admin)])
+        .add(routes!(api::undrain_node), &[("POST", Admin)])
         .add(
-            "/v1/nodes/{name}/drain",
-            post(api::drain_node),
-            &[("POST", Admin)],
-        )
-        .add(
-            "/v1/nodes/{name}/undrain",
-            post(api::undrain_node),
-            &[("POST", Admin)],
-        )
-        .add(
-            "/v1/tenants",
-            post(api::create_tenant).get(api::list_tenants),
+            routes!(api::create_tenant, api::list_tenants),
             &[("POST", Admin), ("GET", User)],
         )
-        .add("/v1/usage", get(api::usage), &[("GET", User)])
-        .add(
-            "/v1/agent/register",
-            post(api::agent_register),
-            &[("POST", Agent)],
-        )
-        .add("/v1/agent/sync", post(api::agent_sync), &[("POST", Agent)])
-        .add(
-            "/v1/agent/events",
-            post(api::agent_events),
-            &[("POST", Agent)],
-        )
-        .add(
-            "/v1/agent/shutdown",
-            post(api::agent_shutdown),
-            &[("POST", Agent)],
-        )
+        .add(routes!(api::usage), &[("GET", User)])
+        .add(routes!(api::agent_register), &[("POST", Agent)])
+        .add(routes!(api::agent_sync), &[("POST", Agent)])
+        .add(routes!(api::agent_events), &[("POST", Agent)])
+        .add(routes!(api::agent_shutdown), &[("POST", Agent)])
         // A batch carries up to 4 MiB of output, base64.
+        .add_with(routes!(api::agent_logs), &[("POST", Agent)], |mr| {
+            mr.layer(axum::extract::DefaultBodyLimit::max(8 << 20))
+        })
         .add(
-            "/v1/agent/logs",
-            post(api::agent_logs).layer(axum::extract::DefaultBodyLimit::max(8 << 20)),
-            &[("POST", Agent)],
-        )
-        .add(
-            "/v1/services",
-            post(api::deploy_service).get(api::list_services),
+            routes!(api::deploy_service, api::list_services),
             &[("POST", User), ("GET", User)],
         )
         .add(
-            "/v1/services/{name}",
-            get(api::get_service).delete(api::delete_service),
+            routes!(api::get_service, api::delete_service),
             &[("GET", User), ("DELETE", User)],
         )
 }
@@ -602,26 +624,39 @@ fn api_routes() -> Routes {
 /// Routes that show no stored state and must answer while the store is down.
 fn open_routes() -> Routes {
     Routes::new()
-        .add("/healthz", get(api::healthz), &[("GET", Public)])
-        .add("/v1/tls/ca.pem", get(api::ca_pem), &[("GET", Public)])
-        .add("/metrics", get(api::metrics), &[("GET", Admin)])
-        .add("/v1/openapi.json", get(api::openapi), &[("GET", Public)])
+        .add(routes!(api::healthz), &[("GET", Public)])
+        .add(routes!(api::ca_pem), &[("GET", Public)])
+        .add(routes!(api::metrics), &[("GET", Admin)])
+        .add(routes!(api::openapi), &[("GET", Public)])
 }
 
 fn gateway_routes() -> Routes {
     const ANY: &[(&str, Access)] = &[("ANY", Gateway)];
+    // Documented method by method; routed for every method there is.
     Routes::new()
-        .add("/s/{tenant}/{service}", any(gateway::route_root), ANY)
-        .add("/s/{tenant}/{service}/", any(gateway::route_root), ANY)
-        .add("/s/{tenant}/{service}/{*rest}", any(gateway::route), ANY)
+        .add_with(routes!(gateway::route_root), ANY, |_| {
+            any(gateway::route_root)
+        })
+        .add_with(routes!(gateway::route_root_slash), ANY, |_| {
+            any(gateway::route_root_slash)
+        })
+        .add_with(routes!(gateway::route), ANY, |_| any(gateway::route))
+}
+
+/// The OpenAPI description of every route (`openapi::document` completes it).
+pub fn route_doc() -> utoipa::openapi::OpenApi {
+    api_routes()
+        .merge(open_routes())
+        .merge(gateway_routes())
+        .doc
 }
 
 /// Every route the server has, each method with who may call it.
 pub fn route_rules() -> Vec<RouteRule> {
-    let mut v = api_routes().rules;
-    v.extend(open_routes().rules);
-    v.extend(gateway_routes().rules);
-    v
+    api_routes()
+        .merge(open_routes())
+        .merge(gateway_routes())
+        .rules
 }
 
 pub fn router(shared: Arc<Shared>) -> Router {
