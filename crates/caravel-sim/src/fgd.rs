@@ -34,18 +34,21 @@ pub struct Curve {
     pub paced_pct: Vec<f64>,
 }
 
-/// The share pacing (`caravel_sched::Config::share_pacing`) Caravel's policy runs this
-/// protocol with: its pods are inflated to 130 % of the pool, so demand meets capacity by
-/// construction. 0.9 of the plan's rate, from a scan of 0.8–1.0 on
-/// `openb_pod_list_default` (docs/simulator.md).
-pub const PACING: f64 = 0.9;
+/// A simulator-only experiment, off unless asked for (`--pacing 0.9`): share pacing
+/// (`caravel_sched::Config::share_pacing`) turns pods away that would fit, which the
+/// server never does (a share that does not start there waits). This protocol inflates
+/// its pods to 130 % of the pool, so demand meets capacity by construction; 0.9 of the
+/// plan's rate is the value a scan of 0.8–1.0 on `openb_pod_list_default` picked
+/// (docs/simulator.md), and it is not what Caravel's figures are.
+pub const PACING_EXPERIMENT: f64 = 0.9;
 
 /// How a run is set up besides its seed and policy.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Setup {
     /// Arrived load to reach, as a multiple of the pool's GPU capacity (1.3).
     pub tune: f64,
-    /// Caravel's share pacing; the baselines place every pod that fits, as published.
+    /// Share pacing for Caravel's policy: a simulator-only experiment, `None` (what the
+    /// server runs) by default. The baselines place every pod that fits, as published.
     pub pacing: Option<f64>,
 }
 
@@ -53,7 +56,7 @@ impl Default for Setup {
     fn default() -> Setup {
         Setup {
             tune: 1.3,
-            pacing: Some(PACING),
+            pacing: None,
         }
     }
 }

@@ -123,6 +123,11 @@ pub fn summary(
     let (p130, p130sd) = mean_sd(&paced_at(&r.curves, last));
     let mut s = json!({
         "policy": r.policy.name(),
+        // What the figures are: the server's policy, or an experiment only the simulator
+        // runs (share pacing turns away pods that would fit; the server never does).
+        "experiment": r.pacing.map(|f| format!(
+            "share pacing {f}: simulator only; it turns away pods that would fit, which the server never does"
+        )),
         "workload": workload,
         "seeds": seeds,
         "tune": tune,
@@ -171,11 +176,12 @@ pub fn write(
         .iter()
         .map(|r| summary(r, workload, seeds, tune, published))
         .collect();
-    let top = if sums.len() == 1 {
+    let mut top = if sums.len() == 1 {
         sums[0].clone()
     } else {
         json!({ "workload": workload, "seeds": seeds, "tune": tune, "policies": sums })
     };
+    top["validated_against_artefact"] = validated(&sums);
     std::fs::write(
         dir.join("summary.json"),
         serde_json::to_string_pretty(&top)? + "\n",
@@ -208,12 +214,12 @@ pub fn write(
                 .collect()
         };
         alloc.push(Series {
-            name: r.policy.name().into(),
+            name: label(r),
             points: pts(mean_curve(&r.curves, false)),
             dashed: false,
         });
         frag.push(Series {
-            name: r.policy.name().into(),
+            name: label(r),
             points: pts(mean_curve(&r.curves, true)),
             dashed: false,
         });
@@ -261,6 +267,37 @@ pub fn write(
     Ok(table)
 }
 
+/// What this run checked against the artefact's published curves: each policy compared
+/// (the baselines the artefact ran), its largest gap over the allocation curve, and
+/// whether every one is within ±0.5 pp; `null` when nothing was compared (no `--expected`,
+/// or only Caravel's policy, which the artefact does not have).
+fn validated(sums: &[Value]) -> Value {
+    let compared: Vec<Value> = sums
+        .iter()
+        .filter(|s| s["artefact"].is_object())
+        .map(|s| {
+            json!({
+                "policy": s["policy"],
+                "allocation_max_abs_diff_pp": s["artefact"]["allocation_max_abs_diff_pp"],
+                "within_half_pp": s["artefact"]["within_half_pp"],
+            })
+        })
+        .collect();
+    if compared.is_empty() {
+        return Value::Null;
+    }
+    let all = compared.iter().all(|c| c["within_half_pp"] == true);
+    json!({ "policies": compared, "all_within_half_pp": all })
+}
+
+/// How a policy's row and curves are named: an experiment carries a mark.
+fn label(r: &PolicyResult) -> String {
+    match r.pacing {
+        Some(f) => format!("{}+pacing{f}*", r.policy.name()),
+        None => r.policy.name().to_string(),
+    }
+}
+
 fn text_table(workload: &str, seeds: &[u64], sums: &[Value]) -> String {
     let f = |v: &Value, k: &str| v[k].as_f64().map_or("-".into(), |x| format!("{x:.2}"));
     let mut t = format!(
@@ -270,7 +307,7 @@ fn text_table(workload: &str, seeds: &[u64], sums: &[Value]) -> String {
         seeds.len()
     );
     t.push_str(
-        "policy       alloc@100%      unalloc@100%  alloc@130%      frag@80%       paced@100%  artefact alloc@100  max|diff| pp\n",
+        "policy              alloc@100%      unalloc@100%  alloc@130%      frag@80%       paced@100%  artefact alloc@100  max|diff| pp\n",
     );
     for s in sums {
         let pm = |k: &str| {
@@ -280,9 +317,13 @@ fn text_table(workload: &str, seeds: &[u64], sums: &[Value]) -> String {
                 f(s, &format!("{k}_sd"))
             )
         };
+        let name = match s["pacing"].as_f64() {
+            Some(f) => format!("{}+pacing{f}*", s["policy"].as_str().unwrap_or("")),
+            None => s["policy"].as_str().unwrap_or("").to_string(),
+        };
         t.push_str(&format!(
-            "{:<12} {:<15} {:<13} {:<15} {:<14} {:<11} {:<19} {}\n",
-            s["policy"].as_str().unwrap_or(""),
+            "{:<19} {:<15} {:<13} {:<15} {:<14} {:<11} {:<19} {}\n",
+            name,
             pm("allocated_pct_at_100"),
             f(s, "unallocated_pct_at_100_mean"),
             pm("allocated_pct_at_130"),
@@ -296,5 +337,93 @@ fn text_table(workload: &str, seeds: &[u64], sums: &[Value]) -> String {
             f(&s["artefact"], "allocation_max_abs_diff_pp"),
         ));
     }
+    if sums.iter().any(|s| !s["experiment"].is_null()) {
+        t.push_str(
+            "* simulator-only experiment: share pacing turns away pods that would fit; the \
+             server never paces, and its figures are the rows without a mark\n",
+        );
+    }
     t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_experiment_is_labelled_and_the_summary_says_what_was_validated() {
+        let nodes: Vec<OpenbNode> = (0..4)
+            .map(|i| OpenbNode {
+                sn: format!("n{i}"),
+                cpu_milli: 64_000,
+                memory_mib: 262_144,
+                gpus: 4,
+                model: "T4".into(),
+            })
+            .collect();
+        let pods: Vec<OpenbPod> = [(1, 1000), (1, 500), (2, 1000), (1, 250)]
+            .iter()
+            .map(|&(num_gpu, gpu_milli)| OpenbPod {
+                name: "p".into(),
+                cpu_milli: 1000,
+                memory_mib: 1024,
+                num_gpu,
+                gpu_milli,
+                gpu_spec: vec![],
+            })
+            .collect();
+        let seeds = [1, 2];
+        let run = |pacing| {
+            run_all(
+                &nodes,
+                &pods,
+                &[Policy::Fgd, Policy::Caravel],
+                &seeds,
+                fgd::Setup { tune: 1.3, pacing },
+                1,
+                &|_, _| {},
+            )
+        };
+        let published: Vec<artefact::Run> = seeds
+            .iter()
+            .map(|&seed| artefact::Run {
+                workload: "w".into(),
+                policy: "06-FGD".into(),
+                seed,
+                values: (0..=130).map(|k| (k as f64).min(100.0)).collect(),
+            })
+            .collect();
+        let dir = std::env::temp_dir().join(format!("caravel-report-{}", std::process::id()));
+        // The server's policy: no mark, no experiment.
+        let table = write(
+            &dir,
+            "w",
+            &seeds,
+            1.3,
+            &run(None),
+            Some((&published, &published)),
+        )
+        .unwrap();
+        let sum: Value =
+            serde_json::from_slice(&std::fs::read(dir.join("summary.json")).unwrap()).unwrap();
+        assert!(sum["policies"][1]["experiment"].is_null(), "{sum}");
+        assert!(!table.contains('*'), "{table}");
+        let v = &sum["validated_against_artefact"];
+        assert_eq!(v["policies"].as_array().unwrap().len(), 1, "{v}");
+        assert_eq!(v["policies"][0]["policy"], "fgd");
+        assert!(v["all_within_half_pp"].is_boolean(), "{v}");
+        // The experiment: marked in the table, the summary and the plots.
+        let table = write(&dir, "w", &seeds, 1.3, &run(Some(0.9)), None).unwrap();
+        let sum: Value =
+            serde_json::from_slice(&std::fs::read(dir.join("summary.json")).unwrap()).unwrap();
+        assert!(sum["policies"][0]["experiment"].is_null(), "{sum}");
+        let e = sum["policies"][1]["experiment"].as_str().unwrap();
+        assert!(e.contains("simulator only"), "{e}");
+        assert!(sum["validated_against_artefact"].is_null(), "{sum}");
+        assert!(table.contains("caravel+pacing0.9*"), "{table}");
+        assert!(table.contains("simulator-only experiment"), "{table}");
+        let svg = std::fs::read_to_string(dir.join("allocation.svg")).unwrap();
+        assert!(svg.contains("caravel+pacing0.9*"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
