@@ -624,17 +624,157 @@ impl UsageRecord {
 /// A machine-readable reason a job is pending.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PendingReason {
-    /// `quota`, `no_fit`, `gang`, `no_nodes`.
-    pub code: String,
+    pub code: ReasonCode,
     pub message: String,
     /// Per-reason counts, e.g. {"lack gpu/H100": 12, "lack memory": 3}.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub counts: BTreeMap<String, u64>,
+    /// A no-fit reason whose per-node counts the scheduler has yet to add (it scans the
+    /// nodes once per request shape, for the jobs still pending at the end of a cycle).
+    /// Never on the wire.
+    #[serde(skip)]
+    pub unexplained: bool,
+}
+
+impl PendingReason {
+    pub fn new(code: ReasonCode, message: impl Into<String>) -> PendingReason {
+        PendingReason {
+            code,
+            message: message.into(),
+            counts: BTreeMap::new(),
+            unexplained: false,
+        }
+    }
+
+    pub fn with_counts(mut self, counts: BTreeMap<String, u64>) -> PendingReason {
+        self.counts = counts;
+        self
+    }
+}
+
+/// Why a job waits, as the API and the CLI name it (`PendingReason::code`; the table of
+/// codes with examples is in docs/jobs.md). Text is made from it only at the edge.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum ReasonCode {
+    /// The tenant's quota does not allow the job now.
+    Quota,
+    /// No node has room for a task (counts per lack).
+    NoFit,
+    /// Not all of a gang's tasks fit together.
+    Gang,
+    /// A gang does not fit inside one node, rack or zone as it asks.
+    Topology,
+    /// The job holds a reservation: the earliest time it can start, and where.
+    Reserved,
+    /// Room exists, but it is held for a reserved job this one would delay.
+    Backfill,
+    /// Other tenants are further below their fair share.
+    FairShare,
+    /// Victims are being stopped to make room.
+    Preempting,
+    /// Room could be made only by preempting work this job may not preempt.
+    NoPreemption,
+    /// No node is registered.
+    NoNodes,
+    /// Simulator-only share-pacing experiment: a GPU share turned away.
+    Paced,
+    /// The only nodes that could hold it are draining.
+    Draining,
+    /// Behind earlier jobs of the same shape that cannot start yet.
+    Queued,
+}
+
+impl ReasonCode {
+    pub const ALL: [ReasonCode; 13] = [
+        ReasonCode::Quota,
+        ReasonCode::NoFit,
+        ReasonCode::Gang,
+        ReasonCode::Topology,
+        ReasonCode::Reserved,
+        ReasonCode::Backfill,
+        ReasonCode::FairShare,
+        ReasonCode::Preempting,
+        ReasonCode::NoPreemption,
+        ReasonCode::NoNodes,
+        ReasonCode::Paced,
+        ReasonCode::Draining,
+        ReasonCode::Queued,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReasonCode::Quota => "quota",
+            ReasonCode::NoFit => "no_fit",
+            ReasonCode::Gang => "gang",
+            ReasonCode::Topology => "topology",
+            ReasonCode::Reserved => "reserved",
+            ReasonCode::Backfill => "backfill",
+            ReasonCode::FairShare => "fair_share",
+            ReasonCode::Preempting => "preempting",
+            ReasonCode::NoPreemption => "no_preemption",
+            ReasonCode::NoNodes => "no_nodes",
+            ReasonCode::Paced => "paced",
+            ReasonCode::Draining => "draining",
+            ReasonCode::Queued => "queued",
+        }
+    }
+
+    /// The waits that are about room: nothing (or not enough together) fits.
+    pub fn is_about_room(self) -> bool {
+        matches!(
+            self,
+            ReasonCode::NoFit | ReasonCode::Gang | ReasonCode::Quota | ReasonCode::Topology
+        )
+    }
+}
+
+impl std::fmt::Display for ReasonCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Tests and tools compare codes with their wire names.
+impl PartialEq<&str> for ReasonCode {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl PartialEq<str> for ReasonCode {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reason_codes_are_their_wire_names() {
+        for c in ReasonCode::ALL {
+            assert_eq!(serde_json::to_value(c).unwrap(), c.as_str());
+            let back: ReasonCode = serde_json::from_value(c.as_str().into()).unwrap();
+            assert_eq!(back, c);
+        }
+        let r: PendingReason = serde_json::from_str(r#"{"code":"no_fit","message":"m"}"#).unwrap();
+        assert_eq!(r, PendingReason::new(ReasonCode::NoFit, "m"));
+        assert!(serde_json::from_str::<ReasonCode>(r#""nope""#).is_err());
+    }
 
     #[test]
     fn elastic_gangs_and_hang_timeouts_are_checked() {

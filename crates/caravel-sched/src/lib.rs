@@ -31,7 +31,7 @@ use shape::ShapeMemo;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use caravel_core::{
-    Capacity, GpuRequest, JobId, NodeId, PendingReason, Priority, Quota, ResourceSum,
+    Capacity, GpuRequest, JobId, NodeId, PendingReason, Priority, Quota, ReasonCode, ResourceSum,
     TaskResources, TenantId, Topology, TopologyLevel,
 };
 
@@ -620,7 +620,8 @@ fn select(
 fn no_fit_reason(lacks: &BTreeMap<Lack, u64>, total_nodes: usize) -> PendingReason {
     if total_nodes == 0 {
         return PendingReason {
-            code: "no_nodes".into(),
+            code: ReasonCode::NoNodes,
+            unexplained: false,
             message: "no nodes registered".into(),
             counts: BTreeMap::new(),
         };
@@ -641,7 +642,10 @@ fn no_fit_reason(lacks: &BTreeMap<Lack, u64>, total_nodes: usize) -> PendingReas
         })
         .collect();
     PendingReason {
-        code: "no_fit".into(),
+        code: ReasonCode::NoFit,
+        // Every node that does not fit has a lack; none means the scan was left for later
+        // (`lazy_explain`), and `fill_explanations` adds it.
+        unexplained: lacks.is_empty(),
         message: format!("no node fits: {}", parts.join(", ")),
         counts,
     }
@@ -653,7 +657,8 @@ fn quota_reason(e: &caravel_core::tenant::QuotaExceeded) -> PendingReason {
     counts.insert("limit".into(), e.limit);
     counts.insert("asked".into(), e.asked);
     PendingReason {
-        code: "quota".into(),
+        code: ReasonCode::Quota,
+        unexplained: false,
         message: e.to_string(),
         counts,
     }
@@ -1188,7 +1193,8 @@ impl Scheduler {
         counts.insert("turned_away".to_string(), turned + 1);
         counts.insert("seen".to_string(), pacing.seen[&share]);
         Some(PendingReason {
-            code: "paced".into(),
+            code: ReasonCode::Paced,
+            unexplained: false,
             message: format!(
                 "a {share}-thousandth GPU share would open a fresh GPU and leave the rest of it to \
                  shares the workload rarely asks for; the share plan turns away {:.1}% of these \
@@ -1319,7 +1325,8 @@ impl Scheduler {
                 counts.insert("nodes".to_string(), res.nodes.len() as u64);
                 counts.insert("reserved_for_job".to_string(), res.job.0);
                 reasons.push(PendingReason {
-                    code: "backfill".into(),
+                    code: ReasonCode::Backfill,
+                    unexplained: false,
                     message: format!(
                         "room that fits is on nodes drained for job {}, which waited past the starvation limit",
                         res.job
@@ -1335,7 +1342,8 @@ impl Scheduler {
                     counts.insert("reservations".to_string(), self.reservations.len() as u64);
                 }
                 reasons.push(PendingReason {
-                    code: "backfill".into(),
+                    code: ReasonCode::Backfill,
+                    unexplained: false,
                     message: format!(
                         "held for the reservation of job {} (starts in {}s{}); only jobs whose max runtime ends before then may use that room",
                         res.job,
@@ -1463,7 +1471,8 @@ impl Scheduler {
         counts.insert("need".to_string(), need);
         counts.insert(format!("largest {}", level.as_str()), best_room);
         Err(PendingReason {
-            code: "topology".into(),
+            code: ReasonCode::Topology,
+            unexplained: false,
             message: format!(
                 "gang: no {lvl} has room for all {need} tasks together (the roomiest {lvl} fits {best_room})",
                 lvl = level.as_str()
@@ -1495,7 +1504,7 @@ impl Scheduler {
                 "gang: only {placed} of {need} tasks fit together; {}",
                 r.message
             );
-            r.code = "gang".into();
+            r.code = ReasonCode::Gang;
             r.counts.insert("fit".into(), placed as u64);
             r.counts.insert("need".into(), need as u64);
             Box::new((r, cache))
@@ -1721,11 +1730,9 @@ impl Scheduler {
             .iter()
             .filter(|j| j.priority != Priority::Spot)
             .filter(|j| {
-                plan.pending.get(&j.id).is_some_and(|r| {
-                    r.iter().any(|r| {
-                        matches!(r.code.as_str(), "no_fit" | "gang" | "quota" | "topology")
-                    })
-                })
+                plan.pending
+                    .get(&j.id)
+                    .is_some_and(|r| r.iter().any(|r| r.code.is_about_room()))
             })
             .collect();
         order.sort_by_key(|j| queue_order(self.cfg.las.as_ref(), j));
@@ -1743,7 +1750,9 @@ impl Scheduler {
             let remaining = job.pending.len() - placed.get(&job.id).copied().unwrap_or(0);
             let mut victims = Vec::new();
             let mut why = None;
-            let at_cap = plan.pending[&job.id].iter().any(|r| r.code == "quota");
+            let at_cap = plan.pending[&job.id]
+                .iter()
+                .any(|r| r.code == ReasonCode::Quota);
             let domain = job.topology.filter(|_| job.gang);
             let key = (
                 job.priority.rank(),
@@ -1821,7 +1830,8 @@ impl Scheduler {
                 reasons.insert(
                     0,
                     PendingReason {
-                        code: "preempting".into(),
+                        code: ReasonCode::Preempting,
+                        unexplained: false,
                         message: format!(
                             "preempting {} running task{} to make room",
                             victims.len(),
@@ -1840,7 +1850,8 @@ impl Scheduler {
                 }
             } else if let Some(w) = why.filter(|_| self.cfg.explain_pending) {
                 reasons.push(PendingReason {
-                    code: "no_preemption".into(),
+                    code: ReasonCode::NoPreemption,
+                    unexplained: false,
                     message: format!("cannot preempt: {w}"),
                     counts: BTreeMap::new(),
                 });
@@ -1865,9 +1876,10 @@ impl Scheduler {
                 continue;
             };
             for r in reasons.iter_mut() {
-                if !r.message.ends_with("no node fits: ") {
+                if !r.unexplained {
                     continue;
                 }
+                r.unexplained = false;
                 let full = memo
                     .get_or_insert_with(&j.resources, (), || {
                         no_fit_reason(&self.explain(&j.resources), total)
@@ -2194,7 +2206,7 @@ impl Scheduler {
             };
             if !reasons
                 .iter()
-                .any(|r| matches!(r.code.as_str(), "no_fit" | "gang"))
+                .any(|r| matches!(r.code, ReasonCode::NoFit | ReasonCode::Gang))
             {
                 continue;
             }
@@ -2205,7 +2217,8 @@ impl Scheduler {
             counts.insert("rank".to_string(), rank as u64);
             counts.insert("tenants".to_string(), order.len() as u64);
             reasons.push(PendingReason {
-                code: "fair_share".into(),
+                code: ReasonCode::FairShare,
+                unexplained: false,
                 message: format!(
                     "fair share: this tenant's weighted dominant share is {:.3}, {} of {} tenants with work here (lowest goes first)",
                     ppm as f64 / 1e6,
@@ -2301,7 +2314,8 @@ fn draining_reason(n: usize) -> PendingReason {
     let mut counts = BTreeMap::new();
     counts.insert("nodes".to_string(), n as u64);
     PendingReason {
-        code: "draining".into(),
+        code: ReasonCode::Draining,
+        unexplained: false,
         message: format!(
             "waited past the starvation limit: {n} node{} drained for this job, which starts once they are free",
             if n == 1 { " is" } else { "s are" }
@@ -2315,7 +2329,8 @@ fn reserved_reason(res: &Reservation, now: caravel_core::Millis) -> PendingReaso
     counts.insert("starts_in_ms".to_string(), (res.at - now).max(0) as u64);
     counts.insert("nodes".to_string(), res.nodes.len() as u64);
     PendingReason {
-        code: "reserved".into(),
+        code: ReasonCode::Reserved,
+        unexplained: false,
         message: format!(
             "reserved: can start in {}s on {} node{}, when running tasks reach their max runtime; smaller jobs backfill only if they end before then",
             (res.at - now).max(0) / 1000,

@@ -1732,7 +1732,8 @@ impl Core {
                     r.reasons.clone()
                 }
                 _ => std::sync::Arc::new([PendingReason {
-                    code: "queued".into(),
+                    code: ReasonCode::Queued,
+                    unexplained: false,
                     message: "behind earlier jobs of the same shape that cannot start yet".into(),
                     counts: BTreeMap::new(),
                 }]),

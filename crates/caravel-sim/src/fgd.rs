@@ -270,7 +270,7 @@ pub fn run(
         } else if plan
             .pending
             .get(&req.id)
-            .is_some_and(|r| r.iter().any(|r| r.code == "paced"))
+            .is_some_and(|r| r.iter().any(|r| r.code == caravel_core::ReasonCode::Paced))
         {
             paced += p.gpu_total_milli();
         }
