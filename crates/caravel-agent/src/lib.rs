@@ -1085,7 +1085,7 @@ impl Agent {
     }
 
     /// Reports the end of a run whose process never started.
-    fn never_started(&self, run: RunId, reason: &str, message: String) {
+    fn never_started(&self, run: RunId, reason: ExitReason, message: String) {
         self.st.lock().expect("lock").running.remove(&run);
         self.ship_end(run);
         self.emit(RunEvent::Exited {
@@ -1094,7 +1094,7 @@ impl Agent {
             at_ms: now_ms(),
             exit_code: None,
             signal: None,
-            reason: reason.into(),
+            reason,
             message,
             checkpoint: None,
         });
@@ -1169,7 +1169,7 @@ impl Agent {
         if let Err(e) = ship::write_meta(&dir, &meta) {
             let msg = format!("cannot make the run's folder {}: {e}", dir.display());
             tracing::warn!(run = %run, "{msg}");
-            self.never_started(run, "spawn_failed", msg);
+            self.never_started(run, ExitReason::SpawnFailed, msg);
             return;
         }
         let uid = match self.identity(&a) {
@@ -1177,7 +1177,7 @@ impl Agent {
             Err(msg) => {
                 tracing::warn!(run = %run, "cannot start: {msg}");
                 let _ = std::fs::write(dir.join("stderr.log"), format!("caravel: {msg}\n"));
-                self.never_started(run, "spawn_failed", msg);
+                self.never_started(run, ExitReason::SpawnFailed, msg);
                 return;
             }
         };
@@ -1198,13 +1198,13 @@ impl Agent {
             });
         if let Err(e) = made {
             let msg = format!("cannot make the run's folders in {}: {e}", dir.display());
-            self.never_started(run, "spawn_failed", msg);
+            self.never_started(run, ExitReason::SpawnFailed, msg);
             return;
         }
         if let Err(msg) = self.prepare_workdir(&a, &dirs.work, uid).await {
             tracing::warn!(run = %run, "cannot start: {msg}");
             let _ = std::fs::write(dir.join("stderr.log"), format!("caravel: {msg}\n"));
-            self.never_started(run, "spawn_failed", msg);
+            self.never_started(run, ExitReason::SpawnFailed, msg);
             return;
         }
         // The image's layers, in the node's cache and held there while the task runs.
@@ -1213,14 +1213,14 @@ impl Agent {
             (Some(_), None) => {
                 let msg = "this node cannot run tasks in images (see `caravel nodes`)".to_string();
                 let _ = std::fs::write(dir.join("stderr.log"), format!("caravel: {msg}\n"));
-                self.never_started(run, "spawn_failed", msg);
+                self.never_started(run, ExitReason::SpawnFailed, msg);
                 return;
             }
             (Some(img), Some((store, _))) => {
                 let pulled = tokio::select! {
                     r = store.pull(a.tenant, img, a.image_auth.as_ref()) => r,
                     _ = &mut stop => {
-                        self.never_started(run, "killed", "stopped before it started, while its image was pulled".into());
+                        self.never_started(run, ExitReason::Killed, "stopped before it started, while its image was pulled".into());
                         return;
                     }
                 };
@@ -1229,7 +1229,7 @@ impl Agent {
                     Err(msg) => {
                         tracing::warn!(run = %run, "cannot start: {msg}");
                         let _ = std::fs::write(dir.join("stderr.log"), format!("caravel: {msg}\n"));
-                        self.never_started(run, "spawn_failed", msg);
+                        self.never_started(run, ExitReason::SpawnFailed, msg);
                         return;
                     }
                 }
@@ -1270,7 +1270,7 @@ impl Agent {
                     Err(Restore::Stopped) => {
                         self.never_started(
                             run,
-                            "killed",
+                            ExitReason::Killed,
                             "stopped before it started, while its checkpoint was fetched".into(),
                         );
                         return;
@@ -1287,7 +1287,7 @@ impl Agent {
                 Restore::Stopped => {
                     self.never_started(
                         run,
-                        "killed",
+                        ExitReason::Killed,
                         "stopped before it started, while its checkpoint was fetched".into(),
                     );
                     return;
@@ -1323,7 +1323,7 @@ impl Agent {
                 }
                 let _ = std::fs::create_dir_all(&dir);
                 let _ = std::fs::write(dir.join("stderr.log"), format!("caravel: {msg}\n"));
-                self.never_started(run, "spawn_failed", msg);
+                self.never_started(run, ExitReason::SpawnFailed, msg);
                 return;
             }
         };
@@ -1381,16 +1381,16 @@ impl Agent {
             )
         });
         let (status_of_init, mut reason) = tokio::select! {
-            s = child.wait() => (s, "exited"),
+            s = child.wait() => (s, ExitReason::Exited),
             _ = async {
                 match deadline {
                     Some(d) => tokio::time::sleep_until(d).await,
                     None => std::future::pending().await,
                 }
-            } => (terminate(&mut child, pgid, grace).await, "max_runtime"),
+            } => (terminate(&mut child, pgid, grace).await, ExitReason::MaxRuntime),
             m = disk_guard(disk_paths, disk_cap) => {
                 disk_msg = m;
-                (terminate(&mut child, pgid, Duration::ZERO).await, "disk_exceeded")
+                (terminate(&mut child, pgid, Duration::ZERO).await, ExitReason::DiskExceeded)
             }
             m = async {
                 match hang {
@@ -1410,18 +1410,18 @@ impl Agent {
                 unsafe {
                     libc::kill(-pgid, libc::SIGCONT);
                 }
-                (terminate(&mut child, pgid, grace).await, "hung")
+                (terminate(&mut child, pgid, grace).await, ExitReason::Hung)
             }
             r = &mut stop => match r {
-                Ok(Stop::Asked) => (terminate(&mut child, pgid, grace).await, "killed"),
-                Ok(Stop::Fence) => (terminate(&mut child, pgid, Duration::ZERO).await, "fenced"),
-                Err(_) => (child.wait().await, "exited"),
+                Ok(Stop::Asked) => (terminate(&mut child, pgid, grace).await, ExitReason::Killed),
+                Ok(Stop::Fence) => (terminate(&mut child, pgid, Duration::ZERO).await, ExitReason::Fenced),
+                Err(_) => (child.wait().await, ExitReason::Exited),
             }
         };
         let at = now_ms();
         if a.fence && self.fence.as_ref().is_some_and(|f| f.release(run.0)) {
             tracing::warn!(run = %run, "fencing: the watchdog killed the run (this agent could not act in time)");
-            reason = "fenced";
+            reason = ExitReason::Fenced;
         }
         // Children that left the process group still sit in the cgroup.
         if !cg.is_empty() {
@@ -1439,7 +1439,7 @@ impl Agent {
         }
         // The last checkpoint goes to the server before the exit is reported: once the
         // server hears of the exit it may start the task elsewhere, which fetches it.
-        let _ = watch_stop.send(reason != "fenced");
+        let _ = watch_stop.send(reason != ExitReason::Fenced);
         // The server holds what the folder held: the node's copy is only disk used.
         // Otherwise it stays in the run's directory for whoever wants it by hand.
         let final_version = watcher.await.ok().flatten();
@@ -1480,14 +1480,14 @@ impl Agent {
             at_ms: at,
             exit_code: code,
             signal: sig,
-            reason: reason.into(),
+            reason,
             message: match &status {
                 Err(e) => format!("waiting for the process failed: {e}"),
-                Ok(_) if reason == "fenced" => {
+                Ok(_) if reason == ExitReason::Fenced => {
                     "fenced: its node could not reach the server for nearly the lost timeout, and its agent killed it so that no second copy would run".into()
                 }
-                Ok(_) if reason == "disk_exceeded" => disk_msg,
-                Ok(_) if reason == "hung" => hang_msg,
+                Ok(_) if reason == ExitReason::DiskExceeded => disk_msg,
+                Ok(_) if reason == ExitReason::Hung => hang_msg,
                 Ok(_) => String::new(),
             },
             checkpoint: final_version,

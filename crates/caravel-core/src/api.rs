@@ -421,9 +421,7 @@ pub enum RunEvent {
         at_ms: Millis,
         exit_code: Option<i32>,
         signal: Option<i32>,
-        /// `exited`, `max_runtime`, `killed` (asked to stop), `spawn_failed`, `fenced`
-        /// (killed by its agent, cut off from the server).
-        reason: String,
+        reason: ExitReason,
         message: String,
         /// The version of the task's own checkpoint part that its folder held at the end,
         /// every change saved (0: nothing of its own); `None` when the last state could
@@ -431,6 +429,46 @@ pub enum RunEvent {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         checkpoint: Option<u64>,
     },
+}
+
+/// How a run ended, as its agent saw it (`RunEvent::Exited::reason`); the server turns it
+/// into the run's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ExitReason {
+    /// The process ended by itself.
+    Exited,
+    /// Stopped at the job's `max_runtime_ms`.
+    MaxRuntime,
+    /// Stopped because the server asked (cancel, preemption, a stale copy).
+    Killed,
+    /// Never started: its directory, image, sandbox or process could not be made.
+    SpawnFailed,
+    /// Killed by its agent (or the fence watchdog): cut off from the server for nearly
+    /// the lost timeout, so that no second copy runs.
+    Fenced,
+    /// Stopped for writing more than its ephemeral disk.
+    DiskExceeded,
+    /// Stopped for making no progress for `hang_timeout_ms`.
+    Hung,
+    /// A reason this server does not know (a newer agent's): treated by the exit code.
+    #[serde(other)]
+    Other,
+}
+
+impl ExitReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExitReason::Exited => "exited",
+            ExitReason::MaxRuntime => "max_runtime",
+            ExitReason::Killed => "killed",
+            ExitReason::SpawnFailed => "spawn_failed",
+            ExitReason::Fenced => "fenced",
+            ExitReason::DiskExceeded => "disk_exceeded",
+            ExitReason::Hung => "hung",
+            ExitReason::Other => "other",
+        }
+    }
 }
 
 impl RunEvent {
@@ -576,4 +614,28 @@ pub struct ReplicaView {
     pub addr: Option<String>,
     pub zone: String,
     pub in_flight: u64,
+}
+
+#[cfg(test)]
+mod exit_reason_tests {
+    use super::*;
+
+    #[test]
+    fn exit_reasons_keep_their_wire_names_and_a_newer_agents_reason_is_not_an_error() {
+        for (r, w) in [
+            (ExitReason::Exited, "exited"),
+            (ExitReason::MaxRuntime, "max_runtime"),
+            (ExitReason::Killed, "killed"),
+            (ExitReason::SpawnFailed, "spawn_failed"),
+            (ExitReason::Fenced, "fenced"),
+            (ExitReason::DiskExceeded, "disk_exceeded"),
+            (ExitReason::Hung, "hung"),
+        ] {
+            assert_eq!(serde_json::to_value(r).unwrap(), w);
+            assert_eq!(r.as_str(), w);
+            assert_eq!(serde_json::from_value::<ExitReason>(w.into()).unwrap(), r);
+        }
+        let r: ExitReason = serde_json::from_value("evicted_by_gremlins".into()).unwrap();
+        assert_eq!(r, ExitReason::Other);
+    }
 }

@@ -1648,20 +1648,16 @@ pub async fn put_checkpoint(
             s.metrics.checkpoint_bytes_saved.inc_by(v.bytes);
             "saved"
         }
-        Err(e) => match e.code {
+        Err(Refusal { damaged: true, .. }) => "damaged",
+        Err(Refusal { err, .. }) => match err.code {
             ErrorCode::Conflict => "stale",
             ErrorCode::TooLarge => "too_large",
             ErrorCode::ExceedsQuota => "over_quota",
             ErrorCode::MalformedRequest => "damaged",
-            ErrorCode::InvalidArgument
-                if e.field.as_deref() == Some("body") || e.message.contains("damaged") =>
-            {
-                "damaged"
-            }
             ErrorCode::InvalidArgument => "invalid",
             // Refused before any upload: not counted as a save.
             ErrorCode::Unauthenticated | ErrorCode::PermissionDenied | ErrorCode::NotFound => {
-                return r
+                return r.map_err(|r| r.err);
             }
             _ => "failed",
         },
@@ -1670,7 +1666,27 @@ pub async fn put_checkpoint(
         .checkpoint_saves
         .get_or_create(&vec![("outcome".to_string(), outcome.to_string())])
         .inc();
-    r
+    r.map_err(|r| r.err)
+}
+
+/// Why an upload was refused, with what the metric needs to tell apart: an archive that
+/// arrived damaged (its digest or its contents) from any other bad request.
+struct Refusal {
+    err: ApiError,
+    damaged: bool,
+}
+
+impl From<ApiError> for Refusal {
+    fn from(err: ApiError) -> Refusal {
+        Refusal {
+            err,
+            damaged: false,
+        }
+    }
+}
+
+fn damaged(err: ApiError) -> Refusal {
+    Refusal { err, damaged: true }
 }
 
 async fn save_checkpoint(
@@ -1680,7 +1696,7 @@ async fn save_checkpoint(
     index: String,
     q: Result<Query<CheckpointPut>, axum::extract::rejection::QueryRejection>,
     body: axum::body::Body,
-) -> Res<(StatusCode, Json<CheckpointView>)> {
+) -> Result<(StatusCode, Json<CheckpointView>), Refusal> {
     use http_body_util::BodyExt;
     use sha2::Digest;
     use tokio::io::AsyncWriteExt;
@@ -1720,7 +1736,7 @@ async fn save_checkpoint(
         let j = visible(&core, Principal::Admin, id)?;
         let index = parse_task_index(j, &index)?;
         if !is_current_run(&core, id, index, run) {
-            return Err(not_current());
+            return Err(not_current().into());
         }
         let tenant = j.rec.tenant;
         (index, tenant, crate::storage_left(&s, &core, tenant))
@@ -1749,14 +1765,14 @@ async fn save_checkpoint(
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
         .is_some_and(|n| n > limit)
     {
-        return Err(too_large());
+        return Err(too_large().into());
     }
     if let Some(e) = headers
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
         .and_then(over_quota)
     {
-        return Err(e);
+        return Err(e.into());
     }
     let internal = |e: String| ApiError::new(ErrorCode::Internal, e);
     let path = s
@@ -1794,7 +1810,7 @@ async fn save_checkpoint(
         };
         bytes += data.len() as u64;
         if bytes > limit {
-            return Err(too_large());
+            return Err(too_large().into());
         }
         hash.update(&data);
         file.write_all(&data)
@@ -1809,20 +1825,25 @@ async fn save_checkpoint(
         .await
         .map_err(|e| internal(format!("{}: {e}", path.display())))?;
     if let Some(e) = over_quota(bytes) {
-        return Err(e);
+        return Err(e.into());
     }
     let actual = hex::encode(hash.finalize());
     if actual != expected {
-        return Err(ApiError::field(
+        return Err(damaged(ApiError::field(
             ErrorCode::InvalidArgument,
             "x-caravel-sha256",
             format!("the body's SHA-256 is {actual}, not {expected}: it was damaged on the way"),
-        ));
+        )));
     }
     let s2 = s.clone();
     let saved = tokio::task::spawn_blocking(move || {
-        crate::checkpoints::validate_archive(&upload.0)
-            .map_err(|e| ApiError::field(ErrorCode::InvalidArgument, "body", e.to_string()))?;
+        crate::checkpoints::validate_archive(&upload.0).map_err(|e| {
+            damaged(ApiError::field(
+                ErrorCode::InvalidArgument,
+                "body",
+                e.to_string(),
+            ))
+        })?;
         let saved = s2
             .checkpoints
             .commit(
@@ -1839,7 +1860,7 @@ async fn save_checkpoint(
                 || is_current_run(&s2.core.lock().expect("core lock"), id, index, run),
             )
             .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
-        Ok::<_, ApiError>(saved)
+        Ok::<_, Refusal>(saved)
     })
     .await
     .map_err(|e| internal(e.to_string()))??;

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use caravel_core::api::{Assignment, RegisterRequest, RunEvent};
+use caravel_core::api::{Assignment, ExitReason, RegisterRequest, RunEvent};
 use caravel_core::*;
 use caravel_sched::{JobReq, NodeSnap, TenantSnap};
 use caravel_store::{Mutation, Store};
@@ -2562,19 +2562,19 @@ impl Core {
                 ..
             } => {
                 let (stop, on) = (self.runs[&rid].stop, self.runs[&rid].node);
-                let state = match reason.as_str() {
-                    "max_runtime" => RunState::TimedOut,
+                let state = match reason {
+                    ExitReason::MaxRuntime => RunState::TimedOut,
                     // Its node lost the server: the same outcome as the node counted lost
                     // (requeued within the retry budget), reported by the agent itself.
-                    "fenced" => RunState::Lost,
+                    ExitReason::Fenced => RunState::Lost,
                     // Stopped by its agent for making no progress: a failure, whatever
                     // the process's own exit (it may exit 0 on SIGTERM).
-                    "hung" => RunState::Failed,
+                    ExitReason::Hung => RunState::Failed,
                     _ if matches!(stop, Some(StopReason::Preempt | StopReason::Shutdown)) => {
                         RunState::Preempted
                     }
                     _ if stop.is_some() => RunState::Killed,
-                    "spawn_failed" => RunState::Failed,
+                    ExitReason::SpawnFailed => RunState::Failed,
                     _ if exit_code == Some(0) => RunState::Succeeded,
                     _ => RunState::Failed,
                 };
@@ -2582,7 +2582,7 @@ impl Core {
                     match (exit_code, signal) {
                         (Some(c), _) => format!("exit code {c}"),
                         (None, Some(s)) => format!("killed by signal {s}"),
-                        _ => reason.clone(),
+                        _ => reason.as_str().to_string(),
                     }
                 } else {
                     message
