@@ -301,6 +301,11 @@ pub struct Placement {
     pub index: u32,
     pub node: NodeId,
     pub devices: Vec<u32>,
+    /// The task runs on borrowed capacity: beyond its tenant's guarantee at the moment it
+    /// was placed (its tenant's usage before the cycle plus the cycle's earlier
+    /// placements). Borrowed work is what an owner's reclaim preempts first; the server
+    /// and the simulator both take this flag from the plan.
+    pub borrowed: bool,
 }
 
 /// Room a preemption freed, held for the job it was freed for until that job's turn in the
@@ -614,6 +619,31 @@ fn select(
     match best {
         Some((_, i, d)) => Ok((i, d)),
         None => Err(lacks),
+    }
+}
+
+/// Sets `Placement::borrowed`: in plan order, each task against its tenant's guarantee
+/// and what the tenant held before it (usage before the cycle, then each earlier
+/// placement of the cycle counted whole, as metering counts it).
+fn mark_borrowed(
+    plan: &mut Plan,
+    mut used: HashMap<TenantId, ResourceSum>,
+    tenants: &HashMap<TenantId, TenantSnap>,
+    jobs: &[JobReq],
+) {
+    if plan.placements.is_empty() {
+        return;
+    }
+    let by_id: HashMap<JobId, &JobReq> = jobs.iter().map(|j| (j.id, j)).collect();
+    let none = Quota::default();
+    for p in &mut plan.placements {
+        let Some(job) = by_id.get(&p.job) else {
+            continue;
+        };
+        let guarantee = tenants.get(&job.tenant).map_or(&none, |t| &t.guarantee);
+        let u = used.entry(job.tenant).or_default();
+        p.borrowed = !preempt::within_guarantee(guarantee, u, &job.resources, 1);
+        u.add_task(&job.resources, 1);
     }
 }
 
@@ -1907,6 +1937,8 @@ impl Scheduler {
         let mut plan = Plan::default();
         let mut unfit: ShapeMemo<(), PendingReason> = ShapeMemo::default();
         let total_nodes = self.nodes.len();
+        let used_before: HashMap<TenantId, ResourceSum> =
+            tenants.iter().map(|(t, s)| (*t, s.used.clone())).collect();
 
         // Each tenant's queue in priority then FIFO order, the jobs its guarantee covers
         // first; tenants take turns by weighted dominant share (progressive filling: one
@@ -2077,6 +2109,7 @@ impl Scheduler {
                                 index: idx,
                                 node: self.nodes[ni].id,
                                 devices: devs,
+                                borrowed: false,
                             });
                         }
                     }
@@ -2114,6 +2147,7 @@ impl Scheduler {
                             index: job.pending[k],
                             node: self.nodes[ni].id,
                             devices: devs,
+                            borrowed: false,
                         });
                         again = k + 1 < job.pending.len();
                     }
@@ -2165,6 +2199,7 @@ impl Scheduler {
         if self.cfg.explain_pending {
             self.explain_fair_share(&mut plan, tenants, jobs);
         }
+        mark_borrowed(&mut plan, used_before, tenants, jobs);
         plan
     }
 

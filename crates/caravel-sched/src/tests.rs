@@ -693,6 +693,29 @@ fn guaranteed(cpus: u64) -> TenantSnap {
     }
 }
 
+#[test]
+fn the_plan_says_which_placements_borrow() {
+    // Tenant 1 is guaranteed 2 CPUs and already holds 1; tenant 2 has no guarantee.
+    let mut s = Scheduler::new(Config::default(), vec![cpu_node(1, 16, 100)]);
+    let mut t = HashMap::new();
+    let mut a = guaranteed(2);
+    a.used.add_task(&tjob(9, 1, 1, 1000, 1).resources, 1);
+    t.insert(TenantId(1), a);
+    let jobs = vec![tjob(1, 1, 3, 1000, 1), tjob(2, 2, 2, 1000, 1)];
+    let plan = s.schedule(&mut t, &jobs);
+    let borrowed = |job: u64| -> Vec<bool> {
+        plan.placements
+            .iter()
+            .filter(|p| p.job == JobId(job))
+            .map(|p| p.borrowed)
+            .collect()
+    };
+    // One more CPU is within the guarantee; the two after it borrow.
+    assert_eq!(borrowed(1), [false, true, true]);
+    // Without a guarantee, everything is borrowed.
+    assert_eq!(borrowed(2), [true, true]);
+}
+
 fn victims(plan: &Plan) -> Vec<u64> {
     plan.preemptions.iter().map(|p| p.run.0).collect()
 }

@@ -1446,8 +1446,6 @@ impl Core {
                 })
                 .collect(),
         );
-        let used_before: HashMap<TenantId, ResourceSum> =
-            tenants.iter().map(|(t, s)| (*t, s.used.clone())).collect();
         sched.hold(holds);
         self.holding = false;
         if self.starvation_ms > 0 {
@@ -1502,19 +1500,6 @@ impl Core {
         if plan.placements.is_empty() {
             return Ok(stats);
         }
-        // Which placements borrow: beyond the tenant's guarantee at the moment of placing.
-        let mut used_now = used_before;
-        let mut borrowed: HashMap<(JobId, u32), bool> = HashMap::new();
-        for p in &plan.placements {
-            let j = &self.jobs[&p.job];
-            let g = &self.tenants[&j.rec.tenant].guarantee;
-            let used = used_now.entry(j.rec.tenant).or_default();
-            let within =
-                caravel_sched::preempt::within_guarantee(g, used, &j.rec.spec.resources, 1);
-            borrowed.insert((p.job, p.index), !within);
-            used.add_task(&j.rec.spec.resources, 1);
-        }
-
         // Build runs; gang members learn their local rank and rank 0's address.
         let mut per_job_node: HashMap<(JobId, NodeId), u32> = HashMap::new();
         let mut per_job: HashMap<JobId, u32> = HashMap::new();
@@ -1566,7 +1551,7 @@ impl Core {
                 }),
                 local_rank,
                 local_world_size: per_job_node[&(p.job, p.node)],
-                borrowed: borrowed.get(&(p.job, p.index)).copied().unwrap_or(true),
+                borrowed: p.borrowed,
                 master_addr: if j.rec.spec.gang {
                     master.get(&p.job).cloned()
                 } else {

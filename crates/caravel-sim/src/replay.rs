@@ -746,12 +746,6 @@ impl Engine<'_> {
                     .collect();
                 &small
             };
-            // What each tenant held before this pass (a few tenants, many queued jobs).
-            let mut used: HashMap<TenantId, ResourceSum> = self
-                .tenants
-                .iter()
-                .map(|(id, t)| (*id, t.used.clone()))
-                .collect();
             // The room the last pass's victims freed is held for the jobs they were
             // stopped for, as the server holds it.
             self.sched.hold(std::mem::take(&mut self.holds));
@@ -762,20 +756,14 @@ impl Engine<'_> {
             self.out.reserved_cycles += self.reserved as u64;
             self.out.job_offers += reqs.len() as u64;
             for p in &plan.placements {
-                let j = p.job.0 as usize;
-                let sp = &self.specs[j];
-                let tid = TenantId(sp.tenant as u64);
-                let u = used.entry(tid).or_default();
-                // Borrowing: beyond the guarantee at the moment of placing, as the server
-                // counts it.
-                let within = caravel_sched::preempt::within_guarantee(
-                    &self.tenants[&tid].guarantee,
-                    u,
-                    &sp.resources,
-                    1,
+                self.start(
+                    p.job.0 as usize,
+                    p.index,
+                    p.node,
+                    &p.devices,
+                    now,
+                    p.borrowed,
                 );
-                u.add_task(&sp.resources, 1);
-                self.start(j, p.index, p.node, &p.devices, now, !within);
             }
             if plan.preemptions.is_empty() {
                 return;
