@@ -36,10 +36,10 @@ pub fn read(path: &Path) -> Result<Vec<Run>, TraceError> {
         line,
         reason,
     };
-    let text = std::fs::read_to_string(path).map_err(|e| err(0, e.to_string()))?;
-    let mut lines = text.lines().enumerate();
+    let (_, records) = crate::openb::rows(path)?;
+    let mut lines = records.iter();
     let (_, header) = lines.next().ok_or_else(|| err(1, "empty file".into()))?;
-    let cols: Vec<&str> = header.split(',').collect();
+    let cols: Vec<&str> = header.fields();
     let find = |name: &str| {
         cols.iter()
             .position(|c| *c == name)
@@ -54,11 +54,12 @@ pub fn read(path: &Path) -> Result<Vec<Run>, TraceError> {
         .collect();
     let max = points.iter().map(|p| p.1).max().unwrap_or(0);
     let mut out = Vec::new();
-    for (n, line) in lines {
-        if line.trim().is_empty() {
+    for (line, row) in lines {
+        let n = line - 1;
+        if row.is_blank() {
             continue;
         }
-        let f: Vec<&str> = line.split(',').collect();
+        let f: Vec<&str> = row.fields();
         if f.len() != cols.len() {
             return Err(err(
                 n + 1,

@@ -40,19 +40,48 @@ impl OpenbPod {
     }
 }
 
-pub(crate) fn rows(path: &Path) -> Result<(String, Vec<(usize, String)>), TraceError> {
+/// One record of a trace file, as the `csv` crate read it (quoted fields unquoted).
+pub(crate) struct Row(csv::StringRecord);
+
+impl Row {
+    pub(crate) fn fields(&self) -> Vec<&str> {
+        self.0.iter().collect()
+    }
+
+    /// The fields joined by commas: how a header is compared and shown.
+    pub(crate) fn text(&self) -> String {
+        self.fields().join(",")
+    }
+
+    pub(crate) fn is_blank(&self) -> bool {
+        self.0.iter().all(|f| f.trim().is_empty())
+    }
+}
+
+/// The records of a CSV file with the line each starts on (1-based), header included.
+/// Records may have any number of fields: each reader checks its own.
+pub(crate) fn rows(path: &Path) -> Result<(String, Vec<(usize, Row)>), TraceError> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| TraceError {
+    let err = |line: usize, reason: String| TraceError {
         file: file.clone(),
-        line: 0,
-        reason: e.to_string(),
-    })?;
-    let lines = text
-        .lines()
-        .enumerate()
-        .map(|(i, l)| (i + 1, l.trim_end_matches('\r').to_string()))
-        .collect();
-    Ok((file, lines))
+        line,
+        reason,
+    };
+    let mut r = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .from_path(path)
+        .map_err(|e| err(0, e.to_string()))?;
+    let mut out = Vec::new();
+    for rec in r.records() {
+        let rec = rec.map_err(|e| {
+            let line = e.position().map_or(0, |p| p.line() as usize);
+            err(line, e.to_string())
+        })?;
+        let line = rec.position().map_or(0, |p| p.line() as usize);
+        out.push((line, Row(rec)));
+    }
+    Ok((file, out))
 }
 
 pub(crate) fn num<T: std::str::FromStr>(
@@ -76,7 +105,7 @@ pub fn read_nodes(path: &Path) -> Result<Vec<OpenbNode>, TraceError> {
         reason,
     };
     let mut it = lines.into_iter();
-    match it.next() {
+    match it.next().map(|(l, h)| (l, h.text())) {
         Some((_, h)) if h == "sn,cpu_milli,memory_mib,gpu,model" => {}
         Some((l, h)) => {
             return Err(err(
@@ -88,10 +117,10 @@ pub fn read_nodes(path: &Path) -> Result<Vec<OpenbNode>, TraceError> {
     }
     let mut out = Vec::new();
     for (l, row) in it {
-        if row.is_empty() {
+        if row.is_blank() {
             continue;
         }
-        let c: Vec<&str> = row.split(',').collect();
+        let c = row.fields();
         if c.len() != 5 {
             return Err(err(l, format!("{} columns, expected 5", c.len())));
         }
@@ -129,7 +158,7 @@ pub fn read_pods(path: &Path) -> Result<Vec<OpenbPod>, TraceError> {
         reason,
     };
     let mut it = lines.into_iter();
-    let cols = match it.next() {
+    let cols = match it.next().map(|(l, h)| (l, h.text())) {
         Some((_, h)) if h == "name,cpu_milli,memory_mib,num_gpu,gpu_milli" => 5,
         Some((_, h))
             if h == "name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec,qos,pod_phase,creation_time,deletion_time,scheduled_time" =>
@@ -141,10 +170,10 @@ pub fn read_pods(path: &Path) -> Result<Vec<OpenbPod>, TraceError> {
     };
     let mut out = Vec::new();
     for (l, row) in it {
-        if row.is_empty() {
+        if row.is_blank() {
             continue;
         }
-        let c: Vec<&str> = row.split(',').collect();
+        let c = row.fields();
         if c.len() != cols {
             return Err(err(l, format!("{} columns, expected {cols}", c.len())));
         }
@@ -304,6 +333,21 @@ mod tests {
         )
         .unwrap();
         assert_eq!(read_pods(&f).unwrap_err().reason, "3 columns, expected 5");
+        // Quoted fields are read as CSV has them (a comma inside a name is not a column),
+        // and CRLF line ends are fine; a quote left open is an error with its line.
+        std::fs::write(
+            &f,
+            "name,cpu_milli,memory_mib,num_gpu,gpu_milli\r\n\"p,0\",1000,512,1,500\r\n",
+        )
+        .unwrap();
+        assert_eq!(read_pods(&f).unwrap()[0].name, "p,0");
+        std::fs::write(
+            &f,
+            "name,cpu_milli,memory_mib,num_gpu,gpu_milli\np0,1000,512,1,500\np1,1000,\"512,1,500\n",
+        )
+        .unwrap();
+        let e = read_pods(&f).unwrap_err();
+        assert_eq!(e.line, 3, "{e}");
         let n = d.join("nodes.csv");
         std::fs::write(&n, "sn,cpu_milli,memory_mib,gpu,model\nn0,64000,1024,2,\n").unwrap();
         assert_eq!(

@@ -10,7 +10,7 @@ use std::path::Path;
 use caravel_core::{Capacity, Device, GpuRequest, Millis, NodeId, Priority, TaskResources};
 use caravel_sched::NodeSnap;
 
-use crate::openb::{num, rows};
+use crate::openb::{num, rows, Row};
 use crate::replay::{Job, Service, Tenant, Workload};
 use crate::TraceError;
 
@@ -84,18 +84,18 @@ pub fn parse_time(s: &str) -> Option<Millis> {
 
 fn header(
     file: &str,
-    lines: &mut std::vec::IntoIter<(usize, String)>,
+    lines: &mut std::vec::IntoIter<(usize, Row)>,
     want: &str,
 ) -> Result<(), TraceError> {
-    match lines.next() {
+    match lines.next().map(|(l, h)| (l, h.text())) {
         Some((_, h)) if h.trim() == want => Ok(()),
         Some((l, h)) => Err(err(file, l, format!("header `{h}` is not `{want}`"))),
         None => Err(err(file, 0, "empty file")),
     }
 }
 
-fn cols<'a>(file: &str, line: usize, row: &'a str, n: usize) -> Result<Vec<&'a str>, TraceError> {
-    let c: Vec<&str> = row.split(',').collect();
+fn cols<'a>(file: &str, line: usize, row: &'a Row, n: usize) -> Result<Vec<&'a str>, TraceError> {
+    let c = row.fields();
     if c.len() != n {
         return Err(err(
             file,
@@ -129,7 +129,7 @@ pub fn read_philly(path: &Path) -> Result<Vec<PhillyJob>, TraceError> {
     )?;
     let mut out = Vec::new();
     for (l, row) in it {
-        if row.trim().is_empty() {
+        if row.is_blank() {
             continue;
         }
         let c = cols(&file, l, &row, 5)?;
@@ -273,7 +273,7 @@ pub fn read_pollux(path: &Path) -> Result<Vec<PolluxJob>, TraceError> {
     )?;
     let mut out = Vec::new();
     for (l, row) in it {
-        if row.trim().is_empty() {
+        if row.is_blank() {
             continue;
         }
         let c = cols(&file, l, &row, 5)?;
@@ -506,7 +506,7 @@ pub fn read_pai_machines(path: &Path) -> Result<Vec<NodeSnap>, TraceError> {
     let (file, lines) = rows(path)?;
     let mut out = Vec::new();
     for (l, row) in lines {
-        if row.trim().is_empty() {
+        if row.is_blank() {
             continue;
         }
         let c = cols(&file, l, &row, 5)?;
@@ -540,7 +540,7 @@ pub fn read_spot_nodes(path: &Path) -> Result<Vec<NodeSnap>, TraceError> {
     )?;
     let mut out = Vec::new();
     for (l, row) in it {
-        if row.trim().is_empty() {
+        if row.is_blank() {
             continue;
         }
         let c = cols(&file, l, &row, 4)?;
@@ -635,7 +635,7 @@ pub fn read_azure_llm(path: &Path) -> Result<Vec<Arrival>, TraceError> {
     header(&file, &mut it, "TIMESTAMP,ContextTokens,GeneratedTokens")?;
     let mut out = Vec::new();
     for (l, row) in it {
-        if row.trim().is_empty() {
+        if row.is_blank() {
             continue;
         }
         let c = cols(&file, l, &row, 3)?;
@@ -666,7 +666,7 @@ pub fn read_genai(path: &Path) -> Result<Vec<Arrival>, TraceError> {
     )?;
     let mut out = Vec::new();
     for (l, row) in it {
-        if row.trim().is_empty() {
+        if row.is_blank() {
             continue;
         }
         let c = cols(&file, l, &row, 11)?;
