@@ -295,6 +295,29 @@ pub struct JobReq {
     pub attained_gpu_ms: u64,
 }
 
+/// Everything one scheduling cycle takes besides the pool, as one value: the server and
+/// the simulator both run their cycles through [`Scheduler::cycle`], and neither has to
+/// know in which order the scheduler wants to hear of running work, held room, starving
+/// jobs and zone preferences.
+pub struct CycleInput<'a> {
+    pub now: caravel_core::Millis,
+    /// The jobs offered this cycle (a full pass: every pending one).
+    pub jobs: &'a [JobReq],
+    /// Every tenant's quota, guarantee, usage and fair-share history; usage is updated
+    /// with the cycle's placements.
+    pub tenants: &'a mut HashMap<TenantId, TenantSnap>,
+    /// Running tasks that may be preempted. `None` keeps the set the scheduler already
+    /// has: one kept across cycles (the simulator's) is told of starts and ends as they
+    /// happen; the server's is made fresh each cycle and is given the whole set.
+    pub running: Option<Vec<RunningTask>>,
+    /// Room the last cycle's victims freed, held for the jobs they were stopped for.
+    pub holds: Vec<Hold>,
+    /// Jobs that have waited past the starvation threshold, oldest first (see `protect`).
+    pub starving: Vec<JobId>,
+    /// Soft zone preferences by job (services spread over zones).
+    pub zone_preferences: HashMap<JobId, String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Placement {
     pub job: JobId,
@@ -927,7 +950,7 @@ impl Scheduler {
 
     /// Soft zone preferences by job: a task of such a job is placed in its zone when some
     /// node there fits, else wherever it fits.
-    pub fn set_zone_preferences(&mut self, prefs: HashMap<JobId, String>) {
+    pub(crate) fn set_zone_preferences(&mut self, prefs: HashMap<JobId, String>) {
         self.zone_pref = prefs;
     }
 
@@ -935,7 +958,7 @@ impl Scheduler {
     /// call: counted as used until the holder's turn, or the turn of work of a higher
     /// priority class. A hold whose room is no longer free (the node is gone or not ready,
     /// or something else took it) is dropped.
-    pub fn hold(&mut self, holds: impl IntoIterator<Item = Hold>) {
+    pub(crate) fn hold(&mut self, holds: impl IntoIterator<Item = Hold>) {
         for h in holds {
             let Some(&i) = self.pos.get(&h.node) else {
                 continue;
@@ -957,7 +980,7 @@ impl Scheduler {
     /// the job starts once they have (Slurm's reservation for the top job without known
     /// end times). Without it a large gang waits as long as smaller work keeps taking each
     /// freed slot first. One job at a time, so little capacity idles.
-    pub fn protect(&mut self, jobs: Vec<JobId>) {
+    pub(crate) fn protect(&mut self, jobs: Vec<JobId>) {
         self.protected = jobs;
     }
 
@@ -1693,8 +1716,30 @@ impl Scheduler {
         Some(t)
     }
 
+    /// One scheduling cycle from everything it takes, given at once (see `CycleInput`):
+    /// the entry the server and the simulator both use.
+    pub fn cycle(&mut self, input: CycleInput<'_>) -> Plan {
+        let CycleInput {
+            now,
+            jobs,
+            tenants,
+            running,
+            holds,
+            starving,
+            zone_preferences,
+        } = input;
+        if let Some(running) = running {
+            self.set_running(running);
+        }
+        self.set_zone_preferences(zone_preferences);
+        self.hold(holds);
+        self.protect(starving);
+        self.schedule_preempting(now, tenants, jobs)
+    }
+
     /// `set_running(running)` then `schedule_preempting`.
-    pub fn schedule_with(
+    #[cfg(test)]
+    pub(crate) fn schedule_with(
         &mut self,
         now: caravel_core::Millis,
         running: &[RunningTask],

@@ -1437,30 +1437,35 @@ impl Core {
         }
         cfg.fgd = self.workload.clone();
         cfg.share_plan = self.share_plan.clone();
-        let mut sched = caravel_sched::Scheduler::new(cfg, snaps);
-        sched.set_zone_preferences(
-            reqs.iter()
-                .filter_map(|r| {
-                    let z = self.jobs[&r.id].rec.service.as_ref()?.zone.clone()?;
-                    Some((r.id, z))
-                })
-                .collect(),
-        );
-        sched.hold(holds);
-        self.holding = false;
+        let zone_preferences = reqs
+            .iter()
+            .filter_map(|r| {
+                let z = self.jobs[&r.id].rec.service.as_ref()?.zone.clone()?;
+                Some((r.id, z))
+            })
+            .collect();
+        let mut starving = Vec::new();
         if self.starvation_ms > 0 {
             let limit = self.starvation_ms as i64;
-            let mut starving: Vec<(Millis, u64, JobId)> = reqs
+            let mut waited: Vec<(Millis, u64, JobId)> = reqs
                 .iter()
                 .map(|r| &self.jobs[&r.id].rec)
                 .filter(|j| j.started_ms.is_none() && now - j.submitted_ms >= limit)
                 .map(|j| (j.submitted_ms, j.seq, j.id))
                 .collect();
-            starving.sort_unstable();
-            self.holding = !starving.is_empty();
-            sched.protect(starving.into_iter().map(|(_, _, id)| id).collect());
+            waited.sort_unstable();
+            starving = waited.into_iter().map(|(_, _, id)| id).collect();
         }
-        let plan = sched.schedule_with(now, &running, &mut tenants, &reqs);
+        self.holding = !starving.is_empty();
+        let plan = caravel_sched::Scheduler::new(cfg, snaps).cycle(caravel_sched::CycleInput {
+            now,
+            jobs: &reqs,
+            tenants: &mut tenants,
+            running: Some(running),
+            holds,
+            starving,
+            zone_preferences,
+        });
         self.holding |= !plan.reservations.is_empty();
         let stats = CycleStats {
             considered_jobs: reqs.len(),

@@ -748,9 +748,16 @@ impl Engine<'_> {
             };
             // The room the last pass's victims freed is held for the jobs they were
             // stopped for, as the server holds it.
-            self.sched.hold(std::mem::take(&mut self.holds));
-            self.sched.protect(protect);
-            let plan = self.sched.schedule_preempting(now, &mut self.tenants, reqs);
+            let plan = self.sched.cycle(caravel_sched::CycleInput {
+                now,
+                jobs: reqs,
+                tenants: &mut self.tenants,
+                // Told of every start and end as it happens.
+                running: None,
+                holds: std::mem::take(&mut self.holds),
+                starving: protect,
+                zone_preferences: HashMap::new(),
+            });
             self.out.cycles += 1;
             self.reserved = !plan.reservations.is_empty();
             self.out.reserved_cycles += self.reserved as u64;
