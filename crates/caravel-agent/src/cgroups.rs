@@ -422,10 +422,7 @@ impl RunCgroup {
                 break;
             }
             for p in pids {
-                // SAFETY: plain syscall on a pid read from our own cgroup.
-                unsafe {
-                    libc::kill(p, libc::SIGKILL);
-                }
+                crate::signal_process(p, rustix::process::Signal::KILL);
                 n += 1;
             }
             std::thread::sleep(std::time::Duration::from_millis(5));

@@ -29,14 +29,7 @@ use std::time::Duration;
 
 /// `CLOCK_BOOTTIME` in nanoseconds: counts suspended time, as the server's clock does.
 pub fn boottime_ns() -> i64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec it is given.
-    unsafe {
-        libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts);
-    }
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
     ts.tv_sec * 1_000_000_000 + ts.tv_nsec
 }
 
@@ -189,8 +182,7 @@ fn parse_target(text: &str) -> (Option<i32>, Vec<PathBuf>) {
 fn kill_target(pgid: Option<i32>, cgroups: &[PathBuf]) -> usize {
     let mut killed = 0;
     if let Some(p) = pgid {
-        // SAFETY: plain syscall.
-        if unsafe { libc::kill(-p, libc::SIGKILL) } == 0 {
+        if crate::signal_group(p, rustix::process::Signal::KILL) {
             killed += 1;
         }
     }
@@ -202,8 +194,7 @@ fn kill_target(pgid: Option<i32>, cgroups: &[PathBuf]) -> usize {
             };
             for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
                 any = true;
-                // SAFETY: plain syscall on a pid listed in the run's own cgroup.
-                if unsafe { libc::kill(pid, libc::SIGKILL) } == 0 {
+                if crate::signal_process(pid, rustix::process::Signal::KILL) {
                     killed += 1;
                 }
             }
@@ -256,8 +247,9 @@ fn turn(dir: &Path, lease: &std::fs::File) -> (Vec<String>, i64) {
 pub fn watchdog_main(dir: &Path, agent: i32) -> io::Result<()> {
     let lease = std::fs::File::open(dir.join("lease"))?;
     loop {
-        // SAFETY: getppid has no preconditions.
-        if unsafe { libc::getppid() } != agent || !dir.exists() {
+        if rustix::process::getppid().map(|p| p.as_raw_nonzero().get()) != Some(agent)
+            || !dir.exists()
+        {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(100));

@@ -12,6 +12,7 @@ pub mod cgroups;
 pub mod checkpoint;
 pub mod devfilter;
 use checkpoint::Restore;
+use rustix::process::Signal;
 pub mod discover;
 pub mod fence;
 pub mod oci;
@@ -1401,15 +1402,9 @@ impl Agent {
                 hang_msg = m;
                 // A stopped process could not act on SIGTERM (and save its checkpoint).
                 for p in cg.pids() {
-                    // SAFETY: plain syscall on a pid read from the run's own cgroup.
-                    unsafe {
-                        libc::kill(p, libc::SIGCONT);
-                    }
+                    signal_process(p, Signal::CONT);
                 }
-                // SAFETY: kill(2) on the run's own process group, which this agent started.
-                unsafe {
-                    libc::kill(-pgid, libc::SIGCONT);
-                }
+                signal_group(pgid, Signal::CONT);
                 (terminate(&mut child, pgid, grace).await, ExitReason::Hung)
             }
             r = &mut stop => match r {
@@ -1432,10 +1427,7 @@ impl Agent {
             })
             .await;
         } else {
-            // SAFETY: signalling our own child's process group.
-            unsafe {
-                libc::kill(-pgid, libc::SIGKILL);
-            }
+            signal_group(pgid, Signal::KILL);
         }
         // The last checkpoint goes to the server before the exit is reported: once the
         // server hears of the exit it may start the task elsewhere, which fetches it.
@@ -2240,20 +2232,27 @@ async fn terminate(
     pgid: i32,
     grace: Duration,
 ) -> std::io::Result<std::process::ExitStatus> {
-    // SAFETY: signalling our own child's process group.
-    unsafe {
-        libc::kill(-pgid, libc::SIGTERM);
-    }
+    signal_group(pgid, Signal::TERM);
     match tokio::time::timeout(grace, child.wait()).await {
         Ok(s) => s,
         Err(_) => {
-            // SAFETY: kill(2) on the run's own process group, which this agent started.
-            unsafe {
-                libc::kill(-pgid, libc::SIGKILL);
-            }
+            signal_group(pgid, Signal::KILL);
             child.wait().await
         }
     }
+}
+
+/// Sends `sig` to process `pid`; whether it was delivered (a process that is already gone
+/// is not an error worth more than `false`).
+pub fn signal_process(pid: i32, sig: Signal) -> bool {
+    rustix::process::Pid::from_raw(pid)
+        .is_some_and(|p| rustix::process::kill_process(p, sig).is_ok())
+}
+
+/// Sends `sig` to every process of process group `pgid`.
+pub fn signal_group(pgid: i32, sig: Signal) -> bool {
+    rustix::process::Pid::from_raw(pgid)
+        .is_some_and(|p| rustix::process::kill_process_group(p, sig).is_ok())
 }
 
 /// The file under the checkpoint folder whose touch counts as progress (`hang_guard`).
@@ -2323,8 +2322,7 @@ fn proc_cpu_ns(pid: i32) -> Option<u64> {
         .iter()
         .filter_map(|v| v.parse::<u64>().ok())
         .sum();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let hz = rustix::param::clock_ticks_per_second().max(1);
     Some(ticks * 1_000_000_000 / hz)
 }
 

@@ -49,9 +49,8 @@ pub fn after_commit(point: &str) {
             "fault injection: killed after the commit of {point} #{}",
             p.nth
         );
-        // SAFETY: kill(2) on this process; SIGKILL, as an operator's kill -9.
-        unsafe {
-            libc::kill(libc::getpid(), libc::SIGKILL);
-        }
+        // SIGKILL, as an operator's kill -9.
+        let _ =
+            rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
     }
 }

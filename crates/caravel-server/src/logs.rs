@@ -372,10 +372,9 @@ impl Logs {
             return Ok(());
         }
         let f = std::fs::File::open(&self.root).map_err(io(&self.root))?;
-        // SAFETY: a plain syscall on a descriptor this function holds open.
-        if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&f)) } != 0 {
+        if let Err(e) = rustix::fs::syncfs(&f) {
             self.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
-            return Err(io(&self.root)(std::io::Error::last_os_error()));
+            return Err(io(&self.root)(e.into()));
         }
         Ok(())
     }

@@ -118,10 +118,7 @@ impl Drop for Procs {
         // Agents first, so they do not log a lost server on the way out.
         for c in self.0.iter_mut().rev() {
             // SIGTERM lets the agent remove its cgroups; SIGKILL if it lingers.
-            // SAFETY: signalling our own child.
-            unsafe {
-                libc::kill(c.id() as i32, libc::SIGTERM);
-            }
+            caravel_agent::signal_process(c.id() as i32, rustix::process::Signal::TERM);
             for _ in 0..50 {
                 if matches!(c.try_wait(), Ok(Some(_))) {
                     break;

@@ -143,10 +143,7 @@ struct Nginx(std::process::Child);
 impl Drop for Nginx {
     fn drop(&mut self) {
         // SIGTERM: nginx's master stops its workers; SIGKILL would leave them running.
-        // SAFETY: signalling our own child.
-        unsafe {
-            libc::kill(self.0.id() as i32, libc::SIGTERM);
-        }
+        caravel_agent::signal_process(self.0.id() as i32, rustix::process::Signal::TERM);
         for _ in 0..100 {
             if matches!(self.0.try_wait(), Ok(Some(_))) {
                 return;

@@ -1017,18 +1017,14 @@ fn main() {
     if matches!(&cli.cmd, Cmd::Server(_) | Cmd::Agent(_) | Cmd::Up(_)) {
         // What the control plane and agents write (tokens, the database, checkpoints,
         // task output, run folders) is theirs alone unless they say otherwise.
-        // SAFETY: before any thread starts.
-        unsafe {
-            libc::umask(0o077);
-        }
+        rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     }
     let sandboxing = match &cli.cmd {
         Cmd::Agent(a) => a.tasks.sandbox == OnOff::On,
         Cmd::Up(a) => a.tasks.sandbox == OnOff::On,
         _ => false,
     };
-    // SAFETY: geteuid has no preconditions.
-    if sandboxing && unsafe { libc::geteuid() } == 0 {
+    if sandboxing && rustix::process::geteuid().is_root() {
         // Before any thread starts: the whole process moves, and the sandbox template the
         // agent mounts then lives and dies with it.
         if let Err(e) = caravel_agent::sandbox::private_mount_namespace() {

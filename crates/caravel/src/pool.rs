@@ -260,7 +260,7 @@ pub async fn down(a: DownArgs) -> Result<i32> {
         ),
         Some(Some(pid)) => pid,
     };
-    signal(pid, libc::SIGTERM)?;
+    signal(pid, rustix::process::Signal::TERM)?;
     if wait_free(dir, pid, timeout).await? {
         println!(
             "stopped the Caravel server on {} (pid {pid})",
@@ -268,7 +268,7 @@ pub async fn down(a: DownArgs) -> Result<i32> {
         );
         return Ok(0);
     }
-    signal(pid, libc::SIGKILL)?;
+    signal(pid, rustix::process::Signal::KILL)?;
     if wait_free(dir, pid, Duration::from_secs(10)).await? {
         println!(
             "the Caravel server on {} (pid {pid}) did not stop within {}; killed it",
@@ -283,17 +283,16 @@ pub async fn down(a: DownArgs) -> Result<i32> {
     );
 }
 
-fn signal(pid: u32, sig: libc::c_int) -> Result<()> {
-    let pid = libc::pid_t::try_from(pid).map_err(|_| anyhow!("pid {pid} out of range"))?;
-    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
-    if unsafe { libc::kill(pid, sig) } != 0 {
-        let e = std::io::Error::last_os_error();
+fn signal(pid: u32, sig: rustix::process::Signal) -> Result<()> {
+    let p = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+        .ok_or_else(|| anyhow!("pid {pid} out of range"))?;
+    match rustix::process::kill_process(p, sig) {
         // Gone between the lock check and the signal: what we wanted anyway.
-        if e.raw_os_error() != Some(libc::ESRCH) {
-            bail!("signalling pid {pid}: {e}");
-        }
+        Ok(()) | Err(rustix::io::Errno::SRCH) => Ok(()),
+        Err(e) => bail!("signalling pid {pid}: {e}"),
     }
-    Ok(())
 }
 
 /// Has process `pid` exited? A zombie has (only its parent's wait is missing).
