@@ -1982,8 +1982,9 @@ impl Scheduler {
         let mut plan = Plan::default();
         let mut unfit: ShapeMemo<(), PendingReason> = ShapeMemo::default();
         let total_nodes = self.nodes.len();
-        let used_before: HashMap<TenantId, ResourceSum> =
-            tenants.iter().map(|(t, s)| (*t, s.used.clone())).collect();
+        // What each tenant that places anything held before its first placement of the
+        // cycle (copied then: a pool has many tenants and most place nothing).
+        let mut used_before: HashMap<TenantId, ResourceSum> = HashMap::new();
 
         // Each tenant's queue in priority then FIFO order, the jobs its guarantee covers
         // first; tenants take turns by weighted dominant share (progressive filling: one
@@ -2144,6 +2145,9 @@ impl Scheduler {
             } else if job.gang {
                 match self.place_gang(job, end) {
                     Ok(placed) => {
+                        used_before
+                            .entry(job.tenant)
+                            .or_insert_with(|| tenant.used.clone());
                         for (ni, devs, _) in &placed {
                             let model = devs.first().and_then(|d| self.nodes[*ni].model_of(*d));
                             tenant.used.add_task_on(&job.resources, model, 1);
@@ -2185,6 +2189,9 @@ impl Scheduler {
                     }
                     Some((ni, devs)) => {
                         self.allocate(ni, &job.resources, &devs);
+                        used_before
+                            .entry(job.tenant)
+                            .or_insert_with(|| tenant.used.clone());
                         let model = devs.first().and_then(|d| self.nodes[ni].model_of(*d));
                         tenant.used.add_task_on(&job.resources, model, 1);
                         plan.placements.push(Placement {
