@@ -52,70 +52,32 @@ pub fn short_model(name: &str) -> String {
     }
 }
 
-/// Lists NVIDIA GPUs through NVML, loaded at run time, each with the minor number of its
-/// device file (`/dev/nvidia<minor>`) when NVML tells it. `Err` says why there are none.
+/// Lists NVIDIA GPUs through NVML (`nvml-wrapper`, which loads `libnvidia-ml.so.1` at run
+/// time, so a node without the driver runs and says why), each with the minor number of
+/// its device file (`/dev/nvidia<minor>`) when NVML tells it. `Err` says why there are none.
 pub fn nvml_devices() -> Result<Vec<(Device, Option<u32>)>, String> {
-    type Ret = std::os::raw::c_int;
-    type Handle = *mut std::ffi::c_void;
-    // SAFETY: we load NVML by its documented soname and call its documented C functions
-    // with the signatures from nvml.h; every pointer we pass points to valid local storage.
-    unsafe {
-        let lib = libloading::Library::new("libnvidia-ml.so.1")
-            .or_else(|_| libloading::Library::new("libnvidia-ml.so"))
-            .map_err(|e| format!("NVML not available: {e}"))?;
-        let init: libloading::Symbol<unsafe extern "C" fn() -> Ret> =
-            lib.get(b"nvmlInit_v2\0").map_err(|e| e.to_string())?;
-        let count_fn: libloading::Symbol<unsafe extern "C" fn(*mut u32) -> Ret> = lib
-            .get(b"nvmlDeviceGetCount_v2\0")
-            .map_err(|e| e.to_string())?;
-        let handle_fn: libloading::Symbol<unsafe extern "C" fn(u32, *mut Handle) -> Ret> = lib
-            .get(b"nvmlDeviceGetHandleByIndex_v2\0")
-            .map_err(|e| e.to_string())?;
-        let name_fn: libloading::Symbol<
-            unsafe extern "C" fn(Handle, *mut std::os::raw::c_char, u32) -> Ret,
-        > = lib.get(b"nvmlDeviceGetName\0").map_err(|e| e.to_string())?;
-        let shutdown: libloading::Symbol<unsafe extern "C" fn() -> Ret> =
-            lib.get(b"nvmlShutdown\0").map_err(|e| e.to_string())?;
-        let minor_fn: Option<libloading::Symbol<unsafe extern "C" fn(Handle, *mut u32) -> Ret>> =
-            lib.get(b"nvmlDeviceGetMinorNumber\0").ok();
-        let r = init();
-        if r != 0 {
-            return Err(format!("nvmlInit failed with code {r} (no driver?)"));
-        }
-        let mut n = 0u32;
-        let r = count_fn(&mut n);
-        if r != 0 {
-            shutdown();
-            return Err(format!("nvmlDeviceGetCount failed with code {r}"));
-        }
-        let mut out = Vec::new();
-        for i in 0..n {
-            let mut h: Handle = std::ptr::null_mut();
-            if handle_fn(i, &mut h) != 0 {
-                continue;
-            }
-            let mut buf = [0 as std::os::raw::c_char; 96];
-            if name_fn(h, buf.as_mut_ptr(), buf.len() as u32) != 0 {
-                continue;
-            }
-            let name = std::ffi::CStr::from_ptr(buf.as_ptr())
-                .to_string_lossy()
-                .into_owned();
-            let mut minor = 0u32;
-            let minor = minor_fn
-                .as_ref()
-                .and_then(|f| (f(h, &mut minor) == 0).then_some(minor));
-            out.push((
-                Device {
-                    index: i,
-                    model: short_model(&name),
-                },
-                minor,
-            ));
-        }
-        shutdown();
-        Ok(out)
+    let nvml = nvml_wrapper::Nvml::init().map_err(|e| format!("NVML not available: {e}"))?;
+    let n = nvml
+        .device_count()
+        .map_err(|e| format!("nvmlDeviceGetCount failed: {e}"))?;
+    let mut out = Vec::new();
+    for i in 0..n {
+        let Ok(d) = nvml.device_by_index(i) else {
+            continue;
+        };
+        let Ok(name) = d.name() else {
+            continue;
+        };
+        out.push((
+            Device {
+                index: i,
+                model: short_model(&name),
+            },
+            d.minor_number().ok(),
+        ));
     }
+    // Dropping `nvml` shuts NVML down.
+    Ok(out)
 }
 
 #[cfg(test)]
