@@ -13,7 +13,7 @@
 
 #![forbid(unsafe_code)]
 
-pub mod baselines;
+pub mod baseline;
 pub mod fair;
 pub mod fgd;
 mod index;
@@ -24,7 +24,6 @@ mod reserve;
 pub mod rng;
 mod shape;
 
-pub use baselines::Policy;
 pub use preempt::{Preemption, RunningTask};
 use shape::ShapeMemo;
 
@@ -144,7 +143,7 @@ impl NodeSnap {
     /// Allocates `r` with the given devices. Panics in debug builds on over-commit: the
     /// scheduler only calls it after `fit` said yes.
     pub fn allocate(&mut self, r: &TaskResources, devices: &[u32]) {
-        if let Some(k) = baselines::shape_of(r) {
+        if let Some(k) = baseline::shape_of(r) {
             *self.gpu_shapes.entry(k).or_insert(0) += 1;
         }
         self.used_cpu_milli += r.cpu_milli;
@@ -227,7 +226,7 @@ impl NodeSnap {
     }
 
     pub fn release(&mut self, r: &TaskResources, devices: &[u32]) {
-        if let Some(k) = baselines::shape_of(r) {
+        if let Some(k) = baseline::shape_of(r) {
             if let Some(c) = self.gpu_shapes.get_mut(&k) {
                 *c -= 1;
                 if *c == 0 {
@@ -364,9 +363,10 @@ pub struct Config {
     /// Place by fragmentation gradient descent against this expected workload (a full scan
     /// per placement) instead of the indexed best fit.
     pub fgd: Option<std::sync::Arc<Vec<fgd::WorkloadType>>>,
-    /// Which placement policy scores nodes: Caravel's own, or one of the published
-    /// baselines (for the simulator; see `baselines`). FGD reads its workload from `fgd`.
-    pub policy: Policy,
+    /// A research policy that scores nodes instead of Caravel's own (the simulator's
+    /// published baselines; see `baseline`). `None`, Caravel's own, everywhere else.
+    /// FGD reads its workload from `fgd`.
+    pub baseline: Option<std::sync::Arc<dyn baseline::Baseline>>,
     /// With `fgd`: weight of the CPU-stranding term (GPU thousandths the node's remaining
     /// CPU could no longer feed at the workload's CPU-per-GPU ratio) next to FGD's delta.
     /// 0 is plain FGD; 2 measured best on the openb traces (docs/simulator.md).
@@ -444,7 +444,7 @@ impl Default for Config {
         Config {
             gpu_node_penalty_ppm: 1_000_000,
             fgd: None,
-            policy: Policy::Caravel,
+            baseline: None,
             fgd_cpu_weight: 2.0,
             fgd_pin_weight: 0.2,
             seed: 0,
@@ -872,7 +872,7 @@ impl Scheduler {
             .unwrap_or(0.0);
         let share_plan = match (&cfg.share_plan, cfg.fgd.as_deref()) {
             (Some(p), _) => Some(p.clone()),
-            (None, Some(types)) if cfg.policy == Policy::Caravel => {
+            (None, Some(types)) if cfg.baseline.is_none() => {
                 plan::SharePlan::new(types).map(std::sync::Arc::new)
             }
             _ => None,
@@ -1133,8 +1133,8 @@ impl Scheduler {
         end: Option<caravel_core::Millis>,
         ignore_reservation: bool,
     ) -> Option<(usize, Vec<u32>)> {
-        if self.cfg.policy != Policy::Caravel {
-            return self.place_baseline(r, end, ignore_reservation);
+        if let Some(b) = self.cfg.baseline.clone() {
+            return self.place_baseline(&*b, r, end, ignore_reservation);
         }
         if let Some(types) = &self.cfg.fgd {
             let cpu_per_gpu = self.cpu_per_gpu;
@@ -1274,14 +1274,16 @@ impl Scheduler {
     /// A baseline policy: every feasible node scored, the best kept.
     fn place_baseline(
         &self,
+        b: &dyn baseline::Baseline,
         r: &TaskResources,
         end: Option<caravel_core::Millis>,
         ignore_reservation: bool,
     ) -> Option<(usize, Vec<u32>)> {
-        use baselines::{Req, View};
+        use baseline::{Req, ShareDevice, View};
         let q = Req::of(r);
         let empty = Vec::new();
         let types = self.cfg.fgd.as_deref().unwrap_or(&empty);
+        let uniform = b.uniform();
         let mut best: Option<(i64, usize, Vec<u32>)> = None;
         let mut ties = 0u64;
         for i in 0..self.nodes.len() {
@@ -1293,49 +1295,29 @@ impl Scheduler {
                 continue;
             };
             let v = View::of(n);
-            let (score, devs) = match self.cfg.policy {
-                Policy::Fgd => baselines::fgd(n, &v, &q, types, &whole),
-                p => {
-                    let s = match p {
-                        Policy::BestFit => baselines::best_fit(&v, &q),
-                        Policy::DotProd => baselines::dot_prod(&v, &q),
-                        Policy::Packing => baselines::packing(&v, &q),
-                        Policy::Clustering => baselines::clustering(n, &v, &q),
-                        _ => 0,
-                    };
-                    (s, whole)
-                }
-            };
-            // Random scores every node alike: a uniform pick among the feasible. The others
-            // keep the first best node in node order (the artefact's node names carry a
-            // seeded random prefix, so its order is a seeded permutation; the simulator
-            // shuffles the nodes by seed the same way).
+            let (score, devs) = b.score(n, &v, &q, types, &whole);
+            // A uniform policy scores every node alike: a uniform pick among the feasible.
+            // The others keep the first best node in node order (the artefact's node names
+            // carry a seeded random prefix, so its order is a seeded permutation; the
+            // simulator shuffles the nodes by seed the same way).
             ties += 1;
             let replace = match &best {
                 None => true,
-                Some(_) if self.cfg.policy == Policy::Random => self.below(ties) == 0,
-                Some(b) => score > b.0,
+                Some(_) if uniform => self.below(ties) == 0,
+                Some(best) => score > best.0,
             };
             if replace {
                 best = Some((score, i, devs));
             }
         }
         let (_, i, devs) = best?;
-        if q.count == 1 && q.milli < 1000 && self.cfg.policy != Policy::Fgd {
+        if q.count == 1 && q.milli < 1000 {
             let v = View::of(&self.nodes[i]);
-            let dev = if self.cfg.policy == Policy::Random {
-                let fits: Vec<u32> = v
-                    .gpu_left
-                    .iter()
-                    .filter(|g| g.1 >= q.milli)
-                    .map(|g| g.0)
-                    .collect();
-                // `fit` found room on this node, so `fits` is not empty.
-                *fits.get(self.below(fits.len() as u64) as usize)?
-            } else {
-                baselines::best_gpu(&v, &q)?
-            };
-            return Some((i, vec![dev]));
+            match b.share_device(&v, &q, &mut |n| self.below(n)) {
+                ShareDevice::Scored => {}
+                ShareDevice::Pick(dev) => return Some((i, vec![dev])),
+                ShareDevice::NoRoom => return None,
+            }
         }
         Some((i, devs))
     }
@@ -1569,7 +1551,7 @@ impl Scheduler {
         // fits: otherwise the counts must describe the pool with the members held. Not for
         // Random: each tentative member draws from its generator, and skipping the draws
         // would change every later pick.
-        let count_first = self.cfg.policy != Policy::Random;
+        let count_first = self.cfg.baseline.as_ref().is_none_or(|b| !b.uniform());
         #[cfg(test)]
         let count_first = count_first && !self.place_gangs_tentatively;
         // An elastic gang is placed with as many members as fit, if at least its minimum.

@@ -2000,6 +2000,61 @@ fn fgd_puts_a_share_where_it_leaves_no_unusable_remainder() {
     );
 }
 
+/// A stand-in research policy for the extension point's own tests (the published
+/// baselines live in `caravel_sim::baselines`, which has its own): the node with the
+/// least CPU left after placing, a share on the tightest GPU; `uniform` picks at random.
+#[derive(Debug)]
+struct TestBaseline {
+    uniform: bool,
+}
+
+impl baseline::Baseline for TestBaseline {
+    fn score(
+        &self,
+        _: &NodeSnap,
+        v: &baseline::View,
+        q: &baseline::Req,
+        _: &[fgd::WorkloadType],
+        whole: &[u32],
+    ) -> (i64, Vec<u32>) {
+        (-(v.cpu_left - q.cpu), whole.to_vec())
+    }
+
+    fn uniform(&self) -> bool {
+        self.uniform
+    }
+
+    fn share_device(
+        &self,
+        v: &baseline::View,
+        q: &baseline::Req,
+        draw: &mut dyn FnMut(u64) -> u64,
+    ) -> baseline::ShareDevice {
+        let mut fits: Vec<(i64, u32)> = v
+            .gpu_left
+            .iter()
+            .filter(|g| g.1 >= q.milli)
+            .map(|g| (g.1, g.0))
+            .collect();
+        fits.sort();
+        match fits.len() {
+            0 => baseline::ShareDevice::NoRoom,
+            n if self.uniform => baseline::ShareDevice::Pick(fits[draw(n as u64) as usize].1),
+            _ => baseline::ShareDevice::Pick(fits[0].1),
+        }
+    }
+}
+
+/// Policies 0..=5 of the property tests: a research policy through the extension point
+/// (0 uniform); 6: Caravel's own.
+fn test_baseline(policy: usize) -> Option<std::sync::Arc<dyn baseline::Baseline>> {
+    (policy < 6).then(|| {
+        std::sync::Arc::new(TestBaseline {
+            uniform: policy == 0,
+        }) as std::sync::Arc<dyn baseline::Baseline>
+    })
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(100))]
 
@@ -2007,7 +2062,7 @@ proptest! {
     fn fgd_never_over_commits(w in arb_world(), policy in 0usize..7, seed in 0u64..4) {
         let types = world_types(&w);
         // Every placement policy, Caravel's and the baselines, through the same checks.
-        let cfg = Config { policy: Policy::ALL[policy], seed, ..fgd_cfg(types) };
+        let cfg = Config { baseline: test_baseline(policy), seed, ..fgd_cfg(types) };
         let mut s = Scheduler::new(cfg.clone(), w.nodes.clone());
         let mut tenants = w.tenants.clone();
         let plan = s.schedule(&mut tenants, &w.jobs);
@@ -2125,7 +2180,7 @@ proptest! {
         let run = |tentatively: bool| {
             let cfg = Config {
                 explain_pending: explain,
-                policy: Policy::ALL[policy],
+                baseline: test_baseline(policy),
                 // Caravel's policy both with FGD scoring and with the index's first fit.
                 ..if policy == 6 && w.jobs.len() % 2 == 0 { Config::default() } else { fgd_cfg(types.clone()) }
             };
@@ -3085,7 +3140,7 @@ fn a_share_goes_where_the_plan_completes_a_gpu_not_where_it_fits_tightest() {
     assert_eq!(placed.placements[0].devices, vec![1], "{placed:?}");
     // Best fit, which knows no plan, takes GPU 0.
     let cfg = Config {
-        policy: Policy::BestFit,
+        baseline: Some(std::sync::Arc::new(TestBaseline { uniform: false })),
         ..fgd_cfg(types)
     };
     let mut s = Scheduler::new(cfg, vec![n]);

@@ -15,10 +15,12 @@
 
 use std::collections::HashMap;
 
+use crate::baselines::node_frag;
 use caravel_core::{JobId, Priority, TenantId};
-use caravel_sched::baselines::node_frag;
 use caravel_sched::fgd::WorkloadType;
-use caravel_sched::{Config, JobReq, Policy, Scheduler};
+use caravel_sched::{Config, JobReq, Scheduler};
+
+use crate::baselines::Policy;
 
 use crate::openb::{to_nodes, to_request, OpenbNode, OpenbPod};
 use crate::rng::Rng;
@@ -222,7 +224,7 @@ pub fn run(
     }
 
     let mut cfg = Config {
-        policy,
+        baseline: policy.baseline(),
         seed,
         ..Config::default()
     };

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod artefact;
+pub mod baselines;
 pub mod fgd;
 pub mod openb;
 pub mod replay;

@@ -149,9 +149,9 @@ impl Options {
     /// Options for `policy` on `w`: FGD-based policies (Caravel's, FGD) measure fragmentation
     /// against the workload's task shapes weighted by count, as the server does with what runs
     /// and waits.
-    pub fn for_policy(policy: caravel_sched::Policy, w: &Workload, seed: u64) -> Options {
+    pub fn for_policy(policy: crate::baselines::Policy, w: &Workload, seed: u64) -> Options {
         let mut o = Options::default();
-        o.sched.policy = policy;
+        o.sched.baseline = policy.baseline();
         o.sched.seed = seed;
         o.sched.fgd = expected_workload(w).map(std::sync::Arc::new);
         o
@@ -1522,8 +1522,8 @@ mod tests {
             crate::synth::Spec::parse("nodes=30,tasks=3000,load=1.5,services=2,seed=5").unwrap();
         let (nodes, w) = crate::synth::generate(&spec);
         for policy in [
-            caravel_sched::Policy::Caravel,
-            caravel_sched::Policy::BestFit,
+            crate::baselines::Policy::Caravel,
+            crate::baselines::Policy::BestFit,
         ] {
             let inc = Options::for_policy(policy, &w, 1);
             let full = Options {
@@ -1558,7 +1558,7 @@ mod tests {
         .unwrap();
         let (nodes, w) = crate::synth::generate(&spec);
         assert!(w.jobs.iter().any(|j| j.topology.is_some()));
-        let inc = Options::for_policy(caravel_sched::Policy::Caravel, &w, 1);
+        let inc = Options::for_policy(crate::baselines::Policy::Caravel, &w, 1);
         let full = Options {
             incremental: false,
             ..inc.clone()

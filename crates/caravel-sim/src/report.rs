@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use caravel_sched::Policy;
+use crate::baselines::Policy;
 use serde_json::{json, Value};
 
 use crate::artefact;

@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
-use caravel_sched::Policy;
+use caravel_sim::baselines::Policy;
 use caravel_sim::{artefact, fgd, openb, report};
 
 fn traces() -> PathBuf {

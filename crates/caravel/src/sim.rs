@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context, Result};
-use caravel_sched::Policy;
+use caravel_sim::baselines::Policy;
 use caravel_sim::{artefact, fgd, openb, report};
 use clap::Subcommand;
 

@@ -1,4 +1,4 @@
-//! The published baseline placement policies, as policies of this scheduler, scored the way
+//! The published baseline placement policies, as `caravel_sched::baseline::Baseline`s, scored the way
 //! the FGD artefact (hkust-adsl/kubernetes-scheduler-simulator, USENIX ATC'23) scores them
 //! inside the Kubernetes scheduler framework, so the simulator can put them side by side
 //! with Caravel's own on the same trace:
@@ -16,9 +16,11 @@
 //! 8 GPUs. What the integer scores throw away is part of what the published curves
 //! measure, which is why these are not Caravel's own placement.
 
-use crate::fgd::WorkloadType;
-use crate::NodeSnap;
-use caravel_core::TaskResources;
+use std::sync::Arc;
+
+use caravel_sched::baseline::{Baseline, Req, ShareDevice, View};
+use caravel_sched::fgd::WorkloadType;
+use caravel_sched::NodeSnap;
 
 /// Normalising constants of the artefact (its `MaxSpecCpu`, `MaxSpecGpu`).
 const MAX_SPEC_CPU: f64 = 128_000.0;
@@ -67,88 +69,8 @@ impl Policy {
     }
 }
 
-/// What the artefact's scores look at: free CPU, per-GPU free thousandths, the model.
-pub(crate) struct View {
-    pub cpu_left: i64,
-    pub gpu_left: Vec<(u32, i64)>,
-}
-
-impl View {
-    pub fn of(n: &NodeSnap) -> View {
-        View {
-            cpu_left: n.capacity.cpu_milli.saturating_sub(n.used_cpu_milli) as i64,
-            gpu_left: n
-                .capacity
-                .devices
-                .iter()
-                .map(|d| {
-                    let f = if n.used_devices.contains(&d.index) {
-                        0
-                    } else {
-                        1000 - n.shared.get(&d.index).copied().unwrap_or(0) as i64
-                    };
-                    (d.index, f)
-                })
-                .collect(),
-        }
-    }
-
-    fn gpu_left_total(&self) -> i64 {
-        self.gpu_left.iter().map(|g| g.1).sum()
-    }
-}
-
-/// A task's request as the artefact counts it: CPU, GPUs, thousandths per GPU.
-pub(crate) struct Req {
-    pub cpu: i64,
-    pub count: i64,
-    pub milli: i64,
-}
-
-impl Req {
-    pub fn of(r: &TaskResources) -> Req {
-        match &r.gpu {
-            None => Req {
-                cpu: r.cpu_milli as i64,
-                count: 0,
-                milli: 0,
-            },
-            Some(g) => match g.milli {
-                Some(m) => Req {
-                    cpu: r.cpu_milli as i64,
-                    count: 1,
-                    milli: m as i64,
-                },
-                None => Req {
-                    cpu: r.cpu_milli as i64,
-                    count: g.count as i64,
-                    milli: 1000,
-                },
-            },
-        }
-    }
-
-    fn total_gpu(&self) -> i64 {
-        self.count * self.milli
-    }
-
-    /// The artefact's affinity tag: none, share, or the number of whole GPUs.
-    pub fn shape(&self) -> Option<u32> {
-        match (self.count, self.milli) {
-            (0, _) => None,
-            (_, m) if m < 1000 => Some(0),
-            (c, _) => Some(c as u32),
-        }
-    }
-}
-
-/// The shape key `NodeSnap::gpu_shapes` counts a task under (see `Req::shape`).
-pub(crate) fn shape_of(r: &TaskResources) -> Option<u32> {
-    Req::of(r).shape()
-}
-
 /// BestFit: the less CPU and GPU left after placing (each over its constant), the higher.
-pub(crate) fn best_fit(v: &View, q: &Req) -> i64 {
+pub fn best_fit(v: &View, q: &Req) -> i64 {
     let s = 0.5 * (v.cpu_left - q.cpu) as f64 / MAX_SPEC_CPU
         + 0.5 * (v.gpu_left_total() - q.total_gpu()) as f64 / MAX_SPEC_GPU;
     ((1.0 - s) * 100.0) as i64
@@ -156,7 +78,7 @@ pub(crate) fn best_fit(v: &View, q: &Req) -> i64 {
 
 /// DotProd (Tetris): the smaller the dot product of what is left and what is asked, the
 /// higher ("merge" GPU dimension, normalised by the constants).
-pub(crate) fn dot_prod(v: &View, q: &Req) -> i64 {
+pub fn dot_prod(v: &View, q: &Req) -> i64 {
     let dot = (v.cpu_left as f64 / MAX_SPEC_CPU) * (q.cpu as f64 / MAX_SPEC_CPU)
         + (v.gpu_left_total() as f64 / MAX_SPEC_GPU) * (q.total_gpu() as f64 / MAX_SPEC_GPU);
     (100.0 * (1.0 - dot / 2.0)) as i64
@@ -164,7 +86,7 @@ pub(crate) fn dot_prod(v: &View, q: &Req) -> i64 {
 
 /// GpuPacking: shared GPUs first (tighter is better), then free GPUs on a used node
 /// (fewer is better), then an untouched node (fewer GPUs is better).
-pub(crate) fn packing(v: &View, q: &Req) -> i64 {
+pub fn packing(v: &View, q: &Req) -> i64 {
     if q.total_gpu() <= 0 {
         return 0;
     }
@@ -201,7 +123,7 @@ pub(crate) fn packing(v: &View, q: &Req) -> i64 {
 
 /// GpuClustering: a node already running only this task's shape, then one mixing it with
 /// others, then an empty node, then one running other shapes; fuller first within each.
-pub(crate) fn clustering(n: &NodeSnap, v: &View, q: &Req) -> i64 {
+pub fn clustering(n: &NodeSnap, v: &View, q: &Req) -> i64 {
     let Some(shape) = q.shape() else { return 0 };
     let fill = 25 * (MAX_SPEC_GPU as i64 - v.gpu_left_total()) / MAX_SPEC_GPU as i64;
     let tags = n.gpu_shapes.len();
@@ -217,7 +139,7 @@ pub(crate) fn clustering(n: &NodeSnap, v: &View, q: &Req) -> i64 {
 /// The artefact's fragmentation of a node for its typical tasks (thousandths of a GPU):
 /// per task type, all idle GPU if the type cannot run here, else the idle parts of GPUs
 /// too small for it.
-pub(crate) fn frag(v: &View, model: &str, types: &[WorkloadType]) -> f64 {
+pub fn frag(v: &View, model: &str, types: &[WorkloadType]) -> f64 {
     let idle: i64 = v.gpu_left_total();
     if idle == 0 {
         return 0.0;
@@ -261,7 +183,7 @@ fn sigmoid_score(before: f64, after: f64) -> i64 {
 
 /// FGD as the artefact scores it: sigmoid of the fragmentation decrease, as an integer;
 /// returns the score and the devices (for a share: the best GPU, first on ties).
-pub(crate) fn fgd(
+pub fn fgd(
     n: &NodeSnap,
     v: &View,
     q: &Req,
@@ -301,7 +223,7 @@ pub(crate) fn fgd(
 }
 
 /// The best-fit GPU for a share: the tightest one it fits on, the first among equals.
-pub(crate) fn best_gpu(v: &View, q: &Req) -> Option<u32> {
+pub fn best_gpu(v: &View, q: &Req) -> Option<u32> {
     let mut best: Option<(i64, u32)> = None;
     for g in &v.gpu_left {
         if g.1 >= q.milli && best.is_none_or(|b| g.1 < b.0) {
@@ -309,6 +231,66 @@ pub(crate) fn best_gpu(v: &View, q: &Req) -> Option<u32> {
         }
     }
     best.map(|b| b.1)
+}
+
+impl Policy {
+    /// The scheduler's setting for this policy: `None` for Caravel's own.
+    pub fn baseline(self) -> Option<Arc<dyn Baseline>> {
+        (self != Policy::Caravel).then(|| Arc::new(Published(self)) as Arc<dyn Baseline>)
+    }
+}
+
+/// A published policy, scored as the artefact scores it.
+#[derive(Debug, Clone, Copy)]
+pub struct Published(pub Policy);
+
+impl Baseline for Published {
+    fn score(
+        &self,
+        n: &NodeSnap,
+        v: &View,
+        q: &Req,
+        types: &[WorkloadType],
+        whole: &[u32],
+    ) -> (i64, Vec<u32>) {
+        match self.0 {
+            Policy::Fgd => fgd(n, v, q, types, whole),
+            p => {
+                let s = match p {
+                    Policy::BestFit => best_fit(v, q),
+                    Policy::DotProd => dot_prod(v, q),
+                    Policy::Packing => packing(v, q),
+                    Policy::Clustering => clustering(n, v, q),
+                    _ => 0,
+                };
+                (s, whole.to_vec())
+            }
+        }
+    }
+
+    fn uniform(&self) -> bool {
+        self.0 == Policy::Random
+    }
+
+    fn share_device(&self, v: &View, q: &Req, draw: &mut dyn FnMut(u64) -> u64) -> ShareDevice {
+        match self.0 {
+            // FGD's score already chose the least fragmenting GPU.
+            Policy::Fgd => ShareDevice::Scored,
+            Policy::Random => {
+                let fits: Vec<u32> = v
+                    .gpu_left
+                    .iter()
+                    .filter(|g| g.1 >= q.milli)
+                    .map(|g| g.0)
+                    .collect();
+                if fits.is_empty() {
+                    return ShareDevice::NoRoom;
+                }
+                ShareDevice::Pick(fits[draw(fits.len() as u64) as usize])
+            }
+            _ => best_gpu(v, q).map_or(ShareDevice::NoRoom, ShareDevice::Pick),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -379,5 +361,89 @@ mod tests {
         assert!((frag(&view(8000, &[1000, 400]), "T4", &types) - 900.0).abs() < 1e-9);
         // Without CPU every idle GPU is a fragment.
         assert!((frag(&view(500, &[1000, 400]), "T4", &types) - 1400.0).abs() < 1e-9);
+    }
+
+    /// Every published policy through the scheduler's extension point: the same seed
+    /// gives the same plan, and nothing is committed beyond a node's capacity.
+    #[test]
+    fn every_published_policy_places_within_capacity_and_repeats_by_seed() {
+        use caravel_core::{Capacity, Device, GpuRequest, JobId, NodeId, TenantId};
+        use caravel_sched::{Config, JobReq, Scheduler};
+        let nodes: Vec<NodeSnap> = (0..6)
+            .map(|i| {
+                NodeSnap::new(
+                    NodeId(i),
+                    Capacity {
+                        cpu_milli: 16_000,
+                        memory_bytes: 64 << 30,
+                        devices: (0..4)
+                            .map(|d| Device {
+                                index: d,
+                                model: "T4".into(),
+                            })
+                            .collect(),
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect();
+        let jobs: Vec<JobReq> = (0..40u64)
+            .map(|k| {
+                let mut r = caravel_core::TaskResources {
+                    cpu_milli: 1000 + 500 * (k % 5),
+                    memory_bytes: 1 << 30,
+                    ..Default::default()
+                };
+                r.gpu = match k % 3 {
+                    0 => None,
+                    1 => Some(GpuRequest {
+                        milli: Some(250 * (1 + (k % 3) as u32)),
+                        ..GpuRequest::whole("T4", 1)
+                    }),
+                    _ => Some(GpuRequest::whole("T4", 1 + (k % 2) as u32)),
+                };
+                JobReq {
+                    id: JobId(k),
+                    tenant: TenantId(1),
+                    priority: caravel_core::Priority::Batch,
+                    seq: k,
+                    resources: r,
+                    gang: false,
+                    min_tasks: None,
+                    pending: vec![0],
+                    topology: None,
+                    max_runtime_ms: None,
+                    attained_gpu_ms: 0,
+                }
+            })
+            .collect();
+        for policy in Policy::ALL {
+            let cfg = Config {
+                baseline: policy.baseline(),
+                seed: 7,
+                fgd: Some(Arc::new(vec![])),
+                ..Config::default()
+            };
+            let run = || {
+                let mut s = Scheduler::new(cfg.clone(), nodes.clone());
+                let plan = s.schedule(&mut Default::default(), &jobs);
+                (plan, s.nodes().to_vec())
+            };
+            let (plan, after) = run();
+            assert_eq!(plan, run().0, "{policy:?}: same seed, same plan");
+            assert!(
+                plan.placements.len() >= 20,
+                "{policy:?}: {}",
+                plan.placements.len()
+            );
+            for n in &after {
+                assert!(n.used_cpu_milli <= n.capacity.cpu_milli, "{policy:?}");
+                assert!(n.shared.values().all(|u| *u <= 1000), "{policy:?}");
+                assert!(
+                    n.shared.keys().all(|d| !n.used_devices.contains(d)),
+                    "{policy:?}"
+                );
+            }
+        }
     }
 }
