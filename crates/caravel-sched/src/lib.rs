@@ -657,13 +657,36 @@ fn mark_borrowed(
     if plan.placements.is_empty() {
         return;
     }
-    let by_id: HashMap<JobId, &JobReq> = jobs.iter().map(|j| (j.id, j)).collect();
-    let none = Quota::default();
+    // A decision often offers one job (the benchmarks, an incremental pass): an index
+    // over the offered jobs only when there are many.
+    let by_id: Option<HashMap<JobId, &JobReq>> =
+        (jobs.len() > 16).then(|| jobs.iter().map(|j| (j.id, j)).collect());
+    let find = |id: JobId| match &by_id {
+        Some(m) => m.get(&id).copied(),
+        None => jobs.iter().find(|j| j.id == id),
+    };
+    // A job's tasks come one after another: look each job up once.
+    let mut last: Option<(JobId, &JobReq, Option<&Quota>)> = None;
     for p in &mut plan.placements {
-        let Some(job) = by_id.get(&p.job) else {
+        let (job, guarantee) = match last {
+            Some((id, j, g)) if id == p.job => (j, g),
+            _ => {
+                let Some(j) = find(p.job) else {
+                    continue;
+                };
+                let g = tenants
+                    .get(&j.tenant)
+                    .map(|t| &t.guarantee)
+                    .filter(|g| !preempt::no_guarantee(g));
+                last = Some((p.job, j, g));
+                (j, g)
+            }
+        };
+        // Guaranteed nothing: everything borrows, and its usage need not be followed.
+        let Some(guarantee) = guarantee else {
+            p.borrowed = true;
             continue;
         };
-        let guarantee = tenants.get(&job.tenant).map_or(&none, |t| &t.guarantee);
         let u = used.entry(job.tenant).or_default();
         p.borrowed = !preempt::within_guarantee(guarantee, u, &job.resources, 1);
         u.add_task(&job.resources, 1);
@@ -2127,9 +2150,11 @@ impl Scheduler {
             } else if job.gang {
                 match self.place_gang(job, end) {
                     Ok(placed) => {
-                        used_before
-                            .entry(job.tenant)
-                            .or_insert_with(|| tenant.used.clone());
+                        if !preempt::no_guarantee(&tenant.guarantee) {
+                            used_before
+                                .entry(job.tenant)
+                                .or_insert_with(|| tenant.used.clone());
+                        }
                         for (ni, devs, _) in &placed {
                             let model = devs.first().and_then(|d| self.nodes[*ni].model_of(*d));
                             tenant.used.add_task_on(&job.resources, model, 1);
@@ -2171,9 +2196,11 @@ impl Scheduler {
                     }
                     Some((ni, devs)) => {
                         self.allocate(ni, &job.resources, &devs);
-                        used_before
-                            .entry(job.tenant)
-                            .or_insert_with(|| tenant.used.clone());
+                        if !preempt::no_guarantee(&tenant.guarantee) {
+                            used_before
+                                .entry(job.tenant)
+                                .or_insert_with(|| tenant.used.clone());
+                        }
                         let model = devs.first().and_then(|d| self.nodes[ni].model_of(*d));
                         tenant.used.add_task_on(&job.resources, model, 1);
                         plan.placements.push(Placement {

@@ -86,11 +86,16 @@ pub struct Preemption {
     pub for_job: JobId,
 }
 
+/// A tenant guaranteed nothing: all its work borrows.
+pub fn no_guarantee(g: &Quota) -> bool {
+    g.cpu_milli.is_none() && g.memory_bytes.is_none() && g.gpus.is_empty()
+}
+
 /// Does `used` plus `times` tasks of `r` stay within guarantee `g`? A tenant with an empty
 /// guarantee is always borrowing. CPU or memory left out of a guarantee does not limit it;
 /// an accelerator model left out is guaranteed zero (GPUs are what guarantees are for).
 pub fn within_guarantee(g: &Quota, used: &ResourceSum, r: &TaskResources, times: u64) -> bool {
-    if g.cpu_milli.is_none() && g.memory_bytes.is_none() && g.gpus.is_empty() {
+    if no_guarantee(g) {
         return false;
     }
     let cpu = g
