@@ -147,11 +147,8 @@ pub struct BenchPool {
     _procs: Procs,
 }
 
-pub async fn start_pool(dir: &std::path::Path, no_cgroups: bool) -> Result<BenchPool> {
-    start_pool_with(dir, no_cgroups, &[], &[]).await
-}
-
-/// `start_pool` with extra `caravel server` and `caravel agent` arguments.
+/// A server and one agent (see `BenchPool`), with extra `caravel server` and `caravel agent`
+/// arguments.
 pub async fn start_pool_with(
     dir: &std::path::Path,
     no_cgroups: bool,

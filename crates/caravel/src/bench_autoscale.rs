@@ -21,7 +21,7 @@ use anyhow::{bail, Context, Result};
 use caravel_core::api::ServiceView;
 use caravel_core::ServiceSpec;
 
-use crate::bench::{pct, start_pool};
+use crate::bench::{pct, start_pool_with};
 use crate::client::Client;
 
 pub struct Args {
@@ -172,7 +172,16 @@ pub async fn run(a: Args) -> Result<i32> {
         Some(p) => tempfile::tempdir_in(p)?,
         None => tempfile::tempdir()?,
     };
-    let pool = start_pool(dir.path(), false).await?;
+    // Replicas run sandboxed (the agent's default as root), where the node's files are
+    // not theirs to see: the example's folder is given to them read-only, as an operator
+    // shares a model directory.
+    let pool = start_pool_with(
+        dir.path(),
+        false,
+        &[],
+        &["--task-mount".to_string(), ex.display().to_string()],
+    )
+    .await?;
     let c = Client::new(&pool.url, &pool.admin);
     let _: ServiceView = c
         .post("/v1/services", &spec(&ex, 1))
