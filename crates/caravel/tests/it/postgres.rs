@@ -279,15 +279,18 @@ fn a_standby_takes_over_when_the_server_dies_and_agents_follow() {
     let sdir = p.dir.path().join("standby");
     let sport = free_port();
     let surl = format!("http://127.0.0.1:{sport}");
-    let standby = Command::new(BIN)
-        .args(["server", "--listen", &format!("127.0.0.1:{sport}")])
-        .args(["--lost-after", "2s", "--heartbeat", "500ms", "--standby"])
-        .args(["--datastore", &url, "--data-dir"])
-        .arg(&sdir)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(p.dir.path().join("standby.log")).unwrap())
-        .spawn()
-        .unwrap();
+    // Killed if the test fails before the pool owns it.
+    let mut standby = KillOnDrop(Some(
+        Command::new(BIN)
+            .args(["server", "--listen", &format!("127.0.0.1:{sport}")])
+            .args(["--lost-after", "2s", "--heartbeat", "500ms", "--standby"])
+            .args(["--datastore", &url, "--data-dir"])
+            .arg(&sdir)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(p.dir.path().join("standby.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    ));
     p.agent_server = Some(format!("{},{surl}", p.url));
     p.start_agent("a", &["--cpus", "8"]);
     p.wait_nodes_ready(1);
@@ -303,7 +306,7 @@ fn a_standby_takes_over_when_the_server_dies_and_agents_follow() {
     p.kill9_server();
     let t0 = Instant::now();
     // From here on the pool is the standby.
-    p.server = Some(standby);
+    p.server = standby.0.take();
     p.url = surl;
     p.port = sport;
     p.wait_healthy(Duration::from_secs(30));
@@ -367,19 +370,22 @@ fn a_server_that_lost_its_store_to_a_standby_stops() {
     let mut p = Pool::server_only_with("pgfence", &["--datastore", &url]);
     let sdir = p.dir.path().join("standby");
     let sport = free_port();
-    let standby = Command::new(BIN)
-        .args([
-            "server",
-            "--listen",
-            &format!("127.0.0.1:{sport}"),
-            "--standby",
-        ])
-        .args(["--datastore", &url, "--data-dir"])
-        .arg(&sdir)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(p.dir.path().join("standby.log")).unwrap())
-        .spawn()
-        .unwrap();
+    // Killed if the test fails before the pool owns it.
+    let mut standby = KillOnDrop(Some(
+        Command::new(BIN)
+            .args([
+                "server",
+                "--listen",
+                &format!("127.0.0.1:{sport}"),
+                "--standby",
+            ])
+            .args(["--datastore", &url, "--data-dir"])
+            .arg(&sdir)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(p.dir.path().join("standby.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    ));
     // The owner's session ends under it (what a network cut does once the database gives
     // up on the connection); the standby, polling for the lock, gets it.
     schema.admin(&format!(
@@ -394,7 +400,7 @@ fn a_server_that_lost_its_store_to_a_standby_stops() {
         .post(&p.admin, "/v1/jobs", &job_spec("echo to the old owner"))
         .unwrap_err();
     assert_eq!(status, 503, "{body}");
-    let mut old = p.server.replace(standby).unwrap();
+    let mut old = p.server.replace(standby.0.take().unwrap()).unwrap();
     let st = exit_within(
         &mut old,
         Duration::from_secs(30),
