@@ -14,7 +14,7 @@ use caravel_store::{Mutation, Store};
 
 use crate::committer::{Committer, Durability};
 
-use crate::error::ApiError;
+use crate::error::CoreError;
 
 pub const DEFAULT_TENANT: &str = "default";
 
@@ -183,7 +183,7 @@ impl Core {
     /// Rebuilds memory from the store. Nodes get a fresh `last_seen` so that agents that
     /// kept running while the server was down have one lost-timeout to check back in and
     /// have their runs re-adopted.
-    pub fn load(store: Box<dyn Store>, now: Millis) -> Result<Core, ApiError> {
+    pub fn load(store: Box<dyn Store>, now: Millis) -> Result<Core, CoreError> {
         Core::load_with(store, now, crate::metrics::CommitStats::default())
     }
 
@@ -192,7 +192,7 @@ impl Core {
         mut store: Box<dyn Store>,
         now: Millis,
         stats: crate::metrics::CommitStats,
-    ) -> Result<Core, ApiError> {
+    ) -> Result<Core, CoreError> {
         let snap = store.load()?;
         let lease = store.lease();
         let mut core = Core {
@@ -349,7 +349,7 @@ impl Core {
     /// Restores invariants that a crash between two commits of one operation can leave
     /// broken: runs told to stop before they started are ended, and every job's own state
     /// is recomputed from its tasks.
-    fn repair(&mut self, now: Millis) -> Result<(), ApiError> {
+    fn repair(&mut self, now: Millis) -> Result<(), CoreError> {
         let unstarted: Vec<RunId> = self
             .runs
             .values()
@@ -375,7 +375,7 @@ impl Core {
 
     /// Queues what was collected since `begin_group` as one transaction. The API answers
     /// only once it is durable (`settle_writes`).
-    pub fn end_group(&mut self) -> Result<(), ApiError> {
+    pub fn end_group(&mut self) -> Result<(), CoreError> {
         match self.group.take() {
             Some(batch) => self.commit(&batch),
             None => Ok(()),
@@ -385,7 +385,7 @@ impl Core {
     /// Queues `batch` for the commit thread (see `committer`). Memory changes right after,
     /// before the batch is durable: whoever answers a client waits for `durability()`
     /// first. If the commit fails, memory is rebuilt from the store.
-    fn commit(&mut self, batch: &[Mutation]) -> Result<(), ApiError> {
+    fn commit(&mut self, batch: &[Mutation]) -> Result<(), CoreError> {
         // A node or a tenant changed (capacity, readiness, drain, quota, guarantee): what
         // waits may fit or be entitled now.
         if batch
@@ -402,7 +402,7 @@ impl Core {
             Ok(_) => Ok(()),
             Err(e) => {
                 self.needs_reload = true;
-                Err(e)
+                Err(e.into())
             }
         }
     }
@@ -449,13 +449,13 @@ impl Core {
     pub fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut dyn Store) -> caravel_store::Result<T> + Send + 'static,
-    ) -> Result<T, ApiError> {
-        self.store.read(f)
+    ) -> Result<T, CoreError> {
+        Ok(self.store.read(f)?)
     }
 
     // ---- tenants ----
 
-    pub fn ensure_default_tenant(&mut self, now: Millis) -> Result<(), ApiError> {
+    pub fn ensure_default_tenant(&mut self, now: Millis) -> Result<(), CoreError> {
         if !self.tenant_by_name.contains_key(DEFAULT_TENANT) {
             // Its token is never shown: the admin acts for it.
             self.create_tenant(DEFAULT_TENANT, 1.0, Quota::default(), Quota::default(), now)?;
@@ -470,7 +470,7 @@ impl Core {
         quota: Quota,
         guarantee: Quota,
         now: Millis,
-    ) -> Result<(Tenant, String), ApiError> {
+    ) -> Result<(Tenant, String), CoreError> {
         validate_name("name", name)?;
         for m in guarantee.gpus.keys() {
             validate_model(m)
@@ -518,8 +518,7 @@ impl Core {
             validate_model(m).map_err(|r| ValidationError::new(format!("quota.gpus.{m}"), r))?;
         }
         if self.tenant_by_name.contains_key(name) {
-            return Err(ApiError::field(
-                ErrorCode::Conflict,
+            return Err(CoreError::conflict_on(
                 "name",
                 format!("tenant `{name}` already exists"),
             ));
@@ -552,12 +551,12 @@ impl Core {
         tenant: TenantId,
         registry: &str,
         cred: Option<RegistryCredential>,
-    ) -> Result<bool, ApiError> {
+    ) -> Result<bool, CoreError> {
         let mut t = self
             .tenants
             .get(&tenant)
             .cloned()
-            .ok_or_else(|| ApiError::not_found("tenant"))?;
+            .ok_or_else(|| CoreError::not_found("tenant"))?;
         let changed = match cred {
             Some(c) => t.registries.insert(registry.to_string(), c).is_none(),
             None => t.registries.remove(registry).is_some(),
@@ -567,7 +566,7 @@ impl Core {
             .iter()
             .find(|(_, id)| **id == tenant)
             .map(|(h, _)| h.clone())
-            .ok_or_else(|| ApiError::new(ErrorCode::Internal, "the tenant has no token"))?;
+            .ok_or_else(|| CoreError::internal("the tenant has no token"))?;
         self.commit(&[Mutation::PutTenant {
             tenant: t.clone(),
             token_hash,
@@ -595,11 +594,11 @@ impl Core {
 
     /// Refuses work that no node could ever run or that exceeds its tenant's quota on its
     /// own.
-    fn check_runnable(&self, tenant: TenantId, spec: &JobSpec) -> Result<(), ApiError> {
+    fn check_runnable(&self, tenant: TenantId, spec: &JobSpec) -> Result<(), CoreError> {
         let t = self
             .tenants
             .get(&tenant)
-            .ok_or_else(|| ApiError::not_found("tenant"))?;
+            .ok_or_else(|| CoreError::not_found("tenant"))?;
         if !self.nodes.is_empty() {
             let caps: Vec<Capacity> = self
                 .nodes
@@ -617,8 +616,7 @@ impl Core {
                         offered.extend(c.gpu_models().into_keys());
                     }
                     let offered: Vec<String> = offered.into_iter().collect();
-                    return Err(ApiError::field(
-                        ErrorCode::Unschedulable,
+                    return Err(CoreError::unschedulable(
                         "resources.gpu.model",
                         format!(
                             "no node offers gpu model `{}` (offered: {})",
@@ -645,8 +643,7 @@ impl Core {
                     caravel_sched::gang_room_when_empty(&nodes, &spec.resources, Some(level));
                 let least = spec.min_tasks.unwrap_or(spec.tasks);
                 if room < u64::from(least) {
-                    return Err(ApiError::field(
-                        ErrorCode::Unschedulable,
+                    return Err(CoreError::unschedulable(
                         "topology",
                         format!(
                             "no {} could ever hold this gang: it needs all {} tasks in one {0}, and the largest {0} holds {room} of them even with nothing else running",
@@ -685,8 +682,7 @@ impl Core {
                     v.to_string()
                 }
             };
-            return Err(ApiError::field(
-                ErrorCode::ExceedsQuota,
+            return Err(CoreError::exceeds_quota(
                 "resources",
                 format!(
                     "tenant `{}` may hold at most {} of {}, this job needs {} at once",
@@ -705,7 +701,7 @@ impl Core {
         tenant: TenantId,
         spec: JobSpec,
         now: Millis,
-    ) -> Result<JobId, ApiError> {
+    ) -> Result<JobId, CoreError> {
         self.submit_as(tenant, spec, None, None, now)
     }
 
@@ -719,14 +715,13 @@ impl Core {
         mut spec: JobSpec,
         key: Option<String>,
         now: Millis,
-    ) -> Result<(JobId, bool), ApiError> {
+    ) -> Result<(JobId, bool), CoreError> {
         spec.normalize();
         let Some(key) = key else {
             return Ok((self.submit(tenant, spec, now)?, true));
         };
         if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(ApiError::field(
-                ErrorCode::InvalidArgument,
+            return Err(CoreError::invalid(
                 "Idempotency-Key",
                 "must be 1 to 255 visible ASCII characters",
             ));
@@ -734,8 +729,7 @@ impl Core {
         if let Some(&id) = self.by_key.get(&(tenant, key.clone())) {
             let same = self.jobs.get(&id).is_some_and(|j| j.rec.spec == spec);
             if !same {
-                return Err(ApiError::field(
-                    ErrorCode::Conflict,
+                return Err(CoreError::conflict_on(
                     "Idempotency-Key",
                     format!("`{key}` was used for job {id} with a different spec"),
                 ));
@@ -754,7 +748,7 @@ impl Core {
         service: Option<ReplicaOf>,
         idempotency_key: Option<String>,
         now: Millis,
-    ) -> Result<JobId, ApiError> {
+    ) -> Result<JobId, CoreError> {
         spec.normalize();
         spec.validate()?;
         self.check_runnable(tenant, &spec)?;
@@ -820,7 +814,7 @@ impl Core {
         tenant: TenantId,
         spec: ServiceSpec,
         now: Millis,
-    ) -> Result<(ServiceRecord, bool), ApiError> {
+    ) -> Result<(ServiceRecord, bool), CoreError> {
         spec.validate()?;
         // What a replica asks for must be runnable here and within quota, as for a job.
         self.check_runnable(tenant, &spec.replica_job())?;
@@ -853,10 +847,10 @@ impl Core {
         tenant: TenantId,
         name: &str,
         now: Millis,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), CoreError> {
         let key = (tenant, name.to_string());
         if !self.services.contains_key(&key) {
-            return Err(ApiError::not_found(format!("service {name}")));
+            return Err(CoreError::not_found(format!("service {name}")));
         }
         self.commit(&[Mutation::DeleteService {
             tenant,
@@ -882,11 +876,11 @@ impl Core {
     }
 
     /// Drains (or undrains) a node: while drained, nothing new is placed on it.
-    pub fn set_drained(&mut self, name: &str, drained: bool) -> Result<Node, ApiError> {
+    pub fn set_drained(&mut self, name: &str, drained: bool) -> Result<Node, CoreError> {
         let id = *self
             .node_by_name
             .get(name)
-            .ok_or_else(|| ApiError::not_found(format!("node {name}")))?;
+            .ok_or_else(|| CoreError::not_found(format!("node {name}")))?;
         let mut n = self.nodes[&id].node.clone();
         if n.drained != drained {
             n.drained = drained;
@@ -902,11 +896,11 @@ impl Core {
         tenant: TenantId,
         name: &str,
         now: Millis,
-    ) -> Result<JobId, ApiError> {
+    ) -> Result<JobId, CoreError> {
         let rec = self
             .services
             .get(&(tenant, name.to_string()))
-            .ok_or_else(|| ApiError::not_found(format!("service {name}")))?;
+            .ok_or_else(|| CoreError::not_found(format!("service {name}")))?;
         let version = rec.version;
         // Spread: the zone (among ready, undrained nodes) with the fewest replicas of this
         // service; placement falls back to other zones when it is full.
@@ -993,16 +987,16 @@ impl Core {
         out
     }
 
-    pub fn cancel(&mut self, id: JobId, now: Millis) -> Result<(), ApiError> {
+    pub fn cancel(&mut self, id: JobId, now: Millis) -> Result<(), CoreError> {
         let j = self
             .jobs
             .get(&id)
-            .ok_or_else(|| ApiError::not_found(format!("job {id}")))?;
+            .ok_or_else(|| CoreError::not_found(format!("job {id}")))?;
         if j.rec.state.is_terminal() {
-            return Err(ApiError::new(
-                ErrorCode::Conflict,
-                format!("job {id} already {}", j.rec.state.as_str()),
-            ));
+            return Err(CoreError::conflict(format!(
+                "job {id} already {}",
+                j.rec.state.as_str()
+            )));
         }
         let mut batch = Vec::new();
         let mut touched_nodes = BTreeSet::new();
@@ -1051,7 +1045,7 @@ impl Core {
     }
 
     /// Recomputes the job's own state from its tasks and persists it when it changed.
-    fn settle_job(&mut self, id: JobId, now: Millis) -> Result<(), ApiError> {
+    fn settle_job(&mut self, id: JobId, now: Millis) -> Result<(), CoreError> {
         let batch = self.settle_mutations(id, now);
         if !batch.is_empty() {
             self.commit(&batch)?;
@@ -1206,7 +1200,7 @@ impl Core {
         (self.full_needed || self.holding).then_some(last + self.full_pass_gap_ms)
     }
 
-    pub fn schedule(&mut self, now: Millis) -> Result<CycleStats, ApiError> {
+    pub fn schedule(&mut self, now: Millis) -> Result<CycleStats, CoreError> {
         let full = match self.last_full_ms {
             _ if self.exhaustive => true,
             None => true,
@@ -1892,7 +1886,7 @@ impl Core {
     /// checkpoint saved at exit) when idle room holds more of its ranks and no other job
     /// waits for it; it is then placed again with as many ranks as fit. Topology-bound
     /// gangs do not grow (the room would have to be in their domain).
-    pub fn grow_elastic(&mut self, now: Millis) -> Result<u32, ApiError> {
+    pub fn grow_elastic(&mut self, now: Millis) -> Result<u32, CoreError> {
         let mut grown = 0;
         let candidates: Vec<JobId> = self
             .jobs
@@ -2061,7 +2055,7 @@ impl Core {
         signal: Option<i32>,
         message: String,
         started: Option<Millis>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), CoreError> {
         let Some(mut r) = self.runs.get(&id).cloned() else {
             return Ok(());
         };
@@ -2191,7 +2185,7 @@ impl Core {
 
     // ---- agents ----
 
-    pub fn register(&mut self, req: RegisterRequest, now: Millis) -> Result<NodeId, ApiError> {
+    pub fn register(&mut self, req: RegisterRequest, now: Millis) -> Result<NodeId, CoreError> {
         validate_name("name", &req.name)?;
         for d in &req.capacity.devices {
             validate_model(&d.model)
@@ -2292,14 +2286,18 @@ impl Core {
     }
 
     /// Records a heartbeat and returns the node's desired runs and their version.
-    pub fn heartbeat(&mut self, node: NodeId, instance: &str, now: Millis) -> Result<(), ApiError> {
+    pub fn heartbeat(
+        &mut self,
+        node: NodeId,
+        instance: &str,
+        now: Millis,
+    ) -> Result<(), CoreError> {
         let e = self
             .nodes
             .get_mut(&node)
-            .ok_or_else(|| ApiError::not_found(format!("node {node}")))?;
+            .ok_or_else(|| CoreError::not_found(format!("node {node}")))?;
         if e.node.instance != instance {
-            return Err(ApiError::new(
-                ErrorCode::Conflict,
+            return Err(CoreError::conflict(
                 "agent instance changed; register again",
             ));
         }
@@ -2322,7 +2320,7 @@ impl Core {
         node: NodeId,
         instance: &str,
         now: Millis,
-    ) -> Result<u32, ApiError> {
+    ) -> Result<u32, CoreError> {
         self.heartbeat(node, instance, now)?;
         let e = self.nodes.get_mut(&node).expect("heartbeat checked it");
         let mut n = e.node.clone();
@@ -2482,7 +2480,12 @@ impl Core {
         }
     }
 
-    pub fn apply_event(&mut self, node: NodeId, ev: RunEvent, now: Millis) -> Result<(), ApiError> {
+    pub fn apply_event(
+        &mut self,
+        node: NodeId,
+        ev: RunEvent,
+        now: Millis,
+    ) -> Result<(), CoreError> {
         if let Some(e) = self.nodes.get_mut(&node) {
             // A report is a sign of life as good as a heartbeat.
             e.node.last_seen_ms = e.node.last_seen_ms.max(now);
@@ -2602,7 +2605,7 @@ impl Core {
         &mut self,
         now: Millis,
         lost_after_ms: i64,
-    ) -> Result<Vec<String>, ApiError> {
+    ) -> Result<Vec<String>, CoreError> {
         let lost: Vec<NodeId> = self
             .nodes
             .values()
@@ -2647,9 +2650,9 @@ impl Core {
 
 /// Why no node, even empty, can hold one task: the first resource that no node has
 /// enough of on its own, else that none has them all together.
-fn too_large(caps: &[Capacity], r: &TaskResources) -> ApiError {
+fn too_large(caps: &[Capacity], r: &TaskResources) -> CoreError {
     use caravel_core::quantity::{format_bytes, format_cpu};
-    let refuse = |field: &str, msg: String| ApiError::field(ErrorCode::Unschedulable, field, msg);
+    let refuse = |field: &str, msg: String| CoreError::unschedulable(field, msg);
     let max_cpu = caps.iter().map(|c| c.cpu_milli).max().unwrap_or(0);
     if r.cpu_milli > max_cpu {
         return refuse(

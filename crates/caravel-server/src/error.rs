@@ -76,3 +76,133 @@ impl IntoResponse for ApiError {
         resp
     }
 }
+
+/// What `Core` refuses or fails at, in its own terms: the state machine knows nothing of
+/// the API. Mapped to the API's error in one place (`From<CoreError> for ApiError`).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CoreError {
+    #[error("{0} not found")]
+    NotFound(String),
+    /// A request that breaks a rule of its own (a field out of range, two fields that
+    /// contradict each other).
+    #[error("{message}")]
+    Invalid { field: String, message: String },
+    /// Work no node of the pool could ever run.
+    #[error("{message}")]
+    Unschedulable { field: String, message: String },
+    /// More than the tenant's quota allows, ever.
+    #[error("{message}")]
+    ExceedsQuota { field: String, message: String },
+    /// The state does not allow it now (a name taken, a node of another instance).
+    #[error("{message}")]
+    Conflict {
+        field: Option<String>,
+        message: String,
+    },
+    #[error("{0}")]
+    Internal(String),
+    /// The store failed or refused a read or a commit (the committer, which the API's
+    /// handlers share, says so in the API's words).
+    #[error(transparent)]
+    Store(ApiError),
+}
+
+impl CoreError {
+    pub fn not_found(what: impl std::fmt::Display) -> CoreError {
+        CoreError::NotFound(what.to_string())
+    }
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> CoreError {
+        CoreError::Invalid {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+    pub fn unschedulable(field: impl Into<String>, message: impl Into<String>) -> CoreError {
+        CoreError::Unschedulable {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+    pub fn exceeds_quota(field: impl Into<String>, message: impl Into<String>) -> CoreError {
+        CoreError::ExceedsQuota {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+    pub fn conflict(message: impl Into<String>) -> CoreError {
+        CoreError::Conflict {
+            field: None,
+            message: message.into(),
+        }
+    }
+    pub fn conflict_on(field: impl Into<String>, message: impl Into<String>) -> CoreError {
+        CoreError::Conflict {
+            field: Some(field.into()),
+            message: message.into(),
+        }
+    }
+    pub fn internal(message: impl Into<String>) -> CoreError {
+        CoreError::Internal(message.into())
+    }
+
+    /// The field of the request it is about, when it is about one.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            CoreError::Invalid { field, .. }
+            | CoreError::Unschedulable { field, .. }
+            | CoreError::ExceedsQuota { field, .. } => Some(field),
+            CoreError::Conflict { field, .. } => field.as_deref(),
+            CoreError::Store(e) => e.field.as_deref(),
+            CoreError::NotFound(_) | CoreError::Internal(_) => None,
+        }
+    }
+
+    /// The API's code for it.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            CoreError::NotFound(_) => ErrorCode::NotFound,
+            CoreError::Invalid { .. } => ErrorCode::InvalidArgument,
+            CoreError::Unschedulable { .. } => ErrorCode::Unschedulable,
+            CoreError::ExceedsQuota { .. } => ErrorCode::ExceedsQuota,
+            CoreError::Conflict { .. } => ErrorCode::Conflict,
+            CoreError::Internal(_) => ErrorCode::Internal,
+            CoreError::Store(e) => e.code,
+        }
+    }
+}
+
+impl From<ValidationError> for CoreError {
+    fn from(e: ValidationError) -> Self {
+        CoreError::invalid(e.field.clone(), e.to_string())
+    }
+}
+
+impl From<StoreError> for CoreError {
+    fn from(e: StoreError) -> Self {
+        CoreError::Store(e.into())
+    }
+}
+
+impl From<ApiError> for CoreError {
+    fn from(e: ApiError) -> Self {
+        CoreError::Store(e)
+    }
+}
+
+impl From<CoreError> for ApiError {
+    fn from(e: CoreError) -> Self {
+        let code = e.code();
+        match e {
+            CoreError::Store(e) => e,
+            CoreError::NotFound(_) | CoreError::Internal(_) => ApiError::new(code, e.to_string()),
+            CoreError::Invalid { field, message }
+            | CoreError::Unschedulable { field, message }
+            | CoreError::ExceedsQuota { field, message } => ApiError::field(code, field, message),
+            CoreError::Conflict { field, message } => ApiError {
+                code,
+                message,
+                field,
+            },
+        }
+    }
+}

@@ -335,6 +335,8 @@ pub enum ServerError {
     TokenMismatch { path: PathBuf },
     #[error("loading state: {0}")]
     Load(#[from] error::ApiError),
+    #[error("loading state: {0}")]
+    Core(#[from] error::CoreError),
     #[error("TLS: {0}")]
     Tls(#[from] caravel_tls::TlsError),
     #[error("listening on {addr}: {source}")]

@@ -360,12 +360,12 @@ fn submit_rejects_what_can_never_run() {
     let mut spec = JobSpec::simple("x", &[]);
     spec.resources.gpu = Some(GpuRequest::whole("Z9", 1));
     let e = c.submit(t, spec, 0).unwrap_err();
-    assert_eq!(e.code, ErrorCode::Unschedulable);
-    assert_eq!(e.field.as_deref(), Some("resources.gpu.model"));
+    assert_eq!(e.code(), ErrorCode::Unschedulable);
+    assert_eq!(e.field(), Some("resources.gpu.model"));
     let mut spec = JobSpec::simple("x", &[]);
     spec.resources.cpu_milli = 64_000;
     assert_eq!(
-        c.submit(t, spec, 0).unwrap_err().code,
+        c.submit(t, spec, 0).unwrap_err().code(),
         ErrorCode::Unschedulable
     );
     let (q, _) = c
@@ -381,7 +381,7 @@ fn submit_rejects_what_can_never_run() {
     spec.tasks = 3;
     spec.gang = true;
     assert_eq!(
-        c.submit(q.id, spec, 0).unwrap_err().code,
+        c.submit(q.id, spec, 0).unwrap_err().code(),
         ErrorCode::ExceedsQuota
     );
     assert_eq!(c.jobs.len(), 0, "nothing half-created");
@@ -1171,7 +1171,7 @@ fn only_the_agent_instance_that_runs_the_node_may_shut_it_down() {
     let c = &mut f.core;
     let a = c.register(reg("a", 2, 0), 0).unwrap();
     let e = c.shutdown_node(a, "someone-else", 1).unwrap_err();
-    assert_eq!(e.code, ErrorCode::Conflict);
+    assert_eq!(e.code(), ErrorCode::Conflict);
     assert_eq!(c.nodes[&a].node.state, NodeState::Ready);
     assert!(c.shutdown_node(NodeId(99), "a-1", 1).is_err());
 }
@@ -1201,9 +1201,9 @@ fn a_task_no_node_can_hold_is_refused_naming_what_is_short() {
     let check = |r: TaskResources, field: &str, text: &str| {
         assert!(!caravel_sched::fits_when_empty(&caps, &r));
         let e = too_large(&caps, &r);
-        assert_eq!(e.code, ErrorCode::Unschedulable);
-        assert_eq!(e.field.as_deref(), Some(field), "{}", e.message);
-        assert!(e.message.contains(text), "{}", e.message);
+        assert_eq!(e.code(), ErrorCode::Unschedulable);
+        assert_eq!(e.field(), Some(field), "{}", e);
+        assert!(e.to_string().contains(text), "{}", e);
     };
     check(
         ask(65_000, 1, None),
@@ -1319,9 +1319,9 @@ fn a_submission_repeated_with_its_idempotency_key_makes_one_job() {
         .core
         .submit_idempotent(t, JobSpec::simple("echo", &["bye"]), key(), 3)
         .unwrap_err();
-    assert_eq!(e.code, ErrorCode::Conflict);
-    assert_eq!(e.field.as_deref(), Some("Idempotency-Key"));
-    assert!(e.message.contains(&format!("job {id}")), "{}", e.message);
+    assert_eq!(e.code(), ErrorCode::Conflict);
+    assert_eq!(e.field(), Some("Idempotency-Key"));
+    assert!(e.to_string().contains(&format!("job {id}")), "{}", e);
     // Keys are per tenant; no key always makes a new job.
     let (theirs, created) = f
         .core
@@ -1335,8 +1335,8 @@ fn a_submission_repeated_with_its_idempotency_key_makes_one_job() {
             .core
             .submit_idempotent(t, spec.clone(), Some(bad.to_string()), 6)
             .unwrap_err();
-        assert_eq!(e.code, ErrorCode::InvalidArgument, "{bad:?}");
-        assert_eq!(e.field.as_deref(), Some("Idempotency-Key"));
+        assert_eq!(e.code(), ErrorCode::InvalidArgument, "{bad:?}");
+        assert_eq!(e.field(), Some("Idempotency-Key"));
     }
     // Durable: a restarted server still knows the key.
     let jobs = f.core.jobs.len();
