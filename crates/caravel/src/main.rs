@@ -68,6 +68,19 @@ enum Output {
     Json,
 }
 
+impl Output {
+    /// Under `-o json`, prints `value` (pretty) and answers true: the one place a client
+    /// command's machine-readable form is decided; otherwise the command renders its own
+    /// table or sentence.
+    fn json<T: serde::Serialize + ?Sized>(self, value: &T) -> Result<bool> {
+        if self != Output::Json {
+            return Ok(false);
+        }
+        println!("{}", serde_json::to_string_pretty(value)?);
+        Ok(true)
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the control plane.
@@ -763,9 +776,7 @@ async fn registry_cmd(cmd: RegistryCmd) -> Result<i32> {
             let list: Vec<caravel_core::api::RegistryView> = c
                 .get(&format!("/v1/registries{}", tenant_query(&tenant)))
                 .await?;
-            if output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
-            } else {
+            if !output.json(&list)? {
                 println!("{:<40} USERNAME", "REGISTRY");
                 for r in &list {
                     println!("{:<40} {}", r.registry, r.username);
@@ -1205,8 +1216,7 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
             let c = Client::resolve(conn.server, conn.token, conn.ca)?;
             let q = tenant.map(|t| format!("?tenant={t}")).unwrap_or_default();
             let list: Vec<ServiceView> = c.get(&format!("/v1/services{q}")).await?;
-            if output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
+            if output.json(&list)? {
                 return Ok(0);
             }
             let mut t = Table::new(&[
@@ -1260,8 +1270,7 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
                 q.push(format!("tenant={t}"));
             }
             let jobs: Vec<JobSummary> = c.get(&format!("/v1/jobs?{}", q.join("&"))).await?;
-            if output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&jobs)?);
+            if output.json(&jobs)? {
                 return Ok(0);
             }
             let mut t = Table::new(&[
@@ -1296,8 +1305,7 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
         } => {
             let c = Client::resolve(conn.server, conn.token, conn.ca)?;
             let j: serde_json::Value = c.get(&format!("/v1/jobs/{}", job_id(&id)?)).await?;
-            if output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&j)?);
+            if output.json(&j)? {
                 return Ok(0);
             }
             let j: JobDetail = serde_json::from_value(j)?;
@@ -1342,8 +1350,7 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
         Cmd::Nodes { conn, output } => {
             let c = Client::resolve(conn.server, conn.token, conn.ca)?;
             let nodes: Vec<NodeView> = c.get("/v1/nodes").await?;
-            if output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&nodes)?);
+            if output.json(&nodes)? {
                 return Ok(0);
             }
             let mut t = Table::new(&[
@@ -1446,9 +1453,7 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
                     },
                 )
                 .await?;
-            if output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
-            } else {
+            if !output.json(&r)? {
                 println!("tenant {} created (id {})", r.tenant.name, r.tenant.id);
                 println!("token: {}", r.token);
                 println!("(this token is shown once; the server keeps only its hash)");
@@ -1458,8 +1463,7 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
         Cmd::Tenants { conn, output } => {
             let c = Client::resolve(conn.server, conn.token, conn.ca)?;
             let ts: Vec<TenantView> = c.get("/v1/tenants").await?;
-            if output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&ts)?);
+            if output.json(&ts)? {
                 return Ok(0);
             }
             let mut t = Table::new(&["NAME", "WEIGHT", "GUARANTEE", "QUOTA", "STORAGE"]);
@@ -1503,8 +1507,7 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
                 q.push(format!("job={j}"));
             }
             let u: UsageResponse = c.get(&format!("/v1/usage?{}", q.join("&"))).await?;
-            if output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&u)?);
+            if output.json(&u)? {
                 return Ok(0);
             }
             let render = |rows: &[UsageTotals], by_job: bool| {
@@ -1846,8 +1849,7 @@ async fn checkpoint_cmd(cmd: CheckpointCmd) -> Result<i32> {
             let c = Client::resolve(conn.server, conn.token, conn.ca)?;
             let id = job_id(&id)?;
             let list: Vec<CheckpointView> = c.get(&format!("/v1/jobs/{id}/checkpoints")).await?;
-            if output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
+            if output.json(&list)? {
                 return Ok(0);
             }
             if list.is_empty() {
@@ -2433,8 +2435,8 @@ async fn service_cmd(cmd: ServiceCmd) -> Result<i32> {
             let v: ServiceView = c
                 .post(&format!("/v1/services{}", tenant_query(&tenant)), &spec)
                 .await?;
-            if output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+            if output.json(&v)? {
+                // printed
             } else if let (true, Some(host)) = (v.changed, &v.host) {
                 println!(
                     "service {} version {} deployed; call it at {host} (or {}{})",
@@ -2475,9 +2477,7 @@ async fn service_cmd(cmd: ServiceCmd) -> Result<i32> {
             let v: ServiceView = c
                 .get(&format!("/v1/services/{name}{}", tenant_query(&tenant)))
                 .await?;
-            if output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
+            if !output.json(&v)? {
                 show_service(&v);
             }
             Ok(0)
@@ -2491,9 +2491,7 @@ async fn service_cmd(cmd: ServiceCmd) -> Result<i32> {
             let c = Client::resolve(conn.server, conn.token, conn.ca)?;
             c.delete(&format!("/v1/services/{name}{}", tenant_query(&tenant)))
                 .await?;
-            if output == Output::Json {
-                println!("{}", serde_json::json!({"deleted": name}));
-            } else {
+            if !output.json(&serde_json::json!({"deleted": name}))? {
                 println!("service {name} deleted");
             }
             Ok(0)
