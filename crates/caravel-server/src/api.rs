@@ -1548,7 +1548,9 @@ pub async fn metrics(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Respon
 
 #[utoipa::path(get, path = "/v1/openapi.json", summary = "this document", security(()), responses((status = 200, description = "OpenAPI 3.1", body = Object)))]
 pub async fn openapi() -> Json<serde_json::Value> {
-    Json(crate::openapi::document())
+    // Built once: it is the route table's, which does not change while the server runs.
+    static DOC: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+    Json(DOC.get_or_init(crate::openapi::document).clone())
 }
 
 #[utoipa::path(get, path = "/healthz", summary = "whether this server serves now (503 while it may not own its store)", security(()), responses((status = 200, description = "serving", body = String, content_type = "text/plain")))]

@@ -214,12 +214,12 @@ pub fn write(
                 .collect()
         };
         alloc.push(Series {
-            name: label(r),
+            name: label(r.policy.name(), r.pacing),
             points: pts(mean_curve(&r.curves, false)),
             dashed: false,
         });
         frag.push(Series {
-            name: label(r),
+            name: label(r.policy.name(), r.pacing),
             points: pts(mean_curve(&r.curves, true)),
             dashed: false,
         });
@@ -291,10 +291,10 @@ fn validated(sums: &[Value]) -> Value {
 }
 
 /// How a policy's row and curves are named: an experiment carries a mark.
-fn label(r: &PolicyResult) -> String {
-    match r.pacing {
-        Some(f) => format!("{}+pacing{f}*", r.policy.name()),
-        None => r.policy.name().to_string(),
+fn label(policy: &str, pacing: Option<f64>) -> String {
+    match pacing {
+        Some(f) => format!("{policy}+pacing{f}*"),
+        None => policy.to_string(),
     }
 }
 
@@ -317,10 +317,7 @@ fn text_table(workload: &str, seeds: &[u64], sums: &[Value]) -> String {
                 f(s, &format!("{k}_sd"))
             )
         };
-        let name = match s["pacing"].as_f64() {
-            Some(f) => format!("{}+pacing{f}*", s["policy"].as_str().unwrap_or("")),
-            None => s["policy"].as_str().unwrap_or("").to_string(),
-        };
+        let name = label(s["policy"].as_str().unwrap_or(""), s["pacing"].as_f64());
         t.push_str(&format!(
             "{:<19} {:<15} {:<13} {:<15} {:<14} {:<11} {:<19} {}\n",
             name,
