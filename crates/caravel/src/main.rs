@@ -2023,6 +2023,9 @@ async fn tail_start(
             buf.extend_from_slice(&body);
         }
         let begin = first.unwrap_or(start);
+        // A running task's stream grew while it was read: count back from `end`, where
+        // the printing stops, not from what came after it.
+        buf.truncate(end.saturating_sub(begin) as usize);
         let text = buf.strip_suffix(b"\n").unwrap_or(&buf);
         let mut seen = 0;
         for (i, b) in text.iter().enumerate().rev() {
